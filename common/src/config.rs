@@ -1,0 +1,223 @@
+//! Settings, loaded once at start-up from the environment.
+//!
+//! Every variable has a documented default (README, "Configuration"); a value
+//! that does not parse stops start-up with an error naming the variable.
+
+use std::{fmt, net::SocketAddr, time::Duration};
+
+use crate::pricing::PriceTable;
+
+/// A secret that never prints (Debug and Display show `[redacted]`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is used, never to log it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (development).
+    Pretty,
+}
+
+/// A setting that could not be read; names the variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid value for {variable}: {reason}")]
+pub struct ConfigError {
+    /// The environment variable at fault.
+    pub variable: &'static str,
+    /// Why its value was refused.
+    pub reason: String,
+}
+
+/// All settings of the API and the worker.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `DATABASE_URL`: PostgreSQL connection string.
+    pub database_url: Secret,
+    /// `AMQP_URL`: RabbitMQ connection string (vhost included).
+    pub amqp_url: Secret,
+    /// `PENORA_API_KEY`: bootstrap key with app `*` and every scope.
+    pub bootstrap_api_key: Option<Secret>,
+    /// `BIND_ADDR`: API listen address.
+    pub bind_addr: SocketAddr,
+    /// `WORKER_METRICS_ADDR`: worker's `/metrics` and `/health`.
+    pub worker_metrics_addr: SocketAddr,
+    /// `STORAGE_QUOTA_BYTES`: per-user storage quota.
+    pub storage_quota_bytes: i64,
+    /// `REFUND_WINDOW_SECS`: how long a reservation can be refunded.
+    pub refund_window: Duration,
+    /// `MAX_DEDUCT_AMOUNT`: largest single deduction (and grant).
+    pub max_deduct_amount: i64,
+    /// `RATE_LIMIT_PER_SEC`: tokens added per second to each key's bucket.
+    pub rate_limit_per_sec: u32,
+    /// `RATE_LIMIT_BURST`: size of each key's bucket.
+    pub rate_limit_burst: u32,
+    /// `LOG_FORMAT`: `json` or `pretty`.
+    pub log_format: LogFormat,
+    /// `DB_POOL_SIZE`: connections in the pool.
+    pub db_pool_size: usize,
+    /// `MAX_BODY_BYTES`: largest accepted request body.
+    pub max_body_bytes: usize,
+    /// `PRICE_TABLE`: credit prices used by `/quote`.
+    pub price_table: PriceTable,
+}
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the settings through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+        let log_format = match get("LOG_FORMAT").as_deref() {
+            None | Some("json") => LogFormat::Json,
+            Some("pretty") => LogFormat::Pretty,
+            Some(other) => {
+                return Err(ConfigError {
+                    variable: "LOG_FORMAT",
+                    reason: format!("expected `json` or `pretty`, got `{other}`"),
+                });
+            }
+        };
+        let settings = Self {
+            database_url: Secret::new(
+                get("DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/penora".into()),
+            ),
+            amqp_url: Secret::new(
+                get("AMQP_URL").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
+            ),
+            bootstrap_api_key: get("PENORA_API_KEY").map(Secret::new),
+            bind_addr: parse(&get, "BIND_ADDR", "127.0.0.1:5000")?,
+            worker_metrics_addr: parse(&get, "WORKER_METRICS_ADDR", "127.0.0.1:9091")?,
+            storage_quota_bytes: positive(&get, "STORAGE_QUOTA_BYTES", 1_048_576)?,
+            refund_window: Duration::from_secs(parse(&get, "REFUND_WINDOW_SECS", "3600")?),
+            max_deduct_amount: positive(&get, "MAX_DEDUCT_AMOUNT", 1_000_000)?,
+            rate_limit_per_sec: positive(&get, "RATE_LIMIT_PER_SEC", 100)?,
+            rate_limit_burst: positive(&get, "RATE_LIMIT_BURST", 200)?,
+            log_format,
+            db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
+            max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
+            price_table: match get("PRICE_TABLE") {
+                None => PriceTable::default(),
+                Some(raw) => raw.parse().map_err(|reason| ConfigError {
+                    variable: "PRICE_TABLE",
+                    reason,
+                })?,
+            },
+        };
+        if settings.database_url.expose().parse::<tokio_postgres::Config>().is_err() {
+            return Err(ConfigError {
+                variable: "DATABASE_URL",
+                reason: "not a PostgreSQL connection string".into(),
+            });
+        }
+        Ok(settings)
+    }
+}
+
+fn parse<T: std::str::FromStr>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: &str,
+) -> Result<T, ConfigError>
+where
+    T::Err: fmt::Display,
+{
+    let raw = get(variable).unwrap_or_else(|| default.to_owned());
+    raw.trim().parse().map_err(|e: T::Err| ConfigError {
+        variable,
+        reason: format!("`{raw}`: {e}"),
+    })
+}
+
+fn positive<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd + Default + fmt::Display,
+    T::Err: fmt::Display,
+{
+    let value: T = parse(get, variable, &default.to_string())?;
+    if value <= T::default() {
+        return Err(ConfigError {
+            variable,
+            reason: format!("must be greater than zero, got {value}"),
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = load(&[]).expect("defaults load");
+        assert_eq!(s.bind_addr.to_string(), "127.0.0.1:5000");
+        assert_eq!(s.storage_quota_bytes, 1_048_576);
+        assert_eq!(s.refund_window, Duration::from_secs(3600));
+        assert_eq!(s.max_deduct_amount, 1_000_000);
+        assert_eq!((s.rate_limit_per_sec, s.rate_limit_burst), (100, 200));
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert!(s.bootstrap_api_key.is_none());
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        for (var, val) in [
+            ("BIND_ADDR", "nowhere"),
+            ("STORAGE_QUOTA_BYTES", "-1"),
+            ("REFUND_WINDOW_SECS", "soon"),
+            ("RATE_LIMIT_BURST", "0"),
+            ("LOG_FORMAT", "xml"),
+            ("PRICE_TABLE", "small=x"),
+            ("DATABASE_URL", "postgres://[::1"),
+        ] {
+            let err = load(&[(var, val)]).unwrap_err();
+            assert_eq!(err.variable, var);
+            assert!(err.to_string().contains(var));
+        }
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = load(&[("PENORA_API_KEY", "super-secret-key-value")]).expect("loads");
+        assert!(!format!("{s:?}").contains("super-secret"));
+    }
+}

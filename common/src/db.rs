@@ -1,0 +1,174 @@
+//! PostgreSQL: the connection pool, migrations, and how database errors are
+//! classified.
+//!
+//! Migrations are applied under a session advisory lock, so any number of API,
+//! worker and operator processes may start at once: one applies, the others
+//! wait and then find nothing left to do.
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
+use tokio_postgres::{NoTls, error::SqlState};
+
+use crate::config::Settings;
+
+refinery::embed_migrations!("../migrations");
+
+/// Advisory lock key held while migrating ("penora" in ASCII).
+const MIGRATION_LOCK_KEY: i64 = 0x70_65_6e_6f_72_61;
+
+/// What went wrong talking to PostgreSQL, classified for callers.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    /// The database cannot be reached or the pool timed out: try again later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The transaction lost a race (serialization failure, deadlock): retry it.
+    #[error("transaction conflict: {0}")]
+    Conflict(String),
+    /// Anything else: a bug or a broken schema.
+    #[error("database error: {0}")]
+    Other(String),
+}
+
+impl DbError {
+    /// Whether trying the same work again later can succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+    }
+}
+
+impl From<tokio_postgres::Error> for DbError {
+    fn from(err: tokio_postgres::Error) -> Self {
+        let text = error_chain(&err);
+        match err.code() {
+            Some(code)
+                if *code == SqlState::T_R_SERIALIZATION_FAILURE
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED
+                    || *code == SqlState::LOCK_NOT_AVAILABLE =>
+            {
+                Self::Conflict(text)
+            }
+            Some(code)
+                if *code == SqlState::ADMIN_SHUTDOWN
+                    || *code == SqlState::CRASH_SHUTDOWN
+                    || *code == SqlState::CANNOT_CONNECT_NOW
+                    || *code == SqlState::TOO_MANY_CONNECTIONS
+                    || *code == SqlState::QUERY_CANCELED
+                    || code.code().starts_with("08") =>
+            {
+                Self::Unavailable(text)
+            }
+            Some(_) => Self::Other(text),
+            // No SQLSTATE: the connection itself failed or closed.
+            None => Self::Unavailable(text),
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for DbError {
+    fn from(err: deadpool_postgres::PoolError) -> Self {
+        match err {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => Self::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// The error and its causes on one line.
+pub fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Whether `err` is a unique violation of the named constraint or index.
+pub fn is_unique_violation(err: &tokio_postgres::Error, constraint: &str) -> bool {
+    err.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(constraint)
+    })
+}
+
+/// Whether `err` is a check violation of the named constraint.
+pub fn is_check_violation(err: &tokio_postgres::Error, constraint: &str) -> bool {
+    err.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::CHECK_VIOLATION && db.constraint() == Some(constraint)
+    })
+}
+
+/// Builds the connection pool. Connections are made lazily; a database that is
+/// down makes requests fail fast with [`DbError::Unavailable`] instead of
+/// hanging.
+pub fn pool(settings: &Settings) -> Result<Pool, DbError> {
+    pool_for(settings.database_url.expose(), settings.db_pool_size)
+}
+
+/// Builds a pool for `url` with `size` connections.
+pub fn pool_for(url: &str, size: usize) -> Result<Pool, DbError> {
+    let mut pg: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
+    pg.connect_timeout(Duration::from_secs(5));
+    pg.application_name("penora-credits");
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .timeouts(Timeouts {
+            wait: Some(Duration::from_secs(5)),
+            create: Some(Duration::from_secs(5)),
+            recycle: Some(Duration::from_secs(5)),
+        })
+        .build()
+        .map_err(|e| DbError::Other(e.to_string()))
+}
+
+/// Applies pending migrations under the migration advisory lock.
+pub async fn migrate(database_url: &str) -> Result<(), DbError> {
+    let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
+    let driver = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "migration connection closed");
+        }
+    });
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .await?;
+    let report = migrations::runner()
+        .set_abort_divergent(true)
+        .run_async(&mut client)
+        .await;
+    // Unlock before looking at the result, so a failed migration frees the lock.
+    let unlocked = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
+        .await;
+    drop(client);
+    driver.abort();
+    let report = report.map_err(|e| DbError::Other(format!("migration failed: {e}")))?;
+    unlocked?;
+    for m in report.applied_migrations() {
+        tracing::info!(version = m.version(), name = m.name(), "migration applied");
+    }
+    Ok(())
+}
+
+/// The version of the newest migration this build knows.
+pub fn latest_migration_version() -> i32 {
+    migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .max()
+        .unwrap_or(0)
+}

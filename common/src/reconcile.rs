@@ -1,0 +1,211 @@
+//! `penora-ops reconcile`: checks invariants 1, 2, 4 and 6 of the contract
+//! over every user, straight from the tables.
+//!
+//! 1. no balance is negative;
+//! 2. every balance equals the sum of the user's ledger, and every ledger row's
+//!    `balance_after` equals the running sum up to it;
+//! 4. a reservation has exactly one deduct of its amount, at most one refund of
+//!    exactly its amount, and is `refunded` exactly when it has one;
+//! 6. no user's stored bytes exceed the quota, and the counter equals the sizes
+//!    of the user's queued and saved projects.
+
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+
+use crate::db::DbError;
+
+/// One broken invariant for one user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// The user whose data breaks it.
+    pub user_id: String,
+    /// The invariant's number in the contract (§7).
+    pub invariant: u8,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// What a reconcile run found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Accounts checked.
+    pub users_checked: i64,
+    /// Ledger entries checked.
+    pub entries_checked: i64,
+    /// Reservations checked.
+    pub reservations_checked: i64,
+    /// Every violation, by user.
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    /// The users with at least one violation, sorted, once each.
+    pub fn users(&self) -> Vec<&str> {
+        let mut users: Vec<&str> = self.violations.iter().map(|v| v.user_id.as_str()).collect();
+        users.sort_unstable();
+        users.dedup();
+        users
+    }
+}
+
+/// Runs every check. Read-only; runs in one repeatable-read snapshot so that
+/// concurrent traffic cannot produce false alarms.
+pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<Report, DbError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut violations = Vec::new();
+    let mut push = |user_id: String, invariant: u8, detail: String| {
+        violations.push(Violation {
+            user_id,
+            invariant,
+            detail,
+        });
+    };
+
+    for r in tx
+        .query("SELECT user_id, balance FROM accounts WHERE balance < 0", &[])
+        .await?
+    {
+        push(r.get(0), 1, format!("balance is negative: {}", r.get::<_, i64>(1)));
+    }
+
+    for r in tx
+        .query(
+            "SELECT a.user_id, a.balance, coalesce(l.total, 0)::bigint \
+             FROM accounts a LEFT JOIN \
+               (SELECT user_id, sum(amount) AS total FROM ledger_entries GROUP BY user_id) l USING (user_id) \
+             WHERE a.balance <> coalesce(l.total, 0)",
+            &[],
+        )
+        .await?
+    {
+        push(
+            r.get(0),
+            2,
+            format!(
+                "balance {} differs from the ledger sum {}",
+                r.get::<_, i64>(1),
+                r.get::<_, i64>(2)
+            ),
+        );
+    }
+    for r in tx
+        .query(
+            "SELECT user_id, min(id), count(*) FROM ( \
+               SELECT user_id, id, balance_after, \
+                      sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running \
+               FROM ledger_entries) x \
+             WHERE balance_after <> running GROUP BY user_id",
+            &[],
+        )
+        .await?
+    {
+        push(
+            r.get(0),
+            2,
+            format!(
+                "{} ledger entries have a balance_after that is not the running sum (first: entry {})",
+                r.get::<_, i64>(2),
+                r.get::<_, i64>(1)
+            ),
+        );
+    }
+
+    for r in tx
+        .query(
+            "SELECT r.user_id, r.app_name, r.project_code, r.amount, r.state, \
+                    count(*) FILTER (WHERE l.kind = 'deduct') AS deducts, \
+                    coalesce(sum(-l.amount) FILTER (WHERE l.kind = 'deduct'), 0)::bigint AS deducted, \
+                    count(*) FILTER (WHERE l.kind = 'refund') AS refunds, \
+                    coalesce(sum(l.amount) FILTER (WHERE l.kind = 'refund'), 0)::bigint AS refunded \
+             FROM reservations r \
+             LEFT JOIN ledger_entries l \
+               ON l.user_id = r.user_id AND l.app_name = r.app_name AND l.project_code = r.project_code \
+             GROUP BY r.user_id, r.app_name, r.project_code, r.amount, r.state \
+             HAVING count(*) FILTER (WHERE l.kind = 'deduct') <> 1 \
+                 OR coalesce(sum(-l.amount) FILTER (WHERE l.kind = 'deduct'), 0) <> r.amount \
+                 OR count(*) FILTER (WHERE l.kind = 'refund') > 1 \
+                 OR coalesce(sum(l.amount) FILTER (WHERE l.kind = 'refund'), 0) > r.amount \
+                 OR (r.state = 'refunded') <> (count(*) FILTER (WHERE l.kind = 'refund') = 1)",
+            &[],
+        )
+        .await?
+    {
+        push(
+            r.get(0),
+            4,
+            format!(
+                "reservation ({}, {}) of {} credits in state {}: {} deducts of {} in all, {} refunds of {} in all",
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, i64>(3),
+                r.get::<_, String>(4),
+                r.get::<_, i64>(5),
+                r.get::<_, i64>(6),
+                r.get::<_, i64>(7),
+                r.get::<_, i64>(8),
+            ),
+        );
+    }
+    for r in tx
+        .query(
+            "SELECT l.user_id, l.kind, l.app_name, l.project_code FROM ledger_entries l \
+             WHERE l.kind IN ('deduct', 'refund', 'settle') AND NOT EXISTS ( \
+               SELECT 1 FROM reservations r WHERE r.user_id = l.user_id \
+                 AND r.app_name = l.app_name AND r.project_code = l.project_code)",
+            &[],
+        )
+        .await?
+    {
+        push(
+            r.get(0),
+            4,
+            format!(
+                "{} entry for ({}, {}) has no reservation of this user",
+                r.get::<_, String>(1),
+                r.get::<_, String>(2),
+                r.get::<_, Option<String>>(3).unwrap_or_default()
+            ),
+        );
+    }
+
+    for r in tx
+        .query(
+            "SELECT a.user_id, a.storage_used_bytes, coalesce(p.total, 0)::bigint \
+             FROM accounts a LEFT JOIN \
+               (SELECT user_id, sum(size_bytes) AS total FROM projects \
+                 WHERE status IN ('queued', 'saved') GROUP BY user_id) p USING (user_id) \
+             WHERE a.storage_used_bytes > $1 OR a.storage_used_bytes <> coalesce(p.total, 0)",
+            &[&quota],
+        )
+        .await?
+    {
+        let (used, total): (i64, i64) = (r.get(1), r.get(2));
+        let detail = if used > quota {
+            format!("stores {used} bytes, over the quota of {quota}")
+        } else {
+            format!("storage counter {used} differs from the projects' {total} bytes")
+        };
+        push(r.get(0), 6, detail);
+    }
+
+    let counts = tx
+        .query_one(
+            "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM ledger_entries), \
+                    (SELECT count(*) FROM reservations)",
+            &[],
+        )
+        .await?;
+    tx.commit().await?;
+    violations.sort_by(|a, b| (&a.user_id, a.invariant).cmp(&(&b.user_id, b.invariant)));
+    Ok(Report {
+        users_checked: counts.get(0),
+        entries_checked: counts.get(1),
+        reservations_checked: counts.get(2),
+        violations,
+    })
+}

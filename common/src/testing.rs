@@ -1,0 +1,174 @@
+//! Test helpers: a fresh PostgreSQL database per test.
+//!
+//! The migrations are applied once into a template database whose name carries
+//! a hash of the migrations (so a changed migration makes a new template); each
+//! test then gets `CREATE DATABASE … TEMPLATE …`, which takes milliseconds, and
+//! drops it when done. Tests therefore run in parallel and leave nothing
+//! behind. A PostgreSQL that cannot be reached fails the test with a message
+//! saying how to start it.
+
+use std::collections::HashMap;
+
+use sha2::{Digest, Sha256};
+use tokio_postgres::NoTls;
+
+use crate::config::Settings;
+
+/// Where the test harness connects to create databases.
+pub fn admin_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').unwrap_or((url, ""));
+    format!("{base}/{db}")
+}
+
+/// Key of the advisory lock held while building the template.
+const TEMPLATE_LOCK_KEY: i64 = 0x70_65_6e_74_65_73_74;
+
+async fn admin_client() -> tokio_postgres::Client {
+    let url = admin_url();
+    match tokio_postgres::connect(&url, NoTls).await {
+        Ok((client, conn)) => {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            client
+        }
+        Err(e) => panic!(
+            "PostgreSQL is not reachable at {url} ({e}). Start it with `scripts/services.sh` \
+             (or set TEST_DATABASE_URL to a server where user postgres may create databases)."
+        ),
+    }
+}
+
+fn template_name() -> String {
+    let mut hasher = Sha256::new();
+    for m in crate::db::migrations::runner().get_migrations() {
+        hasher.update(m.version().to_le_bytes());
+        hasher.update(m.checksum().to_le_bytes());
+    }
+    format!("penora_tpl_{}", &hex::encode(hasher.finalize())[..16])
+}
+
+/// A database of its own for one test; dropped (with `FORCE`) when this value
+/// is dropped.
+pub struct TestDb {
+    /// The database's name.
+    pub name: String,
+    /// Its connection string.
+    pub url: String,
+}
+
+impl TestDb {
+    /// Creates a fresh, migrated database.
+    pub async fn new() -> Self {
+        let admin = admin_client().await;
+        let template = template_name();
+        ensure_template(&admin, &template).await;
+        let name = format!("penora_test_{}", uuid::Uuid::new_v4().simple());
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .await
+            .unwrap_or_else(|e| panic!("creating test database {name}: {}", crate::db::error_chain(&e)));
+        Self {
+            url: with_database(&admin_url(), &name),
+            name,
+        }
+    }
+
+    /// Settings pointing at this database, with `overrides` applied
+    /// (environment variable names as keys).
+    pub fn settings(&self, overrides: &[(&str, &str)]) -> Settings {
+        let mut vars: HashMap<String, String> = HashMap::new();
+        vars.insert("DATABASE_URL".into(), self.url.clone());
+        vars.insert("BIND_ADDR".into(), "127.0.0.1:0".into());
+        vars.insert("DB_POOL_SIZE".into(), "8".into());
+        for (k, v) in overrides {
+            vars.insert((*k).into(), (*v).into());
+        }
+        match Settings::from_lookup(|k| vars.get(k).cloned()) {
+            Ok(s) => s,
+            Err(e) => panic!("test settings: {e}"),
+        }
+    }
+}
+
+async fn ensure_template(admin: &tokio_postgres::Client, template: &str) {
+    let fail = |what: &str, e: tokio_postgres::Error| -> ! {
+        panic!("{what}: {}", crate::db::error_chain(&e))
+    };
+    admin
+        .execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await
+        .unwrap_or_else(|e| fail("locking the template", e));
+    let exists = admin
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&template])
+        .await
+        .unwrap_or_else(|e| fail("looking for the template", e))
+        .is_some();
+    if !exists {
+        let building = format!("{template}_building");
+        admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {building} WITH (FORCE); CREATE DATABASE {building}"
+            ))
+            .await
+            .unwrap_or_else(|e| fail("creating the template", e));
+        if let Err(e) = crate::db::migrate(&with_database(&admin_url(), &building)).await {
+            panic!("migrating the template: {e}");
+        }
+        // The migration connection may still be closing: end it before renaming.
+        admin
+            .batch_execute(&format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{building}' AND pid <> pg_backend_pid(); \
+                 ALTER DATABASE {building} RENAME TO {template}"
+            ))
+            .await
+            .unwrap_or_else(|e| fail("finishing the template", e));
+        // Templates of older migrations are no longer needed.
+        let old = admin
+            .query(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'penora\\_tpl\\_%' AND datname <> $1 \
+                 AND datname NOT LIKE '%\\_building'",
+                &[&template],
+            )
+            .await
+            .unwrap_or_else(|e| fail("listing old templates", e));
+        for row in old {
+            let name: String = row.get(0);
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK_KEY])
+        .await
+        .unwrap_or_else(|e| fail("unlocking the template", e));
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs inside the test's runtime: do the async work on a thread of its own.
+        let handle = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+                return;
+            };
+            rt.block_on(async move {
+                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                    tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    let _ = client
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await;
+                }
+            });
+        });
+        let _ = handle.join();
+    }
+}
