@@ -1,1 +1,81 @@
-pub fn x(){}
+//! The Penora Credits HTTP API.
+//!
+//! `build(settings)` migrates the database, binds the listener and assembles
+//! the router; `App::run_until_stopped` serves until the shutdown future
+//! resolves, then drains in-flight requests.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod routes;
+pub mod state;
+pub mod telemetry;
+
+use std::{future::Future, net::SocketAddr, sync::OnceLock};
+
+use anyhow::Context;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use penora_common::{config::Settings, db};
+use tokio::net::TcpListener;
+
+use crate::state::AppState;
+
+/// A built API, bound and ready to serve.
+pub struct App {
+    listener: TcpListener,
+    router: axum::Router,
+    /// The address it listens on (the real port when `BIND_ADDR` said 0).
+    pub addr: SocketAddr,
+    /// The database pool it uses.
+    pub pool: deadpool_postgres::Pool,
+}
+
+/// The process-wide Prometheus recorder (installed once).
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            const SECONDS: &[f64] = &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ];
+            let builder = PrometheusBuilder::new();
+            let recorder = match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS) {
+                Ok(b) => b.build_recorder(),
+                Err(_) => PrometheusBuilder::new().build_recorder(),
+            };
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed; then ours just stays unused.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Migrates the database, binds `BIND_ADDR` and builds the router.
+pub async fn build(settings: Settings) -> anyhow::Result<App> {
+    db::migrate(settings.database_url.expose())
+        .await
+        .context("Failed to apply database migrations (is PostgreSQL running? see DATABASE_URL)")?;
+    let pool = db::pool(&settings).context("Failed to create the database pool")?;
+    let listener = TcpListener::bind(settings.bind_addr)
+        .await
+        .with_context(|| format!("Failed to bind BIND_ADDR {}", settings.bind_addr))?;
+    let addr = listener.local_addr().context("Failed to read the bound address")?;
+    let state = AppState::new(settings, pool.clone(), metrics_handle());
+    Ok(App {
+        listener,
+        router: routes::app(state),
+        addr,
+        pool,
+    })
+}
+
+impl App {
+    /// Serves until `shutdown` resolves, then finishes in-flight requests.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .context("HTTP server failed")
+    }
+}

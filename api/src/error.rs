@@ -1,0 +1,240 @@
+//! The API's one error type.
+//!
+//! Rules: every failure is JSON `{"success": false, "error": <sentence>,
+//! "code": <snake_case word>}` with a fitting status; the integration guide's
+//! sentences are kept word for word; a 500 says nothing about its cause (the
+//! cause goes to the log, with the request id); the error's `code` is put in
+//! the response extensions so the request log and the rejection metric can
+//! count it.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use penora_common::{
+    db::DbError,
+    domain::ValidationError,
+    ledger::LedgerError,
+    projects::SaveError,
+};
+use serde::Serialize;
+
+/// The guide's sentence for a missing or unknown key.
+pub const INVALID_API_KEY: &str =
+    "Invalid or missing API key. Include X-API-Key header or api_key parameter.";
+/// The guide's sentence for a missing user id.
+pub const USER_ID_REQUIRED: &str = "User ID required";
+/// The guide's sentence for a failed deduction.
+pub const INSUFFICIENT_CREDITS: &str = "Insufficient credits or deduction failed";
+/// The contract's sentence for an unknown user.
+pub const USER_NOT_FOUND: &str = "User not found";
+/// The contract's sentence when the database is unreachable.
+pub const UNAVAILABLE: &str = "Credit system temporarily unavailable";
+
+/// Every way a request can fail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 401 `invalid_api_key`: no key, or an unknown or revoked one.
+    #[error("{INVALID_API_KEY}")]
+    InvalidApiKey,
+    /// 400 `user_id_required`: `user_id` missing or empty.
+    #[error("{USER_ID_REQUIRED}")]
+    UserIdRequired,
+    /// 402 `insufficient_credits`.
+    #[error("{INSUFFICIENT_CREDITS}")]
+    InsufficientCredits,
+    /// 404 `user_not_found`.
+    #[error("{USER_NOT_FOUND}")]
+    UserNotFound,
+    /// 400 `invalid_request`: the message names the field and why.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 409 `idempotency_conflict`: the key was used with other parameters.
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    /// 413 `storage_limit_exceeded`: says bytes needed and remaining.
+    #[error("{0}")]
+    StorageLimitExceeded(String),
+    /// 413 `payload_too_large`: the request body is over the limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 415 `unsupported_media_type`: the body is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 403 `forbidden`: the key lacks the scope.
+    #[error("{0}")]
+    Forbidden(String),
+    /// 403 `app_mismatch`: the key is bound to another app.
+    #[error("{0}")]
+    AppMismatch(String),
+    /// 404 `not_found`: unknown reservation, project or route.
+    #[error("{0}")]
+    NotFound(String),
+    /// 405 `method_not_allowed`.
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    /// 409 `not_refundable`: settled, or the refund window has passed.
+    #[error("{0}")]
+    NotRefundable(String),
+    /// 409 `content_not_available`: the project is queued or failed.
+    #[error("{0}")]
+    ContentNotAvailable(String),
+    /// 429 `rate_limited`, with `Retry-After` in seconds.
+    #[error("Too many requests for this API key; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// Seconds until a request will be accepted again.
+        retry_after_secs: u64,
+    },
+    /// 503 `unavailable`: the database cannot be reached.
+    #[error("{UNAVAILABLE}")]
+    Unavailable(String),
+    /// 500 `internal`: a bug; the detail is logged, never sent.
+    #[error("Internal error")]
+    Internal(String),
+}
+
+/// The JSON body of every error.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// Always `false`.
+    pub success: bool,
+    /// What went wrong, for people.
+    #[schema(example = "Insufficient credits or deduction failed")]
+    pub error: String,
+    /// What went wrong, for programs (stable snake_case).
+    #[schema(example = "insufficient_credits")]
+    pub code: String,
+}
+
+/// The error code of a response, left in its extensions for the request log.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+impl ApiError {
+    /// The HTTP status and the stable code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Self::InvalidApiKey => (StatusCode::UNAUTHORIZED, "invalid_api_key"),
+            Self::UserIdRequired => (StatusCode::BAD_REQUEST, "user_id_required"),
+            Self::InsufficientCredits => (StatusCode::PAYMENT_REQUIRED, "insufficient_credits"),
+            Self::UserNotFound => (StatusCode::NOT_FOUND, "user_not_found"),
+            Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            Self::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
+            Self::StorageLimitExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            Self::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::AppMismatch(_) => (StatusCode::FORBIDDEN, "app_mismatch"),
+            Self::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            Self::NotRefundable(_) => (StatusCode::CONFLICT, "not_refundable"),
+            Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
+            Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        match &self {
+            Self::Internal(detail) => tracing::error!(code, detail = %detail, "request failed"),
+            Self::Unavailable(detail) => tracing::warn!(code, detail = %detail, "database unavailable"),
+            _ => {}
+        }
+        let body = ErrorBody {
+            success: false,
+            error: self.to_string(),
+            code: code.to_owned(),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Self::RateLimited { retry_after_secs } = self {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        response.extensions_mut().insert(ErrorCode(code));
+        response
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(e: ValidationError) -> Self {
+        Self::InvalidRequest(e.to_string())
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(e: DbError) -> Self {
+        match e {
+            DbError::Unavailable(d) | DbError::Conflict(d) => Self::Unavailable(d),
+            DbError::Other(d) => Self::Internal(d),
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for ApiError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        DbError::from(e).into()
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ApiError {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        DbError::from(e).into()
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::UserNotFound => Self::UserNotFound,
+            LedgerError::InsufficientCredits { .. } => Self::InsufficientCredits,
+            LedgerError::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
+            LedgerError::NotFound(m) => Self::NotFound(m),
+            LedgerError::NotRefundable(m) => Self::NotRefundable(m),
+            LedgerError::Invalid { field, reason } => Self::InvalidRequest(format!("{field}: {reason}")),
+            LedgerError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<SaveError> for ApiError {
+    fn from(e: SaveError) -> Self {
+        match e {
+            e @ SaveError::StorageLimitExceeded { .. } => Self::StorageLimitExceeded(e.to_string()),
+            SaveError::Ledger(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_guide_sentences_are_kept_word_for_word() {
+        assert_eq!(
+            ApiError::InvalidApiKey.to_string(),
+            "Invalid or missing API key. Include X-API-Key header or api_key parameter."
+        );
+        assert_eq!(ApiError::UserIdRequired.to_string(), "User ID required");
+        assert_eq!(
+            ApiError::InsufficientCredits.to_string(),
+            "Insufficient credits or deduction failed"
+        );
+    }
+
+    #[test]
+    fn internal_errors_hide_their_detail() {
+        let e = ApiError::Internal("relation \"secret_table\" does not exist".into());
+        assert_eq!(e.to_string(), "Internal error");
+        let e = ApiError::Unavailable("connection refused to 10.0.0.1".into());
+        assert_eq!(e.to_string(), UNAVAILABLE);
+    }
+}

@@ -1,0 +1,117 @@
+//! Extractors that reject with [`ApiError`], so axum's own rejections
+//! (malformed JSON, wrong content type, body too large, bad query) use the
+//! contract's error shape and name the field at fault.
+
+use axum::{
+    body::Bytes,
+    extract::{FromRequest, FromRequestParts, Request},
+    http::{StatusCode, header, request::Parts},
+};
+use serde::de::DeserializeOwned;
+
+use crate::error::ApiError;
+
+/// A JSON body; errors name the field (`amount: invalid type: …`).
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .map(|mime| {
+                let mime = mime.trim().to_ascii_lowercase();
+                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+            })
+            .unwrap_or(false);
+        if !is_json {
+            return Err(ApiError::UnsupportedMediaType(
+                "Expected a JSON body with header Content-Type: application/json".into(),
+            ));
+        }
+        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::PayloadTooLarge("The request body is larger than the service accepts".into())
+            } else {
+                ApiError::InvalidRequest(format!("Could not read the request body: {}", rejection.body_text()))
+            }
+        })?;
+        parse_json(&bytes).map(ApiJson)
+    }
+}
+
+/// Parses a JSON body into `T`, naming the field of the first error.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let what = if inner.is_syntax() || inner.is_eof() {
+            format!("Malformed JSON body: {inner}")
+        } else if path == "." {
+            format!("Invalid JSON body: {inner}")
+        } else {
+            format!("{path}: {inner}")
+        };
+        ApiError::InvalidRequest(what)
+    })?;
+    de.end()
+        .map_err(|e| ApiError::InvalidRequest(format!("Malformed JSON body: {e}")))?;
+    Ok(value)
+}
+
+/// Query parameters as strings (each handler parses and names its fields).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        serde_urlencoded::from_str(query)
+            .map(ApiQuery)
+            .map_err(|e| ApiError::InvalidRequest(format!("Invalid query string: {e}")))
+    }
+}
+
+/// Parses an optional whole-number query parameter within `min..=max`.
+pub fn int_param(
+    field: &'static str,
+    raw: Option<&str>,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, ApiError> {
+    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+        return Ok(None);
+    };
+    let n: i64 = raw.parse().map_err(|_| {
+        ApiError::InvalidRequest(format!("{field}: must be a whole number from {min} to {max}"))
+    })?;
+    if !(min..=max).contains(&n) {
+        return Err(ApiError::InvalidRequest(format!(
+            "{field}: must be from {min} to {max} (got {n})"
+        )));
+    }
+    Ok(Some(n))
+}
+
+/// The `user_id` of a request: missing or empty is `user_id_required`, a bad
+/// one is `invalid_request`.
+pub fn user_id(raw: Option<&str>) -> Result<penora_common::domain::UserId, ApiError> {
+    match raw {
+        None | Some("") => Err(ApiError::UserIdRequired),
+        Some(raw) => Ok(penora_common::domain::UserId::parse(raw)?),
+    }
+}

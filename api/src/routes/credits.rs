@@ -1,0 +1,553 @@
+//! Credits: balance, deduct (reserve), refund, grant and the ledger.
+
+use axum::{
+    extract::State,
+    http::{HeaderValue, StatusCode},
+    response::{IntoResponse, Response},
+};
+use penora_common::{
+    domain::{self, AppName, Credits, ProjectCode},
+    keys::Scope,
+    ledger::{self, Outcome},
+    timefmt::rfc3339_millis,
+};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::{
+    auth::Auth,
+    error::{ApiError, ErrorBody},
+    extract::{ApiJson, ApiQuery, int_param, user_id},
+    routes::{RequestCorrelation, Success, json_ok},
+    state::AppState,
+};
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(user_info))
+        .routes(routes!(deduct_credits))
+        .routes(routes!(refund_credits))
+        .routes(routes!(add_credits))
+        .routes(routes!(transactions))
+}
+
+/// Marks a replayed answer with `Idempotent-Replayed: true`.
+pub fn with_replay_header<T: Serialize>(status: StatusCode, outcome: Outcome<T>, body: impl Serialize) -> Response {
+    let mut response = (status, json_ok(body)).into_response();
+    if outcome.replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Query of `GET /user-info`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct UserQuery {
+    /// The user (1–128 characters of `[A-Za-z0-9_.:@-]`).
+    pub user_id: Option<String>,
+}
+
+/// Storage figures in MiB, as the guide shows them.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Storage {
+    /// MiB used, 2 decimals.
+    #[schema(example = 0.85)]
+    pub used_mb: f64,
+    /// MiB left, 2 decimals.
+    #[schema(example = 0.15)]
+    pub remaining_mb: f64,
+    /// The quota in MiB, 2 decimals.
+    #[schema(example = 1.0)]
+    pub total_mb: f64,
+    /// Percent of the quota used, whole number.
+    #[schema(example = 85)]
+    pub usage_percentage: i64,
+    /// Projects in the workspace (any status).
+    #[schema(example = 4)]
+    pub total_projects: i64,
+    /// Bytes used.
+    pub used_bytes: i64,
+    /// The quota in bytes.
+    pub total_bytes: i64,
+}
+
+/// Answer of `GET /user-info`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct UserInfo {
+    /// The user.
+    #[schema(example = "101902121794505144784")]
+    pub user_id: String,
+    /// Spendable Ku coins.
+    #[schema(example = 50)]
+    pub credits: i64,
+    /// Ku coins held by reservations that can still be refunded or settled.
+    pub reserved_credits: i64,
+    /// Storage use.
+    pub storage: Storage,
+    /// When this answer was made.
+    #[schema(example = "2025-08-28T06:00:00.000Z")]
+    pub timestamp: String,
+}
+
+fn mib(bytes: i64) -> f64 {
+    (bytes as f64 / 1_048_576.0 * 100.0).round() / 100.0
+}
+
+/// Balance and storage of a user.
+#[utoipa::path(
+    get, path = "/user-info", tag = "credits",
+    params(UserQuery),
+    responses(
+        (status = 200, description = "Balance and storage", body = Success<UserInfo>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 404, description = "`user_not_found`", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+#[tracing::instrument(skip_all, fields(user_id))]
+async fn user_info(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(q): ApiQuery<UserQuery>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Read)?;
+    let user = user_id(q.user_id.as_deref())?;
+    tracing::Span::current().record("user_id", user.as_str());
+    let client = state.pool.get().await?;
+    let summary = ledger::account_summary(&client, &user)
+        .await?
+        .ok_or(ApiError::UserNotFound)?;
+    let quota = state.settings.storage_quota_bytes;
+    let used = summary.storage_used_bytes;
+    let body = UserInfo {
+        user_id: user.to_string(),
+        credits: summary.balance,
+        reserved_credits: summary.reserved_credits,
+        storage: Storage {
+            used_mb: mib(used),
+            remaining_mb: mib((quota - used).max(0)),
+            total_mb: mib(quota),
+            usage_percentage: ((used as f64 / quota as f64) * 100.0).round() as i64,
+            total_projects: summary.total_projects,
+            used_bytes: used,
+            total_bytes: quota,
+        },
+        timestamp: rfc3339_millis(time::OffsetDateTime::now_utc()),
+    };
+    Ok(json_ok(body).into_response())
+}
+
+/// Body of `POST /deduct-credits`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct DeductRequest {
+    /// The user.
+    #[schema(example = "101902121794505144784")]
+    pub user_id: Option<String>,
+    /// Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
+    #[schema(value_type = i64, minimum = 1, example = 5)]
+    pub amount: Option<serde_json::Value>,
+    /// The app spending the credits (defaults to the key's app).
+    #[schema(example = "imagegene")]
+    pub app_name: Option<String>,
+    /// What for (at most 500 characters).
+    #[schema(example = "AI image generation - 1024x1024 artwork")]
+    pub description: Option<String>,
+    /// Idempotency key; the service makes one when absent.
+    #[schema(example = "img_xyz123")]
+    pub project_code: Option<String>,
+}
+
+/// Answer of `POST /deduct-credits`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeductResponse {
+    /// Ku coins taken.
+    #[schema(example = 5)]
+    pub credits_deducted: i64,
+    /// The balance right after the deduction.
+    #[schema(example = 45)]
+    pub new_balance: i64,
+    /// The app.
+    #[schema(example = "imagegene")]
+    pub app_name: String,
+    /// When the deduction was made.
+    #[schema(example = "2025-08-28T06:00:00.000Z")]
+    pub timestamp: String,
+    /// The reservation's key.
+    #[schema(example = "img_xyz123")]
+    pub project_code: String,
+    /// `reserved`, `settled` or `refunded`.
+    #[schema(example = "reserved")]
+    pub reservation_status: String,
+    /// Until when it can be refunded.
+    pub refundable_until: String,
+    /// The user.
+    pub user_id: String,
+}
+
+/// The app a request acts for: the body's, else the key's own.
+fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<AppName, ApiError> {
+    let app = match raw {
+        Some(raw) => AppName::parse(field, raw)?,
+        None => match auth.bound_app() {
+            Some(own) => AppName::parse(field, own)?,
+            None => return Err(ApiError::InvalidRequest(format!("{field}: is required"))),
+        },
+    };
+    auth.require_app(field, app.as_str())?;
+    Ok(app)
+}
+
+fn optional_text(field: &'static str, raw: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    raw.map(|t| domain::bounded_text(field, &t, max))
+        .transpose()
+        .map_err(Into::into)
+}
+
+/// Reserve and deduct credits, synchronously.
+///
+/// Idempotent by `(app_name, project_code)`: the same key with the same user
+/// and amount answers the first result again with `Idempotent-Replayed: true`
+/// and moves nothing; with another user or amount it is a `409`.
+#[utoipa::path(
+    post, path = "/deduct-credits", tag = "credits",
+    request_body = DeductRequest,
+    responses(
+        (status = 200, description = "Deducted (or replayed, with header Idempotent-Replayed: true)", body = Success<DeductResponse>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 402, description = "`insufficient_credits`", body = ErrorBody),
+        (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
+        (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
+        (status = 429, description = "`rate_limited`", body = ErrorBody),
+        (status = 503, description = "`unavailable`", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+#[tracing::instrument(skip_all, fields(user_id, project_code))]
+async fn deduct_credits(
+    State(state): State<AppState>,
+    correlation: RequestCorrelation,
+    auth: Auth,
+    ApiJson(body): ApiJson<DeductRequest>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Spend)?;
+    let user = user_id(body.user_id.as_deref())?;
+    let amount = Credits::from_json("amount", body.amount.as_ref(), state.settings.max_deduct_amount)?;
+    let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
+    let description = optional_text("description", body.description, domain::DESCRIPTION_MAX_LEN)?;
+    let project_code = match body.project_code.as_deref() {
+        Some(raw) => ProjectCode::parse(raw)?,
+        None => ProjectCode::generate(),
+    };
+    let span = tracing::Span::current();
+    span.record("user_id", user.as_str());
+    span.record("project_code", project_code.as_str());
+    let request = ledger::Deduct {
+        user_id: user,
+        amount,
+        app_name,
+        description,
+        project_code,
+        refund_window: state.settings.refund_window,
+    };
+    let mut client = state.pool.get().await?;
+    let outcome = ledger::deduct(&mut client, &request, correlation.as_deref()).await?;
+    let r = &outcome.value;
+    let body = DeductResponse {
+        credits_deducted: r.credits_deducted,
+        new_balance: r.new_balance,
+        app_name: r.app_name.clone(),
+        timestamp: rfc3339_millis(r.timestamp),
+        project_code: r.project_code.clone(),
+        reservation_status: r.reservation_status.as_str().to_owned(),
+        refundable_until: rfc3339_millis(r.refundable_until),
+        user_id: r.user_id.clone(),
+    };
+    Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// Body of `POST /refund-credits`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct RefundRequest {
+    /// The user.
+    pub user_id: Option<String>,
+    /// The reservation's key.
+    #[schema(example = "img_xyz123")]
+    pub project_code: Option<String>,
+    /// Why (at most 500 characters).
+    pub reason: Option<String>,
+    /// The reservation's app; needed only when the user has reservations of
+    /// several apps with this code (defaults to the key's app).
+    pub app_name: Option<String>,
+}
+
+/// Answer of `POST /refund-credits`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RefundResponse {
+    /// The user.
+    pub user_id: String,
+    /// Ku coins returned.
+    pub credits_refunded: i64,
+    /// The balance right after the refund.
+    pub new_balance: i64,
+    /// The reservation's app.
+    pub app_name: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// Always `refunded`.
+    pub reservation_status: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// When the refund was made.
+    pub timestamp: String,
+}
+
+/// Return a reservation's credits, once.
+///
+/// Asking again answers the first refund's result (`Idempotent-Replayed:
+/// true`). A settled reservation, or one past its refund window, is
+/// `409 not_refundable`.
+#[utoipa::path(
+    post, path = "/refund-credits", tag = "credits",
+    request_body = RefundRequest,
+    responses(
+        (status = 200, description = "Refunded (or replayed)", body = Success<RefundResponse>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
+        (status = 404, description = "`not_found`", body = ErrorBody),
+        (status = 409, description = "`not_refundable`", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+#[tracing::instrument(skip_all, fields(user_id, project_code))]
+async fn refund_credits(
+    State(state): State<AppState>,
+    correlation: RequestCorrelation,
+    auth: Auth,
+    ApiJson(body): ApiJson<RefundRequest>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Spend)?;
+    let user = user_id(body.user_id.as_deref())?;
+    let project_code = match body.project_code.as_deref() {
+        Some(raw) => ProjectCode::parse(raw)?,
+        None => return Err(ApiError::InvalidRequest("project_code: is required".into())),
+    };
+    let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
+        (None, None) => None,
+        (raw, _) => Some(acting_app(&auth, "app_name", raw)?),
+    };
+    let reason = optional_text("reason", body.reason, domain::DESCRIPTION_MAX_LEN)?;
+    let span = tracing::Span::current();
+    span.record("user_id", user.as_str());
+    span.record("project_code", project_code.as_str());
+    let request = ledger::Refund {
+        user_id: user,
+        project_code,
+        app_name,
+        reason,
+    };
+    let mut client = state.pool.get().await?;
+    let outcome = ledger::refund(&mut client, &request, correlation.as_deref()).await?;
+    let r = &outcome.value;
+    let body = RefundResponse {
+        user_id: r.user_id.clone(),
+        credits_refunded: r.credits_refunded,
+        new_balance: r.new_balance,
+        app_name: r.app_name.clone(),
+        project_code: r.project_code.clone(),
+        reservation_status: r.reservation_status.as_str().to_owned(),
+        reason: r.reason.clone(),
+        timestamp: rfc3339_millis(r.timestamp),
+    };
+    Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// Body of `POST /add-credits`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct AddCreditsRequest {
+    /// The user (the account is created if new).
+    pub user_id: Option<String>,
+    /// Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
+    #[schema(value_type = i64, minimum = 1, example = 100)]
+    pub amount: Option<serde_json::Value>,
+    /// Why, for people (at most 500 characters).
+    #[schema(example = "purchase")]
+    pub reason: Option<String>,
+    /// Idempotency reference, e.g. the payment id (1–128 characters).
+    #[schema(example = "pay_2025_0001")]
+    pub reference: Option<String>,
+    /// The app granting (defaults to the key's app, else `penora`).
+    pub app_name: Option<String>,
+}
+
+/// Answer of `POST /add-credits`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AddCreditsResponse {
+    /// The user.
+    pub user_id: String,
+    /// Ku coins granted.
+    pub credits_added: i64,
+    /// The balance right after the grant.
+    pub new_balance: i64,
+    /// The idempotency reference.
+    pub reference: String,
+    /// When the grant was made.
+    pub timestamp: String,
+}
+
+/// Grant credits (a purchase, a signup bonus); idempotent by `reference`.
+#[utoipa::path(
+    post, path = "/add-credits", tag = "credits",
+    request_body = AddCreditsRequest,
+    responses(
+        (status = 200, description = "Granted (or replayed)", body = Success<AddCreditsResponse>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 401, description = "`invalid_api_key`", body = ErrorBody),
+        (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+#[tracing::instrument(skip_all, fields(user_id))]
+async fn add_credits(
+    State(state): State<AppState>,
+    correlation: RequestCorrelation,
+    auth: Auth,
+    ApiJson(body): ApiJson<AddCreditsRequest>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Admin)?;
+    let user = user_id(body.user_id.as_deref())?;
+    let amount = Credits::from_json("amount", body.amount.as_ref(), state.settings.max_deduct_amount)?;
+    let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
+        (None, None) => AppName::parse("app_name", "penora")?,
+        (raw, _) => acting_app(&auth, "app_name", raw)?,
+    };
+    let reason = match body.reason {
+        Some(r) if !r.trim().is_empty() => domain::bounded_text("reason", &r, domain::DESCRIPTION_MAX_LEN)?,
+        _ => return Err(ApiError::InvalidRequest("reason: is required".into())),
+    };
+    let reference = match body.reference {
+        Some(r) if !r.trim().is_empty() => domain::bounded_text("reference", &r, domain::REFERENCE_MAX_LEN)?,
+        _ => return Err(ApiError::InvalidRequest("reference: is required".into())),
+    };
+    tracing::Span::current().record("user_id", user.as_str());
+    let grant = ledger::Grant {
+        user_id: user,
+        amount,
+        app_name,
+        reason,
+        reference,
+    };
+    let mut client = state.pool.get().await?;
+    let outcome = ledger::grant(&mut client, &grant, correlation.as_deref()).await?;
+    let r = &outcome.value;
+    let body = AddCreditsResponse {
+        user_id: r.user_id.clone(),
+        credits_added: r.credits_added,
+        new_balance: r.new_balance,
+        reference: r.reference.clone(),
+        timestamp: rfc3339_millis(r.timestamp),
+    };
+    Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// Query of `GET /transactions`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct TransactionsQuery {
+    /// The user.
+    pub user_id: Option<String>,
+    /// Rows per page, 1–200 (default 50).
+    #[param(value_type = Option<i64>)]
+    pub limit: Option<String>,
+    /// `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// One ledger entry.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionItem {
+    /// The entry's id.
+    pub id: i64,
+    /// `grant`, `deduct`, `refund` or `settle`.
+    pub kind: String,
+    /// Signed amount (negative for deducts).
+    pub amount: i64,
+    /// Balance right after.
+    pub balance_after: i64,
+    /// The app.
+    pub app_name: String,
+    /// What for.
+    pub description: Option<String>,
+    /// The reservation's key (deduct, refund, settle).
+    pub project_code: Option<String>,
+    /// When.
+    pub created_at: String,
+}
+
+/// Answer of `GET /transactions`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TransactionsResponse {
+    /// The user.
+    pub user_id: String,
+    /// Newest first.
+    pub transactions: Vec<TransactionItem>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// The user's ledger, newest first.
+#[utoipa::path(
+    get, path = "/transactions", tag = "credits",
+    params(TransactionsQuery),
+    responses(
+        (status = 200, description = "A page of the ledger", body = Success<TransactionsResponse>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 404, description = "`user_not_found`", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+async fn transactions(
+    State(state): State<AppState>,
+    auth: Auth,
+    ApiQuery(q): ApiQuery<TransactionsQuery>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Read)?;
+    let user = user_id(q.user_id.as_deref())?;
+    let limit = int_param("limit", q.limit.as_deref(), 1, 200)?.unwrap_or(50);
+    let before = int_param("cursor", q.cursor.as_deref(), 1, i64::MAX)?;
+    let client = state.pool.get().await?;
+    if ledger::account_summary(&client, &user).await?.is_none() {
+        return Err(ApiError::UserNotFound);
+    }
+    let rows = ledger::transactions(&client, &user, limit, before).await?;
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.to_string()))
+        .flatten();
+    let body = TransactionsResponse {
+        user_id: user.to_string(),
+        transactions: rows
+            .into_iter()
+            .map(|r| TransactionItem {
+                id: r.id,
+                kind: r.kind,
+                amount: r.amount,
+                balance_after: r.balance_after,
+                app_name: r.app_name,
+                description: r.description,
+                project_code: r.project_code,
+                created_at: rfc3339_millis(r.created_at),
+            })
+            .collect(),
+        next_cursor,
+    };
+    Ok(json_ok(body).into_response())
+}

@@ -1,0 +1,154 @@
+//! Every route, merged in one place, and the OpenAPI document generated from
+//! the handlers' annotations.
+
+pub mod credits;
+pub mod projects;
+pub mod quote;
+pub mod system;
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, FromRequestParts, Request},
+    http::request::Parts,
+    middleware,
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use tower_http::catch_panic::CatchPanicLayer;
+use utoipa::{
+    Modify, OpenApi, ToSchema,
+    openapi::security::{ApiKey, ApiKeyValue, SecurityScheme},
+};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::{Config, SwaggerUi};
+
+use crate::{error::ApiError, state::AppState, telemetry};
+
+/// A successful answer: `{"success": true, …fields of T}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Success<T: ToSchema> {
+    /// Always `true`.
+    pub success: bool,
+    /// The answer's fields.
+    #[serde(flatten)]
+    pub body: T,
+}
+
+/// Wraps `body` as `{"success": true, …}`.
+pub fn json_ok<T: Serialize>(body: T) -> Json<serde_json::Value> {
+    let mut value = serde_json::to_value(body).unwrap_or_else(|_| serde_json::json!({}));
+    let mut out = serde_json::Map::with_capacity(8);
+    out.insert("success".into(), serde_json::Value::Bool(true));
+    if let serde_json::Value::Object(fields) = value.take() {
+        out.extend(fields);
+    }
+    Json(serde_json::Value::Object(out))
+}
+
+/// The request id, carried into the outbox as the jobs' correlation id.
+pub struct RequestCorrelation(Option<String>);
+
+impl RequestCorrelation {
+    /// The id, if the request has one.
+    pub fn as_deref(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for RequestCorrelation {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<telemetry::RequestId>()
+                .map(|r| r.0.clone()),
+        ))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Penora Credits",
+        description = "The one source of truth for users' Ku coins across Penora and ImageGene. \
+            Every error is `{\"success\": false, \"error\": <sentence>, \"code\": <word>}`.",
+    ),
+    modifiers(&SecuritySchemes),
+    tags(
+        (name = "credits", description = "Balances, deductions, refunds, grants and the ledger"),
+        (name = "projects", description = "The shared workspace"),
+        (name = "pricing", description = "What an image costs"),
+        (name = "system", description = "Health and metrics"),
+    ),
+    components(schemas(crate::error::ErrorBody))
+)]
+struct ApiDoc;
+
+struct SecuritySchemes;
+
+impl Modify for SecuritySchemes {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key_header",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::new("X-API-Key"))),
+        );
+        components.add_security_scheme(
+            "api_key_query",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("api_key"))),
+        );
+    }
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    let (_, api) = api_router().split_for_parts();
+    api
+}
+
+fn api_router() -> OpenApiRouter<AppState> {
+    let unified = OpenApiRouter::new()
+        .merge(credits::router())
+        .merge(projects::router())
+        .merge(quote::router());
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest("/api/unified", unified)
+        .merge(system::router())
+}
+
+/// The whole application: routes, docs, fallbacks and middleware.
+pub fn app(state: AppState) -> Router {
+    let max_body = state.settings.max_body_bytes;
+    let (router, api) = api_router().split_for_parts();
+    let docs = SwaggerUi::new("/api/unified/docs")
+        .url("/api/unified/openapi.json", api)
+        .config(Config::default().validator_url("none").try_it_out_enabled(true));
+    router
+        .with_state(state)
+        .merge(docs)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(CatchPanicLayer::custom(on_panic))
+        .layer(middleware::from_fn(telemetry::observe))
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!("No route for {} {}", req.method(), req.uri().path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::MethodNotAllowed(format!(
+        "Method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+fn on_panic(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // The payload may hold request data: it is not logged, only counted.
+    metrics::counter!("penora_http_panics_total").increment(1);
+    ApiError::Internal("handler panicked".into()).into_response()
+}

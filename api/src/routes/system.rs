@@ -1,0 +1,112 @@
+//! `/health` and `/metrics` (at the root, no key needed).
+
+use std::time::Duration;
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use crate::state::AppState;
+
+/// The routes of this module.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(health))
+        .routes(routes!(metrics_text))
+}
+
+/// Answer of `GET /health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Health {
+    /// `ok`, `degraded` (broker unreachable) or `unavailable` (database down).
+    #[schema(example = "ok")]
+    pub status: String,
+    /// `ok` or `unavailable`.
+    pub database: String,
+    /// `ok` or `unavailable` (whether the broker accepts connections).
+    pub broker: String,
+    /// Outbox rows not yet published (null when the database is down).
+    pub outbox_pending: Option<i64>,
+    /// The service's version.
+    pub version: String,
+}
+
+async fn broker_reachable(amqp_url: &str) -> bool {
+    // amqp://user:pass@host:port/vhost → host:port
+    let rest = amqp_url.split_once("://").map_or(amqp_url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or_default();
+    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let target = if hostport.contains(':') {
+        hostport.to_owned()
+    } else {
+        format!("{hostport}:5672")
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Liveness and what is degraded: 200 while the database answers, 503 when
+/// it does not.
+#[utoipa::path(
+    get, path = "/health", tag = "system",
+    responses(
+        (status = 200, description = "Database reachable (status `ok` or `degraded`)", body = Health),
+        (status = 503, description = "Database unreachable", body = Health),
+    )
+)]
+async fn health(State(state): State<AppState>) -> Response {
+    let pending = async {
+        let client = state.pool.get().await.ok()?;
+        penora_common::outbox::pending(&client).await.ok()
+    };
+    let (pending, broker_ok) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(3), pending),
+        broker_reachable(state.settings.amqp_url.expose())
+    );
+    let pending = pending.ok().flatten();
+    let database_ok = pending.is_some();
+    let status = match (database_ok, broker_ok) {
+        (false, _) => "unavailable",
+        (true, false) => "degraded",
+        (true, true) => "ok",
+    };
+    let body = Health {
+        status: status.into(),
+        database: if database_ok { "ok" } else { "unavailable" }.into(),
+        broker: if broker_ok { "ok" } else { "unavailable" }.into(),
+        outbox_pending: pending,
+        version: penora_common::VERSION.into(),
+    };
+    let code = if database_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, Json(body)).into_response()
+}
+
+/// Prometheus text format.
+#[utoipa::path(
+    get, path = "/metrics", tag = "system",
+    responses((status = 200, description = "Metrics in Prometheus text format", content_type = "text/plain"))
+)]
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    let status = state.pool.status();
+    metrics::gauge!("penora_db_pool_connections", "state" => "in_use")
+        .set((status.size.saturating_sub(status.available)) as f64);
+    metrics::gauge!("penora_db_pool_connections", "state" => "idle").set(status.available as f64);
+    metrics::gauge!("penora_db_pool_waiting").set(status.waiting as f64);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
