@@ -58,7 +58,12 @@ impl Auth {
 /// The presented key, from the header or else the query string.
 fn presented_key(parts: &Parts) -> Option<String> {
     if let Some(v) = parts.headers.get("x-api-key") {
-        return v.to_str().ok().map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned);
+        return v
+            .to_str()
+            .ok()
+            .map(str::trim)
+            .filter(|k| !k.is_empty())
+            .map(str::to_owned);
     }
     let query = parts.uri.query()?;
     serde_urlencoded::from_str::<Vec<(String, String)>>(query)
@@ -72,10 +77,15 @@ fn presented_key(parts: &Parts) -> Option<String> {
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let presented = presented_key(parts).ok_or(ApiError::InvalidApiKey)?;
         let principal = match state.bootstrap_digest {
-            Some(boot) if keys::digests_equal(&keys::digest(&presented), &boot) => Principal::bootstrap(),
+            Some(boot) if keys::digests_equal(&keys::digest(&presented), &boot) => {
+                Principal::bootstrap()
+            }
             _ => {
                 let client = state.pool.get().await?;
                 keys::authenticate(&client, &presented)

@@ -13,10 +13,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    db::DbError,
-    domain::ValidationError,
-    ledger::LedgerError,
-    projects::SaveError,
+    db::DbError, domain::ValidationError, ledger::LedgerError, projects::SaveError,
 };
 use serde::Serialize;
 
@@ -121,7 +118,9 @@ impl ApiError {
             Self::UserNotFound => (StatusCode::NOT_FOUND, "user_not_found"),
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
-            Self::StorageLimitExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded"),
+            Self::StorageLimitExceeded(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded")
+            }
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -144,7 +143,9 @@ impl IntoResponse for ApiError {
         let (status, code) = self.status_and_code();
         match &self {
             Self::Internal(detail) => tracing::error!(code, detail = %detail, "request failed"),
-            Self::Unavailable(detail) => tracing::warn!(code, detail = %detail, "database unavailable"),
+            Self::Unavailable(detail) => {
+                tracing::warn!(code, detail = %detail, "database unavailable")
+            }
             _ => {}
         }
         let body = ErrorBody {
@@ -198,7 +199,9 @@ impl From<LedgerError> for ApiError {
             LedgerError::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
             LedgerError::NotFound(m) => Self::NotFound(m),
             LedgerError::NotRefundable(m) => Self::NotRefundable(m),
-            LedgerError::Invalid { field, reason } => Self::InvalidRequest(format!("{field}: {reason}")),
+            LedgerError::Invalid { field, reason } => {
+                Self::InvalidRequest(format!("{field}: {reason}"))
+            }
             LedgerError::Db(e) => e.into(),
         }
     }

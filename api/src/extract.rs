@@ -29,7 +29,8 @@ where
             .and_then(|v| v.split(';').next())
             .map(|mime| {
                 let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
             })
             .unwrap_or(false);
         if !is_json {
@@ -39,9 +40,14 @@ where
         }
         let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge("The request body is larger than the service accepts".into())
+                ApiError::PayloadTooLarge(
+                    "The request body is larger than the service accepts".into(),
+                )
             } else {
-                ApiError::InvalidRequest(format!("Could not read the request body: {}", rejection.body_text()))
+                ApiError::InvalidRequest(format!(
+                    "Could not read the request body: {}",
+                    rejection.body_text()
+                ))
             }
         })?;
         parse_json(&bytes).map(ApiJson)
@@ -97,7 +103,9 @@ pub fn int_param(
         return Ok(None);
     };
     let n: i64 = raw.parse().map_err(|_| {
-        ApiError::InvalidRequest(format!("{field}: must be a whole number from {min} to {max}"))
+        ApiError::InvalidRequest(format!(
+            "{field}: must be a whole number from {min} to {max}"
+        ))
     })?;
     if !(min..=max).contains(&n) {
         return Err(ApiError::InvalidRequest(format!(

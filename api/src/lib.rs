@@ -39,10 +39,11 @@ pub fn metrics_handle() -> PrometheusHandle {
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
             ];
             let builder = PrometheusBuilder::new();
-            let recorder = match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS) {
-                Ok(b) => b.build_recorder(),
-                Err(_) => PrometheusBuilder::new().build_recorder(),
-            };
+            let recorder =
+                match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS) {
+                    Ok(b) => b.build_recorder(),
+                    Err(_) => PrometheusBuilder::new().build_recorder(),
+                };
             let handle = recorder.handle();
             // Fails only if another recorder is installed; then ours just stays unused.
             let _ = metrics::set_global_recorder(recorder);
@@ -60,7 +61,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     let listener = TcpListener::bind(settings.bind_addr)
         .await
         .with_context(|| format!("Failed to bind BIND_ADDR {}", settings.bind_addr))?;
-    let addr = listener.local_addr().context("Failed to read the bound address")?;
+    let addr = listener
+        .local_addr()
+        .context("Failed to read the bound address")?;
     let state = AppState::new(settings, pool.clone(), metrics_handle());
     Ok(App {
         listener,
@@ -72,7 +75,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
 
 impl App {
     /// Serves until `shutdown` resolves, then finishes in-flight requests.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
         axum::serve(self.listener, self.router)
             .with_graceful_shutdown(shutdown)
             .await

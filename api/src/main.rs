@@ -8,7 +8,9 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
     if settings.bootstrap_api_key.is_none() {
-        tracing::warn!("PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work");
+        tracing::warn!(
+            "PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work"
+        );
     }
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);

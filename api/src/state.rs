@@ -26,8 +26,10 @@ pub struct AppState {
 impl AppState {
     /// Builds the state from settings, a pool and the metrics handle.
     pub fn new(settings: Settings, pool: Pool, metrics: PrometheusHandle) -> Self {
-        let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec).unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = std::num::NonZeroU32::new(settings.rate_limit_burst).unwrap_or(std::num::NonZeroU32::MIN);
+        let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec)
+            .unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = std::num::NonZeroU32::new(settings.rate_limit_burst)
+            .unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(per_sec).allow_burst(burst);
         Self {
             bootstrap_digest: settings

@@ -71,7 +71,8 @@ fn sane_request_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
     (!s.is_empty()
         && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     .then(|| s.to_owned())
 }
 
@@ -94,7 +95,8 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     req.extensions_mut().insert(slot.clone());
     req.extensions_mut().insert(RequestId(request_id.clone()));
 
-    let span = tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
+    let span =
+        tracing::info_span!("request", request_id = %request_id, method = %method, route = %route);
     let mut response = next.run(req).instrument(span).await;
 
     let status = response.status().as_u16();
@@ -115,7 +117,8 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
     let status_label = status.to_string();
     metrics::counter!("penora_http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status_label)
         .increment(1);
-    metrics::histogram!("penora_http_request_duration_seconds", "route" => route).record(latency.as_secs_f64());
+    metrics::histogram!("penora_http_request_duration_seconds", "route" => route)
+        .record(latency.as_secs_f64());
     if let Some(code) = code {
         metrics::counter!("penora_http_rejections_total", "code" => code).increment(1);
     }
@@ -131,8 +134,14 @@ mod tests {
 
     #[test]
     fn api_keys_in_query_strings_are_redacted() {
-        assert_eq!(redact_query("user_id=u1&api_key=secret"), "user_id=u1&api_key=[redacted]");
-        assert_eq!(redact_query("api%5Fkey=secret&x=1"), "api%5Fkey=[redacted]&x=1");
+        assert_eq!(
+            redact_query("user_id=u1&api_key=secret"),
+            "user_id=u1&api_key=[redacted]"
+        );
+        assert_eq!(
+            redact_query("api%5Fkey=secret&x=1"),
+            "api%5Fkey=[redacted]&x=1"
+        );
         assert_eq!(redact_query("API_KEY=secret"), "API_KEY=[redacted]");
         assert_eq!(redact_query("api_key"), "api_key=[redacted]");
         assert_eq!(redact_query("a=1&b=2"), "a=1&b=2");

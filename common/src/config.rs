@@ -108,7 +108,8 @@ impl Settings {
         };
         let settings = Self {
             database_url: Secret::new(
-                get("DATABASE_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/penora".into()),
+                get("DATABASE_URL")
+                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/penora".into()),
             ),
             amqp_url: Secret::new(
                 get("AMQP_URL").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
@@ -132,7 +133,12 @@ impl Settings {
                 })?,
             },
         };
-        if settings.database_url.expose().parse::<tokio_postgres::Config>().is_err() {
+        if settings
+            .database_url
+            .expose()
+            .parse::<tokio_postgres::Config>()
+            .is_err()
+        {
             return Err(ConfigError {
                 variable: "DATABASE_URL",
                 reason: "not a PostgreSQL connection string".into(),
@@ -182,7 +188,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
     }
 

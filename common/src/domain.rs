@@ -90,7 +90,10 @@ impl Credits {
         let range = || format!("must be a whole number of credits from 1 to {max}");
         let value = match value {
             None | Some(serde_json::Value::Null) => {
-                return Err(ValidationError::new(field, format!("is required; {}", range())));
+                return Err(ValidationError::new(
+                    field,
+                    format!("is required; {}", range()),
+                ));
             }
             Some(v) => v,
         };
@@ -99,15 +102,29 @@ impl Credits {
                 if let Some(i) = n.as_i64() {
                     i
                 } else if n.as_u64().is_some() {
-                    return Err(ValidationError::new(field, format!("is too large; {}", range())));
+                    return Err(ValidationError::new(
+                        field,
+                        format!("is too large; {}", range()),
+                    ));
                 } else {
-                    return Err(ValidationError::new(field, format!("is not a whole number; {}", range())));
+                    return Err(ValidationError::new(
+                        field,
+                        format!("is not a whole number; {}", range()),
+                    ));
                 }
             }
             serde_json::Value::String(_) => {
-                return Err(ValidationError::new(field, format!("is a string; {}", range())));
+                return Err(ValidationError::new(
+                    field,
+                    format!("is a string; {}", range()),
+                ));
             }
-            _ => return Err(ValidationError::new(field, format!("has the wrong type; {}", range()))),
+            _ => {
+                return Err(ValidationError::new(
+                    field,
+                    format!("has the wrong type; {}", range()),
+                ));
+            }
         };
         Self::new(field, n, max)
     }
@@ -230,8 +247,14 @@ pub fn bounded_text(field: &'static str, raw: &str, max: usize) -> Result<String
             format!("must be at most {max} characters"),
         ));
     }
-    if raw.chars().any(|c| c.is_control() && c != '\n' && c != '\t') {
-        return Err(ValidationError::new(field, "must not contain control characters"));
+    if raw
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return Err(ValidationError::new(
+            field,
+            "must not contain control characters",
+        ));
     }
     Ok(raw.to_owned())
 }
@@ -327,7 +350,10 @@ mod tests {
     #[test]
     fn amounts_must_be_whole_numbers_in_range() {
         let max = 1_000_000;
-        assert_eq!(Credits::from_json("amount", Some(&json!(5)), max).map(Credits::get), Ok(5));
+        assert_eq!(
+            Credits::from_json("amount", Some(&json!(5)), max).map(Credits::get),
+            Ok(5)
+        );
         assert_eq!(
             Credits::from_json("amount", Some(&json!(1_000_000)), max).map(Credits::get),
             Ok(1_000_000)

@@ -269,7 +269,10 @@ async fn replay_grant(client: &Client, g: &Grant) -> Result<Outcome<GrantReceipt
         )
         .await?
         .ok_or_else(|| {
-            DbError::Other(format!("grant reference {:?} claimed but not found", g.reference))
+            DbError::Other(format!(
+                "grant reference {:?} claimed but not found",
+                g.reference
+            ))
         })?;
     let (user_id, amount): (String, i64) = (row.get(0), row.get(1));
     if user_id != g.user_id.as_str() || amount != g.amount.get() {
@@ -463,7 +466,8 @@ async fn find_reservation(
 }
 
 fn state_of(raw: &str) -> Result<ReservationState, DbError> {
-    ReservationState::from_db(raw).ok_or_else(|| DbError::Other(format!("unknown reservation state {raw:?}")))
+    ReservationState::from_db(raw)
+        .ok_or_else(|| DbError::Other(format!("unknown reservation state {raw:?}")))
 }
 
 // ---------------------------------------------------------------- refund
@@ -611,7 +615,13 @@ pub async fn refund(
         .await?;
     tx.execute(
         &mark,
-        &[&app_name, &r.project_code.as_str(), &at, &r.reason, &new_balance],
+        &[
+            &app_name,
+            &r.project_code.as_str(),
+            &at,
+            &r.reason,
+            &new_balance,
+        ],
     )
     .await?;
     tx.commit().await?;
@@ -657,7 +667,9 @@ pub async fn settle(
         .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
         .await?;
     let Some(account) = tx.query_opt(&lock, &[&user]).await? else {
-        return Err(LedgerError::NotFound(format!("no account for user {user:?}")));
+        return Err(LedgerError::NotFound(format!(
+            "no account for user {user:?}"
+        )));
     };
     let balance: i64 = account.get(0);
     let select = tx
@@ -666,7 +678,10 @@ pub async fn settle(
         )
         .await?;
     let Some(row) = tx
-        .query_opt(&select, &[&app_name.as_str(), &project_code.as_str(), &user])
+        .query_opt(
+            &select,
+            &[&app_name.as_str(), &project_code.as_str(), &user],
+        )
         .await?
     else {
         return Err(LedgerError::NotFound(format!(

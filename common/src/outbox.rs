@@ -30,7 +30,14 @@ pub async fn enqueue_job(
         .await?;
     tx.execute(
         &stmt,
-        &[&user_id, &JOBS_EXCHANGE, &routing_key, &message_id, &correlation_id, &payload],
+        &[
+            &user_id,
+            &JOBS_EXCHANGE,
+            &routing_key,
+            &message_id,
+            &correlation_id,
+            &payload,
+        ],
     )
     .await?;
     Ok(message_id)
@@ -39,7 +46,10 @@ pub async fn enqueue_job(
 /// How many outbox rows wait to be published.
 pub async fn pending(client: &impl GenericClient) -> Result<i64, DbError> {
     let row = client
-        .query_one("SELECT count(*) FROM outbox WHERE published_at IS NULL", &[])
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
         .await?;
     Ok(row.get(0))
 }

@@ -61,7 +61,10 @@ impl Content {
         } else {
             trimmed
         };
-        let compact: String = payload.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        let compact: String = payload
+            .chars()
+            .filter(|c| !c.is_ascii_whitespace())
+            .collect();
         let unpadded = compact.trim_end_matches('=');
         let engine = if unpadded.contains(['-', '_']) {
             &base64::engine::general_purpose::URL_SAFE_NO_PAD
@@ -128,7 +131,9 @@ pub struct SaveReceipt {
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
     /// The save would cross the quota.
-    #[error("storage limit exceeded: the project needs {needed} bytes and {remaining} bytes remain")]
+    #[error(
+        "storage limit exceeded: the project needs {needed} bytes and {remaining} bytes remain"
+    )]
     StorageLimitExceeded {
         /// The project's size.
         needed: i64,
@@ -174,7 +179,10 @@ pub async fn save(
             return first;
         }
         let used = client
-            .query_opt("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", &[&user])
+            .query_opt(
+                "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+                &[&user],
+            )
             .await?;
         return Err(match used {
             None => LedgerError::UserNotFound.into(),
@@ -198,21 +206,32 @@ pub async fn save(
     let Some(inserted) = tx
         .query_opt(
             &insert,
-            &[&user, &id, &p.app_source.as_str(), &p.project_type, &p.title, &size, &p.metadata, &code],
+            &[
+                &user,
+                &id,
+                &p.app_source.as_str(),
+                &p.project_type,
+                &p.title,
+                &size,
+                &p.metadata,
+                &code,
+            ],
         )
         .await?
     else {
         tx.rollback().await?;
-        return find_by_code(client, p, quota)
-            .await?
-            .unwrap_or_else(|| Err(DbError::Other("project code claimed but not found".into()).into()));
+        return find_by_code(client, p, quota).await?.unwrap_or_else(|| {
+            Err(DbError::Other("project code claimed but not found".into()).into())
+        });
     };
     let (data, url) = match &p.content {
         Content::Bytes(b) => (Some(b.as_slice()), None),
         Content::Url(u) => (None, Some(u.as_str())),
     };
     let content = tx
-        .prepare_cached("INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)")
+        .prepare_cached(
+            "INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)",
+        )
         .await?;
     tx.execute(&content, &[&user, &id, &data, &url]).await?;
     let job = SaveProjectJob {
@@ -242,7 +261,9 @@ async fn find_by_code(
     p: &NewProject,
     quota: i64,
 ) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
-    let Some(code) = &p.project_code else { return Ok(None) };
+    let Some(code) = &p.project_code else {
+        return Ok(None);
+    };
     let row = client
         .query_opt(
             "SELECT p.id, p.status, p.size_bytes, p.created_at, p.title, a.storage_used_bytes \
@@ -440,7 +461,15 @@ mod tests {
 
     #[test]
     fn garbage_content_is_refused_naming_the_field() {
-        for bad in ["", "   ", "not base64 at all!", "data:image/png,raw", "data:nocomma", "====", "a"] {
+        for bad in [
+            "",
+            "   ",
+            "not base64 at all!",
+            "data:image/png,raw",
+            "data:nocomma",
+            "====",
+            "a",
+        ] {
             let err = Content::decode(bad).unwrap_err();
             assert_eq!(err.field, "content", "{bad:?}");
         }

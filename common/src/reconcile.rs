@@ -67,10 +67,17 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
     };
 
     for r in tx
-        .query("SELECT user_id, balance FROM accounts WHERE balance < 0", &[])
+        .query(
+            "SELECT user_id, balance FROM accounts WHERE balance < 0",
+            &[],
+        )
         .await?
     {
-        push(r.get(0), 1, format!("balance is negative: {}", r.get::<_, i64>(1)));
+        push(
+            r.get(0),
+            1,
+            format!("balance is negative: {}", r.get::<_, i64>(1)),
+        );
     }
 
     for r in tx

@@ -72,7 +72,12 @@ impl TestDb {
         admin
             .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
             .await
-            .unwrap_or_else(|e| panic!("creating test database {name}: {}", crate::db::error_chain(&e)));
+            .unwrap_or_else(|e| {
+                panic!(
+                    "creating test database {name}: {}",
+                    crate::db::error_chain(&e)
+                )
+            });
         Self {
             url: with_database(&admin_url(), &name),
             name,
@@ -111,23 +116,32 @@ async fn ensure_template(admin: &tokio_postgres::Client, template: &str) {
         .is_some();
     if !exists {
         let building = format!("{template}_building");
-        admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {building} WITH (FORCE); CREATE DATABASE {building}"
-            ))
-            .await
-            .unwrap_or_else(|e| fail("creating the template", e));
+        // One statement per call: DROP/CREATE DATABASE refuse to run in the
+        // implicit transaction of a multi-statement query.
+        for sql in [
+            format!("DROP DATABASE IF EXISTS {building} WITH (FORCE)"),
+            format!("CREATE DATABASE {building}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| fail("creating the template", e));
+        }
         if let Err(e) = crate::db::migrate(&with_database(&admin_url(), &building)).await {
             panic!("migrating the template: {e}");
         }
         // The migration connection may still be closing: end it before renaming.
-        admin
-            .batch_execute(&format!(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{building}' AND pid <> pg_backend_pid(); \
-                 ALTER DATABASE {building} RENAME TO {template}"
-            ))
-            .await
-            .unwrap_or_else(|e| fail("finishing the template", e));
+        for sql in [
+            format!(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{building}' AND pid <> pg_backend_pid()"
+            ),
+            format!("ALTER DATABASE {building} RENAME TO {template}"),
+        ] {
+            admin
+                .batch_execute(&sql)
+                .await
+                .unwrap_or_else(|e| fail("finishing the template", e));
+        }
         // Templates of older migrations are no longer needed.
         let old = admin
             .query(
@@ -155,7 +169,10 @@ impl Drop for TestDb {
         let name = self.name.clone();
         // Drop runs inside the test's runtime: do the async work on a thread of its own.
         let handle = std::thread::spawn(move || {
-            let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
                 return;
             };
             rt.block_on(async move {

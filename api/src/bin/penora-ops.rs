@@ -110,10 +110,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .await
         .context("Failed to apply migrations (is PostgreSQL running? see DATABASE_URL)")?;
     let pool = db::pool_for(&url, 2).context("Failed to create the database pool")?;
-    let mut client = pool.get().await.context("Failed to connect to PostgreSQL")?;
+    let mut client = pool
+        .get()
+        .await
+        .context("Failed to connect to PostgreSQL")?;
     match cli.command {
         Command::Migrate => {
-            println!("migrations applied (schema version {})", db::latest_migration_version());
+            println!(
+                "migrations applied (schema version {})",
+                db::latest_migration_version()
+            );
         }
         Command::Keys { command } => match command {
             KeysCommand::Create { app, scopes, name } => {
@@ -148,18 +154,33 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Credits {
-            command: CreditsCommand::Grant { user, amount, reason, reference, app },
+            command:
+                CreditsCommand::Grant {
+                    user,
+                    amount,
+                    reason,
+                    reference,
+                    app,
+                },
         } => {
             let grant = ledger::Grant {
                 user_id: UserId::parse(&user)?,
                 amount: Credits::new("amount", amount, settings.max_deduct_amount)?,
                 app_name: AppName::parse("app", &app)?,
                 reason: domain::bounded_text("reason", &reason, domain::DESCRIPTION_MAX_LEN)?,
-                reference: domain::bounded_text("reference", &reference, domain::REFERENCE_MAX_LEN)?,
+                reference: domain::bounded_text(
+                    "reference",
+                    &reference,
+                    domain::REFERENCE_MAX_LEN,
+                )?,
             };
             let outcome = ledger::grant(&mut client, &grant, None).await?;
             let r = outcome.value;
-            let replay = if outcome.replayed { " (already granted: nothing moved)" } else { "" };
+            let replay = if outcome.replayed {
+                " (already granted: nothing moved)"
+            } else {
+                ""
+            };
             println!(
                 "granted {} credits to {} (reference {}); balance {}{replay}",
                 r.credits_added, r.user_id, r.reference, r.new_balance
@@ -171,7 +192,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 for v in &report.violations {
-                    println!("user {:<24} invariant {}  {}", v.user_id, v.invariant, v.detail);
+                    println!(
+                        "user {:<24} invariant {}  {}",
+                        v.user_id, v.invariant, v.detail
+                    );
                 }
                 let users = report.users();
                 if users.is_empty() {
@@ -206,8 +230,10 @@ fn print_keys(keys: &[keys::KeyRecord]) {
                 k.app.clone(),
                 k.scopes.join(","),
                 penora_common::timefmt::rfc3339_millis(k.created_at),
-                k.revoked_at
-                    .map_or_else(|| "active".to_owned(), |t| format!("revoked {}", penora_common::timefmt::rfc3339_millis(t))),
+                k.revoked_at.map_or_else(
+                    || "active".to_owned(),
+                    |t| format!("revoked {}", penora_common::timefmt::rfc3339_millis(t)),
+                ),
             ]
         })
         .collect();

@@ -34,7 +34,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Marks a replayed answer with `Idempotent-Replayed: true`.
-pub fn with_replay_header<T: Serialize>(status: StatusCode, outcome: Outcome<T>, body: impl Serialize) -> Response {
+pub fn with_replay_header<T: Serialize>(
+    status: StatusCode,
+    outcome: Outcome<T>,
+    body: impl Serialize,
+) -> Response {
     let mut response = (status, json_ok(body)).into_response();
     if outcome.replayed {
         response
@@ -203,7 +207,11 @@ fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<App
     Ok(app)
 }
 
-fn optional_text(field: &'static str, raw: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+fn optional_text(
+    field: &'static str,
+    raw: Option<String>,
+    max: usize,
+) -> Result<Option<String>, ApiError> {
     raw.map(|t| domain::bounded_text(field, &t, max))
         .transpose()
         .map_err(Into::into)
@@ -239,7 +247,11 @@ async fn deduct_credits(
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Spend)?;
     let user = user_id(body.user_id.as_deref())?;
-    let amount = Credits::from_json("amount", body.amount.as_ref(), state.settings.max_deduct_amount)?;
+    let amount = Credits::from_json(
+        "amount",
+        body.amount.as_ref(),
+        state.settings.max_deduct_amount,
+    )?;
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
     let description = optional_text("description", body.description, domain::DESCRIPTION_MAX_LEN)?;
     let project_code = match body.project_code.as_deref() {
@@ -425,17 +437,25 @@ async fn add_credits(
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
     let user = user_id(body.user_id.as_deref())?;
-    let amount = Credits::from_json("amount", body.amount.as_ref(), state.settings.max_deduct_amount)?;
+    let amount = Credits::from_json(
+        "amount",
+        body.amount.as_ref(),
+        state.settings.max_deduct_amount,
+    )?;
     let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
         (None, None) => AppName::parse("app_name", "penora")?,
         (raw, _) => acting_app(&auth, "app_name", raw)?,
     };
     let reason = match body.reason {
-        Some(r) if !r.trim().is_empty() => domain::bounded_text("reason", &r, domain::DESCRIPTION_MAX_LEN)?,
+        Some(r) if !r.trim().is_empty() => {
+            domain::bounded_text("reason", &r, domain::DESCRIPTION_MAX_LEN)?
+        }
         _ => return Err(ApiError::InvalidRequest("reason: is required".into())),
     };
     let reference = match body.reference {
-        Some(r) if !r.trim().is_empty() => domain::bounded_text("reference", &r, domain::REFERENCE_MAX_LEN)?,
+        Some(r) if !r.trim().is_empty() => {
+            domain::bounded_text("reference", &r, domain::REFERENCE_MAX_LEN)?
+        }
         _ => return Err(ApiError::InvalidRequest("reference: is required".into())),
     };
     tracing::Span::current().record("user_id", user.as_str());

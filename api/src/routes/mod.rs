@@ -124,7 +124,11 @@ pub fn app(state: AppState) -> Router {
     let (router, api) = api_router().split_for_parts();
     let docs = SwaggerUi::new("/api/unified/docs")
         .url("/api/unified/openapi.json", api)
-        .config(Config::default().validator_url("none").try_it_out_enabled(true));
+        .config(
+            Config::default()
+                .validator_url("none")
+                .try_it_out_enabled(true),
+        );
     router
         .with_state(state)
         .merge(docs)
@@ -136,7 +140,11 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn not_found(req: Request) -> ApiError {
-    ApiError::NotFound(format!("No route for {} {}", req.method(), req.uri().path()))
+    ApiError::NotFound(format!(
+        "No route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
 }
 
 async fn method_not_allowed(req: Request) -> ApiError {

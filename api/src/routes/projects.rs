@@ -123,15 +123,27 @@ async fn save_project(
         (None, None) => return Err(ApiError::InvalidRequest("app_source: is required".into())),
     };
     auth.require_app("app_source", app_source.as_str())?;
-    let project_type = required_text("project_type", body.project_type, domain::PROJECT_TYPE_MAX_LEN)?;
+    let project_type = required_text(
+        "project_type",
+        body.project_type,
+        domain::PROJECT_TYPE_MAX_LEN,
+    )?;
     let title = required_text("title", body.title, domain::TITLE_MAX_LEN)?;
     let content = Content::decode(body.content.as_deref().unwrap_or_default())?;
     let metadata = match body.metadata {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
         Some(m @ serde_json::Value::Object(_)) => m,
-        Some(_) => return Err(ApiError::InvalidRequest("metadata: must be a JSON object".into())),
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "metadata: must be a JSON object".into(),
+            ));
+        }
     };
-    let project_code = body.project_code.as_deref().map(ProjectCode::parse).transpose()?;
+    let project_code = body
+        .project_code
+        .as_deref()
+        .map(ProjectCode::parse)
+        .transpose()?;
     let span = tracing::Span::current();
     span.record("user_id", user.as_str());
     if let Some(code) = &project_code {
@@ -316,12 +328,22 @@ async fn list_projects(
         })
         .collect();
     let of_app = |app: &str| -> Vec<ProjectItem> {
-        items.iter().filter(|p| p.app_source == app).cloned().collect()
+        items
+            .iter()
+            .filter(|p| p.app_source == app)
+            .cloned()
+            .collect()
     };
     let count_of = |app: &str| counts.iter().find(|(a, _)| a == app).map_or(0, |(_, n)| *n);
     let mut other_apps = BTreeMap::new();
-    for (app, n) in counts.iter().filter(|(a, _)| a != "penora" && a != "imagegene") {
-        other_apps.insert(format!("{app}_projects"), serde_json::to_value(of_app(app)).unwrap_or_default());
+    for (app, n) in counts
+        .iter()
+        .filter(|(a, _)| a != "penora" && a != "imagegene")
+    {
+        other_apps.insert(
+            format!("{app}_projects"),
+            serde_json::to_value(of_app(app)).unwrap_or_default(),
+        );
         other_apps.insert(format!("{app}_count"), serde_json::Value::from(*n));
     }
     let body = ProjectsResponse {
@@ -380,17 +402,26 @@ async fn project_content(
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_str(&media_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+                HeaderValue::from_str(&media_type)
+                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
             );
-            headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-            headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=3600"));
+            headers.insert(
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            );
+            headers.insert(
+                header::CACHE_CONTROL,
+                HeaderValue::from_static("private, max-age=3600"),
+            );
             response
         }
         StoredContent::Url(url) => Redirect::to(&url).into_response(),
         StoredContent::NotAvailable { status, reason } => {
             return Err(ApiError::ContentNotAvailable(match reason {
                 Some(reason) => format!("project {project_id} is {status}: {reason}"),
-                None => format!("project {project_id} is {status}; its content is not available yet"),
+                None => {
+                    format!("project {project_id} is {status}; its content is not available yet")
+                }
             }));
         }
     })
@@ -402,7 +433,8 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_garbage_is_refused() {
-        let at = OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).expect("valid");
+        let at =
+            OffsetDateTime::from_unix_timestamp_nanos(1_700_000_000_123_456_000).expect("valid");
         let id = Uuid::now_v7();
         assert_eq!(decode_cursor(&encode_cursor(at, id)).ok(), Some((at, id)));
         assert!(decode_cursor("garbage!").is_err());

@@ -100,17 +100,21 @@ async fn quote(
         }
     };
     // The ranges above make these conversions lossless.
-    let price = state.settings.price_table.quote(
-        width as u32,
-        height as u32,
-        quality,
-        variations as u32,
-    );
+    let price =
+        state
+            .settings
+            .price_table
+            .quote(width as u32, height as u32, quality, variations as u32);
     let body = QuoteResponse {
         credits: price.total,
         width,
         height,
-        quality: if quality == Quality::High { "high" } else { "standard" }.into(),
+        quality: if quality == Quality::High {
+            "high"
+        } else {
+            "standard"
+        }
+        .into(),
         variations,
         breakdown: QuoteBreakdown {
             base: price.base,

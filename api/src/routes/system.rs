@@ -48,7 +48,11 @@ async fn broker_reachable(amqp_url: &str) -> bool {
         format!("{hostport}:5672")
     };
     matches!(
-        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(target)).await,
+        tokio::time::timeout(
+            Duration::from_secs(1),
+            tokio::net::TcpStream::connect(target)
+        )
+        .await,
         Ok(Ok(_))
     )
 }
@@ -105,7 +109,10 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
     metrics::gauge!("penora_db_pool_connections", "state" => "idle").set(status.available as f64);
     metrics::gauge!("penora_db_pool_waiting").set(status.waiting as f64);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

@@ -1,0 +1,12 @@
+//! Integration tests of the API against the real PostgreSQL: each test gets
+//! its own database (cloned from a migrated template) and its own server on
+//! port 0, so the tests run in parallel.
+
+mod credits;
+mod guide;
+mod keys;
+mod ops;
+mod storage;
+mod support;
+mod system;
+mod validation;

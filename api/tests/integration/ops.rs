@@ -1,0 +1,253 @@
+//! `penora-ops` end to end, as an operator runs it.
+
+use std::process::Output;
+
+use penora_common::testing::TestDb;
+use reqwest::StatusCode;
+
+use crate::support::{expect_error, spawn_app};
+
+async fn ops(db_url: &str, args: &[&str]) -> Output {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_penora-ops"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .output()
+        .await
+        .expect("penora-ops runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn keys_are_created_listed_and_revoked_with_the_cli() {
+    let app = spawn_app().await;
+    app.grant("u1", 5).await;
+    let created = ops(
+        &app.db.url,
+        &[
+            "keys",
+            "create",
+            "--app",
+            "imagegene",
+            "--scopes",
+            "read,spend",
+            "--name",
+            "ImageGene",
+        ],
+    )
+    .await;
+    assert!(created.status.success(), "{created:?}");
+    let out = stdout(&created);
+    let key = out
+        .lines()
+        .find_map(|l| l.strip_prefix("key:"))
+        .map(str::trim)
+        .expect("the key is printed once")
+        .to_owned();
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .map(str::trim)
+        .expect("the id is printed")
+        .to_owned();
+    assert_eq!(
+        app.get_with_key("/api/unified/user-info?user_id=u1", &key)
+            .await
+            .status(),
+        StatusCode::OK
+    );
+
+    let listed = ops(&app.db.url, &["keys", "list"]).await;
+    let list = stdout(&listed);
+    assert!(
+        list.contains(&id)
+            && list.contains("imagegene")
+            && list.contains("read,spend")
+            && list.contains("active"),
+        "{list}"
+    );
+    assert!(!list.contains(&key), "listing never shows a key");
+
+    let revoked = ops(&app.db.url, &["keys", "revoke", &id]).await;
+    assert!(revoked.status.success(), "{revoked:?}");
+    expect_error(
+        app.get_with_key("/api/unified/user-info?user_id=u1", &key)
+            .await,
+        StatusCode::UNAUTHORIZED,
+        "invalid_api_key",
+    )
+    .await;
+    let list = stdout(&ops(&app.db.url, &["keys", "list"]).await);
+    assert!(list.contains("revoked"), "{list}");
+
+    let bad = ops(
+        &app.db.url,
+        &["keys", "create", "--app", "*", "--scopes", "read,fly"],
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown scope `fly`"));
+}
+
+#[tokio::test]
+async fn credits_grant_is_idempotent_by_reference() {
+    let app = spawn_app().await;
+    for _ in 0..2 {
+        let o = ops(
+            &app.db.url,
+            &[
+                "credits",
+                "grant",
+                "buyer",
+                "250",
+                "--reason",
+                "purchase",
+                "--reference",
+                "pay_9",
+            ],
+        )
+        .await;
+        assert!(o.status.success(), "{o:?}");
+    }
+    assert_eq!(app.balance("buyer").await, 250);
+    let o = ops(
+        &app.db.url,
+        &[
+            "credits",
+            "grant",
+            "buyer",
+            "0",
+            "--reason",
+            "x",
+            "--reference",
+            "pay_10",
+        ],
+    )
+    .await;
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn reconcile_passes_on_clean_data_and_names_the_users_after_corruption() {
+    let app = spawn_app().await;
+    app.grant("alice", 50).await;
+    app.grant("bob", 50).await;
+    app.deduct("alice", 5, "a1").await;
+    let clean = ops(&app.db.url, &["reconcile"]).await;
+    assert!(clean.status.success(), "{clean:?}");
+    assert!(
+        stdout(&clean).contains("reconcile OK"),
+        "{}",
+        stdout(&clean)
+    );
+
+    let client = app.pool.get().await.expect("db");
+    client
+        .batch_execute(
+            "UPDATE accounts SET balance = balance + 7 WHERE user_id = 'bob'; \
+             UPDATE accounts SET storage_used_bytes = 2000000 WHERE user_id = 'alice'",
+        )
+        .await
+        .expect("corrupted");
+    let broken = ops(&app.db.url, &["reconcile"]).await;
+    assert_eq!(broken.status.code(), Some(1), "{broken:?}");
+    let out = stdout(&broken);
+    assert!(out.contains("bob") && out.contains("invariant 2"), "{out}");
+    assert!(
+        out.contains("alice") && out.contains("invariant 6"),
+        "{out}"
+    );
+    assert!(
+        out.contains("reconcile FAILED") && out.contains("alice, bob"),
+        "{out}"
+    );
+    let json = ops(&app.db.url, &["reconcile", "--json"]).await;
+    let report: serde_json::Value = serde_json::from_slice(&json.stdout).expect("json report");
+    assert_eq!(report["violations"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn reconcile_finds_a_reservation_refunded_twice() {
+    let app = spawn_app().await;
+    app.grant("carol", 20).await;
+    app.deduct("carol", 5, "c1").await;
+    let client = app.pool.get().await.expect("db");
+    // A second refund row written behind the service's back (the unique
+    // index would refuse it, so drop that guard first).
+    client
+        .batch_execute(
+            "DROP INDEX ledger_one_refund_per_reservation; \
+             INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, project_code) \
+               VALUES ('carol', 'refund', 5, 20, 'imagegene', 'c1'), ('carol', 'refund', 5, 25, 'imagegene', 'c1'); \
+             UPDATE accounts SET balance = 25 WHERE user_id = 'carol'",
+        )
+        .await
+        .expect("corrupted");
+    let broken = ops(&app.db.url, &["reconcile"]).await;
+    assert_eq!(broken.status.code(), Some(1));
+    let out = stdout(&broken);
+    assert!(
+        out.contains("carol") && out.contains("invariant 4") && out.contains("2 refunds"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn migrations_started_at_once_by_several_processes_all_succeed() {
+    let db = TestDb::new().await;
+    // A fresh, empty database of its own.
+    let admin = penora_common::testing::admin_url();
+    let name = format!("{}_fresh", db.name);
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("admin");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("created");
+    let url = format!(
+        "{}/{name}",
+        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
+    );
+    let runs: Vec<_> = (0..4)
+        .map(|_| {
+            let url = url.clone();
+            async move { ops(&url, &["migrate"]).await }
+        })
+        .collect();
+    for out in futures_join(runs).await {
+        assert!(out.status.success(), "{out:?}");
+    }
+    let (fresh, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("fresh");
+    tokio::spawn(conn);
+    let applied: i64 = fresh
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await
+        .expect("history")
+        .get(0);
+    assert_eq!(
+        applied,
+        i64::from(penora_common::db::latest_migration_version())
+    );
+    drop(fresh);
+    client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .expect("dropped");
+}
+
+async fn futures_join<F: std::future::Future<Output = Output> + Send + 'static>(
+    futs: Vec<F>,
+) -> Vec<Output> {
+    let handles: Vec<_> = futs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("task"));
+    }
+    out
+}

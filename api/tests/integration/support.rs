@@ -1,0 +1,203 @@
+//! Test support: an API on port 0 over a database of its own.
+
+use std::collections::BTreeSet;
+
+use deadpool_postgres::Pool;
+use penora_common::{
+    keys::{self, KeyApp, Scope},
+    testing::TestDb,
+};
+use reqwest::{Response, StatusCode};
+use serde_json::{Value, json};
+
+/// The bootstrap key every test app accepts.
+pub const BOOT_KEY: &str = "test-bootstrap-key-0123456789abcdef-0123";
+
+/// A 1×1 PNG, base64.
+pub const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+/// Base64 of `n` bytes.
+pub fn base64_of(n: usize) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(vec![0x42u8; n])
+}
+
+/// A running API and its database.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// Pool on the test database, for checks behind the API's back.
+    pub pool: Pool,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// Keeps the database alive; dropped last.
+    pub db: TestDb,
+}
+
+/// Starts an API with default test settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts an API with `overrides` (environment variable names as keys).
+pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let db = TestDb::new().await;
+    let mut vars = vec![
+        ("PENORA_API_KEY", BOOT_KEY),
+        ("RATE_LIMIT_PER_SEC", "100000"),
+        ("RATE_LIMIT_BURST", "100000"),
+    ];
+    vars.extend_from_slice(overrides);
+    let settings = db.settings(&vars);
+    let app = penora_api::build(settings).await.expect("the API builds");
+    let base = format!("http://{}", app.addr);
+    let pool = penora_common::db::pool_for(&db.url, 4).expect("test pool");
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    TestApp {
+        base,
+        pool,
+        http: reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("http client"),
+        db,
+    }
+}
+
+impl TestApp {
+    /// `GET path` with the bootstrap key.
+    pub async fn get(&self, path: &str) -> Response {
+        self.get_with_key(path, BOOT_KEY).await
+    }
+
+    /// `GET path` with `key` in `X-API-Key`.
+    pub async fn get_with_key(&self, path: &str, key: &str) -> Response {
+        self.http
+            .get(format!("{}{path}", self.base))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// `POST path` with a JSON body and the bootstrap key.
+    pub async fn post(&self, path: &str, body: &Value) -> Response {
+        self.post_with_key(path, body, BOOT_KEY).await
+    }
+
+    /// `POST path` with a JSON body and `key`.
+    pub async fn post_with_key(&self, path: &str, body: &Value, key: &str) -> Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("X-API-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Grants `amount` credits to `user` through the API.
+    pub async fn grant(&self, user: &str, amount: i64) {
+        let reference = format!("grant-{}", uuid::Uuid::new_v4());
+        let r = self
+            .post(
+                "/api/unified/add-credits",
+                &json!({"user_id": user, "amount": amount, "reason": "test", "reference": reference}),
+            )
+            .await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "grant failed: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Deducts through the API; returns status and body.
+    pub async fn deduct(&self, user: &str, amount: i64, project_code: &str) -> (StatusCode, Value) {
+        let r = self
+            .post(
+                "/api/unified/deduct-credits",
+                &json!({"user_id": user, "amount": amount, "app_name": "imagegene", "project_code": project_code}),
+            )
+            .await;
+        let status = r.status();
+        (status, r.json().await.expect("JSON body"))
+    }
+
+    /// Creates a key bound to `app` with `scopes` directly in the database.
+    pub async fn key(&self, app: &str, scopes: &[Scope]) -> String {
+        let client = self.pool.get().await.expect("db");
+        let scopes: BTreeSet<Scope> = scopes.iter().copied().collect();
+        let key = keys::create(&client, "test", &KeyApp::parse(app).expect("app"), &scopes)
+            .await
+            .expect("key created");
+        key.secret.expose().to_owned()
+    }
+
+    /// One number from SQL.
+    pub async fn scalar(&self, sql: &str, user: &str) -> i64 {
+        let client = self.pool.get().await.expect("db");
+        client
+            .query_one(sql, &[&user])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// The user's balance straight from the database.
+    pub async fn balance(&self, user: &str) -> i64 {
+        self.scalar("SELECT balance FROM accounts WHERE user_id = $1", user)
+            .await
+    }
+
+    /// Sum of the user's ledger.
+    pub async fn ledger_sum(&self, user: &str) -> i64 {
+        self.scalar(
+            "SELECT coalesce(sum(amount), 0)::bigint FROM ledger_entries WHERE user_id = $1",
+            user,
+        )
+        .await
+    }
+
+    /// Number of the user's ledger rows.
+    pub async fn ledger_rows(&self, user: &str) -> i64 {
+        self.scalar(
+            "SELECT count(*) FROM ledger_entries WHERE user_id = $1",
+            user,
+        )
+        .await
+    }
+
+    /// Number of the user's outbox rows.
+    pub async fn outbox_rows(&self, user: &str) -> i64 {
+        self.scalar("SELECT count(*) FROM outbox WHERE user_id = $1", user)
+            .await
+    }
+
+    /// Runs `penora-ops reconcile`'s checks and asserts there is no violation.
+    pub async fn assert_reconciled(&self) {
+        let mut client = self.pool.get().await.expect("db");
+        let report = penora_common::reconcile::run(&mut client, 1_048_576)
+            .await
+            .expect("reconcile runs");
+        assert!(
+            report.violations.is_empty(),
+            "invariants broken: {:#?}",
+            report.violations
+        );
+    }
+}
+
+/// Asserts an error answer: status, `success:false`, `code`, and returns `error`.
+pub async fn expect_error(r: Response, status: StatusCode, code: &str) -> String {
+    let got = r.status();
+    let body: Value = r.json().await.expect("error body is JSON");
+    assert_eq!(got, status, "unexpected status; body {body}");
+    assert_eq!(body["success"], json!(false), "{body}");
+    assert_eq!(body["code"], json!(code), "{body}");
+    body["error"]
+        .as_str()
+        .expect("error is a string")
+        .to_owned()
+}
