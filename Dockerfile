@@ -1,0 +1,25 @@
+# Multi-stage build of the Penora Credits binaries.
+# Stage 1 compiles with the Rust toolchain; stage 2 is a small Debian image
+# holding only the binaries, running as an unprivileged user.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock clippy.toml ./
+COPY api api
+COPY common common
+COPY worker worker
+COPY migrations migrations
+RUN cargo build --release --locked --bin penora-api --bin penora-ops
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends ca-certificates curl \
+ && rm -rf /var/lib/apt/lists/* \
+ && useradd --system --uid 10001 --no-create-home penora
+COPY --from=build /src/target/release/penora-api /src/target/release/penora-ops /usr/local/bin/
+USER penora
+ENV BIND_ADDR=0.0.0.0:5000 \
+    LOG_FORMAT=json
+EXPOSE 5000
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:5000/health || exit 1
+CMD ["penora-api"]

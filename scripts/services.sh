@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Makes sure what Penora Credits needs runs on this machine: PostgreSQL and
+# RabbitMQ (and node, for the integration guide's JavaScript test). Starts a
+# service that is installed but stopped; installs one that is missing with
+# apt-get (Debian/Ubuntu, as root or with sudo). Safe to run again and again.
+set -euo pipefail
+
+log() { printf '[services] %s\n' "$*" >&2; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=0
+apt_install() {
+  if ! command -v apt-get >/dev/null; then
+    log "missing $*, and there is no apt-get here: install $* yourself"; exit 1
+  fi
+  if [ "$apt_updated" -eq 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+  log "installing $*"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+wait_for() { # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)); local what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ "$SECONDS" -ge "$deadline" ]; then log "$what did not come up"; return 1; fi
+    sleep 1
+  done
+}
+
+ensure_postgres() {
+  if ! command -v pg_ctlcluster >/dev/null; then apt_install postgresql; fi
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    local version
+    version=$(ls /etc/postgresql 2>/dev/null | sort -V | tail -n 1)
+    if [ -z "$version" ]; then
+      version=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+      log "creating PostgreSQL $version cluster"
+      as_root pg_createcluster "$version" main >/dev/null
+    fi
+    log "starting PostgreSQL $version"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    wait_for 60 "PostgreSQL" pg_isready -q -h 127.0.0.1 -p 5432
+  fi
+  # The tests and the quick start connect as postgres over TCP without a
+  # password. A fresh Debian install asks for one: trust local TCP (dev machines only).
+  if ! psql -h 127.0.0.1 -U postgres -d postgres -w -Atqc 'select 1' >/dev/null 2>&1; then
+    local hba
+    hba=$(as_root su postgres -c "psql -Atqc 'show hba_file'")
+    log "allowing passwordless TCP logins from 127.0.0.1 in $hba (development machine)"
+    as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+    as_root su postgres -c "psql -qc 'select pg_reload_conf()'" >/dev/null
+    wait_for 10 "PostgreSQL login" psql -h 127.0.0.1 -U postgres -d postgres -w -Atqc 'select 1'
+  fi
+  log "PostgreSQL is up on 127.0.0.1:5432"
+}
+
+ensure_rabbitmq() {
+  if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
+  if ! port_open 5672; then
+    log "starting RabbitMQ"
+    as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+    wait_for 120 "RabbitMQ" port_open 5672
+    as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+  fi
+  log "RabbitMQ is up on 127.0.0.1:5672"
+}
+
+ensure_node() {
+  if ! command -v node >/dev/null; then apt_install nodejs; fi
+}
+
+ensure_postgres
+ensure_rabbitmq
+ensure_node
