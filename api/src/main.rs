@@ -16,8 +16,28 @@ async fn main() -> anyhow::Result<()> {
     let url = format!("http://{}", app.addr);
     tracing::info!(%url, "penora-api listening");
     println!("penora-api listening on {url}");
-    app.run_until_stopped(shutdown_signal()).await
+    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signal = {
+        let stopping = stopping.clone();
+        async move {
+            shutdown_signal().await;
+            stopping.notify_one();
+        }
+    };
+    tokio::select! {
+        result = app.run_until_stopped(signal) => result,
+        () = async {
+            stopping.notified().await;
+            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
+        } => {
+            tracing::warn!(deadline_secs = SHUTDOWN_DEADLINE.as_secs(), "requests still in flight at the shutdown deadline; exiting");
+            Ok(())
+        }
+    }
 }
+
+/// How long in-flight requests may take to finish after SIGTERM.
+const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Resolves on SIGTERM or Ctrl-C.
 async fn shutdown_signal() {

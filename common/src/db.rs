@@ -115,6 +115,10 @@ pub fn pool_for(url: &str, size: usize) -> Result<Pool, DbError> {
         .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
     pg.connect_timeout(Duration::from_secs(5));
     pg.application_name("penora-credits");
+    // A statement (lock waits included) that takes this long is stuck: fail it
+    // (503, retryable) rather than hold the request; an idle open transaction
+    // is ended so it cannot keep row locks.
+    pg.options("-c statement_timeout=10000 -c idle_in_transaction_session_timeout=30000");
     let manager = Manager::from_config(
         pg,
         NoTls,
