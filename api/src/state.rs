@@ -21,9 +21,16 @@ pub struct AppState {
     pub limiter: Arc<DefaultKeyedRateLimiter<String>>,
     /// Renders `/metrics`.
     pub metrics: PrometheusHandle,
+    /// Wakes the outbox publisher after a commit that wrote jobs.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
 }
 
 impl AppState {
+    /// Tells the outbox publisher that new jobs were committed.
+    pub fn jobs_committed(&self) {
+        self.outbox_wake.notify_one();
+    }
+
     /// Builds the state from settings, a pool and the metrics handle.
     pub fn new(settings: Settings, pool: Pool, metrics: PrometheusHandle) -> Self {
         let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec)
@@ -40,6 +47,7 @@ impl AppState {
             settings: Arc::new(settings),
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),
             metrics,
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }
     }
 }

@@ -85,6 +85,32 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// `PRICE_TABLE`: credit prices used by `/quote`.
     pub price_table: PriceTable,
+    /// `AMQP_PREFIX`: prepended to every exchange and queue name (empty in
+    /// production; lets several environments or tests share one vhost).
+    pub amqp_prefix: String,
+    /// `AMQP_QUEUE_TYPE`: `quorum` (default) or `classic`.
+    pub queue_type: QueueType,
+    /// `RETRY_MAX_ATTEMPTS`: attempts of a job or event before it is parked.
+    pub retry_max_attempts: u32,
+    /// `RETRY_BASE_MS`: delay before the second attempt (doubles each time).
+    pub retry_base: Duration,
+    /// `RETRY_MAX_MS`: longest delay between attempts.
+    pub retry_max: Duration,
+    /// `WORKER_PREFETCH`: unacknowledged messages a worker holds per queue.
+    pub worker_prefetch: u16,
+    /// `SETTLE_INTERVAL_SECS`: how often expired reservations are settled.
+    pub settle_interval: Duration,
+    /// `SHUTDOWN_DEADLINE_SECS`: how long in-flight work may take after SIGTERM.
+    pub shutdown_deadline: Duration,
+}
+
+/// The kind of RabbitMQ queue to declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Replicated, durable queues (RabbitMQ 3.10+): the default.
+    Quorum,
+    /// Classic durable queues, for brokers without quorum support.
+    Classic,
 }
 
 impl Settings {
@@ -132,7 +158,40 @@ impl Settings {
                     reason,
                 })?,
             },
+            amqp_prefix: get("AMQP_PREFIX").unwrap_or_default(),
+            queue_type: match get("AMQP_QUEUE_TYPE").as_deref() {
+                None | Some("quorum") => QueueType::Quorum,
+                Some("classic") => QueueType::Classic,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: "AMQP_QUEUE_TYPE",
+                        reason: format!("expected `quorum` or `classic`, got `{other}`"),
+                    });
+                }
+            },
+            retry_max_attempts: positive(&get, "RETRY_MAX_ATTEMPTS", 5)?,
+            retry_base: Duration::from_millis(positive(&get, "RETRY_BASE_MS", 1000)?),
+            retry_max: Duration::from_millis(positive(&get, "RETRY_MAX_MS", 60_000)?),
+            worker_prefetch: positive(&get, "WORKER_PREFETCH", 32)?,
+            settle_interval: Duration::from_secs(positive(&get, "SETTLE_INTERVAL_SECS", 30)?),
+            shutdown_deadline: Duration::from_secs(positive(&get, "SHUTDOWN_DEADLINE_SECS", 20)?),
         };
+        if settings.retry_base > settings.retry_max {
+            return Err(ConfigError {
+                variable: "RETRY_BASE_MS",
+                reason: "must not be larger than RETRY_MAX_MS".into(),
+            });
+        }
+        if !settings
+            .amqp_prefix
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        {
+            return Err(ConfigError {
+                variable: "AMQP_PREFIX",
+                reason: "may only contain letters, digits, _ - and .".into(),
+            });
+        }
         if settings
             .database_url
             .expose()
@@ -217,6 +276,9 @@ mod tests {
             ("LOG_FORMAT", "xml"),
             ("PRICE_TABLE", "small=x"),
             ("DATABASE_URL", "postgres://[::1"),
+            ("AMQP_QUEUE_TYPE", "fast"),
+            ("RETRY_BASE_MS", "120000"),
+            ("AMQP_PREFIX", "a b"),
         ] {
             let err = load(&[(var, val)]).unwrap_err();
             assert_eq!(err.variable, var);

@@ -4,9 +4,12 @@
 //! migrations, queries per table), the ledger rules, the outbox, the names of
 //! the queue topology, and test helpers behind the `testing` feature.
 
+pub mod audit;
+pub mod broker;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod image;
 pub mod keys;
 pub mod ledger;
 pub mod messages;

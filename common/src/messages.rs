@@ -45,3 +45,35 @@ pub struct SaveProjectJob {
     /// The reservation to settle once saved, if the save named one.
     pub project_code: Option<String>,
 }
+
+/// An ImageGene generation event (`generation.failed` or `generation.succeeded`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationEvent {
+    /// Unique per event; handling is idempotent by it.
+    pub event_id: String,
+    /// Whose reservation.
+    pub user_id: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// Why the generation failed (failures only).
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// When it happened (RFC 3339).
+    pub occurred_at: String,
+}
+
+/// Headers the worker sets on messages it retries or parks.
+pub mod headers {
+    /// Attempt number of the next delivery (1 = first).
+    pub const ATTEMPT: &str = "x-penora-attempt";
+    /// When the first attempt failed (RFC 3339).
+    pub const FIRST_FAILURE_AT: &str = "x-penora-first-failure-at";
+    /// The last error.
+    pub const ERROR: &str = "x-penora-error";
+    /// When it was parked (RFC 3339).
+    pub const PARKED_AT: &str = "x-penora-parked-at";
+    /// The exchange the message was first published to.
+    pub const ORIGINAL_EXCHANGE: &str = "x-penora-original-exchange";
+    /// Its first routing key.
+    pub const ORIGINAL_ROUTING_KEY: &str = "x-penora-original-routing-key";
+}

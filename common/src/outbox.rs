@@ -53,3 +53,119 @@ pub async fn pending(client: &impl GenericClient) -> Result<i64, DbError> {
         .await?;
     Ok(row.get(0))
 }
+
+/// Publishes up to `batch` waiting outbox rows and marks them sent, only after
+/// the broker confirmed every one. Rows are locked with `FOR UPDATE SKIP
+/// LOCKED`, so any number of API and worker processes can relay at once
+/// without publishing a row twice concurrently; a crash between the confirm
+/// and the commit publishes a row again later, which the idempotent handlers
+/// absorb. Returns how many rows were published.
+pub async fn relay_once(
+    pool: &deadpool_postgres::Pool,
+    publisher: &crate::broker::Publisher,
+    batch: i64,
+) -> Result<usize, RelayError> {
+    let mut client = pool.get().await.map_err(DbError::from)?;
+    let tx = client.transaction().await.map_err(DbError::from)?;
+    let rows = tx
+        .query(
+            "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
+                    extract(epoch FROM now() - created_at)::float8 \
+             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            &[&batch],
+        )
+        .await
+        .map_err(DbError::from)?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let topology = publisher.topology();
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut messages = Vec::with_capacity(rows.len());
+    let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
+    for row in &rows {
+        let id: i64 = row.get(0);
+        let exchange: String = row.get(1);
+        let routing_key: String = row.get(2);
+        let message_id: Uuid = row.get(3);
+        let correlation_id: Option<String> = row.get(4);
+        let payload: String = row.get(5);
+        let mut props = lapin::BasicProperties::default()
+            .with_message_id(message_id.to_string().into())
+            .with_content_type("application/json".into())
+            .with_type(routing_key.clone().into())
+            .with_timestamp(now);
+        if let Some(c) = correlation_id {
+            props = props.with_correlation_id(c.into());
+        }
+        ids.push(id);
+        messages.push(crate::broker::Outgoing {
+            exchange: topology.exchange(&exchange),
+            routing_key,
+            payload: payload.into_bytes(),
+            properties: props,
+        });
+    }
+    publisher.publish_all(messages).await?;
+    tx.execute(
+        "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .map_err(DbError::from)?;
+    tx.commit().await.map_err(DbError::from)?;
+    for row in &rows {
+        metrics::histogram!("penora_outbox_relay_lag_seconds").record(row.get::<_, f64>(6));
+    }
+    metrics::counter!("penora_outbox_published_total").increment(rows.len() as u64);
+    Ok(rows.len())
+}
+
+/// Publishes until the outbox is empty or an error stops it.
+pub async fn relay_all(
+    pool: &deadpool_postgres::Pool,
+    publisher: &crate::broker::Publisher,
+) -> Result<usize, RelayError> {
+    const BATCH: i64 = 200;
+    let mut total = 0;
+    loop {
+        let n = relay_once(pool, publisher, BATCH).await?;
+        total += n;
+        if (n as i64) < BATCH {
+            return Ok(total);
+        }
+    }
+}
+
+/// Why a relay pass stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The database failed; the rows stay as they were.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The broker failed; the rows stay unsent.
+    #[error(transparent)]
+    Broker(#[from] crate::broker::BrokerError),
+}
+
+/// Number of waiting rows and the age of the oldest, in seconds.
+pub async fn backlog(client: &impl GenericClient) -> Result<(i64, f64), DbError> {
+    let row = client
+        .query_one(
+            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+             FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Deletes rows published more than `days` days ago; returns how many.
+pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(days => $1)",
+            &[&days],
+        )
+        .await?)
+}

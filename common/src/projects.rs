@@ -435,6 +435,126 @@ pub async fn content(
     }))
 }
 
+/// How finishing a save ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Finished {
+    /// Checked and stored; `media_type` is `None` for a URL reference.
+    Saved {
+        /// The app that saved it (the reservation's app).
+        app_source: String,
+        /// The reservation to settle, if the save named one.
+        project_code: Option<String>,
+    },
+    /// The content is not an image: the project failed and released its bytes.
+    Failed(String),
+    /// Done before (a redelivered job): nothing changed.
+    AlreadyDone {
+        /// `saved` or `failed`.
+        status: String,
+        /// The app that saved it.
+        app_source: String,
+        /// The reservation it names.
+        project_code: Option<String>,
+    },
+    /// No such project for this user.
+    NotFound,
+}
+
+/// The worker's half of a save: checks the stored bytes really are an image
+/// (by magic bytes) and marks the project `saved` with its media type and
+/// dimensions, or `failed` with the reason, releasing its storage bytes.
+/// Idempotent: a project that is no longer `queued` is left as it is.
+pub async fn finish_save(
+    client: &mut Client,
+    user_id: &str,
+    project_id: Uuid,
+) -> Result<Finished, DbError> {
+    let tx = client.transaction().await?;
+    // Account row first, as every other writer does.
+    tx.execute(
+        "SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE",
+        &[&user_id],
+    )
+    .await?;
+    let row = tx
+        .query_opt(
+            "SELECT p.status, p.size_bytes, p.app_source, p.project_code, c.data, c.url \
+             FROM projects p LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+             WHERE p.user_id = $1 AND p.id = $2 FOR UPDATE OF p",
+            &[&user_id, &project_id],
+        )
+        .await?;
+    let Some(row) = row else {
+        return Ok(Finished::NotFound);
+    };
+    let status: String = row.get(0);
+    let size: i64 = row.get(1);
+    let app_source: String = row.get(2);
+    let project_code: Option<String> = row.get(3);
+    if status != "queued" {
+        return Ok(Finished::AlreadyDone {
+            status,
+            app_source,
+            project_code,
+        });
+    }
+    let data: Option<Vec<u8>> = row.get(4);
+    let verdict = match &data {
+        Some(bytes) => crate::image::sniff(bytes).map(Some),
+        None if row.get::<_, Option<String>>(5).is_some() => Ok(None),
+        None => Err("the project has no content".to_owned()),
+    };
+    let finished = match verdict {
+        Ok(info) => {
+            if let Some(info) = info {
+                tx.execute(
+                    "UPDATE project_contents SET media_type = $3, width = $4, height = $5 \
+                     WHERE user_id = $1 AND project_id = $2",
+                    &[
+                        &user_id,
+                        &project_id,
+                        &info.media_type,
+                        &i32::try_from(info.width).unwrap_or(i32::MAX),
+                        &i32::try_from(info.height).unwrap_or(i32::MAX),
+                    ],
+                )
+                .await?;
+            }
+            tx.execute(
+                "UPDATE projects SET status = 'saved', updated_at = now() WHERE user_id = $1 AND id = $2",
+                &[&user_id, &project_id],
+            )
+            .await?;
+            Finished::Saved {
+                app_source,
+                project_code,
+            }
+        }
+        Err(reason) => {
+            tx.execute(
+                "UPDATE projects SET status = 'failed', failure_reason = $3, updated_at = now() \
+                 WHERE user_id = $1 AND id = $2",
+                &[&user_id, &project_id, &reason],
+            )
+            .await?;
+            tx.execute(
+                "DELETE FROM project_contents WHERE user_id = $1 AND project_id = $2",
+                &[&user_id, &project_id],
+            )
+            .await?;
+            tx.execute(
+                "UPDATE accounts SET storage_used_bytes = storage_used_bytes - $2, updated_at = now() \
+                 WHERE user_id = $1",
+                &[&user_id, &size],
+            )
+            .await?;
+            Finished::Failed(reason)
+        }
+    };
+    tx.commit().await?;
+    Ok(finished)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

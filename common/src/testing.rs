@@ -91,6 +91,12 @@ impl TestDb {
         vars.insert("DATABASE_URL".into(), self.url.clone());
         vars.insert("BIND_ADDR".into(), "127.0.0.1:0".into());
         vars.insert("DB_POOL_SIZE".into(), "8".into());
+        // No broker unless a test asks for one (with a queue prefix of its own):
+        // jobs then wait in the outbox, where the API tests look for them.
+        vars.insert(
+            "AMQP_URL".into(),
+            "amqp://guest:guest@127.0.0.1:1/%2f".into(),
+        );
         for (k, v) in overrides {
             vars.insert((*k).into(), (*v).into());
         }

@@ -1,5 +1,383 @@
-//! `penora-worker`: the queue half of Penora Credits (outbox relay, the
-//! `save-project` and `ledger-audit` jobs, ImageGene's generation events,
-//! retries and dead letters, timers). It arrives with the queue-pipeline
-//! issue; the API already writes every job to the `outbox` table in the same
-//! transaction as the change it describes.
+//! `penora-worker`: the queue half of Penora Credits.
+//!
+//! One process runs four loops until it is told to stop:
+//! * the consumers of `penora.save-project`, `penora.ledger-audit` and
+//!   `penora.generation-events` (see [`consumer`]), reconnecting with the
+//!   `backon` policy when RabbitMQ goes away;
+//! * the outbox relay: woken by `LISTEN penora_outbox` and every second, it
+//!   publishes whatever the API could not (broker down, API killed between
+//!   commit and confirm);
+//! * the timers: reservations past their refund window are settled, old
+//!   published outbox rows pruned;
+//! * `/metrics` and `/health` on `WORKER_METRICS_ADDR`.
+
+pub mod consumer;
+pub mod handlers;
+pub mod retry;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context as _;
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use deadpool_postgres::Pool;
+use futures_util::StreamExt;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use penora_common::{
+    broker::{self, Publisher, Topology, WORK_QUEUES},
+    config::Settings,
+    db,
+    domain::{AppName, ProjectCode, UserId},
+    ledger, outbox,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::retry::RetryPolicy;
+
+/// What every handler and loop shares.
+pub struct Context {
+    /// The settings the worker started with.
+    pub settings: Settings,
+    /// PostgreSQL.
+    pub pool: Pool,
+    /// Queue names.
+    pub topology: Topology,
+    /// Publishes retry and parked copies, and outbox rows.
+    pub publisher: Publisher,
+    /// When to try again.
+    pub policy: RetryPolicy,
+    /// Whether the consumers hold a live broker connection.
+    pub consuming: std::sync::atomic::AtomicBool,
+}
+
+/// A built worker, ready to run.
+pub struct Worker {
+    ctx: Arc<Context>,
+    listener: TcpListener,
+    metrics: PrometheusHandle,
+    /// Where `/metrics` and `/health` are served.
+    pub metrics_addr: std::net::SocketAddr,
+}
+
+/// The process-wide Prometheus recorder.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ])
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Migrates, connects the pool and binds the metrics address.
+pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
+    db::migrate(settings.database_url.expose())
+        .await
+        .context("Failed to apply database migrations (is PostgreSQL running? see DATABASE_URL)")?;
+    let pool = db::pool(&settings).context("Failed to create the database pool")?;
+    let listener = TcpListener::bind(settings.worker_metrics_addr)
+        .await
+        .with_context(|| {
+            format!(
+                "Failed to bind WORKER_METRICS_ADDR {}",
+                settings.worker_metrics_addr
+            )
+        })?;
+    let metrics_addr = listener.local_addr()?;
+    let topology = Topology::from_settings(&settings);
+    let policy = RetryPolicy {
+        max_attempts: settings.retry_max_attempts,
+        initial: settings.retry_base,
+        max: settings.retry_max,
+    };
+    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-worker", topology.clone());
+    Ok(Worker {
+        ctx: Arc::new(Context {
+            settings,
+            pool,
+            topology,
+            publisher,
+            policy,
+            consuming: std::sync::atomic::AtomicBool::new(false),
+        }),
+        listener,
+        metrics: metrics_handle(),
+        metrics_addr,
+    })
+}
+
+impl Worker {
+    /// Runs until `stop` fires, then finishes in-flight work within the
+    /// shutdown deadline and returns.
+    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let http = tokio::spawn(serve_http(
+            self.listener,
+            ctx.clone(),
+            self.metrics,
+            stop.clone(),
+        ));
+        let relay = tokio::spawn(relay_loop(ctx.clone(), stop.clone()));
+        let timers = tokio::spawn(timer_loop(ctx.clone(), stop.clone()));
+        consume_loop(ctx.clone(), stop.clone()).await;
+        let _ = tokio::join!(relay, timers, http);
+        tracing::info!("penora-worker stopped");
+        Ok(())
+    }
+}
+
+/// Connects, declares the topology, consumes every queue; reconnects when the
+/// connection fails; returns when `stop` fires.
+async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let Some(connection) =
+            broker::connect_until(ctx.settings.amqp_url.expose(), "penora-worker", &stop).await
+        else {
+            break;
+        };
+        let declared = async {
+            let ch = connection.create_channel().await?;
+            ctx.topology.declare(&ch).await?;
+            ch.close(200, "declared".into()).await
+        }
+        .await;
+        if let Err(e) = declared {
+            tracing::warn!(error = %e, "declaring the topology failed; reconnecting");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        tracing::info!("consuming");
+        ctx.consuming
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let broken = CancellationToken::new();
+        let mut consumers = Vec::new();
+        for work in WORK_QUEUES {
+            let (ctx, stop, broken) = (ctx.clone(), stop.clone(), broken.clone());
+            let conn = &connection;
+            consumers.push(async move {
+                let result = consumer::consume(ctx, conn, work, stop, broken.clone()).await;
+                if let Err(e) = &result {
+                    tracing::warn!(queue = work, error = %e, "consumer stopped");
+                }
+                // One consumer down means the connection is suspect: restart all.
+                broken.cancel();
+                result
+            });
+        }
+        futures_util::future::join_all(consumers).await;
+        ctx.consuming
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        let _ = connection.close(200, "bye".into()).await;
+        if !stop.is_cancelled() {
+            metrics::counter!("penora_worker_reconnects_total").increment(1);
+            tracing::warn!("connection to RabbitMQ lost; reconnecting");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Publishes outbox rows when woken by `NOTIFY penora_outbox`, and every second.
+async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
+    let wake = Arc::new(tokio::sync::Notify::new());
+    tokio::spawn(listen(
+        ctx.settings.database_url.expose().to_owned(),
+        wake.clone(),
+        stop.clone(),
+    ));
+    let mut failures = 0u32;
+    while !stop.is_cancelled() {
+        match outbox::relay_all(&ctx.pool, &ctx.publisher).await {
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    tracing::warn!(error = %e, "outbox relay failed; rows wait");
+                }
+            }
+        }
+        if let Ok(client) = ctx.pool.get().await
+            && let Ok((pending, age)) = outbox::backlog(&client).await
+        {
+            metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
+            metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
+        }
+        let pause = if failures == 0 {
+            Duration::from_secs(1)
+        } else {
+            Duration::from_secs(u64::from(failures.min(10)))
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = wake.notified() => {},
+            () = tokio::time::sleep(pause) => {},
+        }
+    }
+}
+
+/// Holds a `LISTEN penora_outbox` connection and wakes the relay on each
+/// notification; reconnects after a failure.
+async fn listen(url: String, wake: Arc<tokio::sync::Notify>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let connected = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
+        let Ok((client, mut connection)) = connected else {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(2)) => continue,
+            }
+        };
+        let wake2 = wake.clone();
+        let pump = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(_) = message {
+                    wake2.notify_one();
+                }
+            }
+        });
+        if client.batch_execute("LISTEN penora_outbox").await.is_ok() {
+            wake.notify_one();
+            tokio::select! {
+                () = stop.cancelled() => {},
+                _ = pump => {},
+            }
+        }
+        drop(client);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {},
+        }
+    }
+}
+
+/// Settles reservations past their refund window; prunes the outbox.
+async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
+    loop {
+        match settle_expired(&ctx, 500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(settled = n, "settled reservations past their refund window"),
+            Err(e) => tracing::warn!(error = %e, "settling expired reservations failed"),
+        }
+        if let Ok(client) = ctx.pool.get().await {
+            let _ = outbox::prune(&client, 7).await;
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(ctx.settings.settle_interval) => {},
+        }
+    }
+}
+
+/// Settles up to `limit` reservations whose refund window has passed.
+pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::Error> {
+    let mut client = ctx.pool.get().await?;
+    let due = client
+        .query(
+            "SELECT user_id, app_name, project_code FROM reservations \
+             WHERE state = 'reserved' AND refundable_until < now() ORDER BY refundable_until LIMIT $1",
+            &[&limit],
+        )
+        .await?;
+    let mut settled = 0;
+    for row in due {
+        let (Ok(user), Ok(app), Ok(code)) = (
+            UserId::parse(row.get(0)),
+            AppName::parse("app_name", row.get(1)),
+            ProjectCode::parse(row.get(2)),
+        ) else {
+            continue;
+        };
+        if ledger::settle(
+            &mut client,
+            &user,
+            &app,
+            &code,
+            "refund window passed",
+            None,
+        )
+        .await?
+            == ledger::SettleResult::Settled
+        {
+            settled += 1;
+        }
+    }
+    Ok(settled)
+}
+
+#[derive(serde::Serialize)]
+struct Health {
+    status: &'static str,
+    database: &'static str,
+    broker: &'static str,
+    outbox_pending: Option<i64>,
+    version: &'static str,
+}
+
+async fn health(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    let pending = async {
+        let client = ctx.pool.get().await.ok()?;
+        outbox::pending(&client).await.ok()
+    };
+    let pending = tokio::time::timeout(Duration::from_secs(3), pending)
+        .await
+        .ok()
+        .flatten();
+    let broker_ok = ctx.consuming.load(std::sync::atomic::Ordering::Relaxed);
+    let body = Health {
+        status: match (pending.is_some(), broker_ok) {
+            (false, _) => "unavailable",
+            (true, false) => "degraded",
+            (true, true) => "ok",
+        },
+        database: if pending.is_some() {
+            "ok"
+        } else {
+            "unavailable"
+        },
+        broker: if broker_ok { "ok" } else { "unavailable" },
+        outbox_pending: pending,
+        version: penora_common::VERSION,
+    };
+    let status = if pending.is_some() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body))
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    metrics: PrometheusHandle,
+    stop: CancellationToken,
+) {
+    let app = Router::new()
+        .route("/health", get(health))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4; charset=utf-8",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .with_state(ctx);
+    let _ = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+}

@@ -271,6 +271,9 @@ async fn deduct_credits(
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::deduct(&mut client, &request, correlation.as_deref()).await?;
+    if !outcome.replayed {
+        state.jobs_committed();
+    }
     let r = &outcome.value;
     let body = DeductResponse {
         credits_deducted: r.credits_deducted,
@@ -368,6 +371,9 @@ async fn refund_credits(
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::refund(&mut client, &request, correlation.as_deref()).await?;
+    if !outcome.replayed {
+        state.jobs_committed();
+    }
     let r = &outcome.value;
     let body = RefundResponse {
         user_id: r.user_id.clone(),
@@ -468,6 +474,9 @@ async fn add_credits(
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::grant(&mut client, &grant, correlation.as_deref()).await?;
+    if !outcome.replayed {
+        state.jobs_committed();
+    }
     let r = &outcome.value;
     let body = AddCreditsResponse {
         user_id: r.user_id.clone(),

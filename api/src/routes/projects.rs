@@ -166,6 +166,9 @@ async fn save_project(
         correlation.as_deref(),
     )
     .await?;
+    if !outcome.replayed {
+        state.jobs_committed();
+    }
     let r = &outcome.value;
     let body = SaveProjectResponse {
         project_id: r.project_id,

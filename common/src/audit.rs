@@ -1,0 +1,306 @@
+//! The audit log: one record per ledger entry, hash-chained per user.
+//!
+//! Rules: a record's content is its ledger entry as canonical JSON, read from
+//! the ledger (never from the message that asked for it); its hash is
+//! SHA-256(previous hash ‖ content), the first previous hash being 32 zero
+//! bytes; `audit_heads` holds each chain's last link and is locked to append,
+//! so concurrent workers extend a chain one at a time; `entry_id` is unique,
+//! so an entry is recorded once whatever the redeliveries. `verify` recomputes
+//! every chain and compares every record with its ledger entry, so an edited,
+//! deleted or inserted record is found.
+
+use deadpool_postgres::{Client, GenericClient};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::{db::DbError, timefmt::rfc3339_millis};
+
+const GENESIS: [u8; 32] = [0; 32];
+
+/// A ledger entry as the audit log records it (field order is the format).
+#[derive(Debug, Serialize)]
+struct Content<'a> {
+    entry_id: i64,
+    user_id: &'a str,
+    kind: &'a str,
+    amount: i64,
+    balance_after: i64,
+    app_name: &'a str,
+    description: Option<&'a str>,
+    project_code: Option<&'a str>,
+    reference: Option<&'a str>,
+    created_at: String,
+}
+
+const ENTRY_COLUMNS: &str = "id, user_id, kind, amount, balance_after, app_name, description, project_code, reference, created_at";
+
+fn content_of(row: &tokio_postgres::Row) -> String {
+    let created_at: OffsetDateTime = row.get(9);
+    let content = Content {
+        entry_id: row.get(0),
+        user_id: row.get(1),
+        kind: row.get(2),
+        amount: row.get(3),
+        balance_after: row.get(4),
+        app_name: row.get(5),
+        description: row.get(6),
+        project_code: row.get(7),
+        reference: row.get(8),
+        created_at: rfc3339_millis(created_at),
+    };
+    serde_json::to_string(&content).unwrap_or_default()
+}
+
+fn link(prev: &[u8], content: &str) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(prev);
+    h.update(content.as_bytes());
+    h.finalize().into()
+}
+
+/// What appending did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// A new record, at this place in the user's chain.
+    Recorded(i64),
+    /// The entry had its record already.
+    AlreadyRecorded,
+    /// No such ledger entry for this user (a forged or corrupt job).
+    NoSuchEntry,
+}
+
+/// Appends the record of ledger entry `entry_id` of `user_id`, once.
+pub async fn append(
+    client: &mut Client,
+    user_id: &str,
+    entry_id: i64,
+) -> Result<Appended, DbError> {
+    let tx = client.transaction().await?;
+    let entry = tx
+        .query_opt(
+            &format!("SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE user_id = $1 AND id = $2"),
+            &[&user_id, &entry_id],
+        )
+        .await?;
+    let Some(entry) = entry else {
+        return Ok(Appended::NoSuchEntry);
+    };
+    tx.execute(
+        "INSERT INTO audit_heads (user_id, seq, hash) VALUES ($1, 0, $2) ON CONFLICT DO NOTHING",
+        &[&user_id, &GENESIS.as_slice()],
+    )
+    .await?;
+    let head = tx
+        .query_one(
+            "SELECT seq, hash FROM audit_heads WHERE user_id = $1 FOR UPDATE",
+            &[&user_id],
+        )
+        .await?;
+    let done = tx
+        .query_opt(
+            "SELECT 1 FROM audit_records WHERE entry_id = $1",
+            &[&entry_id],
+        )
+        .await?;
+    if done.is_some() {
+        return Ok(Appended::AlreadyRecorded);
+    }
+    let (seq, prev): (i64, Vec<u8>) = (head.get(0), head.get(1));
+    let content = content_of(&entry);
+    let hash = link(&prev, &content);
+    let seq = seq + 1;
+    tx.execute(
+        "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content) VALUES ($1, $2, $3, $4, $5, $6)",
+        &[&user_id, &seq, &entry_id, &prev, &hash.as_slice(), &content],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE audit_heads SET seq = $2, hash = $3 WHERE user_id = $1",
+        &[&user_id, &seq, &hash.as_slice()],
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(Appended::Recorded(seq))
+}
+
+/// One problem `verify` found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// Whose chain.
+    pub user_id: String,
+    /// What is wrong.
+    pub detail: String,
+}
+
+/// What `verify` checked and found.
+#[derive(Debug, Clone, Serialize)]
+pub struct Verification {
+    /// Audit records checked.
+    pub records_checked: i64,
+    /// Ledger entries checked for a record.
+    pub entries_checked: i64,
+    /// Every problem.
+    pub findings: Vec<Finding>,
+}
+
+/// Checks every chain link, every record against its ledger entry, and that
+/// every ledger entry has its record.
+pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let mut findings = Vec::new();
+    let records = tx
+        .query(
+            "SELECT a.user_id, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, \
+                    l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, l.description, \
+                    l.project_code, l.reference, l.created_at \
+             FROM audit_records a LEFT JOIN ledger_entries l ON l.id = a.entry_id \
+             ORDER BY a.user_id, a.seq",
+            &[],
+        )
+        .await?;
+    let mut current: Option<String> = None;
+    let mut expected_seq = 1;
+    let mut prev: Vec<u8> = GENESIS.to_vec();
+    for r in &records {
+        let user: String = r.get(0);
+        if current.as_deref() != Some(user.as_str()) {
+            current = Some(user.clone());
+            expected_seq = 1;
+            prev = GENESIS.to_vec();
+        }
+        let seq: i64 = r.get(1);
+        let entry_id: i64 = r.get(2);
+        let stored_prev: Vec<u8> = r.get(3);
+        let stored_hash: Vec<u8> = r.get(4);
+        let content: String = r.get(5);
+        let mut problem = |detail: String| {
+            findings.push(Finding {
+                user_id: user.clone(),
+                detail,
+            })
+        };
+        if seq != expected_seq {
+            problem(format!(
+                "record {seq} found where {expected_seq} was expected (a record is missing)"
+            ));
+        }
+        if stored_prev != prev {
+            problem(format!(
+                "record {seq} does not link to the record before it"
+            ));
+        }
+        if link(&stored_prev, &content).as_slice() != stored_hash.as_slice() {
+            problem(format!(
+                "record {seq} (entry {entry_id}) was altered: its hash does not match its content"
+            ));
+        }
+        let ledger_id: Option<i64> = r.get(6);
+        if ledger_id.is_none() {
+            problem(format!(
+                "record {seq} names ledger entry {entry_id}, which does not exist"
+            ));
+        } else {
+            let expected = ledger_content(r);
+            if expected != content {
+                problem(format!(
+                    "record {seq} does not match ledger entry {entry_id}"
+                ));
+            }
+            let owner: String = r.get(7);
+            if owner != user {
+                problem(format!(
+                    "record {seq} sits in the chain of another user than entry {entry_id}'s"
+                ));
+            }
+        }
+        prev = stored_hash;
+        expected_seq = seq + 1;
+    }
+    let heads = tx
+        .query(
+            "SELECT h.user_id, h.seq, h.hash, a.hash FROM audit_heads h \
+             LEFT JOIN audit_records a ON a.user_id = h.user_id AND a.seq = h.seq \
+             WHERE h.seq > 0",
+            &[],
+        )
+        .await?;
+    for h in heads {
+        let head_hash: Vec<u8> = h.get(2);
+        let last: Option<Vec<u8>> = h.get(3);
+        if last.as_deref() != Some(head_hash.as_slice()) {
+            findings.push(Finding {
+                user_id: h.get(0),
+                detail: format!(
+                    "the chain's head (record {}) is missing or altered",
+                    h.get::<_, i64>(1)
+                ),
+            });
+        }
+    }
+    let missing = tx
+        .query(
+            "SELECT l.user_id, count(*), min(l.id) FROM ledger_entries l \
+             WHERE NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.entry_id = l.id) GROUP BY l.user_id",
+            &[],
+        )
+        .await?;
+    for m in missing {
+        findings.push(Finding {
+            user_id: m.get(0),
+            detail: format!(
+                "{} ledger entries have no audit record (first: entry {})",
+                m.get::<_, i64>(1),
+                m.get::<_, i64>(2)
+            ),
+        });
+    }
+    let entries: i64 = tx
+        .query_one("SELECT count(*) FROM ledger_entries", &[])
+        .await?
+        .get(0);
+    tx.commit().await?;
+    findings.sort_by(|a, b| a.user_id.cmp(&b.user_id));
+    Ok(Verification {
+        records_checked: records.len() as i64,
+        entries_checked: entries,
+        findings,
+    })
+}
+
+/// The canonical content of the ledger columns 6.. of a `verify` row.
+fn ledger_content(r: &tokio_postgres::Row) -> String {
+    let created_at: OffsetDateTime = r.get(15);
+    let content = Content {
+        entry_id: r.get(6),
+        user_id: r.get(7),
+        kind: r.get(8),
+        amount: r.get(9),
+        balance_after: r.get(10),
+        app_name: r.get(11),
+        description: r.get(12),
+        project_code: r.get(13),
+        reference: r.get(14),
+        created_at: rfc3339_millis(created_at),
+    };
+    serde_json::to_string(&content).unwrap_or_default()
+}
+
+/// Fetches a ledger entry's canonical content (for tests and tools).
+pub async fn entry_content(
+    client: &impl GenericClient,
+    entry_id: i64,
+) -> Result<Option<String>, DbError> {
+    Ok(client
+        .query_opt(
+            &format!("SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id = $1"),
+            &[&entry_id],
+        )
+        .await?
+        .map(|r| content_of(&r)))
+}

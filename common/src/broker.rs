@@ -1,0 +1,404 @@
+//! RabbitMQ: the topology (declared here and only here), connections, and a
+//! publisher with confirms.
+//!
+//! Topology, for each work queue `Q` (`penora.save-project`,
+//! `penora.ledger-audit`, `penora.generation-events`):
+//! * `Q` — the work queue, bound to its exchange;
+//! * `Q.retry.N` (N = 1 … max attempts − 1) — delay queues without consumers:
+//!   a failed message is published there with a per-message expiration, and
+//!   when it expires RabbitMQ dead-letters it back to `Q` through the default
+//!   exchange. One queue per attempt keeps the delays in one queue alike, so a
+//!   long delay never holds a short one behind it;
+//! * `Q.dead` — parked messages, with the error in their headers.
+//!
+//! Every name gets the `AMQP_PREFIX` (empty in production). Exchanges are
+//! durable, queues durable (quorum where configured), messages persistent.
+
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+    options::{
+        BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{QueueType, Secret, Settings},
+    messages::{EVENTS_EXCHANGE, GENERATION_EVENTS, JOBS_EXCHANGE, LEDGER_AUDIT, SAVE_PROJECT},
+};
+
+/// A broker failure: connecting, declaring or publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The connection or channel failed.
+    #[error("broker: {0}")]
+    Amqp(#[from] lapin::Error),
+    /// The broker refused (nack) or could not route a message.
+    #[error("broker refused the message: {0}")]
+    Refused(String),
+    /// Connecting took too long.
+    #[error("broker: connection timed out")]
+    Timeout,
+}
+
+/// The three queues this service consumes.
+pub const WORK_QUEUES: [&str; 3] = [SAVE_PROJECT, LEDGER_AUDIT, GENERATION_EVENTS];
+
+/// Names and shape of the topology.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    prefix: String,
+    queue_type: QueueType,
+    retry_levels: u32,
+}
+
+impl Topology {
+    /// The topology the settings describe.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            prefix: settings.amqp_prefix.clone(),
+            queue_type: settings.queue_type,
+            retry_levels: settings.retry_max_attempts.saturating_sub(1),
+        }
+    }
+
+    /// The prefixed name of an exchange (the default exchange `""` stays `""`).
+    pub fn exchange(&self, name: &str) -> String {
+        if name.is_empty() {
+            String::new()
+        } else {
+            format!("{}{name}", self.prefix)
+        }
+    }
+
+    /// The prefixed name of a work queue.
+    pub fn queue(&self, work_queue: &str) -> String {
+        format!("{}{work_queue}", self.prefix)
+    }
+
+    /// The delay queue a message waits in before attempt `attempt + 1`.
+    pub fn retry_queue(&self, work_queue: &str, level: u32) -> String {
+        format!("{}{work_queue}.retry.{level}", self.prefix)
+    }
+
+    /// Where messages of `work_queue` are parked.
+    pub fn dead_queue(&self, work_queue: &str) -> String {
+        format!("{}{work_queue}.dead", self.prefix)
+    }
+
+    /// Delay queues per work queue (max attempts − 1).
+    pub fn retry_levels(&self) -> u32 {
+        self.retry_levels
+    }
+
+    /// Every queue: work, retry and dead queues, in display order.
+    pub fn all_queues(&self) -> Vec<String> {
+        let mut all = Vec::new();
+        for q in WORK_QUEUES {
+            all.push(self.queue(q));
+            for level in 1..=self.retry_levels {
+                all.push(self.retry_queue(q, level));
+            }
+            all.push(self.dead_queue(q));
+        }
+        all
+    }
+
+    /// Every exchange.
+    pub fn all_exchanges(&self) -> Vec<String> {
+        vec![self.exchange(JOBS_EXCHANGE), self.exchange(EVENTS_EXCHANGE)]
+    }
+
+    fn queue_args(&self) -> FieldTable {
+        let mut args = FieldTable::default();
+        if self.queue_type == QueueType::Quorum {
+            // Replicated on a cluster, durable by nature.
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        args
+    }
+
+    /// Declares everything; idempotent, run by every process at connect.
+    pub async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+        // durable: survives a broker restart.
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        // durable queues; not exclusive (several workers consume), not auto-deleted.
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        // Penora's own jobs: one routing key per job kind.
+        ch.exchange_declare(
+            self.exchange(JOBS_EXCHANGE).into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        // ImageGene publishes `generation.<outcome>` here.
+        ch.exchange_declare(
+            self.exchange(EVENTS_EXCHANGE).into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        for work in WORK_QUEUES {
+            let name = self.queue(work);
+            ch.queue_declare(name.clone().into(), durable_queue, self.queue_args())
+                .await?;
+            let (exchange, key) = if work == GENERATION_EVENTS {
+                (EVENTS_EXCHANGE, "generation.*")
+            } else {
+                (JOBS_EXCHANGE, work)
+            };
+            ch.queue_bind(
+                name.clone().into(),
+                self.exchange(exchange).into(),
+                key.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            for level in 1..=self.retry_levels {
+                let mut args = self.queue_args();
+                // An expired message goes back to the work queue through the
+                // default exchange, whose routing key is the queue's name.
+                args.insert(
+                    "x-dead-letter-exchange".into(),
+                    AMQPValue::LongString("".into()),
+                );
+                args.insert(
+                    "x-dead-letter-routing-key".into(),
+                    AMQPValue::LongString(name.clone().into()),
+                );
+                if self.queue_type == QueueType::Quorum {
+                    // Quorum queues dead-letter at most once unless told
+                    // otherwise; at-least-once needs reject-publish overflow.
+                    args.insert(
+                        "x-dead-letter-strategy".into(),
+                        AMQPValue::LongString("at-least-once".into()),
+                    );
+                    args.insert(
+                        "x-overflow".into(),
+                        AMQPValue::LongString("reject-publish".into()),
+                    );
+                }
+                ch.queue_declare(self.retry_queue(work, level).into(), durable_queue, args)
+                    .await?;
+            }
+            ch.queue_declare(
+                self.dead_queue(work).into(),
+                durable_queue,
+                self.queue_args(),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Connects once, within 5 seconds.
+pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
+    let props = ConnectionProperties::default().with_connection_name(name.into());
+    match tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, props)).await {
+        Ok(conn) => Ok(conn?),
+        Err(_) => Err(BrokerError::Timeout),
+    }
+}
+
+/// The reconnect policy: exponential from 200 ms to 10 s, with jitter, forever.
+pub fn reconnect_policy() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(10))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Connects, retrying with [`reconnect_policy`] until it succeeds or `cancel`
+/// fires (then `None`).
+pub async fn connect_until(
+    url: &str,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Option<Connection> {
+    let attempt = || connect(url, name);
+    let retrying = attempt.retry(reconnect_policy()).notify(|e, wait| {
+        metrics::counter!("penora_broker_connect_failures_total").increment(1);
+        tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "cannot reach RabbitMQ");
+    });
+    tokio::select! {
+        conn = retrying => conn.ok(),
+        () = cancel.cancelled() => None,
+    }
+}
+
+/// A message ready to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Exchange, already prefixed (`""` for the default exchange).
+    pub exchange: String,
+    /// Routing key.
+    pub routing_key: String,
+    /// Body.
+    pub payload: Vec<u8>,
+    /// Properties (persistence is set by the publisher).
+    pub properties: BasicProperties,
+}
+
+struct Link {
+    _connection: Connection,
+    channel: Channel,
+}
+
+/// Publishes with confirms over one lazily (re)opened connection. A failed
+/// publish drops the connection; the next one reconnects.
+pub struct Publisher {
+    url: Secret,
+    name: String,
+    topology: Topology,
+    link: Mutex<Option<Link>>,
+}
+
+impl Publisher {
+    /// A publisher for `url`; connects on first use.
+    pub fn new(url: Secret, name: &str, topology: Topology) -> Self {
+        Self {
+            url,
+            name: name.to_owned(),
+            topology,
+            link: Mutex::new(None),
+        }
+    }
+
+    /// The topology this publisher declares.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// Whether the publisher holds a live connection.
+    pub async fn is_connected(&self) -> bool {
+        self.link
+            .lock()
+            .await
+            .as_ref()
+            .is_some_and(|l| l.channel.status().connected())
+    }
+
+    async fn channel(&self) -> Result<Channel, BrokerError> {
+        let mut link = self.link.lock().await;
+        if let Some(l) = link.as_ref()
+            && l.channel.status().connected()
+        {
+            return Ok(l.channel.clone());
+        }
+        *link = None;
+        let connection = connect(self.url.expose(), &self.name).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        self.topology.declare(&channel).await?;
+        metrics::counter!("penora_broker_connections_total", "client" => self.name.clone())
+            .increment(1);
+        tracing::info!(client = %self.name, "connected to RabbitMQ");
+        *link = Some(Link {
+            _connection: connection,
+            channel: channel.clone(),
+        });
+        Ok(channel)
+    }
+
+    /// Forgets the connection (after an error), so the next call reconnects.
+    pub async fn reset(&self) {
+        *self.link.lock().await = None;
+    }
+
+    /// Publishes every message and waits for every confirm. Messages are
+    /// persistent and mandatory: an unroutable one is an error, not a loss.
+    pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+        let result = self.try_publish_all(messages).await;
+        if matches!(result, Err(BrokerError::Amqp(_) | BrokerError::Timeout)) {
+            self.reset().await;
+        }
+        result
+    }
+
+    async fn try_publish_all(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+        let channel = self.channel().await?;
+        let mut confirms = Vec::with_capacity(messages.len());
+        for m in messages {
+            let confirm = channel
+                .basic_publish(
+                    ShortString::from(m.exchange),
+                    ShortString::from(m.routing_key.clone()),
+                    // mandatory: an unroutable message comes back instead of vanishing.
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..Default::default()
+                    },
+                    &m.payload,
+                    // delivery mode 2: written to disk by the broker.
+                    m.properties.with_delivery_mode(2),
+                )
+                .await?;
+            confirms.push((m.routing_key, confirm));
+        }
+        for (key, confirm) in confirms {
+            match confirm.await? {
+                Confirmation::Ack(None) | Confirmation::NotRequested => {}
+                Confirmation::Ack(Some(_)) => {
+                    return Err(BrokerError::Refused(format!(
+                        "no queue is bound for routing key {key}"
+                    )));
+                }
+                Confirmation::Nack(_) => {
+                    return Err(BrokerError::Refused(format!(
+                        "broker nacked a message for {key}"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract_and_take_the_prefix() {
+        let t = Topology {
+            prefix: String::new(),
+            queue_type: QueueType::Quorum,
+            retry_levels: 2,
+        };
+        assert_eq!(t.exchange("penora.jobs"), "penora.jobs");
+        assert_eq!(t.dead_queue(SAVE_PROJECT), "penora.save-project.dead");
+        assert_eq!(
+            t.retry_queue(LEDGER_AUDIT, 2),
+            "penora.ledger-audit.retry.2"
+        );
+        assert_eq!(t.all_queues().len(), 3 * 4);
+        let p = Topology {
+            prefix: "t1_".into(),
+            ..t
+        };
+        assert_eq!(p.queue(GENERATION_EVENTS), "t1_penora.generation-events");
+        assert_eq!(p.exchange(""), "");
+    }
+}

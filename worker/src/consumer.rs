@@ -1,0 +1,272 @@
+//! Consuming one work queue.
+//!
+//! Rules: manual acknowledgements only, and a message is acknowledged only
+//! after its effect is committed, or after its retry or parked copy is
+//! confirmed by the broker; never `requeue=true`. A passing failure is
+//! published to the delay queue of its attempt and comes back after the
+//! delay; a permanent failure, or the last attempt, is published to `.dead`
+//! with the error, attempt count and first-failure time in its headers. If a
+//! copy cannot be published, the channel is abandoned: the broker returns
+//! every unacknowledged message to the queue and the worker reconnects.
+
+use std::{sync::Arc, time::Instant};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection,
+    message::Delivery,
+    options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
+    types::{AMQPValue, FieldTable, ShortString},
+};
+use penora_common::{
+    broker::Outgoing,
+    messages::{GENERATION_EVENTS, LEDGER_AUDIT, SAVE_PROJECT, headers},
+    timefmt::rfc3339_millis,
+};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    Context, handlers,
+    retry::{JobError, random_unit},
+};
+
+fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
+    match props.headers().as_ref()?.inner().get(name)? {
+        AMQPValue::LongUInt(n) => Some(*n),
+        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
+        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
+        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
+        _ => None,
+    }
+}
+
+/// The attempt this delivery is (1 for a first delivery).
+pub fn attempt_of(d: &Delivery) -> u32 {
+    header_u32(&d.properties, headers::ATTEMPT)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Runs `work`'s handler on a delivery's body.
+pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<String, JobError> {
+    let correlation = delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|c| c.to_string());
+    match work {
+        LEDGER_AUDIT => handlers::ledger_audit(&ctx.pool, &delivery.data).await,
+        SAVE_PROJECT => {
+            handlers::save_project(&ctx.pool, &delivery.data, correlation.as_deref()).await
+        }
+        GENERATION_EVENTS => {
+            let key = header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
+                .unwrap_or_else(|| delivery.routing_key.to_string());
+            handlers::generation_event(&ctx.pool, &key, &delivery.data, correlation.as_deref())
+                .await
+        }
+        other => Err(JobError::Fatal(format!("no handler for queue {other}"))),
+    }
+}
+
+/// Handles one delivery to the end: ack, retry or park. Returns false when
+/// the channel must be abandoned.
+pub async fn handle(ctx: &Context, work: &'static str, delivery: Delivery) -> bool {
+    let started = Instant::now();
+    let attempt = attempt_of(&delivery);
+    let result = dispatch(ctx, work, &delivery).await;
+    metrics::histogram!("penora_worker_handle_duration_seconds", "queue" => work)
+        .record(started.elapsed().as_secs_f64());
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(JobError::Retryable(_)) if ctx.policy.may_retry(attempt) => "retried",
+        Err(_) => "parked",
+    };
+    metrics::counter!("penora_worker_messages_total", "queue" => work, "outcome" => outcome)
+        .increment(1);
+    match &result {
+        Ok(what) => tracing::info!(queue = work, attempt, outcome = %what, "message handled"),
+        Err(e) => tracing::warn!(queue = work, attempt, error = %e, outcome, "message failed"),
+    }
+    let copy = match result {
+        Ok(_) => None,
+        Err(JobError::Retryable(e)) if ctx.policy.may_retry(attempt) => {
+            Some(retry_copy(ctx, work, &delivery, attempt, &e))
+        }
+        Err(JobError::Retryable(e)) => Some(dead_copy(
+            ctx,
+            work,
+            &delivery,
+            attempt,
+            &format!("gave up after {attempt} attempts: {e}"),
+        )),
+        Err(JobError::Fatal(e)) => Some(dead_copy(ctx, work, &delivery, attempt, &e)),
+    };
+    if let Some(copy) = copy
+        && let Err(e) = ctx.publisher.publish_all(vec![copy]).await
+    {
+        tracing::error!(queue = work, error = %e, "cannot publish the retry or parked copy; returning the message");
+        return false;
+    }
+    if let Err(e) = delivery.ack(BasicAckOptions::default()).await {
+        tracing::warn!(queue = work, error = %e, "ack failed; the broker will redeliver");
+        return false;
+    }
+    true
+}
+
+fn copy_headers(d: &Delivery) -> FieldTable {
+    d.properties.headers().clone().unwrap_or_default()
+}
+
+fn base_copy(d: &Delivery, mut table: FieldTable, error: &str, attempt: u32) -> BasicProperties {
+    let now = rfc3339_millis(time::OffsetDateTime::now_utc());
+    if header_str(&d.properties, headers::FIRST_FAILURE_AT).is_none() {
+        table.insert(
+            headers::FIRST_FAILURE_AT.into(),
+            AMQPValue::LongString(now.into()),
+        );
+    }
+    if header_str(&d.properties, headers::ORIGINAL_EXCHANGE).is_none() {
+        table.insert(
+            headers::ORIGINAL_EXCHANGE.into(),
+            AMQPValue::LongString(d.exchange.to_string().into()),
+        );
+        table.insert(
+            headers::ORIGINAL_ROUTING_KEY.into(),
+            AMQPValue::LongString(d.routing_key.to_string().into()),
+        );
+    }
+    let error: String = error.chars().take(1000).collect();
+    table.insert(headers::ERROR.into(), AMQPValue::LongString(error.into()));
+    table.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(attempt));
+    let mut props = BasicProperties::default().with_headers(table);
+    if let Some(v) = d.properties.message_id() {
+        props = props.with_message_id(v.clone());
+    }
+    if let Some(v) = d.properties.correlation_id() {
+        props = props.with_correlation_id(v.clone());
+    }
+    if let Some(v) = d.properties.content_type() {
+        props = props.with_content_type(v.clone());
+    }
+    if let Some(v) = d.properties.kind() {
+        props = props.with_type(v.clone());
+    }
+    if let Some(v) = d.properties.timestamp() {
+        props = props.with_timestamp(*v);
+    }
+    props
+}
+
+fn retry_copy(ctx: &Context, work: &str, d: &Delivery, attempt: u32, error: &str) -> Outgoing {
+    let delay = ctx.policy.delay(attempt, random_unit());
+    let props = base_copy(d, copy_headers(d), error, attempt + 1)
+        .with_expiration(ShortString::from(delay.as_millis().max(1).to_string()));
+    Outgoing {
+        exchange: String::new(),
+        routing_key: ctx.topology.retry_queue(work, attempt),
+        payload: d.data.clone(),
+        properties: props,
+    }
+}
+
+fn dead_copy(ctx: &Context, work: &str, d: &Delivery, attempt: u32, error: &str) -> Outgoing {
+    let mut table = copy_headers(d);
+    table.insert(
+        headers::PARKED_AT.into(),
+        AMQPValue::LongString(rfc3339_millis(time::OffsetDateTime::now_utc()).into()),
+    );
+    Outgoing {
+        exchange: String::new(),
+        routing_key: ctx.topology.dead_queue(work),
+        payload: d.data.clone(),
+        properties: base_copy(d, table, error, attempt),
+    }
+}
+
+/// Consumes `work` on a channel of `connection` until `stop` fires (then
+/// drains in-flight messages within the deadline) or the channel fails.
+pub async fn consume(
+    ctx: Arc<Context>,
+    connection: &Connection,
+    work: &'static str,
+    stop: CancellationToken,
+    broken: CancellationToken,
+) -> Result<(), lapin::Error> {
+    let channel: Channel = connection.create_channel().await?;
+    channel
+        .basic_qos(ctx.settings.worker_prefetch, BasicQosOptions::default())
+        .await?;
+    let tag = format!("penora-worker-{}-{}", work, uuid::Uuid::now_v7().simple());
+    let mut consumer = channel
+        .basic_consume(
+            ctx.topology.queue(work).into(),
+            tag.clone().into(),
+            // no_ack false: every message is acknowledged by hand, after its effect.
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut inflight = JoinSet::new();
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = broken.cancelled() => break,
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let ctx = ctx.clone();
+                    let broken = broken.clone();
+                    let span = tracing::info_span!(
+                        "message",
+                        queue = work,
+                        message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
+                        correlation_id = delivery.properties.correlation_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
+                    );
+                    inflight.spawn(async move {
+                        if !handle(&ctx, work, delivery).await {
+                            broken.cancel();
+                        }
+                    }.instrument(span));
+                }
+                Some(Err(e)) => { failure = Some(e); break; }
+                None => break,
+            },
+            Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+        }
+    }
+    // Stop taking messages; finish what we hold within the deadline. What is
+    // not acknowledged by then goes back to the queue when the channel closes.
+    let _ = channel
+        .basic_cancel(tag.into(), BasicCancelOptions::default())
+        .await;
+    let drained = tokio::time::timeout(ctx.settings.shutdown_deadline, async {
+        while inflight.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            queue = work,
+            left = inflight.len(),
+            "shutdown deadline: returning unfinished messages"
+        );
+        inflight.abort_all();
+    }
+    let _ = channel.close(200, "bye".into()).await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,184 @@
+//! What each queue's messages do. Every handler is idempotent: running it
+//! again for a message already handled changes nothing, so at-least-once
+//! delivery gives exactly-once effects.
+
+use deadpool_postgres::Pool;
+use penora_common::{
+    audit::{self, Appended},
+    domain::{AppName, ProjectCode, UserId},
+    ledger::{self, LedgerError, Refund, SettleResult},
+    messages::{GenerationEvent, LedgerAuditJob, SaveProjectJob},
+    projects::{self, Finished},
+};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::retry::JobError;
+
+fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JobError> {
+    serde_json::from_slice(body).map_err(|e| JobError::Fatal(format!("malformed message: {e}")))
+}
+
+/// `penora.ledger-audit`: append the entry's record to the user's chain.
+pub async fn ledger_audit(pool: &Pool, body: &[u8]) -> Result<String, JobError> {
+    let job: LedgerAuditJob = decode(body)?;
+    let mut client = pool.get().await.map_err(penora_common::db::DbError::from)?;
+    match audit::append(&mut client, &job.user_id, job.entry_id).await? {
+        Appended::Recorded(seq) => Ok(format!("recorded as record {seq}")),
+        Appended::AlreadyRecorded => Ok("already recorded".into()),
+        Appended::NoSuchEntry => Err(JobError::Fatal(format!(
+            "no ledger entry {} for user {}",
+            job.entry_id, job.user_id
+        ))),
+    }
+}
+
+/// `penora.save-project`: check and store the content, then settle the
+/// reservation the save names.
+pub async fn save_project(
+    pool: &Pool,
+    body: &[u8],
+    correlation: Option<&str>,
+) -> Result<String, JobError> {
+    let job: SaveProjectJob = decode(body)?;
+    let mut client = pool.get().await.map_err(penora_common::db::DbError::from)?;
+    let finished = projects::finish_save(&mut client, &job.user_id, job.project_id).await?;
+    let (outcome, settle) = match finished {
+        Finished::NotFound => {
+            return Err(JobError::Fatal(format!(
+                "no project {} for user {}",
+                job.project_id, job.user_id
+            )));
+        }
+        Finished::Failed(reason) => return Ok(format!("failed: {reason}")),
+        Finished::Saved {
+            app_source,
+            project_code,
+        } => ("saved".to_owned(), project_code.map(|c| (app_source, c))),
+        Finished::AlreadyDone {
+            status,
+            app_source,
+            project_code,
+        } => {
+            let settle = (status == "saved")
+                .then_some(project_code.map(|c| (app_source, c)))
+                .flatten();
+            (format!("already {status}"), settle)
+        }
+    };
+    if let Some((app, code)) = settle {
+        let (Ok(user), Ok(app), Ok(code)) = (
+            UserId::parse(&job.user_id),
+            AppName::parse("app_source", &app),
+            ProjectCode::parse(&code),
+        ) else {
+            return Ok(outcome);
+        };
+        match ledger::settle(
+            &mut client,
+            &user,
+            &app,
+            &code,
+            "project saved",
+            correlation,
+        )
+        .await
+        {
+            Ok(_) | Err(LedgerError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(outcome)
+}
+
+/// `penora.generation-events`: `generation.failed` refunds the reservation,
+/// `generation.succeeded` settles it.
+pub async fn generation_event(
+    pool: &Pool,
+    routing_key: &str,
+    body: &[u8],
+    correlation: Option<&str>,
+) -> Result<String, JobError> {
+    let event: GenerationEvent = decode(body)?;
+    let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
+    if event.event_id.is_empty() || event.event_id.len() > 128 {
+        return Err(JobError::Fatal(
+            "malformed event: event_id must be 1 to 128 characters".into(),
+        ));
+    }
+    let user = UserId::parse(&event.user_id).map_err(|e| bad(&e))?;
+    let code = ProjectCode::parse(&event.project_code).map_err(|e| bad(&e))?;
+    let occurred = OffsetDateTime::parse(&event.occurred_at, &Rfc3339)
+        .map_err(|e| bad(&format!("occurred_at: {e}")))?;
+    let app = AppName::parse("app_name", "imagegene").map_err(|e| bad(&e))?;
+    let kind = match routing_key {
+        "generation.failed" => "failed",
+        "generation.succeeded" => "succeeded",
+        other => return Err(JobError::Fatal(format!("unknown event kind `{other}`"))),
+    };
+    let mut client = pool.get().await.map_err(penora_common::db::DbError::from)?;
+    let seen = client
+        .query_opt(
+            "SELECT outcome FROM processed_events WHERE user_id = $1 AND event_id = $2",
+            &[&user.as_str(), &event.event_id],
+        )
+        .await
+        .map_err(penora_common::db::DbError::from)?;
+    if let Some(row) = seen {
+        return Ok(format!(
+            "duplicate event (first outcome: {})",
+            row.get::<_, String>(0)
+        ));
+    }
+    let outcome = if kind == "failed" {
+        let refund = Refund {
+            user_id: user.clone(),
+            project_code: code,
+            app_name: Some(app),
+            reason: Some(
+                event
+                    .reason
+                    .clone()
+                    .unwrap_or_else(|| "generation failed".into()),
+            ),
+        };
+        let done = ledger::refund(&mut client, &refund, correlation).await?;
+        let latency = (OffsetDateTime::now_utc() - occurred)
+            .as_seconds_f64()
+            .max(0.0);
+        metrics::histogram!("penora_event_to_refund_seconds").record(latency);
+        if done.replayed {
+            "already refunded"
+        } else {
+            "refunded"
+        }
+    } else {
+        match ledger::settle(
+            &mut client,
+            &user,
+            &app,
+            &code,
+            "generation succeeded",
+            correlation,
+        )
+        .await?
+        {
+            SettleResult::Settled => "settled",
+            SettleResult::AlreadySettled => "already settled",
+            SettleResult::AlreadyRefunded => {
+                return Err(JobError::Fatal(format!(
+                    "reservation {} was refunded before this success event",
+                    event.project_code
+                )));
+            }
+        }
+    };
+    client
+        .execute(
+            "INSERT INTO processed_events (user_id, event_id, kind, outcome) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            &[&user.as_str(), &event.event_id, &kind, &outcome],
+        )
+        .await
+        .map_err(penora_common::db::DbError::from)?;
+    Ok(outcome.to_owned())
+}
