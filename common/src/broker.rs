@@ -376,6 +376,179 @@ impl Publisher {
     }
 }
 
+/// Depth and consumers of one queue.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct QueueStat {
+    /// The queue.
+    pub name: String,
+    /// Messages ready in it.
+    pub messages: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
+/// Depth and consumers of every queue of the topology (passive declares).
+pub async fn queue_stats(
+    ch: &Channel,
+    topology: &Topology,
+) -> Result<Vec<QueueStat>, lapin::Error> {
+    let mut out = Vec::new();
+    for name in topology.all_queues() {
+        let q = ch
+            .queue_declare(
+                name.clone().into(),
+                // passive: only look, never create.
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        out.push(QueueStat {
+            name,
+            messages: q.message_count(),
+            consumers: q.consumer_count(),
+        });
+    }
+    Ok(out)
+}
+
+/// A parked (or any) message, as read without removing it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Peeked {
+    /// Position in the queue (1 = oldest).
+    pub position: usize,
+    /// The message id (the outbox's, or the publisher's).
+    pub message_id: Option<String>,
+    /// The correlation id (request id).
+    pub correlation_id: Option<String>,
+    /// Where it was first published.
+    pub original_exchange: Option<String>,
+    /// Its first routing key.
+    pub original_routing_key: Option<String>,
+    /// Why it was parked.
+    pub error: Option<String>,
+    /// Attempts made.
+    pub attempts: Option<i64>,
+    /// When it first failed.
+    pub first_failure_at: Option<String>,
+    /// When it was parked.
+    pub parked_at: Option<String>,
+    /// The body, as text.
+    pub body: String,
+    #[serde(skip)]
+    delivery_tag: u64,
+    #[serde(skip)]
+    properties: BasicProperties,
+}
+
+fn header(props: &BasicProperties, name: &str) -> Option<AMQPValue> {
+    props.headers().as_ref()?.inner().get(name).cloned()
+}
+
+fn header_text(props: &BasicProperties, name: &str) -> Option<String> {
+    match header(props, name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
+}
+
+fn header_int(props: &BasicProperties, name: &str) -> Option<i64> {
+    match header(props, name)? {
+        AMQPValue::LongUInt(n) => Some(i64::from(n)),
+        AMQPValue::LongInt(n) => Some(i64::from(n)),
+        AMQPValue::LongLongInt(n) => Some(n),
+        AMQPValue::ShortUInt(n) => Some(i64::from(n)),
+        AMQPValue::ShortShortUInt(n) => Some(i64::from(n)),
+        _ => None,
+    }
+}
+
+/// Reads up to `limit` messages of `queue` on `ch` without acknowledging
+/// them: they stay in the queue, and go back to it in order when `ch` closes
+/// (unless [`ack_peeked`] removes them first).
+pub async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, lapin::Error> {
+    use crate::messages::headers as h;
+    let mut out = Vec::new();
+    while out.len() < limit {
+        let Some(msg) = ch
+            .basic_get(
+                queue.into(),
+                lapin::options::BasicGetOptions { no_ack: false },
+            )
+            .await?
+        else {
+            break;
+        };
+        let d = msg.delivery;
+        let p = &d.properties;
+        out.push(Peeked {
+            position: out.len() + 1,
+            message_id: p.message_id().as_ref().map(|s| s.to_string()),
+            correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
+            original_exchange: header_text(p, h::ORIGINAL_EXCHANGE),
+            original_routing_key: header_text(p, h::ORIGINAL_ROUTING_KEY),
+            error: header_text(p, h::ERROR),
+            attempts: header_int(p, h::ATTEMPT),
+            first_failure_at: header_text(p, h::FIRST_FAILURE_AT),
+            parked_at: header_text(p, h::PARKED_AT),
+            body: String::from_utf8_lossy(&d.data).into_owned(),
+            delivery_tag: d.delivery_tag,
+            properties: d.properties.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Removes peeked messages from their queue.
+pub async fn ack_peeked(ch: &Channel, messages: &[&Peeked]) -> Result<(), lapin::Error> {
+    for m in messages {
+        ch.basic_ack(m.delivery_tag, lapin::options::BasicAckOptions::default())
+            .await?;
+    }
+    Ok(())
+}
+
+/// The message to publish to send a parked message back to where it was first
+/// published, with its retry history cleared.
+pub fn replay_of(m: &Peeked) -> Option<Outgoing> {
+    let exchange = m.original_exchange.clone()?;
+    let routing_key = m.original_routing_key.clone()?;
+    let mut props = m.properties.clone();
+    let mut table = props.headers().clone().unwrap_or_default();
+    let kept: Vec<(ShortString, AMQPValue)> = table
+        .inner()
+        .iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            !k.starts_with("x-penora-")
+                && k != "x-death"
+                && !k.starts_with("x-first-death")
+                && !k.starts_with("x-last-death")
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    table = FieldTable::default();
+    for (k, v) in kept {
+        table.insert(k, v);
+    }
+    table.insert(
+        "x-penora-replayed-at".into(),
+        AMQPValue::LongString(
+            crate::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc()).into(),
+        ),
+    );
+    props = props.with_headers(table);
+    Some(Outgoing {
+        exchange,
+        routing_key,
+        payload: m.body.clone().into_bytes(),
+        properties: props,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,6 +9,7 @@ use std::{collections::BTreeSet, process::ExitCode};
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use penora_common::{
+    broker::{self, Publisher, Topology},
     config::Settings,
     db,
     domain::{self, AppName, Credits, UserId},
@@ -40,6 +41,92 @@ enum Command {
     /// Check invariants 1, 2, 4 and 6 over every user; exit 1 naming the users on a violation.
     Reconcile {
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Depth and consumers of every queue, retry and dead queues included.
+    Queues {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Inspect, replay and purge parked (dead-letter) messages.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+    /// Publish an ImageGene generation event, as ImageGene does (for tests and repairs).
+    Event {
+        /// `failed` (refund) or `succeeded` (settle).
+        kind: String,
+        /// The user.
+        user: String,
+        /// The reservation's project_code.
+        project_code: String,
+        /// Why the generation failed.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The event id (default: a new UUID).
+        #[arg(long)]
+        event_id: Option<String>,
+        /// Publish this body instead (e.g. to test how bad events are parked).
+        #[arg(long)]
+        raw: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List parked messages of QUEUE (e.g. penora.generation-events).
+    List {
+        /// The work queue (or its `.dead` queue).
+        queue: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show parked messages in full (all, or the one with --id).
+    Show {
+        /// The work queue (or its `.dead` queue).
+        queue: String,
+        /// Only the message with this message id.
+        #[arg(long)]
+        id: Option<String>,
+    },
+    /// Send parked messages back to where they were first published.
+    Replay {
+        /// The work queue (or its `.dead` queue).
+        queue: String,
+        /// Only the message with this message id.
+        #[arg(long)]
+        id: Option<String>,
+        /// Say what would be replayed, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete every parked message of QUEUE.
+    Purge {
+        /// The work queue (or its `.dead` queue).
+        queue: String,
+        /// Really delete (required).
+        #[arg(long)]
+        yes: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check every ledger entry has its audit record and every chain is intact.
+    Verify {
+        /// Print as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -216,7 +303,214 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Command::Audit {
+            command: AuditCommand::Verify { json },
+        } => {
+            let v = penora_common::audit::verify(&mut client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                for f in &v.findings {
+                    println!("user {:<24} {}", f.user_id, f.detail);
+                }
+                if v.findings.is_empty() {
+                    println!(
+                        "audit OK: {} records, {} ledger entries, every entry recorded, every chain intact",
+                        v.records_checked, v.entries_checked
+                    );
+                } else {
+                    println!("audit FAILED: {} problems", v.findings.len());
+                }
+            }
+            if !v.findings.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::Queues { json } => {
+            let topology = Topology::from_settings(&settings);
+            let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+            let ch = connection.create_channel().await?;
+            topology.declare(&ch).await?;
+            let stats = broker::queue_stats(&ch, &topology).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&stats)?);
+            } else {
+                let width = stats.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
+                println!("{:<width$}  {:>8}  {:>9}", "QUEUE", "MESSAGES", "CONSUMERS");
+                for s in &stats {
+                    println!("{:<width$}  {:>8}  {:>9}", s.name, s.messages, s.consumers);
+                }
+            }
+            let _ = connection.close(200, "bye".into()).await;
+        }
+        Command::Dlq { command } => return dlq(&settings, command).await,
+        Command::Event {
+            kind,
+            user,
+            project_code,
+            reason,
+            event_id,
+            raw,
+        } => {
+            let event_id = event_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let body = match raw {
+                Some(raw) => raw,
+                None => serde_json::to_string(&penora_common::messages::GenerationEvent {
+                    event_id: event_id.clone(),
+                    user_id: user,
+                    project_code,
+                    reason,
+                    occurred_at: penora_common::timefmt::rfc3339_millis(
+                        time::OffsetDateTime::now_utc(),
+                    ),
+                })?,
+            };
+            let topology = Topology::from_settings(&settings);
+            let publisher =
+                Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+            publisher
+                .publish_all(vec![broker::Outgoing {
+                    exchange: topology.exchange(penora_common::messages::EVENTS_EXCHANGE),
+                    routing_key: format!("generation.{kind}"),
+                    payload: body.into_bytes(),
+                    properties: lapin::BasicProperties::default()
+                        .with_message_id(event_id.clone().into())
+                        .with_content_type("application/json".into()),
+                }])
+                .await?;
+            println!("published generation.{kind} event {event_id}");
+        }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The dead queue of `queue` (a work queue name, with or without `.dead`).
+fn dead_queue_of(topology: &Topology, queue: &str) -> anyhow::Result<String> {
+    let work = queue.strip_suffix(".dead").unwrap_or(queue);
+    match broker::WORK_QUEUES.iter().find(|w| **w == work) {
+        Some(w) => Ok(topology.dead_queue(w)),
+        None => bail!(
+            "unknown queue `{queue}` (expected one of {})",
+            broker::WORK_QUEUES.join(", ")
+        ),
+    }
+}
+
+async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let topology = Topology::from_settings(settings);
+    let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    let ch = connection.create_channel().await?;
+    topology.declare(&ch).await?;
+    match command {
+        DlqCommand::List { queue, limit, json } => {
+            let dead = dead_queue_of(&topology, &queue)?;
+            let parked = broker::peek(&ch, &dead, limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&parked)?);
+            } else {
+                println!(
+                    "{:>3}  {:<36}  {:>8}  {:<24}  ERROR",
+                    "#", "MESSAGE ID", "ATTEMPTS", "PARKED AT"
+                );
+                for m in &parked {
+                    let error: String = m
+                        .error
+                        .clone()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(80)
+                        .collect();
+                    println!(
+                        "{:>3}  {:<36}  {:>8}  {:<24}  {}",
+                        m.position,
+                        m.message_id.clone().unwrap_or_else(|| "-".into()),
+                        m.attempts.map_or_else(|| "-".into(), |a| a.to_string()),
+                        m.parked_at.clone().unwrap_or_else(|| "-".into()),
+                        error
+                    );
+                }
+                println!("{} parked in {dead}", parked.len());
+            }
+        }
+        DlqCommand::Show { queue, id } => {
+            let dead = dead_queue_of(&topology, &queue)?;
+            let parked = broker::peek(&ch, &dead, usize::MAX).await?;
+            let chosen: Vec<_> = parked
+                .iter()
+                .filter(|m| id.is_none() || m.message_id == id)
+                .collect();
+            if chosen.is_empty() {
+                bail!(
+                    "no parked message{} in {dead}",
+                    id.map(|i| format!(" with id {i}")).unwrap_or_default()
+                );
+            }
+            println!("{}", serde_json::to_string_pretty(&chosen)?);
+        }
+        DlqCommand::Replay { queue, id, dry_run } => {
+            let dead = dead_queue_of(&topology, &queue)?;
+            let parked = broker::peek(&ch, &dead, usize::MAX).await?;
+            let chosen: Vec<_> = parked
+                .iter()
+                .filter(|m| id.is_none() || m.message_id == id)
+                .collect();
+            if chosen.is_empty() {
+                bail!(
+                    "no parked message{} in {dead}",
+                    id.map(|i| format!(" with id {i}")).unwrap_or_default()
+                );
+            }
+            let mut outgoing = Vec::new();
+            for m in &chosen {
+                let Some(o) = broker::replay_of(m) else {
+                    bail!(
+                        "message {} has no original exchange in its headers",
+                        m.position
+                    );
+                };
+                println!(
+                    "{} {} -> exchange `{}` routing key `{}`",
+                    if dry_run { "would replay" } else { "replaying" },
+                    m.message_id
+                        .clone()
+                        .unwrap_or_else(|| format!("#{}", m.position)),
+                    o.exchange,
+                    o.routing_key
+                );
+                outgoing.push(o);
+            }
+            if !dry_run {
+                let publisher =
+                    Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+                publisher.publish_all(outgoing).await?;
+                broker::ack_peeked(&ch, &chosen).await?;
+                println!("replayed {} message(s)", chosen.len());
+            }
+        }
+        DlqCommand::Purge { queue, yes } => {
+            let dead = dead_queue_of(&topology, &queue)?;
+            if !yes {
+                let n = broker::queue_stats(&ch, &topology)
+                    .await?
+                    .into_iter()
+                    .find(|s| s.name == dead)
+                    .map_or(0, |s| s.messages);
+                println!(
+                    "would delete {n} message(s) from {dead}; run again with --yes to delete them"
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let n = ch
+                .queue_purge(
+                    dead.clone().into(),
+                    lapin::options::QueuePurgeOptions::default(),
+                )
+                .await?;
+            println!("purged {n} message(s) from {dead}");
+        }
+    }
+    let _ = ch.close(200, "bye".into()).await;
+    let _ = connection.close(200, "bye".into()).await;
     Ok(ExitCode::SUCCESS)
 }
 
