@@ -11,10 +11,10 @@ pub mod routes;
 pub mod state;
 pub mod telemetry;
 
-use std::{future::Future, net::SocketAddr, sync::OnceLock};
+use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::{config::Settings, db};
 use tokio::net::TcpListener;
 
@@ -30,26 +30,9 @@ pub struct App {
     pub pool: deadpool_postgres::Pool,
 }
 
-/// The process-wide Prometheus recorder (installed once).
+/// The process-wide Prometheus recorder.
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            const SECONDS: &[f64] = &[
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-            ];
-            let builder = PrometheusBuilder::new();
-            let recorder =
-                match builder.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS) {
-                    Ok(b) => b.build_recorder(),
-                    Err(_) => PrometheusBuilder::new().build_recorder(),
-                };
-            let handle = recorder.handle();
-            // Fails only if another recorder is installed; then ours just stays unused.
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    penora_common::telemetry::metrics_handle()
 }
 
 /// Migrates the database, binds `BIND_ADDR` and builds the router.

@@ -81,6 +81,9 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// `DB_POOL_SIZE`: connections in the pool.
     pub db_pool_size: usize,
+    /// `DB_LOCK_TIMEOUT_MS`: longest wait for a row lock before a statement
+    /// fails (503 in the API, a retry in the worker).
+    pub db_lock_timeout: Duration,
     /// `MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
     /// `PRICE_TABLE`: credit prices used by `/quote`.
@@ -150,6 +153,7 @@ impl Settings {
             rate_limit_burst: positive(&get, "RATE_LIMIT_BURST", 200)?,
             log_format,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
+            db_lock_timeout: Duration::from_millis(positive(&get, "DB_LOCK_TIMEOUT_MS", 5000)?),
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
             price_table: match get("PRICE_TABLE") {
                 None => PriceTable::default(),

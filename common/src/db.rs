@@ -105,11 +105,21 @@ pub fn is_check_violation(err: &tokio_postgres::Error, constraint: &str) -> bool
 /// down makes requests fail fast with [`DbError::Unavailable`] instead of
 /// hanging.
 pub fn pool(settings: &Settings) -> Result<Pool, DbError> {
-    pool_for(settings.database_url.expose(), settings.db_pool_size)
+    pool_with(
+        settings.database_url.expose(),
+        settings.db_pool_size,
+        settings.db_lock_timeout.as_millis() as u64,
+    )
 }
 
-/// Builds a pool for `url` with `size` connections.
+/// Builds a pool for `url` with `size` connections and the default lock timeout.
 pub fn pool_for(url: &str, size: usize) -> Result<Pool, DbError> {
+    pool_with(url, size, 5000)
+}
+
+/// Builds a pool for `url` with `size` connections; a statement waits at most
+/// `lock_timeout_ms` for a row lock (then fails as a retryable conflict).
+pub fn pool_with(url: &str, size: usize, lock_timeout_ms: u64) -> Result<Pool, DbError> {
     let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|e: tokio_postgres::Error| DbError::Other(e.to_string()))?;
@@ -118,7 +128,9 @@ pub fn pool_for(url: &str, size: usize) -> Result<Pool, DbError> {
     // A statement (lock waits included) that takes this long is stuck: fail it
     // (503, retryable) rather than hold the request; an idle open transaction
     // is ended so it cannot keep row locks.
-    pg.options("-c statement_timeout=10000 -c idle_in_transaction_session_timeout=30000");
+    pg.options(&format!(
+        "-c statement_timeout=10000 -c lock_timeout={lock_timeout_ms} -c idle_in_transaction_session_timeout=30000"
+    ));
     let manager = Manager::from_config(
         pg,
         NoTls,

@@ -21,7 +21,7 @@ use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::{
     broker::{self, Publisher, Topology, WORK_QUEUES},
     config::Settings,
@@ -61,20 +61,7 @@ pub struct Worker {
 
 /// The process-wide Prometheus recorder.
 pub fn metrics_handle() -> PrometheusHandle {
-    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets(&[
-                    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ])
-                .map(PrometheusBuilder::build_recorder)
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
-            let handle = recorder.handle();
-            let _ = metrics::set_global_recorder(recorder);
-            handle
-        })
-        .clone()
+    penora_common::telemetry::metrics_handle()
 }
 
 /// Migrates, connects the pool and binds the metrics address.

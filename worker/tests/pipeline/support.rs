@@ -1,0 +1,355 @@
+//! A whole stack per test: its own database, its own queue and exchange
+//! prefix on the real RabbitMQ, the API on port 0, and the worker in-process
+//! (or as a real process). The worker is driven to a state, not slept on:
+//! `wait_for` polls a condition until it holds, with a deadline.
+
+use std::{future::Future, path::PathBuf, time::Duration};
+
+use deadpool_postgres::Pool;
+use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+use penora_common::{
+    broker::{self, Outgoing, Publisher, Topology},
+    config::Settings,
+    testing::TestDb,
+};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// The bootstrap key of every test API.
+pub const BOOT_KEY: &str = "pipeline-bootstrap-key-0123456789abcdef";
+/// A 1×1 PNG, base64.
+pub const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
+
+/// Where the tests find RabbitMQ.
+pub fn amqp_url() -> String {
+    std::env::var("TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A test stack.
+pub struct Stack {
+    /// The API's base URL.
+    pub base: String,
+    /// Pool on the test database.
+    pub pool: Pool,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// The settings the worker runs with.
+    pub settings: Settings,
+    /// Queue names of this test.
+    pub topology: Topology,
+    worker_stop: Option<CancellationToken>,
+    worker_done: Option<tokio::task::JoinHandle<()>>,
+    /// Where the in-process worker serves `/metrics`.
+    pub worker_metrics: Option<String>,
+    /// Keeps the database (dropped last).
+    pub db: TestDb,
+}
+
+/// Starts a database, declares this test's topology and starts the API
+/// (with `api_overrides` on top of the shared settings). The worker is not
+/// started: call [`Stack::start_worker`].
+pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -> Stack {
+    let db = TestDb::new().await;
+    let prefix = format!("t{}_", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let amqp = amqp_url();
+    let mut vars: Vec<(&str, &str)> = vec![
+        ("PENORA_API_KEY", BOOT_KEY),
+        ("AMQP_URL", &amqp),
+        ("AMQP_PREFIX", &prefix),
+        ("WORKER_METRICS_ADDR", "127.0.0.1:0"),
+        ("RETRY_BASE_MS", "100"),
+        ("RETRY_MAX_MS", "400"),
+        ("RETRY_MAX_ATTEMPTS", "4"),
+        ("SHUTDOWN_DEADLINE_SECS", "5"),
+        ("SETTLE_INTERVAL_SECS", "1"),
+        ("RATE_LIMIT_PER_SEC", "100000"),
+        ("RATE_LIMIT_BURST", "100000"),
+        ("LOG_FORMAT", "pretty"),
+    ];
+    vars.extend_from_slice(overrides);
+    let settings = db.settings(&vars);
+    let topology = Topology::from_settings(&settings);
+    let connection = broker::connect(&amqp, "penora-tests").await.unwrap_or_else(|e| {
+        panic!("RabbitMQ is not reachable at {amqp} ({e}). Start it with `scripts/services.sh` (or set TEST_AMQP_URL).")
+    });
+    let ch = connection.create_channel().await.expect("channel");
+    topology.declare(&ch).await.expect("topology declared");
+    let _ = connection.close(200, "bye".into()).await;
+
+    let mut api_vars = vars.clone();
+    api_vars.extend_from_slice(api_overrides);
+    let app = penora_api::build(db.settings(&api_vars))
+        .await
+        .expect("API builds");
+    let base = format!("http://{}", app.addr);
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    Stack {
+        base,
+        pool: penora_common::db::pool_for(&db.url, 4).expect("pool"),
+        http: reqwest::Client::new(),
+        settings,
+        topology,
+        worker_stop: None,
+        worker_done: None,
+        worker_metrics: None,
+        db,
+    }
+}
+
+impl Stack {
+    /// Starts the worker in this process.
+    pub async fn start_worker(&mut self) {
+        let worker = penora_worker::build(self.settings.clone())
+            .await
+            .expect("worker builds");
+        self.worker_metrics = Some(format!("http://{}/metrics", worker.metrics_addr));
+        let stop = CancellationToken::new();
+        let run = worker.run(stop.clone());
+        self.worker_done = Some(tokio::spawn(async move {
+            run.await.expect("worker ran");
+        }));
+        self.worker_stop = Some(stop);
+    }
+
+    /// Stops the in-process worker and waits for it.
+    pub async fn stop_worker(&mut self) {
+        if let Some(stop) = self.worker_stop.take() {
+            stop.cancel();
+        }
+        if let Some(done) = self.worker_done.take() {
+            tokio::time::timeout(Duration::from_secs(30), done)
+                .await
+                .expect("the worker stops within its deadline")
+                .expect("worker task");
+        }
+    }
+
+    /// The environment to run `penora-worker` or `penora-ops` as a process.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.db.url.clone()),
+            ("AMQP_URL".into(), amqp_url()),
+            ("AMQP_PREFIX".into(), self.settings.amqp_prefix.clone()),
+            ("WORKER_METRICS_ADDR".into(), "127.0.0.1:0".into()),
+            ("RETRY_BASE_MS".into(), "100".into()),
+            ("RETRY_MAX_MS".into(), "400".into()),
+            ("RETRY_MAX_ATTEMPTS".into(), "4".into()),
+            ("LOG_FORMAT".into(), "json".into()),
+        ]
+    }
+
+    /// Runs `penora-ops` with this stack's environment.
+    pub async fn ops(&self, args: &[&str]) -> std::process::Output {
+        tokio::process::Command::new(sibling_binary("penora-ops"))
+            .args(args)
+            .envs(self.env())
+            .output()
+            .await
+            .expect("penora-ops runs")
+    }
+
+    /// `POST path` with the bootstrap key.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.http
+            .post(format!("{}{path}", self.base))
+            .header("X-API-Key", BOOT_KEY)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Grants credits through the API.
+    pub async fn grant(&self, user: &str, amount: i64) {
+        let r = self
+            .post(
+                "/api/unified/add-credits",
+                &json!({"user_id": user, "amount": amount, "reason": "test", "reference": uuid::Uuid::new_v4().to_string()}),
+            )
+            .await;
+        assert!(
+            r.status().is_success(),
+            "grant: {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+
+    /// Deducts through the API; asserts it succeeded.
+    pub async fn deduct(&self, user: &str, amount: i64, code: &str) -> Value {
+        let r = self
+            .post(
+                "/api/unified/deduct-credits",
+                &json!({"user_id": user, "amount": amount, "app_name": "imagegene", "project_code": code}),
+            )
+            .await;
+        assert!(r.status().is_success(), "deduct: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    /// Publishes a generation event as ImageGene does.
+    pub async fn publish_event(&self, kind: &str, body: &str) {
+        let publisher = Publisher::new(
+            self.settings.amqp_url.clone(),
+            "imagegene-test",
+            self.topology.clone(),
+        );
+        publisher
+            .publish_all(vec![Outgoing {
+                exchange: self.topology.exchange("imagegene.events"),
+                routing_key: format!("generation.{kind}"),
+                payload: body.as_bytes().to_vec(),
+                properties: lapin::BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_message_id(uuid::Uuid::new_v4().to_string().into()),
+            }])
+            .await
+            .expect("event published");
+    }
+
+    /// One number from SQL with `$1 = user`.
+    pub async fn scalar(&self, sql: &str, user: &str) -> i64 {
+        let client = self.pool.get().await.expect("db");
+        client
+            .query_one(sql, &[&user])
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e}"))
+            .get(0)
+    }
+
+    /// Depth of a queue (ready messages).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let connection = broker::connect(&amqp_url(), "penora-tests")
+            .await
+            .expect("broker");
+        let ch = connection.create_channel().await.expect("channel");
+        let stats = broker::queue_stats(&ch, &self.topology)
+            .await
+            .expect("stats");
+        let _ = connection.close(200, "bye".into()).await;
+        stats
+            .into_iter()
+            .find(|s| s.name == queue)
+            .map_or(0, |s| s.messages)
+    }
+
+    /// Waits until the outbox is empty and no work or retry queue holds a
+    /// message, and `extra` holds.
+    pub async fn wait_idle(&self) {
+        wait_for(
+            "outbox and queues drained",
+            Duration::from_secs(30),
+            || async {
+                let pending = self
+                    .scalar(
+                        "SELECT count(*) FROM outbox WHERE published_at IS NULL AND $1 = $1",
+                        "",
+                    )
+                    .await;
+                if pending > 0 {
+                    return false;
+                }
+                let connection = broker::connect(&amqp_url(), "penora-tests")
+                    .await
+                    .expect("broker");
+                let ch = connection.create_channel().await.expect("channel");
+                let stats = broker::queue_stats(&ch, &self.topology)
+                    .await
+                    .expect("stats");
+                let _ = connection.close(200, "bye".into()).await;
+                stats
+                    .iter()
+                    .filter(|s| !s.name.ends_with(".dead"))
+                    .all(|s| s.messages == 0)
+            },
+        )
+        .await;
+    }
+
+    /// The worker's metric `name{labels}` (0 when absent).
+    pub async fn worker_metric(&self, series: &str) -> f64 {
+        let url = self.worker_metrics.as_ref().expect("worker started");
+        let text = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; panics naming `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if condition().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A binary of the workspace next to `penora-worker` (built by `cargo build --workspace`).
+pub fn sibling_binary(name: &str) -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_BIN_EXE_penora-worker")).with_file_name(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        if let Some(stop) = &self.worker_stop {
+            stop.cancel();
+        }
+        let topology = self.topology.clone();
+        // Delete this test's queues and exchanges (on a thread: Drop runs inside the runtime).
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(connection) = broker::connect(&amqp_url(), "penora-tests-cleanup").await
+                else {
+                    return;
+                };
+                if let Ok(ch) = connection.create_channel().await {
+                    for q in topology.all_queues() {
+                        let _ = ch
+                            .queue_delete(q.into(), QueueDeleteOptions::default())
+                            .await;
+                    }
+                    for x in topology.all_exchanges() {
+                        let _ = ch
+                            .exchange_delete(x.into(), ExchangeDeleteOptions::default())
+                            .await;
+                    }
+                }
+                let _ = connection.close(200, "bye".into()).await;
+            });
+        })
+        .join();
+    }
+}
