@@ -53,10 +53,13 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         penora_common::broker::Topology::from_settings(&settings),
     );
     let state = AppState::new(settings, pool.clone(), metrics_handle());
-    tokio::spawn(publish_outbox(
+    // Committed jobs are published right after their commit, off the
+    // requests' path; while the broker is away they wait in the outbox.
+    tokio::spawn(penora_common::outbox::publish_loop(
         pool.clone(),
-        publisher,
+        std::sync::Arc::new(publisher),
         state.outbox_wake.clone(),
+        tokio_util::sync::CancellationToken::new(),
     ));
     Ok(App {
         listener,
@@ -64,38 +67,6 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         addr,
         pool,
     })
-}
-
-/// Publishes committed jobs to RabbitMQ as soon as a handler says there are
-/// some (and every second), off the requests' path. When the broker is down
-/// the rows wait in the outbox and the API keeps answering; the worker's relay
-/// sweeps them too.
-async fn publish_outbox(
-    pool: deadpool_postgres::Pool,
-    publisher: penora_common::broker::Publisher,
-    wake: std::sync::Arc<tokio::sync::Notify>,
-) {
-    let mut failures: u32 = 0;
-    loop {
-        match penora_common::outbox::relay_all(&pool, &publisher).await {
-            Ok(_) => failures = 0,
-            Err(e) => {
-                failures = failures.saturating_add(1);
-                if failures == 1 || failures % 60 == 0 {
-                    tracing::warn!(error = %e, "cannot publish the outbox; jobs wait in PostgreSQL");
-                }
-            }
-        }
-        if failures == 0 {
-            tokio::select! {
-                () = wake.notified() => {},
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {},
-            }
-        } else {
-            // Back off while the broker is away; the rows are safe meanwhile.
-            tokio::time::sleep(std::time::Duration::from_secs(u64::from(failures.min(10)))).await;
-        }
-    }
 }
 
 impl App {

@@ -128,7 +128,7 @@ pub fn pool_with(url: &str, size: usize, lock_timeout_ms: u64) -> Result<Pool, D
     // A statement (lock waits included) that takes this long is stuck: fail it
     // (503, retryable) rather than hold the request; an idle open transaction
     // is ended so it cannot keep row locks.
-    pg.options(&format!(
+    pg.options(format!(
         "-c statement_timeout=10000 -c lock_timeout={lock_timeout_ms} -c idle_in_transaction_session_timeout=30000"
     ));
     let manager = Manager::from_config(

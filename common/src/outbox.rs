@@ -169,3 +169,41 @@ pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbErro
         )
         .await?)
 }
+
+/// Publishes the outbox until `stop` fires: at once when `wake` is notified
+/// (a commit that wrote jobs, or `NOTIFY penora_outbox`), and every second.
+/// While the broker is away it backs off (up to 10 s between tries) and the
+/// rows wait safely. Used by the API (right after its commits) and by the
+/// worker (the sweep that catches whatever the API could not publish).
+pub async fn publish_loop(
+    pool: deadpool_postgres::Pool,
+    publisher: std::sync::Arc<crate::broker::Publisher>,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut failures: u32 = 0;
+    while !stop.is_cancelled() {
+        match relay_all(&pool, &publisher).await {
+            Ok(_) => failures = 0,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                if failures == 1 || failures.is_multiple_of(60) {
+                    tracing::warn!(error = %e, "cannot publish the outbox; jobs wait in PostgreSQL");
+                }
+            }
+        }
+        if let Ok(client) = pool.get().await
+            && let Ok((pending, age)) = backlog(&client).await
+        {
+            metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
+            metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
+        }
+        let pause = std::time::Duration::from_secs(u64::from(failures.clamp(1, 10)));
+        tokio::select! {
+            () = stop.cancelled() => break,
+            // While failing, a wake-up does not shorten the back-off.
+            () = wake.notified(), if failures == 0 => {},
+            () = tokio::time::sleep(pause) => {},
+        }
+    }
+}

@@ -43,7 +43,7 @@ pub struct Context {
     /// Queue names.
     pub topology: Topology,
     /// Publishes retry and parked copies, and outbox rows.
-    pub publisher: Publisher,
+    pub publisher: Arc<Publisher>,
     /// When to try again.
     pub policy: RetryPolicy,
     /// Whether the consumers hold a live broker connection.
@@ -85,7 +85,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         initial: settings.retry_base,
         max: settings.retry_max,
     };
-    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-worker", topology.clone());
+    let publisher = Arc::new(Publisher::new(
+        settings.amqp_url.clone(),
+        "penora-worker",
+        topology.clone(),
+    ));
     Ok(Worker {
         ctx: Arc::new(Context {
             settings,
@@ -179,34 +183,7 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
         wake.clone(),
         stop.clone(),
     ));
-    let mut failures = 0u32;
-    while !stop.is_cancelled() {
-        match outbox::relay_all(&ctx.pool, &ctx.publisher).await {
-            Ok(_) => failures = 0,
-            Err(e) => {
-                failures += 1;
-                if failures == 1 || failures % 30 == 0 {
-                    tracing::warn!(error = %e, "outbox relay failed; rows wait");
-                }
-            }
-        }
-        if let Ok(client) = ctx.pool.get().await
-            && let Ok((pending, age)) = outbox::backlog(&client).await
-        {
-            metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
-            metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
-        }
-        let pause = if failures == 0 {
-            Duration::from_secs(1)
-        } else {
-            Duration::from_secs(u64::from(failures.min(10)))
-        };
-        tokio::select! {
-            () = stop.cancelled() => break,
-            () = wake.notified() => {},
-            () = tokio::time::sleep(pause) => {},
-        }
-    }
+    outbox::publish_loop(ctx.pool.clone(), ctx.publisher.clone(), wake, stop).await;
 }
 
 /// Holds a `LISTEN penora_outbox` connection and wakes the relay on each
