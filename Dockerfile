@@ -8,14 +8,14 @@ COPY api api
 COPY common common
 COPY worker worker
 COPY migrations migrations
-RUN cargo build --release --locked --bin penora-api --bin penora-ops
+RUN cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-ops
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates curl \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --system --uid 10001 --no-create-home penora
-COPY --from=build /src/target/release/penora-api /src/target/release/penora-ops /usr/local/bin/
+COPY --from=build /src/target/release/penora-api /src/target/release/penora-worker /src/target/release/penora-ops /usr/local/bin/
 USER penora
 ENV BIND_ADDR=0.0.0.0:5000 \
     LOG_FORMAT=json

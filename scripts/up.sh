@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Brings Penora Credits up on this machine: starts (or installs) PostgreSQL and
-# RabbitMQ, creates the database, builds, starts penora-api in the background,
+# RabbitMQ, creates the database, builds, starts penora-api and penora-worker in the background,
 # prints its URL and a ready key, and runs the integration guide's curl example.
 #
 #   scripts/up.sh          start (or restart) the API
@@ -14,15 +14,17 @@ cd "$(dirname "$0")/.."
 run_dir=target/run
 mkdir -p "$run_dir"
 pid_file=$run_dir/penora-api.pid
+worker_pid_file=$run_dir/penora-worker.pid
 
-stop() {
-  if [ -f "$pid_file" ] && kill -0 "$(cat "$pid_file")" 2>/dev/null; then
-    kill "$(cat "$pid_file")"
-    for _ in $(seq 1 50); do kill -0 "$(cat "$pid_file")" 2>/dev/null || break; sleep 0.2; done
-    echo "stopped penora-api"
+stop_one() { # stop_one PIDFILE NAME
+  if [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; then
+    kill "$(cat "$1")"
+    for _ in $(seq 1 150); do kill -0 "$(cat "$1")" 2>/dev/null || break; sleep 0.2; done
+    echo "stopped $2"
   fi
-  rm -f "$pid_file"
+  rm -f "$1"
 }
+stop() { stop_one "$worker_pid_file" penora-worker; stop_one "$pid_file" penora-api; }
 if [ "${1:-}" = "stop" ]; then stop; exit 0; fi
 
 scripts/services.sh
@@ -45,11 +47,14 @@ if [ -z "${PENORA_API_KEY:-}" ]; then
 fi
 export PENORA_API_KEY
 
-cargo build --locked --bin penora-api --bin penora-ops
+export WORKER_METRICS_ADDR=${WORKER_METRICS_ADDR:-127.0.0.1:9091}
+cargo build --locked --bin penora-api --bin penora-worker --bin penora-ops
 stop
 ./target/debug/penora-ops migrate >/dev/null
 nohup ./target/debug/penora-api >"$run_dir/penora-api.log" 2>&1 &
 echo $! > "$pid_file"
+nohup ./target/debug/penora-worker >"$run_dir/penora-worker.log" 2>&1 &
+echo $! > "$worker_pid_file"
 base="http://$BIND_ADDR"
 for _ in $(seq 1 100); do
   if curl -fsS "$base/health" >/dev/null 2>&1; then break; fi
@@ -67,8 +72,9 @@ cat <<INFO
 
 Penora Credits is up.
   API:      $base   (docs: $base/api/unified/docs, health: $base/health, metrics: $base/metrics)
+  worker:   http://$WORKER_METRICS_ADDR/health, http://$WORKER_METRICS_ADDR/metrics
   API key:  $PENORA_API_KEY
-  logs:     $run_dir/penora-api.log      stop with: scripts/up.sh stop
+  logs:     $run_dir/penora-api.log, $run_dir/penora-worker.log      stop with: scripts/up.sh stop
 
 The integration guide's curl example, against this API:
 INFO
