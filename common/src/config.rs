@@ -173,7 +173,7 @@ impl Settings {
                     });
                 }
             },
-            retry_max_attempts: positive(&get, "RETRY_MAX_ATTEMPTS", 5)?,
+            retry_max_attempts: positive(&get, "RETRY_MAX_ATTEMPTS", 8)?,
             retry_base: Duration::from_millis(positive(&get, "RETRY_BASE_MS", 1000)?),
             retry_max: Duration::from_millis(positive(&get, "RETRY_MAX_MS", 60_000)?),
             worker_prefetch: positive(&get, "WORKER_PREFETCH", 32)?,
