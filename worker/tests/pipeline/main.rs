@@ -9,7 +9,7 @@ use lapin::options::BasicGetOptions;
 use penora_common::broker;
 use serde_json::{Value, json};
 
-use crate::support::{PNG_1X1, sibling_binary, stack, wait_for};
+use crate::support::{PNG_1X1, Proxy, amqp_url, sibling_binary, stack, wait_for};
 
 fn event(event_id: &str, user: &str, code: &str) -> String {
     json!({"event_id": event_id, "user_id": user, "project_code": code,
@@ -591,5 +591,73 @@ async fn reservations_past_their_window_are_settled_by_the_timer() {
         },
     )
     .await;
+    s.stop_worker().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_worker_reconnects_by_itself_when_the_broker_goes_away_and_comes_back() {
+    let proxy = Proxy::start().await;
+    let real = amqp_url();
+    // The worker reaches RabbitMQ through the proxy; the API and ImageGene directly.
+    let mut s = stack(&[("AMQP_URL", &proxy.url)], &[("AMQP_URL", &real)]).await;
+    s.start_worker().await;
+    s.grant("u1", 100).await;
+    s.deduct("u1", 5, "before").await;
+    s.publish_event("failed", &event("ev-before", "u1", "before"))
+        .await;
+    let refunds = || {
+        s.scalar(
+            "SELECT count(*) FROM ledger_entries WHERE user_id = $1 AND kind = 'refund'",
+            "u1",
+        )
+    };
+    wait_for("the first refund", Duration::from_secs(10), || async {
+        refunds().await == 1
+    })
+    .await;
+
+    proxy.cut();
+    let health_url = s
+        .worker_metrics
+        .clone()
+        .expect("worker")
+        .replace("/metrics", "/health");
+    wait_for(
+        "the worker sees the broker gone",
+        Duration::from_secs(10),
+        || async {
+            let h: Value = s
+                .http
+                .get(&health_url)
+                .send()
+                .await
+                .expect("health")
+                .json()
+                .await
+                .expect("json");
+            h["broker"] == json!("unavailable")
+        },
+    )
+    .await;
+    // Work arrives while the worker is cut off; it waits in the queue.
+    s.deduct("u1", 5, "during").await;
+    s.publish_event("failed", &event("ev-during", "u1", "during"))
+        .await;
+    assert_eq!(refunds().await, 1);
+
+    proxy.restore();
+    wait_for(
+        "the refund after the broker came back",
+        Duration::from_secs(30),
+        || async { refunds().await == 2 },
+    )
+    .await;
+    s.wait_idle().await;
+    assert!(s.worker_metric("penora_worker_reconnects_total").await >= 1.0);
+    assert_eq!(
+        s.scalar("SELECT balance FROM accounts WHERE user_id = $1", "u1")
+            .await,
+        100
+    );
     s.stop_worker().await;
 }

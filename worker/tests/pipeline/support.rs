@@ -190,7 +190,7 @@ impl Stack {
     /// Publishes a generation event as ImageGene does.
     pub async fn publish_event(&self, kind: &str, body: &str) {
         let publisher = Publisher::new(
-            self.settings.amqp_url.clone(),
+            penora_common::config::Secret::new(amqp_url()),
             "imagegene-test",
             self.topology.clone(),
         );
@@ -351,5 +351,62 @@ impl Drop for Stack {
             });
         })
         .join();
+    }
+}
+
+/// A TCP proxy in front of RabbitMQ that a test can cut (every connection
+/// through it is dropped and new ones are refused) and restore: the broker
+/// "goes away" for one client without touching the shared broker.
+pub struct Proxy {
+    /// The AMQP URL through the proxy.
+    pub url: String,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Proxy {
+    /// Starts a proxy to 127.0.0.1:5672.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy binds");
+        let port = listener.local_addr().expect("addr").port();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (open2, cuts2) = (open.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !open2.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped: connection refused in effect
+                }
+                let mut cut = cuts2.subscribe();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {},
+                        _ = cut.changed() => {},
+                    }
+                });
+            }
+        });
+        Self {
+            url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            open,
+            cuts,
+        }
+    }
+
+    /// Drops every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
