@@ -35,18 +35,20 @@ struct Content<'a> {
 
 const ENTRY_COLUMNS: &str = "id, user_id, kind, amount, balance_after, app_name, description, project_code, reference, created_at";
 
-fn content_of(row: &tokio_postgres::Row) -> String {
-    let created_at: OffsetDateTime = row.get(9);
+/// The canonical content of the ledger columns (`ENTRY_COLUMNS`) that start
+/// at column `at` of `row`.
+fn content_of(row: &tokio_postgres::Row, at: usize) -> String {
+    let created_at: OffsetDateTime = row.get(at + 9);
     let content = Content {
-        entry_id: row.get(0),
-        user_id: row.get(1),
-        kind: row.get(2),
-        amount: row.get(3),
-        balance_after: row.get(4),
-        app_name: row.get(5),
-        description: row.get(6),
-        project_code: row.get(7),
-        reference: row.get(8),
+        entry_id: row.get(at),
+        user_id: row.get(at + 1),
+        kind: row.get(at + 2),
+        amount: row.get(at + 3),
+        balance_after: row.get(at + 4),
+        app_name: row.get(at + 5),
+        description: row.get(at + 6),
+        project_code: row.get(at + 7),
+        reference: row.get(at + 8),
         created_at: rfc3339_millis(created_at),
     };
     serde_json::to_string(&content).unwrap_or_default()
@@ -107,7 +109,7 @@ pub async fn append(
         return Ok(Appended::AlreadyRecorded);
     }
     let (seq, prev): (i64, Vec<u8>) = (head.get(0), head.get(1));
-    let content = content_of(&entry);
+    let content = content_of(&entry, 0);
     let hash = link(&prev, &content);
     let seq = seq + 1;
     tx.execute(
@@ -206,7 +208,7 @@ pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
                 "record {seq} names ledger entry {entry_id}, which does not exist"
             ));
         } else {
-            let expected = ledger_content(r);
+            let expected = content_of(r, 6);
             if expected != content {
                 problem(format!(
                     "record {seq} does not match ledger entry {entry_id}"
@@ -273,24 +275,6 @@ pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
     })
 }
 
-/// The canonical content of the ledger columns 6.. of a `verify` row.
-fn ledger_content(r: &tokio_postgres::Row) -> String {
-    let created_at: OffsetDateTime = r.get(15);
-    let content = Content {
-        entry_id: r.get(6),
-        user_id: r.get(7),
-        kind: r.get(8),
-        amount: r.get(9),
-        balance_after: r.get(10),
-        app_name: r.get(11),
-        description: r.get(12),
-        project_code: r.get(13),
-        reference: r.get(14),
-        created_at: rfc3339_millis(created_at),
-    };
-    serde_json::to_string(&content).unwrap_or_default()
-}
-
 /// Fetches a ledger entry's canonical content (for tests and tools).
 pub async fn entry_content(
     client: &impl GenericClient,
@@ -302,5 +286,5 @@ pub async fn entry_content(
             &[&entry_id],
         )
         .await?
-        .map(|r| content_of(&r)))
+        .map(|r| content_of(&r, 0)))
 }

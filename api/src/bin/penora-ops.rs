@@ -384,6 +384,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The parked messages to act on: all, or the one with message id `id`.
+fn select_parked<'a>(
+    parked: &'a [broker::Peeked],
+    id: Option<&str>,
+    dead: &str,
+) -> anyhow::Result<Vec<&'a broker::Peeked>> {
+    let chosen: Vec<_> = parked
+        .iter()
+        .filter(|m| id.is_none() || m.message_id.as_deref() == id)
+        .collect();
+    if chosen.is_empty() {
+        bail!(
+            "no parked message{} in {dead}",
+            id.map(|i| format!(" with id {i}")).unwrap_or_default()
+        );
+    }
+    Ok(chosen)
+}
+
 /// The dead queue of `queue` (a work queue name, with or without `.dead`).
 fn dead_queue_of(topology: &Topology, queue: &str) -> anyhow::Result<String> {
     let work = queue.strip_suffix(".dead").unwrap_or(queue);
@@ -435,31 +454,13 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
         DlqCommand::Show { queue, id } => {
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = broker::peek(&ch, &dead, usize::MAX).await?;
-            let chosen: Vec<_> = parked
-                .iter()
-                .filter(|m| id.is_none() || m.message_id == id)
-                .collect();
-            if chosen.is_empty() {
-                bail!(
-                    "no parked message{} in {dead}",
-                    id.map(|i| format!(" with id {i}")).unwrap_or_default()
-                );
-            }
+            let chosen = select_parked(&parked, id.as_deref(), &dead)?;
             println!("{}", serde_json::to_string_pretty(&chosen)?);
         }
         DlqCommand::Replay { queue, id, dry_run } => {
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = broker::peek(&ch, &dead, usize::MAX).await?;
-            let chosen: Vec<_> = parked
-                .iter()
-                .filter(|m| id.is_none() || m.message_id == id)
-                .collect();
-            if chosen.is_empty() {
-                bail!(
-                    "no parked message{} in {dead}",
-                    id.map(|i| format!(" with id {i}")).unwrap_or_default()
-                );
-            }
+            let chosen = select_parked(&parked, id.as_deref(), &dead)?;
             let mut outgoing = Vec::new();
             for m in &chosen {
                 let Some(o) = broker::replay_of(m) else {
