@@ -60,6 +60,10 @@ ensure_rabbitmq() {
     wait_for 120 "RabbitMQ" port_open 5672
     as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
   fi
+  # The management API gives `penora-ops queues` its message rates (and the UI on :15672).
+  if ! port_open 15672; then
+    as_root rabbitmq-plugins enable --quiet rabbitmq_management >/dev/null 2>&1 || log "could not enable the management plugin (rates will show as -)"
+  fi
   log "RabbitMQ is up on 127.0.0.1:5672"
 }
 

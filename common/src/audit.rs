@@ -149,6 +149,14 @@ pub struct Verification {
 /// Checks every chain link, every record against its ledger entry, and that
 /// every ledger entry has its record.
 pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
+    verify_with_progress(client, &|_, _, _| {}).await
+}
+
+/// [`verify`], calling `progress(stage, done, total)` along the way.
+pub async fn verify_with_progress(
+    client: &mut Client,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Verification, DbError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -169,7 +177,11 @@ pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
     let mut current: Option<String> = None;
     let mut expected_seq = 1;
     let mut prev: Vec<u8> = GENESIS.to_vec();
-    for r in &records {
+    let total = records.len() as u64;
+    for (i, r) in records.iter().enumerate() {
+        if i % 5000 == 0 {
+            progress("audit records", i as u64, total);
+        }
         let user: String = r.get(0);
         if current.as_deref() != Some(user.as_str()) {
             current = Some(user.clone());
@@ -224,6 +236,7 @@ pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
         prev = stored_hash;
         expected_seq = seq + 1;
     }
+    progress("audit records", total, total);
     let heads = tx
         .query(
             "SELECT h.user_id, h.seq, h.hash, a.hash FROM audit_heads h \

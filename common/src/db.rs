@@ -188,3 +188,27 @@ pub fn latest_migration_version() -> i32 {
         .max()
         .unwrap_or(0)
 }
+
+/// Whether the database answers and has every migration this build knows
+/// (what `/ready` reports). Returns the schema version on success.
+pub async fn readiness(pool: &Pool) -> Result<i32, String> {
+    let client = pool
+        .get()
+        .await
+        .map_err(|e| format!("database unreachable: {e}"))?;
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0)::int FROM refinery_schema_history",
+            &[],
+        )
+        .await
+        .map_err(|e| format!("schema history unreadable: {e}"))?;
+    let version: i32 = row.get(0);
+    let wanted = latest_migration_version();
+    if version < wanted {
+        return Err(format!(
+            "migrations pending: schema {version}, this build needs {wanted}"
+        ));
+    }
+    Ok(version)
+}

@@ -51,6 +51,15 @@ impl Report {
 /// Runs every check. Read-only; runs in one repeatable-read snapshot so that
 /// concurrent traffic cannot produce false alarms.
 pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<Report, DbError> {
+    run_with_progress(client, quota, &|_, _, _| {}).await
+}
+
+/// [`run`], calling `progress(stage, done, total)` as each check finishes.
+pub async fn run_with_progress(
+    client: &mut deadpool_postgres::Client,
+    quota: i64,
+    progress: &(dyn Fn(&str, u64, u64) + Sync),
+) -> Result<Report, DbError> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -66,6 +75,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
         });
     };
 
+    progress("negative balances", 0, 6);
     for r in tx
         .query(
             "SELECT user_id, balance FROM accounts WHERE balance < 0",
@@ -80,6 +90,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
         );
     }
 
+    progress("balances against ledger sums", 1, 6);
     for r in tx
         .query(
             "SELECT a.user_id, a.balance, coalesce(l.total, 0)::bigint \
@@ -100,6 +111,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
             ),
         );
     }
+    progress("running balances", 2, 6);
     for r in tx
         .query(
             "SELECT user_id, min(id), count(*) FROM ( \
@@ -122,6 +134,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
         );
     }
 
+    progress("reservations", 3, 6);
     for r in tx
         .query(
             "SELECT r.user_id, r.app_name, r.project_code, r.amount, r.state, \
@@ -158,6 +171,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
             ),
         );
     }
+    progress("orphan entries", 4, 6);
     for r in tx
         .query(
             "SELECT l.user_id, l.kind, l.app_name, l.project_code FROM ledger_entries l \
@@ -180,6 +194,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
         );
     }
 
+    progress("storage", 5, 6);
     for r in tx
         .query(
             "SELECT a.user_id, a.storage_used_bytes, coalesce(p.total, 0)::bigint \
@@ -200,6 +215,7 @@ pub async fn run(client: &mut deadpool_postgres::Client, quota: i64) -> Result<R
         push(r.get(0), 6, detail);
     }
 
+    progress("done", 6, 6);
     let counts = tx
         .query_one(
             "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM ledger_entries), \

@@ -118,8 +118,9 @@ impl Worker {
         ));
         let relay = tokio::spawn(relay_loop(ctx.clone(), stop.clone()));
         let timers = tokio::spawn(timer_loop(ctx.clone(), stop.clone()));
+        let gauges = tokio::spawn(queue_gauges(ctx.clone(), stop.clone()));
         consume_loop(ctx.clone(), stop.clone()).await;
-        let _ = tokio::join!(relay, timers, http);
+        let _ = tokio::join!(relay, timers, gauges, http);
         tracing::info!("penora-worker stopped");
         Ok(())
     }
@@ -317,6 +318,53 @@ async fn health(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
+async fn ready(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
+    match db::readiness(&ctx.pool).await {
+        Ok(version) => (
+            StatusCode::OK,
+            Json(serde_json::json!({"ready": true, "schema_version": version})),
+        ),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"ready": false, "reason": reason})),
+        ),
+    }
+}
+
+/// Every 5 seconds, reads the depth and consumer count of every work, retry
+/// and dead queue from the broker into gauges.
+async fn queue_gauges(ctx: Arc<Context>, stop: CancellationToken) {
+    let mut link: Option<(lapin::Connection, lapin::Channel)> = None;
+    while !stop.is_cancelled() {
+        if link.as_ref().is_none_or(|(_, ch)| !ch.status().connected()) {
+            link = None;
+            if let Ok(conn) =
+                broker::connect(ctx.settings.amqp_url.expose(), "penora-worker-gauges").await
+                && let Ok(ch) = conn.create_channel().await
+            {
+                link = Some((conn, ch));
+            }
+        }
+        if let Some((_, ch)) = &link {
+            match broker::queue_stats(ch, &ctx.topology).await {
+                Ok(stats) => {
+                    for s in stats {
+                        metrics::gauge!("penora_queue_messages", "queue" => s.name.clone())
+                            .set(f64::from(s.messages));
+                        metrics::gauge!("penora_queue_consumers", "queue" => s.name)
+                            .set(f64::from(s.consumers));
+                    }
+                }
+                Err(_) => link = None,
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {},
+        }
+    }
+}
+
 async fn serve_http(
     listener: TcpListener,
     ctx: Arc<Context>,
@@ -325,6 +373,7 @@ async fn serve_http(
 ) {
     let app = Router::new()
         .route("/health", get(health))
+        .route("/ready", get(ready))
         .route(
             "/metrics",
             get(move || {

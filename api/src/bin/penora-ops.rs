@@ -89,6 +89,12 @@ enum DlqCommand {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Only messages parked at or after this time (RFC 3339).
+        #[arg(long)]
+        since: Option<String>,
+        /// Only the message with this message id.
+        #[arg(long)]
+        id: Option<String>,
         /// Print as JSON.
         #[arg(long)]
         json: bool,
@@ -274,7 +280,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
         }
         Command::Reconcile { json } => {
-            let report = reconcile::run(&mut client, settings.storage_quota_bytes).await?;
+            let report = reconcile::run_with_progress(
+                &mut client,
+                settings.storage_quota_bytes,
+                &progress_bar,
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -306,7 +317,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Audit {
             command: AuditCommand::Verify { json },
         } => {
-            let v = penora_common::audit::verify(&mut client).await?;
+            let v = penora_common::audit::verify_with_progress(&mut client, &progress_bar).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
@@ -332,16 +343,47 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let ch = connection.create_channel().await?;
             topology.declare(&ch).await?;
             let stats = broker::queue_stats(&ch, &topology).await?;
+            let _ = connection.close(200, "bye".into()).await;
+            let mgmt = management_rates(&settings, &stats).await;
+            let rows: Vec<QueueRow> = stats
+                .iter()
+                .zip(mgmt.iter())
+                .map(|(s, m)| QueueRow {
+                    queue: s.name.clone(),
+                    ready: s.messages,
+                    consumers: s.consumers,
+                    unacked: m.as_ref().map(|m| m.0),
+                    in_per_sec: m.as_ref().map(|m| m.1),
+                    out_per_sec: m.as_ref().map(|m| m.2),
+                })
+                .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
+                println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                let width = stats.iter().map(|s| s.name.len()).max().unwrap_or(5).max(5);
-                println!("{:<width$}  {:>8}  {:>9}", "QUEUE", "MESSAGES", "CONSUMERS");
-                for s in &stats {
-                    println!("{:<width$}  {:>8}  {:>9}", s.name, s.messages, s.consumers);
+                let width = rows.iter().map(|r| r.queue.len()).max().unwrap_or(5).max(5);
+                println!(
+                    "{:<width$}  {:>7}  {:>7}  {:>9}  {:>8}  {:>8}",
+                    "QUEUE", "READY", "UNACKED", "CONSUMERS", "IN/s", "OUT/s"
+                );
+                let opt = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.1}"));
+                for r in &rows {
+                    println!(
+                        "{:<width$}  {:>7}  {:>7}  {:>9}  {:>8}  {:>8}",
+                        r.queue,
+                        r.ready,
+                        r.unacked.map_or_else(|| "-".to_owned(), |v| v.to_string()),
+                        r.consumers,
+                        opt(r.in_per_sec),
+                        opt(r.out_per_sec)
+                    );
+                }
+                if mgmt.iter().all(Option::is_none) {
+                    eprintln!(
+                        "(rates need the RabbitMQ management API at {}: rabbitmq-plugins enable rabbitmq_management)",
+                        management_url(&settings)
+                    );
                 }
             }
-            let _ = connection.close(200, "bye".into()).await;
         }
         Command::Dlq { command } => return dlq(&settings, command).await,
         Command::Event {
@@ -384,6 +426,107 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// One line of `penora-ops queues`.
+#[derive(serde::Serialize)]
+struct QueueRow {
+    queue: String,
+    ready: u32,
+    unacked: Option<u64>,
+    consumers: u32,
+    in_per_sec: Option<f64>,
+    out_per_sec: Option<f64>,
+}
+
+/// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
+/// on the AMQP host).
+fn management_url(settings: &Settings) -> String {
+    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
+        let host = amqp_parts(settings.amqp_url.expose()).2;
+        format!("http://{host}:15672")
+    })
+}
+
+/// (user, password, host, vhost) of an AMQP URL.
+fn amqp_parts(url: &str) -> (String, String, String, String) {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, "%2f"));
+    let (creds, hostport) = authority
+        .rsplit_once('@')
+        .unwrap_or(("guest:guest", authority));
+    let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
+    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
+    let vhost = if vhost.is_empty() { "%2f" } else { vhost };
+    (
+        user.to_owned(),
+        pass.to_owned(),
+        host.to_owned(),
+        vhost.to_owned(),
+    )
+}
+
+/// (unacked, in/s, out/s) per queue from the management API, `None` where it
+/// cannot be had.
+async fn management_rates(
+    settings: &Settings,
+    stats: &[broker::QueueStat],
+) -> Vec<Option<(u64, f64, f64)>> {
+    let (user, pass, _, vhost) = amqp_parts(settings.amqp_url.expose());
+    let base = management_url(settings);
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return vec![None; stats.len()];
+    };
+    let mut out = Vec::with_capacity(stats.len());
+    for s in stats {
+        let url = format!("{base}/api/queues/{vhost}/{}", s.name);
+        let got = async {
+            let v: serde_json::Value = http
+                .get(&url)
+                .basic_auth(&user, Some(&pass))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let rate = |k: &str| v["message_stats"][k]["rate"].as_f64().unwrap_or(0.0);
+            Some((
+                v["messages_unacknowledged"].as_u64().unwrap_or(0),
+                rate("publish_details"),
+                rate("deliver_get_details"),
+            ))
+        }
+        .await;
+        out.push(got);
+    }
+    out
+}
+
+/// Draws `stage done/total` on stderr when it is a terminal.
+fn progress_bar(stage: &str, done: u64, total: u64) {
+    use std::io::{IsTerminal, Write};
+    let mut err = std::io::stderr();
+    if !err.is_terminal() {
+        return;
+    }
+    let width = 30u64;
+    let filled = (done.min(total) * width)
+        .checked_div(total)
+        .unwrap_or(width);
+    let _ = write!(
+        err,
+        "\r[{}{}] {done}/{total} {stage:<30}",
+        "#".repeat(filled as usize),
+        " ".repeat((width - filled) as usize)
+    );
+    if done >= total {
+        let _ = writeln!(err);
+    }
+    let _ = err.flush();
+}
+
 /// The parked messages to act on: all, or the one with message id `id`.
 fn select_parked<'a>(
     parked: &'a [broker::Peeked],
@@ -421,9 +564,35 @@ async fn dlq(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCod
     let ch = connection.create_channel().await?;
     topology.declare(&ch).await?;
     match command {
-        DlqCommand::List { queue, limit, json } => {
+        DlqCommand::List {
+            queue,
+            limit,
+            since,
+            id,
+            json,
+        } => {
             let dead = dead_queue_of(&topology, &queue)?;
-            let parked = broker::peek(&ch, &dead, limit).await?;
+            let since = since
+                .map(|t| {
+                    time::OffsetDateTime::parse(&t, &time::format_description::well_known::Rfc3339)
+                })
+                .transpose()
+                .context("--since must be an RFC 3339 time, e.g. 2026-11-24T06:00:00Z")?;
+            let parked: Vec<_> = broker::peek(&ch, &dead, usize::MAX)
+                .await?
+                .into_iter()
+                .filter(|m| id.is_none() || m.message_id == id)
+                .filter(|m| match (&since, &m.parked_at) {
+                    (None, _) => true,
+                    (Some(since), Some(at)) => time::OffsetDateTime::parse(
+                        at,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .is_ok_and(|at| at >= *since),
+                    (Some(_), None) => false,
+                })
+                .take(limit)
+                .collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&parked)?);
             } else {

@@ -18,6 +18,7 @@ use crate::state::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health))
+        .routes(routes!(ready))
         .routes(routes!(metrics_text))
 }
 
@@ -97,6 +98,60 @@ async fn health(State(state): State<AppState>) -> Response {
     (code, Json(body)).into_response()
 }
 
+/// Answer of `GET /ready`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Whether the service accepts traffic.
+    pub ready: bool,
+    /// The schema version, when ready.
+    pub schema_version: Option<i32>,
+    /// Why not, when not ready.
+    pub reason: Option<String>,
+}
+
+/// Readiness: 200 when the database answers and every migration is applied,
+/// 503 otherwise.
+#[utoipa::path(
+    get, path = "/ready", tag = "system",
+    responses(
+        (status = 200, description = "Accepting traffic", body = Ready),
+        (status = 503, description = "Not ready", body = Ready),
+    )
+)]
+async fn ready(State(state): State<AppState>) -> Response {
+    match tokio::time::timeout(
+        Duration::from_secs(3),
+        penora_common::db::readiness(&state.pool),
+    )
+    .await
+    {
+        Ok(Ok(version)) => Json(Ready {
+            ready: true,
+            schema_version: Some(version),
+            reason: None,
+        })
+        .into_response(),
+        Ok(Err(reason)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Ready {
+                ready: false,
+                schema_version: None,
+                reason: Some(reason),
+            }),
+        )
+            .into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Ready {
+                ready: false,
+                schema_version: None,
+                reason: Some("database did not answer within 3 s".into()),
+            }),
+        )
+            .into_response(),
+    }
+}
+
 /// Prometheus text format.
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
@@ -108,6 +163,14 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         .set((status.size.saturating_sub(status.available)) as f64);
     metrics::gauge!("penora_db_pool_connections", "state" => "idle").set(status.available as f64);
     metrics::gauge!("penora_db_pool_waiting").set(status.waiting as f64);
+    let backlog = async {
+        let client = state.pool.get().await.ok()?;
+        penora_common::outbox::backlog(&client).await.ok()
+    };
+    if let Ok(Some((pending, age))) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
+        metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
+        metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
+    }
     (
         [(
             header::CONTENT_TYPE,
