@@ -410,3 +410,120 @@ impl Proxy {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
+
+/// A `penora-worker` process with its log lines captured.
+pub struct WorkerProcess {
+    child: tokio::process::Child,
+    /// Its `/metrics` URL.
+    pub metrics_url: String,
+    /// Every line it wrote to stdout so far.
+    pub lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Stack {
+    /// Starts `penora-worker` as a process (JSON logs at info level).
+    pub async fn spawn_worker_process(&self) -> WorkerProcess {
+        let mut child = tokio::process::Command::new(sibling_binary("penora-worker"))
+            .envs(self.env())
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("penora-worker starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sink = lines.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            let mut tx = Some(tx);
+            while let Ok(Some(line)) = reader.next_line().await {
+                if let Some(rest) = line.strip_prefix("penora-worker metrics on ")
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(format!("{}/metrics", rest.trim()));
+                }
+                if let Ok(mut all) = sink.lock() {
+                    all.push(line);
+                }
+            }
+        });
+        let metrics_url = tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("the worker prints its metrics address")
+            .expect("address");
+        WorkerProcess {
+            child,
+            metrics_url,
+            lines,
+        }
+    }
+}
+
+impl WorkerProcess {
+    /// Stops it with SIGTERM-free kill (tests only).
+    pub async fn kill(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
+    /// Whether a log line contains every one of `needles`.
+    pub fn logged(&self, needles: &[&str]) -> bool {
+        self.lines
+            .lock()
+            .map(|all| all.iter().any(|l| needles.iter().all(|n| l.contains(n))))
+            .unwrap_or(false)
+    }
+}
+
+/// Prometheus text, parsed: `name{labels}` → value. Panics on a line that is
+/// not valid exposition format.
+pub fn parse_prometheus(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut samples = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        assert!(!line.starts_with('#'), "unexpected comment line: {line}");
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line}"));
+        let name_end = series.find('{').unwrap_or(series.len());
+        let name = &series[..name_end];
+        assert!(
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+                && !name.starts_with(|c: char| c.is_ascii_digit()),
+            "bad metric name in: {line}"
+        );
+        if name_end < series.len() {
+            let labels = &series[name_end..];
+            assert!(labels.ends_with('}'), "unclosed labels: {line}");
+            for pair in labels[1..labels.len() - 1]
+                .split("\",")
+                .filter(|p| !p.is_empty())
+            {
+                let (k, v) = pair
+                    .split_once('=')
+                    .unwrap_or_else(|| panic!("bad label in: {line}"));
+                assert!(
+                    k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                    "bad label name in: {line}"
+                );
+                assert!(v.starts_with('"'), "unquoted label value in: {line}");
+            }
+        }
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            "NaN" => f64::NAN,
+            v => v.parse().unwrap_or_else(|_| panic!("bad value in: {line}")),
+        };
+        samples.insert(series.to_owned(), value);
+    }
+    samples
+}

@@ -1,0 +1,308 @@
+//! What operators rely on: metrics of both services after a real flow, the
+//! dead-letter tooling end to end, and one id following a credit movement
+//! from the HTTP request to the worker's log.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{BOOT_KEY, PNG_1X1, parse_prometheus, stack, wait_for};
+
+fn event(id: &str, user: &str, code: &str) -> String {
+    json!({"event_id": id, "user_id": user, "project_code": code, "occurred_at": "2026-11-24T06:00:00.000Z"}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn both_services_export_prometheus_metrics_with_the_right_counts() {
+    let s = stack(&[], &[]).await;
+    let worker = s.spawn_worker_process().await;
+    s.grant("u1", 100).await;
+    s.deduct("u1", 5, "m_a").await;
+    s.deduct("u1", 5, "m_b").await;
+    let r = s
+        .post(
+            "/api/unified/save-project",
+            &json!({"user_id": "u1", "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": PNG_1X1}),
+        )
+        .await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    s.publish_event("failed", &event("ev-m", "u1", "m_a")).await;
+    s.publish_event("failed", "{broken").await;
+    let dead = s.topology.dead_queue("penora.generation-events");
+    let scrape = |url: String| {
+        let http = s.http.clone();
+        async move {
+            parse_prometheus(
+                &http
+                    .get(url)
+                    .send()
+                    .await
+                    .expect("scrape")
+                    .text()
+                    .await
+                    .expect("text"),
+            )
+        }
+    };
+    let dead_series = format!("penora_queue_messages{{queue=\"{dead}\"}}");
+    wait_for(
+        "the worker's gauges see the parked message",
+        Duration::from_secs(30),
+        || async { scrape(worker.metrics_url.clone()).await.get(&dead_series) == Some(&1.0) },
+    )
+    .await;
+    s.wait_idle().await;
+
+    let api = scrape(format!("{}/metrics", s.base)).await;
+    let get = |m: &std::collections::HashMap<String, f64>, k: &str| {
+        *m.get(k).unwrap_or_else(|| panic!("missing {k}"))
+    };
+    assert_eq!(
+        get(
+            &api,
+            r#"penora_http_requests_total{route="/api/unified/deduct-credits",method="POST",status="200"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            &api,
+            r#"penora_http_requests_total{route="/api/unified/save-project",method="POST",status="202"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &api,
+            r#"penora_http_request_duration_seconds_count{route="/api/unified/deduct-credits"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        get(
+            &api,
+            r#"penora_credits_moved_total{kind="reserved",app="imagegene"}"#
+        ),
+        10.0
+    );
+    assert_eq!(
+        get(
+            &api,
+            r#"penora_credits_moved_total{kind="granted",app="penora"}"#
+        ),
+        100.0
+    );
+    assert!(
+        api.contains_key("penora_outbox_pending_rows")
+            && api.contains_key("penora_outbox_oldest_age_seconds")
+    );
+    assert!(
+        api.contains_key(r#"penora_db_pool_connections{state="in_use"}"#)
+            && api.contains_key("penora_db_pool_waiting")
+    );
+
+    let w = scrape(worker.metrics_url.clone()).await;
+    assert_eq!(
+        get(
+            &w,
+            r#"penora_worker_messages_total{queue="penora.generation-events",outcome="ok"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &w,
+            r#"penora_worker_messages_total{queue="penora.generation-events",outcome="parked"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &w,
+            r#"penora_worker_messages_total{queue="penora.save-project",outcome="ok"}"#
+        ),
+        1.0
+    );
+    // grant, two deducts, one refund: four ledger entries, four audit jobs.
+    assert_eq!(
+        get(
+            &w,
+            r#"penora_worker_messages_total{queue="penora.ledger-audit",outcome="ok"}"#
+        ),
+        4.0
+    );
+    assert_eq!(
+        get(
+            &w,
+            r#"penora_credits_moved_total{kind="refunded",app="imagegene"}"#
+        ),
+        5.0
+    );
+    assert_eq!(get(&w, "penora_event_to_refund_seconds_count"), 1.0);
+    assert!(w.contains_key(
+        r#"penora_worker_handle_duration_seconds_count{queue="penora.ledger-audit"}"#
+    ));
+    let work_queue = format!(
+        "penora_queue_consumers{{queue=\"{}\"}}",
+        s.topology.queue("penora.save-project")
+    );
+    assert_eq!(get(&w, &work_queue), 1.0);
+    assert!(
+        w.keys()
+            .any(|k| k.starts_with("penora_outbox_relay_lag_seconds"))
+    );
+    for text in [api.keys(), w.keys()].into_iter().flatten() {
+        assert!(
+            !text.contains("u1") && !text.contains(BOOT_KEY),
+            "no user id or key as a label: {text}"
+        );
+    }
+    worker.kill().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_parked_message_is_listed_shown_replayed_after_a_dry_run_and_purged() {
+    let mut s = stack(&[], &[]).await;
+    s.start_worker().await;
+    s.grant("u1", 50).await;
+    s.publish_event("failed", &event("ev-p1", "u1", "later"))
+        .await;
+    s.publish_event("failed", "{broken").await;
+    let dead = s.topology.dead_queue("penora.generation-events");
+    wait_for("two parked", Duration::from_secs(10), || async {
+        s.depth(&dead).await == 2
+    })
+    .await;
+
+    let queues = s.ops(&["queues", "--json"]).await;
+    assert!(queues.status.success(), "{queues:?}");
+    let rows: Vec<Value> = serde_json::from_slice(&queues.stdout).expect("json");
+    assert_eq!(
+        rows.len(),
+        s.topology.all_queues().len(),
+        "every queue is listed"
+    );
+    let dead_row = rows
+        .iter()
+        .find(|r| r["queue"] == json!(dead))
+        .expect("the dead queue is listed");
+    assert_eq!(dead_row["ready"], json!(2));
+    let table = String::from_utf8_lossy(&s.ops(&["queues"]).await.stdout).into_owned();
+    assert!(
+        table.starts_with("QUEUE") && table.contains(&dead),
+        "{table}"
+    );
+
+    let listed: Vec<Value> = serde_json::from_slice(
+        &s.ops(&["dlq", "list", "penora.generation-events", "--json"])
+            .await
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(listed.len(), 2);
+    let target = listed
+        .iter()
+        .find(|m| m["error"].as_str().unwrap_or_default().contains("later"))
+        .expect("parked for its unknown reservation");
+    let id = target["message_id"].as_str().expect("id").to_owned();
+    let recent = s
+        .ops(&[
+            "dlq",
+            "list",
+            "penora.generation-events",
+            "--since",
+            "2000-01-01T00:00:00Z",
+            "--id",
+            &id,
+        ])
+        .await;
+    assert!(String::from_utf8_lossy(&recent.stdout).contains(&id));
+    let future = s
+        .ops(&[
+            "dlq",
+            "list",
+            "penora.generation-events",
+            "--since",
+            "2999-01-01T00:00:00Z",
+        ])
+        .await;
+    assert!(String::from_utf8_lossy(&future.stdout).contains("0 parked"));
+
+    let shown = s
+        .ops(&["dlq", "show", "penora.generation-events", "--id", &id])
+        .await;
+    let shown: Vec<Value> = serde_json::from_slice(&shown.stdout).expect("json");
+    assert_eq!(shown.len(), 1);
+    assert!(
+        shown[0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("\"event_id\":\"ev-p1\"")
+    );
+
+    s.deduct("u1", 7, "later").await;
+    let dry = s
+        .ops(&[
+            "dlq",
+            "replay",
+            "penora.generation-events",
+            "--id",
+            &id,
+            "--dry-run",
+        ])
+        .await;
+    assert!(String::from_utf8_lossy(&dry.stdout).contains("would replay"));
+    assert_eq!(s.depth(&dead).await, 2, "a dry run changes nothing");
+    let real = s
+        .ops(&["dlq", "replay", "penora.generation-events", "--id", &id])
+        .await;
+    assert!(real.status.success(), "{real:?}");
+    wait_for("the replay refunds", Duration::from_secs(10), || async {
+        s.scalar("SELECT balance FROM accounts WHERE user_id = $1", "u1")
+            .await
+            == 50
+    })
+    .await;
+    assert_eq!(s.depth(&dead).await, 1);
+
+    let refused = s.ops(&["dlq", "purge", "penora.generation-events"]).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stdout).contains("would delete 1"));
+    assert_eq!(s.depth(&dead).await, 1, "nothing deleted without --yes");
+    let purged = s
+        .ops(&["dlq", "purge", "penora.generation-events", "--yes"])
+        .await;
+    assert!(purged.status.success());
+    assert_eq!(s.depth(&dead).await, 0);
+    s.stop_worker().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_id_sent_with_a_deduct_appears_in_the_audit_jobs_log_line() {
+    let s = stack(&[], &[]).await;
+    let worker = s.spawn_worker_process().await;
+    s.grant("u1", 10).await;
+    let r = s
+        .http
+        .post(format!("{}/api/unified/deduct-credits", s.base))
+        .header("X-API-Key", BOOT_KEY)
+        .header("X-Request-Id", "corr-7f3c2a-deduct")
+        .json(&json!({"user_id": "u1", "amount": 2, "app_name": "imagegene", "project_code": "c1"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.headers()["x-request-id"], "corr-7f3c2a-deduct");
+    wait_for(
+        "the audit job's log line carries the id",
+        Duration::from_secs(15),
+        || async {
+            worker.logged(&[
+                "corr-7f3c2a-deduct",
+                "message handled",
+                "penora.ledger-audit",
+            ])
+        },
+    )
+    .await;
+    worker.kill().await;
+}
