@@ -106,7 +106,18 @@ pub async fn relay_once(
             properties: props,
         });
     }
-    publisher.publish_all(messages).await?;
+    if let Err(e) = publisher.publish_all(messages).await {
+        // Keep the rows unsent, but say why on them (for operators).
+        tx.rollback().await.map_err(DbError::from)?;
+        let text = e.to_string();
+        let _ = client
+            .execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1) AND published_at IS NULL",
+                &[&ids, &text],
+            )
+            .await;
+        return Err(e.into());
+    }
     tx.execute(
         "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
         &[&ids],

@@ -392,6 +392,10 @@ async fn with_the_broker_unreachable_deducts_succeed_and_every_entry_is_audited_
         json!(31),
         "every movement's job waits in the outbox"
     );
+    wait_for("the failed publish is recorded on the rows", Duration::from_secs(10), || async {
+        s.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL AND attempts > 0 AND $1 = $1", "").await > 0
+    })
+    .await;
     // The broker "returns": a worker that reaches it relays the outbox.
     s.start_worker().await;
     wait_for("every entry audited", Duration::from_secs(30), || async {
