@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Benchmarks Penora Credits against raw PostgreSQL and RabbitMQ in one run:
+# a fresh database and queue prefix, penora-api and penora-worker in release
+# mode, 100,000 seeded users, every workload at 1, 16 and 64 connections, the
+# service and the raw baseline back to back on the same data.
+#
+#   scripts/bench.sh            full run (~10 s per point); writes docs/benchmarks.md and docs/benchmarks.svg
+#   scripts/bench.sh --quick    a few seconds per point (< 2 minutes); writes target/bench/ only
+#
+# Not part of the test suite: the figures are printed, never asserted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+quick=0
+[ "${1:-}" = "--quick" ] && quick=1
+
+scripts/services.sh
+cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-bench
+
+stamp=$(date +%s)
+db=penora_bench_$stamp
+prefix=bench${stamp}_
+admin=postgres://postgres@127.0.0.1:5432/postgres
+export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
+export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+export AMQP_PREFIX=$prefix
+export PENORA_API_KEY=bench-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+export RATE_LIMIT_PER_SEC=10000000 RATE_LIMIT_BURST=10000000
+export LOG_FORMAT=json RUST_LOG=warn
+export DB_POOL_SIZE=${DB_POOL_SIZE:-32}
+export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
+out=target/bench; mkdir -p "$out"
+
+psql "$admin" -qc "CREATE DATABASE $db"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+  # The run's queues and exchanges.
+  if command -v rabbitmqctl >/dev/null; then
+    for q in $(rabbitmqctl list_queues -q name 2>/dev/null | grep "^$prefix" || true); do
+      rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true
+    done
+    for x in $(rabbitmqctl list_exchanges -q name 2>/dev/null | grep "^$prefix" || true); do
+      rabbitmqadmin -q delete exchange name="$x" >/dev/null 2>&1 || true
+    done
+  fi
+}
+trap cleanup EXIT
+
+./target/release/penora-api >"$out/api.log" 2>&1 &
+pids+=($!); api_pid=$!
+./target/release/penora-worker >"$out/worker.log" 2>&1 &
+pids+=($!); worker_pid=$!
+api=""
+for _ in $(seq 1 100); do
+  api=$(grep -o 'penora-api listening on http://[0-9.:]*' "$out/api.log" | sed 's/penora-api listening on //' || true)
+  [ -n "$api" ] && break
+  sleep 0.2
+done
+[ -n "$api" ] || { echo "penora-api did not start:"; cat "$out/api.log"; exit 1; }
+
+if [ "$quick" -eq 1 ]; then
+  args=(--secs 2 --users 100000 --refund-events 1000 --markdown "$out/benchmarks.md" --svg "$out/benchmarks.svg" --command "scripts/bench.sh --quick")
+else
+  args=(--secs 10 --users 100000 --refund-events 5000 --markdown docs/benchmarks.md --svg docs/benchmarks.svg --command "scripts/bench.sh")
+fi
+./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" "${args[@]}"
