@@ -833,7 +833,10 @@ fn chart(path: &str, rows: &[Row]) -> anyhow::Result<()> {
             .x_label_area_size(30)
             .y_label_area_size(60)
             // Log scale: throughputs span 100 to 30,000/s, latencies 0.3 to 500 ms.
-            .build_cartesian_2d(-0.2f64..(concs.len() as f64 - 0.8), (0.1f64..max_y).log_scale())?;
+            .build_cartesian_2d(
+                -0.2f64..(concs.len() as f64 - 0.8),
+                (0.1f64..max_y).log_scale(),
+            )?;
         chart
             .configure_mesh()
             .x_labels(concs.len())
