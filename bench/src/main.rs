@@ -237,21 +237,12 @@ async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     let result: Result<bool, tokio_postgres::Error> = async {
         let tx = client.transaction().await?;
         let debit = tx
-            .prepare_cached(
-                "UPDATE accounts SET balance = balance - $2, updated_at = now() \
-                 WHERE user_id = $1 AND balance >= $2 RETURNING balance",
-            )
+            .prepare_cached(penora_common::ledger::DEBIT_SQL)
             .await?;
         let Some(row) = tx.query_opt(&debit, &[&user, &1i64]).await? else { return Ok(false) };
         let balance: i64 = row.get(0);
         let claim = tx
-            .prepare_cached(
-                "INSERT INTO reservations \
-                   (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
-                 VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
-                 ON CONFLICT (app_name, project_code) DO NOTHING \
-                 RETURNING created_at, refundable_until",
-            )
+            .prepare_cached(penora_common::ledger::CLAIM_RESERVATION_SQL)
             .await?;
         let desc: Option<&str> = None;
         if tx
@@ -262,11 +253,7 @@ async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
             return Ok(false);
         }
         let entry = tx
-            .prepare_cached(
-                "INSERT INTO ledger_entries \
-                   (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at",
-            )
+            .prepare_cached(penora_common::ledger::INSERT_ENTRY_SQL)
             .await?;
             let reference: Option<&str> = None;
         let id: i64 = tx
@@ -274,10 +261,7 @@ async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
             .await?
             .get(0);
         let outbox = tx
-            .prepare_cached(
-                "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
+            .prepare_cached(penora_common::outbox::INSERT_SQL)
             .await?;
         let payload = json!({"entry_id": id, "user_id": user, "kind": "deduct", "amount": -1, "balance_after": balance});
         let corr: Option<&str> = None;
@@ -299,13 +283,7 @@ async fn raw_user_info(pool: &Pool, user: &str) -> bool {
         return false;
     };
     let Ok(stmt) = client
-        .prepare_cached(
-            "SELECT a.balance, a.storage_used_bytes, \
-               (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
-               (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
-                  WHERE r.user_id = a.user_id AND r.state = 'reserved') \
-             FROM accounts a WHERE a.user_id = $1",
-        )
+        .prepare_cached(penora_common::ledger::ACCOUNT_SUMMARY_SQL)
         .await
     else {
         return false;
@@ -325,10 +303,7 @@ async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let tx = client.transaction().await?;
         let size = data.len() as i64;
         let reserve = tx
-            .prepare_cached(
-                "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
-                 WHERE user_id = $1 AND storage_used_bytes + $2 <= $3 RETURNING storage_used_bytes",
-            )
+            .prepare_cached(penora_common::projects::RESERVE_STORAGE_SQL)
             .await?;
         if tx.query_opt(&reserve, &[&user, &size, &1_048_576i64]).await?.is_none() {
             return Ok(false);
@@ -336,25 +311,17 @@ async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let id = uuid::Uuid::now_v7();
         let code: Option<&str> = None;
         let insert = tx
-            .prepare_cached(
-                "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-                 ON CONFLICT (user_id, app_source, project_code) WHERE project_code IS NOT NULL DO NOTHING \
-                 RETURNING created_at",
-            )
+            .prepare_cached(penora_common::projects::INSERT_PROJECT_SQL)
             .await?;
         tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code])
             .await?;
         let content = tx
-            .prepare_cached("INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)")
+            .prepare_cached(penora_common::projects::INSERT_CONTENT_SQL)
             .await?;
         let url: Option<&str> = None;
         tx.execute(&content, &[&user, &id, &data, &url]).await?;
         let outbox = tx
-            .prepare_cached(
-                "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
+            .prepare_cached(penora_common::outbox::INSERT_SQL)
             .await?;
         let corr: Option<&str> = None;
         let payload = json!({"user_id": user, "project_id": id, "app_source": "benchraw", "project_code": null});

@@ -26,6 +26,26 @@ use crate::{
     outbox,
 };
 
+/// SQL of a deduct's guarded debit (also driven raw by the benchmark).
+pub const DEBIT_SQL: &str = "UPDATE accounts SET balance = balance - $2, updated_at = now() \
+     WHERE user_id = $1 AND balance >= $2 RETURNING balance";
+/// SQL claiming a deduct's idempotency key by inserting its reservation.
+pub const CLAIM_RESERVATION_SQL: &str = "INSERT INTO reservations \
+       (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
+     VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
+     ON CONFLICT (app_name, project_code) DO NOTHING \
+     RETURNING created_at, refundable_until";
+/// SQL appending a ledger row.
+pub const INSERT_ENTRY_SQL: &str = "INSERT INTO ledger_entries \
+       (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at";
+/// SQL of `user-info`'s summary.
+pub const ACCOUNT_SUMMARY_SQL: &str = "SELECT a.balance, a.storage_used_bytes, \
+       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
+       (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
+          WHERE r.user_id = a.user_id AND r.state = 'reserved') \
+     FROM accounts a WHERE a.user_id = $1";
+
 /// Why a credit movement was refused. Each variant maps to one API error.
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -117,13 +137,7 @@ async fn append_entry(
     e: Entry<'_>,
     correlation_id: Option<&str>,
 ) -> Result<(i64, OffsetDateTime), DbError> {
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO ledger_entries \
-               (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(INSERT_ENTRY_SQL).await?;
     let row = tx
         .query_one(
             &stmt,
@@ -343,12 +357,7 @@ pub async fn deduct(
     let amount = d.amount.get();
     let window_secs = d.refund_window.as_secs_f64();
     let tx = client.transaction().await?;
-    let debit = tx
-        .prepare_cached(
-            "UPDATE accounts SET balance = balance - $2, updated_at = now() \
-             WHERE user_id = $1 AND balance >= $2 RETURNING balance",
-        )
-        .await?;
+    let debit = tx.prepare_cached(DEBIT_SQL).await?;
     let Some(row) = tx.query_opt(&debit, &[&user, &amount]).await? else {
         tx.rollback().await?;
         // Not enough credits, no account, or an earlier identical request took them.
@@ -367,15 +376,7 @@ pub async fn deduct(
         });
     };
     let new_balance: i64 = row.get(0);
-    let claim = tx
-        .prepare_cached(
-            "INSERT INTO reservations \
-               (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
-             VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
-             ON CONFLICT (app_name, project_code) DO NOTHING \
-             RETURNING created_at, refundable_until",
-        )
-        .await?;
+    let claim = tx.prepare_cached(CLAIM_RESERVATION_SQL).await?;
     let claimed = tx
         .query_opt(
             &claim,
@@ -797,15 +798,7 @@ pub async fn account_summary(
     client: &impl GenericClient,
     user_id: &UserId,
 ) -> Result<Option<AccountSummary>, DbError> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT a.balance, a.storage_used_bytes, \
-               (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
-               (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
-                  WHERE r.user_id = a.user_id AND r.state = 'reserved') \
-             FROM accounts a WHERE a.user_id = $1",
-        )
-        .await?;
+    let stmt = client.prepare_cached(ACCOUNT_SUMMARY_SQL).await?;
     Ok(client
         .query_opt(&stmt, &[&user_id.as_str()])
         .await?

@@ -10,6 +10,10 @@ use uuid::Uuid;
 
 use crate::{db::DbError, messages::JOBS_EXCHANGE};
 
+/// SQL writing one outbox row (also driven raw by the benchmark).
+pub const INSERT_SQL: &str = "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
 /// Writes a job for `routing_key` on the jobs exchange, in the caller's
 /// transaction. Returns the message id that the published message will carry.
 pub async fn enqueue_job(
@@ -22,12 +26,7 @@ pub async fn enqueue_job(
     let message_id = Uuid::now_v7();
     let payload =
         serde_json::to_value(payload).map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
-    let stmt = tx
-        .prepare_cached(
-            "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
-        )
-        .await?;
+    let stmt = tx.prepare_cached(INSERT_SQL).await?;
     tx.execute(
         &stmt,
         &[

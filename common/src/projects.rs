@@ -20,6 +20,18 @@ use crate::{
     outbox,
 };
 
+/// SQL reserving a save's bytes against the quota (also driven raw by the benchmark).
+pub const RESERVE_STORAGE_SQL: &str = "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
+     WHERE user_id = $1 AND storage_used_bytes + $2 <= $3 RETURNING storage_used_bytes";
+/// SQL recording a project.
+pub const INSERT_PROJECT_SQL: &str = "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (user_id, app_source, project_code) WHERE project_code IS NOT NULL DO NOTHING \
+     RETURNING created_at";
+/// SQL storing a project's content.
+pub const INSERT_CONTENT_SQL: &str =
+    "INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)";
+
 /// Content as submitted, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
@@ -167,12 +179,7 @@ pub async fn save(
     let user = p.user_id.as_str();
     let size = p.content.size();
     let tx = client.transaction().await?;
-    let reserve = tx
-        .prepare_cached(
-            "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
-             WHERE user_id = $1 AND storage_used_bytes + $2 <= $3 RETURNING storage_used_bytes",
-        )
-        .await?;
+    let reserve = tx.prepare_cached(RESERVE_STORAGE_SQL).await?;
     let Some(row) = tx.query_opt(&reserve, &[&user, &size, &quota]).await? else {
         tx.rollback().await?;
         if let Some(first) = find_by_code(client, p, quota).await? {
@@ -195,14 +202,7 @@ pub async fn save(
     let used: i64 = row.get(0);
     let id = Uuid::now_v7();
     let code = p.project_code.as_ref().map(ProjectCode::as_str);
-    let insert = tx
-        .prepare_cached(
-            "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
-             ON CONFLICT (user_id, app_source, project_code) WHERE project_code IS NOT NULL DO NOTHING \
-             RETURNING created_at",
-        )
-        .await?;
+    let insert = tx.prepare_cached(INSERT_PROJECT_SQL).await?;
     let Some(inserted) = tx
         .query_opt(
             &insert,
@@ -228,11 +228,7 @@ pub async fn save(
         Content::Bytes(b) => (Some(b.as_slice()), None),
         Content::Url(u) => (None, Some(u.as_str())),
     };
-    let content = tx
-        .prepare_cached(
-            "INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)",
-        )
-        .await?;
+    let content = tx.prepare_cached(INSERT_CONTENT_SQL).await?;
     tx.execute(&content, &[&user, &id, &data, &url]).await?;
     let job = SaveProjectJob {
         user_id: user.to_owned(),
