@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
 # Runs every test: unit tests and the integration tests against the real
-# PostgreSQL (each test in a database of its own). Starts the services first.
-# Extra arguments go to the test runner (e.g. a filter).
+# PostgreSQL and RabbitMQ (each test with a database and a queue prefix of its
+# own). Starts the services first. Extra arguments go to nextest (e.g. a filter).
+#
+# nextest runs each test in its own process, which the tests rely on (the
+# metrics recorder is process-wide, and the metrics tests count exactly); it
+# is installed from crates.io when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh
-cargo build --workspace --all-targets --locked
-if cargo nextest --version >/dev/null 2>&1; then
-  exec cargo nextest run --workspace --locked --no-fail-fast "$@"
-else
-  exec cargo test --workspace --locked --no-fail-fast "$@"
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "[test] installing cargo-nextest from crates.io (once)" >&2
+  cargo install --locked cargo-nextest
 fi
+cargo build --workspace --all-targets --locked
+exec cargo nextest run --workspace --locked --no-fail-fast "$@"

@@ -460,31 +460,15 @@ async fn a_job_that_fails_twice_with_a_passing_error_succeeds_on_the_third_attem
     let mut s = stack(&[("DB_LOCK_TIMEOUT_MS", "100")], &[]).await;
     s.grant("u1", 10).await; // its audit job runs now, before the lock
     s.start_worker().await;
-    wait_for("first entry audited", Duration::from_secs(10), || async {
-        s.scalar(
-            "SELECT count(*) FROM audit_records WHERE user_id = $1",
-            "u1",
-        )
-        .await
-            == 1
-    })
-    .await;
     // Hold the user's audit chain: the next audit job cannot take its lock.
-    let mut holder = s.pool.get().await.expect("db");
-    let tx = holder.transaction().await.expect("tx");
-    tx.execute(
-        "SELECT 1 FROM audit_heads WHERE user_id = 'u1' FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("locked");
+    let holder = s.hold_audit_chain("u1").await;
     s.deduct("u1", 2, "r1").await;
     let retried = "penora_worker_messages_total{queue=\"penora.ledger-audit\",outcome=\"retried\"}";
     wait_for("two failed attempts", Duration::from_secs(20), || async {
         s.worker_metric(retried).await >= 2.0
     })
     .await;
-    tx.rollback().await.expect("released");
+    holder.batch_execute("ROLLBACK").await.expect("released");
     wait_for(
         "the third attempt succeeds",
         Duration::from_secs(20),
@@ -511,30 +495,15 @@ async fn a_job_that_always_fails_is_parked_with_its_history_in_the_headers() {
     let mut s = stack(&[("DB_LOCK_TIMEOUT_MS", "100")], &[]).await;
     s.grant("u1", 10).await;
     s.start_worker().await;
-    wait_for("first entry audited", Duration::from_secs(10), || async {
-        s.scalar(
-            "SELECT count(*) FROM audit_records WHERE user_id = $1",
-            "u1",
-        )
-        .await
-            == 1
-    })
-    .await;
-    let mut holder = s.pool.get().await.expect("db");
-    let tx = holder.transaction().await.expect("tx");
-    tx.execute(
-        "SELECT 1 FROM audit_heads WHERE user_id = 'u1' FOR UPDATE",
-        &[],
-    )
-    .await
-    .expect("locked");
+    // Hold the user's audit chain: the next audit job cannot take its lock.
+    let holder = s.hold_audit_chain("u1").await;
     s.deduct("u1", 2, "r1").await;
     let dead = s.topology.dead_queue("penora.ledger-audit");
     wait_for("the job is parked", Duration::from_secs(30), || async {
         s.depth(&dead).await == 1
     })
     .await;
-    tx.rollback().await.expect("released");
+    holder.batch_execute("ROLLBACK").await.expect("released");
     let connection = broker::connect(&support::amqp_url(), "penora-tests")
         .await
         .expect("broker");

@@ -217,8 +217,8 @@ impl Stack {
             .get(0)
     }
 
-    /// Depth of a queue (ready messages).
-    pub async fn depth(&self, queue: &str) -> u32 {
+    /// Depth and consumers of every queue of this test.
+    pub async fn queue_stats(&self) -> Vec<broker::QueueStat> {
         let connection = broker::connect(&amqp_url(), "penora-tests")
             .await
             .expect("broker");
@@ -228,13 +228,19 @@ impl Stack {
             .expect("stats");
         let _ = connection.close(200, "bye".into()).await;
         stats
+    }
+
+    /// Depth of a queue (ready messages).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        self.queue_stats()
+            .await
             .into_iter()
             .find(|s| s.name == queue)
             .map_or(0, |s| s.messages)
     }
 
     /// Waits until the outbox is empty and no work or retry queue holds a
-    /// message, and `extra` holds.
+    /// message.
     pub async fn wait_idle(&self) {
         wait_for(
             "outbox and queues drained",
@@ -246,24 +252,42 @@ impl Stack {
                         "",
                     )
                     .await;
-                if pending > 0 {
-                    return false;
-                }
-                let connection = broker::connect(&amqp_url(), "penora-tests")
-                    .await
-                    .expect("broker");
-                let ch = connection.create_channel().await.expect("channel");
-                let stats = broker::queue_stats(&ch, &self.topology)
-                    .await
-                    .expect("stats");
-                let _ = connection.close(200, "bye".into()).await;
-                stats
-                    .iter()
-                    .filter(|s| !s.name.ends_with(".dead"))
-                    .all(|s| s.messages == 0)
+                pending == 0
+                    && self
+                        .queue_stats()
+                        .await
+                        .iter()
+                        .filter(|s| !s.name.ends_with(".dead"))
+                        .all(|s| s.messages == 0)
             },
         )
         .await;
+    }
+
+    /// Waits until `user`'s first ledger entry is audited, then holds the
+    /// lock on the user's audit chain in an open transaction on the returned
+    /// connection: audit jobs for that user fail with a lock timeout (a real
+    /// passing error) until `ROLLBACK` is sent on it.
+    pub async fn hold_audit_chain(&self, user: &str) -> deadpool_postgres::Object {
+        wait_for("first entry audited", Duration::from_secs(10), || async {
+            self.scalar(
+                "SELECT count(*) FROM audit_records WHERE user_id = $1",
+                user,
+            )
+            .await
+                == 1
+        })
+        .await;
+        let holder = self.pool.get().await.expect("db");
+        holder.batch_execute("BEGIN").await.expect("begin");
+        holder
+            .execute(
+                "SELECT 1 FROM audit_heads WHERE user_id = $1 FOR UPDATE",
+                &[&user],
+            )
+            .await
+            .expect("locked");
+        holder
     }
 
     /// The worker's metric `name{labels}` (0 when absent).
