@@ -6,12 +6,16 @@
 #
 #   scripts/bench.sh            full run (~10 s per point); writes docs/benchmarks.md and docs/benchmarks.svg
 #   scripts/bench.sh --quick    a few seconds per point (< 2 minutes); writes target/bench/ only
+#   scripts/bench.sh --quick --workloads hot --concurrency 64   one point (extra arguments go to penora-bench)
 #
 # Not part of the test suite: the figures are printed, never asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 quick=0
-[ "${1:-}" = "--quick" ] && quick=1
+[ "${1:-}" = "--quick" ] && { quick=1; shift; }
+# Anything else is passed to penora-bench, e.g. `--workloads hot --concurrency 64`
+# to measure one point while working on it.
+extra=("$@")
 
 scripts/services.sh
 cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-bench
@@ -65,4 +69,4 @@ if [ "$quick" -eq 1 ]; then
 else
   args=(--secs 10 --users 100000 --refund-events 5000 --markdown docs/benchmarks.md --svg docs/benchmarks.svg --command "scripts/bench.sh")
 fi
-./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" "${args[@]}"
+./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" "${args[@]}" "${extra[@]}"

@@ -5,6 +5,7 @@
 //! resolves, then drains in-flight requests.
 
 pub mod auth;
+pub mod coalesce;
 pub mod error;
 pub mod extract;
 pub mod routes;

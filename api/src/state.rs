@@ -8,6 +8,8 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::config::Settings;
 
+use crate::coalesce::Coalescer;
+
 /// Everything a handler may need; cheap to clone.
 #[derive(Clone)]
 pub struct AppState {
@@ -23,6 +25,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Wakes the outbox publisher after a commit that wrote jobs.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Deductions, carried out together when they arrive together.
+    pub deducts: Coalescer,
 }
 
 impl AppState {
@@ -43,6 +47,11 @@ impl AppState {
                 .bootstrap_api_key
                 .as_ref()
                 .map(|k| penora_common::keys::digest(k.expose())),
+            deducts: Coalescer::start(
+                pool.clone(),
+                settings.deduct_batch_max,
+                settings.deduct_batches_in_flight,
+            ),
             pool,
             settings: Arc::new(settings),
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),

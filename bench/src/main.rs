@@ -35,6 +35,7 @@ use serde_json::json;
 #[derive(Parser, Debug)]
 #[command(
     name = "penora-bench",
+    args_override_self = true,
     about = "Benchmark Penora Credits against raw PostgreSQL and RabbitMQ"
 )]
 struct Args {

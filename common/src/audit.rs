@@ -126,6 +126,134 @@ pub async fn append(
     Ok(Appended::Recorded(seq))
 }
 
+/// Appends the records of many ledger entries in one transaction (the
+/// worker's group commit), with the rules of [`append`]: each chain's head is
+/// locked (in `user_id` order, so two batches cannot deadlock), an entry
+/// already recorded is left alone, and a user's new entries are chained in
+/// ledger order. Returns one answer per `(user_id, entry_id)`, in order; an
+/// entry named twice is recorded once and answered `AlreadyRecorded` the
+/// second time.
+pub async fn append_many(
+    client: &mut Client,
+    items: &[(String, i64)],
+) -> Result<Vec<Appended>, DbError> {
+    let tx = client.transaction().await?;
+    let mut users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let ids: Vec<i64> = items.iter().map(|(_, id)| *id).collect();
+    let item_users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
+
+    let entries = tx
+        .query(
+            &format!(
+                "SELECT {ENTRY_COLUMNS} FROM ledger_entries \
+                 WHERE (user_id, id) IN (SELECT * FROM unnest($1::text[], $2::int8[]))"
+            ),
+            &[&item_users, &ids],
+        )
+        .await?;
+    let heads_insert = tx
+        .prepare_cached(
+            "INSERT INTO audit_heads (user_id, seq, hash) \
+             SELECT u, 0, $2 FROM unnest($1::text[]) AS u ORDER BY u ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&heads_insert, &[&users, &GENESIS.as_slice()])
+        .await?;
+    let heads_lock = tx
+        .prepare_cached(
+            "SELECT user_id, seq, hash FROM audit_heads WHERE user_id = ANY($1::text[]) \
+             ORDER BY user_id FOR UPDATE",
+        )
+        .await?;
+    let mut heads: std::collections::HashMap<String, (i64, Vec<u8>)> = tx
+        .query(&heads_lock, &[&users])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let done_stmt = tx
+        .prepare_cached("SELECT entry_id FROM audit_records WHERE entry_id = ANY($1::int8[])")
+        .await?;
+    let done: std::collections::HashSet<i64> = tx
+        .query(&done_stmt, &[&ids])
+        .await?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+
+    // New records, chained per user in ledger order.
+    let mut found: Vec<&tokio_postgres::Row> = entries.iter().collect();
+    found.sort_by_key(|r| r.get::<_, i64>(0));
+    let mut recorded: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
+    let (mut r_users, mut r_seqs, mut r_ids, mut r_prev, mut r_hash, mut r_content) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
+    for entry in found {
+        let entry_id: i64 = entry.get(0);
+        if done.contains(&entry_id) || recorded.contains_key(&entry_id) {
+            continue;
+        }
+        let user: String = entry.get(1);
+        let Some((seq, prev)) = heads.get_mut(&user) else {
+            return Err(DbError::Other(format!("no audit head for user {user:?}")));
+        };
+        let content = content_of(entry, 0);
+        let hash = link(prev, &content);
+        *seq += 1;
+        r_users.push(user);
+        r_seqs.push(*seq);
+        r_ids.push(entry_id);
+        r_prev.push(std::mem::replace(prev, hash.to_vec()));
+        r_hash.push(hash.to_vec());
+        r_content.push(content);
+        recorded.insert(entry_id, *seq);
+    }
+    if !r_ids.is_empty() {
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], $6::text[])",
+            )
+            .await?;
+        tx.execute(
+            &insert,
+            &[&r_users, &r_seqs, &r_ids, &r_prev, &r_hash, &r_content],
+        )
+        .await?;
+        let (h_users, (h_seqs, h_hashes)): (Vec<&str>, (Vec<i64>, Vec<&[u8]>)) = heads
+            .iter()
+            .map(|(u, (seq, hash))| (u.as_str(), (*seq, hash.as_slice())))
+            .unzip();
+        let advance = tx
+            .prepare_cached(
+                "UPDATE audit_heads h SET seq = v.seq, hash = v.hash \
+                 FROM unnest($1::text[], $2::int8[], $3::bytea[]) AS v(user_id, seq, hash) \
+                 WHERE h.user_id = v.user_id AND h.seq <> v.seq",
+            )
+            .await?;
+        tx.execute(&advance, &[&h_users, &h_seqs, &h_hashes]).await?;
+    }
+    tx.commit().await?;
+
+    let existing: std::collections::HashSet<i64> = entries.iter().map(|r| r.get(0)).collect();
+    let mut answered = std::collections::HashSet::new();
+    Ok(items
+        .iter()
+        .map(|(_, id)| {
+            if !existing.contains(id) {
+                Appended::NoSuchEntry
+            } else if let Some(seq) = recorded.get(id)
+                && answered.insert(*id)
+            {
+                Appended::Recorded(*seq)
+            } else {
+                Appended::AlreadyRecorded
+            }
+        })
+        .collect())
+}
+
 /// One problem `verify` found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Finding {

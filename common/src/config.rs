@@ -86,6 +86,15 @@ pub struct Settings {
     pub db_lock_timeout: Duration,
     /// `MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// `DEDUCT_BATCH_MAX`: most deductions the API carries out in one
+    /// transaction (1 turns group commit off).
+    pub deduct_batch_max: usize,
+    /// `DEDUCT_BATCHES_IN_FLIGHT`: deduction transactions the API runs at once;
+    /// requests arriving meanwhile wait and go together in the next one.
+    pub deduct_batches_in_flight: usize,
+    /// `WORKER_BATCH_MAX`: most deliveries of one queue the worker handles in
+    /// one transaction (1 turns group commit off).
+    pub worker_batch_max: usize,
     /// `PRICE_TABLE`: credit prices used by `/quote`.
     pub price_table: PriceTable,
     /// `AMQP_PREFIX`: prepended to every exchange and queue name (empty in
@@ -155,6 +164,9 @@ impl Settings {
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_lock_timeout: Duration::from_millis(positive(&get, "DB_LOCK_TIMEOUT_MS", 5000)?),
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
+            deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
+            deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 4)?,
+            worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
             price_table: match get("PRICE_TABLE") {
                 None => PriceTable::default(),
                 Some(raw) => raw.parse().map_err(|reason| ConfigError {
@@ -176,7 +188,7 @@ impl Settings {
             retry_max_attempts: positive(&get, "RETRY_MAX_ATTEMPTS", 8)?,
             retry_base: Duration::from_millis(positive(&get, "RETRY_BASE_MS", 1000)?),
             retry_max: Duration::from_millis(positive(&get, "RETRY_MAX_MS", 60_000)?),
-            worker_prefetch: positive(&get, "WORKER_PREFETCH", 32)?,
+            worker_prefetch: positive(&get, "WORKER_PREFETCH", 256)?,
             settle_interval: Duration::from_secs(positive(&get, "SETTLE_INTERVAL_SECS", 30)?),
             shutdown_deadline: Duration::from_secs(positive(&get, "SHUTDOWN_DEADLINE_SECS", 20)?),
         };

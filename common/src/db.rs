@@ -18,7 +18,7 @@ refinery::embed_migrations!("../migrations");
 const MIGRATION_LOCK_KEY: i64 = 0x70_65_6e_6f_72_61;
 
 /// What went wrong talking to PostgreSQL, classified for callers.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DbError {
     /// The database cannot be reached or the pool timed out: try again later.
     #[error("database unavailable: {0}")]

@@ -13,6 +13,8 @@
 //!   the claim rolls back and answers from the stored first result, or with a
 //!   conflict when its parameters differ.
 
+pub mod batch;
+
 use std::time::Duration;
 
 use deadpool_postgres::{Client, GenericClient, Transaction};
@@ -441,6 +443,17 @@ async fn find_reservation(
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
+    Ok(Some(answer_from_reservation(&row, d)))
+}
+
+/// The answer a deduction gets from its key's stored reservation (columns:
+/// user_id, amount, balance_after_deduct, state, refundable_until,
+/// created_at): the first result again, or a conflict when the user or
+/// amount differ.
+fn answer_from_reservation(
+    row: &tokio_postgres::Row,
+    d: &Deduct,
+) -> Result<Outcome<DeductReceipt>, LedgerError> {
     let (user_id, amount): (String, i64) = (row.get(0), row.get(1));
     if user_id != d.user_id.as_str() || amount != d.amount.get() {
         let what = if user_id != d.user_id.as_str() {
@@ -448,13 +461,13 @@ async fn find_reservation(
         } else {
             format!("an amount of {amount}")
         };
-        return Ok(Some(Err(LedgerError::IdempotencyConflict(format!(
+        return Err(LedgerError::IdempotencyConflict(format!(
             "project_code {:?} of app {:?} was already used with {what}; use a new project_code for a new deduction",
             d.project_code.as_str(),
             d.app_name.as_str()
-        )))));
+        )));
     }
-    Ok(Some(Ok(Outcome::replay(DeductReceipt {
+    Ok(Outcome::replay(DeductReceipt {
         user_id,
         credits_deducted: amount,
         new_balance: row.get(2),
@@ -463,7 +476,7 @@ async fn find_reservation(
         reservation_status: state_of(&row.get::<_, String>(3))?,
         refundable_until: row.get(4),
         timestamp: row.get(5),
-    }))))
+    }))
 }
 
 fn state_of(raw: &str) -> Result<ReservationState, DbError> {

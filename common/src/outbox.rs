@@ -181,7 +181,7 @@ pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbErro
 }
 
 /// Publishes the outbox until `stop` fires: at once when `wake` is notified
-/// (a commit that wrote jobs, or `NOTIFY penora_outbox`), and every second.
+/// (by the process that committed jobs), and every second.
 /// While the broker is away it backs off (up to 10 s between tries) and the
 /// rows wait safely. Used by the API (right after its commits) and by the
 /// worker (the sweep that catches whatever the API could not publish).

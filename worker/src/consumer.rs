@@ -11,7 +11,7 @@
 
 use std::{sync::Arc, time::Instant};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     BasicProperties, Channel, Connection,
     message::Delivery,
@@ -84,10 +84,56 @@ pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<
 /// the channel must be abandoned.
 pub async fn handle(ctx: &Context, work: &'static str, delivery: Delivery) -> bool {
     let started = Instant::now();
-    let attempt = attempt_of(&delivery);
     let result = dispatch(ctx, work, &delivery).await;
+    finish(ctx, work, delivery, result, started).await
+}
+
+/// Handles deliveries of one queue that arrived together in one transaction
+/// where the queue's handler can ([`handlers::batch`]); otherwise, or when the
+/// batch as a whole fails, one by one. Each delivery is then acknowledged,
+/// retried or parked on its own result. Returns false when the channel must
+/// be abandoned.
+pub async fn handle_batch(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>) -> bool {
+    let started = Instant::now();
+    let results = if deliveries.len() > 1 {
+        handlers::batch(&ctx.pool, work, &deliveries).await
+    } else {
+        None
+    };
+    let mut healthy = true;
+    match results {
+        Some(results) => {
+            metrics::histogram!("penora_worker_batch_size", "queue" => work)
+                .record(deliveries.len() as f64);
+            for (delivery, result) in deliveries.into_iter().zip(results) {
+                healthy &= finish(ctx, work, delivery, result, started).await;
+            }
+        }
+        None => {
+            for delivery in deliveries {
+                healthy &= handle(ctx, work, delivery).await;
+            }
+        }
+    }
+    healthy
+}
+
+/// Records a delivery's result, then acknowledges it, or publishes its retry
+/// or parked copy first. Returns false when the channel must be abandoned.
+async fn finish(
+    ctx: &Context,
+    work: &'static str,
+    delivery: Delivery,
+    result: Result<String, JobError>,
+    started: Instant,
+) -> bool {
+    let attempt = attempt_of(&delivery);
     metrics::histogram!("penora_worker_handle_duration_seconds", "queue" => work)
         .record(started.elapsed().as_secs_f64());
+    if result.is_ok() && work != LEDGER_AUDIT {
+        // Refunds and settlements committed ledger-audit jobs.
+        ctx.jobs_committed();
+    }
     let outcome = match &result {
         Ok(_) => "ok",
         Err(JobError::Retryable(_)) if ctx.policy.may_retry(attempt) => "retried",
@@ -95,9 +141,25 @@ pub async fn handle(ctx: &Context, work: &'static str, delivery: Delivery) -> bo
     };
     metrics::counter!("penora_worker_messages_total", "queue" => work, "outcome" => outcome)
         .increment(1);
+    let message_id = delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_default();
+    let correlation_id = delivery
+        .properties
+        .correlation_id()
+        .as_ref()
+        .map(|m| m.to_string())
+        .unwrap_or_default();
     match &result {
-        Ok(what) => tracing::info!(queue = work, attempt, outcome = %what, "message handled"),
-        Err(e) => tracing::warn!(queue = work, attempt, error = %e, outcome, "message failed"),
+        Ok(what) => {
+            tracing::info!(queue = work, %message_id, %correlation_id, attempt, outcome = %what, "message handled");
+        }
+        Err(e) => {
+            tracing::warn!(queue = work, %message_id, %correlation_id, attempt, error = %e, outcome, "message failed");
+        }
     }
     let copy = match result {
         Ok(_) => None,
@@ -227,19 +289,26 @@ pub async fn consume(
             () = broken.cancelled() => break,
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
+                    // Whatever else has arrived goes with it (group commit).
+                    let mut batch = vec![delivery];
+                    while batch.len() < ctx.settings.worker_batch_max {
+                        match consumer.next().now_or_never() {
+                            Some(Some(Ok(next))) => batch.push(next),
+                            Some(Some(Err(e))) => { failure = Some(e); break; }
+                            _ => break,
+                        }
+                    }
                     let ctx = ctx.clone();
                     let broken = broken.clone();
-                    let span = tracing::info_span!(
-                        "message",
-                        queue = work,
-                        message_id = delivery.properties.message_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
-                        correlation_id = delivery.properties.correlation_id().as_ref().map(|m| m.to_string()).unwrap_or_default(),
-                    );
+                    let span = tracing::info_span!("deliveries", queue = work, count = batch.len());
                     inflight.spawn(async move {
-                        if !handle(&ctx, work, delivery).await {
+                        if !handle_batch(&ctx, work, batch).await {
                             broken.cancel();
                         }
                     }.instrument(span));
+                    if failure.is_some() {
+                        break;
+                    }
                 }
                 Some(Err(e)) => { failure = Some(e); break; }
                 None => break,

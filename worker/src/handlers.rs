@@ -7,7 +7,7 @@ use penora_common::{
     audit::{self, Appended},
     domain::{AppName, ProjectCode, UserId},
     ledger::{self, LedgerError, Refund, SettleResult},
-    messages::{GenerationEvent, LedgerAuditJob, SaveProjectJob},
+    messages::{GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
     projects::{self, Finished},
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -30,6 +30,59 @@ pub async fn ledger_audit(pool: &Pool, body: &[u8]) -> Result<String, JobError> 
             job.entry_id, job.user_id
         ))),
     }
+}
+
+/// Handles deliveries of `work` that arrived together, in one transaction,
+/// when the queue's handler has a batch form: one result per delivery, in
+/// order. `None` when it has none or the batch as a whole failed (a passing
+/// database error, say): the caller then handles them one by one, so each
+/// gets its own retry decision.
+pub async fn batch(
+    pool: &Pool,
+    work: &str,
+    deliveries: &[lapin::message::Delivery],
+) -> Option<Vec<Result<String, JobError>>> {
+    match work {
+        LEDGER_AUDIT => ledger_audit_batch(pool, deliveries).await,
+        _ => None,
+    }
+}
+
+/// `penora.ledger-audit` for many jobs: one transaction for all their records.
+async fn ledger_audit_batch(
+    pool: &Pool,
+    deliveries: &[lapin::message::Delivery],
+) -> Option<Vec<Result<String, JobError>>> {
+    let jobs: Vec<Result<LedgerAuditJob, JobError>> =
+        deliveries.iter().map(|d| decode(&d.data)).collect();
+    let items: Vec<(String, i64)> = jobs
+        .iter()
+        .flatten()
+        .map(|j| (j.user_id.clone(), j.entry_id))
+        .collect();
+    let mut client = pool.get().await.ok()?;
+    let mut appended = match audit::append_many(&mut client, &items).await {
+        Ok(a) => a.into_iter(),
+        Err(e) => {
+            tracing::debug!(error = %e, "audit batch failed; one by one");
+            return None;
+        }
+    };
+    Some(
+        jobs.into_iter()
+            .map(|job| {
+                let job = job?;
+                match appended.next() {
+                    Some(Appended::Recorded(seq)) => Ok(format!("recorded as record {seq}")),
+                    Some(Appended::AlreadyRecorded) => Ok("already recorded".into()),
+                    Some(Appended::NoSuchEntry) | None => Err(JobError::Fatal(format!(
+                        "no ledger entry {} for user {}",
+                        job.entry_id, job.user_id
+                    ))),
+                }
+            })
+            .collect(),
+    )
 }
 
 /// `penora.save-project`: check and store the content, then settle the

@@ -4,7 +4,8 @@
 //! * the consumers of `penora.save-project`, `penora.ledger-audit` and
 //!   `penora.generation-events` (see [`consumer`]), reconnecting with the
 //!   `backon` policy when RabbitMQ goes away;
-//! * the outbox relay: woken by `LISTEN penora_outbox` and every second, it
+//! * the outbox relay: woken in-process after the worker's own commits that
+//!   wrote jobs (refunds, settlements), and every second a sweep that
 //!   publishes whatever the API could not (broker down, API killed between
 //!   commit and confirm);
 //! * the timers: reservations past their refund window are settled, old
@@ -20,7 +21,6 @@ use std::{sync::Arc, time::Duration};
 use anyhow::Context as _;
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use deadpool_postgres::Pool;
-use futures_util::StreamExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::{
     broker::{self, Publisher, Topology, WORK_QUEUES},
@@ -48,6 +48,15 @@ pub struct Context {
     pub policy: RetryPolicy,
     /// Whether the consumers hold a live broker connection.
     pub consuming: std::sync::atomic::AtomicBool,
+    /// Wakes the outbox relay after a commit that wrote jobs.
+    pub outbox_wake: Arc<tokio::sync::Notify>,
+}
+
+impl Context {
+    /// Tells the relay that new jobs were committed.
+    pub fn jobs_committed(&self) {
+        self.outbox_wake.notify_one();
+    }
 }
 
 /// A built worker, ready to run.
@@ -98,6 +107,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
             publisher,
             policy,
             consuming: std::sync::atomic::AtomicBool::new(false),
+            outbox_wake: Arc::new(tokio::sync::Notify::new()),
         }),
         listener,
         metrics: metrics_handle(),
@@ -176,50 +186,17 @@ async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
     }
 }
 
-/// Publishes outbox rows when woken by `NOTIFY penora_outbox`, and every second.
+/// Publishes outbox rows when woken by the worker's own commits, and every
+/// second (rows the API could not publish). There is no `NOTIFY` on the
+/// outbox: a notifying commit takes a database-wide lock (see migration V3).
 async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
-    let wake = Arc::new(tokio::sync::Notify::new());
-    tokio::spawn(listen(
-        ctx.settings.database_url.expose().to_owned(),
-        wake.clone(),
-        stop.clone(),
-    ));
-    outbox::publish_loop(ctx.pool.clone(), ctx.publisher.clone(), wake, stop).await;
-}
-
-/// Holds a `LISTEN penora_outbox` connection and wakes the relay on each
-/// notification; reconnects after a failure.
-async fn listen(url: String, wake: Arc<tokio::sync::Notify>, stop: CancellationToken) {
-    while !stop.is_cancelled() {
-        let connected = tokio_postgres::connect(&url, tokio_postgres::NoTls).await;
-        let Ok((client, mut connection)) = connected else {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(2)) => continue,
-            }
-        };
-        let wake2 = wake.clone();
-        let pump = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(Ok(message)) = messages.next().await {
-                if let tokio_postgres::AsyncMessage::Notification(_) = message {
-                    wake2.notify_one();
-                }
-            }
-        });
-        if client.batch_execute("LISTEN penora_outbox").await.is_ok() {
-            wake.notify_one();
-            tokio::select! {
-                () = stop.cancelled() => {},
-                _ = pump => {},
-            }
-        }
-        drop(client);
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(1)) => {},
-        }
-    }
+    outbox::publish_loop(
+        ctx.pool.clone(),
+        ctx.publisher.clone(),
+        ctx.outbox_wake.clone(),
+        stop,
+    )
+    .await;
 }
 
 /// Settles reservations past their refund window; prunes the outbox.
@@ -271,6 +248,7 @@ pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::
             == ledger::SettleResult::Settled
         {
             settled += 1;
+            ctx.jobs_committed();
         }
     }
     Ok(settled)

@@ -269,8 +269,10 @@ async fn deduct_credits(
         project_code,
         refund_window: state.settings.refund_window,
     };
-    let mut client = state.pool.get().await?;
-    let outcome = ledger::deduct(&mut client, &request, correlation.as_deref()).await?;
+    let outcome = state
+        .deducts
+        .deduct(request, correlation.as_deref().map(str::to_owned))
+        .await?;
     if !outcome.replayed {
         state.jobs_committed();
     }
