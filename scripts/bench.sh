@@ -70,3 +70,8 @@ else
   args=(--secs 10 --users 100000 --refund-events 5000 --markdown docs/benchmarks.md --svg docs/benchmarks.svg --command "scripts/bench.sh")
 fi
 ./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" "${args[@]}" "${extra[@]}"
+# The services' own view of the run (batch sizes, fallbacks, lags), for whoever tunes them.
+curl -fsS "$api/metrics" >"$out/api-metrics.txt" 2>/dev/null || true
+worker_metrics=$(grep -o 'metrics on http://[0-9.:]*' "$out/worker.log" | head -1 | sed 's/metrics on //' || true)
+[ -n "$worker_metrics" ] && curl -fsS "$worker_metrics/metrics" >"$out/worker-metrics.txt" 2>/dev/null || true
+echo "service metrics: $out/api-metrics.txt $out/worker-metrics.txt"

@@ -94,6 +94,35 @@ async fn dispatch(
     }
 }
 
+/// Answers as many of `queued` as batches can: a batch stops at a repeated
+/// key and the rest goes again as the next batch; `None` for whatever must
+/// run alone (a lone request, or every request left when a batch failed).
+pub async fn answer_all(
+    client: &mut deadpool_postgres::Client,
+    queued: &[Queued],
+) -> Vec<Option<Answer>> {
+    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(queued.len());
+    while queued.len() - answers.len() > 1 {
+        let rest = &queued[answers.len()..];
+        match ledger::batch::deduct_many(client, rest).await {
+            Ok(got) => {
+                let before = answers.len();
+                answers.extend(got.into_iter().map_while(|a| a.map(Some)));
+                if answers.len() == before {
+                    break;
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, size = rest.len(), "batch fell back to one by one");
+                metrics::counter!("penora_deduct_batch_fallbacks_total").increment(1);
+                break;
+            }
+        }
+    }
+    answers.resize_with(queued.len(), || None);
+    answers
+}
+
 async fn run(pool: &Pool, batch: Vec<Waiting>) {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let mut client = match pool.get().await {
@@ -108,18 +137,7 @@ async fn run(pool: &Pool, batch: Vec<Waiting>) {
     };
     let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer>>) =
         batch.into_iter().map(|w| (w.queued, w.reply)).unzip();
-    let answers = if queued.len() == 1 {
-        vec![None]
-    } else {
-        match ledger::batch::deduct_many(&mut client, &queued).await {
-            Ok(answers) => answers,
-            Err(e) => {
-                tracing::debug!(error = %e, size = queued.len(), "batch fell back to one by one");
-                metrics::counter!("penora_deduct_batch_fallbacks_total").increment(1);
-                queued.iter().map(|_| None).collect()
-            }
-        }
-    };
+    let answers = answer_all(&mut client, &queued).await;
     for ((q, reply), answer) in queued.iter().zip(replies).zip(answers) {
         let answer = match answer {
             Some(a) => a,

@@ -144,15 +144,13 @@ pub async fn append_many(
     let ids: Vec<i64> = items.iter().map(|(_, id)| *id).collect();
     let item_users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
 
-    let entries = tx
-        .query(
-            &format!(
-                "SELECT {ENTRY_COLUMNS} FROM ledger_entries \
-                 WHERE (user_id, id) IN (SELECT * FROM unnest($1::text[], $2::int8[]))"
-            ),
-            &[&item_users, &ids],
-        )
+    let find = tx
+        .prepare_cached(&format!(
+            "SELECT {ENTRY_COLUMNS} FROM ledger_entries \
+             WHERE (user_id, id) IN (SELECT * FROM unnest($1::text[], $2::int8[]))"
+        ))
         .await?;
+    let entries = tx.query(&find, &[&item_users, &ids]).await?;
     let heads_insert = tx
         .prepare_cached(
             "INSERT INTO audit_heads (user_id, seq, hash) \
@@ -232,16 +230,18 @@ pub async fn append_many(
                  WHERE h.user_id = v.user_id AND h.seq <> v.seq",
             )
             .await?;
-        tx.execute(&advance, &[&h_users, &h_seqs, &h_hashes]).await?;
+        tx.execute(&advance, &[&h_users, &h_seqs, &h_hashes])
+            .await?;
     }
     tx.commit().await?;
 
-    let existing: std::collections::HashSet<i64> = entries.iter().map(|r| r.get(0)).collect();
+    let existing: std::collections::HashSet<(String, i64)> =
+        entries.iter().map(|r| (r.get(1), r.get(0))).collect();
     let mut answered = std::collections::HashSet::new();
     Ok(items
         .iter()
-        .map(|(_, id)| {
-            if !existing.contains(id) {
+        .map(|(user, id)| {
+            if !existing.contains(&(user.clone(), *id)) {
                 Appended::NoSuchEntry
             } else if let Some(seq) = recorded.get(id)
                 && answered.insert(*id)

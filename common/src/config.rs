@@ -165,7 +165,7 @@ impl Settings {
             db_lock_timeout: Duration::from_millis(positive(&get, "DB_LOCK_TIMEOUT_MS", 5000)?),
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
-            deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 4)?,
+            deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
             price_table: match get("PRICE_TABLE") {
                 None => PriceTable::default(),

@@ -66,15 +66,15 @@ pub async fn relay_once(
 ) -> Result<usize, RelayError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     let tx = client.transaction().await.map_err(DbError::from)?;
-    let rows = tx
-        .query(
+    let take = tx
+        .prepare_cached(
             "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
                     extract(epoch FROM now() - created_at)::float8 \
              FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            &[&batch],
         )
         .await
         .map_err(DbError::from)?;
+    let rows = tx.query(&take, &[&batch]).await.map_err(DbError::from)?;
     if rows.is_empty() {
         return Ok(0);
     }
@@ -117,12 +117,11 @@ pub async fn relay_once(
             .await;
         return Err(e.into());
     }
-    tx.execute(
-        "UPDATE outbox SET published_at = now() WHERE id = ANY($1)",
-        &[&ids],
-    )
-    .await
-    .map_err(DbError::from)?;
+    let mark = tx
+        .prepare_cached("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        .await
+        .map_err(DbError::from)?;
+    tx.execute(&mark, &[&ids]).await.map_err(DbError::from)?;
     tx.commit().await.map_err(DbError::from)?;
     for row in &rows {
         metrics::histogram!("penora_outbox_relay_lag_seconds").record(row.get::<_, f64>(6));
@@ -192,6 +191,7 @@ pub async fn publish_loop(
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut failures: u32 = 0;
+    let mut gauges_at: Option<std::time::Instant> = None;
     while !stop.is_cancelled() {
         match relay_all(&pool, &publisher).await {
             Ok(_) => failures = 0,
@@ -202,9 +202,13 @@ pub async fn publish_loop(
                 }
             }
         }
-        if let Ok(client) = pool.get().await
+        // The backlog gauges at most once a second: under load this loop
+        // runs after every commit, and counting is not free.
+        if gauges_at.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1))
+            && let Ok(client) = pool.get().await
             && let Ok((pending, age)) = backlog(&client).await
         {
+            gauges_at = Some(std::time::Instant::now());
             metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
             metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
         }

@@ -58,21 +58,32 @@ pub fn attempt_of(d: &Delivery) -> u32 {
         .max(1)
 }
 
-/// Runs `work`'s handler on a delivery's body.
-pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<String, JobError> {
-    let correlation = delivery
+/// The routing key a delivery was first published with (its retry and parked
+/// copies carry it in a header).
+pub fn routing_key_of(delivery: &Delivery) -> String {
+    header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
+        .unwrap_or_else(|| delivery.routing_key.to_string())
+}
+
+/// The delivery's correlation id (the API request id that caused it).
+pub fn correlation_of(delivery: &Delivery) -> Option<String> {
+    delivery
         .properties
         .correlation_id()
         .as_ref()
-        .map(|c| c.to_string());
+        .map(|c| c.to_string())
+}
+
+/// Runs `work`'s handler on a delivery's body.
+pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<String, JobError> {
+    let correlation = correlation_of(delivery);
     match work {
         LEDGER_AUDIT => handlers::ledger_audit(&ctx.pool, &delivery.data).await,
         SAVE_PROJECT => {
             handlers::save_project(&ctx.pool, &delivery.data, correlation.as_deref()).await
         }
         GENERATION_EVENTS => {
-            let key = header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
-                .unwrap_or_else(|| delivery.routing_key.to_string());
+            let key = routing_key_of(delivery);
             handlers::generation_event(&ctx.pool, &key, &delivery.data, correlation.as_deref())
                 .await
         }

@@ -6,13 +6,17 @@ use deadpool_postgres::Pool;
 use penora_common::{
     audit::{self, Appended},
     domain::{AppName, ProjectCode, UserId},
+    ledger::batch::QueuedRefund,
     ledger::{self, LedgerError, Refund, SettleResult},
-    messages::{GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
+    messages::{GENERATION_EVENTS, GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
     projects::{self, Finished},
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::retry::JobError;
+use crate::{
+    consumer::{correlation_of, routing_key_of},
+    retry::JobError,
+};
 
 fn decode<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, JobError> {
     serde_json::from_slice(body).map_err(|e| JobError::Fatal(format!("malformed message: {e}")))
@@ -44,6 +48,7 @@ pub async fn batch(
 ) -> Option<Vec<Result<String, JobError>>> {
     match work {
         LEDGER_AUDIT => ledger_audit_batch(pool, deliveries).await,
+        GENERATION_EVENTS => generation_events_batch(pool, deliveries).await,
         _ => None,
     }
 }
@@ -83,6 +88,82 @@ async fn ledger_audit_batch(
             })
             .collect(),
     )
+}
+
+/// `penora.generation-events` for many deliveries: the `generation.failed`
+/// events that simply refund a reserved reservation are carried out in one
+/// transaction (refunds and their `processed_events` rows); every other
+/// delivery (success events, duplicates, replays, anything refused) is then
+/// handled alone by [`generation_event`], which gives its exact answer.
+async fn generation_events_batch(
+    pool: &Pool,
+    deliveries: &[lapin::message::Delivery],
+) -> Option<Vec<Result<String, JobError>>> {
+    let mut queued = Vec::new();
+    let mut slot_of = Vec::with_capacity(deliveries.len());
+    // A reservation named earlier in the batch (by any event) keeps its later
+    // events out of the batch, so they are decided in arrival order.
+    let mut named = std::collections::HashSet::new();
+    for d in deliveries {
+        let key = routing_key_of(d);
+        let refund = parse_event(&d.data)
+            .ok()
+            .filter(|(_, user, code, _)| named.insert((user.to_string(), code.to_string())))
+            .filter(|_| key == "generation.failed")
+            .map(|(event, user, code, occurred)| {
+                (
+                    QueuedRefund {
+                        user_id: user.to_string(),
+                        app_name: "imagegene".to_owned(),
+                        project_code: code.to_string(),
+                        reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
+                        event_id: event.event_id,
+                        correlation_id: correlation_of(d),
+                    },
+                    occurred,
+                )
+            });
+        slot_of.push(refund.map(|(r, occurred)| {
+            queued.push(r);
+            (queued.len() - 1, occurred)
+        }));
+    }
+    let done = if queued.is_empty() {
+        Vec::new()
+    } else {
+        let mut client = pool.get().await.ok()?;
+        match ledger::batch::refund_many(&mut client, &queued).await {
+            Ok(done) => done,
+            Err(e) => {
+                tracing::debug!(error = %e, "refund batch failed; one by one");
+                return None;
+            }
+        }
+    };
+    let mut results = Vec::with_capacity(deliveries.len());
+    for (d, slot) in deliveries.iter().zip(slot_of) {
+        let refunded =
+            slot.and_then(|(k, occurred)| done.get(k).cloned().flatten().map(|_| occurred));
+        results.push(match refunded {
+            Some(occurred) => {
+                let latency = (OffsetDateTime::now_utc() - occurred)
+                    .as_seconds_f64()
+                    .max(0.0);
+                metrics::histogram!("penora_event_to_refund_seconds").record(latency);
+                Ok("refunded".to_owned())
+            }
+            None => {
+                generation_event(
+                    pool,
+                    &routing_key_of(d),
+                    &d.data,
+                    correlation_of(d).as_deref(),
+                )
+                .await
+            }
+        });
+    }
+    Some(results)
 }
 
 /// `penora.save-project`: check and store the content, then settle the
@@ -143,14 +224,11 @@ pub async fn save_project(
     Ok(outcome)
 }
 
-/// `penora.generation-events`: `generation.failed` refunds the reservation,
-/// `generation.succeeded` settles it.
-pub async fn generation_event(
-    pool: &Pool,
-    routing_key: &str,
+/// A generation event, checked: the event, its user, its reservation key and
+/// when it happened.
+fn parse_event(
     body: &[u8],
-    correlation: Option<&str>,
-) -> Result<String, JobError> {
+) -> Result<(GenerationEvent, UserId, ProjectCode, OffsetDateTime), JobError> {
     let event: GenerationEvent = decode(body)?;
     let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
     if event.event_id.is_empty() || event.event_id.len() > 128 {
@@ -162,6 +240,19 @@ pub async fn generation_event(
     let code = ProjectCode::parse(&event.project_code).map_err(|e| bad(&e))?;
     let occurred = OffsetDateTime::parse(&event.occurred_at, &Rfc3339)
         .map_err(|e| bad(&format!("occurred_at: {e}")))?;
+    Ok((event, user, code, occurred))
+}
+
+/// `penora.generation-events`: `generation.failed` refunds the reservation,
+/// `generation.succeeded` settles it.
+pub async fn generation_event(
+    pool: &Pool,
+    routing_key: &str,
+    body: &[u8],
+    correlation: Option<&str>,
+) -> Result<String, JobError> {
+    let (event, user, code, occurred) = parse_event(body)?;
+    let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
     let app = AppName::parse("app_name", "imagegene").map_err(|e| bad(&e))?;
     let kind = match routing_key {
         "generation.failed" => "failed",

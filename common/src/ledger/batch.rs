@@ -1,4 +1,7 @@
-//! Many deductions in one transaction (group commit).
+//! Many deductions, or many refunds, in one transaction (group commit).
+//!
+//! The refund half ([`refund_many`]) serves the worker's `generation.failed`
+//! events the same way; the rest of this note is about deductions.
 //!
 //! Under load the API hands the deductions that are waiting at the same
 //! moment to [`deduct_many`], which carries them out with a fixed number of
@@ -17,9 +20,10 @@
 //!   backed by the `CHECK (balance >= 0)`; each accepted request still gets its
 //!   own reservation, ledger row (with its own `balance_after`) and
 //!   `ledger-audit` job, all committed together or not at all;
-//! * a key met twice in one batch is carried out once, and the later copies
-//!   are left to the caller, which runs them alone after the commit (they
-//!   replay).
+//! * a key met twice in one batch ends the batch: the requests from the
+//!   repeat on are left unanswered, and the caller passes them in again as
+//!   the next batch (where the repeat replays or conflicts), so every request
+//!   is decided after the ones that came before it, as one by one.
 //!
 //! When anything unexpected happens (a concurrent request of another user
 //! claimed one of the keys, a lock timeout, a lost connection), the whole
@@ -33,7 +37,7 @@ use deadpool_postgres::Client;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Deduct, DeductReceipt, LedgerError, Outcome, answer_from_reservation};
+use super::{Deduct, DeductReceipt, LedgerError, Outcome, RefundReceipt, answer_from_reservation};
 use crate::{
     db::DbError,
     domain::{EntryKind, ReservationState},
@@ -91,9 +95,10 @@ pub struct Queued {
 pub type Answer = Result<Outcome<DeductReceipt>, LedgerError>;
 
 /// Carries out `batch` in one transaction. Returns one slot per request, in
-/// order: `Some(answer)`, or `None` for a repeated key that the caller must
-/// run alone after this returns. An `Err` means nothing was done: the caller
-/// runs every request alone.
+/// order: `Some(answer)` for a leading run of requests, then `None` from the
+/// first request whose key repeats an earlier one of the batch; the caller
+/// passes those in again. An `Err` means nothing was done: the caller runs
+/// every request alone.
 pub async fn deduct_many(
     client: &mut Client,
     batch: &[Queued],
@@ -101,7 +106,7 @@ pub async fn deduct_many(
     let mut answers: Vec<Option<Answer>> = batch.iter().map(|_| None).collect();
     let mut keys = HashSet::new();
     let live: Vec<usize> = (0..batch.len())
-        .filter(|&i| {
+        .take_while(|&i| {
             let d = &batch[i].deduct;
             keys.insert((d.app_name.as_str(), d.project_code.as_str()))
         })
@@ -208,10 +213,7 @@ pub async fn deduct_many(
     if claimed.len() != accepted.len() {
         // Another user's request took one of these keys since we looked.
         tx.rollback().await?;
-        return Err(DbError::Conflict(
-            "a key of the batch was claimed concurrently".into(),
-        )
-        .into());
+        return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
     }
     let times: HashMap<(String, String), (OffsetDateTime, OffsetDateTime)> = claimed
         .iter()
@@ -268,8 +270,7 @@ pub async fn deduct_many(
         job_ids.push(Uuid::now_v7());
         job_correlations.push(batch[i].correlation_id.as_deref());
         job_payloads.push(
-            serde_json::to_value(&job)
-                .map_err(|e| DbError::Other(format!("job encoding: {e}")))?,
+            serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?,
         );
     }
     let jobs = tx.prepare_cached(INSERT_JOBS_SQL).await?;
@@ -306,6 +307,256 @@ pub async fn deduct_many(
             refundable_until,
             timestamp: created_at,
         })));
+    }
+    Ok(answers)
+}
+
+// ---------------------------------------------------------------- refunds
+
+/// The reservations of a refund batch, locked in key order.
+const LOCK_RESERVATIONS_SQL: &str = "SELECT r.app_name, r.project_code, r.user_id, r.amount, \
+            r.state = 'reserved' AND r.refundable_until >= now() \
+     FROM reservations r \
+     WHERE (r.app_name, r.project_code) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+     ORDER BY r.app_name, r.project_code FOR UPDATE";
+/// Events of the batch handled before.
+const SEEN_EVENTS_SQL: &str = "SELECT user_id, event_id FROM processed_events \
+     WHERE (user_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))";
+/// One credit per user, of the sum of that user's refunds.
+const CREDIT_MANY_SQL: &str = "UPDATE accounts a SET balance = a.balance + v.total, updated_at = now() \
+     FROM unnest($1::text[], $2::int8[]) AS v(user_id, total) \
+     WHERE a.user_id = v.user_id";
+/// The refunds' ledger rows, in batch order.
+const INSERT_REFUND_ENTRIES_SQL: &str = "INSERT INTO ledger_entries \
+       (user_id, kind, amount, balance_after, app_name, description, project_code) \
+     SELECT v.user_id, 'refund', v.amount, v.balance_after, v.app_name, v.description, v.project_code \
+     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
+       WITH ORDINALITY AS v(user_id, amount, balance_after, app_name, description, project_code, n) \
+     ORDER BY v.n \
+     RETURNING id, app_name, project_code, created_at";
+/// The reservations, marked refunded with their answers.
+const MARK_REFUNDED_SQL: &str = "UPDATE reservations r SET state = 'refunded', refunded_at = v.at, \
+            refund_reason = v.reason, balance_after_refund = v.balance_after \
+     FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int8[]) \
+       AS v(app_name, project_code, at, reason, balance_after) \
+     WHERE r.app_name = v.app_name AND r.project_code = v.project_code";
+/// The events, recorded as handled.
+const RECORD_EVENTS_SQL: &str = "INSERT INTO processed_events (user_id, event_id, kind, outcome) \
+     SELECT v.user_id, v.event_id, 'failed', 'refunded' FROM unnest($1::text[], $2::text[]) AS v(user_id, event_id) \
+     ON CONFLICT DO NOTHING";
+
+/// One refund of a batch: a `generation.failed` event.
+#[derive(Debug, Clone)]
+pub struct QueuedRefund {
+    /// Whose reservation.
+    pub user_id: String,
+    /// The reservation's app.
+    pub app_name: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// Why.
+    pub reason: Option<String>,
+    /// The event's id, recorded in `processed_events` with the refund.
+    pub event_id: String,
+    /// The request id, carried to the audit job.
+    pub correlation_id: Option<String>,
+}
+
+/// Refunds many reservations in one transaction, with the rules of
+/// [`super::refund`] (account rows locked first in `user_id` order, then the
+/// reservations in key order; one guarded state change each) and the event's
+/// `processed_events` row in the same commit. Only the plain case is done
+/// here: a reserved reservation of that user, inside its window, named once
+/// in the batch by an event not seen before. Every other request gets `None`
+/// and the caller runs it alone, which gives its exact answer (a replay, a
+/// duplicate, not found, settled, window closed). An `Err` means nothing was
+/// done.
+pub async fn refund_many(
+    client: &mut Client,
+    batch: &[QueuedRefund],
+) -> Result<Vec<Option<RefundReceipt>>, LedgerError> {
+    let mut answers: Vec<Option<RefundReceipt>> = batch.iter().map(|_| None).collect();
+    let mut keys = HashSet::new();
+    let mut events = HashSet::new();
+    let once: Vec<usize> = (0..batch.len())
+        .filter(|&i| {
+            let r = &batch[i];
+            let fresh_key = keys.insert((r.app_name.as_str(), r.project_code.as_str()));
+            let fresh_event = events.insert((r.user_id.as_str(), r.event_id.as_str()));
+            fresh_key && fresh_event
+        })
+        .collect();
+    if once.is_empty() {
+        return Ok(answers);
+    }
+    let tx = client.transaction().await?;
+    let mut users: Vec<&str> = once.iter().map(|&i| batch[i].user_id.as_str()).collect();
+    users.sort_unstable();
+    users.dedup();
+    let lock = tx.prepare_cached(LOCK_ACCOUNTS_SQL).await?;
+    let mut balances: HashMap<String, i64> = tx
+        .query(&lock, &[&users])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let apps: Vec<&str> = once.iter().map(|&i| batch[i].app_name.as_str()).collect();
+    let codes: Vec<&str> = once
+        .iter()
+        .map(|&i| batch[i].project_code.as_str())
+        .collect();
+    let lock = tx.prepare_cached(LOCK_RESERVATIONS_SQL).await?;
+    // key -> (user, amount, refundable now)
+    let reservations: HashMap<(String, String), (String, i64, bool)> = tx
+        .query(&lock, &[&apps, &codes])
+        .await?
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), (r.get(2), r.get(3), r.get(4))))
+        .collect();
+    let e_users: Vec<&str> = once.iter().map(|&i| batch[i].user_id.as_str()).collect();
+    let e_ids: Vec<&str> = once.iter().map(|&i| batch[i].event_id.as_str()).collect();
+    let seen_stmt = tx.prepare_cached(SEEN_EVENTS_SQL).await?;
+    let seen: HashSet<(String, String)> = tx
+        .query(&seen_stmt, &[&e_users, &e_ids])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+
+    // (index in batch, amount, balance after)
+    let mut refunds: Vec<(usize, i64, i64)> = Vec::new();
+    for &i in &once {
+        let r = &batch[i];
+        if seen.contains(&(r.user_id.clone(), r.event_id.clone())) {
+            continue;
+        }
+        let key = (r.app_name.clone(), r.project_code.clone());
+        let Some((owner, amount, refundable)) = reservations.get(&key) else {
+            continue;
+        };
+        if owner != &r.user_id || !refundable {
+            continue;
+        }
+        let Some(balance) = balances.get_mut(&r.user_id) else {
+            continue;
+        };
+        *balance = balance.saturating_add(*amount);
+        refunds.push((i, *amount, *balance));
+    }
+    if refunds.is_empty() {
+        tx.rollback().await?;
+        return Ok(answers);
+    }
+
+    let f_users: Vec<&str> = refunds
+        .iter()
+        .map(|&(i, ..)| batch[i].user_id.as_str())
+        .collect();
+    let f_apps: Vec<&str> = refunds
+        .iter()
+        .map(|&(i, ..)| batch[i].app_name.as_str())
+        .collect();
+    let f_codes: Vec<&str> = refunds
+        .iter()
+        .map(|&(i, ..)| batch[i].project_code.as_str())
+        .collect();
+    let f_reasons: Vec<Option<&str>> = refunds
+        .iter()
+        .map(|&(i, ..)| batch[i].reason.as_deref())
+        .collect();
+    let f_amounts: Vec<i64> = refunds.iter().map(|&(_, amount, _)| amount).collect();
+    let f_after: Vec<i64> = refunds.iter().map(|&(.., after)| after).collect();
+
+    let mut totals: HashMap<&str, i64> = HashMap::new();
+    for (user, amount) in f_users.iter().zip(&f_amounts) {
+        *totals.entry(user).or_default() += amount;
+    }
+    let (t_users, t_totals): (Vec<&str>, Vec<i64>) = totals.into_iter().unzip();
+    let credit = tx.prepare_cached(CREDIT_MANY_SQL).await?;
+    if tx.execute(&credit, &[&t_users, &t_totals]).await? != t_users.len() as u64 {
+        tx.rollback().await?;
+        return Err(DbError::Other("a batch credit did not apply to every account".into()).into());
+    }
+    let insert = tx.prepare_cached(INSERT_REFUND_ENTRIES_SQL).await?;
+    let entries = tx
+        .query(
+            &insert,
+            &[
+                &f_users, &f_amounts, &f_after, &f_apps, &f_reasons, &f_codes,
+            ],
+        )
+        .await?;
+    let entry_of: HashMap<(String, String), (i64, OffsetDateTime)> = entries
+        .iter()
+        .map(|r| ((r.get(1), r.get(2)), (r.get(0), r.get(3))))
+        .collect();
+    let mut at = Vec::with_capacity(refunds.len());
+    let mut job_ids = Vec::with_capacity(refunds.len());
+    let mut job_correlations = Vec::with_capacity(refunds.len());
+    let mut job_payloads = Vec::with_capacity(refunds.len());
+    for (k, &(i, amount, after)) in refunds.iter().enumerate() {
+        let Some(&(entry_id, created_at)) =
+            entry_of.get(&(f_apps[k].to_owned(), f_codes[k].to_owned()))
+        else {
+            tx.rollback().await?;
+            return Err(DbError::Other("a batch ledger row is missing".into()).into());
+        };
+        at.push(created_at);
+        job_ids.push(Uuid::now_v7());
+        job_correlations.push(batch[i].correlation_id.as_deref());
+        let job = LedgerAuditJob {
+            entry_id,
+            user_id: f_users[k].to_owned(),
+            kind: EntryKind::Refund.as_str().to_owned(),
+            amount,
+            balance_after: after,
+        };
+        job_payloads.push(
+            serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?,
+        );
+    }
+    let jobs = tx.prepare_cached(INSERT_JOBS_SQL).await?;
+    tx.execute(
+        &jobs,
+        &[
+            &f_users,
+            &JOBS_EXCHANGE,
+            &LEDGER_AUDIT,
+            &job_ids,
+            &job_correlations,
+            &job_payloads,
+        ],
+    )
+    .await?;
+    let mark = tx.prepare_cached(MARK_REFUNDED_SQL).await?;
+    let marked = tx
+        .execute(&mark, &[&f_apps, &f_codes, &at, &f_reasons, &f_after])
+        .await?;
+    if marked != refunds.len() as u64 {
+        tx.rollback().await?;
+        return Err(DbError::Other("a batch reservation did not change".into()).into());
+    }
+    let f_events: Vec<&str> = refunds
+        .iter()
+        .map(|&(i, ..)| batch[i].event_id.as_str())
+        .collect();
+    let record = tx.prepare_cached(RECORD_EVENTS_SQL).await?;
+    tx.execute(&record, &[&f_users, &f_events]).await?;
+    tx.commit().await?;
+
+    for (k, &(i, amount, after)) in refunds.iter().enumerate() {
+        metrics::counter!("penora_credits_moved_total", "kind" => "refunded", "app" => f_apps[k].to_owned())
+            .increment(amount.unsigned_abs());
+        answers[i] = Some(RefundReceipt {
+            user_id: f_users[k].to_owned(),
+            credits_refunded: amount,
+            new_balance: after,
+            app_name: f_apps[k].to_owned(),
+            project_code: f_codes[k].to_owned(),
+            reservation_status: ReservationState::Refunded,
+            reason: batch[i].reason.clone(),
+            timestamp: at[k],
+        });
     }
     Ok(answers)
 }
