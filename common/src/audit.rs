@@ -219,10 +219,9 @@ pub async fn append_many(
             &[&r_users, &r_seqs, &r_ids, &r_prev, &r_hash, &r_content],
         )
         .await?;
-        let (h_users, (h_seqs, h_hashes)): (Vec<&str>, (Vec<i64>, Vec<&[u8]>)) = heads
-            .iter()
-            .map(|(u, (seq, hash))| (u.as_str(), (*seq, hash.as_slice())))
-            .unzip();
+        let h_users: Vec<&str> = heads.keys().map(String::as_str).collect();
+        let h_seqs: Vec<i64> = h_users.iter().map(|u| heads[*u].0).collect();
+        let h_hashes: Vec<&[u8]> = h_users.iter().map(|u| heads[*u].1.as_slice()).collect();
         let advance = tx
             .prepare_cached(
                 "UPDATE audit_heads h SET seq = v.seq, hash = v.hash \
