@@ -720,9 +720,12 @@ fn render(
          {} users seeded; {} s per workload and concurrency; release builds.\n\nCommand: `{}`\n\n",
         args.users, args.secs, args.command
     ));
-    s.push_str("Service = over HTTP through penora-api (keep-alive connections). Raw = the same SQL transaction(s) \
-                straight against PostgreSQL with tokio-postgres and prepared statements, same concurrency, same data. \
-                Ratio = service throughput / raw throughput.\n\n");
+    s.push_str("Service = over HTTP through penora-api (keep-alive connections). Raw = the SQL transaction the service \
+                runs for one request alone, straight against PostgreSQL with tokio-postgres and prepared statements, \
+                one transaction per operation, same concurrency, same data (under load the service puts concurrent \
+                deductions, refunds and audit records into shared transactions: that is where it beats raw). \
+                Ratio = service throughput / raw throughput.\n\n\
+                How these figures got here, step by step with before and after: [performance.md](performance.md).\n\n");
     s.push_str("| workload | conns | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p99 ms | ratio |\n");
     s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {

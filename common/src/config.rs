@@ -95,6 +95,8 @@ pub struct Settings {
     /// `WORKER_BATCH_MAX`: most deliveries of one queue the worker handles in
     /// one transaction (1 turns group commit off).
     pub worker_batch_max: usize,
+    /// `WORKER_BATCHES_IN_FLIGHT`: batches of one queue a worker runs at once.
+    pub worker_batches_in_flight: usize,
     /// `PRICE_TABLE`: credit prices used by `/quote`.
     pub price_table: PriceTable,
     /// `AMQP_PREFIX`: prepended to every exchange and queue name (empty in
@@ -167,6 +169,7 @@ impl Settings {
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
+            worker_batches_in_flight: positive(&get, "WORKER_BATCHES_IN_FLIGHT", 2)?,
             price_table: match get("PRICE_TABLE") {
                 None => PriceTable::default(),
                 Some(raw) => raw.parse().map_err(|reason| ConfigError {

@@ -158,12 +158,7 @@ async fn finish(
         .as_ref()
         .map(|m| m.to_string())
         .unwrap_or_default();
-    let correlation_id = delivery
-        .properties
-        .correlation_id()
-        .as_ref()
-        .map(|m| m.to_string())
-        .unwrap_or_default();
+    let correlation_id = correlation_of(&delivery).unwrap_or_default();
     match &result {
         Ok(what) => {
             tracing::info!(queue = work, %message_id, %correlation_id, attempt, outcome = %what, "message handled");
@@ -293,16 +288,22 @@ pub async fn consume(
         )
         .await?;
     let mut inflight = JoinSet::new();
+    let batching = handlers::batchable(work) && ctx.settings.worker_batch_max > 1;
     let mut failure = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
             () = broken.cancelled() => break,
-            next = consumer.next() => match next {
+            // On batch queues, at most `WORKER_BATCHES_IN_FLIGHT` batches run
+            // at once; what arrives meanwhile waits in the channel and makes
+            // the next batch bigger instead of queueing on the same row locks.
+            next = consumer.next(), if !batching || inflight.len() < ctx.settings.worker_batches_in_flight => match next {
                 Some(Ok(delivery)) => {
-                    // Whatever else has arrived goes with it (group commit).
+                    // Whatever else has arrived goes with it (group commit),
+                    // on the queues whose handlers have a batch form.
                     let mut batch = vec![delivery];
-                    while batch.len() < ctx.settings.worker_batch_max {
+                    let most = if batching { ctx.settings.worker_batch_max } else { 1 };
+                    while batch.len() < most {
                         match consumer.next().now_or_never() {
                             Some(Some(Ok(next))) => batch.push(next),
                             Some(Some(Err(e))) => { failure = Some(e); break; }

@@ -36,6 +36,11 @@ pub async fn ledger_audit(pool: &Pool, body: &[u8]) -> Result<String, JobError> 
     }
 }
 
+/// Whether `work`'s handler has a batch form ([`batch`]).
+pub fn batchable(work: &str) -> bool {
+    matches!(work, LEDGER_AUDIT | GENERATION_EVENTS)
+}
+
 /// Handles deliveries of `work` that arrived together, in one transaction,
 /// when the queue's handler has a batch form: one result per delivery, in
 /// order. `None` when it has none or the batch as a whole failed (a passing

@@ -242,23 +242,35 @@ impl Stack {
     /// Waits until the outbox is empty and no work or retry queue holds a
     /// message.
     pub async fn wait_idle(&self) {
+        // Idle on two looks 200 ms apart: one look reads the outbox and the
+        // queues one after the other, and a handler can commit a new job
+        // between the two reads and acknowledge its message before the second.
+        let idle_since = std::cell::Cell::new(None::<tokio::time::Instant>);
+        let idle_since = &idle_since;
         wait_for(
             "outbox and queues drained",
             Duration::from_secs(30),
-            || async {
+            || async move {
                 let pending = self
                     .scalar(
                         "SELECT count(*) FROM outbox WHERE published_at IS NULL AND $1 = $1",
                         "",
                     )
                     .await;
-                pending == 0
+                let idle = pending == 0
                     && self
                         .queue_stats()
                         .await
                         .iter()
                         .filter(|s| !s.name.ends_with(".dead"))
-                        .all(|s| s.messages == 0)
+                        .all(|s| s.messages == 0);
+                if !idle {
+                    idle_since.set(None);
+                    return false;
+                }
+                let since = idle_since.get().unwrap_or_else(tokio::time::Instant::now);
+                idle_since.set(Some(since));
+                since.elapsed() >= Duration::from_millis(200)
             },
         )
         .await;
