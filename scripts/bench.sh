@@ -30,7 +30,12 @@ export AMQP_PREFIX=$prefix
 export PENORA_API_KEY=bench-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export RATE_LIMIT_PER_SEC=10000000 RATE_LIMIT_BURST=10000000
 export LOG_FORMAT=json RUST_LOG=warn
-export DB_POOL_SIZE=${DB_POOL_SIZE:-32}
+# PostgreSQL connections: the API's pool, the worker's, and the raw baseline's
+# (64 at the highest concurrency, + 4) must fit in max_connections (100 by
+# default), or the services' new connections are refused in the middle of a
+# raw phase and their work goes through retries.
+api_pool=${API_DB_POOL_SIZE:-20}
+worker_pool=${WORKER_DB_POOL_SIZE:-8}
 export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
 out=target/bench; mkdir -p "$out"
 
@@ -52,9 +57,15 @@ cleanup() {
 }
 trap cleanup EXIT
 
-./target/release/penora-api >"$out/api.log" 2>&1 &
+max_conn=$(psql "$admin" -Atc "SHOW max_connections")
+if [ $((api_pool + worker_pool + 64 + 4 + 2)) -gt "$max_conn" ]; then
+  echo "bench: API pool $api_pool + worker pool $worker_pool + 68 bench connections exceed PostgreSQL max_connections=$max_conn;" >&2
+  echo "bench: lower API_DB_POOL_SIZE / WORKER_DB_POOL_SIZE or raise max_connections" >&2
+  exit 1
+fi
+DB_POOL_SIZE=$api_pool ./target/release/penora-api >"$out/api.log" 2>&1 &
 pids+=($!); api_pid=$!
-./target/release/penora-worker >"$out/worker.log" 2>&1 &
+DB_POOL_SIZE=$worker_pool ./target/release/penora-worker >"$out/worker.log" 2>&1 &
 pids+=($!); worker_pid=$!
 api=""
 for _ in $(seq 1 100); do
