@@ -1,4 +1,4 @@
-//! Group commit for deductions.
+//! Group commit for deductions, and batched reads of account summaries.
 //!
 //! Every `deduct-credits` request goes through one queue. A dispatcher takes
 //! the first waiting request, and with it every other request waiting at
@@ -9,69 +9,78 @@
 //! or a row lock share one commit instead. Answers are exactly those of
 //! [`ledger::deduct`]: a batch that cannot be carried out as a whole falls
 //! back to running its requests one by one.
+//!
+//! `user-info` reads go through a queue of the same kind ([`Summaries`]): the
+//! users waiting at one moment are read with one statement.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc};
 
 use deadpool_postgres::Pool;
 use penora_common::{
     db::DbError,
+    domain::UserId,
     ledger::{
-        self, Deduct, DeductReceipt, LedgerError, Outcome,
+        self, AccountSummary, Deduct, DeductReceipt, LedgerError, Outcome,
         batch::{Answer, Queued},
     },
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-struct Waiting {
-    queued: Queued,
-    reply: oneshot::Sender<Answer>,
+/// A request waiting for its batch, and where its answer goes.
+type Waiting<T, R> = (T, oneshot::Sender<R>);
+
+/// A queue whose waiting requests are taken together: at most `in_flight`
+/// batches run at once, each with every request waiting when it starts (up
+/// to `batch_max`). Cheap to clone.
+struct Batcher<T, R> {
+    queue: mpsc::UnboundedSender<Waiting<T, R>>,
 }
 
-/// The queue of deductions; cheap to clone.
-#[derive(Clone)]
-pub struct Coalescer {
-    queue: mpsc::UnboundedSender<Waiting>,
+impl<T, R> Clone for Batcher<T, R> {
+    fn clone(&self) -> Self {
+        Self {
+            queue: self.queue.clone(),
+        }
+    }
 }
 
-impl Coalescer {
-    /// Starts the dispatcher on the current runtime.
-    pub fn start(pool: Pool, batch_max: usize, in_flight: usize) -> Self {
+impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
+    fn start<F, Fut>(pool: Pool, batch_max: usize, in_flight: usize, run: F) -> Self
+    where
+        F: Fn(Pool, Vec<Waiting<T, R>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
         let (queue, waiting) = mpsc::unbounded_channel();
         tokio::spawn(dispatch(
             pool,
             waiting,
             batch_max.max(1),
             Arc::new(Semaphore::new(in_flight.max(1))),
+            run,
         ));
         Self { queue }
     }
 
-    /// Carries out a deduction (with whatever others are waiting).
-    pub async fn deduct(
-        &self,
-        deduct: Deduct,
-        correlation_id: Option<String>,
-    ) -> Result<Outcome<DeductReceipt>, LedgerError> {
+    /// The request's answer; `None` if the dispatcher is gone.
+    async fn submit(&self, request: T) -> Option<R> {
         let (reply, answer) = oneshot::channel();
-        let waiting = Waiting {
-            queued: Queued {
-                deduct,
-                correlation_id,
-            },
-            reply,
-        };
-        let gone = || LedgerError::Db(DbError::Unavailable("the deduction queue stopped".into()));
-        self.queue.send(waiting).map_err(|_| gone())?;
-        answer.await.map_err(|_| gone())?
+        self.queue.send((request, reply)).ok()?;
+        answer.await.ok()
     }
 }
 
-async fn dispatch(
+async fn dispatch<T, R, F, Fut>(
     pool: Pool,
-    mut waiting: mpsc::UnboundedReceiver<Waiting>,
+    mut waiting: mpsc::UnboundedReceiver<Waiting<T, R>>,
     batch_max: usize,
     slots: Arc<Semaphore>,
-) {
+    run: F,
+) where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Pool, Vec<Waiting<T, R>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -86,11 +95,97 @@ async fn dispatch(
                 Err(_) => break,
             }
         }
-        let pool = pool.clone();
+        let work = run(pool.clone(), batch);
         tokio::spawn(async move {
-            run(&pool, batch).await;
+            work.await;
             drop(slot);
         });
+    }
+}
+
+/// The queue of deductions; cheap to clone.
+#[derive(Clone)]
+pub struct Coalescer {
+    batcher: Batcher<Queued, Answer>,
+}
+
+impl Coalescer {
+    /// Starts the dispatcher on the current runtime.
+    pub fn start(pool: Pool, batch_max: usize, in_flight: usize) -> Self {
+        Self {
+            batcher: Batcher::start(pool, batch_max, in_flight, run_deducts),
+        }
+    }
+
+    /// Carries out a deduction (with whatever others are waiting).
+    pub async fn deduct(
+        &self,
+        deduct: Deduct,
+        correlation_id: Option<String>,
+    ) -> Result<Outcome<DeductReceipt>, LedgerError> {
+        let queued = Queued {
+            deduct,
+            correlation_id,
+        };
+        self.batcher.submit(queued).await.unwrap_or_else(|| {
+            Err(LedgerError::Db(DbError::Unavailable(
+                "the deduction queue stopped".into(),
+            )))
+        })
+    }
+}
+
+/// Reads of account summaries (`user-info`), taken together under load: one
+/// statement answers every user waiting at that moment. Cheap to clone.
+#[derive(Clone)]
+pub struct Summaries {
+    batcher: Batcher<UserId, Result<Option<AccountSummary>, DbError>>,
+}
+
+impl Summaries {
+    /// Starts the dispatcher on the current runtime.
+    pub fn start(pool: Pool, batch_max: usize, in_flight: usize) -> Self {
+        Self {
+            batcher: Batcher::start(pool, batch_max, in_flight, run_summaries),
+        }
+    }
+
+    /// The user's summary; `None` when the user has no account.
+    pub async fn get(&self, user: UserId) -> Result<Option<AccountSummary>, DbError> {
+        self.batcher
+            .submit(user)
+            .await
+            .unwrap_or_else(|| Err(DbError::Unavailable("the read queue stopped".into())))
+    }
+}
+
+async fn run_summaries(
+    pool: Pool,
+    batch: Vec<Waiting<UserId, Result<Option<AccountSummary>, DbError>>>,
+) {
+    metrics::histogram!("penora_read_batch_size").record(batch.len() as f64);
+    let found = async {
+        let client = pool.get().await?;
+        if let [(user, _)] = batch.as_slice() {
+            let one = ledger::account_summary(&client, user).await?;
+            return Ok(one.into_iter().map(|s| (user.to_string(), s)).collect());
+        }
+        let users: Vec<&str> = batch.iter().map(|(u, _)| u.as_str()).collect();
+        ledger::account_summaries(&client, &users).await
+    }
+    .await;
+    match found {
+        Ok(found) => {
+            // A user can be asked for several times in one batch: each gets it.
+            for (user, reply) in batch {
+                let _ = reply.send(Ok(found.get(user.as_str()).cloned()));
+            }
+        }
+        Err(e) => {
+            for (_, reply) in batch {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
     }
 }
 
@@ -123,20 +218,19 @@ pub async fn answer_all(
     answers
 }
 
-async fn run(pool: &Pool, batch: Vec<Waiting>) {
+async fn run_deducts(pool: Pool, batch: Vec<Waiting<Queued, Answer>>) {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let mut client = match pool.get().await {
         Ok(c) => c,
         Err(e) => {
             let e = DbError::from(e);
-            for w in batch {
-                let _ = w.reply.send(Err(LedgerError::Db(e.clone())));
+            for (_, reply) in batch {
+                let _ = reply.send(Err(LedgerError::Db(e.clone())));
             }
             return;
         }
     };
-    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer>>) =
-        batch.into_iter().map(|w| (w.queued, w.reply)).unzip();
+    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
     let answers = answer_all(&mut client, &queued).await;
     for ((q, reply), answer) in queued.iter().zip(replies).zip(answers) {
         let answer = match answer {

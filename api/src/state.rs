@@ -8,7 +8,12 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::config::Settings;
 
-use crate::coalesce::Coalescer;
+use crate::coalesce::{Coalescer, Summaries};
+
+/// Most `user-info` reads answered by one statement.
+const READ_BATCH_MAX: usize = 256;
+/// `user-info` statements running at once.
+const READS_IN_FLIGHT: usize = 2;
 
 /// Everything a handler may need; cheap to clone.
 #[derive(Clone)]
@@ -27,6 +32,8 @@ pub struct AppState {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Deductions, carried out together when they arrive together.
     pub deducts: Coalescer,
+    /// `user-info` reads, answered together when they arrive together.
+    pub summaries: Summaries,
 }
 
 impl AppState {
@@ -47,6 +54,7 @@ impl AppState {
                 .bootstrap_api_key
                 .as_ref()
                 .map(|k| penora_common::keys::digest(k.expose())),
+            summaries: Summaries::start(pool.clone(), READ_BATCH_MAX, READS_IN_FLIGHT),
             deducts: Coalescer::start(
                 pool.clone(),
                 settings.deduct_batch_max,

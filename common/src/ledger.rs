@@ -806,6 +806,37 @@ pub struct AccountSummary {
     pub total_projects: i64,
 }
 
+/// SQL of many users' summaries at once (the API's batched `user-info`).
+pub const ACCOUNT_SUMMARIES_SQL: &str = "SELECT a.user_id, a.balance, a.storage_used_bytes, \
+       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
+       (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
+          WHERE r.user_id = a.user_id AND r.state = 'reserved') \
+     FROM accounts a WHERE a.user_id = ANY($1::text[])";
+
+/// The summaries of `users` who have an account, by user id.
+pub async fn account_summaries(
+    client: &impl GenericClient,
+    users: &[&str],
+) -> Result<std::collections::HashMap<String, AccountSummary>, DbError> {
+    let stmt = client.prepare_cached(ACCOUNT_SUMMARIES_SQL).await?;
+    Ok(client
+        .query(&stmt, &[&users])
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                r.get(0),
+                AccountSummary {
+                    balance: r.get(1),
+                    storage_used_bytes: r.get(2),
+                    total_projects: r.get(3),
+                    reserved_credits: r.get(4),
+                },
+            )
+        })
+        .collect())
+}
+
 /// The user's summary; `None` when the user has no account.
 pub async fn account_summary(
     client: &impl GenericClient,

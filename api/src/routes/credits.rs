@@ -123,8 +123,9 @@ async fn user_info(
     auth.require(Scope::Read)?;
     let user = user_id(q.user_id.as_deref())?;
     tracing::Span::current().record("user_id", user.as_str());
-    let client = state.pool.get().await?;
-    let summary = ledger::account_summary(&client, &user)
+    let summary = state
+        .summaries
+        .get(user.clone())
         .await?
         .ok_or(ApiError::UserNotFound)?;
     let quota = state.settings.storage_quota_bytes;

@@ -445,3 +445,40 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
     );
     assert_eq!(verification.records_checked, 9);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_user_info_reads_each_get_their_own_users_figures() {
+    let app = std::sync::Arc::new(crate::support::spawn_app().await);
+    for n in 1..=10 {
+        app.grant(&format!("reader{n}"), n * 10).await;
+        // A reservation, so reserved_credits differs per user too.
+        let (status, body) = app.deduct(&format!("reader{n}"), n, &format!("r{n}")).await;
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+    }
+    let mut tasks = Vec::new();
+    for i in 0..300 {
+        let app = app.clone();
+        // Users 1..=10 exist; 11 and 12 do not.
+        let n = i % 12 + 1;
+        tasks.push(tokio::spawn(async move {
+            let r = app
+                .get(&format!("/api/unified/user-info?user_id=reader{n}"))
+                .await;
+            let status = r.status();
+            let body: serde_json::Value = r.json().await.expect("json");
+            (n, status, body)
+        }));
+    }
+    for t in tasks {
+        let (n, status, body) = t.await.expect("task");
+        if n > 10 {
+            assert_eq!(status, reqwest::StatusCode::NOT_FOUND, "{body}");
+            assert_eq!(body["code"], "user_not_found");
+            continue;
+        }
+        assert_eq!(status, reqwest::StatusCode::OK, "{body}");
+        assert_eq!(body["user_id"], format!("reader{n}"));
+        assert_eq!(body["credits"], n * 10 - n, "{body}");
+        assert_eq!(body["reserved_credits"], n, "{body}");
+    }
+}

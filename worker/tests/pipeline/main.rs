@@ -313,6 +313,9 @@ async fn a_worker_killed_in_the_middle_of_120_events_refunds_each_reservation_ex
     let spawn = || {
         tokio::process::Command::new(sibling_binary("penora-worker"))
             .envs(s.env())
+            // Small batches (of up to 4 events, one transaction each), so
+            // the kill lands between commits rather than after the last.
+            .env("WORKER_BATCH_MAX", "4")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)
