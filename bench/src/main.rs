@@ -405,6 +405,45 @@ async fn raw_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i: u64) -
     }
 }
 
+/// Waits until the services have caught up with everything committed so far
+/// (every outbox row published, every ledger entry but the seed's grants
+/// audited), so that one
+/// phase's background work does not run during the next phase's measurement.
+/// The raw baseline writes the same outbox rows as the service, so the
+/// services relay and audit them too.
+async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let started = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), \
+                        (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed') \
+                        - (SELECT count(*) FROM audit_records)",
+                &[],
+            )
+            .await?;
+        let (unpublished, unaudited): (i64, i64) = (row.get(0), row.get(1));
+        if unpublished == 0 && unaudited <= 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            eprintln!(
+                "bench: services still behind after 300 s ({unpublished} unpublished, {unaudited} unaudited); going on"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        eprintln!(
+            "bench: waited {:.1} s for the services to catch up",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
 /// p99 of the time from a ledger entry's commit to its audit record, for
 /// entries created since `since` (waits until they are all audited).
 async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::Result<(f64, i64)> {
@@ -635,6 +674,7 @@ async fn main() -> anyhow::Result<()> {
     let mut refund_row = None;
     for w in &workloads {
         if w == "refunds" {
+            quiesce(&ctx.pool).await?;
             let service = refunds(&ctx).await?;
             let raw = raw_broker(&ctx).await?;
             eprintln!(
@@ -651,6 +691,7 @@ async fn main() -> anyhow::Result<()> {
         }
         for &c in &concurrency {
             let tag = run_tag();
+            quiesce(&ctx.pool).await?;
             let since = time::OffsetDateTime::now_utc();
             let (c2, w2, t2) = (ctx.clone(), w.clone(), tag.clone());
             let service = drive(c, secs, move |task, i| {
@@ -661,6 +702,7 @@ async fn main() -> anyhow::Result<()> {
             if w == "deduct" && c == max_conc {
                 audit_lag = Some(audit_lag_p99(&ctx.pool, since).await?);
             }
+            quiesce(&ctx.pool).await?;
             let (c2, w2, t2) = (ctx.clone(), w.clone(), tag.clone());
             let raw = drive(c, secs, move |task, i| {
                 let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
