@@ -118,7 +118,12 @@ pub async fn relay_once(
         return Err(e.into());
     }
     let mark = tx
-        .prepare_cached("UPDATE outbox SET published_at = now() WHERE id = ANY($1)")
+        // `published_at IS NULL` lets this use the `outbox_pending` index: the
+        // table's key is (user_id, id), and without it every relay batch
+        // scanned the whole outbox, published rows included (kept 7 days).
+        .prepare_cached(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+        )
         .await
         .map_err(DbError::from)?;
     tx.execute(&mark, &[&ids]).await.map_err(DbError::from)?;
