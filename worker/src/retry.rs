@@ -64,7 +64,13 @@ impl RetryPolicy {
     pub fn delay(&self, failed_attempt: u32, unit: f64) -> Duration {
         let ceiling = self.ceiling(failed_attempt);
         let half = ceiling / 2;
-        half + (ceiling - half).mul_f64(unit.clamp(0.0, 1.0))
+        // NaN would make `mul_f64` panic (clamp keeps NaN): take the middle.
+        let unit = if unit.is_nan() {
+            0.5
+        } else {
+            unit.clamp(0.0, 1.0)
+        };
+        half + (ceiling - half).mul_f64(unit)
     }
 
     /// Whether a message that failed its `attempt`-th try may be tried again.
@@ -116,6 +122,33 @@ mod tests {
         assert!(P.may_retry(1));
         assert!(P.may_retry(4));
         assert!(!P.may_retry(5));
+    }
+
+    proptest::proptest! {
+        /// For any policy and attempt: the ceiling never shrinks from one
+        /// attempt to the next and never passes the maximum, the jittered
+        /// delay stays within [ceiling / 2, ceiling], and retries stop after
+        /// exactly `max_attempts` tries.
+        #[test]
+        fn any_policy_keeps_its_delays_ordered_bounded_and_jittered_within_half(
+            max_attempts in 1u32..50,
+            initial_ms in 1u64..120_000,
+            max_ms in 1u64..3_600_000,
+            attempt in 1u32..100,
+            unit in proptest::num::f64::ANY,
+        ) {
+            let p = RetryPolicy {
+                max_attempts,
+                initial: Duration::from_millis(initial_ms),
+                max: Duration::from_millis(max_ms.max(initial_ms)),
+            };
+            let c = p.ceiling(attempt);
+            proptest::prop_assert!(c <= p.max);
+            proptest::prop_assert!(p.ceiling(attempt + 1) >= c);
+            let d = p.delay(attempt, unit);
+            proptest::prop_assert!(d >= c / 2 && d <= c, "{:?} not in [{:?}, {:?}]", d, c / 2, c);
+            proptest::prop_assert_eq!(p.may_retry(attempt), attempt < max_attempts);
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod credits;
 mod guide;
 mod keys;
 mod ops;
+mod state_machine;
 mod storage;
 mod support;
 mod system;
