@@ -154,7 +154,7 @@ impl Settings {
             amqp_url: Secret::new(
                 get("AMQP_URL").unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f".into()),
             ),
-            bootstrap_api_key: get("PENORA_API_KEY").map(Secret::new),
+            bootstrap_api_key: bootstrap_key(&get)?,
             bind_addr: parse(&get, "BIND_ADDR", "127.0.0.1:5000")?,
             worker_metrics_addr: parse(&get, "WORKER_METRICS_ADDR", "127.0.0.1:9091")?,
             storage_quota_bytes: positive(&get, "STORAGE_QUOTA_BYTES", 1_048_576)?,
@@ -241,6 +241,39 @@ where
     })
 }
 
+/// Shortest bootstrap key accepted without `ALLOW_WEAK_API_KEY=true`.
+pub const MIN_BOOTSTRAP_KEY_LEN: usize = 32;
+
+/// `PENORA_API_KEY`, refused when shorter than 32 characters unless
+/// `ALLOW_WEAK_API_KEY=true` (a throwaway local setup): the key has every
+/// scope for every app, so a guessable one gives the whole ledger away.
+fn bootstrap_key(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let allow_weak = match get("ALLOW_WEAK_API_KEY").as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(other) => {
+            return Err(ConfigError {
+                variable: "ALLOW_WEAK_API_KEY",
+                reason: format!("expected `true` or `false`, got `{other}`"),
+            });
+        }
+    };
+    let Some(key) = get("PENORA_API_KEY") else {
+        return Ok(None);
+    };
+    let len = key.chars().count();
+    if len < MIN_BOOTSTRAP_KEY_LEN && !allow_weak {
+        return Err(ConfigError {
+            variable: "PENORA_API_KEY",
+            reason: format!(
+                "is {len} characters; use at least {MIN_BOOTSTRAP_KEY_LEN} random characters \
+                 (e.g. `openssl rand -hex 32`), or set ALLOW_WEAK_API_KEY=true for a throwaway local setup"
+            ),
+        });
+    }
+    Ok(Some(Secret::new(key)))
+}
+
 fn positive<T>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
@@ -307,7 +340,28 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let s = load(&[("PENORA_API_KEY", "super-secret-key-value")]).expect("loads");
+        let s =
+            load(&[("PENORA_API_KEY", "super-secret-key-value-0123456789abcdef")]).expect("loads");
         assert!(!format!("{s:?}").contains("super-secret"));
+    }
+
+    #[test]
+    fn a_weak_bootstrap_key_is_refused_unless_allowed() {
+        let err = load(&[("PENORA_API_KEY", "short-key")]).unwrap_err();
+        assert_eq!(err.variable, "PENORA_API_KEY");
+        assert!(err.to_string().contains("at least 32"), "{err}");
+        assert!(
+            !err.to_string().contains("short-key"),
+            "the key is not echoed"
+        );
+        let s = load(&[
+            ("PENORA_API_KEY", "short-key"),
+            ("ALLOW_WEAK_API_KEY", "true"),
+        ])
+        .expect("allowed");
+        assert!(s.bootstrap_api_key.is_some());
+        assert!(load(&[("PENORA_API_KEY", &"k".repeat(32))]).is_ok());
+        let err = load(&[("ALLOW_WEAK_API_KEY", "yes")]).unwrap_err();
+        assert_eq!(err.variable, "ALLOW_WEAK_API_KEY");
     }
 }
