@@ -33,7 +33,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use deadpool_postgres::Client;
+use deadpool_postgres::{Client, Transaction};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -81,6 +81,36 @@ const INSERT_JOBS_SQL: &str = "INSERT INTO outbox (user_id, exchange, routing_ke
      SELECT v.user_id, $2, $3, v.message_id, v.correlation_id, v.payload \
      FROM unnest($1::text[], $4::uuid[], $5::text[], $6::jsonb[]) \
        AS v(user_id, message_id, correlation_id, payload)";
+
+/// Writes the `ledger-audit` jobs of a batch's ledger rows, with their
+/// request ids, in one statement of the caller's transaction.
+async fn insert_audit_jobs(
+    tx: &Transaction<'_>,
+    jobs: &[(LedgerAuditJob, Option<&str>)],
+) -> Result<(), LedgerError> {
+    let users: Vec<&str> = jobs.iter().map(|(j, _)| j.user_id.as_str()).collect();
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let correlations: Vec<Option<&str>> = jobs.iter().map(|(_, c)| *c).collect();
+    let payloads = jobs
+        .iter()
+        .map(|(j, _)| serde_json::to_value(j))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
+    let stmt = tx.prepare_cached(INSERT_JOBS_SQL).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &users,
+            &JOBS_EXCHANGE,
+            &LEDGER_AUDIT,
+            &ids,
+            &correlations,
+            &payloads,
+        ],
+    )
+    .await?;
+    Ok(())
+}
 
 /// One request of a batch.
 #[derive(Debug, Clone)]
@@ -252,9 +282,7 @@ pub async fn deduct_many(
         .map(|r| ((r.get(1), r.get(2)), r.get(0)))
         .collect();
 
-    let mut job_ids = Vec::with_capacity(accepted.len());
-    let mut job_correlations = Vec::with_capacity(accepted.len());
-    let mut job_payloads = Vec::with_capacity(accepted.len());
+    let mut jobs = Vec::with_capacity(accepted.len());
     for (k, &(i, after)) in accepted.iter().enumerate() {
         let key = (a_apps[k].clone(), a_codes[k].clone());
         let entry_id = *entry_ids
@@ -267,25 +295,9 @@ pub async fn deduct_many(
             amount: -a_amounts[k],
             balance_after: after,
         };
-        job_ids.push(Uuid::now_v7());
-        job_correlations.push(batch[i].correlation_id.as_deref());
-        job_payloads.push(
-            serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?,
-        );
+        jobs.push((job, batch[i].correlation_id.as_deref()));
     }
-    let jobs = tx.prepare_cached(INSERT_JOBS_SQL).await?;
-    tx.execute(
-        &jobs,
-        &[
-            &a_users,
-            &JOBS_EXCHANGE,
-            &LEDGER_AUDIT,
-            &job_ids,
-            &job_correlations,
-            &job_payloads,
-        ],
-    )
-    .await?;
+    insert_audit_jobs(&tx, &jobs).await?;
     tx.commit().await?;
 
     for (k, &(i, after)) in accepted.iter().enumerate() {
@@ -491,9 +503,7 @@ pub async fn refund_many(
         .map(|r| ((r.get(1), r.get(2)), (r.get(0), r.get(3))))
         .collect();
     let mut at = Vec::with_capacity(refunds.len());
-    let mut job_ids = Vec::with_capacity(refunds.len());
-    let mut job_correlations = Vec::with_capacity(refunds.len());
-    let mut job_payloads = Vec::with_capacity(refunds.len());
+    let mut jobs = Vec::with_capacity(refunds.len());
     for (k, &(i, amount, after)) in refunds.iter().enumerate() {
         let Some(&(entry_id, created_at)) =
             entry_of.get(&(f_apps[k].to_owned(), f_codes[k].to_owned()))
@@ -502,8 +512,6 @@ pub async fn refund_many(
             return Err(DbError::Other("a batch ledger row is missing".into()).into());
         };
         at.push(created_at);
-        job_ids.push(Uuid::now_v7());
-        job_correlations.push(batch[i].correlation_id.as_deref());
         let job = LedgerAuditJob {
             entry_id,
             user_id: f_users[k].to_owned(),
@@ -511,23 +519,9 @@ pub async fn refund_many(
             amount,
             balance_after: after,
         };
-        job_payloads.push(
-            serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?,
-        );
+        jobs.push((job, batch[i].correlation_id.as_deref()));
     }
-    let jobs = tx.prepare_cached(INSERT_JOBS_SQL).await?;
-    tx.execute(
-        &jobs,
-        &[
-            &f_users,
-            &JOBS_EXCHANGE,
-            &LEDGER_AUDIT,
-            &job_ids,
-            &job_correlations,
-            &job_payloads,
-        ],
-    )
-    .await?;
+    insert_audit_jobs(&tx, &jobs).await?;
     let mark = tx.prepare_cached(MARK_REFUNDED_SQL).await?;
     let marked = tx
         .execute(&mark, &[&f_apps, &f_codes, &at, &f_reasons, &f_after])
