@@ -81,7 +81,8 @@ fn is_identifier_char(c: char) -> bool {
 pub struct Credits(i64);
 
 impl Credits {
-    /// Checks an amount given as a JSON value: an integer from 1 to `max`.
+    /// Checks an amount given as a JSON value: a whole number (`5` or `5.0`)
+    /// from 1 to `max`.
     pub fn from_json(
         field: &'static str,
         value: Option<&serde_json::Value>,
@@ -106,6 +107,11 @@ impl Credits {
                         field,
                         format!("is too large; {}", range()),
                     ));
+                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                    // `5.0` is the whole number 5 (JSON Schema's `integer`
+                    // and JavaScript agree); out-of-range values saturate
+                    // and are refused by the range check below.
+                    f as i64
                 } else {
                     return Err(ValidationError::new(
                         field,

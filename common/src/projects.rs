@@ -51,10 +51,12 @@ impl Content {
             return Err(ValidationError::new("content", "is required"));
         }
         if trimmed.starts_with("https://") || trimmed.starts_with("http://") {
-            if trimmed.len() > 2048 || trimmed.chars().any(char::is_whitespace) {
+            // Served back as a `Location` header: visible ASCII only (found
+            // by schemathesis: a control character made the redirect a 500).
+            if trimmed.len() > 2048 || !trimmed.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ValidationError::new(
                     "content",
-                    "a URL must be at most 2048 characters without spaces",
+                    "a URL must be at most 2048 visible ASCII characters (percent-encode spaces and the rest)",
                 ));
             }
             return Ok(Self::Url(trimmed.to_owned()));
@@ -102,6 +104,42 @@ impl Content {
             Self::Url(u) => i64::try_from(u.len()).unwrap_or(i64::MAX),
         }
     }
+}
+
+/// Largest metadata object, as compact JSON.
+pub const METADATA_MAX_BYTES: usize = 16 * 1024;
+
+/// Checks a project's metadata: a JSON object of at most
+/// [`METADATA_MAX_BYTES`], with no NUL character in any key or string
+/// (PostgreSQL's `jsonb` cannot hold one; found by schemathesis as a 500).
+pub fn check_metadata(metadata: &serde_json::Value) -> Result<(), ValidationError> {
+    fn has_nul(value: &serde_json::Value) -> bool {
+        match value {
+            serde_json::Value::String(s) => s.contains('\0'),
+            serde_json::Value::Array(items) => items.iter().any(has_nul),
+            serde_json::Value::Object(fields) => {
+                fields.iter().any(|(k, v)| k.contains('\0') || has_nul(v))
+            }
+            _ => false,
+        }
+    }
+    if !metadata.is_object() {
+        return Err(ValidationError::new("metadata", "must be a JSON object"));
+    }
+    let size = serde_json::to_vec(metadata).map_or(usize::MAX, |b| b.len());
+    if size > METADATA_MAX_BYTES {
+        return Err(ValidationError::new(
+            "metadata",
+            format!("must be at most {METADATA_MAX_BYTES} bytes of JSON (got {size})"),
+        ));
+    }
+    if has_nul(metadata) {
+        return Err(ValidationError::new(
+            "metadata",
+            "must not contain the NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
 }
 
 /// A project to save.

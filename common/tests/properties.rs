@@ -50,9 +50,16 @@ proptest! {
             Credits::from_json("amount", Some(&int), max).is_ok(),
             (1..=max).contains(&n)
         );
+        let float = serde_json::json!(f);
+        let accepted = Credits::from_json("amount", Some(&float), max);
         if f.fract() != 0.0 || !f.is_finite() {
-            let float = serde_json::json!(f);
-            prop_assert!(Credits::from_json("amount", Some(&float), max).is_err());
+            prop_assert!(accepted.is_err());
+        } else {
+            // A whole number written as a float (`5.0`) is that number.
+            prop_assert_eq!(accepted.is_ok(), f >= 1.0 && f <= max as f64);
+            if let Ok(c) = accepted {
+                prop_assert_eq!(c.get() as f64, f);
+            }
         }
         let text = serde_json::json!(s);
         prop_assert!(Credits::from_json("amount", Some(&text), max).is_err());

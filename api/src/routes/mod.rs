@@ -2,6 +2,7 @@
 //! the handlers' annotations.
 
 pub mod credits;
+mod doc;
 pub mod projects;
 pub mod quote;
 pub mod system;
@@ -102,10 +103,10 @@ impl Modify for SecuritySchemes {
     }
 }
 
-/// The OpenAPI document of every route.
-pub fn openapi() -> utoipa::openapi::OpenApi {
+/// The OpenAPI document of every route; `max_amount` is `MAX_DEDUCT_AMOUNT`.
+pub fn openapi(max_amount: i64) -> utoipa::openapi::OpenApi {
     let (_, api) = api_router().split_for_parts();
-    api
+    doc::finish(api, max_amount)
 }
 
 fn api_router() -> OpenApiRouter<AppState> {
@@ -122,6 +123,7 @@ fn api_router() -> OpenApiRouter<AppState> {
 pub fn app(state: AppState) -> Router {
     let max_body = state.settings.max_body_bytes;
     let (router, api) = api_router().split_for_parts();
+    let api = doc::finish(api, state.settings.max_deduct_amount);
     let docs = SwaggerUi::new("/api/unified/docs")
         .url("/api/unified/openapi.json", api)
         .config(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use axum::{
     extract::{Path, State},
     http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Redirect, Response},
+    response::{IntoResponse, Response},
 };
 use base64::Engine;
 use penora_common::{
@@ -132,11 +132,9 @@ async fn save_project(
     let content = Content::decode(body.content.as_deref().unwrap_or_default())?;
     let metadata = match body.metadata {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
-        Some(m @ serde_json::Value::Object(_)) => m,
-        Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "metadata: must be a JSON object".into(),
-            ));
+        Some(m) => {
+            projects::check_metadata(&m)?;
+            m
         }
     };
     let project_code = body
@@ -418,7 +416,16 @@ async fn project_content(
             );
             response
         }
-        StoredContent::Url(url) => Redirect::to(&url).into_response(),
+        // `Redirect::to` answers a bad location with a plain-text 500; a URL
+        // saved before URLs were limited to visible ASCII gets a JSON 409.
+        StoredContent::Url(url) => match HeaderValue::from_str(&url) {
+            Ok(location) => (StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response(),
+            Err(_) => {
+                return Err(ApiError::ContentNotAvailable(format!(
+                    "project {project_id} refers to a URL that cannot be sent as a redirect"
+                )));
+            }
+        },
         StoredContent::NotAvailable { status, reason } => {
             return Err(ApiError::ContentNotAvailable(match reason {
                 Some(reason) => format!("project {project_id} is {status}: {reason}"),

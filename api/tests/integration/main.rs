@@ -4,6 +4,7 @@
 
 mod batching;
 mod credits;
+mod fuzz_findings;
 mod guide;
 mod keys;
 mod ops;
