@@ -93,13 +93,15 @@ where
 }
 
 /// Parses an optional whole-number query parameter within `min..=max`.
+/// Absent is `None`; present but empty (`?limit=`) is not a number and is
+/// refused, as the OpenAPI document says (found by schemathesis).
 pub fn int_param(
     field: &'static str,
     raw: Option<&str>,
     min: i64,
     max: i64,
 ) -> Result<Option<i64>, ApiError> {
-    let Some(raw) = raw.filter(|r| !r.is_empty()) else {
+    let Some(raw) = raw else {
         return Ok(None);
     };
     let n: i64 = raw.parse().map_err(|_| {

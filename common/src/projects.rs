@@ -343,8 +343,11 @@ pub struct ProjectRow {
     pub status: String,
     /// Bytes it counts (0 once failed).
     pub size_bytes: i64,
-    /// The metadata it was saved with.
-    pub metadata: serde_json::Value,
+    /// The metadata it was saved with, as PostgreSQL renders it. Kept as
+    /// raw JSON: parsing it into numbers again can fail (`jsonb` renders
+    /// 1.7976931348623157e308 as 309 digits, out of f64's range: found by
+    /// schemathesis as a panic) or change them.
+    pub metadata: Box<serde_json::value::RawValue>,
     /// The reservation it names, if any.
     pub project_code: Option<String>,
     /// Why it failed, if it did.
@@ -365,7 +368,7 @@ pub async fn list(
     let (at, id) = after.unzip();
     let stmt = client
         .prepare_cached(
-            "SELECT id, app_source, project_type, title, status, size_bytes, metadata, project_code, \
+            "SELECT id, app_source, project_type, title, status, size_bytes, metadata::text, project_code, \
                     failure_reason, created_at \
              FROM projects WHERE user_id = $1 \
                AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
@@ -384,12 +387,21 @@ pub async fn list(
             title: r.get(3),
             status: r.get(4),
             size_bytes: r.get(5),
-            metadata: r.get(6),
+            metadata: raw_json(r.get(6)),
             project_code: r.get(7),
             failure_reason: r.get(8),
             created_at: r.get(9),
         })
         .collect())
+}
+
+/// `text` (PostgreSQL's rendering of a `jsonb`) as raw JSON; `{}` should it
+/// ever not be JSON.
+fn raw_json(text: String) -> Box<serde_json::value::RawValue> {
+    use serde_json::value::{RawValue, to_raw_value};
+    RawValue::from_string(text)
+        .or_else(|_| to_raw_value(&serde_json::Map::new()))
+        .unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
 /// How many projects the user has, per app.

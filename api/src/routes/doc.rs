@@ -28,8 +28,10 @@ const TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
 const NON_BLANK_TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// Project content (`projects::Content::decode`): canonical base64 (standard
 /// alphabet, whole quads, the last one padded as the bytes require) or an
-/// http(s) URL without spaces.
-const CONTENT: &str = "^(([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)|https?://\\S{1,2000})$";
+/// http(s) URL of visible ASCII characters (it is sent back as a `Location`).
+const CONTENT: &str = "^(([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)|https?://[!-~]{1,2040})$";
+/// Text without the NUL character (PostgreSQL's `jsonb` cannot hold it).
+const NO_NUL: &str = "^[^\\u0000]*$";
 /// Image sides, pixels (`routes::quote`).
 const MAX_SIDE: i64 = 8192;
 /// Images per quote.
@@ -69,7 +71,13 @@ fn rules(max_amount: i64) -> Vec<Rule> {
         rule("*", "amount", true, integer(1, max_amount)),
         rule("*", "app_name", false, string(APP_NAME, APP_NAME_MAX_LEN)),
         rule("*", "app_source", false, string(APP_NAME, APP_NAME_MAX_LEN)),
-        rule("*", "app", false, string(APP_NAME, APP_NAME_MAX_LEN)),
+        // `?app=` (empty) is taken as not given.
+        rule(
+            "list_projects",
+            "app",
+            false,
+            json!({ "type": "string", "pattern": "^[a-z0-9_-]*$", "maxLength": APP_NAME_MAX_LEN }),
+        ),
         rule(
             "*",
             "description",
@@ -129,7 +137,12 @@ fn rules(max_amount: i64) -> Vec<Rule> {
             "SaveProjectRequest",
             "metadata",
             false,
-            json!({ "type": ["object", "null"] }),
+            json!({
+                "type": ["object", "null"],
+                "propertyNames": { "type": "string", "pattern": NO_NUL },
+                "additionalProperties": { "$ref": "#/components/schemas/JsonWithoutNul" },
+                "description": "Free-form JSON object, at most 16 KiB; no NUL character in any key or string."
+            }),
         ),
         // The ledger's cursor is an entry id; the projects' is opaque (only
         // a `next_cursor` this API gave is valid).
@@ -263,6 +276,22 @@ pub fn finish(api: OpenApi, max_amount: i64) -> OpenApi {
         for (name, schema) in schemas.iter_mut().filter(|(n, _)| n.ends_with("Request")) {
             finish_request_schema(&rules, name, schema);
         }
+        schemas.insert(
+            "JsonWithoutNul".into(),
+            json!({
+                "description": "Any JSON value with no NUL character in a string or key.",
+                "anyOf": [
+                    { "type": ["null", "boolean", "number"] },
+                    { "type": "string", "pattern": NO_NUL },
+                    { "type": "array", "items": { "$ref": "#/components/schemas/JsonWithoutNul" } },
+                    {
+                        "type": "object",
+                        "propertyNames": { "type": "string", "pattern": NO_NUL },
+                        "additionalProperties": { "$ref": "#/components/schemas/JsonWithoutNul" }
+                    }
+                ]
+            }),
+        );
     }
     if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
         for (path, item) in paths.iter_mut() {

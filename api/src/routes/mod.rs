@@ -27,7 +27,7 @@ use crate::{error::ApiError, state::AppState, telemetry};
 
 /// A successful answer: `{"success": true, …fields of T}`.
 #[derive(Debug, Serialize, ToSchema)]
-pub struct Success<T: ToSchema> {
+pub struct Success<T> {
     /// Always `true`.
     pub success: bool,
     /// The answer's fields.
@@ -35,15 +35,14 @@ pub struct Success<T: ToSchema> {
     pub body: T,
 }
 
-/// Wraps `body` as `{"success": true, …}`.
-pub fn json_ok<T: Serialize>(body: T) -> Json<serde_json::Value> {
-    let mut value = serde_json::to_value(body).unwrap_or_else(|_| serde_json::json!({}));
-    let mut out = serde_json::Map::with_capacity(8);
-    out.insert("success".into(), serde_json::Value::Bool(true));
-    if let serde_json::Value::Object(fields) = value.take() {
-        out.extend(fields);
-    }
-    Json(serde_json::Value::Object(out))
+/// Wraps `body` as `{"success": true, …}`, serialized straight to the
+/// response: never through `serde_json::Value`, which would parse stored raw
+/// JSON (project metadata) into numbers again.
+pub fn json_ok<T: Serialize>(body: T) -> Json<Success<T>> {
+    Json(Success {
+        success: true,
+        body,
+    })
 }
 
 /// The request id, carried into the outbox as the jobs' correlation id.

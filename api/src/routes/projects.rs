@@ -210,9 +210,9 @@ pub struct ProjectItem {
     pub status: String,
     /// Bytes it counts against the quota.
     pub size_bytes: i64,
-    /// Its metadata.
+    /// Its metadata, as stored.
     #[schema(value_type = Object)]
-    pub metadata: serde_json::Value,
+    pub metadata: Box<serde_json::value::RawValue>,
     /// The reservation it names, if any.
     pub project_code: Option<String>,
     /// Why it failed, if it did.

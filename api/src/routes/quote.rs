@@ -91,7 +91,7 @@ async fn quote(
     let height = required("height", q.height.as_deref())?;
     let variations = int_param("variations", q.variations.as_deref(), 1, 10)?.unwrap_or(1);
     let quality = match q.quality.as_deref() {
-        None | Some("") | Some("standard") => Quality::Standard,
+        None | Some("standard") => Quality::Standard,
         Some("high") => Quality::High,
         Some(_) => {
             return Err(ApiError::InvalidRequest(

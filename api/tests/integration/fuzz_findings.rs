@@ -163,3 +163,62 @@ async fn a_whole_amount_written_as_a_float_is_that_amount() {
     .await;
     assert_eq!(app.balance("u1").await, 5);
 }
+
+/// Found: `?variations=` (present, empty) was taken as absent and answered
+/// 200, while the document says an integer. Empty numbers and an empty
+/// quality are now refused, naming the parameter.
+#[tokio::test]
+async fn an_empty_number_or_quality_in_a_query_is_refused() {
+    let app = spawn_app().await;
+    app.grant("u1", 1).await;
+    for (path, field) in [
+        (
+            "/api/unified/quote?width=512&height=512&variations=",
+            "variations",
+        ),
+        ("/api/unified/quote?width=&height=512", "width"),
+        (
+            "/api/unified/quote?width=512&height=512&quality=",
+            "quality",
+        ),
+        ("/api/unified/transactions?user_id=u1&limit=", "limit"),
+        ("/api/unified/transactions?user_id=u1&cursor=", "cursor"),
+        ("/api/unified/projects?user_id=u1&limit=", "limit"),
+    ] {
+        let msg = expect_error(
+            app.get(path).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
+        assert!(msg.starts_with(&format!("{field}:")), "{path}: {msg}");
+    }
+    // Absent is still the default.
+    let r = app.get("/api/unified/quote?width=512&height=512").await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+/// Found: metadata holding f64::MAX was stored (PostgreSQL's `jsonb` keeps
+/// it as a 309-digit number), and listing the user's projects then panicked
+/// reading it back into a JSON value (500). Metadata is now served as stored.
+/// Writing this test also showed serde_json's default float parsing turning
+/// -7822179491662076.0 into ...077: the workspace now enables `float_roundtrip`.
+#[tokio::test]
+async fn metadata_with_extreme_numbers_lists_as_stored() {
+    let app = spawn_app().await;
+    app.grant("u1", 1).await;
+    let metadata = json!({"max": f64::MAX, "exact": -7822179491662076.0, "tiny": 5e-324});
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", PNG_1X1, metadata),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = app.get("/api/unified/projects?user_id=u1").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.expect("body");
+    assert!(text.contains("\"success\":true"), "{text}");
+    assert!(text.contains("17976931348623157"), "{text}");
+    assert!(text.contains("-7822179491662076"), "{text}");
+}
