@@ -103,7 +103,7 @@ st_status=0
   --workers 1 \
   --request-timeout 10 \
   --no-color \
-  --report junit --report-junit-path "$out/junit.xml" \
+  --report junit,ndjson --report-junit-path "$out/junit.xml" --report-ndjson-path "$out/events.ndjson" \
   >"$out/schemathesis.txt" 2>&1 || st_status=$?
 sed -n '/=* SUMMARY =*/,$p' "$out/schemathesis.txt"
 

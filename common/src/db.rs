@@ -67,9 +67,15 @@ impl From<tokio_postgres::Error> for DbError {
 }
 
 impl From<deadpool_postgres::PoolError> for DbError {
+    /// A pool error happens before any work: while opening a connection
+    /// (`Backend`: the server refused it) or waiting for one. Whatever the
+    /// server's reason (`database … is not currently accepting connections`
+    /// is SQLSTATE 55000, not an `08` code), the work itself is sound and can
+    /// be tried again: found by scripts/chaos.sh, where a database outage
+    /// parked worker jobs as poison and answered API requests 500.
     fn from(err: deadpool_postgres::PoolError) -> Self {
         match err {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            deadpool_postgres::PoolError::Backend(e) => Self::Unavailable(error_chain(&e)),
             other => Self::Unavailable(other.to_string()),
         }
     }

@@ -28,7 +28,8 @@ fn with_database(url: &str, db: &str) -> String {
 /// Key of the advisory lock held while building the template.
 const TEMPLATE_LOCK_KEY: i64 = 0x70_65_6e_74_65_73_74;
 
-async fn admin_client() -> tokio_postgres::Client {
+/// A connection to the admin database (panics, naming the fix, if PostgreSQL is down).
+pub async fn admin_client() -> tokio_postgres::Client {
     let url = admin_url();
     match tokio_postgres::connect(&url, NoTls).await {
         Ok((client, conn)) => {

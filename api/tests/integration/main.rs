@@ -3,6 +3,7 @@
 //! port 0, so the tests run in parallel.
 
 mod batching;
+mod chaos_findings;
 mod credits;
 mod fuzz_findings;
 mod guide;
