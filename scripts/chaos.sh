@@ -10,7 +10,7 @@
 # every ledger entry audited, nothing dead-lettered, reconcile clean.
 #
 #   scripts/chaos.sh           full run (3 minutes of traffic, a fault every 8 s)
-#   scripts/chaos.sh --quick   CI run (36 s, a fault every 5 s: each kind at least once)
+#   scripts/chaos.sh --quick   CI run (42 s, a fault every 4 s: each kind at least once)
 #
 # A fresh database and a private RabbitMQ vhost per run; both removed after.
 # Exit status: 0 when there is no violation.
@@ -51,7 +51,7 @@ rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*' >/dev/null
 ./target/debug/penora-ops migrate >/dev/null
 
 if [ "$quick" -eq 1 ]; then
-  args=(--secs 36 --fault-every 5 --outage-secs 2 --clients 8 --users 20)
+  args=(--secs 42 --fault-every 4 --outage-secs 2 --clients 8 --users 20)
 else
   args=(--secs 180 --fault-every 8 --outage-secs 3 --clients 16 --users 40)
 fi

@@ -358,6 +358,7 @@ async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user:
             }
         }
         Some((402, _)) => {
+            ctx.count("deduct answered 402 (not enough credits)");
             if let Ok(mut r) = ctx.record.lock() {
                 r.refused.push(code);
             }

@@ -86,6 +86,10 @@ pub struct Settings {
     pub db_lock_timeout: Duration,
     /// `MAX_BODY_BYTES`: largest accepted request body.
     pub max_body_bytes: usize,
+    /// `CORS_ALLOWED_ORIGINS`: comma-separated origins (`https://app.example`)
+    /// whose browser pages may call the API. Empty (the default): no CORS
+    /// headers, so browsers refuse every cross-origin call.
+    pub cors_allowed_origins: Vec<String>,
     /// `DEDUCT_BATCH_MAX`: most deductions the API carries out in one
     /// transaction (1 turns group commit off).
     pub deduct_batch_max: usize,
@@ -166,6 +170,7 @@ impl Settings {
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_lock_timeout: Duration::from_millis(positive(&get, "DB_LOCK_TIMEOUT_MS", 5000)?),
             max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
+            cors_allowed_origins: cors_origins(&get)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
@@ -241,6 +246,34 @@ where
     })
 }
 
+/// `CORS_ALLOWED_ORIGINS`: exact origins only (`scheme://host[:port]`, no
+/// path, no wildcard: a key-bearing API must not answer every site).
+fn cors_origins(get: &impl Fn(&str) -> Option<String>) -> Result<Vec<String>, ConfigError> {
+    let raw = get("CORS_ALLOWED_ORIGINS").unwrap_or_default();
+    let mut origins = Vec::new();
+    for origin in raw.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let rest = origin
+            .strip_prefix("https://")
+            .or_else(|| origin.strip_prefix("http://"));
+        let valid = rest.is_some_and(|host| {
+            !host.is_empty()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
+        });
+        if !valid {
+            return Err(ConfigError {
+                variable: "CORS_ALLOWED_ORIGINS",
+                reason: format!(
+                    "`{origin}` is not an origin: use scheme://host[:port], comma-separated, no path and no `*`"
+                ),
+            });
+        }
+        origins.push(origin.to_owned());
+    }
+    Ok(origins)
+}
+
 /// Shortest bootstrap key accepted without `ALLOW_WEAK_API_KEY=true`.
 pub const MIN_BOOTSTRAP_KEY_LEN: usize = 32;
 
@@ -304,6 +337,26 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Settings::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn cors_origins_must_be_exact_origins() {
+        let ok = load(&[(
+            "CORS_ALLOWED_ORIGINS",
+            " https://a.example ,http://localhost:3000,",
+        )])
+        .expect("valid");
+        assert_eq!(
+            ok.cors_allowed_origins,
+            ["https://a.example", "http://localhost:3000"]
+        );
+        for bad in ["*", "https://a.example/path", "a.example", "https://"] {
+            let err = load(&[("CORS_ALLOWED_ORIGINS", bad)])
+                .expect_err(bad)
+                .to_string();
+            assert!(err.contains("CORS_ALLOWED_ORIGINS"), "{bad}: {err}");
+        }
+        assert!(load(&[]).expect("default").cors_allowed_origins.is_empty());
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod projects;
 pub mod quote;
 pub mod system;
 
+use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, FromRequestParts, Request},
@@ -15,7 +16,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
-use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::{
+    catch_panic::CatchPanicLayer,
+    cors::{AllowOrigin, CorsLayer},
+};
 use utoipa::{
     Modify, OpenApi, ToSchema,
     openapi::security::{ApiKey, ApiKeyValue, SecurityScheme},
@@ -130,14 +134,41 @@ pub fn app(state: AppState) -> Router {
                 .validator_url("none")
                 .try_it_out_enabled(true),
         );
-    router
+    let cors = cors(&state.settings.cors_allowed_origins);
+    let mut app = router
         .with_state(state)
         .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(CatchPanicLayer::custom(on_panic))
-        .layer(middleware::from_fn(telemetry::observe))
+        .layer(CatchPanicLayer::custom(on_panic));
+    if let Some(cors) = cors {
+        app = app.layer(cors);
+    }
+    app.layer(middleware::from_fn(telemetry::observe))
+}
+
+/// CORS for the configured origins only; with none, no layer and no CORS
+/// headers at all, so browsers keep cross-origin pages out.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE, HeaderName::from_static("x-api-key")])
+            .expose_headers([
+                HeaderName::from_static("idempotent-replayed"),
+                header::RETRY_AFTER,
+            ])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(req: Request) -> ApiError {

@@ -4,6 +4,7 @@
 
 mod batching;
 mod chaos_findings;
+mod cors;
 mod credits;
 mod fuzz_findings;
 mod guide;
