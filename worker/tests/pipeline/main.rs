@@ -2,6 +2,7 @@
 //! its own database and its own queue prefix.
 
 mod operators;
+mod permissions;
 mod support;
 
 use std::{process::Stdio, time::Duration};
