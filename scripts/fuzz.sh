@@ -102,6 +102,7 @@ st_status=0
   --seed "$seed" \
   --workers 1 \
   --request-timeout 10 \
+  --max-redirects 0 \
   --no-color \
   --report junit,ndjson --report-junit-path "$out/junit.xml" --report-ndjson-path "$out/events.ndjson" \
   >"$out/schemathesis.txt" 2>&1 || st_status=$?

@@ -59,6 +59,16 @@ impl Content {
                     "a URL must be at most 2048 visible ASCII characters (percent-encode spaces and the rest)",
                 ));
             }
+            // And a well-formed absolute URL with a host (found by
+            // schemathesis: `https://[x` was stored and redirected to).
+            let parsed = url::Url::parse(trimmed).ok();
+            if !parsed.is_some_and(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some())
+            {
+                return Err(ValidationError::new(
+                    "content",
+                    "a URL must be a well-formed http(s) URL with a host",
+                ));
+            }
             return Ok(Self::Url(trimmed.to_owned()));
         }
         let payload = if let Some(rest) = trimmed.strip_prefix("data:") {

@@ -28,8 +28,10 @@ const TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
 const NON_BLANK_TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// Project content (`projects::Content::decode`): canonical base64 (standard
 /// alphabet, whole quads, the last one padded as the bytes require) or an
-/// http(s) URL of visible ASCII characters (it is sent back as a `Location`).
-const CONTENT: &str = "^(([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)|https?://[!-~]{1,2040})$";
+/// http(s) URL with a host name, of visible ASCII characters (it is sent back
+/// as a `Location`). Stricter than the API, which takes any absolute http(s)
+/// URL with a host.
+const CONTENT: &str = "^(([A-Za-z0-9+/]{4})*([A-Za-z0-9+/]{4}|[A-Za-z0-9+/][AQgw]==|[A-Za-z0-9+/]{2}[AEIMQUYcgkosw048]=)|https?://([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\\.){0,4}[A-Za-z]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(:[0-9]{1,4})?(/[!-~]{0,1500})?)$";
 /// Text without the NUL character (PostgreSQL's `jsonb` cannot hold it).
 const NO_NUL: &str = "^[^\\u0000]*$";
 /// Image sides, pixels (`routes::quote`).
