@@ -128,7 +128,7 @@ impl Service {
 }
 
 /// What the clients saw and did.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Record {
     /// Expected balance per user, from the answers the client got.
     expected: HashMap<String, i64>,
@@ -576,7 +576,12 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let (db, connection) =
         tokio_postgres::connect(&ctx.args.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    let record = ctx.record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+    // A copy: the checks below await, and the record's lock is synchronous.
+    let record = ctx
+        .record
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
     violations.extend(
         record
             .unexpected
