@@ -7,11 +7,10 @@ pub mod projects;
 pub mod quote;
 pub mod system;
 
-use axum::http::{HeaderName, HeaderValue, Method, header};
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, FromRequestParts, Request},
-    http::request::Parts,
+    http::{HeaderName, HeaderValue, Method, header, request::Parts},
     middleware,
     response::{IntoResponse, Response},
 };
