@@ -47,6 +47,24 @@ use crate::{
 /// Locks the batch's accounts, in one order.
 const LOCK_ACCOUNTS_SQL: &str = "SELECT user_id, balance FROM accounts \
      WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE";
+
+/// Locks the accounts of `users` in user_id order (one order everywhere: no
+/// deadlock between batches) and returns their balances.
+async fn lock_accounts<'a>(
+    tx: &Transaction<'_>,
+    users: impl Iterator<Item = &'a str>,
+) -> Result<HashMap<String, i64>, DbError> {
+    let mut users: Vec<&str> = users.collect();
+    users.sort_unstable();
+    users.dedup();
+    let lock = tx.prepare_cached(LOCK_ACCOUNTS_SQL).await?;
+    Ok(tx
+        .query(&lock, &[&users])
+        .await?
+        .into_iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
 /// The stored reservations of the batch's keys.
 const FIND_RESERVATIONS_SQL: &str = "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
             r.refundable_until, r.created_at, r.app_name, r.project_code \
@@ -143,19 +161,8 @@ pub async fn deduct_many(
         .collect();
 
     let tx = client.transaction().await?;
-    let mut users: Vec<&str> = live
-        .iter()
-        .map(|&i| batch[i].deduct.user_id.as_str())
-        .collect();
-    users.sort_unstable();
-    users.dedup();
-    let lock = tx.prepare_cached(LOCK_ACCOUNTS_SQL).await?;
-    let mut balances: HashMap<String, i64> = tx
-        .query(&lock, &[&users])
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let mut balances =
+        lock_accounts(&tx, live.iter().map(|&i| batch[i].deduct.user_id.as_str())).await?;
 
     let apps: Vec<&str> = live
         .iter()
@@ -402,16 +409,7 @@ pub async fn refund_many(
         return Ok(answers);
     }
     let tx = client.transaction().await?;
-    let mut users: Vec<&str> = once.iter().map(|&i| batch[i].user_id.as_str()).collect();
-    users.sort_unstable();
-    users.dedup();
-    let lock = tx.prepare_cached(LOCK_ACCOUNTS_SQL).await?;
-    let mut balances: HashMap<String, i64> = tx
-        .query(&lock, &[&users])
-        .await?
-        .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let mut balances = lock_accounts(&tx, once.iter().map(|&i| batch[i].user_id.as_str())).await?;
     let apps: Vec<&str> = once.iter().map(|&i| batch[i].app_name.as_str()).collect();
     let codes: Vec<&str> = once
         .iter()
