@@ -29,10 +29,12 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use lapin::{BasicProperties, options::QueueDeclareOptions, types::FieldTable};
+use lapin::BasicProperties;
 use penora_common::broker::{Outgoing, Publisher, Topology};
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
+
+mod shared;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -67,15 +69,8 @@ struct Args {
     /// Users the traffic spreads over.
     #[arg(long, default_value_t = 40)]
     users: usize,
-    /// A key with every scope.
-    #[arg(long, env = "PENORA_API_KEY")]
-    key: String,
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    #[arg(long, env = "AMQP_URL")]
-    amqp_url: String,
-    #[arg(long, env = "AMQP_PREFIX", default_value = "")]
-    prefix: String,
+    #[command(flatten)]
+    services: shared::Services,
     /// The run's RabbitMQ vhost (its connections are the ones cut).
     #[arg(long)]
     vhost: String,
@@ -211,7 +206,7 @@ impl Ctx {
             let mut request = self
                 .http
                 .request(method.clone(), format!("{}{path}", self.base))
-                .header("X-API-Key", &self.args.key);
+                .header("X-API-Key", &self.args.services.key);
             if let Some(body) = body {
                 request = request.json(body);
             }
@@ -471,6 +466,7 @@ async fn wait_for_api(ctx: &Ctx) {
 async fn database_away(ctx: &Ctx, secs: f64) -> anyhow::Result<()> {
     let (db_base, db) = ctx
         .args
+        .services
         .database_url
         .rsplit_once('/')
         .context("DATABASE_URL has no database name")?;
@@ -561,6 +557,11 @@ fn run_ops(ctx: &Ctx, args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// `sql`'s count, with `keys` as `$1`.
+async fn count(db: &tokio_postgres::Client, sql: &str, keys: &[String]) -> anyhow::Result<i64> {
+    Ok(db.query_one(sql, &[&keys]).await?.get(0))
+}
+
 /// Every check after the run; returns the violations.
 async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let mut violations = Vec::new();
@@ -574,7 +575,7 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
         violations.push("penora-ops audit verify found a violation".into());
     }
     let (db, connection) =
-        tokio_postgres::connect(&ctx.args.database_url, tokio_postgres::NoTls).await?;
+        tokio_postgres::connect(&ctx.args.services.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     // A copy: the checks below await, and the record's lock is synchronous.
     let record = ctx
@@ -636,26 +637,24 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
             ));
         }
     }
-    let charged_anyway: i64 = db
-        .query_one(
-            "SELECT count(*) FROM reservations WHERE app_name = 'imagegene' AND project_code = ANY($1)",
-            &[&record.refused],
-        )
-        .await?
-        .get(0);
+    let charged_anyway = count(
+        &db,
+        "SELECT count(*) FROM reservations WHERE app_name = 'imagegene' AND project_code = ANY($1)",
+        &record.refused,
+    )
+    .await?;
     if charged_anyway != 0 {
         violations.push(format!(
             "{charged_anyway} deductions answered 402 left a reservation"
         ));
     }
     // Every event processed exactly once.
-    let processed: i64 = db
-        .query_one(
-            "SELECT count(*) FROM processed_events WHERE event_id = ANY($1)",
-            &[&record.events],
-        )
-        .await?
-        .get(0);
+    let processed = count(
+        &db,
+        "SELECT count(*) FROM processed_events WHERE event_id = ANY($1)",
+        &record.events,
+    )
+    .await?;
     if processed != record.events.len() as i64 {
         violations.push(format!(
             "{} events published, {processed} processed",
@@ -669,13 +668,12 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
         .filter(|(_, (_, f))| *f == FollowUp::Saved)
         .map(|(c, _)| c.clone())
         .collect();
-    let saved: i64 = db
-        .query_one(
-            "SELECT count(*) FROM projects WHERE project_code = ANY($1) AND status = 'saved'",
-            &[&saved_codes],
-        )
-        .await?
-        .get(0);
+    let saved = count(
+        &db,
+        "SELECT count(*) FROM projects WHERE project_code = ANY($1) AND status = 'saved'",
+        &saved_codes,
+    )
+    .await?;
     if saved != saved_codes.len() as i64 {
         violations.push(format!(
             "{} saves accepted, {saved} stored",
@@ -683,27 +681,15 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
         ));
     }
     // No message lost: the work queues are empty (wait-idle) and nothing was dead-lettered.
-    let connection = penora_common::broker::connect(&ctx.args.amqp_url, "penora-chaos").await?;
+    let connection =
+        penora_common::broker::connect(&ctx.args.services.amqp_url, "penora-chaos").await?;
     let channel = connection.create_channel().await?;
-    let mut dead = 0;
-    for queue in ctx
-        .topology
-        .all_queues()
-        .into_iter()
-        .filter(|q| q.ends_with(".dead"))
-    {
-        let q = channel
-            .queue_declare(
-                queue.clone().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        dead += q.message_count();
-    }
+    let dead: u32 = penora_common::broker::queue_stats(&channel, &ctx.topology)
+        .await?
+        .iter()
+        .filter(|q| q.name.ends_with(".dead"))
+        .map(|q| q.messages)
+        .sum();
     let _ = connection.close(200, "bye".into()).await;
     if dead != 0 {
         violations.push(format!("{dead} messages dead-lettered"));
@@ -714,12 +700,7 @@ async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let settings = penora_common::config::Settings::from_lookup(|k| match k {
-        "AMQP_URL" => Some(args.amqp_url.clone()),
-        "AMQP_PREFIX" => Some(args.prefix.clone()),
-        "DATABASE_URL" => Some(args.database_url.clone()),
-        _ => None,
-    })?;
+    let settings = args.services.settings()?;
     let topology = Topology::from_settings(&settings);
     let mut api = Service {
         name: "penora-api",

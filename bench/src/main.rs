@@ -32,6 +32,8 @@ use lapin::{
 use penora_common::broker::{Outgoing, Publisher, Topology};
 use serde_json::json;
 
+mod shared;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "penora-bench",
@@ -42,18 +44,8 @@ struct Args {
     /// The API's base URL.
     #[arg(long)]
     api: String,
-    /// An API key with every scope.
-    #[arg(long, env = "PENORA_API_KEY")]
-    key: String,
-    /// The service's database.
-    #[arg(long, env = "DATABASE_URL")]
-    database_url: String,
-    /// The broker (vhost included).
-    #[arg(long, env = "AMQP_URL")]
-    amqp_url: String,
-    /// The services' queue prefix.
-    #[arg(long, env = "AMQP_PREFIX", default_value = "")]
-    prefix: String,
+    #[command(flatten)]
+    services: shared::Services,
     /// Users to seed.
     #[arg(long, default_value_t = 100_000)]
     users: i64,
@@ -346,7 +338,7 @@ struct Ctx {
 async fn post_ok(ctx: &Ctx, path: &str, body: &serde_json::Value) -> bool {
     ctx.http
         .post(format!("{}{path}", ctx.args.api))
-        .header("X-API-Key", &ctx.args.key)
+        .header("X-API-Key", &ctx.args.services.key)
         .json(body)
         .send()
         .await
@@ -356,7 +348,7 @@ async fn post_ok(ctx: &Ctx, path: &str, body: &serde_json::Value) -> bool {
 async fn get_ok(ctx: &Ctx, path: &str) -> bool {
     ctx.http
         .get(format!("{}{path}", ctx.args.api))
-        .header("X-API-Key", &ctx.args.key)
+        .header("X-API-Key", &ctx.args.services.key)
         .send()
         .await
         .is_ok_and(|r| r.status().is_success())
@@ -497,12 +489,7 @@ async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
     for t in tasks {
         let _ = t.await;
     }
-    let settings = penora_common::config::Settings::from_lookup(|k| match k {
-        "AMQP_URL" => Some(ctx.args.amqp_url.clone()),
-        "AMQP_PREFIX" => Some(ctx.args.prefix.clone()),
-        "DATABASE_URL" => Some(ctx.args.database_url.clone()),
-        _ => None,
-    })?;
+    let settings = ctx.args.services.settings()?;
     let publisher = Publisher::new(
         settings.amqp_url.clone(),
         "penora-bench",
@@ -560,10 +547,11 @@ async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
 /// queue of our own and consumed with acks.
 async fn raw_broker(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
     let n = ctx.args.refund_events;
-    let conn = penora_common::broker::connect(&ctx.args.amqp_url, "penora-bench-raw").await?;
+    let conn =
+        penora_common::broker::connect(&ctx.args.services.amqp_url, "penora-bench-raw").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
-    let queue = format!("{}bench-raw-{}", ctx.args.prefix, run_tag());
+    let queue = format!("{}bench-raw-{}", ctx.args.services.prefix, run_tag());
     let mut args = FieldTable::default();
     args.insert(
         "x-queue-type".into(),
@@ -646,8 +634,8 @@ fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(64);
-    let pool =
-        penora_common::db::pool_with(&args.database_url, max_conc + 4, 5000).context("pool")?;
+    let pool = penora_common::db::pool_with(&args.services.database_url, max_conc + 4, 5000)
+        .context("pool")?;
     seed(&pool, args.users).await.context("seeding")?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(max_conc)
