@@ -11,6 +11,7 @@
 # Not part of the test suite: the figures are printed, never asserted.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/run.sh
 quick=0
 [ "${1:-}" = "--quick" ] && { quick=1; shift; }
 # Anything else is passed to penora-bench, e.g. `--workloads hot --concurrency 64`
@@ -44,16 +45,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
-  # The run's queues and exchanges.
-  if command -v rabbitmqctl >/dev/null; then
-    for q in $(rabbitmqctl list_queues -q name 2>/dev/null | grep "^$prefix" || true); do
-      rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true
-    done
-    for x in $(rabbitmqctl list_exchanges -q name 2>/dev/null | grep "^$prefix" || true); do
-      rabbitmqadmin -q delete exchange name="$x" >/dev/null 2>&1 || true
-    done
-  fi
+  drop_run "$admin" "$db" "$prefix"
 }
 trap cleanup EXIT
 
@@ -67,13 +59,7 @@ DB_POOL_SIZE=$api_pool ./target/release/penora-api >"$out/api.log" 2>&1 &
 pids+=($!); api_pid=$!
 DB_POOL_SIZE=$worker_pool ./target/release/penora-worker >"$out/worker.log" 2>&1 &
 pids+=($!); worker_pid=$!
-api=""
-for _ in $(seq 1 100); do
-  api=$(grep -o 'penora-api listening on http://[0-9.:]*' "$out/api.log" | sed 's/penora-api listening on //' || true)
-  [ -n "$api" ] && break
-  sleep 0.2
-done
-[ -n "$api" ] || { echo "penora-api did not start:"; cat "$out/api.log"; exit 1; }
+api=$(api_address "$out/api.log") || { echo "penora-api did not start:"; cat "$out/api.log"; exit 1; }
 
 if [ "$quick" -eq 1 ]; then
   args=(--secs 2 --users 100000 --refund-events 1000 --markdown "$out/benchmarks.md" --svg "$out/benchmarks.svg" --command "scripts/bench.sh --quick")

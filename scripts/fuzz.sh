@@ -15,6 +15,7 @@
 # Exit status: 0 when schemathesis found nothing and every invariant holds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/run.sh
 quick=0
 [ "${1:-}" = "--quick" ] && quick=1
 schemathesis_version=4.32.5
@@ -53,15 +54,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  psql "$admin" -qc "DROP DATABASE IF EXISTS $db WITH (FORCE)" >/dev/null 2>&1 || true
-  if command -v rabbitmqctl >/dev/null; then
-    for q in $(rabbitmqctl list_queues -q name 2>/dev/null | grep "^$prefix" || true); do
-      rabbitmqctl delete_queue "$q" >/dev/null 2>&1 || true
-    done
-    for x in $(rabbitmqctl list_exchanges -q name 2>/dev/null | grep "^$prefix" || true); do
-      rabbitmqadmin -q delete exchange name="$x" >/dev/null 2>&1 || true
-    done
-  fi
+  drop_run "$admin" "$db" "$prefix"
 }
 trap cleanup EXIT
 
@@ -70,13 +63,7 @@ trap cleanup EXIT
 pids+=($!)
 ./target/debug/penora-worker >"$out/worker.log" 2>&1 &
 pids+=($!)
-api=""
-for _ in $(seq 1 100); do
-  api=$(grep -o 'penora-api listening on http://[0-9.:]*' "$out/api.log" | sed 's/penora-api listening on //' || true)
-  [ -n "$api" ] && break
-  sleep 0.2
-done
-[ -n "$api" ] || { echo "fuzz: penora-api did not start:"; cat "$out/api.log"; exit 1; }
+api=$(api_address "$out/api.log") || { echo "fuzz: penora-api did not start:"; cat "$out/api.log"; exit 1; }
 
 # ImageGene's kind of key: bound to its app, with every scope so that grants
 # are fuzzed too. The users of the document's examples get credits, so that
