@@ -101,24 +101,8 @@ async fn a_url_that_cannot_be_a_redirect_is_refused_at_the_save() {
 async fn a_stored_url_that_cannot_be_a_redirect_answers_json() {
     let app = spawn_app().await;
     app.grant("u1", 1).await;
-    let r: Value = app
-        .post(
-            "/api/unified/save-project",
-            &save_body("u1", "https://x.example/a.png", json!({})),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = r["project_id"].as_str().expect("id").to_owned();
+    let id = app.saved_url_project("u1", "https://x.example/a.png").await;
     let client = app.pool.get().await.expect("db");
-    client
-        .execute(
-            "UPDATE projects SET status = 'saved' WHERE id = $1::text::uuid",
-            &[&id],
-        )
-        .await
-        .expect("saved");
     client
         .execute(
             "UPDATE project_contents SET url = 'https://x.example/' || chr(3) WHERE project_id = $1::text::uuid",

@@ -219,21 +219,7 @@ async fn a_url_project_redirects_once_saved() {
     let app = spawn_app().await;
     app.grant("u1", 1).await;
     let url = "https://cdn.imagegene.example/u1/a.png";
-    let r: Value = app
-        .post("/api/unified/save-project", &save_body("u1", url))
-        .await
-        .json()
-        .await
-        .expect("json");
-    let id = r["project_id"].as_str().expect("id").to_owned();
-    let client = app.pool.get().await.expect("db");
-    client
-        .execute(
-            "UPDATE projects SET status = 'saved' WHERE id = $1::text::uuid",
-            &[&id],
-        )
-        .await
-        .expect("saved");
+    let id = app.saved_url_project("u1", url).await;
     let r = app
         .get(&format!("/api/unified/projects/{id}/content?user_id=u1"))
         .await;

@@ -125,6 +125,31 @@ impl TestApp {
         (status, r.json().await.expect("JSON body"))
     }
 
+    /// Saves a project whose content is `url` and marks it `saved`, as the
+    /// worker would; returns its id.
+    pub async fn saved_url_project(&self, user: &str, url: &str) -> String {
+        let r: Value = self
+            .post(
+                "/api/unified/save-project",
+                &json!({"user_id": user, "app_source": "imagegene", "project_type": "ai_artwork",
+                        "title": "t", "content": url}),
+            )
+            .await
+            .json()
+            .await
+            .expect("json");
+        let id = r["project_id"].as_str().expect("id").to_owned();
+        let client = self.pool.get().await.expect("db");
+        client
+            .execute(
+                "UPDATE projects SET status = 'saved' WHERE id = $1::text::uuid",
+                &[&id],
+            )
+            .await
+            .expect("saved");
+        id
+    }
+
     /// Creates a key bound to `app` with `scopes` directly in the database.
     pub async fn key(&self, app: &str, scopes: &[Scope]) -> String {
         let client = self.pool.get().await.expect("db");
