@@ -239,6 +239,29 @@ impl Ctx {
         }
     }
 
+    /// `send`, for an answer among `expected`: any other answer (or none)
+    /// breaks the contract and is recorded as such, under `what`.
+    async fn expect(
+        &self,
+        what: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+        expected: &[u16],
+    ) -> Option<(u16, Value)> {
+        match self.send(method, path, body).await {
+            Some((status, answer)) if expected.contains(&status) => Some((status, answer)),
+            Some((status, answer)) => {
+                self.unexpected(format!("{what}: {status} {answer}"));
+                None
+            }
+            None => {
+                self.unexpected(format!("{what}: no answer"));
+                None
+            }
+        }
+    }
+
     async fn publish_refund_event(&self, user: &str, code: &str, event_id: &str) -> bool {
         let mut delay = Duration::from_millis(50);
         loop {
@@ -290,39 +313,26 @@ async fn client(ctx: Arc<Ctx>, id: usize) {
             let reference = format!("g{id}_{n}");
             let body = json!({"user_id": user, "amount": amount, "reason": "chaos", "reference": reference});
             ctx.count("grant");
-            match ctx
-                .send(
-                    reqwest::Method::POST,
-                    "/api/unified/add-credits",
-                    Some(&body),
-                )
+            let what = format!("grant {reference}");
+            let path = "/api/unified/add-credits";
+            if ctx
+                .expect(&what, reqwest::Method::POST, path, Some(&body), &[200])
                 .await
+                .is_some()
+                && let Ok(mut r) = ctx.record.lock()
             {
-                Some((200, _)) => {
-                    if let Ok(mut r) = ctx.record.lock() {
-                        *r.expected.entry(user).or_default() += amount;
-                    }
-                }
-                Some((status, body)) => {
-                    ctx.unexpected(format!("grant {reference}: {status} {body}"))
-                }
-                None => ctx.unexpected(format!("grant {reference}: no answer")),
+                *r.expected.entry(user).or_default() += amount;
             }
         } else if pick < 20 {
             ctx.count("balance read");
-            match ctx
-                .send(
-                    reqwest::Method::GET,
-                    &format!("/api/unified/user-info?user_id={user}"),
-                    None,
-                )
+            let what = format!("user-info {user}");
+            let path = format!("/api/unified/user-info?user_id={user}");
+            if let Some((_, body)) = ctx
+                .expect(&what, reqwest::Method::GET, &path, None, &[200])
                 .await
+                && body["credits"].as_i64().is_none_or(|c| c < 0)
             {
-                Some((200, body)) if body["credits"].as_i64().is_some_and(|c| c >= 0) => {}
-                Some((status, body)) => {
-                    ctx.unexpected(format!("user-info {user}: {status} {body}"))
-                }
-                None => ctx.unexpected(format!("user-info {user}: no answer")),
+                ctx.unexpected(format!("{what}: {body}"));
             }
         } else {
             deduct_and_follow_up(&ctx, &mut rng, id, n, user).await;
@@ -336,12 +346,10 @@ async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user:
     let body =
         json!({"user_id": user, "amount": amount, "app_name": "imagegene", "project_code": code});
     ctx.count("deduct");
+    let what = format!("deduct {code}");
+    let path = "/api/unified/deduct-credits";
     match ctx
-        .send(
-            reqwest::Method::POST,
-            "/api/unified/deduct-credits",
-            Some(&body),
-        )
+        .expect(&what, reqwest::Method::POST, path, Some(&body), &[200, 402])
         .await
     {
         Some((200, answer)) => {
@@ -359,37 +367,22 @@ async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user:
             }
             return;
         }
-        Some((status, answer)) => {
-            ctx.unexpected(format!("deduct {code}: {status} {answer}"));
-            return;
-        }
-        None => {
-            ctx.unexpected(format!("deduct {code}: no answer"));
-            return;
-        }
+        _ => return,
     }
     let follow_up = match rng.below(100) {
         0..25 => {
             ctx.count("refund by HTTP");
             let body = json!({"user_id": user, "project_code": code, "app_name": "imagegene", "reason": "chaos"});
-            match ctx
-                .send(
-                    reqwest::Method::POST,
-                    "/api/unified/refund-credits",
-                    Some(&body),
-                )
+            let what = format!("refund {code}");
+            let path = "/api/unified/refund-credits";
+            if ctx
+                .expect(&what, reqwest::Method::POST, path, Some(&body), &[200])
                 .await
+                .is_none()
             {
-                Some((200, _)) => FollowUp::RefundedByHttp,
-                Some((status, answer)) => {
-                    ctx.unexpected(format!("refund {code}: {status} {answer}"));
-                    return;
-                }
-                None => {
-                    ctx.unexpected(format!("refund {code}: no answer"));
-                    return;
-                }
+                return;
             }
+            FollowUp::RefundedByHttp
         }
         25..50 => {
             ctx.count("refund by event");
@@ -407,24 +400,16 @@ async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user:
             ctx.count("save");
             let body = json!({"user_id": user, "app_source": "imagegene", "project_type": "ai_artwork",
                               "title": "chaos", "content": PNG_1X1, "project_code": code});
-            match ctx
-                .send(
-                    reqwest::Method::POST,
-                    "/api/unified/save-project",
-                    Some(&body),
-                )
+            let what = format!("save {code}");
+            let path = "/api/unified/save-project";
+            if ctx
+                .expect(&what, reqwest::Method::POST, path, Some(&body), &[200, 202])
                 .await
+                .is_none()
             {
-                Some((200 | 202, _)) => FollowUp::Saved,
-                Some((status, answer)) => {
-                    ctx.unexpected(format!("save {code}: {status} {answer}"));
-                    return;
-                }
-                None => {
-                    ctx.unexpected(format!("save {code}: no answer"));
-                    return;
-                }
+                return;
             }
+            FollowUp::Saved
         }
         _ => FollowUp::Kept,
     };
