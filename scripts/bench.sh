@@ -21,23 +21,13 @@ extra=("$@")
 scripts/services.sh
 cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-bench
 
-stamp=$(date +%s)
-db=penora_bench_$stamp
-prefix=bench${stamp}_
-admin=postgres://postgres@127.0.0.1:5432/postgres
-export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-export AMQP_PREFIX=$prefix
-export PENORA_API_KEY=bench-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-export RATE_LIMIT_PER_SEC=10000000 RATE_LIMIT_BURST=10000000
-export LOG_FORMAT=json RUST_LOG=warn
+new_run bench
 # PostgreSQL connections: the API's pool, the worker's, and the raw baseline's
 # (64 at the highest concurrency, + 4) must fit in max_connections (100 by
 # default), or the services' new connections are refused in the middle of a
 # raw phase and their work goes through retries.
 api_pool=${API_DB_POOL_SIZE:-20}
 worker_pool=${WORKER_DB_POOL_SIZE:-8}
-export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
 out=target/bench; mkdir -p "$out"
 
 psql "$admin" -qc "CREATE DATABASE $db"

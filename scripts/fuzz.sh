@@ -36,18 +36,8 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_ver
   "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$schemathesis_version"
 fi
 
-stamp=$(date +%s)_$$
-db=penora_fuzz_$stamp
-prefix=fuzz${stamp}_
-admin=postgres://postgres@127.0.0.1:5432/postgres
-export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
-export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
-export AMQP_PREFIX=$prefix
-export PENORA_API_KEY=fuzz-boot-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-# The rate limit has its own tests; here it would only turn cases into 429s.
-export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
-export LOG_FORMAT=json RUST_LOG=warn
-export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
+# (The rate limit has its own tests; here it would only turn cases into 429s.)
+new_run fuzz
 
 psql "$admin" -qc "CREATE DATABASE $db"
 pids=()
