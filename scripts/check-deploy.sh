@@ -35,6 +35,7 @@ need promtool prometheus
 promtool check config deploy/prometheus/prometheus.yml
 promtool check rules deploy/prometheus/alerts.yml
 
+need python3 python3
 python3 - <<'PY'
 import json, pathlib, re, subprocess, sys
 exported = set()

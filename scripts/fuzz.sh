@@ -28,11 +28,7 @@ mkdir -p "$out"
 venv=$out/venv
 if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q "$schemathesis_version"; then
   rm -rf "$venv"
-  if ! python3 -m venv "$venv" 2>/dev/null; then
-    echo "fuzz: installing python3-venv"
-    apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$venv"
-  fi
+  python3 -m venv "$venv" # scripts/services.sh made sure python3 has venv
   "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$schemathesis_version"
 fi
 

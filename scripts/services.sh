@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure what Penora Credits needs runs on this machine: PostgreSQL and
-# RabbitMQ (and node, for the integration guide's JavaScript test). Starts a
+# RabbitMQ (and node, for the integration guide's JavaScript test; Python 3 with
+# venv, for scripts/fuzz.sh and scripts/chaos.sh). Starts a
 # service that is installed but stopped; installs one that is missing with
 # apt-get (Debian/Ubuntu, as root or with sudo). Safe to run again and again.
 set -euo pipefail
@@ -71,6 +72,14 @@ ensure_node() {
   if ! command -v node >/dev/null; then apt_install nodejs; fi
 }
 
+# scripts/fuzz.sh (schemathesis in a virtualenv) and scripts/chaos.sh need Python 3 with venv.
+ensure_python() {
+  if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3 python3-venv
+  fi
+}
+
 ensure_postgres
 ensure_rabbitmq
 ensure_node
+ensure_python
