@@ -13,7 +13,10 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    db::DbError, domain::ValidationError, ledger::LedgerError, projects::SaveError,
+    db::DbError,
+    domain::ValidationError,
+    ledger::LedgerError,
+    projects::{DeleteError, SaveError},
 };
 use serde::Serialize;
 
@@ -83,6 +86,13 @@ pub enum ApiError {
         /// Seconds until a request will be accepted again.
         retry_after_secs: u64,
     },
+    /// 503 `busy`, with `Retry-After`: every save slot stayed taken
+    /// (`MAX_CONCURRENT_SAVES`) for `SAVE_QUEUE_WAIT_MS`.
+    #[error("Too many saves in progress; retry after {retry_after_secs} s")]
+    Busy {
+        /// Seconds to wait before retrying.
+        retry_after_secs: u64,
+    },
     /// 503 `unavailable`: the database cannot be reached.
     #[error("{UNAVAILABLE}")]
     Unavailable(String),
@@ -132,6 +142,7 @@ impl ApiError {
             Self::NotRefundable(_) => (StatusCode::CONFLICT, "not_refundable"),
             Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -154,7 +165,7 @@ impl IntoResponse for ApiError {
             code: code.to_owned(),
         };
         let mut response = (status, Json(body)).into_response();
-        if let Self::RateLimited { retry_after_secs } = self {
+        if let Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } = self {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
@@ -212,6 +223,18 @@ impl From<SaveError> for ApiError {
         match e {
             e @ SaveError::StorageLimitExceeded { .. } => Self::StorageLimitExceeded(e.to_string()),
             SaveError::Ledger(e) => e.into(),
+        }
+    }
+}
+
+impl From<DeleteError> for ApiError {
+    fn from(e: DeleteError) -> Self {
+        match e {
+            e @ DeleteError::NotFound(_) => Self::NotFound(e.to_string()),
+            DeleteError::OtherApp { project_id, app } => Self::AppMismatch(format!(
+                "This API key may not delete project {project_id}: it belongs to app `{app}`"
+            )),
+            DeleteError::Db(e) => e.into(),
         }
     }
 }

@@ -53,7 +53,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         "penora-api",
         penora_common::broker::Topology::from_settings(&settings),
     );
-    let state = AppState::new(settings, pool.clone(), metrics_handle());
+    let images = penora_common::cpu_pool::CpuPool::start("penora-images", settings.image_threads)
+        .context("Failed to start the image threads")?;
+    let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the
     // requests' path; while the broker is away they wait in the outbox.
     tokio::spawn(penora_common::outbox::publish_loop(

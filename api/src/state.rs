@@ -6,7 +6,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_common::config::Settings;
+use penora_common::{config::Settings, cpu_pool::CpuPool};
 
 use crate::coalesce::{Coalescer, Summaries};
 
@@ -34,6 +34,11 @@ pub struct AppState {
     pub deducts: Coalescer,
     /// `user-info` reads, answered together when they arrive together.
     pub summaries: Summaries,
+    /// One permit per save body held and processed at once
+    /// (`MAX_CONCURRENT_SAVES`).
+    pub save_slots: Arc<tokio::sync::Semaphore>,
+    /// Threads decoding and encoding images, at the lowest CPU priority.
+    pub images: CpuPool,
 }
 
 impl AppState {
@@ -43,7 +48,12 @@ impl AppState {
     }
 
     /// Builds the state from settings, a pool and the metrics handle.
-    pub fn new(settings: Settings, pool: Pool, metrics: PrometheusHandle) -> Self {
+    pub fn new(
+        settings: Settings,
+        pool: Pool,
+        metrics: PrometheusHandle,
+        images: CpuPool,
+    ) -> Self {
         let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst = std::num::NonZeroU32::new(settings.rate_limit_burst)
@@ -61,6 +71,8 @@ impl AppState {
                 settings.deduct_batches_in_flight,
             ),
             pool,
+            save_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_saves)),
+            images,
             settings: Arc::new(settings),
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),
             metrics,

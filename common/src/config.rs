@@ -84,8 +84,28 @@ pub struct Settings {
     /// `DB_LOCK_TIMEOUT_MS`: longest wait for a row lock before a statement
     /// fails (503 in the API, a retry in the worker).
     pub db_lock_timeout: Duration,
-    /// `MAX_BODY_BYTES`: largest accepted request body.
+    /// `MAX_BODY_BYTES`: largest accepted `save-project` body (other routes
+    /// take at most [`SMALL_BODY_BYTES`] or this, whichever is less).
     pub max_body_bytes: usize,
+    /// `MAX_CONCURRENT_SAVES`: save bodies held and processed at once.
+    pub max_concurrent_saves: usize,
+    /// `SAVE_QUEUE_WAIT_MS`: how long a save waits for a free slot before
+    /// `503` with `Retry-After`.
+    pub save_queue_wait: Duration,
+    /// `MAX_IMAGE_PIXELS`: largest image accepted (width × height), read
+    /// from its header before decoding.
+    pub max_image_pixels: u64,
+    /// `IMAGE_QUALITY`: WebP quality (1–100) of stored images.
+    pub image_quality: u8,
+    /// `IMAGE_STORAGE_FORMAT`: `webp` (re-encode still images when smaller)
+    /// or `original` (store every image exactly as sent).
+    pub image_storage_format: ImageStorageFormat,
+    /// `IMAGE_THREADS`: threads (at the lowest CPU priority) decoding and
+    /// encoding images.
+    pub image_threads: usize,
+    /// `PROJECT_RETENTION_DAYS`: projects older than this are deleted by the
+    /// worker; unset keeps them forever.
+    pub project_retention: Option<Duration>,
     /// `CORS_ALLOWED_ORIGINS`: comma-separated origins (`https://app.example`)
     /// whose browser pages may call the API. Empty (the default): no CORS
     /// headers, so browsers refuse every cross-origin call.
@@ -120,6 +140,19 @@ pub struct Settings {
     pub settle_interval: Duration,
     /// `SHUTDOWN_DEADLINE_SECS`: how long in-flight work may take after SIGTERM.
     pub shutdown_deadline: Duration,
+}
+
+/// Largest body of a route other than `save-project`: their JSON is a few
+/// hundred bytes, and 100 concurrent 12 MiB deducts must not cost 1.2 GB.
+pub const SMALL_BODY_BYTES: usize = 64 * 1024;
+
+/// How images are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageStorageFormat {
+    /// Still PNG/JPEG/WebP re-encoded as lossy WebP when smaller (default).
+    Webp,
+    /// Every image kept exactly as sent.
+    Original,
 }
 
 /// The kind of RabbitMQ queue to declare.
@@ -169,7 +202,38 @@ impl Settings {
             log_format,
             db_pool_size: positive(&get, "DB_POOL_SIZE", 16)?,
             db_lock_timeout: Duration::from_millis(positive(&get, "DB_LOCK_TIMEOUT_MS", 5000)?),
-            max_body_bytes: positive(&get, "MAX_BODY_BYTES", 2 * 1024 * 1024)?,
+            max_body_bytes: positive(&get, "MAX_BODY_BYTES", 12 * 1024 * 1024)?,
+            max_concurrent_saves: positive(&get, "MAX_CONCURRENT_SAVES", 8)?,
+            save_queue_wait: Duration::from_millis(parse(&get, "SAVE_QUEUE_WAIT_MS", "1000")?),
+            max_image_pixels: positive(&get, "MAX_IMAGE_PIXELS", 16_777_216)?,
+            image_quality: match parse::<u8>(&get, "IMAGE_QUALITY", "85")? {
+                q @ 1..=100 => q,
+                q => {
+                    return Err(ConfigError {
+                        variable: "IMAGE_QUALITY",
+                        reason: format!("must be from 1 to 100, got {q}"),
+                    });
+                }
+            },
+            image_storage_format: match get("IMAGE_STORAGE_FORMAT").as_deref() {
+                None | Some("webp") => ImageStorageFormat::Webp,
+                Some("original") => ImageStorageFormat::Original,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: "IMAGE_STORAGE_FORMAT",
+                        reason: format!("expected `webp` or `original`, got `{other}`"),
+                    });
+                }
+            },
+            image_threads: positive(
+                &get,
+                "IMAGE_THREADS",
+                std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            )?,
+            project_retention: get("PROJECT_RETENTION_DAYS")
+                .map(|_| positive::<u64>(&get, "PROJECT_RETENTION_DAYS", 1))
+                .transpose()?
+                .map(|days| Duration::from_secs(days.saturating_mul(86_400))),
             cors_allowed_origins: cors_origins(&get)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
@@ -369,6 +433,14 @@ mod tests {
         assert_eq!((s.rate_limit_per_sec, s.rate_limit_burst), (100, 200));
         assert_eq!(s.log_format, LogFormat::Json);
         assert!(s.bootstrap_api_key.is_none());
+        assert_eq!(s.max_body_bytes, 12 * 1024 * 1024);
+        assert_eq!(s.max_concurrent_saves, 8);
+        assert_eq!(s.max_image_pixels, 4096 * 4096);
+        assert_eq!(s.image_quality, 85);
+        assert_eq!(s.image_storage_format, ImageStorageFormat::Webp);
+        assert_eq!(s.project_retention, None);
+        let s = load(&[("PROJECT_RETENTION_DAYS", "30")]).expect("loads");
+        assert_eq!(s.project_retention, Some(Duration::from_secs(30 * 86_400)));
     }
 
     #[test]
@@ -384,6 +456,12 @@ mod tests {
             ("AMQP_QUEUE_TYPE", "fast"),
             ("RETRY_BASE_MS", "120000"),
             ("AMQP_PREFIX", "a b"),
+            ("IMAGE_QUALITY", "0"),
+            ("IMAGE_QUALITY", "101"),
+            ("IMAGE_STORAGE_FORMAT", "avif"),
+            ("MAX_CONCURRENT_SAVES", "0"),
+            ("PROJECT_RETENTION_DAYS", "0"),
+            ("MAX_IMAGE_PIXELS", "lots"),
         ] {
             let err = load(&[(var, val)]).unwrap_err();
             assert_eq!(err.variable, var);

@@ -43,7 +43,7 @@ pub const INSERT_ENTRY_SQL: &str = "INSERT INTO ledger_entries \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at";
 /// SQL of `user-info`'s summary.
 pub const ACCOUNT_SUMMARY_SQL: &str = "SELECT a.balance, a.storage_used_bytes, \
-       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
+       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted'), \
        (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
           WHERE r.user_id = a.user_id AND r.state = 'reserved') \
      FROM accounts a WHERE a.user_id = $1";
@@ -808,7 +808,7 @@ pub struct AccountSummary {
 
 /// SQL of many users' summaries at once (the API's batched `user-info`).
 pub const ACCOUNT_SUMMARIES_SQL: &str = "SELECT a.user_id, a.balance, a.storage_used_bytes, \
-       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id), \
+       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted'), \
        (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
           WHERE r.user_id = a.user_id AND r.state = 'reserved') \
      FROM accounts a WHERE a.user_id = ANY($1::text[])";

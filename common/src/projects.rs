@@ -1,13 +1,25 @@
 //! Projects of the shared workspace and their storage quota.
 //!
-//! Rules: a project's size is the decoded size of its base64 content (plain or
-//! `data:` URL) or the length of its URL; the bytes are reserved against the
-//! user's quota in the same transaction that records the project, through a
-//! guarded `UPDATE` (`storage_used_bytes + size <= quota`), so concurrent saves
-//! can never exceed it. A project the worker fails for good releases its bytes.
+//! Rules:
+//! - a project counts the bytes it is stored as (`size_bytes`: the WebP the
+//!   API made, or the bytes as sent; a URL counts its length), decided before
+//!   the save is answered;
+//! - the bytes are reserved against the user's quota in the transaction that
+//!   records the project, through a guarded `UPDATE` (`storage_used_bytes +
+//!   size <= quota`), so concurrent saves never exceed it (invariant 6);
+//! - `evict_oldest` deletes the user's oldest saved projects of the same app,
+//!   just enough, in that same transaction, or nothing at all;
+//! - a deletion (by request, eviction, retention or an operator) frees the
+//!   bytes the project counted, removes its content, keeps its row as a
+//!   `deleted` tombstone (a replayed save answers it instead of saving again)
+//!   and writes a `project.deleted` row to `project_log`, all in one
+//!   transaction;
+//! - a project the worker fails for good releases its bytes.
+//!
+//! Every writer locks the account row first, then the projects.
 
 use base64::Engine;
-use deadpool_postgres::{Client, GenericClient};
+use deadpool_postgres::{Client, GenericClient, Transaction};
 use serde::Serialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
@@ -15,6 +27,7 @@ use uuid::Uuid;
 use crate::{
     db::DbError,
     domain::{AppName, ProjectCode, UserId, ValidationError},
+    imaging::{ImageInfo, Thumbnail},
     ledger::{LedgerError, Outcome},
     messages::{SAVE_PROJECT, SaveProjectJob},
     outbox,
@@ -24,13 +37,13 @@ use crate::{
 pub const RESERVE_STORAGE_SQL: &str = "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
      WHERE user_id = $1 AND storage_used_bytes + $2 <= $3 RETURNING storage_used_bytes";
 /// SQL recording a project.
-pub const INSERT_PROJECT_SQL: &str = "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+pub const INSERT_PROJECT_SQL: &str = "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code, original_size_bytes) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
      ON CONFLICT (user_id, app_source, project_code) WHERE project_code IS NOT NULL DO NOTHING \
      RETURNING created_at";
 /// SQL storing a project's content.
-pub const INSERT_CONTENT_SQL: &str =
-    "INSERT INTO project_contents (user_id, project_id, data, url) VALUES ($1, $2, $3, $4)";
+pub const INSERT_CONTENT_SQL: &str = "INSERT INTO project_contents (user_id, project_id, data, url, media_type, width, height, etag) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
 
 /// Content as submitted, decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,7 +165,17 @@ pub fn check_metadata(metadata: &serde_json::Value) -> Result<(), ValidationErro
     Ok(())
 }
 
-/// A project to save.
+/// What to do when a save does not fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnFull {
+    /// Refuse it with `413 storage_limit_exceeded` (the default).
+    #[default]
+    Refuse,
+    /// Delete the user's oldest saved projects of the same app, just enough.
+    EvictOldest,
+}
+
+/// A project to save, in the form it will be stored.
 #[derive(Debug, Clone)]
 pub struct NewProject {
     /// Whose workspace.
@@ -163,12 +186,18 @@ pub struct NewProject {
     pub project_type: String,
     /// Title, at most 200 characters.
     pub title: String,
-    /// The decoded content.
+    /// The content as stored (re-encoded bytes, bytes as sent, or a URL).
     pub content: Content,
+    /// The image the bytes hold, when they are one.
+    pub image: Option<ImageInfo>,
+    /// Bytes the client sent (the URL's length for a URL).
+    pub original_size: i64,
     /// Free-form metadata (a JSON object).
     pub metadata: serde_json::Value,
     /// The reservation this save settles, if any; also makes the save idempotent.
     pub project_code: Option<ProjectCode>,
+    /// What to do when it does not fit.
+    pub on_full: OnFull,
 }
 
 /// The answer to a save.
@@ -178,10 +207,20 @@ pub struct SaveReceipt {
     pub project_id: Uuid,
     /// `queued` until the worker has checked and stored it.
     pub status: String,
-    /// Bytes counted against the quota.
+    /// Bytes counted against the quota (as stored).
     pub size_bytes: i64,
+    /// Bytes the client sent.
+    pub original_size_bytes: i64,
+    /// The stored media type, when the content is an image.
+    pub content_type: Option<String>,
+    /// Width of the stored image.
+    pub width: Option<i32>,
+    /// Height of the stored image.
+    pub height: Option<i32>,
     /// Bytes the user has left after this save.
     pub storage_remaining_bytes: i64,
+    /// Projects deleted to make room (`on_full: evict_oldest`), oldest first.
+    pub evicted_project_ids: Vec<Uuid>,
     /// When the project was recorded.
     #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
     pub created_at: OffsetDateTime,
@@ -192,13 +231,21 @@ pub struct SaveReceipt {
 pub enum SaveError {
     /// The save would cross the quota.
     #[error(
-        "storage limit exceeded: the project needs {needed} bytes and {remaining} bytes remain"
+        "storage limit exceeded: the project needs {needed} bytes and {remaining} bytes remain{}",
+        match evictable {
+            Some((app, n)) => format!(
+                "; deleting every saved {app} project would free only {n} bytes, so none was deleted"
+            ),
+            None => String::new(),
+        }
     )]
     StorageLimitExceeded {
         /// The project's size.
         needed: i64,
         /// Bytes left in the quota.
         remaining: i64,
+        /// With `evict_oldest`: the app and what its saved projects hold.
+        evictable: Option<(String, i64)>,
     },
     /// A credit-style refusal (unknown user, idempotency conflict, database).
     #[error(transparent)]
@@ -217,7 +264,62 @@ impl From<DbError> for SaveError {
     }
 }
 
-/// Records a project as `queued`, reserves its bytes and writes its job.
+/// The `ETag` of stored bytes: a strong validator from their SHA-256.
+pub fn etag_of(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    format!("\"{}\"", hex::encode(&Sha256::digest(data)[..16]))
+}
+
+/// The earlier save with this project code, if any (a replay, or a
+/// conflict when its title or content differ). Cheap: the API asks before
+/// spending CPU on the image.
+pub async fn replay_of(
+    client: &impl GenericClient,
+    p: &NewProject,
+    quota: i64,
+) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
+    let Some(code) = &p.project_code else {
+        return Ok(None);
+    };
+    let row = client
+        .query_opt(
+            "SELECT p.id, p.status, p.size_bytes, p.original_size_bytes, p.created_at, p.title, \
+                    a.storage_used_bytes, c.media_type, c.width, c.height \
+             FROM projects p JOIN accounts a USING (user_id) \
+             LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+             WHERE p.user_id = $1 AND p.app_source = $2 AND p.project_code = $3",
+            &[&p.user_id.as_str(), &p.app_source.as_str(), &code.as_str()],
+        )
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let original: i64 = row.get("original_size_bytes");
+    let title: String = row.get("title");
+    if original != p.original_size || title != p.title {
+        return Ok(Some(Err(LedgerError::IdempotencyConflict(format!(
+            "project_code {:?} was already saved with another title or content",
+            code.as_str()
+        ))
+        .into())));
+    }
+    Ok(Some(Ok(Outcome {
+        value: SaveReceipt {
+            project_id: row.get("id"),
+            status: row.get("status"),
+            size_bytes: row.get("size_bytes"),
+            original_size_bytes: original,
+            content_type: row.get("media_type"),
+            width: row.get("width"),
+            height: row.get("height"),
+            storage_remaining_bytes: (quota - row.get::<_, i64>("storage_used_bytes")).max(0),
+            evicted_project_ids: Vec::new(),
+            created_at: row.get("created_at"),
+        },
+        replayed: true,
+    })))
+}
+
+/// Records a project as `queued`, reserves its stored bytes (making room
+/// first when asked to) and writes its job, in one transaction.
 pub async fn save(
     client: &mut Client,
     p: &NewProject,
@@ -226,29 +328,49 @@ pub async fn save(
 ) -> Result<Outcome<SaveReceipt>, SaveError> {
     let user = p.user_id.as_str();
     let size = p.content.size();
+    let id = Uuid::now_v7();
     let tx = client.transaction().await?;
     let reserve = tx.prepare_cached(RESERVE_STORAGE_SQL).await?;
-    let Some(row) = tx.query_opt(&reserve, &[&user, &size, &quota]).await? else {
-        tx.rollback().await?;
-        if let Some(first) = find_by_code(client, p, quota).await? {
-            return first;
-        }
-        let used = client
-            .query_opt(
-                "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
-                &[&user],
-            )
-            .await?;
-        return Err(match used {
-            None => LedgerError::UserNotFound.into(),
-            Some(r) => SaveError::StorageLimitExceeded {
+    let mut evicted = Vec::new();
+    let used: i64 = match tx.query_opt(&reserve, &[&user, &size, &quota]).await? {
+        Some(row) => row.get(0),
+        None => {
+            if let Some(first) = replay_of(&tx, p, quota).await? {
+                tx.rollback().await?;
+                return first;
+            }
+            let Some(row) = tx
+                .query_opt(
+                    "SELECT storage_used_bytes FROM accounts WHERE user_id = $1 FOR UPDATE",
+                    &[&user],
+                )
+                .await?
+            else {
+                return Err(LedgerError::UserNotFound.into());
+            };
+            let used: i64 = row.get(0);
+            let refused = |evictable| SaveError::StorageLimitExceeded {
                 needed: size,
-                remaining: (quota - r.get::<_, i64>(0)).max(0),
-            },
-        });
+                remaining: (quota - used).max(0),
+                evictable,
+            };
+            if p.on_full == OnFull::Refuse || size > quota {
+                return Err(refused(None));
+            }
+            let app = p.app_source.as_str();
+            let must_free = used + size - quota;
+            let (victims, held) = oldest_saved(&tx, user, app, must_free).await?;
+            if held < must_free {
+                return Err(refused(Some((app.to_owned(), held))));
+            }
+            remove(&tx, user, &victims, Cause::Evicted, Some(&id.to_string())).await?;
+            evicted = victims.iter().map(|v| v.id).collect();
+            match tx.query_opt(&reserve, &[&user, &size, &quota]).await? {
+                Some(row) => row.get(0),
+                None => return Err(refused(Some((app.to_owned(), held)))),
+            }
+        }
     };
-    let used: i64 = row.get(0);
-    let id = Uuid::now_v7();
     let code = p.project_code.as_ref().map(ProjectCode::as_str);
     let insert = tx.prepare_cached(INSERT_PROJECT_SQL).await?;
     let Some(inserted) = tx
@@ -263,21 +385,31 @@ pub async fn save(
                 &size,
                 &p.metadata,
                 &code,
+                &p.original_size,
             ],
         )
         .await?
     else {
+        // The same project_code committed meanwhile: its answer stands, and
+        // the evictions above roll back with this transaction.
         tx.rollback().await?;
-        return find_by_code(client, p, quota).await?.unwrap_or_else(|| {
+        return replay_of(&*client, p, quota).await?.unwrap_or_else(|| {
             Err(DbError::Other("project code claimed but not found".into()).into())
         });
     };
-    let (data, url) = match &p.content {
-        Content::Bytes(b) => (Some(b.as_slice()), None),
-        Content::Url(u) => (None, Some(u.as_str())),
+    let (data, url, etag) = match &p.content {
+        Content::Bytes(b) => (Some(b.as_slice()), None, Some(etag_of(b))),
+        Content::Url(u) => (None, Some(u.as_str()), None),
     };
+    let media_type = p.image.map(|i| i.media_type);
+    let width = p.image.map(|i| i32::try_from(i.width).unwrap_or(i32::MAX));
+    let height = p.image.map(|i| i32::try_from(i.height).unwrap_or(i32::MAX));
     let content = tx.prepare_cached(INSERT_CONTENT_SQL).await?;
-    tx.execute(&content, &[&user, &id, &data, &url]).await?;
+    tx.execute(
+        &content,
+        &[&user, &id, &data, &url, &media_type, &width, &height, &etag],
+    )
+    .await?;
     let job = SaveProjectJob {
         user_id: user.to_owned(),
         project_id: id,
@@ -287,55 +419,249 @@ pub async fn save(
     outbox::enqueue_job(&tx, user, SAVE_PROJECT, &job, correlation_id).await?;
     tx.commit().await?;
     metrics::counter!("penora_storage_reserved_bytes_total").increment(size.unsigned_abs());
+    metrics::counter!("penora_projects_evicted_total").increment(evicted.len() as u64);
     Ok(Outcome {
         value: SaveReceipt {
             project_id: id,
             status: "queued".into(),
             size_bytes: size,
+            original_size_bytes: p.original_size,
+            content_type: media_type.map(str::to_owned),
+            width,
+            height,
             storage_remaining_bytes: quota - used,
+            evicted_project_ids: evicted,
             created_at: inserted.get(0),
         },
         replayed: false,
     })
 }
 
-/// The earlier save with this project code, or a conflict if it differs.
-async fn find_by_code(
-    client: &Client,
-    p: &NewProject,
-    quota: i64,
-) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
-    let Some(code) = &p.project_code else {
-        return Ok(None);
-    };
-    let row = client
-        .query_opt(
-            "SELECT p.id, p.status, p.size_bytes, p.created_at, p.title, a.storage_used_bytes \
-             FROM projects p JOIN accounts a USING (user_id) \
-             WHERE p.user_id = $1 AND p.app_source = $2 AND p.project_code = $3",
-            &[&p.user_id.as_str(), &p.app_source.as_str(), &code.as_str()],
+/// A project about to be deleted: its id, its app and the bytes it counts.
+#[derive(Debug, Clone)]
+struct Victim {
+    id: Uuid,
+    freed: i64,
+    app_source: String,
+}
+
+/// The user's oldest saved projects of `app`, oldest first, locked, just
+/// enough to free `must_free` bytes, and what they hold in all (less than
+/// `must_free` when even all of them are not enough).
+async fn oldest_saved(
+    tx: &Transaction<'_>,
+    user: &str,
+    app: &str,
+    must_free: i64,
+) -> Result<(Vec<Victim>, i64), DbError> {
+    let rows = tx
+        .query(
+            "SELECT id, size_bytes FROM projects \
+             WHERE user_id = $1 AND app_source = $2 AND status = 'saved' \
+             ORDER BY created_at, id FOR UPDATE",
+            &[&user, &app],
         )
         .await?;
-    let Some(row) = row else { return Ok(None) };
-    let size: i64 = row.get(2);
-    let title: String = row.get(4);
-    if size != p.content.size() || title != p.title {
-        return Ok(Some(Err(LedgerError::IdempotencyConflict(format!(
-            "project_code {:?} was already saved with another title or content",
-            code.as_str()
-        ))
-        .into())));
+    let mut victims = Vec::new();
+    let mut held = 0;
+    for row in rows {
+        if held >= must_free {
+            break;
+        }
+        let freed: i64 = row.get("size_bytes");
+        held += freed;
+        victims.push(Victim {
+            id: row.get("id"),
+            freed,
+            app_source: app.to_owned(),
+        });
     }
-    Ok(Some(Ok(Outcome {
-        value: SaveReceipt {
-            project_id: row.get(0),
-            status: row.get(1),
-            size_bytes: size,
-            storage_remaining_bytes: quota - row.get::<_, i64>(5),
-            created_at: row.get(3),
-        },
-        replayed: true,
-    })))
+    Ok((victims, held))
+}
+
+/// Why a project was deleted (`project_log.cause`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `DELETE /projects/{id}`.
+    Request,
+    /// Made room for a newer save of the same app.
+    Evicted,
+    /// Older than `PROJECT_RETENTION_DAYS`.
+    Retention,
+    /// `penora-ops projects delete`.
+    Operator,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Request => "request",
+            Self::Evicted => "evicted",
+            Self::Retention => "retention",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+/// Deletes `victims` (already locked, after the account row): tombstones,
+/// content gone, bytes freed, one `project.deleted` row each.
+async fn remove(
+    tx: &Transaction<'_>,
+    user: &str,
+    victims: &[Victim],
+    cause: Cause,
+    actor: Option<&str>,
+) -> Result<i64, DbError> {
+    if victims.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<Uuid> = victims.iter().map(|v| v.id).collect();
+    let freed: Vec<i64> = victims.iter().map(|v| v.freed).collect();
+    let apps: Vec<&str> = victims.iter().map(|v| v.app_source.as_str()).collect();
+    let total: i64 = freed.iter().sum();
+    tx.execute(
+        "UPDATE projects SET status = 'deleted', deleted_at = now(), updated_at = now() \
+         WHERE user_id = $1 AND id = ANY($2)",
+        &[&user, &ids],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM project_contents WHERE user_id = $1 AND project_id = ANY($2)",
+        &[&user, &ids],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO project_log (user_id, project_id, kind, app_source, cause, freed_bytes, actor) \
+         SELECT $1, id, 'project.deleted', app, $4, freed, $5 \
+         FROM unnest($2::uuid[], $3::text[], $6::bigint[]) AS v(id, app, freed)",
+        &[&user, &ids, &apps, &cause.as_str(), &actor, &freed],
+    )
+    .await?;
+    tx.execute(
+        "UPDATE accounts SET storage_used_bytes = storage_used_bytes - $2, updated_at = now() \
+         WHERE user_id = $1",
+        &[&user, &total],
+    )
+    .await?;
+    metrics::counter!("penora_projects_deleted_total", "cause" => cause.as_str())
+        .increment(victims.len() as u64);
+    metrics::counter!("penora_storage_freed_bytes_total").increment(total.unsigned_abs());
+    Ok(total)
+}
+
+/// A deletion carried out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deleted {
+    /// Bytes given back to the quota (0 for a failed project).
+    pub freed_bytes: i64,
+    /// The user's storage in use afterwards.
+    pub storage_used_bytes: i64,
+}
+
+/// Why a deletion was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum DeleteError {
+    /// No such project, or already deleted.
+    #[error("no project {0} for this user")]
+    NotFound(Uuid),
+    /// The project belongs to another app than the one allowed.
+    #[error("project {project_id} belongs to {app}")]
+    OtherApp {
+        /// The project.
+        project_id: Uuid,
+        /// Its app.
+        app: String,
+    },
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<tokio_postgres::Error> for DeleteError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Self::Db(e.into())
+    }
+}
+
+/// Deletes one project and frees its bytes, in one transaction. `only_app`
+/// limits it to that app's projects (a key bound to an app).
+pub async fn delete(
+    client: &mut Client,
+    user_id: &str,
+    project_id: Uuid,
+    only_app: Option<&str>,
+    cause: Cause,
+    actor: Option<&str>,
+) -> Result<Deleted, DeleteError> {
+    let tx = client.transaction().await?;
+    let Some(account) = tx
+        .query_opt(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1 FOR UPDATE",
+            &[&user_id],
+        )
+        .await?
+    else {
+        return Err(DeleteError::NotFound(project_id));
+    };
+    let Some(row) = tx
+        .query_opt(
+            "SELECT status, size_bytes, app_source FROM projects \
+             WHERE user_id = $1 AND id = $2 AND status <> 'deleted' FOR UPDATE",
+            &[&user_id, &project_id],
+        )
+        .await?
+    else {
+        return Err(DeleteError::NotFound(project_id));
+    };
+    let app: String = row.get("app_source");
+    if only_app.is_some_and(|only| only != app) {
+        return Err(DeleteError::OtherApp { project_id, app });
+    }
+    let status: String = row.get("status");
+    // A failed project released its bytes when it failed.
+    let freed = if status == "failed" {
+        0
+    } else {
+        row.get("size_bytes")
+    };
+    let victim = Victim {
+        id: project_id,
+        freed,
+        app_source: app,
+    };
+    remove(&tx, user_id, &[victim], cause, actor).await?;
+    tx.commit().await?;
+    Ok(Deleted {
+        freed_bytes: freed,
+        storage_used_bytes: account.get::<_, i64>(0) - freed,
+    })
+}
+
+/// Deletes up to `limit` projects (any status but deleted) created before
+/// `cutoff`, oldest first, each in its own transaction; returns how many.
+pub async fn delete_older_than(
+    client: &mut Client,
+    cutoff: OffsetDateTime,
+    limit: i64,
+) -> Result<usize, DbError> {
+    let due = client
+        .query(
+            "SELECT user_id, id FROM projects WHERE status <> 'deleted' AND created_at < $1 \
+             ORDER BY created_at LIMIT $2",
+            &[&cutoff, &limit],
+        )
+        .await?;
+    let mut deleted = 0;
+    for row in due {
+        let (user, id): (String, Uuid) = (row.get(0), row.get(1));
+        match delete(client, &user, id, None, Cause::Retention, Some("retention")).await {
+            Ok(_) => deleted += 1,
+            // Deleted meanwhile by its owner: nothing to do.
+            Err(DeleteError::NotFound(_) | DeleteError::OtherApp { .. }) => {}
+            Err(DeleteError::Db(e)) => return Err(e),
+        }
+    }
+    Ok(deleted)
 }
 
 /// A project as listed.
@@ -351,8 +677,20 @@ pub struct ProjectRow {
     pub title: String,
     /// `queued`, `saved` or `failed`.
     pub status: String,
-    /// Bytes it counts (0 once failed).
+    /// Bytes it counts as stored.
     pub size_bytes: i64,
+    /// Bytes the client sent.
+    pub original_size_bytes: i64,
+    /// The stored media type (`None` for a URL, or content not recognised).
+    pub content_type: Option<String>,
+    /// Width of the stored image.
+    pub width: Option<i32>,
+    /// Height of the stored image.
+    pub height: Option<i32>,
+    /// Whether the worker has made its thumbnail.
+    pub has_thumbnail: bool,
+    /// Whether the content is a URL reference.
+    pub is_url: bool,
     /// The metadata it was saved with, as PostgreSQL renders it. Kept as
     /// raw JSON: parsing it into numbers again can fail (`jsonb` renders
     /// 1.7976931348623157e308 as 309 digits, out of f64's range: found by
@@ -367,8 +705,8 @@ pub struct ProjectRow {
     pub created_at: OffsetDateTime,
 }
 
-/// A page of the user's projects, newest first, after the cursor
-/// `(created_at, id)`.
+/// A page of the user's projects (deleted ones left out), newest first,
+/// after the cursor `(created_at, id)`.
 pub async fn list(
     client: &impl GenericClient,
     user_id: &UserId,
@@ -378,11 +716,15 @@ pub async fn list(
     let (at, id) = after.unzip();
     let stmt = client
         .prepare_cached(
-            "SELECT id, app_source, project_type, title, status, size_bytes, metadata::text, project_code, \
-                    failure_reason, created_at \
-             FROM projects WHERE user_id = $1 \
-               AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3)) \
-             ORDER BY created_at DESC, id DESC LIMIT $4",
+            "SELECT p.id, p.app_source, p.project_type, p.title, p.status, p.size_bytes, \
+                    p.original_size_bytes, c.media_type, c.width, c.height, \
+                    c.thumbnail IS NOT NULL AS has_thumbnail, c.url IS NOT NULL AS is_url, \
+                    p.metadata::text AS metadata, p.project_code, p.failure_reason, p.created_at \
+             FROM projects p \
+             LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+             WHERE p.user_id = $1 AND p.status <> 'deleted' \
+               AND ($2::timestamptz IS NULL OR (p.created_at, p.id) < ($2, $3)) \
+             ORDER BY p.created_at DESC, p.id DESC LIMIT $4",
         )
         .await?;
     let rows = client
@@ -391,16 +733,22 @@ pub async fn list(
     Ok(rows
         .into_iter()
         .map(|r| ProjectRow {
-            id: r.get(0),
-            app_source: r.get(1),
-            project_type: r.get(2),
-            title: r.get(3),
-            status: r.get(4),
-            size_bytes: r.get(5),
-            metadata: raw_json(r.get(6)),
-            project_code: r.get(7),
-            failure_reason: r.get(8),
-            created_at: r.get(9),
+            id: r.get("id"),
+            app_source: r.get("app_source"),
+            project_type: r.get("project_type"),
+            title: r.get("title"),
+            status: r.get("status"),
+            size_bytes: r.get("size_bytes"),
+            original_size_bytes: r.get("original_size_bytes"),
+            content_type: r.get("media_type"),
+            width: r.get("width"),
+            height: r.get("height"),
+            has_thumbnail: r.get("has_thumbnail"),
+            is_url: r.get("is_url"),
+            metadata: raw_json(r.get("metadata")),
+            project_code: r.get("project_code"),
+            failure_reason: r.get("failure_reason"),
+            created_at: r.get("created_at"),
         })
         .collect())
 }
@@ -414,14 +762,15 @@ fn raw_json(text: String) -> Box<serde_json::value::RawValue> {
         .unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
-/// How many projects the user has, per app.
+/// How many projects (deleted ones left out) the user has, per app.
 pub async fn counts(
     client: &impl GenericClient,
     user_id: &UserId,
 ) -> Result<Vec<(String, i64)>, DbError> {
     let stmt = client
         .prepare_cached(
-            "SELECT app_source, count(*) FROM projects WHERE user_id = $1 GROUP BY app_source ORDER BY app_source",
+            "SELECT app_source, count(*) FROM projects WHERE user_id = $1 AND status <> 'deleted' \
+             GROUP BY app_source ORDER BY app_source",
         )
         .await?;
     Ok(client
@@ -432,59 +781,100 @@ pub async fn counts(
         .collect())
 }
 
-/// What `GET /projects/{id}/content` serves.
+/// Which stored bytes of a project to serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rendition {
+    /// The content as stored.
+    Content,
+    /// The worker's WebP thumbnail.
+    Thumbnail,
+}
+
+/// What the content and thumbnail routes serve.
 #[derive(Debug, Clone)]
 pub enum StoredContent {
-    /// The checked image bytes and their media type.
+    /// The image bytes, their media type and `ETag`; `data` is `None` when
+    /// the caller's `If-None-Match` already names this `ETag` (not loaded).
     Image {
-        /// e.g. `image/png`.
+        /// e.g. `image/webp`.
         media_type: String,
-        /// The bytes.
-        data: Vec<u8>,
+        /// The strong `ETag`.
+        etag: String,
+        /// The bytes, unless the caller has them.
+        data: Option<Vec<u8>>,
     },
     /// Where the image lives.
     Url(String),
-    /// The project is not `saved` (yet, or ever): its status and reason.
+    /// The project is not `saved` (yet, or ever), or has no such rendition:
+    /// its status and why.
     NotAvailable {
-        /// `queued` or `failed`.
+        /// `queued`, `failed` or `saved`.
         status: String,
-        /// Why it failed, if it did.
+        /// Why, if known.
         reason: Option<String>,
     },
 }
 
-/// A project's content; `None` when the user has no such project.
+/// A project's content or thumbnail; `None` when the user has no such
+/// project (or it was deleted). `if_none_match` is the caller's cached
+/// `ETag`: when it matches, the bytes are not even read.
 pub async fn content(
     client: &impl GenericClient,
     user_id: &UserId,
     project_id: Uuid,
+    rendition: Rendition,
+    if_none_match: Option<&str>,
 ) -> Result<Option<StoredContent>, DbError> {
+    let (data, etag) = match rendition {
+        Rendition::Content => ("c.data", "c.etag"),
+        Rendition::Thumbnail => ("c.thumbnail", "c.thumbnail_etag"),
+    };
     let row = client
         .query_opt(
-            "SELECT p.status, p.failure_reason, c.data, c.url, c.media_type \
-             FROM projects p LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
-             WHERE p.user_id = $1 AND p.id = $2",
-            &[&user_id.as_str(), &project_id],
+            &format!(
+                "SELECT p.status, p.failure_reason, c.url, c.media_type, \
+                        {data} IS NOT NULL AS present, {etag} AS etag, \
+                        CASE WHEN {etag} IS NOT DISTINCT FROM $3 THEN NULL ELSE {data} END AS data \
+                 FROM projects p \
+                 LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+                 WHERE p.user_id = $1 AND p.id = $2 AND p.status <> 'deleted'"
+            ),
+            &[&user_id.as_str(), &project_id, &if_none_match],
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let status: String = row.get(0);
+    let status: String = row.get("status");
     if status != "saved" {
         return Ok(Some(StoredContent::NotAvailable {
             status,
-            reason: row.get(1),
+            reason: row.get("failure_reason"),
         }));
     }
-    let data: Option<Vec<u8>> = row.get(2);
-    let url: Option<String> = row.get(3);
-    let media_type: Option<String> = row.get(4);
-    Ok(Some(match (data, url) {
-        (Some(data), _) => StoredContent::Image {
-            media_type: media_type.unwrap_or_else(|| "application/octet-stream".into()),
+    let url: Option<String> = row.get("url");
+    let present: Option<bool> = row.get("present");
+    let etag: Option<String> = row.get("etag");
+    let data: Option<Vec<u8>> = row.get("data");
+    Ok(Some(match (rendition, url, present, etag) {
+        (Rendition::Content, Some(url), _, _) => StoredContent::Url(url),
+        (_, _, Some(true), Some(etag)) => StoredContent::Image {
+            media_type: match rendition {
+                Rendition::Content => row
+                    .get::<_, Option<String>>("media_type")
+                    .unwrap_or_else(|| "application/octet-stream".into()),
+                Rendition::Thumbnail => "image/webp".into(),
+            },
+            etag,
             data,
         },
-        (None, Some(url)) => StoredContent::Url(url),
-        (None, None) => StoredContent::NotAvailable {
+        (Rendition::Thumbnail, url, _, _) => StoredContent::NotAvailable {
+            status,
+            reason: Some(if url.is_some() {
+                "its content is a URL, which has no thumbnail".into()
+            } else {
+                "it has no thumbnail".into()
+            }),
+        },
+        (Rendition::Content, None, _, _) => StoredContent::NotAvailable {
             status: "failed".into(),
             reason: Some("content missing".into()),
         },
@@ -494,7 +884,7 @@ pub async fn content(
 /// How finishing a save ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finished {
-    /// Checked and stored; `media_type` is `None` for a URL reference.
+    /// Checked and stored.
     Saved {
         /// The app that saved it (the reservation's app).
         app_source: String,
@@ -503,9 +893,9 @@ pub enum Finished {
     },
     /// The content is not an image: the project failed and released its bytes.
     Failed(String),
-    /// Done before (a redelivered job): nothing changed.
+    /// Done before (a redelivered job), or deleted meanwhile: nothing changed.
     AlreadyDone {
-        /// `saved` or `failed`.
+        /// `saved`, `failed` or `deleted`.
         status: String,
         /// The app that saved it.
         app_source: String,
@@ -516,14 +906,52 @@ pub enum Finished {
     NotFound,
 }
 
-/// The worker's half of a save: checks the stored bytes really are an image
-/// (by magic bytes) and marks the project `saved` with its media type and
-/// dimensions, or `failed` with the reason, releasing its storage bytes.
-/// Idempotent: a project that is no longer `queued` is left as it is.
+/// What the worker checks of a queued project.
+#[derive(Debug, Clone)]
+pub enum Pending {
+    /// Still queued, with its stored bytes to check (`None` for a URL).
+    Queued(Option<Vec<u8>>),
+    /// No longer queued (see [`finish_save`]).
+    Done,
+    /// No such project.
+    NotFound,
+}
+
+/// The worker's first look at a save: is it still queued, and what bytes
+/// must be checked. Read without locks: the CPU work that follows must not
+/// hold the account row.
+pub async fn pending(
+    client: &impl GenericClient,
+    user_id: &str,
+    project_id: Uuid,
+) -> Result<Pending, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT p.status, c.data FROM projects p \
+             LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+             WHERE p.user_id = $1 AND p.id = $2",
+            &[&user_id, &project_id],
+        )
+        .await?;
+    Ok(match row {
+        None => Pending::NotFound,
+        Some(r) if r.get::<_, String>("status") == "queued" => Pending::Queued(r.get("data")),
+        Some(_) => Pending::Done,
+    })
+}
+
+/// The worker's verdict on a queued project's bytes.
+pub type Verdict = Result<Option<(ImageInfo, Thumbnail)>, String>;
+
+/// The worker's half of a save: marks the project `saved` with its
+/// thumbnail, or `failed` with the reason (releasing its storage bytes).
+/// Idempotent: a project that is no longer `queued` (done before, or deleted
+/// meanwhile) is left as it is.
 pub async fn finish_save(
     client: &mut Client,
     user_id: &str,
     project_id: Uuid,
+    verdict: Verdict,
 ) -> Result<Finished, DbError> {
     let tx = client.transaction().await?;
     // Account row first, as every other writer does.
@@ -534,19 +962,18 @@ pub async fn finish_save(
     .await?;
     let row = tx
         .query_opt(
-            "SELECT p.status, p.size_bytes, p.app_source, p.project_code, c.data, c.url \
-             FROM projects p LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
-             WHERE p.user_id = $1 AND p.id = $2 FOR UPDATE OF p",
+            "SELECT status, size_bytes, app_source, project_code FROM projects \
+             WHERE user_id = $1 AND id = $2 FOR UPDATE",
             &[&user_id, &project_id],
         )
         .await?;
     let Some(row) = row else {
         return Ok(Finished::NotFound);
     };
-    let status: String = row.get(0);
-    let size: i64 = row.get(1);
-    let app_source: String = row.get(2);
-    let project_code: Option<String> = row.get(3);
+    let status: String = row.get("status");
+    let size: i64 = row.get("size_bytes");
+    let app_source: String = row.get("app_source");
+    let project_code: Option<String> = row.get("project_code");
     if status != "queued" {
         return Ok(Finished::AlreadyDone {
             status,
@@ -554,17 +981,16 @@ pub async fn finish_save(
             project_code,
         });
     }
-    let data: Option<Vec<u8>> = row.get(4);
-    let verdict = match &data {
-        Some(bytes) => crate::image::sniff(bytes).map(Some),
-        None if row.get::<_, Option<String>>(5).is_some() => Ok(None),
-        None => Err("the project has no content".to_owned()),
-    };
     let finished = match verdict {
-        Ok(info) => {
-            if let Some(info) = info {
+        Ok(checked) => {
+            if let Some((info, thumb)) = checked {
+                // Media type and size were set by the API; rows saved before
+                // it did get them here.
                 tx.execute(
-                    "UPDATE project_contents SET media_type = $3, width = $4, height = $5 \
+                    "UPDATE project_contents SET media_type = coalesce(media_type, $3), \
+                        width = coalesce(width, $4), height = coalesce(height, $5), \
+                        etag = coalesce(etag, '\"' || left(encode(sha256(data), 'hex'), 32) || '\"'), \
+                        thumbnail = $6, thumbnail_etag = $7 \
                      WHERE user_id = $1 AND project_id = $2",
                     &[
                         &user_id,
@@ -572,6 +998,8 @@ pub async fn finish_save(
                         &info.media_type,
                         &i32::try_from(info.width).unwrap_or(i32::MAX),
                         &i32::try_from(info.height).unwrap_or(i32::MAX),
+                        &thumb.data,
+                        &etag_of(&thumb.data),
                     ],
                 )
                 .await?;

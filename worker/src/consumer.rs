@@ -80,7 +80,7 @@ pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<
     match work {
         LEDGER_AUDIT => handlers::ledger_audit(&ctx.pool, &delivery.data).await,
         SAVE_PROJECT => {
-            handlers::save_project(&ctx.pool, &delivery.data, correlation.as_deref()).await
+            handlers::save_project(ctx, &delivery.data, correlation.as_deref()).await
         }
         GENERATION_EVENTS => {
             let key = routing_key_of(delivery);

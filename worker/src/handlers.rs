@@ -9,7 +9,9 @@ use penora_common::{
     ledger::batch::QueuedRefund,
     ledger::{self, LedgerError, Refund, SettleResult},
     messages::{GENERATION_EVENTS, GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
-    projects::{self, Finished},
+    cpu_pool::PoolError,
+    imaging,
+    projects::{self, Finished, Pending},
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -171,16 +173,46 @@ async fn generation_events_batch(
     Some(results)
 }
 
-/// `penora.save-project`: check and store the content, then settle the
-/// reservation the save names.
+/// `penora.save-project`: check the stored content (a full decode, on the
+/// image threads) and make its thumbnail, mark the project `saved` (or
+/// `failed`, releasing its bytes), then settle the reservation it names. A
+/// project deleted before its job ran is left deleted.
 pub async fn save_project(
-    pool: &Pool,
+    ctx: &crate::Context,
     body: &[u8],
     correlation: Option<&str>,
 ) -> Result<String, JobError> {
     let job: SaveProjectJob = decode(body)?;
-    let mut client = pool.get().await.map_err(penora_common::db::DbError::from)?;
-    let finished = projects::finish_save(&mut client, &job.user_id, job.project_id).await?;
+    let mut client = ctx
+        .pool
+        .get()
+        .await
+        .map_err(penora_common::db::DbError::from)?;
+    let verdict = match projects::pending(&client, &job.user_id, job.project_id).await? {
+        Pending::NotFound => {
+            return Err(JobError::Fatal(format!(
+                "no project {} for user {}",
+                job.project_id, job.user_id
+            )));
+        }
+        // Done before or deleted: finish_save below says which.
+        Pending::Done | Pending::Queued(None) => Ok(None),
+        Pending::Queued(Some(bytes)) => {
+            let max_pixels = ctx.settings.max_image_pixels;
+            match ctx
+                .images
+                .run(move || imaging::thumbnail(&bytes, max_pixels))
+                .await
+            {
+                Ok(checked) => checked.map(Some),
+                // A decoder that panics on these bytes would panic again:
+                // the project fails for good and frees its bytes.
+                Err(PoolError::Panicked) => Err("the image could not be processed".to_owned()),
+                Err(e @ PoolError::Stopped) => return Err(JobError::Retryable(e.to_string())),
+            }
+        }
+    };
+    let finished = projects::finish_save(&mut client, &job.user_id, job.project_id, verdict).await?;
     let (outcome, settle) = match finished {
         Finished::NotFound => {
             return Err(JobError::Fatal(format!(

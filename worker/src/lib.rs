@@ -50,6 +50,9 @@ pub struct Context {
     pub consuming: std::sync::atomic::AtomicBool,
     /// Wakes the outbox relay after a commit that wrote jobs.
     pub outbox_wake: Arc<tokio::sync::Notify>,
+    /// Threads checking saved images and making their thumbnails, at the
+    /// lowest CPU priority.
+    pub images: penora_common::cpu_pool::CpuPool,
 }
 
 impl Context {
@@ -99,8 +102,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         "penora-worker",
         topology.clone(),
     ));
+    let images = penora_common::cpu_pool::CpuPool::start("penora-images", settings.image_threads)
+        .context("Failed to start the image threads")?;
     Ok(Worker {
         ctx: Arc::new(Context {
+            images,
             settings,
             pool,
             topology,
@@ -199,13 +205,19 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
     .await;
 }
 
-/// Settles reservations past their refund window; prunes the outbox.
+/// Settles reservations past their refund window; deletes projects past
+/// `PROJECT_RETENTION_DAYS`; prunes the outbox.
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
         match settle_expired(&ctx, 500).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(settled = n, "settled reservations past their refund window"),
             Err(e) => tracing::warn!(error = %e, "settling expired reservations failed"),
+        }
+        match delete_retired(&ctx, time::OffsetDateTime::now_utc(), 500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "deleted projects past the retention period"),
+            Err(e) => tracing::warn!(error = %e, "deleting projects past retention failed"),
         }
         if let Ok(client) = ctx.pool.get().await {
             let _ = outbox::prune(&client, 7).await;
@@ -215,6 +227,21 @@ async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
             () = tokio::time::sleep(ctx.settings.settle_interval) => {},
         }
     }
+}
+
+/// Deletes up to `limit` projects older than `PROJECT_RETENTION_DAYS` before
+/// `now` (nothing when it is unset), freeing their bytes.
+pub async fn delete_retired(
+    ctx: &Context,
+    now: time::OffsetDateTime,
+    limit: i64,
+) -> Result<usize, anyhow::Error> {
+    let Some(retention) = ctx.settings.project_retention else {
+        return Ok(0);
+    };
+    let cutoff = now - retention;
+    let mut client = ctx.pool.get().await?;
+    Ok(penora_common::projects::delete_older_than(&mut client, cutoff, limit).await?)
 }
 
 /// Settles up to `limit` reservations whose refund window has passed.

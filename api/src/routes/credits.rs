@@ -71,7 +71,8 @@ pub struct Storage {
     /// Percent of the quota used, whole number.
     #[schema(example = 85)]
     pub usage_percentage: i64,
-    /// Projects in the workspace (any status).
+    /// Projects in the workspace (queued, saved or failed; deleted ones are
+    /// gone).
     #[schema(example = 4)]
     pub total_projects: i64,
     /// Bytes used.
@@ -100,6 +101,21 @@ pub struct UserInfo {
 
 fn mib(bytes: i64) -> f64 {
     (bytes as f64 / 1_048_576.0 * 100.0).round() / 100.0
+}
+
+impl Storage {
+    /// The figures for `used` bytes of a `quota`, with `total_projects`.
+    pub fn new(quota: i64, used: i64, total_projects: i64) -> Self {
+        Self {
+            used_mb: mib(used),
+            remaining_mb: mib((quota - used).max(0)),
+            total_mb: mib(quota),
+            usage_percentage: ((used as f64 / quota as f64) * 100.0).round() as i64,
+            total_projects,
+            used_bytes: used,
+            total_bytes: quota,
+        }
+    }
 }
 
 /// Balance and storage of a user.
@@ -134,15 +150,7 @@ async fn user_info(
         user_id: user.to_string(),
         credits: summary.balance,
         reserved_credits: summary.reserved_credits,
-        storage: Storage {
-            used_mb: mib(used),
-            remaining_mb: mib((quota - used).max(0)),
-            total_mb: mib(quota),
-            usage_percentage: ((used as f64 / quota as f64) * 100.0).round() as i64,
-            total_projects: summary.total_projects,
-            used_bytes: used,
-            total_bytes: quota,
-        },
+        storage: Storage::new(quota, used, summary.total_projects),
         timestamp: rfc3339_millis(time::OffsetDateTime::now_utc()),
     };
     Ok(json_ok(body).into_response())

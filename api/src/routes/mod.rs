@@ -123,7 +123,12 @@ fn api_router() -> OpenApiRouter<AppState> {
 
 /// The whole application: routes, docs, fallbacks and middleware.
 pub fn app(state: AppState) -> Router {
-    let max_body = state.settings.max_body_bytes;
+    // Save bodies are read by their handler, within MAX_BODY_BYTES and a
+    // save slot; every other body is small.
+    let max_body = state
+        .settings
+        .max_body_bytes
+        .min(penora_common::config::SMALL_BODY_BYTES);
     let (router, api) = api_router().split_for_parts();
     let api = doc::finish(api, state.settings.max_deduct_amount);
     let docs = SwaggerUi::new("/api/unified/docs")
@@ -160,11 +165,12 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
     Some(
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins))
-            .allow_methods([Method::GET, Method::POST])
+            .allow_methods([Method::GET, Method::POST, Method::DELETE])
             .allow_headers([header::CONTENT_TYPE, HeaderName::from_static("x-api-key")])
             .expose_headers([
                 HeaderName::from_static("idempotent-replayed"),
                 header::RETRY_AFTER,
+                header::ETAG,
             ])
             .max_age(std::time::Duration::from_secs(600)),
     )

@@ -2,16 +2,21 @@
 
 use std::collections::BTreeMap;
 
+use std::{borrow::Cow, time::Instant};
+
 use axum::{
+    body::Body,
     extract::{Path, State},
-    http::{HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use base64::Engine;
+use futures_util::StreamExt;
 use penora_common::{
     domain::{self, AppName, ProjectCode},
+    imaging::{self, PrepareError, StoragePolicy},
     keys::Scope,
-    projects::{self, Content, NewProject, StoredContent},
+    projects::{self, Cause, Content, NewProject, OnFull, Rendition, StoredContent},
     timefmt::rfc3339_millis,
 };
 use serde::{Deserialize, Serialize};
@@ -23,8 +28,12 @@ use uuid::Uuid;
 use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
-    extract::{ApiJson, ApiQuery, int_param, user_id},
-    routes::{RequestCorrelation, Success, credits::with_replay_header, json_ok},
+    extract::{ApiQuery, int_param, parse_json, require_json, user_id},
+    routes::{
+        RequestCorrelation, Success,
+        credits::{Storage, with_replay_header},
+        json_ok,
+    },
     state::AppState,
 };
 
@@ -33,12 +42,15 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(save_project))
         .routes(routes!(list_projects))
+        .routes(routes!(delete_project))
         .routes(routes!(project_content))
+        .routes(routes!(project_thumbnail))
 }
 
-/// Body of `POST /save-project`.
+/// Body of `POST /save-project`. `content` borrows from the request body:
+/// base64 has nothing to unescape, so a 12 MiB body is not copied again.
 #[derive(Debug, Deserialize, ToSchema)]
-pub struct SaveProjectRequest {
+pub struct SaveProjectRequest<'a> {
     /// The user.
     #[schema(example = "101902121794505144784")]
     pub user_id: Option<String>,
@@ -52,13 +64,23 @@ pub struct SaveProjectRequest {
     #[schema(example = "Sunset Landscape AI Art")]
     pub title: Option<String>,
     /// Base64 image data, a `data:` URL, or an `http(s)` URL.
-    pub content: Option<String>,
+    #[serde(borrow)]
+    #[schema(value_type = Option<String>)]
+    pub content: Option<Cow<'a, str>>,
     /// Free-form JSON object.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
     /// The reservation this image was paid with; the save settles it and is
     /// idempotent by it.
     pub project_code: Option<String>,
+    /// `true` keeps the image exactly as sent (no WebP re-encoding, metadata
+    /// kept).
+    pub store_original: Option<bool>,
+    /// `evict_oldest`: when the save does not fit, delete the user's oldest
+    /// saved projects of the same app, just enough, in the same transaction.
+    /// Absent or `refuse`: answer `413`.
+    #[schema(example = "evict_oldest")]
+    pub on_full: Option<String>,
 }
 
 /// Answer of `POST /save-project` (202: the worker finishes the save).
@@ -69,18 +91,38 @@ pub struct SaveProjectResponse {
     /// `queued` until the worker has checked and stored the content.
     #[schema(example = "queued")]
     pub status: String,
-    /// Bytes counted against the quota.
+    /// Bytes counted against the quota: the stored form (WebP when
+    /// re-encoded).
     pub size_bytes: i64,
+    /// Bytes sent.
+    pub original_size_bytes: i64,
+    /// The stored media type (`null` for a URL or content that is not an
+    /// image).
+    #[schema(example = "image/webp")]
+    pub content_type: Option<String>,
+    /// Width of the stored image.
+    pub width: Option<i32>,
+    /// Height of the stored image.
+    pub height: Option<i32>,
     /// Bytes left in the user's quota.
     pub storage_remaining_bytes: i64,
+    /// Projects deleted to make room (`on_full: evict_oldest`), oldest first.
+    pub evicted_project_ids: Vec<Uuid>,
     /// Where the content will be served.
     pub content_url: String,
+    /// Where the thumbnail will be served once the worker has made it
+    /// (`null` for a URL).
+    pub thumbnail_url: Option<String>,
     /// When the project was recorded.
     pub created_at: String,
 }
 
 fn content_url(user_id: &str, project_id: Uuid) -> String {
     format!("/api/unified/projects/{project_id}/content?user_id={user_id}")
+}
+
+fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
+    format!("/api/unified/projects/{project_id}/thumbnail?user_id={user_id}")
 }
 
 fn required_text(field: &'static str, raw: Option<String>, max: usize) -> Result<String, ApiError> {
@@ -92,19 +134,25 @@ fn required_text(field: &'static str, raw: Option<String>, max: usize) -> Result
 
 /// Save a project into the user's shared workspace.
 ///
-/// Checks and reserves its storage synchronously and answers `202` with
-/// `status: "queued"`; the worker checks the content and marks it `saved` or
-/// `failed`.
+/// The image is stored optimised (a still PNG, JPEG or WebP as WebP at
+/// `IMAGE_QUALITY` when smaller, metadata dropped) unless `store_original`;
+/// the quota counts the stored bytes, decided before answering: `202` with
+/// `status: "queued"` when it fits (the worker then checks the content and
+/// makes its thumbnail), `413 storage_limit_exceeded` when it cannot. With
+/// `on_full: "evict_oldest"` the oldest saved projects of the same app make
+/// room. At most `MAX_CONCURRENT_SAVES` saves are processed at once; others
+/// wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with `Retry-After`.
 #[utoipa::path(
     post, path = "/save-project", tag = "projects",
     request_body = SaveProjectRequest,
     responses(
         (status = 202, description = "Recorded and queued", body = Success<SaveProjectResponse>),
-        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 400, description = "`user_id_required` or `invalid_request` (including an image over `MAX_IMAGE_PIXELS`)", body = ErrorBody),
         (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
         (status = 413, description = "`storage_limit_exceeded` or `payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`busy` (every save slot taken; see `Retry-After`) or `unavailable`", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
 )]
@@ -113,9 +161,138 @@ async fn save_project(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
-    ApiJson(body): ApiJson<SaveProjectRequest>,
+    headers: HeaderMap,
+    body: Body,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Write)?;
+    require_json(&headers)?;
+    let max_body = state.settings.max_body_bytes;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > max_body) {
+        return Err(too_large());
+    }
+    // A slot before a single byte of the body is held: memory stays bounded
+    // whatever clients send at once.
+    let wait = state.settings.save_queue_wait;
+    let Ok(Ok(_slot)) =
+        tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
+    else {
+        metrics::counter!("penora_saves_busy_total").increment(1);
+        // Read the body to its end (keeping none of it) so the client is
+        // reading when the answer comes, instead of having its upload reset.
+        drain(body, max_body).await;
+        return Err(ApiError::Busy {
+            retry_after_secs: wait.as_secs().max(1),
+        });
+    };
+    let started = Instant::now();
+    let raw = read_body(body, max_body, declared).await?;
+    let (mut project, store_original) = parse_save(&raw, &auth)?;
+    drop(raw);
+    let span = tracing::Span::current();
+    span.record("user_id", project.user_id.as_str());
+    if let Some(code) = &project.project_code {
+        span.record("project_code", code.as_str());
+    }
+    let quota = state.settings.storage_quota_bytes;
+    // A retry of a save that was recorded answers at once, without the
+    // image work.
+    if project.project_code.is_some() {
+        let client = state.pool.get().await?;
+        if let Some(first) = projects::replay_of(&client, &project, quota).await? {
+            return answer(first?, &project);
+        }
+    }
+    let sent = std::mem::replace(&mut project.content, Content::Bytes(Vec::new()));
+    project.content = match sent {
+        Content::Url(url) => Content::Url(url),
+        Content::Bytes(sent) => {
+        let policy = StoragePolicy::from_settings(&state.settings, store_original);
+        // The header alone says how big the image is: a decompression bomb is
+        // refused here, before it reaches a decoder.
+        if let Ok(info) = imaging::probe(&sent) {
+            if info.pixels() > policy.max_pixels {
+                return Err(refuse_pixels(PrepareError::TooManyPixels {
+                    width: info.width,
+                    height: info.height,
+                    pixels: info.pixels(),
+                    max: policy.max_pixels,
+                }));
+            }
+        }
+        let prepared = state
+            .images
+            .run(move || imaging::prepare(sent, &policy))
+            .await
+            .map_err(|e| ApiError::Internal(format!("preparing the image: {e}")))?
+            .map_err(refuse_pixels)?;
+        metrics::counter!("penora_images_prepared_total", "stored_as" => stored_as_label(prepared.stored_as)).increment(1);
+        project.original_size = i64::try_from(prepared.original_size).unwrap_or(i64::MAX);
+        project.image = prepared.info;
+        Content::Bytes(prepared.data)
+        }
+    };
+    metrics::histogram!("penora_save_prepare_seconds").record(started.elapsed().as_secs_f64());
+    let mut client = state.pool.get().await?;
+    let outcome = projects::save(&mut client, &project, quota, correlation.as_deref()).await?;
+    if !outcome.replayed {
+        state.jobs_committed();
+    }
+    answer(outcome, &project)
+}
+
+fn stored_as_label(how: imaging::StoredAs) -> &'static str {
+    match how {
+        imaging::StoredAs::Webp => "webp",
+        imaging::StoredAs::Stripped => "as_sent_stripped",
+        imaging::StoredAs::Original => "original",
+        imaging::StoredAs::Unrecognised => "unrecognised",
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::PayloadTooLarge("The request body is larger than the service accepts".into())
+}
+
+fn refuse_pixels(e: PrepareError) -> ApiError {
+    ApiError::InvalidRequest(format!("content: {e}"))
+}
+
+/// Reads a body of at most `max` bytes into one buffer, sized from
+/// `Content-Length` up front so it is never copied while growing.
+async fn read_body(body: Body, max: usize, declared: Option<usize>) -> Result<Vec<u8>, ApiError> {
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max));
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::InvalidRequest(format!("Could not read the request body: {e}"))
+        })?;
+        if out.len() + chunk.len() > max {
+            return Err(too_large());
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+/// Reads and discards up to `max` bytes of a body.
+async fn drain(body: Body, max: usize) {
+    let mut stream = body.into_data_stream();
+    let mut seen = 0;
+    while let Some(Ok(chunk)) = stream.next().await {
+        seen += chunk.len();
+        if seen > max {
+            return;
+        }
+    }
+}
+
+/// Checks a save's fields; the content is decoded but not yet prepared.
+fn parse_save(raw: &[u8], auth: &Auth) -> Result<(NewProject, bool), ApiError> {
+    let body: SaveProjectRequest<'_> = parse_json(raw)?;
     let user = user_id(body.user_id.as_deref())?;
     let app_source = match (body.app_source.as_deref(), auth.bound_app()) {
         (Some(raw), _) => AppName::parse("app_source", raw)?,
@@ -142,38 +319,52 @@ async fn save_project(
         .as_deref()
         .map(ProjectCode::parse)
         .transpose()?;
-    let span = tracing::Span::current();
-    span.record("user_id", user.as_str());
-    if let Some(code) = &project_code {
-        span.record("project_code", code.as_str());
-    }
-    let project = NewProject {
-        user_id: user,
-        app_source,
-        project_type,
-        title,
-        content,
-        metadata,
-        project_code,
+    let on_full = match body.on_full.as_deref() {
+        None | Some("refuse") => OnFull::Refuse,
+        Some("evict_oldest") => OnFull::EvictOldest,
+        Some(other) => {
+            return Err(ApiError::InvalidRequest(format!(
+                "on_full: must be `refuse` or `evict_oldest`, got {other:?}"
+            )));
+        }
     };
-    let mut client = state.pool.get().await?;
-    let outcome = projects::save(
-        &mut client,
-        &project,
-        state.settings.storage_quota_bytes,
-        correlation.as_deref(),
-    )
-    .await?;
-    if !outcome.replayed {
-        state.jobs_committed();
-    }
+    let original_size = content.size();
+    Ok((
+        NewProject {
+            user_id: user,
+            app_source,
+            project_type,
+            title,
+            content,
+            image: None,
+            original_size,
+            metadata,
+            project_code,
+            on_full,
+        },
+        body.store_original.unwrap_or(false),
+    ))
+}
+
+fn answer(
+    outcome: penora_common::ledger::Outcome<projects::SaveReceipt>,
+    project: &NewProject,
+) -> Result<Response, ApiError> {
     let r = &outcome.value;
+    let user = project.user_id.as_str();
+    let is_url = matches!(project.content, Content::Url(_));
     let body = SaveProjectResponse {
         project_id: r.project_id,
         status: r.status.clone(),
         size_bytes: r.size_bytes,
+        original_size_bytes: r.original_size_bytes,
+        content_type: r.content_type.clone(),
+        width: r.width,
+        height: r.height,
         storage_remaining_bytes: r.storage_remaining_bytes,
-        content_url: content_url(project.user_id.as_str(), r.project_id),
+        evicted_project_ids: r.evicted_project_ids.clone(),
+        content_url: content_url(user, r.project_id),
+        thumbnail_url: (!is_url).then(|| thumbnail_url(user, r.project_id)),
         created_at: rfc3339_millis(r.created_at),
     };
     Ok(with_replay_header(StatusCode::ACCEPTED, outcome, body))
@@ -208,8 +399,16 @@ pub struct ProjectItem {
     pub title: String,
     /// `queued`, `saved` or `failed`.
     pub status: String,
-    /// Bytes it counts against the quota.
+    /// Bytes it counts against the quota: the stored form.
     pub size_bytes: i64,
+    /// Bytes sent.
+    pub original_size_bytes: i64,
+    /// The stored media type (`null` for a URL, or content not recognised).
+    pub content_type: Option<String>,
+    /// Width of the stored image.
+    pub width: Option<i32>,
+    /// Height of the stored image.
+    pub height: Option<i32>,
     /// Its metadata, as stored.
     #[schema(value_type = Object)]
     pub metadata: Box<serde_json::value::RawValue>,
@@ -219,6 +418,10 @@ pub struct ProjectItem {
     pub failure_reason: Option<String>,
     /// Where to fetch its content.
     pub content_url: String,
+    /// Where to fetch its thumbnail (WebP, long side at most 256 px; made by
+    /// the worker, so `409 content_not_available` while queued); `null` for
+    /// a URL.
+    pub thumbnail_url: Option<String>,
     /// When it was saved.
     pub created_at: String,
 }
@@ -316,6 +519,11 @@ async fn list_projects(
         .into_iter()
         .map(|r| ProjectItem {
             content_url: content_url(user.as_str(), r.id),
+            thumbnail_url: (!r.is_url).then(|| thumbnail_url(user.as_str(), r.id)),
+            original_size_bytes: r.original_size_bytes,
+            content_type: r.content_type,
+            width: r.width,
+            height: r.height,
             id: r.id,
             app_source: r.app_source,
             project_type: r.project_type,
@@ -361,7 +569,7 @@ async fn list_projects(
     Ok(json_ok(body).into_response())
 }
 
-/// Query of `GET /projects/{project_id}/content`.
+/// Query of the content, thumbnail and delete routes.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct ContentQuery {
@@ -369,47 +577,76 @@ pub struct ContentQuery {
     pub user_id: Option<String>,
 }
 
-/// The stored content of a project: the image bytes with their media type, or
+fn project_id_param(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::InvalidRequest("project_id: must be a UUID".into()))
+}
+
+/// The `ETag`s an `If-None-Match` header names (`*` matches any).
+fn if_none_match(headers: &HeaderMap) -> Vec<String> {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().trim_start_matches("W/").to_owned())
+        .filter(|t| !t.is_empty())
+        .collect()
+}
+
+/// Serves a project's content or thumbnail: the bytes with their media type
+/// and `ETag`, `304` when the caller's `If-None-Match` names that `ETag`, or
 /// a redirect to the stored URL.
-#[utoipa::path(
-    get, path = "/projects/{project_id}/content", tag = "projects",
-    params(("project_id" = Uuid, Path, description = "The project's id"), ContentQuery),
-    responses(
-        (status = 200, description = "The image", content_type = "image/*"),
-        (status = 303, description = "Redirect to the stored URL"),
-        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
-        (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`content_not_available`: queued or failed", body = ErrorBody),
-    ),
-    security(("api_key_header" = []), ("api_key_query" = []))
-)]
-async fn project_content(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path(project_id): Path<String>,
-    ApiQuery(q): ApiQuery<ContentQuery>,
+async fn serve(
+    state: &AppState,
+    auth: &Auth,
+    raw_id: &str,
+    q: &ContentQuery,
+    headers: &HeaderMap,
+    rendition: Rendition,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Read)?;
     let user = user_id(q.user_id.as_deref())?;
-    let project_id = Uuid::parse_str(&project_id)
-        .map_err(|_| ApiError::InvalidRequest("project_id: must be a UUID".into()))?;
+    let project_id = project_id_param(raw_id)?;
+    let cached = if_none_match(headers);
     let client = state.pool.get().await?;
-    let content = projects::content(&client, &user, project_id)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no project {project_id} for this user")))?;
+    let content = projects::content(
+        &client,
+        &user,
+        project_id,
+        rendition,
+        cached.first().map(String::as_str),
+    )
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no project {project_id} for this user")))?;
     Ok(match content {
-        StoredContent::Image { media_type, data } => {
-            let mut response = data.into_response();
+        StoredContent::Image {
+            media_type,
+            etag,
+            data,
+        } => {
+            let not_modified = cached.iter().any(|t| t == "*" || *t == etag);
+            let mut response = match data {
+                Some(data) if !not_modified => {
+                    let mut response = data.into_response();
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_str(&media_type)
+                            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
+                    );
+                    response
+                }
+                _ => StatusCode::NOT_MODIFIED.into_response(),
+            };
             let headers = response.headers_mut();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_str(&media_type)
-                    .unwrap_or(HeaderValue::from_static("application/octet-stream")),
-            );
+            if let Ok(etag) = HeaderValue::from_str(&etag) {
+                headers.insert(header::ETAG, etag);
+            }
             headers.insert(
                 header::X_CONTENT_TYPE_OPTIONS,
                 HeaderValue::from_static("nosniff"),
             );
+            // The bytes of a project never change (a new save is a new
+            // project), but they are the user's own: no shared cache.
             headers.insert(
                 header::CACHE_CONTROL,
                 HeaderValue::from_static("private, max-age=3600"),
@@ -435,6 +672,128 @@ async fn project_content(
             }));
         }
     })
+}
+
+/// The stored content of a project: the image bytes with their media type, or
+/// a redirect to the stored URL.
+#[utoipa::path(
+    get, path = "/projects/{project_id}/content", tag = "projects",
+    params(
+        ("project_id" = Uuid, Path, description = "The project's id"),
+        ContentQuery,
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer"),
+    ),
+    responses(
+        (status = 200, description = "The image, with `ETag` and `Cache-Control: private`", content_type = "image/*"),
+        (status = 303, description = "Redirect to the stored URL"),
+        (status = 304, description = "Not modified: `If-None-Match` names the current `ETag`"),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 404, description = "`not_found` (unknown or deleted)", body = ErrorBody),
+        (status = 409, description = "`content_not_available`: queued or failed", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+async fn project_content(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ContentQuery>,
+) -> Result<Response, ApiError> {
+    serve(&state, &auth, &project_id, &q, &headers, Rendition::Content).await
+}
+
+/// A project's thumbnail: WebP, long side at most 256 px, made by the worker
+/// once the save is checked (not counted in the quota).
+#[utoipa::path(
+    get, path = "/projects/{project_id}/thumbnail", tag = "projects",
+    params(
+        ("project_id" = Uuid, Path, description = "The project's id"),
+        ContentQuery,
+        ("If-None-Match" = Option<String>, Header, description = "An `ETag` from an earlier answer"),
+    ),
+    responses(
+        (status = 200, description = "The thumbnail (`image/webp`), with `ETag` and `Cache-Control: private`", content_type = "image/webp"),
+        (status = 304, description = "Not modified: `If-None-Match` names the current `ETag`"),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 404, description = "`not_found` (unknown or deleted)", body = ErrorBody),
+        (status = 409, description = "`content_not_available`: queued, failed, or a URL (no thumbnail)", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+async fn project_thumbnail(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project_id): Path<String>,
+    headers: HeaderMap,
+    ApiQuery(q): ApiQuery<ContentQuery>,
+) -> Result<Response, ApiError> {
+    serve(&state, &auth, &project_id, &q, &headers, Rendition::Thumbnail).await
+}
+
+/// Answer of `DELETE /projects/{project_id}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeleteProjectResponse {
+    /// The deleted project.
+    pub project_id: Uuid,
+    /// Bytes given back to the quota (0 for a failed project, which had
+    /// already released them).
+    pub freed_bytes: i64,
+    /// The user's storage afterwards, as `user-info` shows it.
+    pub storage: Storage,
+}
+
+/// Delete a project: its content goes and its bytes are freed, in one
+/// transaction. A key bound to an app deletes only that app's projects. A
+/// project still `queued` can be deleted; its save job then does nothing.
+#[utoipa::path(
+    delete, path = "/projects/{project_id}", tag = "projects",
+    params(("project_id" = Uuid, Path, description = "The project's id"), ContentQuery),
+    responses(
+        (status = 200, description = "Deleted", body = Success<DeleteProjectResponse>),
+        (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
+        (status = 403, description = "`forbidden` or `app_mismatch` (another app's project)", body = ErrorBody),
+        (status = 404, description = "`not_found`: unknown or already deleted", body = ErrorBody),
+    ),
+    security(("api_key_header" = []), ("api_key_query" = []))
+)]
+#[tracing::instrument(skip_all, fields(user_id, project_id))]
+async fn delete_project(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(project_id): Path<String>,
+    ApiQuery(q): ApiQuery<ContentQuery>,
+) -> Result<Response, ApiError> {
+    auth.require(Scope::Write)?;
+    let user = user_id(q.user_id.as_deref())?;
+    let project_id = project_id_param(&project_id)?;
+    let span = tracing::Span::current();
+    span.record("user_id", user.as_str());
+    span.record("project_id", tracing::field::display(project_id));
+    let actor = auth.0.key_id.map_or_else(|| "bootstrap key".to_owned(), |id| format!("key {id}"));
+    let mut client = state.pool.get().await?;
+    let deleted = projects::delete(
+        &mut client,
+        user.as_str(),
+        project_id,
+        auth.bound_app(),
+        Cause::Request,
+        Some(&actor),
+    )
+    .await?;
+    let total_projects = penora_common::ledger::account_summary(&client, &user)
+        .await?
+        .map_or(0, |s| s.total_projects);
+    let body = DeleteProjectResponse {
+        project_id,
+        freed_bytes: deleted.freed_bytes,
+        storage: Storage::new(
+            state.settings.storage_quota_bytes,
+            deleted.storage_used_bytes,
+            total_projects,
+        ),
+    };
+    Ok(json_ok(body).into_response())
 }
 
 #[cfg(test)]
