@@ -137,6 +137,18 @@ fn rules(max_amount: i64) -> Vec<Rule> {
         ),
         rule(
             "SaveProjectRequest",
+            "on_full",
+            false,
+            json!({ "type": ["string", "null"], "enum": ["refuse", "evict_oldest", null] }),
+        ),
+        rule(
+            "SaveProjectRequest",
+            "store_original",
+            false,
+            json!({ "type": ["boolean", "null"] }),
+        ),
+        rule(
+            "SaveProjectRequest",
             "metadata",
             false,
             json!({
@@ -460,7 +472,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 8, "4 request bodies and 4 queries name a user");
+        assert_eq!(seen, 10, "4 request bodies and 6 queries name a user");
     }
 
     #[test]

@@ -15,3 +15,4 @@ mod storage;
 mod support;
 mod system;
 mod validation;
+mod workspace;

@@ -226,3 +226,95 @@ pub async fn expect_error(r: Response, status: StatusCode, code: &str) -> String
         .expect("error is a string")
         .to_owned()
 }
+
+impl TestApp {
+    /// `DELETE path` with the bootstrap key.
+    pub async fn delete(&self, path: &str) -> Response {
+        self.delete_with_key(path, BOOT_KEY).await
+    }
+
+    /// `DELETE path` with `key`.
+    pub async fn delete_with_key(&self, path: &str, key: &str) -> Response {
+        self.http
+            .delete(format!("{}{path}", self.base))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+/// The real `penora-api` binary over a test database, for what only a
+/// process of its own can show (its memory).
+pub struct ApiProcess {
+    /// The database (and an in-process API on it, for helpers like `grant`).
+    pub app: TestApp,
+    /// The process's base URL.
+    pub base: String,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    child: tokio::process::Child,
+}
+
+impl ApiProcess {
+    /// Starts `penora-api` with the test settings and `env`.
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let app = spawn_app().await;
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_penora-api"));
+        command
+            .env("DATABASE_URL", &app.db.url)
+            .env("PENORA_API_KEY", BOOT_KEY)
+            .env("BIND_ADDR", "127.0.0.1:0")
+            .env("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .env("RATE_LIMIT_PER_SEC", "100000")
+            .env("RATE_LIMIT_BURST", "100000")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("penora-api starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::BufReader::new(stdout).lines();
+        let base = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(url) = line.strip_prefix("penora-api listening on ") {
+                    return url.trim().to_owned();
+                }
+            }
+            panic!("penora-api exited before listening")
+        })
+        .await
+        .expect("penora-api prints its URL");
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Self {
+            app,
+            base,
+            http: reqwest::Client::new(),
+            child,
+        }
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
+        let pid = self.child.id().expect("running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("field present")
+    }
+
+    /// Resident memory now, kB.
+    pub fn rss_kb(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    /// Peak resident memory since start, kB.
+    pub fn peak_rss_kb(&self) -> u64 {
+        self.status_kb("VmHWM:")
+    }
+}
