@@ -38,6 +38,11 @@ enum Command {
         #[command(subcommand)]
         command: CreditsCommand,
     },
+    /// Delete projects of the shared workspace.
+    Projects {
+        #[command(subcommand)]
+        command: ProjectsCommand,
+    },
     /// Check invariants 1, 2, 4 and 6 over every user; exit 1 naming the users on a violation.
     Reconcile {
         /// Print the report as JSON.
@@ -174,6 +179,18 @@ enum KeysCommand {
 }
 
 #[derive(Subcommand)]
+enum ProjectsCommand {
+    /// Delete USER's project PROJECT_ID: its content goes and its bytes are
+    /// freed in one transaction (logged in project_log as `operator`).
+    Delete {
+        /// The user.
+        user: String,
+        /// The project's id.
+        project_id: uuid::Uuid,
+    },
+}
+
+#[derive(Subcommand)]
 enum CreditsCommand {
     /// Grant AMOUNT credits to USER, once per REFERENCE.
     Grant {
@@ -285,6 +302,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!(
                 "granted {} credits to {} (reference {}); balance {}{replay}",
                 r.credits_added, r.user_id, r.reference, r.new_balance
+            );
+        }
+        Command::Projects {
+            command: ProjectsCommand::Delete { user, project_id },
+        } => {
+            let user = UserId::parse(&user)?;
+            let deleted = penora_common::projects::delete(
+                &mut client,
+                user.as_str(),
+                project_id,
+                None,
+                penora_common::projects::Cause::Operator,
+                Some("penora-ops"),
+            )
+            .await?;
+            println!(
+                "deleted project {project_id} of {user}: {} bytes freed; {} bytes in use",
+                deleted.freed_bytes, deleted.storage_used_bytes
             );
         }
         Command::Reconcile { json } => {

@@ -251,3 +251,31 @@ async fn futures_join<F: std::future::Future<Output = Output> + Send + 'static>(
     }
     out
 }
+
+#[tokio::test]
+async fn projects_delete_frees_the_bytes_and_logs_the_operator() {
+    let app = spawn_app().await;
+    app.grant("u1", 1).await;
+    let id = app
+        .saved_url_project("u1", "https://cdn.imagegene.example/u1/a.png")
+        .await;
+    let o = ops(&app.db.url, &["projects", "delete", "u1", &id]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("38 bytes freed"), "{}", stdout(&o));
+    assert_eq!(
+        app.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", "u1")
+            .await,
+        0
+    );
+    assert_eq!(
+        app.scalar(
+            "SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'operator'",
+            "u1"
+        )
+        .await,
+        1
+    );
+    let again = ops(&app.db.url, &["projects", "delete", "u1", &id]).await;
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("no project"));
+}
