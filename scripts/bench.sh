@@ -45,6 +45,19 @@ if [ $((api_pool + worker_pool + 64 + 4 + 2)) -gt "$max_conn" ]; then
   echo "bench: lower API_DB_POOL_SIZE / WORKER_DB_POOL_SIZE or raise max_connections" >&2
   exit 1
 fi
+# Image work (the API's WebP encoding, the worker's thumbnails) runs on
+# threads at nice 19, but nice only orders threads within one scheduling
+# group: on this shared machine the services' group would still take CPU from
+# PostgreSQL's. Where the machine allows it (root, cgroup v1 cpu controller),
+# the image threads join a cgroup with cpu.idle = 1 (IMAGE_CPU_CGROUP), as a
+# deployment that shares a machine with its database should do.
+if [ -z "${IMAGE_CPU_CGROUP:-}" ] && [ -w /sys/fs/cgroup/cpu ]; then
+  cg=/sys/fs/cgroup/cpu/penora-images
+  if mkdir -p "$cg" 2>/dev/null && { echo 1 >"$cg/cpu.idle" || echo 2 >"$cg/cpu.shares"; } 2>/dev/null; then
+    export IMAGE_CPU_CGROUP=$cg
+  fi
+fi
+echo "bench: image threads' cgroup: ${IMAGE_CPU_CGROUP:-none (nice 19 only)}"
 DB_POOL_SIZE=$api_pool ./target/release/penora-api >"$out/api.log" 2>&1 &
 pids+=($!); api_pid=$!
 DB_POOL_SIZE=$worker_pool ./target/release/penora-worker >"$out/worker.log" 2>&1 &
@@ -56,7 +69,8 @@ if [ "$quick" -eq 1 ]; then
 else
   args=(--secs 10 --users 100000 --refund-events 5000 --markdown docs/benchmarks.md --svg docs/benchmarks.svg --command "scripts/bench.sh")
 fi
-./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" "${args[@]}" "${extra[@]}"
+./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" \
+  --image-cgroup "${IMAGE_CPU_CGROUP:-none}" "${args[@]}" "${extra[@]}"
 # The services' own view of the run (batch sizes, fallbacks, lags), for whoever tunes them.
 curl -fsS "$api/metrics" >"$out/api-metrics.txt" 2>/dev/null || true
 worker_metrics=$(grep -o 'metrics on http://[0-9.:]*' "$out/worker.log" | head -1 | sed 's/metrics on //' || true)

@@ -53,7 +53,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         "penora-api",
         penora_common::broker::Topology::from_settings(&settings),
     );
-    let images = penora_common::cpu_pool::CpuPool::start("penora-images", settings.image_threads)
+    let images = penora_common::cpu_pool::CpuPool::start(
+        "penora-images",
+        settings.image_threads,
+        settings.image_cpu_cgroup.as_deref(),
+    )
         .context("Failed to start the image threads")?;
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the

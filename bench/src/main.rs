@@ -59,9 +59,13 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "deduct,hot,user-info,flow,refunds"
+        default_value = "deduct,hot,user-info,flow,save,refunds"
     )]
     workloads: Vec<String>,
+    /// Concurrencies of the `save` workload (each with 16 deducting
+    /// connections beside it).
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    save_concurrency: Vec<usize>,
     /// generation.failed events published at once in the refunds workload.
     #[arg(long, default_value_t = 5000)]
     refund_events: usize,
@@ -71,6 +75,9 @@ struct Args {
     /// PID of penora-worker (for its peak RSS).
     #[arg(long)]
     worker_pid: Option<u32>,
+    /// The cgroup the services' image threads joined (for the report).
+    #[arg(long, default_value = "none")]
+    image_cgroup: String,
     /// Write the report here (Markdown).
     #[arg(long)]
     markdown: Option<String>,
@@ -100,15 +107,6 @@ struct Row {
     concurrency: usize,
     service: Stats,
     raw: Stats,
-}
-
-const PNG_HEADER: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\x04\0\0\0\x04\0\x08\x06\0\0\0";
-
-fn image_20kb() -> String {
-    use base64::Engine as _;
-    let mut bytes = PNG_HEADER.to_vec();
-    bytes.resize(20 * 1024, 0x42);
-    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// Latencies in microseconds, 1 µs to 120 s, 3 significant figures.
@@ -306,13 +304,28 @@ async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let insert = tx
             .prepare_cached(penora_common::projects::INSERT_PROJECT_SQL)
             .await?;
-        tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code])
+        tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code, &size])
             .await?;
         let content = tx
             .prepare_cached(penora_common::projects::INSERT_CONTENT_SQL)
             .await?;
         let url: Option<&str> = None;
-        tx.execute(&content, &[&user, &id, &data, &url]).await?;
+        let info = penora_common::imaging::probe(data).ok();
+        let etag = penora_common::projects::etag_of(data);
+        tx.execute(
+            &content,
+            &[
+                &user,
+                &id,
+                &data,
+                &url,
+                &info.map(|i| i.media_type),
+                &info.map(|i| i.width as i32),
+                &info.map(|i| i.height as i32),
+                &etag,
+            ],
+        )
+        .await?;
         let outbox = tx
             .prepare_cached(penora_common::outbox::INSERT_SQL)
             .await?;
@@ -327,12 +340,89 @@ async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
     result.unwrap_or(false)
 }
 
+/// The `save` workload at one concurrency: saves with deductions beside them.
+#[derive(Debug, Clone)]
+struct SaveRow {
+    concurrency: usize,
+    artwork_bytes: usize,
+    saves: Stats,
+    raw: Stats,
+    deduct_alone: Stats,
+    deduct_with_saves: Stats,
+}
+
+/// Connections deducting beside the saves.
+const DEDUCTS_BESIDE_SAVES: usize = 16;
+
 struct Ctx {
     args: Args,
     http: reqwest::Client,
     pool: Pool,
     image: String,
     image_bytes: Vec<u8>,
+    /// A realistic 1024×1024 artwork (photo-like PNG, about 2 MB), base64.
+    artwork: String,
+    /// The WebP the service stores for it (what the raw baseline inserts).
+    artwork_stored: Vec<u8>,
+    artwork_png_len: usize,
+}
+
+/// One save of the 1024² artwork for `user`; the body is written without
+/// going through `serde_json::Value` (2.7 MB per request).
+async fn save_artwork(ctx: &Ctx, user: &str) -> bool {
+    let body = format!(
+        r#"{{"user_id":"{user}","app_source":"imagegene","project_type":"ai_artwork","title":"bench","content":"{}"}}"#,
+        ctx.artwork
+    );
+    ctx.http
+        .post(format!("{}/api/unified/save-project", ctx.args.api))
+        .header("X-API-Key", &ctx.args.services.key)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// The `save` workload at `c` connections: 16 deducting connections alone,
+/// then the same beside `c` saving connections, then raw inserts of the
+/// same PNG (no image work).
+async fn save_workload(ctx: &Arc<Ctx>, c: usize, secs: f64) -> anyhow::Result<SaveRow> {
+    let deducts = |ctx: Arc<Ctx>| {
+        let tag = run_tag();
+        drive(DEDUCTS_BESIDE_SAVES, secs, move |task, i| {
+            let (ctx, t) = (ctx.clone(), tag.clone());
+            async move { service_op(ctx, "deduct", &t, task, i).await }
+        })
+    };
+    quiesce(&ctx.pool).await?;
+    let deduct_alone = deducts(ctx.clone()).await;
+    quiesce(&ctx.pool).await?;
+    let c2 = ctx.clone();
+    let saves = drive(c, secs, move |task, i| {
+        let ctx = c2.clone();
+        async move { save_artwork(&ctx, &user_of(task + 7919, i, ctx.args.users)).await }
+    });
+    let (saves, deduct_with_saves) = tokio::join!(saves, deducts(ctx.clone()));
+    quiesce(&ctx.pool).await?;
+    let c2 = ctx.clone();
+    let raw = drive(c, secs, move |task, i| {
+        let ctx = c2.clone();
+        async move { raw_save(&ctx.pool, &user_of(task + 7919, i, ctx.args.users), &ctx.artwork_stored).await }
+    })
+    .await;
+    eprintln!(
+        "     save x{c:<3} {:>6.1} saves/s p99 {:>7.1} ms ({} refused) | deduct x{DEDUCTS_BESIDE_SAVES} p99 alone {:.2} ms, beside saves {:.2} ms | raw insert {:.0}/s",
+        saves.per_sec, saves.p99_ms, saves.errors, deduct_alone.p99_ms, deduct_with_saves.p99_ms, raw.per_sec
+    );
+    Ok(SaveRow {
+        concurrency: c,
+        artwork_bytes: ctx.artwork_png_len,
+        saves,
+        raw,
+        deduct_alone,
+        deduct_with_saves,
+    })
 }
 
 async fn post_ok(ctx: &Ctx, path: &str, body: &serde_json::Value) -> bool {
@@ -409,7 +499,8 @@ async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
     loop {
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), \
+                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
+                        + (SELECT count(*) FROM projects WHERE status = 'queued'), \
                         (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed') \
                         - (SELECT count(*) FROM audit_records)",
                 &[],
@@ -421,7 +512,7 @@ async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
         }
         if started.elapsed() > Duration::from_secs(300) {
             eprintln!(
-                "bench: services still behind after 300 s ({unpublished} unpublished, {unaudited} unaudited); going on"
+                "bench: services still behind after 300 s ({unpublished} unpublished or queued saves, {unaudited} unaudited); going on"
             );
             break;
         }
@@ -641,12 +732,23 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(max_conc)
         .timeout(Duration::from_secs(30))
         .build()?;
-    let image = image_20kb();
-    let image_bytes = {
-        let mut b = PNG_HEADER.to_vec();
-        b.resize(20 * 1024, 0x42);
-        b
+    // The flow's image: a real small artwork (a PNG header over filler
+    // bytes was once enough; the API now decodes what it stores).
+    let image_bytes = penora_common::imaging::samples::photo_like_png(96, 96, 2);
+    let image = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&image_bytes)
     };
+    let artwork_bytes = penora_common::imaging::samples::photo_like_png(1024, 1024, 1);
+    let artwork = {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(&artwork_bytes)
+    };
+    eprintln!(
+        "flow image: {} bytes of PNG; save artwork: {} bytes of PNG",
+        image_bytes.len(),
+        artwork_bytes.len()
+    );
     let workloads = args.workloads.clone();
     let concurrency = args.concurrency.clone();
     let secs = args.secs;
@@ -656,11 +758,29 @@ async fn main() -> anyhow::Result<()> {
         pool,
         image,
         image_bytes,
+        artwork,
+        artwork_png_len: artwork_bytes.len(),
+        artwork_stored: penora_common::imaging::prepare(
+            artwork_bytes,
+            &penora_common::imaging::StoragePolicy {
+                reencode: true,
+                quality: 85.0,
+                max_pixels: 1 << 24,
+            },
+        )?
+        .data,
     });
     let mut rows = Vec::new();
+    let mut save_rows = Vec::new();
     let mut audit_lag: Option<(f64, i64)> = None;
     let mut refund_row = None;
     for w in &workloads {
+        if w == "save" {
+            for &c in &ctx.args.save_concurrency.clone() {
+                save_rows.push(save_workload(&ctx, c, secs).await?);
+            }
+            continue;
+        }
         if w == "refunds" {
             quiesce(&ctx.pool).await?;
             let service = refunds(&ctx).await?;
@@ -718,6 +838,7 @@ async fn main() -> anyhow::Result<()> {
     let report = render(
         &ctx.args,
         &rows,
+        &save_rows,
         refund_row.as_ref(),
         audit_lag,
         api_rss,
@@ -736,6 +857,7 @@ async fn main() -> anyhow::Result<()> {
 fn render(
     args: &Args,
     rows: &[Row],
+    saves: &[SaveRow],
     refunds: Option<&Row>,
     audit_lag: Option<(f64, i64)>,
     api_rss: Option<f64>,
@@ -773,6 +895,34 @@ fn render(
             r.raw.p99_ms,
             r.service.per_sec / r.raw.per_sec.max(1e-9)
         ));
+    }
+    if !saves.is_empty() {
+        s.push_str(&format!(
+            "\n**save**: a realistic 1024×1024 artwork (photo-like PNG, {} bytes) saved over and over, each by another user; \
+             the API stores it as WebP (decode + encode on its image threads at nice 19). Beside the saving connections, \
+             {DEDUCTS_BESIDE_SAVES} connections deduct; their p99 is compared with the same {DEDUCTS_BESIDE_SAVES} connections \
+             deducting alone just before. Raw = inserting the WebP the service stores for it straight into PostgreSQL (no image work). \
+             Refused = answered other than 202 (`503 busy` when every save slot stayed taken). \
+             The image threads' cgroup (`IMAGE_CPU_CGROUP`): `{}`.\n\n\
+             | save conns | saves/s | save p50 ms | save p99 ms | refused | deduct p99 alone ms | deduct p99 beside saves ms | change | raw inserts/s |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            saves[0].artwork_bytes,
+            args.image_cgroup
+        ));
+        for r in saves {
+            s.push_str(&format!(
+                "| {} | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.2} | {:+.0} % | {:.0} |\n",
+                r.concurrency,
+                r.saves.per_sec,
+                r.saves.p50_ms,
+                r.saves.p99_ms,
+                r.saves.errors,
+                r.deduct_alone.p99_ms,
+                r.deduct_with_saves.p99_ms,
+                (r.deduct_with_saves.p99_ms / r.deduct_alone.p99_ms.max(1e-9) - 1.0) * 100.0,
+                r.raw.per_sec
+            ));
+        }
     }
     if let Some(r) = refunds {
         s.push_str(&format!(

@@ -106,6 +106,10 @@ pub struct Settings {
     /// `PROJECT_RETENTION_DAYS`: projects older than this are deleted by the
     /// worker; unset keeps them forever.
     pub project_retention: Option<Duration>,
+    /// `IMAGE_CPU_CGROUP`: a cgroup the image threads join (e.g. one with
+    /// `cpu.idle = 1`, so image work never takes CPU from the database on a
+    /// shared machine); unset: they stay where the process is.
+    pub image_cpu_cgroup: Option<std::path::PathBuf>,
     /// `CORS_ALLOWED_ORIGINS`: comma-separated origins (`https://app.example`)
     /// whose browser pages may call the API. Empty (the default): no CORS
     /// headers, so browsers refuse every cross-origin call.
@@ -234,6 +238,7 @@ impl Settings {
                 .map(|_| positive::<u64>(&get, "PROJECT_RETENTION_DAYS", 1))
                 .transpose()?
                 .map(|days| Duration::from_secs(days.saturating_mul(86_400))),
+            image_cpu_cgroup: get("IMAGE_CPU_CGROUP").map(std::path::PathBuf::from),
             cors_allowed_origins: cors_origins(&get)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
@@ -278,6 +283,14 @@ impl Settings {
             return Err(ConfigError {
                 variable: "AMQP_PREFIX",
                 reason: "may only contain letters, digits, _ - and .".into(),
+            });
+        }
+        if let Some(dir) = &settings.image_cpu_cgroup
+            && !dir.is_dir()
+        {
+            return Err(ConfigError {
+                variable: "IMAGE_CPU_CGROUP",
+                reason: format!("{} is not a directory (a cgroup)", dir.display()),
             });
         }
         if settings

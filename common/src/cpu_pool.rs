@@ -7,6 +7,13 @@
 //! gives the deductions' threads (and PostgreSQL) the CPU first and image
 //! work takes what is left; a job that panics is reported as an error to its
 //! caller, never lost, and the thread goes on.
+//!
+//! Nice values only order threads within one scheduling group: with Linux's
+//! session autogroups (or one cgroup per service), the API's group as a whole
+//! still competes with PostgreSQL's at equal weight, so image work on a shared
+//! machine slows the database down even at nice 19. `IMAGE_CPU_CGROUP` names a
+//! cgroup (v1 `cpu` directory, or v2 threaded cgroup) that the threads join,
+//! e.g. one with `cpu.idle = 1`: they then run only on CPU nobody else wants.
 
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
@@ -33,12 +40,18 @@ pub enum PoolError {
 }
 
 impl CpuPool {
-    /// Starts `threads` threads (at least one) named `<name>-<n>`.
-    pub fn start(name: &str, threads: usize) -> std::io::Result<Self> {
+    /// Starts `threads` threads (at least one) named `<name>-<n>`; each
+    /// joins `cgroup` when given.
+    pub fn start(
+        name: &str,
+        threads: usize,
+        cgroup: Option<&std::path::Path>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         for n in 0..threads.max(1) {
             let rx = rx.clone();
+            let cgroup = cgroup.map(std::path::Path::to_path_buf);
             std::thread::Builder::new()
                 .name(format!("{name}-{n}"))
                 .spawn(move || {
@@ -48,6 +61,12 @@ impl CpuPool {
                         thread_priority::ThreadPriority::Min,
                     ) {
                         tracing::warn!(error = ?e, "could not lower the image threads' priority");
+                    }
+                    if let Some(cgroup) = &cgroup {
+                        match join_cgroup(cgroup) {
+                            Ok(()) => tracing::debug!(cgroup = %cgroup.display(), "image thread joined its cgroup"),
+                            Err(e) => tracing::warn!(cgroup = %cgroup.display(), error = %e, "image thread could not join IMAGE_CPU_CGROUP"),
+                        }
                     }
                     loop {
                         let job = match rx.lock() {
@@ -91,13 +110,31 @@ impl CpuPool {
     }
 }
 
+/// Moves the calling thread into `cgroup`: its `tasks` file (cgroup v1) or
+/// `cgroup.threads` (v2).
+fn join_cgroup(cgroup: &std::path::Path) -> std::io::Result<()> {
+    let me = std::fs::read_link("/proc/thread-self")?;
+    let tid = me
+        .file_name()
+        .and_then(|t| t.to_str())
+        .ok_or_else(|| std::io::Error::other("no thread id in /proc/thread-self"))?
+        .to_owned();
+    let v1 = cgroup.join("tasks");
+    let file = if v1.exists() {
+        v1
+    } else {
+        cgroup.join("cgroup.threads")
+    };
+    std::fs::write(file, tid)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test]
     async fn jobs_answer_and_a_panic_is_an_error_not_a_lost_thread() {
-        let pool = CpuPool::start("test", 1).expect("starts");
+        let pool = CpuPool::start("test", 1, None).expect("starts");
         assert_eq!(pool.run(|| 2 + 2).await.ok(), Some(4));
         let panicked = pool.run(|| -> u8 { panic!("codec bug") }).await;
         assert!(matches!(panicked, Err(PoolError::Panicked)));
@@ -106,7 +143,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_threads_run_at_the_lowest_priority() {
-        let pool = CpuPool::start("nice", 1).expect("starts");
+        let pool = CpuPool::start("nice", 1, None).expect("starts");
         // Field 19 of /proc/thread-self/stat is the nice value.
         let nice = pool
             .run(|| {

@@ -102,7 +102,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         "penora-worker",
         topology.clone(),
     ));
-    let images = penora_common::cpu_pool::CpuPool::start("penora-images", settings.image_threads)
+    let images = penora_common::cpu_pool::CpuPool::start(
+        "penora-images",
+        settings.image_threads,
+        settings.image_cpu_cgroup.as_deref(),
+    )
         .context("Failed to start the image threads")?;
     Ok(Worker {
         ctx: Arc::new(Context {

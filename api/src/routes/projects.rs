@@ -190,8 +190,35 @@ async fn save_project(
     };
     let started = Instant::now();
     let raw = read_body(body, max_body, declared).await?;
-    let (mut project, store_original) = parse_save(&raw, &auth)?;
-    drop(raw);
+    // Everything CPU-bound (JSON of megabytes, base64, the image) runs on
+    // the image threads at the lowest priority, never on the runtime's.
+    let policy_of = {
+        let settings = state.settings.clone();
+        move |store_original| StoragePolicy::from_settings(&settings, store_original)
+    };
+    let caller = Auth(auth.0.clone());
+    let (mut project, policy) = state
+        .images
+        .run(move || -> Result<_, ApiError> {
+            let (project, store_original) = parse_save(&raw, &caller)?;
+            let policy = policy_of(store_original);
+            // The header alone says how big the image is: a decompression
+            // bomb is refused here, before it reaches a decoder.
+            if let Content::Bytes(sent) = &project.content
+                && let Ok(info) = imaging::probe(sent)
+                && info.pixels() > policy.max_pixels
+            {
+                return Err(refuse_pixels(PrepareError::TooManyPixels {
+                    width: info.width,
+                    height: info.height,
+                    pixels: info.pixels(),
+                    max: policy.max_pixels,
+                }));
+            }
+            Ok((project, policy))
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the save: {e}")))??;
     let span = tracing::Span::current();
     span.record("user_id", project.user_id.as_str());
     if let Some(code) = &project.project_code {
@@ -206,35 +233,20 @@ async fn save_project(
             return answer(first?, &project);
         }
     }
-    let sent = std::mem::replace(&mut project.content, Content::Bytes(Vec::new()));
-    project.content = match sent {
-        Content::Url(url) => Content::Url(url),
-        Content::Bytes(sent) => {
-        let policy = StoragePolicy::from_settings(&state.settings, store_original);
-        // The header alone says how big the image is: a decompression bomb is
-        // refused here, before it reaches a decoder.
-        if let Ok(info) = imaging::probe(&sent) {
-            if info.pixels() > policy.max_pixels {
-                return Err(refuse_pixels(PrepareError::TooManyPixels {
-                    width: info.width,
-                    height: info.height,
-                    pixels: info.pixels(),
-                    max: policy.max_pixels,
-                }));
-            }
-        }
+    if let Content::Bytes(sent) = &mut project.content {
+        let sent = std::mem::take(sent);
         let prepared = state
             .images
             .run(move || imaging::prepare(sent, &policy))
             .await
             .map_err(|e| ApiError::Internal(format!("preparing the image: {e}")))?
             .map_err(refuse_pixels)?;
-        metrics::counter!("penora_images_prepared_total", "stored_as" => stored_as_label(prepared.stored_as)).increment(1);
+        metrics::counter!("penora_images_prepared_total", "stored_as" => stored_as_label(prepared.stored_as))
+            .increment(1);
         project.original_size = i64::try_from(prepared.original_size).unwrap_or(i64::MAX);
         project.image = prepared.info;
-        Content::Bytes(prepared.data)
-        }
-    };
+        project.content = Content::Bytes(prepared.data);
+    }
     metrics::histogram!("penora_save_prepare_seconds").record(started.elapsed().as_secs_f64());
     let mut client = state.pool.get().await?;
     let outcome = projects::save(&mut client, &project, quota, correlation.as_deref()).await?;

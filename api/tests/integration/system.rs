@@ -38,7 +38,7 @@ async fn without_a_database_requests_get_503_unavailable_and_health_says_so() {
         ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
     ]);
     let pool = penora_common::db::pool(&settings).expect("pool");
-    let images = penora_common::cpu_pool::CpuPool::start("test-images", 1).expect("threads");
+    let images = penora_common::cpu_pool::CpuPool::start("test-images", 1, None).expect("threads");
     let state =
         penora_api::state::AppState::new(settings, pool, penora_api::metrics_handle(), images);
     let router = penora_api::routes::app(state);
