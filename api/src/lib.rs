@@ -58,7 +58,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         settings.image_threads,
         settings.image_cpu_cgroup.as_deref(),
     )
-        .context("Failed to start the image threads")?;
+    .context("Failed to start the image threads")?;
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the
     // requests' path; while the broker is away they wait in the outbox.

@@ -48,12 +48,7 @@ impl AppState {
     }
 
     /// Builds the state from settings, a pool and the metrics handle.
-    pub fn new(
-        settings: Settings,
-        pool: Pool,
-        metrics: PrometheusHandle,
-        images: CpuPool,
-    ) -> Self {
+    pub fn new(settings: Settings, pool: Pool, metrics: PrometheusHandle, images: CpuPool) -> Self {
         let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let burst = std::num::NonZeroU32::new(settings.rate_limit_burst)

@@ -408,12 +408,24 @@ async fn save_workload(ctx: &Arc<Ctx>, c: usize, secs: f64) -> anyhow::Result<Sa
     let c2 = ctx.clone();
     let raw = drive(c, secs, move |task, i| {
         let ctx = c2.clone();
-        async move { raw_save(&ctx.pool, &user_of(task + 7919, i, ctx.args.users), &ctx.artwork_stored).await }
+        async move {
+            raw_save(
+                &ctx.pool,
+                &user_of(task + 7919, i, ctx.args.users),
+                &ctx.artwork_stored,
+            )
+            .await
+        }
     })
     .await;
     eprintln!(
         "     save x{c:<3} {:>6.1} saves/s p99 {:>7.1} ms ({} refused) | deduct x{DEDUCTS_BESIDE_SAVES} p99 alone {:.2} ms, beside saves {:.2} ms | raw insert {:.0}/s",
-        saves.per_sec, saves.p99_ms, saves.errors, deduct_alone.p99_ms, deduct_with_saves.p99_ms, raw.per_sec
+        saves.per_sec,
+        saves.p99_ms,
+        saves.errors,
+        deduct_alone.p99_ms,
+        deduct_with_saves.p99_ms,
+        raw.per_sec
     );
     Ok(SaveRow {
         concurrency: c,

@@ -450,10 +450,15 @@ pub mod samples {
         // smoothly interpolated (value noise).
         const CELL: u32 = 3;
         let (gw, gh) = (width / CELL + 2, height / CELL + 2);
-        let lattice: Vec<f32> = (0..gw * gh).map(|_| (next() % 1000) as f32 / 1000.0).collect();
+        let lattice: Vec<f32> = (0..gw * gh)
+            .map(|_| (next() % 1000) as f32 / 1000.0)
+            .collect();
         let detail = move |x: u32, y: u32| {
             let (gx, gy) = (x / CELL, y / CELL);
-            let (fx, fy) = ((x % CELL) as f32 / CELL as f32, (y % CELL) as f32 / CELL as f32);
+            let (fx, fy) = (
+                (x % CELL) as f32 / CELL as f32,
+                (y % CELL) as f32 / CELL as f32,
+            );
             let at = |i: u32, j: u32| lattice[(j * gw + i) as usize];
             let top = at(gx, gy) * (1.0 - fx) + at(gx + 1, gy) * fx;
             let bottom = at(gx, gy + 1) * (1.0 - fx) + at(gx + 1, gy + 1) * fx;

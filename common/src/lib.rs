@@ -7,9 +7,9 @@
 pub mod audit;
 pub mod broker;
 pub mod config;
+pub mod cpu_pool;
 pub mod db;
 pub mod domain;
-pub mod cpu_pool;
 pub mod imaging;
 pub mod keys;
 pub mod ledger;

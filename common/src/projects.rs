@@ -100,16 +100,16 @@ impl Content {
         };
         // Line breaks (MIME-style base64) are allowed; most content has none
         // and is decoded without a copy.
-        let compact: std::borrow::Cow<'_, str> =
-            if payload.bytes().any(|b| b.is_ascii_whitespace()) {
-                payload
-                    .chars()
-                    .filter(|c| !c.is_ascii_whitespace())
-                    .collect::<String>()
-                    .into()
-            } else {
-                payload.into()
-            };
+        let compact: std::borrow::Cow<'_, str> = if payload.bytes().any(|b| b.is_ascii_whitespace())
+        {
+            payload
+                .chars()
+                .filter(|c| !c.is_ascii_whitespace())
+                .collect::<String>()
+                .into()
+        } else {
+            payload.into()
+        };
         let unpadded = compact.trim_end_matches('=');
         let engine = if unpadded.contains(['-', '_']) {
             &base64::engine::general_purpose::URL_SAFE_NO_PAD

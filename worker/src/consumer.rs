@@ -79,9 +79,7 @@ pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<
     let correlation = correlation_of(delivery);
     match work {
         LEDGER_AUDIT => handlers::ledger_audit(&ctx.pool, &delivery.data).await,
-        SAVE_PROJECT => {
-            handlers::save_project(ctx, &delivery.data, correlation.as_deref()).await
-        }
+        SAVE_PROJECT => handlers::save_project(ctx, &delivery.data, correlation.as_deref()).await,
         GENERATION_EVENTS => {
             let key = routing_key_of(delivery);
             handlers::generation_event(&ctx.pool, &key, &delivery.data, correlation.as_deref())

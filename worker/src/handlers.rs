@@ -5,12 +5,12 @@
 use deadpool_postgres::Pool;
 use penora_common::{
     audit::{self, Appended},
+    cpu_pool::PoolError,
     domain::{AppName, ProjectCode, UserId},
+    imaging,
     ledger::batch::QueuedRefund,
     ledger::{self, LedgerError, Refund, SettleResult},
     messages::{GENERATION_EVENTS, GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
-    cpu_pool::PoolError,
-    imaging,
     projects::{self, Finished, Pending},
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -212,7 +212,8 @@ pub async fn save_project(
             }
         }
     };
-    let finished = projects::finish_save(&mut client, &job.user_id, job.project_id, verdict).await?;
+    let finished =
+        projects::finish_save(&mut client, &job.user_id, job.project_id, verdict).await?;
     let (outcome, settle) = match finished {
         Finished::NotFound => {
             return Err(JobError::Fatal(format!(

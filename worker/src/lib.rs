@@ -107,7 +107,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         settings.image_threads,
         settings.image_cpu_cgroup.as_deref(),
     )
-        .context("Failed to start the image threads")?;
+    .context("Failed to start the image threads")?;
     Ok(Worker {
         ctx: Arc::new(Context {
             images,

@@ -177,8 +177,7 @@ async fn save_project(
     // A slot before a single byte of the body is held: memory stays bounded
     // whatever clients send at once.
     let wait = state.settings.save_queue_wait;
-    let Ok(Ok(_slot)) =
-        tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
+    let Ok(Ok(_slot)) = tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
     else {
         metrics::counter!("penora_saves_busy_total").increment(1);
         // Read the body to its end (keeping none of it) so the client is
@@ -740,7 +739,15 @@ async fn project_thumbnail(
     headers: HeaderMap,
     ApiQuery(q): ApiQuery<ContentQuery>,
 ) -> Result<Response, ApiError> {
-    serve(&state, &auth, &project_id, &q, &headers, Rendition::Thumbnail).await
+    serve(
+        &state,
+        &auth,
+        &project_id,
+        &q,
+        &headers,
+        Rendition::Thumbnail,
+    )
+    .await
 }
 
 /// Answer of `DELETE /projects/{project_id}`.
@@ -782,7 +789,10 @@ async fn delete_project(
     let span = tracing::Span::current();
     span.record("user_id", user.as_str());
     span.record("project_id", tracing::field::display(project_id));
-    let actor = auth.0.key_id.map_or_else(|| "bootstrap key".to_owned(), |id| format!("key {id}"));
+    let actor = auth
+        .0
+        .key_id
+        .map_or_else(|| "bootstrap key".to_owned(), |id| format!("key {id}"));
     let mut client = state.pool.get().await?;
     let deleted = projects::delete(
         &mut client,

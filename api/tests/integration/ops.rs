@@ -263,8 +263,11 @@ async fn projects_delete_frees_the_bytes_and_logs_the_operator() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(stdout(&o).contains("38 bytes freed"), "{}", stdout(&o));
     assert_eq!(
-        app.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", "u1")
-            .await,
+        app.scalar(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+            "u1"
+        )
+        .await,
         0
     );
     assert_eq!(

@@ -79,7 +79,8 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
                 .expect("prepared")
                 .data
                 .len();
-            let msg = expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded").await;
+            let msg =
+                expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded").await;
             assert!(
                 msg.contains(&format!("needs {needed} bytes"))
                     && msg.contains(&format!("{} bytes remain", QUOTA - total)),
@@ -93,7 +94,10 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
         assert!(size < 300_000, "stored {size} bytes");
         assert_eq!(r["original_size_bytes"], json!(png.len()));
         assert_eq!(r["content_type"], json!("image/webp"));
-        assert_eq!((r["width"].clone(), r["height"].clone()), (json!(1024), json!(1024)));
+        assert_eq!(
+            (r["width"].clone(), r["height"].clone()),
+            (json!(1024), json!(1024))
+        );
         let (data, media_type) = stored(&app, r["project_id"].as_str().expect("id")).await;
         assert_eq!(media_type, "image/webp");
         assert_eq!(data.len() as i64, size);
@@ -111,7 +115,10 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
 #[tokio::test]
 async fn store_original_keeps_the_exact_bytes_and_so_does_image_storage_format_original() {
     let png = samples::photo_like_png(256, 256, 7);
-    for (overrides, store_original) in [(vec![], true), (vec![("IMAGE_STORAGE_FORMAT", "original")], false)] {
+    for (overrides, store_original) in [
+        (vec![], true),
+        (vec![("IMAGE_STORAGE_FORMAT", "original")], false),
+    ] {
         let app = spawn_app_with(&overrides).await;
         app.grant("u1", 1).await;
         let mut body = save_body("u1", "imagegene", &b64(&png));
@@ -140,14 +147,22 @@ async fn an_animated_gif_is_kept_as_sent() {
                 image::Rgba([shade, x as u8 * 4, y as u8 * 4, 255])
             });
             encoder
-                .encode_frame(Frame::from_parts(frame, 0, 0, Delay::from_numer_denom_ms(100, 1)))
+                .encode_frame(Frame::from_parts(
+                    frame,
+                    0,
+                    0,
+                    Delay::from_numer_denom_ms(100, 1),
+                ))
                 .expect("frame");
         }
     }
     let app = spawn_app().await;
     app.grant("u1", 1).await;
     let r: Value = app
-        .post("/api/unified/save-project", &save_body("u1", "imagegene", &b64(&gif)))
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "imagegene", &b64(&gif)),
+        )
         .await
         .json()
         .await
@@ -189,7 +204,10 @@ async fn exif_with_a_gps_position_never_reaches_the_workspace() {
     let app = spawn_app().await;
     app.grant("u1", 1).await;
     let r: Value = app
-        .post("/api/unified/save-project", &save_body("u1", "imagegene", &b64(&jpeg)))
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "imagegene", &b64(&jpeg)),
+        )
         .await
         .json()
         .await
@@ -197,13 +215,25 @@ async fn exif_with_a_gps_position_never_reaches_the_workspace() {
     let (data, media_type) = stored(&app, r["project_id"].as_str().expect("id")).await;
     assert_eq!(media_type, "image/webp");
     assert!(!data.windows(4).any(|w| w == b"Exif"), "EXIF stored");
-    assert!(!data.windows(4).any(|w| w == b"II*\0"), "a TIFF block stored");
+    assert!(
+        !data.windows(4).any(|w| w == b"II*\0"),
+        "a TIFF block stored"
+    );
     // Kept in its own format, the same photo loses its EXIF too.
     let stripped = imaging::strip_metadata(&jpeg, "image/jpeg").expect("stripped");
     assert!(!stripped.windows(4).any(|w| w == b"Exif"));
-    assert_eq!(imaging::decode(&stripped, 1 << 24).map(|i| i.width()), Ok(640));
-    let kept = imaging::prepare(jpeg, &StoragePolicy { quality: 100.0, ..default_policy() })
-        .expect("prepared");
+    assert_eq!(
+        imaging::decode(&stripped, 1 << 24).map(|i| i.width()),
+        Ok(640)
+    );
+    let kept = imaging::prepare(
+        jpeg,
+        &StoragePolicy {
+            quality: 100.0,
+            ..default_policy()
+        },
+    )
+    .expect("prepared");
     if kept.stored_as == StoredAs::Stripped {
         assert!(!kept.data.windows(4).any(|w| w == b"Exif"));
     }
@@ -233,7 +263,11 @@ fn crc32(bytes: &[u8]) -> u32 {
     for &b in bytes {
         crc ^= u32::from(b);
         for _ in 0..8 {
-            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xedb8_8320 } else { crc >> 1 };
+            crc = if crc & 1 == 1 {
+                (crc >> 1) ^ 0xedb8_8320
+            } else {
+                crc >> 1
+            };
         }
     }
     !crc
@@ -256,7 +290,10 @@ async fn a_decompression_bomb_is_refused_at_once_without_costing_memory() {
         .expect("sent");
     let elapsed = started.elapsed();
     let msg = expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
-    assert!(msg.starts_with("content:") && msg.contains("30000x30000"), "{msg}");
+    assert!(
+        msg.starts_with("content:") && msg.contains("30000x30000"),
+        "{msg}"
+    );
     assert!(elapsed < Duration::from_millis(900), "took {elapsed:?}");
     let grown = api.rss_kb().saturating_sub(before);
     assert!(grown < 8 * 1024, "the API's RSS grew by {grown} kB");
@@ -273,10 +310,18 @@ async fn a_hundred_concurrent_10_mb_saves_keep_memory_bounded_and_deductions_flo
     // A 2048² upscale: about 7.7 MB of PNG, 10 MB as base64.
     let png = samples::photo_like_png(2048, 2048, 11);
     let content = b64(&png);
-    assert!(content.len() > 10_000_000, "{} bytes of base64", content.len());
+    assert!(
+        content.len() > 10_000_000,
+        "{} bytes of base64",
+        content.len()
+    );
     let bodies: Vec<axum::body::Bytes> = users
         .iter()
-        .map(|u| serde_json::to_vec(&save_body(u, "imagegene", &content)).expect("json").into())
+        .map(|u| {
+            serde_json::to_vec(&save_body(u, "imagegene", &content))
+                .expect("json")
+                .into()
+        })
         .collect();
     drop(content);
     let mut saves = Vec::new();
@@ -333,7 +378,10 @@ async fn a_hundred_concurrent_10_mb_saves_keep_memory_bounded_and_deductions_flo
     let peak_mb = api.peak_rss_kb() / 1024;
     eprintln!("saves by status: {by_status:?}; the API's peak RSS: {peak_mb} MB");
     assert!(peak_mb < 400, "the API's peak RSS was {peak_mb} MB");
-    assert!(by_status.get(&202).copied().unwrap_or(0) > 0, "{by_status:?}");
+    assert!(
+        by_status.get(&202).copied().unwrap_or(0) > 0,
+        "{by_status:?}"
+    );
     api.app.assert_reconciled().await;
 }
 
@@ -346,12 +394,22 @@ async fn deleting_frees_exactly_the_projects_bytes_and_a_second_delete_is_404() 
     for title in ["a", "b"] {
         let mut body = save_body("u1", "imagegene", &b64(&png));
         body["title"] = json!(title);
-        let r: Value = app.post("/api/unified/save-project", &body).await.json().await.expect("json");
-        ids.push((r["project_id"].as_str().expect("id").to_owned(), r["size_bytes"].as_i64().expect("size")));
+        let r: Value = app
+            .post("/api/unified/save-project", &body)
+            .await
+            .json()
+            .await
+            .expect("json");
+        ids.push((
+            r["project_id"].as_str().expect("id").to_owned(),
+            r["size_bytes"].as_i64().expect("size"),
+        ));
     }
     let before = used(&app, "u1").await;
     let (id, size) = &ids[0];
-    let r = app.delete(&format!("/api/unified/projects/{id}?user_id=u1")).await;
+    let r = app
+        .delete(&format!("/api/unified/projects/{id}?user_id=u1"))
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let r: Value = r.json().await.expect("json");
     assert_eq!(r["success"], json!(true));
@@ -360,7 +418,11 @@ async fn deleting_frees_exactly_the_projects_bytes_and_a_second_delete_is_404() 
     assert_eq!(r["storage"]["total_projects"], json!(1));
     assert_eq!(used(&app, "u1").await, before - size);
     assert_eq!(
-        app.scalar("SELECT count(*) FROM project_contents WHERE user_id = $1", "u1").await,
+        app.scalar(
+            "SELECT count(*) FROM project_contents WHERE user_id = $1",
+            "u1"
+        )
+        .await,
         1,
         "its content is gone"
     );
@@ -372,15 +434,27 @@ async fn deleting_frees_exactly_the_projects_bytes_and_a_second_delete_is_404() 
         .await,
         1
     );
-    let again = app.delete(&format!("/api/unified/projects/{id}?user_id=u1")).await;
+    let again = app
+        .delete(&format!("/api/unified/projects/{id}?user_id=u1"))
+        .await;
     expect_error(again, StatusCode::NOT_FOUND, "not_found").await;
-    let content = app.get(&format!("/api/unified/projects/{id}/content?user_id=u1")).await;
+    let content = app
+        .get(&format!("/api/unified/projects/{id}/content?user_id=u1"))
+        .await;
     expect_error(content, StatusCode::NOT_FOUND, "not_found").await;
-    let list: Value = app.get("/api/unified/projects?user_id=u1").await.json().await.expect("json");
+    let list: Value = app
+        .get("/api/unified/projects?user_id=u1")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(list["total_count"], json!(1));
     assert_eq!(list["all_projects"][0]["id"], json!(ids[1].0));
     let unknown = app
-        .delete(&format!("/api/unified/projects/{}?user_id=u1", uuid::Uuid::now_v7()))
+        .delete(&format!(
+            "/api/unified/projects/{}?user_id=u1",
+            uuid::Uuid::now_v7()
+        ))
         .await;
     expect_error(unknown, StatusCode::NOT_FOUND, "not_found").await;
     app.assert_reconciled().await;
@@ -391,7 +465,10 @@ async fn a_key_bound_to_penora_cannot_delete_an_imagegene_project() {
     let app = spawn_app().await;
     app.grant("u1", 1).await;
     let r: Value = app
-        .post("/api/unified/save-project", &save_body("u1", "imagegene", &b64(&samples::photo_like_png(64, 64, 1))))
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "imagegene", &b64(&samples::photo_like_png(64, 64, 1))),
+        )
         .await
         .json()
         .await
@@ -411,7 +488,10 @@ async fn a_key_bound_to_penora_cannot_delete_an_imagegene_project() {
     assert_eq!(used(&app, "u1").await, before, "nothing changed");
     let imagegene = app.key("imagegene", &[Scope::Write]).await;
     let r = app
-        .delete_with_key(&format!("/api/unified/projects/{id}?user_id=u1"), &imagegene)
+        .delete_with_key(
+            &format!("/api/unified/projects/{id}?user_id=u1"),
+            &imagegene,
+        )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(used(&app, "u1").await, 0);
@@ -419,14 +499,19 @@ async fn a_key_bound_to_penora_cannot_delete_an_imagegene_project() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_deletes_and_saves_never_exceed_the_quota_nor_count_a_byte_twice() {
-    let app = Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16"), ("STORAGE_QUOTA_BYTES", "200000")]).await);
+    let app = Arc::new(
+        spawn_app_with(&[("DB_POOL_SIZE", "16"), ("STORAGE_QUOTA_BYTES", "200000")]).await,
+    );
     app.grant("u1", 1).await;
     // Not an image: stored as sent, 30,000 bytes each.
     let content = Arc::new(crate::support::base64_of(30_000));
     let mut saved = Vec::new();
     for _ in 0..6 {
         let r: Value = app
-            .post("/api/unified/save-project", &save_body("u1", "imagegene", &content))
+            .post(
+                "/api/unified/save-project",
+                &save_body("u1", "imagegene", &content),
+            )
             .await
             .json()
             .await
@@ -439,11 +524,16 @@ async fn concurrent_deletes_and_saves_never_exceed_the_quota_nor_count_a_byte_tw
         let victim = saved.get(round % 6).cloned().expect("id");
         tasks.push(tokio::spawn(async move {
             if round % 2 == 0 {
-                app.delete(&format!("/api/unified/projects/{victim}?user_id=u1")).await.status()
-            } else {
-                app.post("/api/unified/save-project", &save_body("u1", "imagegene", &content))
+                app.delete(&format!("/api/unified/projects/{victim}?user_id=u1"))
                     .await
                     .status()
+            } else {
+                app.post(
+                    "/api/unified/save-project",
+                    &save_body("u1", "imagegene", &content),
+                )
+                .await
+                .status()
             }
         }));
     }
@@ -463,11 +553,18 @@ async fn concurrent_deletes_and_saves_never_exceed_the_quota_nor_count_a_byte_tw
     assert_eq!(used(&app, "u1").await, live);
     assert!(live <= 200_000);
     assert_eq!(
-        app.scalar("SELECT count(*) FROM project_log WHERE user_id = $1", "u1").await,
-        app.scalar("SELECT count(*) FROM projects WHERE user_id = $1 AND status = 'deleted'", "u1").await,
+        app.scalar("SELECT count(*) FROM project_log WHERE user_id = $1", "u1")
+            .await,
+        app.scalar(
+            "SELECT count(*) FROM projects WHERE user_id = $1 AND status = 'deleted'",
+            "u1"
+        )
+        .await,
         "one log row per deletion"
     );
     let mut client = app.pool.get().await.expect("db");
-    let report = penora_common::reconcile::run(&mut client, 200_000).await.expect("reconcile");
+    let report = penora_common::reconcile::run(&mut client, 200_000)
+        .await
+        .expect("reconcile");
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
 }

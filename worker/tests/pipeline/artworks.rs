@@ -54,14 +54,19 @@ async fn status_of(s: &Stack, id: &str) -> String {
 }
 
 async fn used(s: &Stack, user: &str) -> i64 {
-    s.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", user)
-        .await
+    s.scalar(
+        "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+        user,
+    )
+    .await
 }
 
 async fn wait_saved(s: &Stack, id: &str) {
-    wait_for("the project to be saved", Duration::from_secs(60), || async {
-        status_of(s, id).await == "saved"
-    })
+    wait_for(
+        "the project to be saved",
+        Duration::from_secs(60),
+        || async { status_of(s, id).await == "saved" },
+    )
     .await;
 }
 
@@ -72,15 +77,30 @@ async fn a_1024_artwork_is_served_as_webp_with_a_thumbnail_and_etags() {
     s.grant("u1", 10).await;
     s.deduct("u1", 5, "img_art").await;
     let png = samples::photo_like_png(1024, 1024, 21);
-    let saved = save(&s, "u1", "imagegene", "Sunset", &png, json!({"project_code": "img_art"})).await;
+    let saved = save(
+        &s,
+        "u1",
+        "imagegene",
+        "Sunset",
+        &png,
+        json!({"project_code": "img_art"}),
+    )
+    .await;
     let id = saved["project_id"].as_str().expect("id").to_owned();
     wait_saved(&s, &id).await;
 
-    let list: Value = get(&s, "/api/unified/projects?user_id=u1", None).await.json().await.expect("json");
+    let list: Value = get(&s, "/api/unified/projects?user_id=u1", None)
+        .await
+        .json()
+        .await
+        .expect("json");
     let item = &list["all_projects"][0];
     assert_eq!(item["id"], json!(id));
     assert_eq!(item["content_type"], json!("image/webp"));
-    assert_eq!((item["width"].clone(), item["height"].clone()), (json!(1024), json!(1024)));
+    assert_eq!(
+        (item["width"].clone(), item["height"].clone()),
+        (json!(1024), json!(1024))
+    );
     assert_eq!(item["original_size_bytes"], json!(png.len()));
     let size = item["size_bytes"].as_i64().expect("size");
     assert!(size < 300_000, "{size}");
@@ -89,7 +109,12 @@ async fn a_1024_artwork_is_served_as_webp_with_a_thumbnail_and_etags() {
     let r = get(&s, content_url, None).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.headers()["content-type"], "image/webp");
-    assert!(r.headers()["cache-control"].to_str().expect("ascii").starts_with("private"));
+    assert!(
+        r.headers()["cache-control"]
+            .to_str()
+            .expect("ascii")
+            .starts_with("private")
+    );
     let etag = r.headers()["etag"].to_str().expect("ascii").to_owned();
     let body = r.bytes().await.expect("bytes");
     assert_eq!(body.len() as i64, size);
@@ -110,14 +135,21 @@ async fn a_1024_artwork_is_served_as_webp_with_a_thumbnail_and_etags() {
     assert_ne!(thumb_etag, etag);
     let thumb = r.bytes().await.expect("bytes");
     let info = imaging::probe(&thumb).expect("a thumbnail image");
-    assert_eq!((info.media_type, info.width.max(info.height)), ("image/webp", 256));
+    assert_eq!(
+        (info.media_type, info.width.max(info.height)),
+        ("image/webp", 256)
+    );
     assert_eq!(
         get(&s, thumb_url, Some(&thumb_etag)).await.status(),
         StatusCode::NOT_MODIFIED
     );
     // The thumbnail does not count: the quota holds the content alone.
     assert_eq!(
-        s.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", "u1").await,
+        s.scalar(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+            "u1"
+        )
+        .await,
         size
     );
     // And the save settled the reservation it named.
@@ -138,11 +170,30 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
     s.grant("u1", 1).await;
     // Penora's project first (the oldest of all), then three of ImageGene's.
     let mut ids = Vec::new();
-    let penora = save(&s, "u1", "penora", "chapter art", &samples::photo_like_png(512, 512, 1), json!({})).await;
+    let penora = save(
+        &s,
+        "u1",
+        "penora",
+        "chapter art",
+        &samples::photo_like_png(512, 512, 1),
+        json!({}),
+    )
+    .await;
     let penora_id = penora["project_id"].as_str().expect("id").to_owned();
     for seed in 2..=4 {
-        let r = save(&s, "u1", "imagegene", &format!("art {seed}"), &samples::photo_like_png(512, 512, seed), json!({})).await;
-        ids.push((r["project_id"].as_str().expect("id").to_owned(), r["size_bytes"].as_i64().expect("size")));
+        let r = save(
+            &s,
+            "u1",
+            "imagegene",
+            &format!("art {seed}"),
+            &samples::photo_like_png(512, 512, seed),
+            json!({}),
+        )
+        .await;
+        ids.push((
+            r["project_id"].as_str().expect("id").to_owned(),
+            r["size_bytes"].as_i64().expect("size"),
+        ));
     }
     for (id, _) in &ids {
         wait_saved(&s, id).await;
@@ -150,10 +201,17 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
     wait_saved(&s, &penora_id).await;
     let before = used(&s, "u1").await;
     let big = samples::photo_like_png(1024, 1024, 9);
-    let needed = imaging::prepare(big.clone(), &imaging::StoragePolicy { reencode: true, quality: 85.0, max_pixels: 1 << 24 })
-        .expect("prepared")
-        .data
-        .len() as i64;
+    let needed = imaging::prepare(
+        big.clone(),
+        &imaging::StoragePolicy {
+            reencode: true,
+            quality: 85.0,
+            max_pixels: 1 << 24,
+        },
+    )
+    .expect("prepared")
+    .data
+    .len() as i64;
     // Without evict_oldest: refused.
     let r = s
         .post(
@@ -164,7 +222,15 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
         .await;
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     // With it: exactly the oldest ImageGene projects that make room.
-    let r = save(&s, "u1", "imagegene", "big", &big, json!({"on_full": "evict_oldest"})).await;
+    let r = save(
+        &s,
+        "u1",
+        "imagegene",
+        "big",
+        &big,
+        json!({"on_full": "evict_oldest"}),
+    )
+    .await;
     let must_free = before + needed - 400_000;
     let mut expected = Vec::new();
     let mut freed = 0;
@@ -175,12 +241,23 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
         freed += size;
         expected.push(json!(id));
     }
-    assert!(!expected.is_empty() && expected.len() < ids.len(), "{expected:?}");
+    assert!(
+        !expected.is_empty() && expected.len() < ids.len(),
+        "{expected:?}"
+    );
     assert_eq!(r["evicted_project_ids"], json!(expected));
     assert_eq!(used(&s, "u1").await, before - freed + needed);
-    assert_eq!(status_of(&s, &penora_id).await, "saved", "another app's project is never evicted");
     assert_eq!(
-        s.scalar("SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'evicted'", "u1").await,
+        status_of(&s, &penora_id).await,
+        "saved",
+        "another app's project is never evicted"
+    );
+    assert_eq!(
+        s.scalar(
+            "SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'evicted'",
+            "u1"
+        )
+        .await,
         expected.len() as i64
     );
     // When even every ImageGene project cannot free enough (Penora's would
@@ -188,7 +265,10 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
     // stored as sent, so this one needs exactly what it says.
     wait_saved(&s, r["project_id"].as_str().expect("id")).await;
     let penora_size = s
-        .scalar("SELECT size_bytes FROM projects WHERE app_source = 'penora' AND user_id = $1", "u1")
+        .scalar(
+            "SELECT size_bytes FROM projects WHERE app_source = 'penora' AND user_id = $1",
+            "u1",
+        )
         .await;
     let blob = vec![7u8; usize::try_from(400_000 - penora_size + 1).expect("size")];
     let before = used(&s, "u1").await;
@@ -202,10 +282,20 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
     assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = r.json().await.expect("json");
     assert_eq!(body["code"], json!("storage_limit_exceeded"));
-    assert!(body["error"].as_str().unwrap_or_default().contains("none was deleted"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("none was deleted"),
+        "{body}"
+    );
     assert_eq!(used(&s, "u1").await, before);
     assert_eq!(
-        s.scalar("SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'evicted'", "u1").await,
+        s.scalar(
+            "SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'evicted'",
+            "u1"
+        )
+        .await,
         expected.len() as i64
     );
 }
@@ -232,14 +322,20 @@ async fn retention_deletes_only_the_projects_past_the_limit() {
             .expect("aged");
     }
     s.start_worker().await;
-    wait_for("the old project to be deleted", Duration::from_secs(30), || async {
-        status_of(&s, &ids[0]).await == "deleted"
-    })
+    wait_for(
+        "the old project to be deleted",
+        Duration::from_secs(30),
+        || async { status_of(&s, &ids[0]).await == "deleted" },
+    )
     .await;
     wait_saved(&s, &ids[1]).await;
     wait_saved(&s, &ids[2]).await;
     assert_eq!(
-        s.scalar("SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'retention'", "u1").await,
+        s.scalar(
+            "SELECT count(*) FROM project_log WHERE user_id = $1 AND cause = 'retention'",
+            "u1"
+        )
+        .await,
         1
     );
     let live = s
@@ -249,7 +345,11 @@ async fn retention_deletes_only_the_projects_past_the_limit() {
         )
         .await;
     assert_eq!(
-        s.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", "u1").await,
+        s.scalar(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+            "u1"
+        )
+        .await,
         live
     );
 }
@@ -258,7 +358,15 @@ async fn retention_deletes_only_the_projects_past_the_limit() {
 async fn a_project_deleted_while_queued_stays_deleted_and_its_job_does_nothing() {
     let mut s = stack(&[], &[]).await;
     s.grant("u1", 1).await;
-    let r = save(&s, "u1", "imagegene", "gone", &samples::photo_like_png(256, 256, 8), json!({})).await;
+    let r = save(
+        &s,
+        "u1",
+        "imagegene",
+        "gone",
+        &samples::photo_like_png(256, 256, 8),
+        json!({}),
+    )
+    .await;
     let id = r["project_id"].as_str().expect("id").to_owned();
     let deleted = s
         .http
@@ -272,8 +380,16 @@ async fn a_project_deleted_while_queued_stays_deleted_and_its_job_does_nothing()
     s.wait_idle().await;
     assert_eq!(status_of(&s, &id).await, "deleted");
     assert_eq!(
-        s.scalar("SELECT storage_used_bytes FROM accounts WHERE user_id = $1", "u1").await,
+        s.scalar(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
+            "u1"
+        )
+        .await,
         0
     );
-    assert_eq!(s.depth(&s.topology.dead_queue(penora_common::messages::SAVE_PROJECT)).await, 0);
+    assert_eq!(
+        s.depth(&s.topology.dead_queue(penora_common::messages::SAVE_PROJECT))
+            .await,
+        0
+    );
 }
