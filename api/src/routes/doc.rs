@@ -266,6 +266,21 @@ fn links(operation_id: &str) -> Option<(&'static str, Value)> {
                         "user_id": "$request.body#/user_id"
                     }
                 },
+                "ThumbnailOfTheProject": {
+                    "operationId": "project_thumbnail",
+                    "parameters": {
+                        "project_id": "$response.body#/project_id",
+                        "user_id": "$request.body#/user_id"
+                    }
+                },
+                "DeleteTheProject": {
+                    "operationId": "delete_project",
+                    "parameters": {
+                        "project_id": "$response.body#/project_id",
+                        "user_id": "$request.body#/user_id"
+                    },
+                    "description": "Delete the project and free its bytes (also while it is still queued)."
+                },
                 "ProjectsOfTheUser": {
                     "operationId": "list_projects",
                     "parameters": { "user_id": "$request.body#/user_id" }
@@ -522,6 +537,6 @@ mod tests {
                 }
             }
         }
-        assert_eq!(links, 8);
+        assert_eq!(links, 10);
     }
 }
