@@ -475,6 +475,7 @@ mod tests {
             ("MAX_CONCURRENT_SAVES", "0"),
             ("PROJECT_RETENTION_DAYS", "0"),
             ("MAX_IMAGE_PIXELS", "lots"),
+            ("IMAGE_CPU_CGROUP", "/nonexistent/penora-images"),
         ] {
             let err = load(&[(var, val)]).unwrap_err();
             assert_eq!(err.variable, var);

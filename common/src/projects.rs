@@ -919,6 +919,8 @@ pub enum Finished {
 pub enum Pending {
     /// Still queued, with its stored bytes to check (`None` for a URL).
     Queued(Option<Vec<u8>>),
+    /// Queued, but its content row is missing (it fails).
+    Empty,
     /// No longer queued (see [`finish_save`]).
     Done,
     /// No such project.
@@ -935,7 +937,7 @@ pub async fn pending(
 ) -> Result<Pending, DbError> {
     let row = client
         .query_opt(
-            "SELECT p.status, c.data FROM projects p \
+            "SELECT p.status, c.data, c.url IS NOT NULL AS is_url FROM projects p \
              LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
              WHERE p.user_id = $1 AND p.id = $2",
             &[&user_id, &project_id],
@@ -943,8 +945,15 @@ pub async fn pending(
         .await?;
     Ok(match row {
         None => Pending::NotFound,
-        Some(r) if r.get::<_, String>("status") == "queued" => Pending::Queued(r.get("data")),
-        Some(_) => Pending::Done,
+        Some(r) if r.get::<_, String>("status") != "queued" => Pending::Done,
+        Some(r) => match (
+            r.get::<_, Option<Vec<u8>>>("data"),
+            r.get::<_, bool>("is_url"),
+        ) {
+            (Some(data), _) => Pending::Queued(Some(data)),
+            (None, true) => Pending::Queued(None),
+            (None, false) => Pending::Empty,
+        },
     })
 }
 

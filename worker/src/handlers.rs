@@ -197,6 +197,7 @@ pub async fn save_project(
         }
         // Done before or deleted: finish_save below says which.
         Pending::Done | Pending::Queued(None) => Ok(None),
+        Pending::Empty => Err("the project has no content".to_owned()),
         Pending::Queued(Some(bytes)) => {
             let max_pixels = ctx.settings.max_image_pixels;
             match ctx

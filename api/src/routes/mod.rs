@@ -166,7 +166,11 @@ fn cors(origins: &[String]) -> Option<CorsLayer> {
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins))
             .allow_methods([Method::GET, Method::POST, Method::DELETE])
-            .allow_headers([header::CONTENT_TYPE, HeaderName::from_static("x-api-key")])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::IF_NONE_MATCH,
+                HeaderName::from_static("x-api-key"),
+            ])
             .expose_headers([
                 HeaderName::from_static("idempotent-replayed"),
                 header::RETRY_AFTER,

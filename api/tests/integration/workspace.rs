@@ -46,6 +46,18 @@ async fn stored(app: &TestApp, project_id: &str) -> (Vec<u8>, String) {
     (row.get(0), row.get(1))
 }
 
+/// Saves `bytes` for `user` as ImageGene and returns the answer.
+async fn save_bytes(app: &TestApp, user: &str, bytes: &[u8]) -> Value {
+    app.post(
+        "/api/unified/save-project",
+        &save_body(user, "imagegene", &b64(bytes)),
+    )
+    .await
+    .json()
+    .await
+    .expect("json")
+}
+
 async fn used(app: &TestApp, user: &str) -> i64 {
     app.scalar(
         "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
@@ -158,15 +170,7 @@ async fn an_animated_gif_is_kept_as_sent() {
     }
     let app = spawn_app().await;
     app.grant("u1", 1).await;
-    let r: Value = app
-        .post(
-            "/api/unified/save-project",
-            &save_body("u1", "imagegene", &b64(&gif)),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let r = save_bytes(&app, "u1", &gif).await;
     assert_eq!(r["content_type"], json!("image/gif"), "{r}");
     let (data, _) = stored(&app, r["project_id"].as_str().expect("id")).await;
     assert!(data == gif, "the animation is stored as sent");
@@ -203,15 +207,7 @@ async fn exif_with_a_gps_position_never_reaches_the_workspace() {
     assert!(jpeg.windows(4).any(|w| w == b"Exif"));
     let app = spawn_app().await;
     app.grant("u1", 1).await;
-    let r: Value = app
-        .post(
-            "/api/unified/save-project",
-            &save_body("u1", "imagegene", &b64(&jpeg)),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let r = save_bytes(&app, "u1", &jpeg).await;
     let (data, media_type) = stored(&app, r["project_id"].as_str().expect("id")).await;
     assert_eq!(media_type, "image/webp");
     assert!(!data.windows(4).any(|w| w == b"Exif"), "EXIF stored");
@@ -464,15 +460,7 @@ async fn deleting_frees_exactly_the_projects_bytes_and_a_second_delete_is_404() 
 async fn a_key_bound_to_penora_cannot_delete_an_imagegene_project() {
     let app = spawn_app().await;
     app.grant("u1", 1).await;
-    let r: Value = app
-        .post(
-            "/api/unified/save-project",
-            &save_body("u1", "imagegene", &b64(&samples::photo_like_png(64, 64, 1))),
-        )
-        .await
-        .json()
-        .await
-        .expect("json");
+    let r = save_bytes(&app, "u1", &samples::photo_like_png(64, 64, 1)).await;
     let id = r["project_id"].as_str().expect("id");
     let before = used(&app, "u1").await;
     let penora = app.key("penora", &[Scope::Write, Scope::Read]).await;
