@@ -189,15 +189,19 @@ async fn save_project(
     };
     let started = Instant::now();
     let raw = read_body(body, max_body, declared).await?;
-    // Everything CPU-bound (JSON of megabytes, base64, the image) runs on
-    // the image threads at the lowest priority, never on the runtime's.
+    // Everything CPU-bound (JSON, base64, the image) runs off the runtime's
+    // threads: a small save (a few milliseconds of work) on the blocking
+    // pool, a big one on the image threads at the lowest priority.
+    let cpu = Cpu {
+        images: state.images.clone(),
+        small: raw.len() <= SMALL_SAVE_BYTES,
+    };
     let policy_of = {
         let settings = state.settings.clone();
         move |store_original| StoragePolicy::from_settings(&settings, store_original)
     };
     let caller = Auth(auth.0.clone());
-    let (mut project, policy) = state
-        .images
+    let (mut project, policy) = cpu
         .run(move || -> Result<_, ApiError> {
             let (project, store_original) = parse_save(&raw, &caller)?;
             let policy = policy_of(store_original);
@@ -234,8 +238,7 @@ async fn save_project(
     }
     if let Content::Bytes(sent) = &mut project.content {
         let sent = std::mem::take(sent);
-        let prepared = state
-            .images
+        let prepared = cpu
             .run(move || imaging::prepare(sent, &policy))
             .await
             .map_err(|e| ApiError::Internal(format!("preparing the image: {e}")))?
@@ -253,6 +256,39 @@ async fn save_project(
         state.jobs_committed();
     }
     answer(outcome, &project)
+}
+
+/// Bodies up to this size are prepared on the runtime's blocking pool at
+/// normal priority (a 256 KiB image decodes and encodes in a few
+/// milliseconds); bigger ones on the image threads.
+const SMALL_SAVE_BYTES: usize = 256 * 1024;
+
+/// Where a save's CPU work runs.
+struct Cpu {
+    images: penora_common::cpu_pool::CpuPool,
+    small: bool,
+}
+
+impl Cpu {
+    async fn run<T, F>(&self, f: F) -> Result<T, penora_common::cpu_pool::PoolError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        use penora_common::cpu_pool::PoolError;
+        if self.small {
+            tokio::task::spawn_blocking(f).await.map_err(|e| {
+                if e.is_panic() {
+                    metrics::counter!("penora_image_job_panics_total").increment(1);
+                    PoolError::Panicked
+                } else {
+                    PoolError::Stopped
+                }
+            })
+        } else {
+            self.images.run(f).await
+        }
+    }
 }
 
 fn stored_as_label(how: imaging::StoredAs) -> &'static str {
