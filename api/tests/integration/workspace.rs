@@ -118,6 +118,9 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
         total += size;
         accepted += 1;
     }
+    eprintln!(
+        "{accepted} realistic 1024² artworks stored in {total} bytes before the quota refused one"
+    );
     assert!(accepted >= 4, "only {accepted} artworks fit in 1 MiB");
     assert!(accepted < 12, "the quota never refused");
     assert_eq!(used(&app, "u1").await, total);
@@ -292,6 +295,7 @@ async fn a_decompression_bomb_is_refused_at_once_without_costing_memory() {
     );
     assert!(elapsed < Duration::from_millis(900), "took {elapsed:?}");
     let grown = api.rss_kb().saturating_sub(before);
+    eprintln!("bomb refused in {elapsed:?}; the API's RSS grew by {grown} kB");
     assert!(grown < 8 * 1024, "the API's RSS grew by {grown} kB");
     assert_eq!(used(&api.app, "u1").await, 0);
 }
