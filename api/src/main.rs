@@ -20,7 +20,8 @@ async fn main() -> anyhow::Result<()> {
     let signal = {
         let stopping = stopping.clone();
         async move {
-            shutdown_signal().await;
+            penora_common::shutdown::signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
             stopping.notify_one();
         }
     };
@@ -38,26 +39,3 @@ async fn main() -> anyhow::Result<()> {
 
 /// How long in-flight requests may take to finish after SIGTERM.
 const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);
-
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down: finishing in-flight requests");
-}

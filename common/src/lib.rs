@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod pricing;
 pub mod projects;
 pub mod reconcile;
+pub mod shutdown;
 pub mod telemetry;
 pub mod timefmt;
 

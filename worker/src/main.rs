@@ -14,27 +14,9 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        penora_common::shutdown::signal().await;
         tracing::info!("stopping: no new messages; finishing in-flight work");
         on_signal.cancel();
     });
     worker.run(stop).await
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }

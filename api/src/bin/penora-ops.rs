@@ -561,27 +561,15 @@ struct QueueRow {
 /// on the AMQP host).
 fn management_url(settings: &Settings) -> String {
     std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
-        let host = amqp_parts(settings.amqp_url.expose()).2;
+        let host = amqp_uri(settings).map_or_else(|| "127.0.0.1".to_owned(), |u| u.authority.host);
         format!("http://{host}:15672")
     })
 }
 
-/// (user, password, host, vhost) of an AMQP URL.
-fn amqp_parts(url: &str) -> (String, String, String, String) {
-    let rest = url.split_once("://").map_or(url, |(_, r)| r);
-    let (authority, vhost) = rest.split_once('/').unwrap_or((rest, "%2f"));
-    let (creds, hostport) = authority
-        .rsplit_once('@')
-        .unwrap_or(("guest:guest", authority));
-    let (user, pass) = creds.split_once(':').unwrap_or((creds, ""));
-    let host = hostport.rsplit_once(':').map_or(hostport, |(h, _)| h);
-    let vhost = if vhost.is_empty() { "%2f" } else { vhost };
-    (
-        user.to_owned(),
-        pass.to_owned(),
-        host.to_owned(),
-        vhost.to_owned(),
-    )
+/// `AMQP_URL` parsed by lapin's own URI type (user, password, host, port and
+/// the vhost, percent-decoded).
+fn amqp_uri(settings: &Settings) -> Option<lapin::uri::AMQPUri> {
+    settings.amqp_url.expose().parse().ok()
 }
 
 /// (unacked, in/s, out/s) per queue from the management API, `None` where it
@@ -590,7 +578,13 @@ async fn management_rates(
     settings: &Settings,
     stats: &[broker::QueueStat],
 ) -> Vec<Option<(u64, f64, f64)>> {
-    let (user, pass, _, vhost) = amqp_parts(settings.amqp_url.expose());
+    let Some(uri) = amqp_uri(settings) else {
+        return vec![None; stats.len()];
+    };
+    let (user, pass) = (
+        uri.authority.userinfo.username,
+        uri.authority.userinfo.password,
+    );
     let base = management_url(settings);
     let Ok(http) = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
@@ -600,10 +594,18 @@ async fn management_rates(
     };
     let mut out = Vec::with_capacity(stats.len());
     for s in stats {
-        let url = format!("{base}/api/queues/{vhost}/{}", s.name);
+        // The vhost and queue are path segments: `/` (the default vhost)
+        // must travel as %2F.
+        let Ok(mut url) = url::Url::parse(&base) else {
+            out.push(None);
+            continue;
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(["api", "queues", uri.vhost.as_str(), s.name.as_str()]);
+        }
         let got = async {
             let v: serde_json::Value = http
-                .get(&url)
+                .get(url.as_str())
                 .basic_auth(&user, Some(&pass))
                 .send()
                 .await

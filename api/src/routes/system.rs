@@ -39,15 +39,11 @@ pub struct Health {
 }
 
 async fn broker_reachable(amqp_url: &str) -> bool {
-    // amqp://user:pass@host:port/vhost → host:port
-    let rest = amqp_url.split_once("://").map_or(amqp_url, |(_, r)| r);
-    let authority = rest.split('/').next().unwrap_or_default();
-    let hostport = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let target = if hostport.contains(':') {
-        hostport.to_owned()
-    } else {
-        format!("{hostport}:5672")
+    // lapin's own URI type: host and port (5672 or 5671 by scheme when absent).
+    let Ok(uri) = amqp_url.parse::<lapin::uri::AMQPUri>() else {
+        return false;
     };
+    let target = (uri.authority.host, uri.authority.port);
     matches!(
         tokio::time::timeout(
             Duration::from_secs(1),
