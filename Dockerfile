@@ -4,7 +4,9 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock clippy.toml ./
+# Every workspace member, or cargo cannot load the workspace.
 COPY api api
+COPY bench bench
 COPY common common
 COPY worker worker
 COPY migrations migrations

@@ -57,4 +57,11 @@ for name in set(re.findall(r'\b(penora_[a-z_]+)', rules)):
         print(f"alerts.yml uses {name}, which no service exports"); bad = 1
 sys.exit(bad)
 PY
+# The image's build context: cargo loads the whole workspace, so the
+# Dockerfile must copy every member (a missing one fails `docker compose up --build`).
+members=$(sed -n 's/^members = \[\(.*\)\]/\1/p' Cargo.toml | tr -d '" ' | tr ',' ' ')
+for m in $members; do
+  grep -qE "^COPY $m $m\b" Dockerfile || { echo "Dockerfile does not copy workspace member $m"; exit 1; }
+done
+echo "Dockerfile copies every workspace member: $members"
 echo "deployment files are valid"
