@@ -225,7 +225,16 @@ fn is_animated(bytes: &[u8], media_type: &str) -> bool {
 /// when libwebp refuses (e.g. a side over 16,383 pixels).
 fn encode_webp(image: DynamicImage, quality: f32) -> Option<(Vec<u8>, u32, u32)> {
     let (width, height) = (image.width(), image.height());
-    let opaque = !image.color().has_alpha() || image.to_rgba8().pixels().all(|p| p.0[3] == 255);
+    // Whether every pixel is opaque, read in place (no RGBA copy of the
+    // image just to look at its alpha).
+    let opaque = match &image {
+        DynamicImage::ImageRgba8(b) => b.pixels().all(|p| p.0[3] == u8::MAX),
+        DynamicImage::ImageLumaA8(b) => b.pixels().all(|p| p.0[1] == u8::MAX),
+        DynamicImage::ImageRgba16(b) => b.pixels().all(|p| p.0[3] == u16::MAX),
+        DynamicImage::ImageLumaA16(b) => b.pixels().all(|p| p.0[1] == u16::MAX),
+        other if other.color().has_alpha() => other.to_rgba8().pixels().all(|p| p.0[3] == 255),
+        _ => true,
+    };
     let encoded = if opaque {
         let rgb = image.into_rgb8();
         webp::Encoder::from_rgb(rgb.as_raw(), width, height).encode_simple(false, quality)

@@ -837,18 +837,19 @@ pub async fn content(
         Rendition::Content => ("c.data", "c.etag"),
         Rendition::Thumbnail => ("c.thumbnail", "c.thumbnail_etag"),
     };
+    // One statement per rendition, prepared once per connection.
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT p.status, p.failure_reason, c.url, c.media_type, \
+                    {data} IS NOT NULL AS present, {etag} AS etag, \
+                    CASE WHEN {etag} IS NOT DISTINCT FROM $3 THEN NULL ELSE {data} END AS data \
+             FROM projects p \
+             LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
+             WHERE p.user_id = $1 AND p.id = $2 AND p.status <> 'deleted'"
+        ))
+        .await?;
     let row = client
-        .query_opt(
-            &format!(
-                "SELECT p.status, p.failure_reason, c.url, c.media_type, \
-                        {data} IS NOT NULL AS present, {etag} AS etag, \
-                        CASE WHEN {etag} IS NOT DISTINCT FROM $3 THEN NULL ELSE {data} END AS data \
-                 FROM projects p \
-                 LEFT JOIN project_contents c ON c.user_id = p.user_id AND c.project_id = p.id \
-                 WHERE p.user_id = $1 AND p.id = $2 AND p.status <> 'deleted'"
-            ),
-            &[&user_id.as_str(), &project_id, &if_none_match],
-        )
+        .query_opt(&stmt, &[&user_id.as_str(), &project_id, &if_none_match])
         .await?;
     let Some(row) = row else { return Ok(None) };
     let status: String = row.get("status");
