@@ -3,12 +3,12 @@
 //! Every `deduct-credits` request goes through one queue. A dispatcher takes
 //! the first waiting request, and with it every other request waiting at
 //! that moment (up to `DEDUCT_BATCH_MAX`), and runs them as one transaction
-//! ([`ledger::batch::deduct_many`]); at most `DEDUCT_BATCHES_IN_FLIGHT` such
-//! transactions run at once. When the service is quiet a request goes alone
+//! ([`ledger::deduct_all`]); at most `DEDUCT_BATCHES_IN_FLIGHT` such
+//! batches run at once. When the service is quiet a request goes alone
 //! and at once; under load, requests that would have queued for a connection
-//! or a row lock share one commit instead. Answers are exactly those of
-//! [`ledger::deduct`]: a batch that cannot be carried out as a whole falls
-//! back to running its requests one by one.
+//! or a row lock share one commit instead. The ledger has one implementation
+//! of a deduction, for a batch, so an answer never depends on the company a
+//! request keeps.
 //!
 //! `user-info` reads go through a queue of the same kind ([`Summaries`]): the
 //! users waiting at one moment are read with one statement.
@@ -19,10 +19,7 @@ use deadpool_postgres::Pool;
 use penora_common::{
     db::DbError,
     domain::UserId,
-    ledger::{
-        self, AccountSummary, Deduct, DeductReceipt, LedgerError, Outcome,
-        batch::{Answer, Queued},
-    },
+    ledger::{self, AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, Queued},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -106,7 +103,7 @@ async fn dispatch<T, R, F, Fut>(
 /// The queue of deductions; cheap to clone.
 #[derive(Clone)]
 pub struct Coalescer {
-    batcher: Batcher<Queued, Answer>,
+    batcher: Batcher<Queued, Answer<DeductReceipt>>,
 }
 
 impl Coalescer {
@@ -122,7 +119,7 @@ impl Coalescer {
         &self,
         deduct: Deduct,
         correlation_id: Option<String>,
-    ) -> Result<Outcome<DeductReceipt>, LedgerError> {
+    ) -> Answer<DeductReceipt> {
         let queued = Queued {
             deduct,
             correlation_id,
@@ -189,36 +186,7 @@ async fn run_summaries(
     }
 }
 
-/// Answers as many of `queued` as batches can: a batch stops at a repeated
-/// key and the rest goes again as the next batch; `None` for whatever must
-/// run alone (a lone request, or every request left when a batch failed).
-pub async fn answer_all(
-    client: &mut deadpool_postgres::Client,
-    queued: &[Queued],
-) -> Vec<Option<Answer>> {
-    let mut answers: Vec<Option<Answer>> = Vec::with_capacity(queued.len());
-    while queued.len() - answers.len() > 1 {
-        let rest = &queued[answers.len()..];
-        match ledger::batch::deduct_many(client, rest).await {
-            Ok(got) => {
-                let before = answers.len();
-                answers.extend(got.into_iter().map_while(|a| a.map(Some)));
-                if answers.len() == before {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, size = rest.len(), "batch fell back to one by one");
-                metrics::counter!("penora_deduct_batch_fallbacks_total").increment(1);
-                break;
-            }
-        }
-    }
-    answers.resize_with(queued.len(), || None);
-    answers
-}
-
-async fn run_deducts(pool: Pool, batch: Vec<Waiting<Queued, Answer>>) {
+async fn run_deducts(pool: Pool, batch: Vec<Waiting<Queued, Answer<DeductReceipt>>>) {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let mut client = match pool.get().await {
         Ok(c) => c,
@@ -230,13 +198,10 @@ async fn run_deducts(pool: Pool, batch: Vec<Waiting<Queued, Answer>>) {
             return;
         }
     };
-    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer>>) = batch.into_iter().unzip();
-    let answers = answer_all(&mut client, &queued).await;
-    for ((q, reply), answer) in queued.iter().zip(replies).zip(answers) {
-        let answer = match answer {
-            Some(a) => a,
-            None => ledger::deduct(&mut client, &q.deduct, q.correlation_id.as_deref()).await,
-        };
+    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer<DeductReceipt>>>) =
+        batch.into_iter().unzip();
+    let answers = ledger::deduct_all(&mut client, &queued).await;
+    for (reply, answer) in replies.into_iter().zip(answers) {
         let _ = reply.send(answer);
     }
 }

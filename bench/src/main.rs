@@ -219,8 +219,21 @@ async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The exact statements of `ledger::deduct` (one reservation, one ledger row,
-/// one outbox row, one transaction).
+/// The raw baseline of a deduction: a hand-written transaction doing the same
+/// work as the service (a guarded debit, one reservation, one ledger row, one
+/// outbox row), one statement each.
+const RAW_DEBIT_SQL: &str = "UPDATE accounts SET balance = balance - $2, updated_at = now() \
+     WHERE user_id = $1 AND balance >= $2 RETURNING balance";
+const RAW_CLAIM_SQL: &str = "INSERT INTO reservations \
+       (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
+     VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
+     ON CONFLICT (app_name, project_code) DO NOTHING \
+     RETURNING created_at, refundable_until";
+const RAW_ENTRY_SQL: &str = "INSERT INTO ledger_entries \
+       (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at";
+
+/// One raw deduction (see [`RAW_DEBIT_SQL`]).
 async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     let Ok(mut client) = pool.get().await else {
         return false;
@@ -228,12 +241,12 @@ async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     let result: Result<bool, tokio_postgres::Error> = async {
         let tx = client.transaction().await?;
         let debit = tx
-            .prepare_cached(penora_common::ledger::DEBIT_SQL)
+            .prepare_cached(RAW_DEBIT_SQL)
             .await?;
         let Some(row) = tx.query_opt(&debit, &[&user, &1i64]).await? else { return Ok(false) };
         let balance: i64 = row.get(0);
         let claim = tx
-            .prepare_cached(penora_common::ledger::CLAIM_RESERVATION_SQL)
+            .prepare_cached(RAW_CLAIM_SQL)
             .await?;
         let desc: Option<&str> = None;
         if tx
@@ -244,7 +257,7 @@ async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
             return Ok(false);
         }
         let entry = tx
-            .prepare_cached(penora_common::ledger::INSERT_ENTRY_SQL)
+            .prepare_cached(RAW_ENTRY_SQL)
             .await?;
             let reference: Option<&str> = None;
         let id: i64 = tx

@@ -167,7 +167,22 @@ pub const APP_NAME_MAX_LEN: usize = 32;
 #[serde(transparent)]
 pub struct AppName(String);
 
+/// The writing app.
+pub const PENORA: &str = "penora";
+/// The image generator; its events name its reservations.
+pub const IMAGEGENE: &str = "imagegene";
+
 impl AppName {
+    /// The writing app, [`PENORA`].
+    pub fn penora() -> Self {
+        Self(PENORA.to_owned())
+    }
+
+    /// The image generator, [`IMAGEGENE`].
+    pub fn imagegene() -> Self {
+        Self(IMAGEGENE.to_owned())
+    }
+
     /// Parses an app name for `field`.
     pub fn parse(field: &'static str, raw: &str) -> Result<Self, ValidationError> {
         if raw.is_empty() || raw.len() > APP_NAME_MAX_LEN {

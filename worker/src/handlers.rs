@@ -8,8 +8,7 @@ use penora_common::{
     cpu_pool::PoolError,
     domain::{AppName, ProjectCode, UserId},
     imaging,
-    ledger::batch::QueuedRefund,
-    ledger::{self, LedgerError, Refund, SettleResult},
+    ledger::{self, Answer, LedgerError, QueuedRefund, Refund, RefundReceipt, SettleResult},
     messages::{GENERATION_EVENTS, GenerationEvent, LEDGER_AUDIT, LedgerAuditJob, SaveProjectJob},
     projects::{self, Finished, Pending},
 };
@@ -98,10 +97,11 @@ async fn ledger_audit_batch(
 }
 
 /// `penora.generation-events` for many deliveries: the `generation.failed`
-/// events that simply refund a reserved reservation are carried out in one
-/// transaction (refunds and their `processed_events` rows); every other
-/// delivery (success events, duplicates, replays, anything refused) is then
-/// handled alone by [`generation_event`], which gives its exact answer.
+/// events are carried out together by the ledger's refund batch (refunds and
+/// their `processed_events` rows, in as few transactions as their keys
+/// allow); every other delivery (success events, malformed ones, events that
+/// name a reservation an earlier event of the batch named) is then handled
+/// alone by [`generation_event`], in arrival order.
 async fn generation_events_batch(
     pool: &Pool,
     deliveries: &[lapin::message::Delivery],
@@ -119,14 +119,7 @@ async fn generation_events_batch(
             .filter(|_| key == "generation.failed")
             .map(|(event, user, code, occurred)| {
                 (
-                    QueuedRefund {
-                        user_id: user.to_string(),
-                        app_name: "imagegene".to_owned(),
-                        project_code: code.to_string(),
-                        reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
-                        event_id: event.event_id,
-                        correlation_id: correlation_of(d),
-                    },
+                    failed_refund(event, user, code, correlation_of(d)),
                     occurred,
                 )
             });
@@ -135,30 +128,21 @@ async fn generation_events_batch(
             (queued.len() - 1, occurred)
         }));
     }
-    let done = if queued.is_empty() {
+    let mut done: Vec<Option<Answer<RefundReceipt>>> = if queued.is_empty() {
         Vec::new()
     } else {
         let mut client = pool.get().await.ok()?;
-        match ledger::batch::refund_many(&mut client, &queued).await {
-            Ok(done) => done,
-            Err(e) => {
-                tracing::debug!(error = %e, "refund batch failed; one by one");
-                return None;
-            }
-        }
+        ledger::refund_all(&mut client, &queued)
+            .await
+            .into_iter()
+            .map(Some)
+            .collect()
     };
     let mut results = Vec::with_capacity(deliveries.len());
     for (d, slot) in deliveries.iter().zip(slot_of) {
-        let refunded =
-            slot.and_then(|(k, occurred)| done.get(k).cloned().flatten().map(|_| occurred));
-        results.push(match refunded {
-            Some(occurred) => {
-                let latency = (OffsetDateTime::now_utc() - occurred)
-                    .as_seconds_f64()
-                    .max(0.0);
-                metrics::histogram!("penora_event_to_refund_seconds").record(latency);
-                Ok("refunded".to_owned())
-            }
+        let answered = slot.and_then(|(k, occurred)| Some((done.get_mut(k)?.take()?, occurred)));
+        results.push(match answered {
+            Some((answer, occurred)) => refund_result(answer, occurred),
             None => {
                 generation_event(
                     pool,
@@ -171,6 +155,48 @@ async fn generation_events_batch(
         });
     }
     Some(results)
+}
+
+/// The refund a `generation.failed` event asks for.
+fn failed_refund(
+    event: GenerationEvent,
+    user: UserId,
+    code: ProjectCode,
+    correlation_id: Option<String>,
+) -> QueuedRefund {
+    QueuedRefund {
+        refund: Refund {
+            user_id: user,
+            project_code: code,
+            app_name: Some(AppName::imagegene()),
+            reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
+        },
+        event_id: Some(event.event_id),
+        correlation_id,
+    }
+}
+
+/// What a `generation.failed` event's refund did, as the delivery's result.
+fn refund_result(
+    answer: Answer<RefundReceipt>,
+    occurred: OffsetDateTime,
+) -> Result<String, JobError> {
+    match answer {
+        Ok(done) => {
+            let latency = (OffsetDateTime::now_utc() - occurred)
+                .as_seconds_f64()
+                .max(0.0);
+            metrics::histogram!("penora_event_to_refund_seconds").record(latency);
+            Ok(if done.replayed {
+                "already refunded"
+            } else {
+                "refunded"
+            }
+            .to_owned())
+        }
+        Err(seen @ LedgerError::EventSeen { .. }) => Ok(seen.to_string()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `penora.save-project`: check the stored content (a full decode, on the
@@ -291,8 +317,7 @@ pub async fn generation_event(
     correlation: Option<&str>,
 ) -> Result<String, JobError> {
     let (event, user, code, occurred) = parse_event(body)?;
-    let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
-    let app = AppName::parse("app_name", "imagegene").map_err(|e| bad(&e))?;
+    let app = AppName::imagegene();
     let kind = match routing_key {
         "generation.failed" => "failed",
         "generation.succeeded" => "succeeded",
@@ -312,47 +337,28 @@ pub async fn generation_event(
             row.get::<_, String>(0)
         ));
     }
-    let outcome = if kind == "failed" {
-        let refund = Refund {
-            user_id: user.clone(),
-            project_code: code,
-            app_name: Some(app),
-            reason: Some(
-                event
-                    .reason
-                    .clone()
-                    .unwrap_or_else(|| "generation failed".into()),
-            ),
-        };
-        let done = ledger::refund(&mut client, &refund, correlation).await?;
-        let latency = (OffsetDateTime::now_utc() - occurred)
-            .as_seconds_f64()
-            .max(0.0);
-        metrics::histogram!("penora_event_to_refund_seconds").record(latency);
-        if done.replayed {
-            "already refunded"
-        } else {
-            "refunded"
-        }
-    } else {
-        match ledger::settle(
-            &mut client,
-            &user,
-            &app,
-            &code,
-            "generation succeeded",
-            correlation,
-        )
-        .await?
-        {
-            SettleResult::Settled => "settled",
-            SettleResult::AlreadySettled => "already settled",
-            SettleResult::AlreadyRefunded => {
-                return Err(JobError::Fatal(format!(
-                    "reservation {} was refunded before this success event",
-                    event.project_code
-                )));
-            }
+    if kind == "failed" {
+        // The refund records the event in its own commit.
+        let refund = failed_refund(event, user, code, correlation.map(str::to_owned));
+        return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
+    }
+    let outcome = match ledger::settle(
+        &mut client,
+        &user,
+        &app,
+        &code,
+        "generation succeeded",
+        correlation,
+    )
+    .await?
+    {
+        SettleResult::Settled => "settled",
+        SettleResult::AlreadySettled => "already settled",
+        SettleResult::AlreadyRefunded => {
+            return Err(JobError::Fatal(format!(
+                "reservation {} was refunded before this success event",
+                event.project_code
+            )));
         }
     };
     client

@@ -1,9 +1,10 @@
 //! Group commit changes how many commits the work takes, never an answer.
 //!
-//! Differential tests: the same requests go through the batch path on one
-//! database and one by one through the single-request path on a twin
-//! database; every answer, balance, ledger row and audit job must match, and
-//! both databases must reconcile. The batches are generated (a fixed-seed
+//! The ledger has one implementation of each movement, written for a batch.
+//! These tests run the same requests through it in batches on one database
+//! and one at a time (batches of one) on a twin database; every answer,
+//! balance, ledger row and audit job must match, and both databases must
+//! reconcile. The batches are generated (a fixed-seed
 //! generator, so a failure replays) to mix fresh keys, keys repeated inside
 //! the batch, keys used before with the same or other parameters, users
 //! without an account and balances that run out half-way.
@@ -15,10 +16,7 @@ use penora_common::{
     audit::{self, Appended},
     db,
     domain::{AppName, Credits, ProjectCode, UserId},
-    ledger::{
-        self, Deduct, Grant, LedgerError, Refund,
-        batch::{self, Queued, QueuedRefund},
-    },
+    ledger::{self, Deduct, Grant, LedgerError, Queued, QueuedRefund, Refund},
     reconcile,
     testing::TestDb,
 };
@@ -132,22 +130,9 @@ async fn through_batch(pool: &Pool, requests: &[Deduct]) -> Vec<String> {
         })
         .collect();
     let mut c = pool.get().await.expect("client");
-    let answers = penora_api::coalesce::answer_all(&mut c, &queued).await;
-    assert!(
-        answers[..answers.len().saturating_sub(1)]
-            .iter()
-            .all(Option::is_some),
-        "batches answer every request but a lone last one"
-    );
-    let mut out = Vec::new();
-    for (d, answer) in requests.iter().zip(answers) {
-        let answer = match answer {
-            Some(a) => a,
-            None => ledger::deduct(&mut c, d, Some("req")).await,
-        };
-        out.push(seen(&answer));
-    }
-    out
+    let answers = ledger::deduct_all(&mut c, &queued).await;
+    assert_eq!(answers.len(), requests.len(), "one answer per request");
+    answers.iter().map(seen).collect()
 }
 
 async fn one_by_one(pool: &Pool, requests: &[Deduct]) -> Vec<String> {
@@ -289,53 +274,53 @@ async fn a_batch_of_refunds_matches_one_by_one_and_records_its_events() {
     let queued: Vec<QueuedRefund> = events
         .iter()
         .map(|(user, code, event)| QueuedRefund {
-            user_id: (*user).into(),
-            app_name: "imagegene".into(),
-            project_code: (*code).into(),
-            reason: Some("generation failed".into()),
-            event_id: (*event).into(),
+            refund: refund(user, code),
+            event_id: Some((*event).into()),
             correlation_id: None,
         })
         .collect();
     let mut c = batched.get().await.expect("client");
-    let done = batch::refund_many(&mut c, &queued).await.expect("batch");
-    let in_batch: Vec<bool> = done.iter().map(Option::is_some).collect();
-    assert_eq!(
-        in_batch,
-        [true, true, false, false, false, true, false, false, false],
-        "only the plain refunds go in the batch"
-    );
-    let mut got = Vec::new();
-    for ((user, code, _), answer) in events.iter().zip(done) {
-        got.push(match answer {
-            Some(r) => format!(
-                "ok {} {} {}",
-                r.credits_refunded, r.new_balance, r.project_code
-            ),
-            None => refund_seen(ledger::refund(&mut c, &refund(user, code), None).await),
-        });
-    }
-    // The twin records its events as the worker's single path does.
+    let got: Vec<String> = ledger::refund_all(&mut c, &queued)
+        .await
+        .into_iter()
+        .map(refund_seen)
+        .collect();
     let mut s = single.get().await.expect("client");
     let mut want = Vec::new();
-    for (user, code, event) in &events {
-        let answer = ledger::refund(&mut s, &refund(user, code), None).await;
-        if let Ok(o) = &answer
-            && !o.replayed
-        {
-            s.execute(
-                "INSERT INTO processed_events (user_id, event_id, kind, outcome) \
-                 VALUES ($1, $2, 'failed', 'refunded') ON CONFLICT DO NOTHING",
-                &[user, event],
-            )
-            .await
-            .expect("record");
-        }
-        want.push(refund_seen(answer));
+    for q in &queued {
+        want.push(refund_seen(ledger::refund_one(&mut s, q.clone()).await));
     }
-    // The batch answers a first refund as fresh; the rest agree word for word.
     assert_eq!(got, want);
+    // Spot-check the story itself, not only the agreement.
+    assert_eq!(got[0], "ok 10 80 r1");
+    assert_eq!(got[2], "err duplicate event (first outcome: refunded)");
+    assert_eq!(got[3], "replay 10 r2");
+    assert!(got[4].contains("already settled"), "{}", got[4]);
+    assert_eq!(got[5], "ok 10 100 r4");
+    assert_eq!(got[6], "replay 10 r5");
+    assert!(got[7].starts_with("err no reservation"), "{}", got[7]);
+    // Every event that refunded or replayed is recorded with what it did.
     assert_eq!(state(&batched).await, state(&single).await);
+    let recorded: Vec<String> = c
+        .query(
+            "SELECT event_id || ' ' || outcome FROM processed_events ORDER BY event_id",
+            &[],
+        )
+        .await
+        .expect("events")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        recorded,
+        [
+            "e1 refunded",
+            "e2 refunded",
+            "e4 refunded",
+            "e5 already refunded",
+            "e9 already refunded"
+        ]
+    );
     assert_reconciled(&batched).await;
 }
 
@@ -481,4 +466,67 @@ async fn concurrent_user_info_reads_each_get_their_own_users_figures() {
         assert_eq!(body["credits"], n * 10 - n, "{body}");
         assert_eq!(body["reserved_credits"], n, "{body}");
     }
+}
+
+/// With group commit off (`DEDUCT_BATCH_MAX=1`) every deduction is a batch of
+/// one; over HTTP, the answers a client sees are those of group commit on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_group_commit_off_http_answers_are_the_same() {
+    let mut seen_by = Vec::new();
+    for batch_max in ["1", "128"] {
+        let app = crate::support::spawn_app_with(&[("DEDUCT_BATCH_MAX", batch_max)]).await;
+        app.grant("alice", 100).await;
+        app.grant("bob", 7).await;
+        let mut seen = Vec::new();
+        for (user, amount, code) in [
+            ("alice", 30, "k1"),
+            ("alice", 30, "k2"),
+            ("alice", 30, "k3"),
+            ("alice", 30, "k4"), // 10 left: insufficient
+            ("alice", 30, "k1"), // replay
+            ("alice", 6, "k1"),  // same key, other amount: conflict
+            ("bob", 1, "k2"),    // another user's key: conflict
+            ("carol", 1, "k5"),  // no account
+            ("bob", 7, "k6"),    // bob to 0
+        ] {
+            let (status, body) = app.deduct(user, amount, code).await;
+            seen.push(format!(
+                "{} {} {} {}",
+                status.as_u16(),
+                body["code"],
+                body["new_balance"],
+                body["reservation_status"]
+            ));
+        }
+        let r = app
+            .post(
+                "/api/unified/refund-credits",
+                &serde_json::json!({"user_id": "alice", "project_code": "k2", "app_name": "imagegene"}),
+            )
+            .await;
+        seen.push(format!("refund {}", r.status().as_u16()));
+        assert_eq!(app.balance("alice").await, 40, "group commit {batch_max}");
+        app.assert_reconciled().await;
+        seen_by.push(seen);
+    }
+    assert_eq!(seen_by[0], seen_by[1]);
+    let codes: Vec<&str> = seen_by[0]
+        .iter()
+        .map(|s| s.split(' ').take(2).last().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "null",
+            "null",
+            "null",
+            "\"insufficient_credits\"",
+            "null",
+            "\"idempotency_conflict\"",
+            "\"idempotency_conflict\"",
+            "\"user_not_found\"",
+            "null",
+            "200"
+        ]
+    );
 }

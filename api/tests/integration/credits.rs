@@ -13,7 +13,21 @@ use crate::support::{TestApp, expect_error, spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times() {
-    let app = Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16")]).await);
+    two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times_with("128").await;
+}
+
+/// The same with group commit off: every deduction is a batch of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times_without_group_commit()
+{
+    two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times_with("1").await;
+}
+
+async fn two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times_with(
+    batch_max: &str,
+) {
+    let app =
+        Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16"), ("DEDUCT_BATCH_MAX", batch_max)]).await);
     app.grant("storm", 500).await;
     let mut tasks = Vec::new();
     for i in 0..200 {
@@ -51,7 +65,18 @@ async fn two_hundred_concurrent_deducts_of_5_on_500_succeed_exactly_100_times() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_concurrent_deducts_with_one_project_code_charge_once() {
-    let app = Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16")]).await);
+    fifty_concurrent_deducts_with_one_project_code_charge_once_with("128").await;
+}
+
+/// The same with group commit off: every deduction is a batch of one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_deducts_with_one_project_code_charge_once_without_group_commit() {
+    fifty_concurrent_deducts_with_one_project_code_charge_once_with("1").await;
+}
+
+async fn fifty_concurrent_deducts_with_one_project_code_charge_once_with(batch_max: &str) {
+    let app =
+        Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16"), ("DEDUCT_BATCH_MAX", batch_max)]).await);
     app.grant("u1", 100).await;
     let mut tasks = Vec::new();
     for _ in 0..50 {

@@ -1,0 +1,333 @@
+//! Deductions (`deduct-credits`): reserve and take credits at once, once per
+//! `(app_name, project_code)`.
+//!
+//! One implementation for any number of requests (group commit): the API
+//! hands the deductions waiting at the same moment to [`deduct_all`], which
+//! carries them out with a fixed number of set-based statements and one
+//! commit; a lone request ([`deduct`]) is a batch of one. On one hot account
+//! this turns a queue of row-lock waits into one guarded `UPDATE` per batch.
+//!
+//! Rules, for each request of a batch:
+//! * the account rows are locked first (in `user_id` order, so two batches
+//!   cannot deadlock), then the reservations are claimed in key order;
+//! * each request is decided in arrival order against the balance left by the
+//!   ones before it, so it gets the answer it would have had alone
+//!   (`insufficient_credits` with the balance it saw, `user_not_found`, a
+//!   replay or a conflict from its key's stored reservation);
+//! * the debit is one guarded `UPDATE` per user, backed by the `CHECK
+//!   (balance >= 0)`; each accepted request gets its own reservation, ledger
+//!   row (with its own `balance_after`) and `ledger-audit` job, all committed
+//!   together or not at all;
+//! * a key met twice in one batch ends the batch: the repeat and the requests
+//!   after it go in the next batch (where the repeat replays or conflicts);
+//! * a key claimed meanwhile by a concurrent transaction (another user's
+//!   request with the same key) rolls the batch back, and it runs again,
+//!   where the key is seen.
+
+use std::{collections::HashSet, time::Duration};
+
+use deadpool_postgres::Client;
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{
+    Answer, BatchRule, LedgerError, NewEntry, Outcome, answer_all, answer_one, count_moved,
+    lock_accounts, move_balances, state_of, write_entries,
+};
+use crate::{
+    db::DbError,
+    domain::{AppName, Credits, EntryKind, ProjectCode, ReservationState, UserId},
+};
+
+/// A deduction.
+#[derive(Debug, Clone)]
+pub struct Deduct {
+    /// Whose credits.
+    pub user_id: UserId,
+    /// How many.
+    pub amount: Credits,
+    /// Which app spends them.
+    pub app_name: AppName,
+    /// What for, for people.
+    pub description: Option<String>,
+    /// The idempotency key (made by the service when the client gave none).
+    pub project_code: ProjectCode,
+    /// How long the reservation can be refunded.
+    pub refund_window: Duration,
+}
+
+/// The answer to a deduction (the guide's fields and the contract's).
+#[derive(Debug, Clone, Serialize)]
+pub struct DeductReceipt {
+    /// Whose credits.
+    pub user_id: String,
+    /// How many were taken.
+    pub credits_deducted: i64,
+    /// The balance right after this deduction.
+    pub new_balance: i64,
+    /// Which app.
+    pub app_name: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// The reservation's state now.
+    pub reservation_status: ReservationState,
+    /// Until when the reservation can be refunded.
+    #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
+    pub refundable_until: OffsetDateTime,
+    /// When the deduction was made.
+    #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
+    pub timestamp: OffsetDateTime,
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    /// The deduction.
+    pub deduct: Deduct,
+    /// The request id, carried to its audit job.
+    pub correlation_id: Option<String>,
+}
+
+/// Reserves and deducts credits for one request.
+pub async fn deduct(
+    client: &mut Client,
+    d: &Deduct,
+    correlation_id: Option<&str>,
+) -> Answer<DeductReceipt> {
+    let queued = Queued {
+        deduct: d.clone(),
+        correlation_id: correlation_id.map(str::to_owned),
+    };
+    answer_one::<Deductions>(client, queued).await
+}
+
+/// Reserves and deducts credits for every one of `batch`, in order, in as
+/// few transactions as the keys allow. Each answer is the one the request
+/// would have had alone.
+pub async fn deduct_all(client: &mut Client, batch: &[Queued]) -> Vec<Answer<DeductReceipt>> {
+    answer_all::<Deductions>(client, batch).await
+}
+
+struct Deductions;
+
+impl BatchRule for Deductions {
+    type Request = Queued;
+    type Receipt = DeductReceipt;
+    const NAME: &'static str = "deduct";
+
+    async fn once(
+        client: &mut Client,
+        batch: &[Queued],
+    ) -> Result<Vec<Option<Answer<DeductReceipt>>>, LedgerError> {
+        deduct_once(client, batch).await
+    }
+}
+
+/// A request accepted in a batch, and the balance it leaves.
+struct Accepted<'a> {
+    q: &'a Queued,
+    slot: usize,
+    balance_after: i64,
+}
+
+async fn deduct_once(
+    client: &mut Client,
+    batch: &[Queued],
+) -> Result<Vec<Option<Answer<DeductReceipt>>>, LedgerError> {
+    let mut answers: Vec<Option<Answer<DeductReceipt>>> = batch.iter().map(|_| None).collect();
+    let mut keys = HashSet::new();
+    let live: Vec<&Deduct> = batch
+        .iter()
+        .map(|q| &q.deduct)
+        .take_while(|d| keys.insert((d.app_name.as_str(), d.project_code.as_str())))
+        .collect();
+
+    let tx = client.transaction().await?;
+    let mut balances = lock_accounts(&tx, live.iter().map(|d| d.user_id.as_str())).await?;
+    let apps: Vec<&str> = live.iter().map(|d| d.app_name.as_str()).collect();
+    let codes: Vec<&str> = live.iter().map(|d| d.project_code.as_str()).collect();
+    let find = tx
+        .prepare_cached(
+            "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
+                    r.refundable_until, r.created_at, r.app_name, r.project_code \
+             FROM reservations r \
+             JOIN unnest($1::text[], $2::text[]) AS k(app_name, project_code) \
+               ON r.app_name = k.app_name AND r.project_code = k.project_code",
+        )
+        .await?;
+    let stored: std::collections::HashMap<(String, String), tokio_postgres::Row> = tx
+        .query(&find, &[&apps, &codes])
+        .await?
+        .into_iter()
+        .map(|r| ((r.get("app_name"), r.get("project_code")), r))
+        .collect();
+
+    // Decide each request in arrival order, as if it ran alone.
+    let mut accepted: Vec<Accepted<'_>> = Vec::new();
+    for (slot, (q, d)) in batch.iter().zip(&live).enumerate() {
+        let key = (d.app_name.to_string(), d.project_code.to_string());
+        if let Some(row) = stored.get(&key) {
+            answers[slot] = Some(answer_from_reservation(row, d));
+            continue;
+        }
+        let amount = d.amount.get();
+        match balances.get_mut(d.user_id.as_str()) {
+            None => answers[slot] = Some(Err(LedgerError::UserNotFound)),
+            Some(balance) if *balance < amount => {
+                answers[slot] = Some(Err(LedgerError::InsufficientCredits {
+                    balance: *balance,
+                    requested: amount,
+                }));
+            }
+            Some(balance) => {
+                *balance -= amount;
+                accepted.push(Accepted {
+                    q,
+                    slot,
+                    balance_after: *balance,
+                });
+            }
+        }
+    }
+    if accepted.is_empty() {
+        tx.rollback().await?;
+        return Ok(answers);
+    }
+
+    let claimed = claim_reservations(&tx, &accepted).await?;
+    if claimed.len() != accepted.len() {
+        // Another user's request took one of these keys since we looked.
+        tx.rollback().await?;
+        return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
+    }
+    let deltas: Vec<(&str, i64)> = accepted
+        .iter()
+        .map(|a| (a.q.deduct.user_id.as_str(), -a.q.deduct.amount.get()))
+        .collect();
+    move_balances(&tx, &deltas).await?;
+    let entries: Vec<NewEntry<'_>> = accepted
+        .iter()
+        .map(|a| NewEntry {
+            user_id: a.q.deduct.user_id.as_str(),
+            kind: EntryKind::Deduct,
+            amount: -a.q.deduct.amount.get(),
+            balance_after: a.balance_after,
+            app_name: a.q.deduct.app_name.as_str(),
+            description: a.q.deduct.description.as_deref(),
+            project_code: a.q.deduct.project_code.as_str(),
+            correlation_id: a.q.correlation_id.as_deref(),
+        })
+        .collect();
+    write_entries(&tx, &entries).await?;
+    tx.commit().await?;
+
+    for a in &accepted {
+        let d = &a.q.deduct;
+        let key = (d.app_name.to_string(), d.project_code.to_string());
+        let Some(&(created_at, refundable_until)) = claimed.get(&key) else {
+            // Committed but not reported: the next batch replays it.
+            continue;
+        };
+        count_moved("reserved", d.app_name.as_str(), d.amount.get());
+        answers[a.slot] = Some(Ok(Outcome::fresh(DeductReceipt {
+            user_id: d.user_id.to_string(),
+            credits_deducted: d.amount.get(),
+            new_balance: a.balance_after,
+            app_name: d.app_name.to_string(),
+            project_code: d.project_code.to_string(),
+            reservation_status: ReservationState::Reserved,
+            refundable_until,
+            timestamp: created_at,
+        })));
+    }
+    Ok(answers)
+}
+
+/// Claims the accepted requests' keys (in key order, so two batches claiming
+/// overlapping keys wait for each other instead of deadlocking). Returns the
+/// claimed keys with their reservation's times.
+async fn claim_reservations(
+    tx: &deadpool_postgres::Transaction<'_>,
+    accepted: &[Accepted<'_>],
+) -> Result<std::collections::HashMap<(String, String), (OffsetDateTime, OffsetDateTime)>, DbError>
+{
+    let column =
+        |f: fn(&Deduct) -> &str| -> Vec<&str> { accepted.iter().map(|a| f(&a.q.deduct)).collect() };
+    let apps = column(|d| d.app_name.as_str());
+    let codes = column(|d| d.project_code.as_str());
+    let users = column(|d| d.user_id.as_str());
+    let amounts: Vec<i64> = accepted.iter().map(|a| a.q.deduct.amount.get()).collect();
+    let descriptions: Vec<Option<&str>> = accepted
+        .iter()
+        .map(|a| a.q.deduct.description.as_deref())
+        .collect();
+    let after: Vec<i64> = accepted.iter().map(|a| a.balance_after).collect();
+    let windows: Vec<f64> = accepted
+        .iter()
+        .map(|a| a.q.deduct.refund_window.as_secs_f64())
+        .collect();
+    let claim = tx
+        .prepare_cached(
+            "INSERT INTO reservations \
+               (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
+             SELECT v.app_name, v.project_code, v.user_id, v.amount, v.description, v.balance_after, \
+                    now() + make_interval(secs => v.window_secs) \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $7::float8[]) \
+               AS v(app_name, project_code, user_id, amount, description, balance_after, window_secs) \
+             ORDER BY v.app_name, v.project_code \
+             ON CONFLICT (app_name, project_code) DO NOTHING \
+             RETURNING app_name, project_code, created_at, refundable_until",
+        )
+        .await?;
+    Ok(tx
+        .query(
+            &claim,
+            &[
+                &apps,
+                &codes,
+                &users,
+                &amounts,
+                &descriptions,
+                &after,
+                &windows,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            (
+                (r.get("app_name"), r.get("project_code")),
+                (r.get("created_at"), r.get("refundable_until")),
+            )
+        })
+        .collect())
+}
+
+/// The answer a deduction gets from its key's stored reservation: the first
+/// result again, or a conflict when the user or amount differ.
+fn answer_from_reservation(row: &tokio_postgres::Row, d: &Deduct) -> Answer<DeductReceipt> {
+    let user_id: String = row.get("user_id");
+    let amount: i64 = row.get("amount");
+    if user_id != d.user_id.as_str() || amount != d.amount.get() {
+        let what = if user_id != d.user_id.as_str() {
+            "another user".to_owned()
+        } else {
+            format!("an amount of {amount}")
+        };
+        return Err(LedgerError::IdempotencyConflict(format!(
+            "project_code {:?} of app {:?} was already used with {what}; use a new project_code for a new deduction",
+            d.project_code.as_str(),
+            d.app_name.as_str()
+        )));
+    }
+    Ok(Outcome::replay(DeductReceipt {
+        user_id,
+        credits_deducted: amount,
+        new_balance: row.get("balance_after_deduct"),
+        app_name: d.app_name.to_string(),
+        project_code: d.project_code.to_string(),
+        reservation_status: state_of(row.get("state"))?,
+        refundable_until: row.get("refundable_until"),
+        timestamp: row.get("created_at"),
+    }))
+}

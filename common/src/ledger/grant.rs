@@ -1,0 +1,159 @@
+//! Grants (`add-credits`, `penora-ops credits grant`): credits in, once per
+//! `reference`.
+//!
+//! Rules: the account is created on a user's first grant; the balance never
+//! passes `i64::MAX` (the upsert refuses instead); the reference is claimed
+//! by the ledger row itself (a unique index on grant references), so a repeat
+//! rolls back and answers from the first grant, or with a conflict when its
+//! user or amount differ.
+
+use deadpool_postgres::{Client, GenericClient};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{Answer, LedgerError, Outcome, count_moved, insert_audit_jobs};
+use crate::{
+    db::DbError,
+    domain::{AppName, Credits, EntryKind, UserId},
+    messages::LedgerAuditJob,
+};
+
+/// A grant.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// Who receives the credits (the account is created if new).
+    pub user_id: UserId,
+    /// How many.
+    pub amount: Credits,
+    /// The app on whose behalf (default `penora`).
+    pub app_name: AppName,
+    /// Why, for people (a purchase, a bonus).
+    pub reason: String,
+    /// Idempotency reference (e.g. the payment id).
+    pub reference: String,
+}
+
+/// The result of a grant.
+#[derive(Debug, Clone, Serialize)]
+pub struct GrantReceipt {
+    /// Who received the credits.
+    pub user_id: String,
+    /// How many.
+    pub credits_added: i64,
+    /// The balance right after this grant.
+    pub new_balance: i64,
+    /// The idempotency reference.
+    pub reference: String,
+    /// The ledger entry's id.
+    pub entry_id: i64,
+    /// When the grant was made.
+    #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
+    pub timestamp: OffsetDateTime,
+}
+
+/// Grants credits, once per `reference`.
+pub async fn grant(
+    client: &mut Client,
+    g: &Grant,
+    correlation_id: Option<&str>,
+) -> Answer<GrantReceipt> {
+    let tx = client.transaction().await?;
+    let upsert = tx
+        .prepare_cached(
+            "INSERT INTO accounts (user_id, balance) VALUES ($1, $2) \
+             ON CONFLICT (user_id) DO UPDATE \
+               SET balance = accounts.balance + EXCLUDED.balance, updated_at = now() \
+               WHERE accounts.balance <= 9223372036854775807 - EXCLUDED.balance \
+             RETURNING balance",
+        )
+        .await?;
+    let Some(row) = tx
+        .query_opt(&upsert, &[&g.user_id.as_str(), &g.amount.get()])
+        .await?
+    else {
+        return Err(LedgerError::Invalid {
+            field: "amount",
+            reason: "would take the balance past the largest possible balance".into(),
+        });
+    };
+    let new_balance: i64 = row.get("balance");
+    let claim = tx
+        .prepare_cached(
+            "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
+             VALUES ($1, 'grant', $2, $3, $4, $5, $6) \
+             ON CONFLICT (reference) WHERE kind = 'grant' DO NOTHING \
+             RETURNING id, created_at",
+        )
+        .await?;
+    let claimed = tx
+        .query_opt(
+            &claim,
+            &[
+                &g.user_id.as_str(),
+                &g.amount.get(),
+                &new_balance,
+                &g.app_name.as_str(),
+                &g.reason,
+                &g.reference,
+            ],
+        )
+        .await?;
+    let Some(row) = claimed else {
+        // The reference was used before: undo this attempt and answer from the first.
+        tx.rollback().await?;
+        return replay_grant(client, g).await;
+    };
+    let entry_id: i64 = row.get("id");
+    let job = LedgerAuditJob {
+        entry_id,
+        user_id: g.user_id.to_string(),
+        kind: EntryKind::Grant.as_str().into(),
+        amount: g.amount.get(),
+        balance_after: new_balance,
+    };
+    let payload =
+        serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
+    insert_audit_jobs(&tx, &[g.user_id.as_str()], &[correlation_id], &[payload]).await?;
+    tx.commit().await?;
+    count_moved("granted", g.app_name.as_str(), g.amount.get());
+    Ok(Outcome::fresh(GrantReceipt {
+        user_id: g.user_id.to_string(),
+        credits_added: g.amount.get(),
+        new_balance,
+        reference: g.reference.clone(),
+        entry_id,
+        timestamp: row.get("created_at"),
+    }))
+}
+
+async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantReceipt> {
+    let row = client
+        .query_opt(
+            "SELECT user_id, amount, balance_after, id, created_at FROM ledger_entries \
+             WHERE kind = 'grant' AND reference = $1",
+            &[&g.reference],
+        )
+        .await?
+        .ok_or_else(|| {
+            DbError::Other(format!(
+                "grant reference {:?} claimed but not found",
+                g.reference
+            ))
+        })?;
+    let user_id: String = row.get("user_id");
+    let amount: i64 = row.get("amount");
+    if user_id != g.user_id.as_str() || amount != g.amount.get() {
+        return Err(LedgerError::IdempotencyConflict(format!(
+            "reference {:?} was already used for a grant of {amount} credits to another request (user or amount differ)",
+            g.reference
+        )));
+    }
+    Ok(Outcome::replay(GrantReceipt {
+        user_id,
+        credits_added: amount,
+        new_balance: row.get("balance_after"),
+        reference: g.reference.clone(),
+        entry_id: row.get("id"),
+        timestamp: row.get("created_at"),
+    }))
+}

@@ -1,0 +1,429 @@
+//! Refunds (`refund-credits` and `generation.failed` events): a reservation's
+//! credits come back, once.
+//!
+//! One implementation for any number of requests: the worker hands the
+//! events that arrived together to [`refund_all`]; a lone request
+//! ([`refund`]) is a batch of one.
+//!
+//! Rules, for each request of a batch:
+//! * the account rows are locked first (in `user_id` order), then the
+//!   reservations (in key order); the state change is one guarded `UPDATE`
+//!   that the `reservations_one_way` trigger also enforces;
+//! * a reservation is refundable while it is `reserved` and inside its
+//!   window; a refunded one answers the first refund again (a replay), a
+//!   settled one or one whose window closed is refused;
+//! * a request without `app_name` names the user's only reservation with its
+//!   code; several apps are an error that asks for `app_name`;
+//! * an event's id is recorded in `processed_events`, with what it did, in
+//!   the refund's own commit; an event seen before changes nothing and
+//!   answers [`LedgerError::EventSeen`];
+//! * two requests of one batch that name the same user and code, or the
+//!   same event, are never in one transaction: the second starts the next
+//!   batch, and is decided after the first commits.
+
+use std::collections::{HashMap, HashSet};
+
+use deadpool_postgres::{Client, Transaction};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{
+    Answer, BatchRule, LedgerError, NewEntry, Outcome, answer_all, answer_one, count_moved,
+    lock_accounts, move_balances, state_of, write_entries,
+};
+use crate::{
+    db::DbError,
+    domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId},
+};
+
+/// A refund.
+#[derive(Debug, Clone)]
+pub struct Refund {
+    /// Whose reservation.
+    pub user_id: UserId,
+    /// The reservation's key.
+    pub project_code: ProjectCode,
+    /// The reservation's app; when `None`, the user's only reservation with this code.
+    pub app_name: Option<AppName>,
+    /// Why, for people.
+    pub reason: Option<String>,
+}
+
+/// The answer to a refund.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefundReceipt {
+    /// Whose credits.
+    pub user_id: String,
+    /// How many came back.
+    pub credits_refunded: i64,
+    /// The balance right after the refund.
+    pub new_balance: i64,
+    /// The reservation's app.
+    pub app_name: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// Always `refunded`.
+    pub reservation_status: ReservationState,
+    /// Why.
+    pub reason: Option<String>,
+    /// When the refund was made.
+    #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
+    pub timestamp: OffsetDateTime,
+}
+
+/// One request of a batch.
+#[derive(Debug, Clone)]
+pub struct QueuedRefund {
+    /// The refund.
+    pub refund: Refund,
+    /// The `generation.failed` event that asks for it, recorded in
+    /// `processed_events` with the refund.
+    pub event_id: Option<String>,
+    /// The request id, carried to the audit job.
+    pub correlation_id: Option<String>,
+}
+
+/// Returns a reservation's credits, once. Asking again answers the first
+/// refund's result.
+pub async fn refund(
+    client: &mut Client,
+    r: &Refund,
+    correlation_id: Option<&str>,
+) -> Answer<RefundReceipt> {
+    let queued = QueuedRefund {
+        refund: r.clone(),
+        event_id: None,
+        correlation_id: correlation_id.map(str::to_owned),
+    };
+    refund_one(client, queued).await
+}
+
+/// Carries out one request (an event's refund, say) as a batch of one.
+pub async fn refund_one(client: &mut Client, q: QueuedRefund) -> Answer<RefundReceipt> {
+    answer_one::<Refunds>(client, q).await
+}
+
+/// Refunds every one of `batch`, in order, in as few transactions as the
+/// keys allow. Each answer is the one the request would have had alone.
+pub async fn refund_all(client: &mut Client, batch: &[QueuedRefund]) -> Vec<Answer<RefundReceipt>> {
+    answer_all::<Refunds>(client, batch).await
+}
+
+struct Refunds;
+
+impl BatchRule for Refunds {
+    type Request = QueuedRefund;
+    type Receipt = RefundReceipt;
+    const NAME: &'static str = "refund";
+
+    async fn once(
+        client: &mut Client,
+        batch: &[QueuedRefund],
+    ) -> Result<Vec<Option<Answer<RefundReceipt>>>, LedgerError> {
+        refund_once(client, batch).await
+    }
+}
+
+/// A refund decided in a batch.
+struct Decided<'a> {
+    q: &'a QueuedRefund,
+    slot: usize,
+    app_name: String,
+    amount: i64,
+    balance_after: i64,
+}
+
+async fn refund_once(
+    client: &mut Client,
+    batch: &[QueuedRefund],
+) -> Result<Vec<Option<Answer<RefundReceipt>>>, LedgerError> {
+    let mut answers: Vec<Option<Answer<RefundReceipt>>> = batch.iter().map(|_| None).collect();
+    let mut keys = HashSet::new();
+    let mut events = HashSet::new();
+    let live: Vec<&QueuedRefund> = batch
+        .iter()
+        .take_while(|q| {
+            let r = &q.refund;
+            let fresh_key = keys.insert((r.user_id.as_str(), r.project_code.as_str()));
+            let fresh_event = q
+                .event_id
+                .as_deref()
+                .is_none_or(|e| events.insert((r.user_id.as_str(), e)));
+            fresh_key && fresh_event
+        })
+        .collect();
+
+    let tx = client.transaction().await?;
+    let mut balances = lock_accounts(&tx, live.iter().map(|q| q.refund.user_id.as_str())).await?;
+    let mut found = lock_reservations(&tx, &live).await?;
+    let seen = seen_events(&tx, &live).await?;
+
+    let mut fresh: Vec<Decided<'_>> = Vec::new();
+    // Events answered from a reservation refunded before.
+    let mut replayed_events: Vec<&QueuedRefund> = Vec::new();
+    for (slot, q) in live.iter().enumerate() {
+        let r = &q.refund;
+        if let Some(first_outcome) = q
+            .event_id
+            .as_ref()
+            .and_then(|e| seen.get(&(r.user_id.to_string(), e.clone())))
+        {
+            answers[slot] = Some(Err(LedgerError::EventSeen {
+                first_outcome: first_outcome.clone(),
+            }));
+            continue;
+        }
+        let rows = found.remove(&slot).unwrap_or_default();
+        let Some(balance) = balances.get_mut(r.user_id.as_str()) else {
+            answers[slot] = Some(Err(not_found(r)));
+            continue;
+        };
+        let row = match rows.as_slice() {
+            [] => {
+                answers[slot] = Some(Err(not_found(r)));
+                continue;
+            }
+            [row] => row,
+            _ => {
+                answers[slot] = Some(Err(LedgerError::Invalid {
+                    field: "app_name",
+                    reason: format!(
+                        "project_code {:?} names reservations of several apps; say which with app_name",
+                        r.project_code.as_str()
+                    ),
+                }));
+                continue;
+            }
+        };
+        let amount: i64 = row.get("amount");
+        match state_of(row.get("state"))? {
+            ReservationState::Refunded => {
+                if q.event_id.is_some() {
+                    replayed_events.push(q);
+                }
+                answers[slot] = Some(Ok(Outcome::replay(RefundReceipt {
+                    user_id: r.user_id.to_string(),
+                    credits_refunded: amount,
+                    new_balance: row.get("balance_after_refund"),
+                    app_name: row.get("app_name"),
+                    project_code: r.project_code.to_string(),
+                    reservation_status: ReservationState::Refunded,
+                    reason: row.get("refund_reason"),
+                    timestamp: row.get("refunded_at"),
+                })));
+            }
+            ReservationState::Settled => {
+                answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
+                    "reservation {:?} is already settled; its credits are spent",
+                    r.project_code.as_str()
+                ))));
+            }
+            ReservationState::Reserved if row.get::<_, bool>("expired") => {
+                let until: OffsetDateTime = row.get("refundable_until");
+                answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
+                    "the refund window of reservation {:?} closed at {}",
+                    r.project_code.as_str(),
+                    crate::timefmt::rfc3339_millis(until)
+                ))));
+            }
+            ReservationState::Reserved => {
+                *balance = balance
+                    .checked_add(amount)
+                    .ok_or_else(|| DbError::Other("a refund overflows the balance".into()))?;
+                fresh.push(Decided {
+                    q,
+                    slot,
+                    app_name: row.get("app_name"),
+                    amount,
+                    balance_after: *balance,
+                });
+            }
+        }
+    }
+    if fresh.is_empty() && replayed_events.is_empty() {
+        tx.rollback().await?;
+        return Ok(answers);
+    }
+
+    let at = if fresh.is_empty() {
+        Vec::new()
+    } else {
+        let deltas: Vec<(&str, i64)> = fresh
+            .iter()
+            .map(|f| (f.q.refund.user_id.as_str(), f.amount))
+            .collect();
+        move_balances(&tx, &deltas).await?;
+        let entries: Vec<NewEntry<'_>> = fresh
+            .iter()
+            .map(|f| NewEntry {
+                user_id: f.q.refund.user_id.as_str(),
+                kind: EntryKind::Refund,
+                amount: f.amount,
+                balance_after: f.balance_after,
+                app_name: &f.app_name,
+                description: f.q.refund.reason.as_deref(),
+                project_code: f.q.refund.project_code.as_str(),
+                correlation_id: f.q.correlation_id.as_deref(),
+            })
+            .collect();
+        let at: Vec<OffsetDateTime> = write_entries(&tx, &entries)
+            .await?
+            .into_iter()
+            .map(|(_, at)| at)
+            .collect();
+        mark_refunded(&tx, &fresh, &at).await?;
+        at
+    };
+    let mut recorded: Vec<(&QueuedRefund, &str)> = fresh
+        .iter()
+        .filter(|f| f.q.event_id.is_some())
+        .map(|f| (f.q, "refunded"))
+        .collect();
+    recorded.extend(replayed_events.iter().map(|q| (*q, "already refunded")));
+    record_events(&tx, &recorded).await?;
+    tx.commit().await?;
+
+    for (f, at) in fresh.iter().zip(at) {
+        count_moved("refunded", &f.app_name, f.amount);
+        answers[f.slot] = Some(Ok(Outcome::fresh(RefundReceipt {
+            user_id: f.q.refund.user_id.to_string(),
+            credits_refunded: f.amount,
+            new_balance: f.balance_after,
+            app_name: f.app_name.clone(),
+            project_code: f.q.refund.project_code.to_string(),
+            reservation_status: ReservationState::Refunded,
+            reason: f.q.refund.reason.clone(),
+            timestamp: at,
+        })));
+    }
+    Ok(answers)
+}
+
+fn not_found(r: &Refund) -> LedgerError {
+    LedgerError::NotFound(format!(
+        "no reservation with project_code {:?} for this user",
+        r.project_code.as_str()
+    ))
+}
+
+/// Locks the reservations that `live`'s requests name, in key order, and
+/// returns them by the request's place in `live`.
+async fn lock_reservations(
+    tx: &Transaction<'_>,
+    live: &[&QueuedRefund],
+) -> Result<HashMap<usize, Vec<tokio_postgres::Row>>, DbError> {
+    let users: Vec<&str> = live.iter().map(|q| q.refund.user_id.as_str()).collect();
+    let codes: Vec<&str> = live
+        .iter()
+        .map(|q| q.refund.project_code.as_str())
+        .collect();
+    let apps: Vec<Option<&str>> = live
+        .iter()
+        .map(|q| q.refund.app_name.as_ref().map(AppName::as_str))
+        .collect();
+    let lock = tx
+        .prepare_cached(
+            "SELECT k.n, r.app_name, r.amount, r.state, r.refundable_until < now() AS expired, \
+                    r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
+             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(user_id, project_code, app_name, n) \
+             JOIN reservations r ON r.user_id = k.user_id AND r.project_code = k.project_code \
+               AND (k.app_name IS NULL OR r.app_name = k.app_name) \
+             ORDER BY r.app_name, r.project_code \
+             FOR UPDATE OF r",
+        )
+        .await?;
+    let mut found: HashMap<usize, Vec<tokio_postgres::Row>> = HashMap::new();
+    for row in tx.query(&lock, &[&users, &codes, &apps]).await? {
+        let n: i64 = row.get("n");
+        found.entry(n as usize - 1).or_default().push(row);
+    }
+    Ok(found)
+}
+
+/// The events of `live` handled before, with what they did.
+async fn seen_events(
+    tx: &Transaction<'_>,
+    live: &[&QueuedRefund],
+) -> Result<HashMap<(String, String), String>, DbError> {
+    let (users, ids): (Vec<&str>, Vec<&str>) = live
+        .iter()
+        .filter_map(|q| Some((q.refund.user_id.as_str(), q.event_id.as_deref()?)))
+        .unzip();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let seen = tx
+        .prepare_cached(
+            "SELECT user_id, event_id, outcome FROM processed_events \
+             WHERE (user_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+        )
+        .await?;
+    Ok(tx
+        .query(&seen, &[&users, &ids])
+        .await?
+        .into_iter()
+        .map(|r| ((r.get("user_id"), r.get("event_id")), r.get("outcome")))
+        .collect())
+}
+
+/// Marks the reservations refunded, with the answers a replay gives.
+async fn mark_refunded(
+    tx: &Transaction<'_>,
+    fresh: &[Decided<'_>],
+    at: &[OffsetDateTime],
+) -> Result<(), DbError> {
+    let apps: Vec<&str> = fresh.iter().map(|f| f.app_name.as_str()).collect();
+    let codes: Vec<&str> = fresh
+        .iter()
+        .map(|f| f.q.refund.project_code.as_str())
+        .collect();
+    let reasons: Vec<Option<&str>> = fresh.iter().map(|f| f.q.refund.reason.as_deref()).collect();
+    let after: Vec<i64> = fresh.iter().map(|f| f.balance_after).collect();
+    let mark = tx
+        .prepare_cached(
+            "UPDATE reservations r SET state = 'refunded', refunded_at = v.at, \
+                    refund_reason = v.reason, balance_after_refund = v.balance_after \
+             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int8[]) \
+               AS v(app_name, project_code, at, reason, balance_after) \
+             WHERE r.app_name = v.app_name AND r.project_code = v.project_code",
+        )
+        .await?;
+    if tx
+        .execute(&mark, &[&apps, &codes, &at, &reasons, &after])
+        .await?
+        != fresh.len() as u64
+    {
+        return Err(DbError::Other("a batch reservation did not change".into()));
+    }
+    Ok(())
+}
+
+/// Records the events as handled, with what each did.
+async fn record_events(
+    tx: &Transaction<'_>,
+    recorded: &[(&QueuedRefund, &str)],
+) -> Result<(), DbError> {
+    let mut users = Vec::with_capacity(recorded.len());
+    let mut ids = Vec::with_capacity(recorded.len());
+    let mut outcomes = Vec::with_capacity(recorded.len());
+    for (q, outcome) in recorded {
+        if let Some(id) = q.event_id.as_deref() {
+            users.push(q.refund.user_id.as_str());
+            ids.push(id);
+            outcomes.push(*outcome);
+        }
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let record = tx
+        .prepare_cached(
+            "INSERT INTO processed_events (user_id, event_id, kind, outcome) \
+             SELECT v.user_id, v.event_id, 'failed', v.outcome \
+             FROM unnest($1::text[], $2::text[], $3::text[]) AS v(user_id, event_id, outcome) \
+             ON CONFLICT DO NOTHING",
+        )
+        .await?;
+    tx.execute(&record, &[&users, &ids, &outcomes]).await?;
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Settlements: a reservation becomes final, its credits spent.
+//!
+//! Rules: idempotent (settling a settled reservation changes nothing, and a
+//! refunded one stays refunded); the account row is locked before the
+//! reservation, as every movement does; the `settle` ledger row (amount 0)
+//! and its audit job commit with the state change.
+
+use deadpool_postgres::Client;
+
+use super::{LedgerError, NewEntry, count_moved, state_of, write_entries};
+use crate::domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
+
+/// How a settle request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettleResult {
+    /// The reservation is now settled.
+    Settled,
+    /// It was settled before; nothing changed.
+    AlreadySettled,
+    /// It was refunded before; it stays refunded.
+    AlreadyRefunded,
+}
+
+/// Makes a reservation final (its credits are spent). Idempotent.
+pub async fn settle(
+    client: &mut Client,
+    user_id: &UserId,
+    app_name: &AppName,
+    project_code: &ProjectCode,
+    reason: &str,
+    correlation_id: Option<&str>,
+) -> Result<SettleResult, LedgerError> {
+    let user = user_id.as_str();
+    let tx = client.transaction().await?;
+    let lock = tx
+        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .await?;
+    let Some(account) = tx.query_opt(&lock, &[&user]).await? else {
+        return Err(LedgerError::NotFound(format!(
+            "no account for user {user:?}"
+        )));
+    };
+    let select = tx
+        .prepare_cached(
+            "SELECT state, amount FROM reservations \
+             WHERE app_name = $1 AND project_code = $2 AND user_id = $3 FOR UPDATE",
+        )
+        .await?;
+    let Some(row) = tx
+        .query_opt(
+            &select,
+            &[&app_name.as_str(), &project_code.as_str(), &user],
+        )
+        .await?
+    else {
+        return Err(LedgerError::NotFound(format!(
+            "no reservation with project_code {:?} of app {:?} for this user",
+            project_code.as_str(),
+            app_name.as_str()
+        )));
+    };
+    match state_of(row.get("state"))? {
+        ReservationState::Settled => return Ok(SettleResult::AlreadySettled),
+        ReservationState::Refunded => return Ok(SettleResult::AlreadyRefunded),
+        ReservationState::Reserved => {}
+    }
+    let written = write_entries(
+        &tx,
+        &[NewEntry {
+            user_id: user,
+            kind: EntryKind::Settle,
+            amount: 0,
+            balance_after: account.get("balance"),
+            app_name: app_name.as_str(),
+            description: Some(reason),
+            project_code: project_code.as_str(),
+            correlation_id,
+        }],
+    )
+    .await?;
+    let at = written.first().map(|&(_, at)| at);
+    tx.execute(
+        "UPDATE reservations SET state = 'settled', settled_at = $3, settle_reason = $4 \
+         WHERE app_name = $1 AND project_code = $2",
+        &[&app_name.as_str(), &project_code.as_str(), &at, &reason],
+    )
+    .await?;
+    tx.commit().await?;
+    count_moved("settled", app_name.as_str(), row.get("amount"));
+    Ok(SettleResult::Settled)
+}
