@@ -35,20 +35,20 @@ struct Content<'a> {
 
 const ENTRY_COLUMNS: &str = "id, user_id, kind, amount, balance_after, app_name, description, project_code, reference, created_at";
 
-/// The canonical content of the ledger columns (`ENTRY_COLUMNS`) that start
-/// at column `at` of `row`.
-fn content_of(row: &tokio_postgres::Row, at: usize) -> String {
-    let created_at: OffsetDateTime = row.get(at + 9);
+/// The canonical content of a row holding the ledger columns
+/// (`ENTRY_COLUMNS`, by name).
+fn content_of(row: &tokio_postgres::Row) -> String {
+    let created_at: OffsetDateTime = row.get("created_at");
     let content = Content {
-        entry_id: row.get(at),
-        user_id: row.get(at + 1),
-        kind: row.get(at + 2),
-        amount: row.get(at + 3),
-        balance_after: row.get(at + 4),
-        app_name: row.get(at + 5),
-        description: row.get(at + 6),
-        project_code: row.get(at + 7),
-        reference: row.get(at + 8),
+        entry_id: row.get("id"),
+        user_id: row.get("user_id"),
+        kind: row.get("kind"),
+        amount: row.get("amount"),
+        balance_after: row.get("balance_after"),
+        app_name: row.get("app_name"),
+        description: row.get("description"),
+        project_code: row.get("project_code"),
+        reference: row.get("reference"),
         created_at: rfc3339_millis(created_at),
     };
     serde_json::to_string(&content).unwrap_or_default()
@@ -108,8 +108,8 @@ pub async fn append(
     if done.is_some() {
         return Ok(Appended::AlreadyRecorded);
     }
-    let (seq, prev): (i64, Vec<u8>) = (head.get(0), head.get(1));
-    let content = content_of(&entry, 0);
+    let (seq, prev): (i64, Vec<u8>) = (head.get("seq"), head.get("hash"));
+    let content = content_of(&entry);
     let hash = link(&prev, &content);
     let seq = seq + 1;
     tx.execute(
@@ -169,7 +169,7 @@ pub async fn append_many(
         .query(&heads_lock, &[&users])
         .await?
         .into_iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .map(|r| (r.get("user_id"), (r.get("seq"), r.get("hash"))))
         .collect();
     let done_stmt = tx
         .prepare_cached("SELECT entry_id FROM audit_records WHERE entry_id = ANY($1::int8[])")
@@ -178,25 +178,25 @@ pub async fn append_many(
         .query(&done_stmt, &[&ids])
         .await?
         .into_iter()
-        .map(|r| r.get(0))
+        .map(|r| r.get("entry_id"))
         .collect();
 
     // New records, chained per user in ledger order.
     let mut found: Vec<&tokio_postgres::Row> = entries.iter().collect();
-    found.sort_by_key(|r| r.get::<_, i64>(0));
+    found.sort_by_key(|r| r.get::<_, i64>("id"));
     let mut recorded: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     let (mut r_users, mut r_seqs, mut r_ids, mut r_prev, mut r_hash, mut r_content) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
     for entry in found {
-        let entry_id: i64 = entry.get(0);
+        let entry_id: i64 = entry.get("id");
         if done.contains(&entry_id) || recorded.contains_key(&entry_id) {
             continue;
         }
-        let user: String = entry.get(1);
+        let user: String = entry.get("user_id");
         let Some((seq, prev)) = heads.get_mut(&user) else {
             return Err(DbError::Other(format!("no audit head for user {user:?}")));
         };
-        let content = content_of(entry, 0);
+        let content = content_of(entry);
         let hash = link(prev, &content);
         *seq += 1;
         r_users.push(user);
@@ -234,8 +234,10 @@ pub async fn append_many(
     }
     tx.commit().await?;
 
-    let existing: std::collections::HashSet<(String, i64)> =
-        entries.iter().map(|r| (r.get(1), r.get(0))).collect();
+    let existing: std::collections::HashSet<(String, i64)> = entries
+        .iter()
+        .map(|r| (r.get("user_id"), r.get("id")))
+        .collect();
     let mut answered = std::collections::HashSet::new();
     Ok(items
         .iter()
@@ -293,7 +295,7 @@ pub async fn verify_with_progress(
     let mut findings = Vec::new();
     let records = tx
         .query(
-            "SELECT a.user_id, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, \
+            "SELECT a.user_id AS chain_user, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, \
                     l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, l.description, \
                     l.project_code, l.reference, l.created_at \
              FROM audit_records a LEFT JOIN ledger_entries l ON l.id = a.entry_id \
@@ -309,17 +311,17 @@ pub async fn verify_with_progress(
         if i % 5000 == 0 {
             progress("audit records", i as u64, total);
         }
-        let user: String = r.get(0);
+        let user: String = r.get("chain_user");
         if current.as_deref() != Some(user.as_str()) {
             current = Some(user.clone());
             expected_seq = 1;
             prev = GENESIS.to_vec();
         }
-        let seq: i64 = r.get(1);
-        let entry_id: i64 = r.get(2);
-        let stored_prev: Vec<u8> = r.get(3);
-        let stored_hash: Vec<u8> = r.get(4);
-        let content: String = r.get(5);
+        let seq: i64 = r.get("seq");
+        let entry_id: i64 = r.get("entry_id");
+        let stored_prev: Vec<u8> = r.get("prev_hash");
+        let stored_hash: Vec<u8> = r.get("hash");
+        let content: String = r.get("content");
         let mut problem = |detail: String| {
             findings.push(Finding {
                 user_id: user.clone(),
@@ -341,19 +343,19 @@ pub async fn verify_with_progress(
                 "record {seq} (entry {entry_id}) was altered: its hash does not match its content"
             ));
         }
-        let ledger_id: Option<i64> = r.get(6);
+        let ledger_id: Option<i64> = r.get("id");
         if ledger_id.is_none() {
             problem(format!(
                 "record {seq} names ledger entry {entry_id}, which does not exist"
             ));
         } else {
-            let expected = content_of(r, 6);
+            let expected = content_of(r);
             if expected != content {
                 problem(format!(
                     "record {seq} does not match ledger entry {entry_id}"
                 ));
             }
-            let owner: String = r.get(7);
+            let owner: String = r.get("user_id");
             if owner != user {
                 problem(format!(
                     "record {seq} sits in the chain of another user than entry {entry_id}'s"
@@ -366,39 +368,39 @@ pub async fn verify_with_progress(
     progress("audit records", total, total);
     let heads = tx
         .query(
-            "SELECT h.user_id, h.seq, h.hash, a.hash FROM audit_heads h \
+            "SELECT h.user_id, h.seq, h.hash, a.hash AS last_hash FROM audit_heads h \
              LEFT JOIN audit_records a ON a.user_id = h.user_id AND a.seq = h.seq \
              WHERE h.seq > 0",
             &[],
         )
         .await?;
     for h in heads {
-        let head_hash: Vec<u8> = h.get(2);
-        let last: Option<Vec<u8>> = h.get(3);
+        let head_hash: Vec<u8> = h.get("hash");
+        let last: Option<Vec<u8>> = h.get("last_hash");
         if last.as_deref() != Some(head_hash.as_slice()) {
             findings.push(Finding {
-                user_id: h.get(0),
+                user_id: h.get("user_id"),
                 detail: format!(
                     "the chain's head (record {}) is missing or altered",
-                    h.get::<_, i64>(1)
+                    h.get::<_, i64>("seq")
                 ),
             });
         }
     }
     let missing = tx
         .query(
-            "SELECT l.user_id, count(*), min(l.id) FROM ledger_entries l \
+            "SELECT l.user_id, count(*) AS missing, min(l.id) AS first FROM ledger_entries l \
              WHERE NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.entry_id = l.id) GROUP BY l.user_id",
             &[],
         )
         .await?;
     for m in missing {
         findings.push(Finding {
-            user_id: m.get(0),
+            user_id: m.get("user_id"),
             detail: format!(
                 "{} ledger entries have no audit record (first: entry {})",
-                m.get::<_, i64>(1),
-                m.get::<_, i64>(2)
+                m.get::<_, i64>("missing"),
+                m.get::<_, i64>("first")
             ),
         });
     }
@@ -426,5 +428,5 @@ pub async fn entry_content(
             &[&entry_id],
         )
         .await?
-        .map(|r| content_of(&r, 0)))
+        .map(|r| content_of(&r)))
 }

@@ -216,13 +216,13 @@ pub async fn list(client: &impl GenericClient) -> Result<Vec<KeyRecord>, DbError
     Ok(rows
         .into_iter()
         .map(|r| KeyRecord {
-            id: r.get(0),
-            name: r.get(1),
-            prefix: r.get(2),
-            app: r.get(3),
-            scopes: r.get(4),
-            created_at: r.get(5),
-            revoked_at: r.get(6),
+            id: r.get("id"),
+            name: r.get("name"),
+            prefix: r.get("prefix"),
+            app: r.get("app"),
+            scopes: r.get("scopes"),
+            created_at: r.get("created_at"),
+            revoked_at: r.get("revoked_at"),
         })
         .collect())
 }
@@ -252,14 +252,14 @@ pub async fn authenticate(
         )
         .await?;
     let Some(row) = row else { return Ok(None) };
-    let stored: Vec<u8> = row.get(1);
+    let stored: Vec<u8> = row.get("digest");
     if !digests_equal(&stored, &wanted) {
         return Ok(None);
     }
-    let app: String = row.get(2);
-    let scopes: Vec<String> = row.get(3);
+    let app: String = row.get("app");
+    let scopes: Vec<String> = row.get("scopes");
     Ok(Some(Principal {
-        key_id: Some(row.get(0)),
+        key_id: Some(row.get("id")),
         app: KeyApp::parse(&app).map_err(DbError::Other)?,
         scopes: scopes.iter().filter_map(|s| s.parse().ok()).collect(),
     }))

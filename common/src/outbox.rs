@@ -69,7 +69,7 @@ pub async fn relay_once(
     let take = tx
         .prepare_cached(
             "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
-                    extract(epoch FROM now() - created_at)::float8 \
+                    extract(epoch FROM now() - created_at)::float8 AS waited_secs \
              FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .await
@@ -83,12 +83,12 @@ pub async fn relay_once(
     let mut messages = Vec::with_capacity(rows.len());
     let now = time::OffsetDateTime::now_utc().unix_timestamp().max(0) as u64;
     for row in &rows {
-        let id: i64 = row.get(0);
-        let exchange: String = row.get(1);
-        let routing_key: String = row.get(2);
-        let message_id: Uuid = row.get(3);
-        let correlation_id: Option<String> = row.get(4);
-        let payload: String = row.get(5);
+        let id: i64 = row.get("id");
+        let exchange: String = row.get("exchange");
+        let routing_key: String = row.get("routing_key");
+        let message_id: Uuid = row.get("message_id");
+        let correlation_id: Option<String> = row.get("correlation_id");
+        let payload: String = row.get("payload");
         let mut props = lapin::BasicProperties::default()
             .with_message_id(message_id.to_string().into())
             .with_content_type("application/json".into())
@@ -129,7 +129,8 @@ pub async fn relay_once(
     tx.execute(&mark, &[&ids]).await.map_err(DbError::from)?;
     tx.commit().await.map_err(DbError::from)?;
     for row in &rows {
-        metrics::histogram!("penora_outbox_relay_lag_seconds").record(row.get::<_, f64>(6));
+        metrics::histogram!("penora_outbox_relay_lag_seconds")
+            .record(row.get::<_, f64>("waited_secs"));
     }
     metrics::counter!("penora_outbox_published_total").increment(rows.len() as u64);
     Ok(rows.len())
@@ -166,12 +167,13 @@ pub enum RelayError {
 pub async fn backlog(client: &impl GenericClient) -> Result<(i64, f64), DbError> {
     let row = client
         .query_one(
-            "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+            "SELECT count(*) AS waiting, \
+                    coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_secs \
              FROM outbox WHERE published_at IS NULL",
             &[],
         )
         .await?;
-    Ok((row.get(0), row.get(1)))
+    Ok((row.get("waiting"), row.get("oldest_secs")))
 }
 
 /// Deletes rows published more than `days` days ago; returns how many.

@@ -661,7 +661,7 @@ pub async fn delete_older_than(
         .await?;
     let mut deleted = 0;
     for row in due {
-        let (user, id): (String, Uuid) = (row.get(0), row.get(1));
+        let (user, id): (String, Uuid) = (row.get("user_id"), row.get("id"));
         match delete(client, &user, id, None, Cause::Retention, Some("retention")).await {
             Ok(_) => deleted += 1,
             // Deleted meanwhile by its owner: nothing to do.
@@ -777,7 +777,7 @@ pub async fn counts(
 ) -> Result<Vec<(String, i64)>, DbError> {
     let stmt = client
         .prepare_cached(
-            "SELECT app_source, count(*) FROM projects WHERE user_id = $1 AND status <> 'deleted' \
+            "SELECT app_source, count(*) AS projects FROM projects WHERE user_id = $1 AND status <> 'deleted' \
              GROUP BY app_source ORDER BY app_source",
         )
         .await?;
@@ -785,7 +785,7 @@ pub async fn counts(
         .query(&stmt, &[&user_id.as_str()])
         .await?
         .into_iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get("app_source"), r.get("projects")))
         .collect())
 }
 

@@ -84,16 +84,16 @@ pub async fn run_with_progress(
         .await?
     {
         push(
-            r.get(0),
+            r.get("user_id"),
             1,
-            format!("balance is negative: {}", r.get::<_, i64>(1)),
+            format!("balance is negative: {}", r.get::<_, i64>("balance")),
         );
     }
 
     progress("balances against ledger sums", 1, 6);
     for r in tx
         .query(
-            "SELECT a.user_id, a.balance, coalesce(l.total, 0)::bigint \
+            "SELECT a.user_id, a.balance, coalesce(l.total, 0)::bigint AS ledger_sum \
              FROM accounts a LEFT JOIN \
                (SELECT user_id, sum(amount) AS total FROM ledger_entries GROUP BY user_id) l USING (user_id) \
              WHERE a.balance <> coalesce(l.total, 0)",
@@ -102,19 +102,19 @@ pub async fn run_with_progress(
         .await?
     {
         push(
-            r.get(0),
+            r.get("user_id"),
             2,
             format!(
                 "balance {} differs from the ledger sum {}",
-                r.get::<_, i64>(1),
-                r.get::<_, i64>(2)
+                r.get::<_, i64>("balance"),
+                r.get::<_, i64>("ledger_sum")
             ),
         );
     }
     progress("running balances", 2, 6);
     for r in tx
         .query(
-            "SELECT user_id, min(id), count(*) FROM ( \
+            "SELECT user_id, min(id) AS first, count(*) AS wrong FROM ( \
                SELECT user_id, id, balance_after, \
                       sum(amount) OVER (PARTITION BY user_id ORDER BY id) AS running \
                FROM ledger_entries) x \
@@ -124,12 +124,12 @@ pub async fn run_with_progress(
         .await?
     {
         push(
-            r.get(0),
+            r.get("user_id"),
             2,
             format!(
                 "{} ledger entries have a balance_after that is not the running sum (first: entry {})",
-                r.get::<_, i64>(2),
-                r.get::<_, i64>(1)
+                r.get::<_, i64>("wrong"),
+                r.get::<_, i64>("first")
             ),
         );
     }
@@ -156,18 +156,18 @@ pub async fn run_with_progress(
         .await?
     {
         push(
-            r.get(0),
+            r.get("user_id"),
             4,
             format!(
                 "reservation ({}, {}) of {} credits in state {}: {} deducts of {} in all, {} refunds of {} in all",
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, i64>(3),
-                r.get::<_, String>(4),
-                r.get::<_, i64>(5),
-                r.get::<_, i64>(6),
-                r.get::<_, i64>(7),
-                r.get::<_, i64>(8),
+                r.get::<_, String>("app_name"),
+                r.get::<_, String>("project_code"),
+                r.get::<_, i64>("amount"),
+                r.get::<_, String>("state"),
+                r.get::<_, i64>("deducts"),
+                r.get::<_, i64>("deducted"),
+                r.get::<_, i64>("refunds"),
+                r.get::<_, i64>("refunded"),
             ),
         );
     }
@@ -183,13 +183,14 @@ pub async fn run_with_progress(
         .await?
     {
         push(
-            r.get(0),
+            r.get("user_id"),
             4,
             format!(
                 "{} entry for ({}, {}) has no reservation of this user",
-                r.get::<_, String>(1),
-                r.get::<_, String>(2),
-                r.get::<_, Option<String>>(3).unwrap_or_default()
+                r.get::<_, String>("kind"),
+                r.get::<_, String>("app_name"),
+                r.get::<_, Option<String>>("project_code")
+                    .unwrap_or_default()
             ),
         );
     }
@@ -197,7 +198,7 @@ pub async fn run_with_progress(
     progress("storage", 5, 6);
     for r in tx
         .query(
-            "SELECT a.user_id, a.storage_used_bytes, coalesce(p.total, 0)::bigint \
+            "SELECT a.user_id, a.storage_used_bytes, coalesce(p.total, 0)::bigint AS projects_bytes \
              FROM accounts a LEFT JOIN \
                (SELECT user_id, sum(size_bytes) AS total FROM projects \
                  WHERE status IN ('queued', 'saved') GROUP BY user_id) p USING (user_id) \
@@ -206,29 +207,30 @@ pub async fn run_with_progress(
         )
         .await?
     {
-        let (used, total): (i64, i64) = (r.get(1), r.get(2));
+        let (used, total): (i64, i64) = (r.get("storage_used_bytes"), r.get("projects_bytes"));
         let detail = if used > quota {
             format!("stores {used} bytes, over the quota of {quota}")
         } else {
             format!("storage counter {used} differs from the projects' {total} bytes")
         };
-        push(r.get(0), 6, detail);
+        push(r.get("user_id"), 6, detail);
     }
 
     progress("done", 6, 6);
     let counts = tx
         .query_one(
-            "SELECT (SELECT count(*) FROM accounts), (SELECT count(*) FROM ledger_entries), \
-                    (SELECT count(*) FROM reservations)",
+            "SELECT (SELECT count(*) FROM accounts) AS users, \
+                    (SELECT count(*) FROM ledger_entries) AS entries, \
+                    (SELECT count(*) FROM reservations) AS reservations",
             &[],
         )
         .await?;
     tx.commit().await?;
     violations.sort_by(|a, b| (&a.user_id, a.invariant).cmp(&(&b.user_id, b.invariant)));
     Ok(Report {
-        users_checked: counts.get(0),
-        entries_checked: counts.get(1),
-        reservations_checked: counts.get(2),
+        users_checked: counts.get("users"),
+        entries_checked: counts.get("entries"),
+        reservations_checked: counts.get("reservations"),
         violations,
     })
 }

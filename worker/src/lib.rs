@@ -261,9 +261,9 @@ pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::
     let mut settled = 0;
     for row in due {
         let (Ok(user), Ok(app), Ok(code)) = (
-            UserId::parse(row.get(0)),
-            AppName::parse("app_name", row.get(1)),
-            ProjectCode::parse(row.get(2)),
+            UserId::parse(row.get("user_id")),
+            AppName::parse("app_name", row.get("app_name")),
+            ProjectCode::parse(row.get("project_code")),
         ) else {
             continue;
         };

@@ -481,14 +481,18 @@ async fn in_flight(
 ) -> anyhow::Result<Option<String>> {
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL), \
+            "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished, \
                     (SELECT count(*) FROM ledger_entries l WHERE NOT EXISTS \
-                        (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)), \
-                    (SELECT count(*) FROM projects WHERE status = 'queued')",
+                        (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)) AS unaudited, \
+                    (SELECT count(*) FROM projects WHERE status = 'queued') AS queued",
             &[],
         )
         .await?;
-    let (unpublished, unaudited, queued): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let (unpublished, unaudited, queued): (i64, i64, i64) = (
+        row.get("unpublished"),
+        row.get("unaudited"),
+        row.get("queued"),
+    );
     let stats = broker::queue_stats(ch, topology).await?;
     let unacked = management_rates(settings, &stats).await;
     let busy: Vec<String> = stats
