@@ -8,6 +8,7 @@ COPY Cargo.toml Cargo.lock clippy.toml ./
 COPY api api
 COPY bench bench
 COPY common common
+COPY ops ops
 COPY worker worker
 COPY migrations migrations
 RUN cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-ops

@@ -76,4 +76,30 @@ pub mod headers {
     pub const ORIGINAL_EXCHANGE: &str = "x-penora-original-exchange";
     /// Its first routing key.
     pub const ORIGINAL_ROUTING_KEY: &str = "x-penora-original-routing-key";
+
+    use lapin::{BasicProperties, types::AMQPValue};
+
+    /// Header `name` of a message as text (long or short string).
+    pub fn text(props: &BasicProperties, name: &str) -> Option<String> {
+        match props.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongString(s) => Some(s.to_string()),
+            AMQPValue::ShortString(s) => Some(s.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Header `name` of a message as an integer, whatever width the
+    /// publisher chose.
+    pub fn int(props: &BasicProperties, name: &str) -> Option<i64> {
+        match *props.headers().as_ref()?.inner().get(name)? {
+            AMQPValue::LongUInt(n) => Some(i64::from(n)),
+            AMQPValue::LongInt(n) => Some(i64::from(n)),
+            AMQPValue::LongLongInt(n) => Some(n),
+            AMQPValue::ShortUInt(n) => Some(i64::from(n)),
+            AMQPValue::ShortInt(n) => Some(i64::from(n)),
+            AMQPValue::ShortShortUInt(n) => Some(i64::from(n)),
+            AMQPValue::ShortShortInt(n) => Some(i64::from(n)),
+            _ => None,
+        }
+    }
 }

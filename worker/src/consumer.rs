@@ -32,28 +32,10 @@ use crate::{
     retry::{JobError, random_unit},
 };
 
-fn header_str(props: &BasicProperties, name: &str) -> Option<String> {
-    match props.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongString(s) => Some(s.to_string()),
-        AMQPValue::ShortString(s) => Some(s.to_string()),
-        _ => None,
-    }
-}
-
-fn header_u32(props: &BasicProperties, name: &str) -> Option<u32> {
-    match props.headers().as_ref()?.inner().get(name)? {
-        AMQPValue::LongUInt(n) => Some(*n),
-        AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
-        AMQPValue::LongInt(n) => u32::try_from(*n).ok(),
-        AMQPValue::ShortShortUInt(n) => Some(u32::from(*n)),
-        AMQPValue::ShortUInt(n) => Some(u32::from(*n)),
-        _ => None,
-    }
-}
-
 /// The attempt this delivery is (1 for a first delivery).
 pub fn attempt_of(d: &Delivery) -> u32 {
-    header_u32(&d.properties, headers::ATTEMPT)
+    headers::int(&d.properties, headers::ATTEMPT)
+        .and_then(|n| u32::try_from(n).ok())
         .unwrap_or(1)
         .max(1)
 }
@@ -61,7 +43,7 @@ pub fn attempt_of(d: &Delivery) -> u32 {
 /// The routing key a delivery was first published with (its retry and parked
 /// copies carry it in a header).
 pub fn routing_key_of(delivery: &Delivery) -> String {
-    header_str(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
+    headers::text(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
         .unwrap_or_else(|| delivery.routing_key.to_string())
 }
 
@@ -198,13 +180,13 @@ fn copy_headers(d: &Delivery) -> FieldTable {
 
 fn base_copy(d: &Delivery, mut table: FieldTable, error: &str, attempt: u32) -> BasicProperties {
     let now = rfc3339_millis(time::OffsetDateTime::now_utc());
-    if header_str(&d.properties, headers::FIRST_FAILURE_AT).is_none() {
+    if headers::text(&d.properties, headers::FIRST_FAILURE_AT).is_none() {
         table.insert(
             headers::FIRST_FAILURE_AT.into(),
             AMQPValue::LongString(now.into()),
         );
     }
-    if header_str(&d.properties, headers::ORIGINAL_EXCHANGE).is_none() {
+    if headers::text(&d.properties, headers::ORIGINAL_EXCHANGE).is_none() {
         table.insert(
             headers::ORIGINAL_EXCHANGE.into(),
             AMQPValue::LongString(d.exchange.to_string().into()),

@@ -7,8 +7,20 @@ use reqwest::StatusCode;
 
 use crate::support::{expect_error, spawn_app};
 
+/// The `penora-ops` binary (of the `ops` crate), beside this crate's own.
+fn ops_binary() -> std::path::PathBuf {
+    let path =
+        std::path::PathBuf::from(env!("CARGO_BIN_EXE_penora-api")).with_file_name("penora-ops");
+    assert!(
+        path.exists(),
+        "{} is missing: build the workspace first (`cargo build --workspace`)",
+        path.display()
+    );
+    path
+}
+
 async fn ops(db_url: &str, args: &[&str]) -> Output {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_penora-ops"))
+    tokio::process::Command::new(ops_binary())
         .args(args)
         .env("DATABASE_URL", db_url)
         .output()

@@ -8,8 +8,6 @@ mod support;
 
 use std::{process::Stdio, time::Duration};
 
-use lapin::options::BasicGetOptions;
-use penora_common::broker;
 use serde_json::{Value, json};
 
 use crate::support::{PNG_1X1, Proxy, amqp_url, sibling_binary, stack, wait_for};
@@ -509,31 +507,28 @@ async fn a_job_that_always_fails_is_parked_with_its_history_in_the_headers() {
     })
     .await;
     holder.batch_execute("ROLLBACK").await.expect("released");
-    let connection = broker::connect(&support::amqp_url(), "penora-tests")
-        .await
-        .expect("broker");
-    let ch = connection.create_channel().await.expect("channel");
-    let parked = broker::peek(&ch, &dead, 10).await.expect("peek");
+    // As an operator looks: `penora-ops dlq show` reads without taking.
+    let shown = s.ops(&["dlq", "show", "penora.ledger-audit"]).await;
+    assert!(shown.status.success(), "{shown:?}");
+    let parked: Vec<Value> = serde_json::from_slice(&shown.stdout).expect("json");
     assert_eq!(parked.len(), 1);
     let m = &parked[0];
-    assert_eq!(m.attempts, Some(4), "RETRY_MAX_ATTEMPTS attempts were made");
-    let error = m.error.clone().unwrap_or_default();
+    assert_eq!(
+        m["attempts"],
+        json!(4),
+        "RETRY_MAX_ATTEMPTS attempts were made"
+    );
+    let error = m["error"].as_str().unwrap_or_default();
     assert!(
         error.contains("gave up after 4 attempts") && error.contains("lock"),
         "{error}"
     );
-    assert!(m.first_failure_at.is_some() && m.parked_at.is_some());
+    assert!(m["first_failure_at"].is_string() && m["parked_at"].is_string());
     assert!(
-        m.correlation_id.is_some(),
+        m["correlation_id"].is_string(),
         "the request id travels with the job"
     );
-    let _ = ch.close(200, "bye".into()).await;
-    assert!(
-        ch.basic_get(dead.clone().into(), BasicGetOptions::default())
-            .await
-            .is_err(),
-        "peeked messages went back when the channel closed"
-    );
+    // Looking put the message back.
     assert_eq!(s.depth(&dead).await, 1);
     s.stop_worker().await;
 }

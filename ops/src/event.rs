@@ -1,0 +1,50 @@
+//! `penora-ops event`: publishes an ImageGene generation event as ImageGene
+//! does (for tests and repairs), or any raw body (to see how bad events are
+//! parked).
+
+use penora_common::{
+    broker::{Outgoing, Publisher, Topology},
+    config::Settings,
+    messages::{EVENTS_EXCHANGE, GenerationEvent},
+    timefmt::rfc3339_millis,
+};
+
+/// What to publish.
+pub struct Event {
+    pub kind: String,
+    pub user: String,
+    pub project_code: String,
+    pub reason: Option<String>,
+    pub event_id: Option<String>,
+    pub raw: Option<String>,
+}
+
+pub async fn run(settings: &Settings, e: Event) -> anyhow::Result<()> {
+    let event_id = e
+        .event_id
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let body = match e.raw {
+        Some(raw) => raw,
+        None => serde_json::to_string(&GenerationEvent {
+            event_id: event_id.clone(),
+            user_id: e.user,
+            project_code: e.project_code,
+            reason: e.reason,
+            occurred_at: rfc3339_millis(time::OffsetDateTime::now_utc()),
+        })?,
+    };
+    let topology = Topology::from_settings(settings);
+    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    publisher
+        .publish_all(vec![Outgoing {
+            exchange: topology.exchange(EVENTS_EXCHANGE),
+            routing_key: format!("generation.{}", e.kind),
+            payload: body.into_bytes(),
+            properties: lapin::BasicProperties::default()
+                .with_message_id(event_id.clone().into())
+                .with_content_type("application/json".into()),
+        }])
+        .await?;
+    println!("published generation.{} event {event_id}", e.kind);
+    Ok(())
+}

@@ -1,0 +1,167 @@
+//! `penora-ops`: the operator CLI. One module per command group, one output
+//! module (tables for people, JSON for scripts).
+//!
+//! Settings come from the same environment as the services (`DATABASE_URL`,
+//! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …); every command
+//! applies pending migrations first. Exit status: 0 on success, 1 when a
+//! check finds a problem (`reconcile`, `audit verify`, `wait-idle`, `dlq
+//! purge` without `--yes`), 2 on any error.
+
+mod audit;
+mod credits;
+mod dlq;
+mod event;
+mod keys;
+mod output;
+mod projects;
+mod queues;
+mod reconcile;
+mod wait_idle;
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use penora_common::{config::Settings, db};
+
+#[derive(Parser)]
+#[command(name = "penora-ops", version, about = "Penora Credits operator CLI")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply pending database migrations (safe while services run).
+    Migrate,
+    /// Create, list and revoke API keys.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
+    /// Grant credits.
+    Credits {
+        #[command(subcommand)]
+        command: credits::CreditsCommand,
+    },
+    /// Delete projects of the shared workspace.
+    Projects {
+        #[command(subcommand)]
+        command: projects::ProjectsCommand,
+    },
+    /// Check invariants 1, 2, 4 and 6 over every user; exit 1 naming the users on a violation.
+    Reconcile {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Depth and consumers of every queue, retry and dead queues included.
+    Queues {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until the pipeline is idle: every job published, every queue but
+    /// the dead letters empty, every ledger entry audited, no save still
+    /// queued. Exit 1 naming what is left if it is not idle in time.
+    WaitIdle {
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+    /// Inspect, replay and purge parked (dead-letter) messages.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// The audit log.
+    Audit {
+        #[command(subcommand)]
+        command: audit::AuditCommand,
+    },
+    /// Publish an ImageGene generation event, as ImageGene does (for tests and repairs).
+    Event {
+        /// `failed` (refund) or `succeeded` (settle).
+        kind: String,
+        /// The user.
+        user: String,
+        /// The reservation's project_code.
+        project_code: String,
+        /// Why the generation failed.
+        #[arg(long)]
+        reason: Option<String>,
+        /// The event id (default: a new UUID).
+        #[arg(long)]
+        event_id: Option<String>,
+        /// Publish this body instead (e.g. to test how bad events are parked).
+        #[arg(long)]
+        raw: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    match run(Cli::parse()).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("penora-ops: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let settings = Settings::from_env().context("Bad configuration")?;
+    let url = settings.database_url.expose().to_owned();
+    db::migrate(&url)
+        .await
+        .context("Failed to apply migrations (is PostgreSQL running? see DATABASE_URL)")?;
+    let pool = db::pool_for(&url, 2).context("Failed to create the database pool")?;
+    let mut client = pool
+        .get()
+        .await
+        .context("Failed to connect to PostgreSQL")?;
+    let done = ExitCode::SUCCESS;
+    Ok(match cli.command {
+        Command::Migrate => {
+            println!(
+                "migrations applied (schema version {})",
+                db::latest_migration_version()
+            );
+            done
+        }
+        Command::Keys { command } => keys::run(&client, command).await.map(|()| done)?,
+        Command::Credits { command } => credits::run(&settings, &mut client, command)
+            .await
+            .map(|()| done)?,
+        Command::Projects { command } => {
+            projects::run(&mut client, command).await.map(|()| done)?
+        }
+        Command::Reconcile { json } => reconcile::run(&settings, &mut client, json).await?,
+        Command::Audit { command } => audit::run(&mut client, command).await?,
+        Command::Queues { json } => queues::run(&settings, json).await.map(|()| done)?,
+        Command::Dlq { command } => dlq::run(&settings, command).await?,
+        Command::WaitIdle { timeout_secs } => {
+            wait_idle::run(&settings, &client, Duration::from_secs(timeout_secs)).await?
+        }
+        Command::Event {
+            kind,
+            user,
+            project_code,
+            reason,
+            event_id,
+            raw,
+        } => {
+            let e = event::Event {
+                kind,
+                user,
+                project_code,
+                reason,
+                event_id,
+                raw,
+            };
+            event::run(&settings, e).await.map(|()| done)?
+        }
+    })
+}

@@ -1,0 +1,154 @@
+//! `penora-ops queues`: depth and consumers of every queue (from AMQP), and
+//! unacknowledged counts and rates where the RabbitMQ management API answers.
+
+use penora_common::{
+    broker::{self, QueueStat, Topology},
+    config::Settings,
+};
+
+use crate::output::{self, Align};
+
+/// One line of `penora-ops queues`.
+#[derive(serde::Serialize)]
+struct QueueRow {
+    queue: String,
+    ready: u32,
+    unacked: Option<u64>,
+    consumers: u32,
+    in_per_sec: Option<f64>,
+    out_per_sec: Option<f64>,
+}
+
+pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
+    let topology = Topology::from_settings(settings);
+    let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    let ch = connection.create_channel().await?;
+    topology.declare(&ch).await?;
+    let stats = broker::queue_stats(&ch, &topology).await?;
+    let _ = connection.close(200, "bye".into()).await;
+    let mgmt = management_rates(settings, &stats).await;
+    let rows: Vec<QueueRow> = stats
+        .iter()
+        .zip(mgmt.iter())
+        .map(|(s, m)| QueueRow {
+            queue: s.name.clone(),
+            ready: s.messages,
+            consumers: s.consumers,
+            unacked: m.map(|m| m.unacked),
+            in_per_sec: m.map(|m| m.in_per_sec),
+            out_per_sec: m.map(|m| m.out_per_sec),
+        })
+        .collect();
+    if json {
+        return output::json(&rows);
+    }
+    let rate = |v: Option<f64>| output::cell(v.map(|v| format!("{v:.1}")));
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.queue.clone(),
+                r.ready.to_string(),
+                output::cell(r.unacked),
+                r.consumers.to_string(),
+                rate(r.in_per_sec),
+                rate(r.out_per_sec),
+            ]
+        })
+        .collect();
+    let right = Align::Right;
+    output::table(
+        &[
+            ("QUEUE", Align::Left),
+            ("READY", right),
+            ("UNACKED", right),
+            ("CONSUMERS", right),
+            ("IN/s", right),
+            ("OUT/s", right),
+        ],
+        &cells,
+    );
+    if mgmt.iter().all(Option::is_none) {
+        eprintln!(
+            "(rates need the RabbitMQ management API at {}: rabbitmq-plugins enable rabbitmq_management)",
+            management_url(settings)
+        );
+    }
+    Ok(())
+}
+
+/// What the management API says of one queue.
+#[derive(Clone, Copy)]
+pub struct Rates {
+    /// Delivered, not yet acknowledged.
+    pub unacked: u64,
+    /// Published per second.
+    pub in_per_sec: f64,
+    /// Delivered per second.
+    pub out_per_sec: f64,
+}
+
+/// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
+/// on the AMQP host).
+fn management_url(settings: &Settings) -> String {
+    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
+        let host = amqp_uri(settings).map_or_else(|| "127.0.0.1".to_owned(), |u| u.authority.host);
+        format!("http://{host}:15672")
+    })
+}
+
+/// `AMQP_URL` parsed by lapin's own URI type (user, password, host, port and
+/// the vhost, percent-decoded).
+fn amqp_uri(settings: &Settings) -> Option<lapin::uri::AMQPUri> {
+    settings.amqp_url.expose().parse().ok()
+}
+
+/// The management API's figures per queue, `None` where they cannot be had.
+pub async fn management_rates(settings: &Settings, stats: &[QueueStat]) -> Vec<Option<Rates>> {
+    let Some(uri) = amqp_uri(settings) else {
+        return vec![None; stats.len()];
+    };
+    let (user, pass) = (
+        uri.authority.userinfo.username,
+        uri.authority.userinfo.password,
+    );
+    let base = management_url(settings);
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(2))
+        .build()
+    else {
+        return vec![None; stats.len()];
+    };
+    let mut out = Vec::with_capacity(stats.len());
+    for s in stats {
+        // The vhost and queue are path segments: `/` (the default vhost)
+        // must travel as %2F.
+        let Ok(mut url) = url::Url::parse(&base) else {
+            out.push(None);
+            continue;
+        };
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(["api", "queues", uri.vhost.as_str(), s.name.as_str()]);
+        }
+        let got = async {
+            let v: serde_json::Value = http
+                .get(url.as_str())
+                .basic_auth(&user, Some(&pass))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            let rate = |k: &str| v["message_stats"][k]["rate"].as_f64().unwrap_or(0.0);
+            Some(Rates {
+                unacked: v["messages_unacknowledged"].as_u64().unwrap_or(0),
+                in_per_sec: rate("publish_details"),
+                out_per_sec: rate("deliver_get_details"),
+            })
+        }
+        .await;
+        out.push(got);
+    }
+    out
+}

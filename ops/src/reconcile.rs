@@ -1,0 +1,47 @@
+//! `penora-ops reconcile`: checks the contract's invariants 1, 2, 4 and 6
+//! over every user; a violation names the users and exits 1.
+
+use std::process::ExitCode;
+
+use penora_common::{config::Settings, reconcile};
+
+use crate::output;
+
+pub async fn run(
+    settings: &Settings,
+    client: &mut deadpool_postgres::Client,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let report =
+        reconcile::run_with_progress(client, settings.storage_quota_bytes, &output::progress_bar)
+            .await?;
+    if json {
+        output::json(&report)?;
+    } else {
+        for v in &report.violations {
+            println!(
+                "user {:<24} invariant {}  {}",
+                v.user_id, v.invariant, v.detail
+            );
+        }
+        let users = report.users();
+        if users.is_empty() {
+            println!(
+                "reconcile OK: {} users, {} ledger entries, {} reservations, no violation",
+                report.users_checked, report.entries_checked, report.reservations_checked
+            );
+        } else {
+            println!(
+                "reconcile FAILED: {} violations for {} users: {}",
+                report.violations.len(),
+                users.len(),
+                users.join(", ")
+            );
+        }
+    }
+    Ok(if report.violations.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
