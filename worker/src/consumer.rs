@@ -20,7 +20,7 @@ use lapin::{
 };
 use penora_common::{
     broker::Outgoing,
-    messages::{GENERATION_EVENTS, LEDGER_AUDIT, SAVE_PROJECT, headers},
+    messages::{LEDGER_AUDIT, headers},
     timefmt::rfc3339_millis,
 };
 use tokio::task::JoinSet;
@@ -29,82 +29,42 @@ use tracing::Instrument;
 
 use crate::{
     Context, handlers,
+    message::Message,
     retry::{JobError, random_unit},
 };
 
-/// The attempt this delivery is (1 for a first delivery).
-pub fn attempt_of(d: &Delivery) -> u32 {
-    headers::int(&d.properties, headers::ATTEMPT)
-        .and_then(|n| u32::try_from(n).ok())
-        .unwrap_or(1)
-        .max(1)
-}
-
-/// The routing key a delivery was first published with (its retry and parked
-/// copies carry it in a header).
-pub fn routing_key_of(delivery: &Delivery) -> String {
-    headers::text(&delivery.properties, headers::ORIGINAL_ROUTING_KEY)
-        .unwrap_or_else(|| delivery.routing_key.to_string())
-}
-
-/// The delivery's correlation id (the API request id that caused it).
-pub fn correlation_of(delivery: &Delivery) -> Option<String> {
-    delivery
-        .properties
-        .correlation_id()
-        .as_ref()
-        .map(|c| c.to_string())
-}
-
-/// Runs `work`'s handler on a delivery's body.
-pub async fn dispatch(ctx: &Context, work: &str, delivery: &Delivery) -> Result<String, JobError> {
-    let correlation = correlation_of(delivery);
-    match work {
-        LEDGER_AUDIT => handlers::ledger_audit(&ctx.pool, &delivery.data).await,
-        SAVE_PROJECT => handlers::save_project(ctx, &delivery.data, correlation.as_deref()).await,
-        GENERATION_EVENTS => {
-            let key = routing_key_of(delivery);
-            handlers::generation_event(&ctx.pool, &key, &delivery.data, correlation.as_deref())
-                .await
+/// Handles deliveries of one queue that arrived together: in one call where
+/// the queue's handler has a batch form, otherwise (or when the batch as a
+/// whole fails) one by one. Each delivery is then acknowledged, retried or
+/// parked on its own result. Returns false when the channel must be
+/// abandoned.
+pub async fn handle(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>) -> bool {
+    let started = Instant::now();
+    let messages: Vec<Message> = deliveries.iter().map(Message::of).collect();
+    let Some(handler) = handlers::for_queue(work) else {
+        let mut healthy = true;
+        for (delivery, m) in deliveries.into_iter().zip(&messages) {
+            let result = Err(JobError::Fatal(format!("no handler for queue {work}")));
+            healthy &= finish(ctx, work, delivery, m, result, started).await;
         }
-        other => Err(JobError::Fatal(format!("no handler for queue {other}"))),
-    }
-}
-
-/// Handles one delivery to the end: ack, retry or park. Returns false when
-/// the channel must be abandoned.
-pub async fn handle(ctx: &Context, work: &'static str, delivery: Delivery) -> bool {
-    let started = Instant::now();
-    let result = dispatch(ctx, work, &delivery).await;
-    finish(ctx, work, delivery, result, started).await
-}
-
-/// Handles deliveries of one queue that arrived together in one transaction
-/// where the queue's handler can ([`handlers::batch`]); otherwise, or when the
-/// batch as a whole fails, one by one. Each delivery is then acknowledged,
-/// retried or parked on its own result. Returns false when the channel must
-/// be abandoned.
-pub async fn handle_batch(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>) -> bool {
-    let started = Instant::now();
-    let results = if deliveries.len() > 1 {
-        handlers::batch(&ctx.pool, work, &deliveries).await
-    } else {
-        None
+        return healthy;
     };
+    let together = match handler.many {
+        Some(many) if messages.len() > 1 => many(ctx, &messages).await,
+        _ => None,
+    };
+    if together.is_some() {
+        metrics::histogram!("penora_worker_batch_size", "queue" => work)
+            .record(messages.len() as f64);
+    }
+    let mut results = together.map(Vec::into_iter);
     let mut healthy = true;
-    match results {
-        Some(results) => {
-            metrics::histogram!("penora_worker_batch_size", "queue" => work)
-                .record(deliveries.len() as f64);
-            for (delivery, result) in deliveries.into_iter().zip(results) {
-                healthy &= finish(ctx, work, delivery, result, started).await;
-            }
-        }
-        None => {
-            for delivery in deliveries {
-                healthy &= handle(ctx, work, delivery).await;
-            }
-        }
+    for (delivery, m) in deliveries.into_iter().zip(&messages) {
+        let result = match results.as_mut().and_then(Iterator::next) {
+            Some(result) => result,
+            None => (handler.one)(ctx, m).await,
+        };
+        healthy &= finish(ctx, work, delivery, m, result, started).await;
     }
     healthy
 }
@@ -115,10 +75,11 @@ async fn finish(
     ctx: &Context,
     work: &'static str,
     delivery: Delivery,
+    m: &Message,
     result: Result<String, JobError>,
     started: Instant,
 ) -> bool {
-    let attempt = attempt_of(&delivery);
+    let attempt = m.attempt;
     metrics::histogram!("penora_worker_handle_duration_seconds", "queue" => work)
         .record(started.elapsed().as_secs_f64());
     if result.is_ok() && work != LEDGER_AUDIT {
@@ -132,13 +93,8 @@ async fn finish(
     };
     metrics::counter!("penora_worker_messages_total", "queue" => work, "outcome" => outcome)
         .increment(1);
-    let message_id = delivery
-        .properties
-        .message_id()
-        .as_ref()
-        .map(|m| m.to_string())
-        .unwrap_or_default();
-    let correlation_id = correlation_of(&delivery).unwrap_or_default();
+    let message_id = m.message_id.as_deref().unwrap_or_default();
+    let correlation_id = m.correlation_id.as_deref().unwrap_or_default();
     match &result {
         Ok(what) => {
             tracing::info!(queue = work, %message_id, %correlation_id, attempt, outcome = %what, "message handled");
@@ -268,7 +224,8 @@ pub async fn consume(
         )
         .await?;
     let mut inflight = JoinSet::new();
-    let batching = handlers::batchable(work) && ctx.settings.worker_batch_max > 1;
+    let batching = handlers::for_queue(work).is_some_and(|h| h.many.is_some())
+        && ctx.settings.worker_batch_max > 1;
     let mut failure = None;
     loop {
         tokio::select! {
@@ -294,7 +251,7 @@ pub async fn consume(
                     let broken = broken.clone();
                     let span = tracing::info_span!("deliveries", queue = work, count = batch.len());
                     inflight.spawn(async move {
-                        if !handle_batch(&ctx, work, batch).await {
+                        if !handle(&ctx, work, batch).await {
                             broken.cancel();
                         }
                     }.instrument(span));

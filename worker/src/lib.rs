@@ -14,6 +14,7 @@
 
 pub mod consumer;
 pub mod handlers;
+pub mod message;
 pub mod retry;
 
 use std::{sync::Arc, time::Duration};

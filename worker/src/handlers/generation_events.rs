@@ -1,0 +1,203 @@
+//! `penora.generation-events`: ImageGene's `generation.failed` refunds the
+//! reservation it names, `generation.succeeded` settles it.
+//!
+//! Rules: an event is handled once per `(user_id, event_id)`; a failure
+//! event's refund records the event in its own commit (the ledger's refund
+//! batch), a success event's settlement records it after; the events that
+//! arrive together are refunded together, except that an event naming a
+//! reservation that an earlier event of the batch named waits for it, so
+//! each reservation sees its events in arrival order.
+
+use std::collections::HashSet;
+
+use penora_common::{
+    db::DbError,
+    domain::{AppName, ProjectCode, UserId},
+    ledger::{self, Answer, LedgerError, QueuedRefund, Refund, RefundReceipt, SettleResult},
+    messages::GenerationEvent,
+};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use super::JobResult;
+use crate::{Context, message::Message, retry::JobError};
+
+const FAILED: &str = "generation.failed";
+const SUCCEEDED: &str = "generation.succeeded";
+
+/// A generation event, checked.
+struct Checked {
+    event: GenerationEvent,
+    user: UserId,
+    code: ProjectCode,
+    occurred: OffsetDateTime,
+}
+
+/// Handles one event.
+pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
+    // Parse.
+    let Checked {
+        event,
+        user,
+        code,
+        occurred,
+    } = parse(m)?;
+    let kind = match m.routing_key.as_str() {
+        FAILED => "failed",
+        SUCCEEDED => "succeeded",
+        other => return Err(JobError::Fatal(format!("unknown event kind `{other}`"))),
+    };
+    // Decide: seen before?
+    let mut client = ctx.pool.get().await.map_err(DbError::from)?;
+    let seen = client
+        .query_opt(
+            "SELECT outcome FROM processed_events WHERE user_id = $1 AND event_id = $2",
+            &[&user.as_str(), &event.event_id],
+        )
+        .await
+        .map_err(DbError::from)?;
+    if let Some(row) = seen {
+        return Ok(format!(
+            "duplicate event (first outcome: {})",
+            row.get::<_, String>("outcome")
+        ));
+    }
+    // Commit.
+    if kind == "failed" {
+        // The refund records the event in its own commit.
+        let refund = failed_refund(event, user, code, m.correlation_id.clone());
+        return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
+    }
+    let outcome = match ledger::settle(
+        &mut client,
+        &user,
+        &AppName::imagegene(),
+        &code,
+        "generation succeeded",
+        m.correlation_id.as_deref(),
+    )
+    .await?
+    {
+        SettleResult::Settled => "settled",
+        SettleResult::AlreadySettled => "already settled",
+        SettleResult::AlreadyRefunded => {
+            return Err(JobError::Fatal(format!(
+                "reservation {} was refunded before this success event",
+                event.project_code
+            )));
+        }
+    };
+    client
+        .execute(
+            "INSERT INTO processed_events (user_id, event_id, kind, outcome) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+            &[&user.as_str(), &event.event_id, &kind, &outcome],
+        )
+        .await
+        .map_err(DbError::from)?;
+    Ok(outcome.to_owned())
+}
+
+/// Handles events that arrived together: the failure events go to the
+/// ledger's refund batch; every other message (success events, malformed
+/// ones, events naming a reservation an earlier event of the batch named) is
+/// then handled alone by [`handle`], in arrival order.
+pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
+    let mut queued = Vec::new();
+    let mut slot_of = Vec::with_capacity(ms.len());
+    let mut named = HashSet::new();
+    for m in ms {
+        let refund = parse(m)
+            .ok()
+            .filter(|c| named.insert((c.user.to_string(), c.code.to_string())))
+            .filter(|_| m.routing_key == FAILED)
+            .map(|c| {
+                let occurred = c.occurred;
+                (
+                    failed_refund(c.event, c.user, c.code, m.correlation_id.clone()),
+                    occurred,
+                )
+            });
+        slot_of.push(refund.map(|(r, occurred)| {
+            queued.push(r);
+            (queued.len() - 1, occurred)
+        }));
+    }
+    let mut done: Vec<Option<Answer<RefundReceipt>>> = if queued.is_empty() {
+        Vec::new()
+    } else {
+        let mut client = ctx.pool.get().await.ok()?;
+        ledger::refund_all(&mut client, &queued)
+            .await
+            .into_iter()
+            .map(Some)
+            .collect()
+    };
+    let mut results = Vec::with_capacity(ms.len());
+    for (m, slot) in ms.iter().zip(slot_of) {
+        let answered = slot.and_then(|(k, occurred)| Some((done.get_mut(k)?.take()?, occurred)));
+        results.push(match answered {
+            Some((answer, occurred)) => refund_result(answer, occurred),
+            None => handle(ctx, m).await,
+        });
+    }
+    Some(results)
+}
+
+fn parse(m: &Message) -> Result<Checked, JobError> {
+    let event: GenerationEvent = m.decode()?;
+    let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
+    if event.event_id.is_empty() || event.event_id.len() > 128 {
+        return Err(JobError::Fatal(
+            "malformed event: event_id must be 1 to 128 characters".into(),
+        ));
+    }
+    let user = UserId::parse(&event.user_id).map_err(|e| bad(&e))?;
+    let code = ProjectCode::parse(&event.project_code).map_err(|e| bad(&e))?;
+    let occurred = OffsetDateTime::parse(&event.occurred_at, &Rfc3339)
+        .map_err(|e| bad(&format!("occurred_at: {e}")))?;
+    Ok(Checked {
+        event,
+        user,
+        code,
+        occurred,
+    })
+}
+
+/// The refund a `generation.failed` event asks for.
+fn failed_refund(
+    event: GenerationEvent,
+    user: UserId,
+    code: ProjectCode,
+    correlation_id: Option<String>,
+) -> QueuedRefund {
+    QueuedRefund {
+        refund: Refund {
+            user_id: user,
+            project_code: code,
+            app_name: Some(AppName::imagegene()),
+            reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
+        },
+        event_id: Some(event.event_id),
+        correlation_id,
+    }
+}
+
+/// What a `generation.failed` event's refund did, as the message's result.
+fn refund_result(answer: Answer<RefundReceipt>, occurred: OffsetDateTime) -> JobResult {
+    match answer {
+        Ok(done) => {
+            let latency = (OffsetDateTime::now_utc() - occurred)
+                .as_seconds_f64()
+                .max(0.0);
+            metrics::histogram!("penora_event_to_refund_seconds").record(latency);
+            Ok(if done.replayed {
+                "already refunded"
+            } else {
+                "refunded"
+            }
+            .to_owned())
+        }
+        Err(seen @ LedgerError::EventSeen { .. }) => Ok(seen.to_string()),
+        Err(e) => Err(e.into()),
+    }
+}

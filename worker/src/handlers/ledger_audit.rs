@@ -1,0 +1,55 @@
+//! `penora.ledger-audit`: a ledger entry's record is appended to its user's
+//! hash chain, once (see `penora_common::audit` for the chain's rules).
+//! Deliveries that arrive together are recorded in one transaction.
+
+use penora_common::{
+    audit::{self, Appended},
+    db::DbError,
+    messages::LedgerAuditJob,
+};
+
+use super::JobResult;
+use crate::{Context, message::Message, retry::JobError};
+
+/// Appends one entry's record.
+pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
+    let job: LedgerAuditJob = m.decode()?;
+    let mut client = ctx.pool.get().await.map_err(DbError::from)?;
+    let appended = audit::append(&mut client, &job.user_id, job.entry_id).await?;
+    result(&job, Some(appended))
+}
+
+/// Appends the records of many entries in one transaction; `None` (one by
+/// one) when the transaction as a whole fails.
+pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
+    let jobs: Vec<Result<LedgerAuditJob, JobError>> = ms.iter().map(Message::decode).collect();
+    let items: Vec<(String, i64)> = jobs
+        .iter()
+        .flatten()
+        .map(|j| (j.user_id.clone(), j.entry_id))
+        .collect();
+    let mut client = ctx.pool.get().await.ok()?;
+    let mut appended = match audit::append_many(&mut client, &items).await {
+        Ok(a) => a.into_iter(),
+        Err(e) => {
+            tracing::debug!(error = %e, "audit batch failed; one by one");
+            return None;
+        }
+    };
+    Some(
+        jobs.into_iter()
+            .map(|job| result(&job?, appended.next()))
+            .collect(),
+    )
+}
+
+fn result(job: &LedgerAuditJob, appended: Option<Appended>) -> JobResult {
+    match appended {
+        Some(Appended::Recorded(seq)) => Ok(format!("recorded as record {seq}")),
+        Some(Appended::AlreadyRecorded) => Ok("already recorded".into()),
+        Some(Appended::NoSuchEntry) | None => Err(JobError::Fatal(format!(
+            "no ledger entry {} for user {}",
+            job.entry_id, job.user_id
+        ))),
+    }
+}
