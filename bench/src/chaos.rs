@@ -19,7 +19,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    fs::OpenOptions,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -27,122 +26,85 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::Context;
 use clap::Parser;
-use lapin::BasicProperties;
-use penora_common::broker::{Outgoing, Publisher, Topology};
+use penora_common::broker::{Publisher, Topology};
 use serde_json::{Value, json};
-use tokio::process::{Child, Command};
 
-mod shared;
+use crate::{
+    events,
+    faults::{Service, controller, wait_for_api},
+    invariants::check,
+    services,
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "penora-chaos",
     about = "Faults under load, then every invariant checked"
 )]
-struct Args {
+pub struct Args {
     /// The penora-api binary.
     #[arg(long)]
-    api_bin: String,
+    pub api_bin: String,
     /// The penora-worker binary.
     #[arg(long)]
-    worker_bin: String,
+    pub worker_bin: String,
     /// The penora-ops binary (wait-idle, reconcile, audit verify).
     #[arg(long)]
-    ops_bin: String,
+    pub ops_bin: String,
     /// The API's address (BIND_ADDR): fixed, so that it comes back where clients look.
     #[arg(long, env = "BIND_ADDR")]
-    bind_addr: String,
+    pub bind_addr: String,
     /// Seconds of traffic.
     #[arg(long, default_value_t = 180.0)]
-    secs: f64,
+    pub secs: f64,
     /// Seconds between faults.
     #[arg(long, default_value_t = 8.0)]
-    fault_every: f64,
+    pub fault_every: f64,
     /// Seconds a database outage or a pause lasts.
     #[arg(long, default_value_t = 3.0)]
-    outage_secs: f64,
+    pub outage_secs: f64,
     /// Concurrent clients.
     #[arg(long, default_value_t = 16)]
-    clients: usize,
+    pub clients: usize,
     /// Users the traffic spreads over.
     #[arg(long, default_value_t = 40)]
-    users: usize,
+    pub users: usize,
     #[command(flatten)]
-    services: shared::Services,
+    pub services: services::Services,
     /// The run's RabbitMQ vhost (its connections are the ones cut).
     #[arg(long)]
-    vhost: String,
+    pub vhost: String,
     /// Where the services' logs go.
     #[arg(long)]
-    log_dir: String,
+    pub log_dir: String,
 }
 
-const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
-const SEED_CREDITS: i64 = 200;
+pub const PNG_1X1: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==";
 
-/// A service process the controller kills, pauses and restarts.
-struct Service {
-    name: &'static str,
-    bin: String,
-    log: String,
-    child: Option<Child>,
-}
-
-impl Service {
-    fn start(&mut self) -> anyhow::Result<()> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)?;
-        let child = Command::new(&self.bin)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} ({})", self.name, self.bin))?;
-        self.child = Some(child);
-        Ok(())
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.start_kill(); // SIGKILL
-            let _ = child.wait().await;
-        }
-    }
-
-    fn signal(&self, signal: &str) {
-        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            let _ = std::process::Command::new("kill")
-                .args([signal, &pid.to_string()])
-                .status();
-        }
-    }
-}
+pub const SEED_CREDITS: i64 = 200;
 
 /// What the clients saw and did.
 #[derive(Default, Clone)]
-struct Record {
+pub struct Record {
     /// Expected balance per user, from the answers the client got.
-    expected: HashMap<String, i64>,
+    pub expected: HashMap<String, i64>,
     /// project_code → (user, what the client did with the reservation).
-    reservations: HashMap<String, (String, FollowUp)>,
+    pub reservations: HashMap<String, (String, FollowUp)>,
     /// Deductions answered 402 (nothing may be reserved under them).
-    refused: Vec<String>,
+    pub refused: Vec<String>,
     /// Events published (and confirmed by the broker).
-    events: Vec<String>,
+    pub events: Vec<String>,
     /// Client-visible errors by kind (each retried).
-    errors: BTreeMap<String, u64>,
+    pub errors: BTreeMap<String, u64>,
     /// Logical operations by kind.
-    operations: BTreeMap<&'static str, u64>,
+    pub operations: BTreeMap<&'static str, u64>,
     /// Answers that break the contract (each is a violation).
-    unexpected: Vec<String>,
+    pub unexpected: Vec<String>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum FollowUp {
+pub enum FollowUp {
     Kept,
     RefundedByHttp,
     RefundedByEvent,
@@ -150,7 +112,7 @@ enum FollowUp {
 }
 
 impl FollowUp {
-    fn expected_state(self) -> &'static str {
+    pub fn expected_state(self) -> &'static str {
         match self {
             Self::Kept => "reserved",
             Self::RefundedByHttp | Self::RefundedByEvent => "refunded",
@@ -159,33 +121,33 @@ impl FollowUp {
     }
 }
 
-struct Ctx {
-    args: Args,
-    http: reqwest::Client,
-    base: String,
-    record: Mutex<Record>,
-    attempts: AtomicU64,
-    stop: AtomicBool,
-    publisher: Publisher,
-    topology: Topology,
+pub struct Ctx {
+    pub args: Args,
+    pub http: reqwest::Client,
+    pub base: String,
+    pub record: Mutex<Record>,
+    pub attempts: AtomicU64,
+    pub stop: AtomicBool,
+    pub publisher: Publisher,
+    pub topology: Topology,
     /// Clients give up on a request after this (a violation: its outcome is unknown).
-    give_up_at: Instant,
+    pub give_up_at: Instant,
 }
 
 impl Ctx {
-    fn note_error(&self, kind: String) {
+    pub fn note_error(&self, kind: String) {
         if let Ok(mut r) = self.record.lock() {
             *r.errors.entry(kind).or_default() += 1;
         }
     }
 
-    fn count(&self, op: &'static str) {
+    pub fn count(&self, op: &'static str) {
         if let Ok(mut r) = self.record.lock() {
             *r.operations.entry(op).or_default() += 1;
         }
     }
 
-    fn unexpected(&self, what: String) {
+    pub fn unexpected(&self, what: String) {
         eprintln!("chaos: unexpected: {what}");
         if let Ok(mut r) = self.record.lock() {
             r.unexpected.push(what);
@@ -194,7 +156,7 @@ impl Ctx {
 
     /// Sends the request until it gets an answer that is not a transport
     /// error, a 5xx or a 429; `None` if it never does before the deadline.
-    async fn send(
+    pub async fn send(
         &self,
         method: reqwest::Method,
         path: &str,
@@ -241,7 +203,7 @@ impl Ctx {
 
     /// `send`, for an answer among `expected`: any other answer (or none)
     /// breaks the contract and is recorded as such, under `what`.
-    async fn expect(
+    pub async fn expect(
         &self,
         what: &str,
         method: reqwest::Method,
@@ -262,20 +224,11 @@ impl Ctx {
         }
     }
 
-    async fn publish_refund_event(&self, user: &str, code: &str, event_id: &str) -> bool {
+    pub async fn publish_refund_event(&self, user: &str, code: &str, event_id: &str) -> bool {
         let mut delay = Duration::from_millis(50);
         loop {
-            let event = Outgoing {
-                exchange: self.topology.exchange("imagegene.events"),
-                routing_key: "generation.failed".into(),
-                payload: json!({"event_id": event_id, "user_id": user, "project_code": code,
-                                "reason": "chaos", "occurred_at": penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc())})
-                .to_string()
-                .into_bytes(),
-                properties: BasicProperties::default()
-                    .with_message_id(event_id.to_owned().into())
-                    .with_content_type("application/json".into()),
-            };
+            let now = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+            let event = events::failed(&self.topology, event_id, user, code, "chaos", &now);
             match self.publisher.publish_all(vec![event]).await {
                 Ok(()) => return true,
                 Err(_) => self.note_error("event publish failed".into()),
@@ -290,10 +243,10 @@ impl Ctx {
 }
 
 /// A small, seedable generator (no dependency for this).
-struct Rng(u64);
+pub struct Rng(u64);
 
 impl Rng {
-    fn below(&mut self, n: u64) -> u64 {
+    pub fn below(&mut self, n: u64) -> u64 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
@@ -301,7 +254,7 @@ impl Rng {
     }
 }
 
-async fn client(ctx: Arc<Ctx>, id: usize) {
+pub async fn client(ctx: Arc<Ctx>, id: usize) {
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ ((id as u64 + 1) * 0x1000_0001));
     let mut n = 0u64;
     while !ctx.stop.load(Ordering::Relaxed) {
@@ -340,7 +293,7 @@ async fn client(ctx: Arc<Ctx>, id: usize) {
     }
 }
 
-async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user: String) {
+pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user: String) {
     let amount = 1 + rng.below(5) as i64;
     let code = format!("c{id}_{n}");
     let body =
@@ -424,267 +377,8 @@ async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, user:
     }
 }
 
-const FAULTS: [&str; 6] = [
-    "SIGKILL API",
-    "SIGKILL worker",
-    "broker connections closed",
-    "database away",
-    "SIGSTOP API",
-    "SIGSTOP worker",
-];
-
-async fn wait_for_api(ctx: &Ctx) {
-    for _ in 0..300 {
-        if ctx
-            .http
-            .get(format!("{}/health", ctx.base))
-            .send()
-            .await
-            .is_ok()
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn database_away(ctx: &Ctx, secs: f64) -> anyhow::Result<()> {
-    let (db_base, db) = ctx
-        .args
-        .services
-        .database_url
-        .rsplit_once('/')
-        .context("DATABASE_URL has no database name")?;
-    let (admin, connection) =
-        tokio_postgres::connect(&format!("{db_base}/postgres"), tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    admin
-        .batch_execute(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS false"))
-        .await?;
-    admin
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-            &[&db],
-        )
-        .await?;
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-    admin
-        .batch_execute(&format!("ALTER DATABASE \"{db}\" ALLOW_CONNECTIONS true"))
-        .await?;
-    Ok(())
-}
-
-async fn controller(
-    ctx: Arc<Ctx>,
-    mut api: Service,
-    mut worker: Service,
-) -> anyhow::Result<(BTreeMap<&'static str, u64>, Service, Service)> {
-    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
-    let mut i = 0;
-    loop {
-        let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
-        while Instant::now() < wake {
-            if ctx.stop.load(Ordering::Relaxed) {
-                return Ok((injected, api, worker));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let fault = FAULTS[i % FAULTS.len()];
-        i += 1;
-        eprintln!("chaos: {fault}");
-        let pause = Duration::from_secs_f64(ctx.args.outage_secs);
-        match fault {
-            "SIGKILL API" => {
-                api.kill().await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                api.start()?;
-                wait_for_api(&ctx).await;
-            }
-            "SIGKILL worker" => {
-                worker.kill().await;
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                worker.start()?;
-            }
-            "broker connections closed" => {
-                let status = std::process::Command::new("rabbitmqctl")
-                    .args([
-                        "-q",
-                        "close_all_connections",
-                        "--vhost",
-                        &ctx.args.vhost,
-                        "penora-chaos",
-                    ])
-                    .stdout(std::process::Stdio::null())
-                    .status()?;
-                anyhow::ensure!(status.success(), "rabbitmqctl close_all_connections failed");
-            }
-            "database away" => database_away(&ctx, ctx.args.outage_secs).await?,
-            "SIGSTOP API" => {
-                api.signal("-STOP");
-                tokio::time::sleep(pause).await;
-                api.signal("-CONT");
-            }
-            _ => {
-                worker.signal("-STOP");
-                tokio::time::sleep(pause).await;
-                worker.signal("-CONT");
-            }
-        }
-        *injected.entry(fault).or_default() += 1;
-    }
-}
-
-fn run_ops(ctx: &Ctx, args: &[&str]) -> bool {
-    eprintln!("chaos: penora-ops {}", args.join(" "));
-    std::process::Command::new(&ctx.args.ops_bin)
-        .args(args)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// `sql`'s count, with `keys` as `$1`.
-async fn count(db: &tokio_postgres::Client, sql: &str, keys: &[String]) -> anyhow::Result<i64> {
-    Ok(db.query_one(sql, &[&keys]).await?.get(0))
-}
-
-/// Every check after the run; returns the violations.
-async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
-    let mut violations = Vec::new();
-    if !run_ops(ctx, &["wait-idle", "--timeout-secs", "120"]) {
-        violations.push("the pipeline did not drain (wait-idle)".into());
-    }
-    if !run_ops(ctx, &["reconcile"]) {
-        violations.push("penora-ops reconcile found a violation".into());
-    }
-    if !run_ops(ctx, &["audit", "verify"]) {
-        violations.push("penora-ops audit verify found a violation".into());
-    }
-    let (db, connection) =
-        tokio_postgres::connect(&ctx.args.services.database_url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    // A copy: the checks below await, and the record's lock is synchronous.
-    let record = ctx
-        .record
-        .lock()
-        .map_err(|_| anyhow::anyhow!("poisoned"))?
-        .clone();
-    violations.extend(
-        record
-            .unexpected
-            .iter()
-            .map(|u| format!("unexpected answer: {u}")),
-    );
-
-    // Balances: the database's, the ledger's and the client's agree.
-    for row in db
-        .query(
-            "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint FROM accounts a \
-             LEFT JOIN ledger_entries l ON l.user_id = a.user_id GROUP BY a.user_id, a.balance",
-            &[],
-        )
-        .await?
-    {
-        let (user, balance, ledger): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-        let client = SEED_CREDITS + record.expected.get(&user).copied().unwrap_or(0);
-        if balance != ledger || balance != client {
-            violations.push(format!(
-                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}"
-            ));
-        }
-    }
-    // Every reservation ended as the client left it, charged once, refunded at most once.
-    let codes: Vec<String> = record.reservations.keys().cloned().collect();
-    let rows = db
-        .query(
-            "SELECT r.project_code, r.user_id, r.state, \
-                    (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'deduct'), \
-                    (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'refund') \
-             FROM reservations r WHERE r.app_name = 'imagegene' AND r.project_code = ANY($1)",
-            &[&codes],
-        )
-        .await?;
-    if rows.len() != codes.len() {
-        violations.push(format!(
-            "{} reservations the client was charged for, {} found",
-            codes.len(),
-            rows.len()
-        ));
-    }
-    for row in rows {
-        let (code, user, state, deducts, refunds): (String, String, String, i64, i64) =
-            (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
-        let Some((owner, follow_up)) = record.reservations.get(&code) else {
-            continue;
-        };
-        if *owner != user || state != follow_up.expected_state() || deducts != 1 || refunds > 1 {
-            violations.push(format!(
-                "{code}: {state} (client: {follow_up:?}), {deducts} deductions, {refunds} refunds"
-            ));
-        }
-    }
-    let charged_anyway = count(
-        &db,
-        "SELECT count(*) FROM reservations WHERE app_name = 'imagegene' AND project_code = ANY($1)",
-        &record.refused,
-    )
-    .await?;
-    if charged_anyway != 0 {
-        violations.push(format!(
-            "{charged_anyway} deductions answered 402 left a reservation"
-        ));
-    }
-    // Every event processed exactly once.
-    let processed = count(
-        &db,
-        "SELECT count(*) FROM processed_events WHERE event_id = ANY($1)",
-        &record.events,
-    )
-    .await?;
-    if processed != record.events.len() as i64 {
-        violations.push(format!(
-            "{} events published, {processed} processed",
-            record.events.len()
-        ));
-    }
-    // Every accepted save stored.
-    let saved_codes: Vec<String> = record
-        .reservations
-        .iter()
-        .filter(|(_, (_, f))| *f == FollowUp::Saved)
-        .map(|(c, _)| c.clone())
-        .collect();
-    let saved = count(
-        &db,
-        "SELECT count(*) FROM projects WHERE project_code = ANY($1) AND status = 'saved'",
-        &saved_codes,
-    )
-    .await?;
-    if saved != saved_codes.len() as i64 {
-        violations.push(format!(
-            "{} saves accepted, {saved} stored",
-            saved_codes.len()
-        ));
-    }
-    // No message lost: the work queues are empty (wait-idle) and nothing was dead-lettered.
-    let connection =
-        penora_common::broker::connect(&ctx.args.services.amqp_url, "penora-chaos").await?;
-    let channel = connection.create_channel().await?;
-    let dead: u32 = penora_common::broker::queue_stats(&channel, &ctx.topology)
-        .await?
-        .iter()
-        .filter(|q| q.name.ends_with(".dead"))
-        .map(|q| q.messages)
-        .sum();
-    let _ = connection.close(200, "bye".into()).await;
-    if dead != 0 {
-        violations.push(format!("{dead} messages dead-lettered"));
-    }
-    Ok(violations)
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+/// Runs the tool with `args`.
+pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = args.services.settings()?;
     let topology = Topology::from_settings(&settings);
     let mut api = Service {

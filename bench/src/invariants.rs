@@ -1,0 +1,164 @@
+//! The checks after a chaos run: the pipeline drains, `penora-ops
+//! reconcile` and `audit verify` pass, and the database agrees with the
+//! clients' own record (balances, every reservation's end state, charged
+//! once and refunded at most once, nothing charged for a 402, every event
+//! processed once, every accepted save stored, nothing dead-lettered).
+
+use crate::chaos::{Ctx, FollowUp, SEED_CREDITS};
+
+pub fn run_ops(ctx: &Ctx, args: &[&str]) -> bool {
+    eprintln!("chaos: penora-ops {}", args.join(" "));
+    std::process::Command::new(&ctx.args.ops_bin)
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `sql`'s count, with `keys` as `$1`.
+pub async fn count(db: &tokio_postgres::Client, sql: &str, keys: &[String]) -> anyhow::Result<i64> {
+    Ok(db.query_one(sql, &[&keys]).await?.get(0))
+}
+
+/// Every check after the run; returns the violations.
+pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
+    let mut violations = Vec::new();
+    if !run_ops(ctx, &["wait-idle", "--timeout-secs", "120"]) {
+        violations.push("the pipeline did not drain (wait-idle)".into());
+    }
+    if !run_ops(ctx, &["reconcile"]) {
+        violations.push("penora-ops reconcile found a violation".into());
+    }
+    if !run_ops(ctx, &["audit", "verify"]) {
+        violations.push("penora-ops audit verify found a violation".into());
+    }
+    let (db, connection) =
+        tokio_postgres::connect(&ctx.args.services.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    // A copy: the checks below await, and the record's lock is synchronous.
+    let record = ctx
+        .record
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .clone();
+    violations.extend(
+        record
+            .unexpected
+            .iter()
+            .map(|u| format!("unexpected answer: {u}")),
+    );
+
+    // Balances: the database's, the ledger's and the client's agree.
+    for row in db
+        .query(
+            "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint AS ledger_sum FROM accounts a \
+             LEFT JOIN ledger_entries l ON l.user_id = a.user_id GROUP BY a.user_id, a.balance",
+            &[],
+        )
+        .await?
+    {
+        let (user, balance, ledger): (String, i64, i64) = (
+            row.get("user_id"),
+            row.get("balance"),
+            row.get("ledger_sum"),
+        );
+        let client = SEED_CREDITS + record.expected.get(&user).copied().unwrap_or(0);
+        if balance != ledger || balance != client {
+            violations.push(format!(
+                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}"
+            ));
+        }
+    }
+    // Every reservation ended as the client left it, charged once, refunded at most once.
+    let codes: Vec<String> = record.reservations.keys().cloned().collect();
+    let rows = db
+        .query(
+            "SELECT r.project_code, r.user_id, r.state, \
+                    (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'deduct') AS deducts, \
+                    (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'refund') AS refunds \
+             FROM reservations r WHERE r.app_name = 'imagegene' AND r.project_code = ANY($1)",
+            &[&codes],
+        )
+        .await?;
+    if rows.len() != codes.len() {
+        violations.push(format!(
+            "{} reservations the client was charged for, {} found",
+            codes.len(),
+            rows.len()
+        ));
+    }
+    for row in rows {
+        let (code, user, state, deducts, refunds): (String, String, String, i64, i64) = (
+            row.get("project_code"),
+            row.get("user_id"),
+            row.get("state"),
+            row.get("deducts"),
+            row.get("refunds"),
+        );
+        let Some((owner, follow_up)) = record.reservations.get(&code) else {
+            continue;
+        };
+        if *owner != user || state != follow_up.expected_state() || deducts != 1 || refunds > 1 {
+            violations.push(format!(
+                "{code}: {state} (client: {follow_up:?}), {deducts} deductions, {refunds} refunds"
+            ));
+        }
+    }
+    let charged_anyway = count(
+        &db,
+        "SELECT count(*) FROM reservations WHERE app_name = 'imagegene' AND project_code = ANY($1)",
+        &record.refused,
+    )
+    .await?;
+    if charged_anyway != 0 {
+        violations.push(format!(
+            "{charged_anyway} deductions answered 402 left a reservation"
+        ));
+    }
+    // Every event processed exactly once.
+    let processed = count(
+        &db,
+        "SELECT count(*) FROM processed_events WHERE event_id = ANY($1)",
+        &record.events,
+    )
+    .await?;
+    if processed != record.events.len() as i64 {
+        violations.push(format!(
+            "{} events published, {processed} processed",
+            record.events.len()
+        ));
+    }
+    // Every accepted save stored.
+    let saved_codes: Vec<String> = record
+        .reservations
+        .iter()
+        .filter(|(_, (_, f))| *f == FollowUp::Saved)
+        .map(|(c, _)| c.clone())
+        .collect();
+    let saved = count(
+        &db,
+        "SELECT count(*) FROM projects WHERE project_code = ANY($1) AND status = 'saved'",
+        &saved_codes,
+    )
+    .await?;
+    if saved != saved_codes.len() as i64 {
+        violations.push(format!(
+            "{} saves accepted, {saved} stored",
+            saved_codes.len()
+        ));
+    }
+    // No message lost: the work queues are empty (wait-idle) and nothing was dead-lettered.
+    let connection =
+        penora_common::broker::connect(&ctx.args.services.amqp_url, "penora-chaos").await?;
+    let channel = connection.create_channel().await?;
+    let dead: u32 = penora_common::broker::queue_stats(&channel, &ctx.topology)
+        .await?
+        .iter()
+        .filter(|q| q.name.ends_with(".dead"))
+        .map(|q| q.messages)
+        .sum();
+    let _ = connection.close(200, "bye".into()).await;
+    if dead != 0 {
+        violations.push(format!("{dead} messages dead-lettered"));
+    }
+    Ok(violations)
+}

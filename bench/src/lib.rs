@@ -1,0 +1,17 @@
+//! The measurement tools of Penora Credits, as one library behind two thin
+//! binaries: `penora-bench` ([`bench`]: the service against raw PostgreSQL
+//! and RabbitMQ, in one run and on the same data) and `penora-chaos`
+//! ([`chaos`]: mixed traffic while [`faults`] are injected, then every
+//! [`invariants`] check). Neither is part of the test suite; the scripts
+//! `scripts/bench.sh` and `scripts/chaos.sh` start everything and call them.
+
+pub mod bench;
+pub mod chaos;
+pub mod events;
+pub mod faults;
+pub mod invariants;
+pub mod measure;
+pub mod raw;
+pub mod report;
+pub mod services;
+pub mod workloads;

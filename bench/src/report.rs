@@ -1,0 +1,215 @@
+//! The benchmark's report: the Markdown tables of docs/benchmarks.md, the
+//! SVG chart, and the services' peak memory.
+
+use crate::{bench::Args, measure::Stats, workloads::DEDUCTS_BESIDE_SAVES};
+
+/// One line of the report.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub workload: String,
+    pub concurrency: usize,
+    pub service: Stats,
+    pub raw: Stats,
+}
+
+/// The `save` workload at one concurrency: saves with deductions beside them.
+#[derive(Debug, Clone)]
+pub struct SaveRow {
+    pub concurrency: usize,
+    pub artwork_bytes: usize,
+    pub saves: Stats,
+    pub raw: Stats,
+    pub deduct_alone: Stats,
+    pub deduct_with_saves: Stats,
+}
+
+pub fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn render(
+    args: &Args,
+    rows: &[Row],
+    saves: &[SaveRow],
+    refunds: Option<&Row>,
+    audit_lag: Option<(f64, i64)>,
+    api_rss: Option<f64>,
+    worker_rss: Option<f64>,
+) -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let mut s = String::new();
+    s.push_str("# Benchmarks\n\n");
+    s.push_str(&format!(
+        "Measured {date} on this machine: {cores} cores, load generator, service, PostgreSQL and RabbitMQ sharing them. \
+         {} users seeded; {} s per workload and concurrency; release builds.\n\nCommand: `{}`\n\n",
+        args.users, args.secs, args.command
+    ));
+    s.push_str("Service = over HTTP through penora-api (keep-alive connections). Raw = the SQL transaction the service \
+                runs for one request alone, straight against PostgreSQL with tokio-postgres and prepared statements, \
+                one transaction per operation, same concurrency, same data (under load the service puts concurrent \
+                deductions, refunds and audit records into shared transactions, and answers concurrent user-info \
+                reads with one statement: that is where it catches up with or beats raw). \
+                Ratio = service throughput / raw throughput.\n\n\
+                How these figures got here, step by step with before and after: [performance.md](performance.md).\n\n");
+    s.push_str("| workload | conns | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p99 ms | ratio |\n");
+    s.push_str("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {:.0} | {:.2} | {:.2} |\n",
+            r.workload,
+            r.concurrency,
+            r.service.per_sec,
+            r.service.p50_ms,
+            r.service.p99_ms,
+            r.service.p999_ms,
+            r.service.errors,
+            r.raw.per_sec,
+            r.raw.p99_ms,
+            r.service.per_sec / r.raw.per_sec.max(1e-9)
+        ));
+    }
+    if !saves.is_empty() {
+        s.push_str(&format!(
+            "\n**save**: a realistic 1024×1024 artwork (photo-like PNG, {} bytes) saved over and over, each by another user; \
+             the API stores it as WebP (decode + encode on its image threads at nice 19). Beside the saving connections, \
+             {DEDUCTS_BESIDE_SAVES} connections deduct; their p99 is compared with the same {DEDUCTS_BESIDE_SAVES} connections \
+             deducting alone just before. Raw = inserting the WebP the service stores for it straight into PostgreSQL (no image work). \
+             Refused = answered other than 202 (`503 busy` when every save slot stayed taken). \
+             The image threads' cgroup (`IMAGE_CPU_CGROUP`): `{}`.\n\n\
+             | save conns | saves/s | save p50 ms | save p99 ms | refused | deduct p99 alone ms | deduct p99 beside saves ms | change | raw inserts/s |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            saves[0].artwork_bytes,
+            args.image_cgroup
+        ));
+        for r in saves {
+            s.push_str(&format!(
+                "| {} | {:.1} | {:.0} | {:.0} | {} | {:.2} | {:.2} | {:+.0} % | {:.0} |\n",
+                r.concurrency,
+                r.saves.per_sec,
+                r.saves.p50_ms,
+                r.saves.p99_ms,
+                r.saves.errors,
+                r.deduct_alone.p99_ms,
+                r.deduct_with_saves.p99_ms,
+                (r.deduct_with_saves.p99_ms / r.deduct_alone.p99_ms.max(1e-9) - 1.0) * 100.0,
+                r.raw.per_sec
+            ));
+        }
+    }
+    if let Some(r) = refunds {
+        s.push_str(&format!(
+            "\n**refunds**: {} `generation.failed` events published at once; every refund in the balance at **{:.0} events/s** \
+             end to end. Raw RabbitMQ publish-with-confirms + consume-with-ack of as many messages of the same size \
+             (one quorum queue): {:.0} messages/s (ratio {:.2}).\n",
+            r.service.ops,
+            r.service.per_sec,
+            r.raw.per_sec,
+            r.service.per_sec / r.raw.per_sec.max(1e-9)
+        ));
+    }
+    if let Some((p99, n)) = audit_lag {
+        s.push_str(&format!(
+            "\n**commit-to-audit lag** under the `deduct` load at the highest concurrency: p99 **{p99:.0} ms** over {n} ledger entries \
+             (ledger entry created → its audit record created).\n"
+        ));
+    }
+    let mb = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0} MB"));
+    s.push_str(&format!(
+        "\n**peak RSS** (VmHWM at the end of the run): penora-api {}, penora-worker {}.\n",
+        mb(api_rss),
+        mb(worker_rss)
+    ));
+    s.push_str("\n![throughput and p99 against concurrency](benchmarks.svg)\n");
+    s
+}
+
+pub fn chart(path: &str, rows: &[Row]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (left, right) = root.split_horizontally(600);
+    let workloads: Vec<String> = {
+        let mut w: Vec<String> = rows.iter().map(|r| r.workload.clone()).collect();
+        w.dedup();
+        w
+    };
+    let concs: Vec<usize> = {
+        let mut c: Vec<usize> = rows.iter().map(|r| r.concurrency).collect();
+        c.sort_unstable();
+        c.dedup();
+        c
+    };
+    let x_of = |c: usize| concs.iter().position(|&x| x == c).unwrap_or(0) as f64;
+    let colors = [RED, BLUE, GREEN, MAGENTA, CYAN];
+    for (area, title, value) in [
+        (&left, "throughput (ops/s, log) vs connections", 0usize),
+        (&right, "p99 latency (ms, log) vs connections", 1usize),
+    ] {
+        let pick = |s: &Stats| if value == 0 { s.per_sec } else { s.p99_ms };
+        let max_y = rows
+            .iter()
+            .flat_map(|r| [pick(&r.service), pick(&r.raw)])
+            .fold(1.0f64, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(12)
+            .x_label_area_size(30)
+            .y_label_area_size(60)
+            // Log scale: throughputs span 100 to 30,000/s, latencies 0.3 to 500 ms.
+            .build_cartesian_2d(
+                -0.2f64..(concs.len() as f64 - 0.8),
+                (0.1f64..max_y).log_scale(),
+            )?;
+        chart
+            .configure_mesh()
+            .x_labels(concs.len())
+            .x_label_formatter(&|x| {
+                concs
+                    .get(x.round().max(0.0) as usize)
+                    .map_or_else(String::new, |c| c.to_string())
+            })
+            .draw()?;
+        for (i, w) in workloads.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let pts = |raw: bool| -> Vec<(f64, f64)> {
+                rows.iter()
+                    .filter(|r| &r.workload == w)
+                    .map(|r| {
+                        (
+                            x_of(r.concurrency),
+                            pick(if raw { &r.raw } else { &r.service }),
+                        )
+                    })
+                    .collect()
+            };
+            chart
+                .draw_series(LineSeries::new(pts(false), color.stroke_width(2)))?
+                .label(format!("{w} (service)"))
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(LineSeries::new(pts(true), color.mix(0.4).stroke_width(1)))?
+                .label(format!("{w} (raw)"))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], color.mix(0.4)));
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()?;
+    }
+    root.present()?;
+    Ok(())
+}

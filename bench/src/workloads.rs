@@ -1,0 +1,354 @@
+//! The benchmark's workloads over HTTP (deduct, hot, user-info, flow, save,
+//! refunds), each beside its raw baseline, and the waits between phases
+//! (until the services have caught up with what was committed).
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use deadpool_postgres::Pool;
+use penora_common::broker::{Publisher, Topology};
+use serde_json::json;
+
+use crate::{
+    bench::Args,
+    events,
+    measure::{Stats, drive, run_tag, user_of},
+    raw::{raw_deduct, raw_save, raw_user_info},
+    report::SaveRow,
+};
+
+pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let have: i64 = client
+        .query_one(
+            "SELECT count(*) FROM accounts WHERE user_id LIKE 'bench\\_%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    if have > users {
+        return Ok(());
+    }
+    let started = Instant::now();
+    // Each seeded user gets a grant ledger row, so balances equal ledger sums.
+    client
+        .batch_execute(&format!(
+            "INSERT INTO accounts (user_id, balance) \
+               SELECT 'bench_' || i, 1000000000 FROM generate_series(0, {last}) i ON CONFLICT DO NOTHING; \
+             INSERT INTO accounts (user_id, balance) VALUES ('bench_hot', 1000000000000) ON CONFLICT DO NOTHING; \
+             INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
+               SELECT user_id, 'grant', balance, balance, 'penora', 'benchmark seed', 'seed-' || user_id \
+               FROM accounts WHERE user_id LIKE 'bench\\_%' \
+             ON CONFLICT (reference) WHERE kind = 'grant' DO NOTHING; \
+             ANALYZE accounts; ANALYZE ledger_entries;",
+            last = users - 1
+        ))
+        .await?;
+    eprintln!(
+        "seeded {users} users in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Connections deducting beside the saves.
+pub const DEDUCTS_BESIDE_SAVES: usize = 16;
+
+pub struct Ctx {
+    pub args: Args,
+    pub http: reqwest::Client,
+    pub pool: Pool,
+    pub image: String,
+    pub image_bytes: Vec<u8>,
+    /// A realistic 1024×1024 artwork (photo-like PNG, about 2 MB), base64.
+    pub artwork: String,
+    /// The WebP the service stores for it (what the raw baseline inserts).
+    pub artwork_stored: Vec<u8>,
+    pub artwork_png_len: usize,
+}
+
+/// One save of the 1024² artwork for `user`; the body is written without
+/// going through `serde_json::Value` (2.7 MB per request).
+pub async fn save_artwork(ctx: &Ctx, user: &str) -> bool {
+    let body = format!(
+        r#"{{"user_id":"{user}","app_source":"imagegene","project_type":"ai_artwork","title":"bench","content":"{}"}}"#,
+        ctx.artwork
+    );
+    ctx.http
+        .post(format!("{}/api/unified/save-project", ctx.args.api))
+        .header("X-API-Key", &ctx.args.services.key)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+/// The `save` workload at `c` connections: 16 deducting connections alone,
+/// then the same beside `c` saving connections, then raw inserts of the
+/// same PNG (no image work).
+pub async fn save_workload(ctx: &Arc<Ctx>, c: usize, secs: f64) -> anyhow::Result<SaveRow> {
+    let deducts = |ctx: Arc<Ctx>| {
+        let tag = run_tag();
+        drive(DEDUCTS_BESIDE_SAVES, secs, move |task, i| {
+            let (ctx, t) = (ctx.clone(), tag.clone());
+            async move { service_op(ctx, "deduct", &t, task, i).await }
+        })
+    };
+    quiesce(&ctx.pool).await?;
+    let deduct_alone = deducts(ctx.clone()).await;
+    quiesce(&ctx.pool).await?;
+    let c2 = ctx.clone();
+    let saves = drive(c, secs, move |task, i| {
+        let ctx = c2.clone();
+        async move { save_artwork(&ctx, &user_of(task + 7919, i, ctx.args.users)).await }
+    });
+    let (saves, deduct_with_saves) = tokio::join!(saves, deducts(ctx.clone()));
+    quiesce(&ctx.pool).await?;
+    let c2 = ctx.clone();
+    let raw = drive(c, secs, move |task, i| {
+        let ctx = c2.clone();
+        async move {
+            raw_save(
+                &ctx.pool,
+                &user_of(task + 7919, i, ctx.args.users),
+                &ctx.artwork_stored,
+            )
+            .await
+        }
+    })
+    .await;
+    eprintln!(
+        "     save x{c:<3} {:>6.1} saves/s p99 {:>7.1} ms ({} refused) | deduct x{DEDUCTS_BESIDE_SAVES} p99 alone {:.2} ms, beside saves {:.2} ms | raw insert {:.0}/s",
+        saves.per_sec,
+        saves.p99_ms,
+        saves.errors,
+        deduct_alone.p99_ms,
+        deduct_with_saves.p99_ms,
+        raw.per_sec
+    );
+    Ok(SaveRow {
+        concurrency: c,
+        artwork_bytes: ctx.artwork_png_len,
+        saves,
+        raw,
+        deduct_alone,
+        deduct_with_saves,
+    })
+}
+
+pub async fn post_ok(ctx: &Ctx, path: &str, body: &serde_json::Value) -> bool {
+    ctx.http
+        .post(format!("{}{path}", ctx.args.api))
+        .header("X-API-Key", &ctx.args.services.key)
+        .json(body)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+pub async fn get_ok(ctx: &Ctx, path: &str) -> bool {
+    ctx.http
+        .get(format!("{}{path}", ctx.args.api))
+        .header("X-API-Key", &ctx.args.services.key)
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
+}
+
+pub async fn service_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i: u64) -> bool {
+    let users = ctx.args.users;
+    let code = format!("b{tag}_{task}_{i}");
+    match workload {
+        "deduct" => {
+            let user = user_of(task, i, users);
+            post_ok(&ctx, "/api/unified/deduct-credits", &json!({"user_id": user, "amount": 1, "app_name": "imagegene", "project_code": code})).await
+        }
+        "hot" => post_ok(&ctx, "/api/unified/deduct-credits", &json!({"user_id": "bench_hot", "amount": 1, "app_name": "imagegene", "project_code": code})).await,
+        "user-info" => get_ok(&ctx, &format!("/api/unified/user-info?user_id={}", user_of(task, i, users))).await,
+        "flow" => {
+            let user = user_of(task, i, users);
+            get_ok(&ctx, &format!("/api/unified/user-info?user_id={user}")).await
+                && post_ok(&ctx, "/api/unified/deduct-credits", &json!({"user_id": user, "amount": 5, "app_name": "imagegene", "project_code": code})).await
+                && post_ok(
+                    &ctx,
+                    "/api/unified/save-project",
+                    &json!({"user_id": user, "app_source": "imagegene", "project_type": "ai_artwork",
+                            "title": "bench", "content": ctx.image, "project_code": code}),
+                )
+                .await
+        }
+        _ => false,
+    }
+}
+
+pub async fn raw_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i: u64) -> bool {
+    let users = ctx.args.users;
+    let code = format!("r{tag}_{task}_{i}");
+    match workload {
+        "deduct" => raw_deduct(&ctx.pool, &user_of(task, i, users), &code).await,
+        "hot" => raw_deduct(&ctx.pool, "bench_hot", &code).await,
+        "user-info" => raw_user_info(&ctx.pool, &user_of(task, i, users)).await,
+        "flow" => {
+            let user = user_of(task, i, users);
+            raw_user_info(&ctx.pool, &user).await
+                && raw_deduct(&ctx.pool, &user, &code).await
+                && raw_save(&ctx.pool, &user, &ctx.image_bytes).await
+        }
+        _ => false,
+    }
+}
+
+/// Waits until the services have caught up with everything committed so far
+/// (every outbox row published, every ledger entry but the seed's grants
+/// audited), so that one
+/// phase's background work does not run during the next phase's measurement.
+/// The raw baseline writes the same outbox rows as the service, so the
+/// services relay and audit them too.
+pub async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let started = Instant::now();
+    loop {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
+                        + (SELECT count(*) FROM projects WHERE status = 'queued') AS unpublished, \
+                        (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed') \
+                        - (SELECT count(*) FROM audit_records) AS unaudited",
+                &[],
+            )
+            .await?;
+        let (unpublished, unaudited): (i64, i64) = (row.get("unpublished"), row.get("unaudited"));
+        if unpublished == 0 && unaudited <= 0 {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            eprintln!(
+                "bench: services still behind after 300 s ({unpublished} unpublished or queued saves, {unaudited} unaudited); going on"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    if started.elapsed() > Duration::from_secs(1) {
+        eprintln!(
+            "bench: waited {:.1} s for the services to catch up",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// p99 of the time from a ledger entry's commit to its audit record, for
+/// entries created since `since` (waits until they are all audited).
+pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::Result<(f64, i64)> {
+    let client = pool.get().await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let missing: i64 = client
+            .query_one(
+                "SELECT count(*) FROM ledger_entries l WHERE l.created_at >= $1 \
+                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.entry_id = l.id)",
+                &[&since],
+            )
+            .await?
+            .get(0);
+        if missing == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.created_at - l.created_at)), 0)::float8 AS p99_secs, count(*) AS entries \
+             FROM ledger_entries l JOIN audit_records a ON a.entry_id = l.id WHERE l.created_at >= $1",
+            &[&since],
+        )
+        .await?;
+    Ok((row.get::<_, f64>("p99_secs") * 1000.0, row.get("entries")))
+}
+
+/// Refunds: N reservations, N `generation.failed` events published at once,
+/// time until every refund is in the balance.
+pub async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
+    let n = ctx.args.refund_events;
+    let tag = run_tag();
+    // The reservations, made through the API at 64 connections.
+    let made = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for t in 0..64usize {
+        let (ctx, made, tag) = (ctx.clone(), made.clone(), tag.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = t;
+            while i < n {
+                let user = format!("bench_{}", i as i64 % ctx.args.users);
+                if post_ok(&ctx, "/api/unified/deduct-credits", &json!({"user_id": user, "amount": 1, "app_name": "imagegene", "project_code": format!("rf{tag}_{i}")})).await {
+                    made.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 64;
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let settings = ctx.args.services.settings()?;
+    let publisher = Publisher::new(
+        settings.amqp_url.clone(),
+        "penora-bench",
+        Topology::from_settings(&settings),
+    );
+    let topology = Topology::from_settings(&settings);
+    let now = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let events: Vec<_> = (0..n)
+        .map(|i| {
+            events::failed(
+                &topology,
+                &format!("ev{tag}_{i}"),
+                &format!("bench_{}", i as i64 % ctx.args.users),
+                &format!("rf{tag}_{i}"),
+                "bench",
+                &now,
+            )
+        })
+        .collect();
+    let client = ctx.pool.get().await?;
+    let pattern = format!("rf{tag}\\_%");
+    let started = Instant::now();
+    publisher.publish_all(events).await?;
+    let published = started.elapsed();
+    loop {
+        let done: i64 = client
+            .query_one(
+                "SELECT count(*) FROM reservations WHERE app_name = 'imagegene' AND project_code LIKE $1 AND state = 'refunded'",
+                &[&pattern],
+            )
+            .await?
+            .get(0);
+        if done as u64 >= made.load(Ordering::Relaxed) {
+            break;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("refunds did not finish within 300 s ({done} of {n})");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = started.elapsed();
+    eprintln!(
+        "refunds: published {n} events in {:.0} ms",
+        published.as_secs_f64() * 1000.0
+    );
+    let done = made.load(Ordering::Relaxed);
+    Ok(Stats {
+        ops: done,
+        errors: n as u64 - done,
+        per_sec: done as f64 / elapsed.as_secs_f64(),
+        ..Stats::default()
+    })
+}
