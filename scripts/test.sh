@@ -3,9 +3,9 @@
 # PostgreSQL and RabbitMQ (each test with a database and a queue prefix of its
 # own). Starts the services first. Extra arguments go to nextest (e.g. a filter).
 #
-# nextest runs each test in its own process, which the tests rely on (the
-# metrics recorder is process-wide, and the metrics tests count exactly); it
-# is installed from crates.io when missing.
+# nextest runs each test in its own process (the metrics tests compare
+# increases, so they hold either way); it is installed from crates.io when
+# missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/services.sh

@@ -66,11 +66,9 @@ fn presented_key(parts: &Parts) -> Option<String> {
             .map(str::to_owned);
     }
     let query = parts.uri.query()?;
-    serde_urlencoded::from_str::<Vec<(String, String)>>(query)
-        .ok()?
-        .into_iter()
+    form_urlencoded::parse(query.as_bytes())
         .find(|(name, _)| name == "api_key")
-        .map(|(_, key)| key)
+        .map(|(_, key)| key.into_owned())
         .filter(|k| !k.is_empty())
 }
 

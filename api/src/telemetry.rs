@@ -3,8 +3,8 @@
 //! Rules: one JSON line per request with its request id, method, path, route,
 //! status, latency, error code and key id; the query string is logged only
 //! after every `api_key` value has been replaced by `[redacted]`; metric
-//! labels are the matched route (never the raw path, which may hold ids) and
-//! the status.
+//! labels are the matched route (never the raw path, which may hold ids), the
+//! status, and the method among the known ones (else `other`).
 
 use std::time::Instant;
 
@@ -25,13 +25,15 @@ pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
 
-/// Replaces the value of every `api_key` parameter with `[redacted]`.
+/// Replaces the value of every `api_key` parameter with `[redacted]` (names
+/// are compared decoded, so `api%5Fkey` is caught too); the rest stays as sent.
 pub fn redact_query(query: &str) -> String {
     query
         .split('&')
         .map(|pair| {
             let name = pair.split('=').next().unwrap_or_default();
-            if decode_name(name).eq_ignore_ascii_case("api_key") {
+            let decoded = form_urlencoded::parse(name.as_bytes()).next();
+            if decoded.is_some_and(|(n, _)| n.eq_ignore_ascii_case("api_key")) {
                 format!("{name}=[redacted]")
             } else {
                 pair.to_owned()
@@ -39,32 +41,6 @@ pub fn redact_query(query: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("&")
-}
-
-/// Percent- and plus-decodes a parameter name, leniently.
-fn decode_name(name: &str) -> String {
-    let bytes = name.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                        continue;
-                    }
-                    None => out.push(b'%'),
-                }
-            }
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn sane_request_id(v: &HeaderValue) -> Option<String> {
@@ -115,7 +91,8 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         "request"
     );
     let status_label = status.to_string();
-    metrics::counter!("penora_http_requests_total", "route" => route.clone(), "method" => method.to_string(), "status" => status_label)
+    let method_label = penora_common::telemetry::method_label(method.as_str());
+    metrics::counter!("penora_http_requests_total", "route" => route.clone(), "method" => method_label, "status" => status_label)
         .increment(1);
     metrics::histogram!("penora_http_request_duration_seconds", "route" => route)
         .record(latency.as_secs_f64());

@@ -258,6 +258,9 @@ pub async fn authenticate(
     }
     let app: String = row.get("app");
     let scopes: Vec<String> = row.get("scopes");
+    if app != "*" {
+        crate::telemetry::register_app(&app);
+    }
     Ok(Some(Principal {
         key_id: Some(row.get("id")),
         app: KeyApp::parse(&app).map_err(DbError::Other)?,

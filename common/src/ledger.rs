@@ -390,8 +390,9 @@ fn state_of(raw: &str) -> Result<ReservationState, DbError> {
         .ok_or_else(|| DbError::Other(format!("unknown reservation state {raw:?}")))
 }
 
-/// Counts credits moved, by kind and app.
+/// Counts credits moved, by kind and app (an app no key names counts as
+/// `other`).
 fn count_moved(kind: &'static str, app: &str, amount: i64) {
-    metrics::counter!("penora_credits_moved_total", "kind" => kind, "app" => app.to_owned())
+    metrics::counter!("penora_credits_moved_total", "kind" => kind, "app" => crate::telemetry::app_label(app))
         .increment(amount.unsigned_abs());
 }

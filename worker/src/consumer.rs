@@ -45,7 +45,7 @@ pub async fn handle(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>
         let mut healthy = true;
         for (delivery, m) in deliveries.into_iter().zip(&messages) {
             let result = Err(JobError::Fatal(format!("no handler for queue {work}")));
-            healthy &= finish(ctx, work, delivery, m, result, started).await;
+            healthy &= finish(ctx, work, delivery, m, result).await;
         }
         return healthy;
     };
@@ -64,8 +64,11 @@ pub async fn handle(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>
             Some(result) => result,
             None => (handler.one)(ctx, m).await,
         };
-        healthy &= finish(ctx, work, delivery, m, result, started).await;
+        healthy &= finish(ctx, work, delivery, m, result).await;
     }
+    // One observation per batch (or lone message), acknowledged or not.
+    metrics::histogram!("penora_worker_handle_duration_seconds", "queue" => work)
+        .record(started.elapsed().as_secs_f64());
     healthy
 }
 
@@ -77,11 +80,8 @@ async fn finish(
     delivery: Delivery,
     m: &Message,
     result: Result<String, JobError>,
-    started: Instant,
 ) -> bool {
     let attempt = m.attempt;
-    metrics::histogram!("penora_worker_handle_duration_seconds", "queue" => work)
-        .record(started.elapsed().as_secs_f64());
     if result.is_ok() && work != LEDGER_AUDIT {
         // Refunds and settlements committed ledger-audit jobs.
         ctx.jobs_committed();

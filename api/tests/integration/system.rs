@@ -183,6 +183,14 @@ async fn metrics_count_requests_and_credit_movements() {
     let app = spawn_app().await;
     app.grant("u1", 50).await;
     app.deduct("u1", 5, "m1").await;
+    // An app no key names: counted, under `other`.
+    let r = app
+        .post(
+            "/api/unified/deduct-credits",
+            &serde_json::json!({"user_id": "u1", "amount": 1, "app_name": "zz-made-up", "project_code": "m2"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
     app.get("/api/unified/user-info?user_id=nobody").await;
     let text = app
         .http
@@ -211,6 +219,11 @@ async fn metrics_count_requests_and_credit_movements() {
         "{text}"
     );
     assert!(text.contains("penora_db_pool_connections"), "{text}");
+    assert!(
+        text.contains("penora_credits_moved_total{kind=\"reserved\",app=\"other\"}")
+            && !text.contains("zz-made-up"),
+        "{text}"
+    );
     assert!(
         !text.contains("u1") && !text.contains(BOOT_KEY),
         "no user ids or keys as labels"

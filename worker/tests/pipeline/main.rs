@@ -463,12 +463,14 @@ async fn a_job_that_fails_twice_with_a_passing_error_succeeds_on_the_third_attem
     let mut s = stack(&[("DB_LOCK_TIMEOUT_MS", "100")], &[]).await;
     s.grant("u1", 10).await; // its audit job runs now, before the lock
     s.start_worker().await;
+    let retried = "penora_worker_messages_total{queue=\"penora.ledger-audit\",outcome=\"retried\"}";
+    // Counted as an increase: the recorder is process-wide.
+    let before = s.worker_metric(retried).await;
     // Hold the user's audit chain: the next audit job cannot take its lock.
     let holder = s.hold_audit_chain("u1").await;
     s.deduct("u1", 2, "r1").await;
-    let retried = "penora_worker_messages_total{queue=\"penora.ledger-audit\",outcome=\"retried\"}";
     wait_for("two failed attempts", Duration::from_secs(20), || async {
-        s.worker_metric(retried).await >= 2.0
+        s.worker_metric(retried).await - before >= 2.0
     })
     .await;
     holder.batch_execute("ROLLBACK").await.expect("released");
@@ -485,7 +487,11 @@ async fn a_job_that_fails_twice_with_a_passing_error_succeeds_on_the_third_attem
         },
     )
     .await;
-    assert_eq!(s.worker_metric(retried).await, 2.0, "exactly two retries");
+    assert_eq!(
+        s.worker_metric(retried).await - before,
+        2.0,
+        "exactly two retries"
+    );
     assert_eq!(
         s.depth(&s.topology.dead_queue("penora.ledger-audit")).await,
         0

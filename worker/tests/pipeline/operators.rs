@@ -16,19 +16,6 @@ fn event(id: &str, user: &str, code: &str) -> String {
 async fn both_services_export_prometheus_metrics_with_the_right_counts() {
     let s = stack(&[], &[]).await;
     let worker = s.spawn_worker_process().await;
-    s.grant("u1", 100).await;
-    s.deduct("u1", 5, "m_a").await;
-    s.deduct("u1", 5, "m_b").await;
-    let r = s
-        .post(
-            "/api/unified/save-project",
-            &json!({"user_id": "u1", "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": PNG_1X1}),
-        )
-        .await;
-    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
-    s.publish_event("failed", &event("ev-m", "u1", "m_a")).await;
-    s.publish_event("failed", "{broken").await;
-    let dead = s.topology.dead_queue("penora.generation-events");
     let scrape = |url: String| {
         let http = s.http.clone();
         async move {
@@ -44,6 +31,23 @@ async fn both_services_export_prometheus_metrics_with_the_right_counts() {
             )
         }
     };
+    // Counters are compared as increases over these, whatever the process
+    // counted before (the recorder is process-wide).
+    let api_before = scrape(format!("{}/metrics", s.base)).await;
+    let w_before = scrape(worker.metrics_url.clone()).await;
+    s.grant("u1", 100).await;
+    s.deduct("u1", 5, "m_a").await;
+    s.deduct("u1", 5, "m_b").await;
+    let r = s
+        .post(
+            "/api/unified/save-project",
+            &json!({"user_id": "u1", "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": PNG_1X1}),
+        )
+        .await;
+    assert_eq!(r.status(), reqwest::StatusCode::ACCEPTED);
+    s.publish_event("failed", &event("ev-m", "u1", "m_a")).await;
+    s.publish_event("failed", "{broken").await;
+    let dead = s.topology.dead_queue("penora.generation-events");
     let dead_series = format!("penora_queue_messages{{queue=\"{dead}\"}}");
     wait_for(
         "the worker's gauges see the parked message",
@@ -57,37 +61,46 @@ async fn both_services_export_prometheus_metrics_with_the_right_counts() {
     let get = |m: &std::collections::HashMap<String, f64>, k: &str| {
         *m.get(k).unwrap_or_else(|| panic!("missing {k}"))
     };
+    let increase =
+        |after: &std::collections::HashMap<String, f64>,
+         before: &std::collections::HashMap<String, f64>,
+         k: &str| { get(after, k) - before.get(k).copied().unwrap_or(0.0) };
     assert_eq!(
-        get(
+        increase(
             &api,
+            &api_before,
             r#"penora_http_requests_total{route="/api/unified/deduct-credits",method="POST",status="200"}"#
         ),
         2.0
     );
     assert_eq!(
-        get(
+        increase(
             &api,
+            &api_before,
             r#"penora_http_requests_total{route="/api/unified/save-project",method="POST",status="202"}"#
         ),
         1.0
     );
     assert_eq!(
-        get(
+        increase(
             &api,
+            &api_before,
             r#"penora_http_request_duration_seconds_count{route="/api/unified/deduct-credits"}"#
         ),
         2.0
     );
     assert_eq!(
-        get(
+        increase(
             &api,
+            &api_before,
             r#"penora_credits_moved_total{kind="reserved",app="imagegene"}"#
         ),
         10.0
     );
     assert_eq!(
-        get(
+        increase(
             &api,
+            &api_before,
             r#"penora_credits_moved_total{kind="granted",app="penora"}"#
         ),
         100.0
@@ -103,42 +116,50 @@ async fn both_services_export_prometheus_metrics_with_the_right_counts() {
 
     let w = scrape(worker.metrics_url.clone()).await;
     assert_eq!(
-        get(
+        increase(
             &w,
+            &w_before,
             r#"penora_worker_messages_total{queue="penora.generation-events",outcome="ok"}"#
         ),
         1.0
     );
     assert_eq!(
-        get(
+        increase(
             &w,
+            &w_before,
             r#"penora_worker_messages_total{queue="penora.generation-events",outcome="parked"}"#
         ),
         1.0
     );
     assert_eq!(
-        get(
+        increase(
             &w,
+            &w_before,
             r#"penora_worker_messages_total{queue="penora.save-project",outcome="ok"}"#
         ),
         1.0
     );
     // grant, two deducts, one refund: four ledger entries, four audit jobs.
     assert_eq!(
-        get(
+        increase(
             &w,
+            &w_before,
             r#"penora_worker_messages_total{queue="penora.ledger-audit",outcome="ok"}"#
         ),
         4.0
     );
     assert_eq!(
-        get(
+        increase(
             &w,
+            &w_before,
             r#"penora_credits_moved_total{kind="refunded",app="imagegene"}"#
         ),
         5.0
     );
-    assert_eq!(get(&w, "penora_event_to_refund_seconds_count"), 1.0);
+    assert_eq!(
+        increase(&w, &w_before, "penora_event_to_refund_seconds_count"),
+        1.0
+    );
     assert!(w.contains_key(
         r#"penora_worker_handle_duration_seconds_count{queue="penora.ledger-audit"}"#
     ));
