@@ -5,9 +5,16 @@
 //! these types first; the error says which field is wrong and why, and the rest
 //! of the code never sees an unchecked value.
 
+mod schema;
+
 use std::fmt;
 
 use serde::Serialize;
+
+pub use schema::{
+    APP_NAME_PATTERN, Description, GrantReason, IDENTIFIER_PATTERN, NON_BLANK_TEXT_PATTERN,
+    ProjectType, Reference, TEXT_PATTERN, Title,
+};
 
 /// Why an input value was refused; `field` names the offending input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

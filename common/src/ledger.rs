@@ -131,56 +131,46 @@ pub type Answer<T> = Result<Outcome<T>, LedgerError>;
 
 // ------------------------------------------------------- batches, run to the end
 
-/// A money rule written for a batch: one transaction for many requests.
-trait BatchRule {
-    /// One request.
-    type Request;
-    /// What a request that went through gets back.
-    type Receipt;
-    /// The rule's name, for logs and metrics.
-    const NAME: &'static str;
-
-    /// Carries out `batch` in one transaction. Returns one slot per request,
-    /// in order: `Some(answer)` for a leading run (never empty), then `None`
-    /// from the first request that must wait for the ones before it to commit
-    /// (its key repeats an earlier one of the batch). An `Err` means nothing
-    /// was done.
-    async fn once(
-        client: &mut Client,
-        batch: &[Self::Request],
-    ) -> Result<Vec<Option<Answer<Self::Receipt>>>, LedgerError>;
-}
+/// What one transaction of a rule answers for a batch: one slot per
+/// request, in order, `Some(answer)` for a leading run (never empty), then
+/// `None` from the first request that must wait for the ones before it to
+/// commit (its key repeats an earlier one of the batch). An `Err` means
+/// nothing was done.
+type Slots<T> = Result<Vec<Option<Answer<T>>>, LedgerError>;
 
 /// How many times a request is carried out again, as a new batch, when a
 /// concurrent transaction claimed one of its batch's keys first.
 const CONFLICT_RETRIES: u32 = 3;
 
-/// Answers every one of `requests`, in order, with as few transactions as the
-/// rule allows: a batch that stops at a repeated key is followed by the next
-/// batch; a batch that lost a key to a concurrent transaction runs again
-/// (where the key is now seen, and the request replays or conflicts); a batch
-/// that fails as a whole is followed by each remaining request alone, so
-/// that a failure is the answer of the request that causes it only.
-async fn answer_all<R: BatchRule>(
+/// Answers every one of `requests`, in order, with as few transactions of
+/// `once` (the rule `rule`) as the keys allow: a batch that stops at a
+/// repeated key is followed by the next batch; a batch that lost a key to a
+/// concurrent transaction runs again (where the key is now seen, and the
+/// request replays or conflicts); a batch that fails as a whole is followed
+/// by each remaining request alone, so that a failure is the answer of the
+/// request that causes it only.
+async fn answer_all<Q, T, F>(
     client: &mut Client,
-    requests: &[R::Request],
-) -> Vec<Answer<R::Receipt>> {
+    requests: &[Q],
+    rule: &'static str,
+    once: F,
+) -> Vec<Answer<T>>
+where
+    F: AsyncFn(&mut Client, &[Q]) -> Slots<T>,
+{
     let mut answers = Vec::with_capacity(requests.len());
     let mut alone = false;
     let mut conflicts = 0;
     while answers.len() < requests.len() {
         let rest = &requests[answers.len()..];
         let batch = if alone { &rest[..1] } else { rest };
-        match R::once(client, batch).await {
+        match once(client, batch).await {
             Ok(got) => {
                 let before = answers.len();
                 answers.extend(got.into_iter().map_while(|a| a));
                 if answers.len() == before {
-                    answers.push(Err(DbError::Other(format!(
-                        "a {} batch answered none of its requests",
-                        R::NAME
-                    ))
-                    .into()));
+                    let e = format!("a {rule} batch answered none of its requests");
+                    answers.push(Err(DbError::Other(e).into()));
                 }
                 conflicts = 0;
             }
@@ -188,8 +178,8 @@ async fn answer_all<R: BatchRule>(
                 conflicts += 1;
             }
             Err(e) if batch.len() > 1 => {
-                tracing::debug!(error = %e, rule = R::NAME, size = batch.len(), "batch failed; one by one");
-                metrics::counter!(format!("penora_{}_batch_fallbacks_total", R::NAME)).increment(1);
+                tracing::debug!(error = %e, rule, size = batch.len(), "batch failed; one by one");
+                metrics::counter!(format!("penora_{rule}_batch_fallbacks_total")).increment(1);
                 alone = true;
                 conflicts = 0;
             }
@@ -202,12 +192,11 @@ async fn answer_all<R: BatchRule>(
     answers
 }
 
-/// Carries out one request as a batch of one.
-async fn answer_one<R: BatchRule>(client: &mut Client, request: R::Request) -> Answer<R::Receipt> {
-    answer_all::<R>(client, std::slice::from_ref(&request))
-        .await
+/// The answer of a batch of one.
+fn only<T>(mut answers: Vec<Answer<T>>) -> Answer<T> {
+    answers
         .pop()
-        .unwrap_or_else(|| Err(DbError::Other(format!("a {} went unanswered", R::NAME)).into()))
+        .unwrap_or_else(|| Err(DbError::Other("a request went unanswered".into()).into()))
 }
 
 // ------------------------------------------------------- shared steps

@@ -4,7 +4,7 @@
 use clap::Subcommand;
 use penora_common::{
     config::Settings,
-    domain::{self, AppName, Credits, PENORA, UserId},
+    domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId},
     ledger,
 };
 
@@ -44,8 +44,8 @@ pub async fn run(
         user_id: UserId::parse(&user)?,
         amount: Credits::new("amount", amount, settings.max_deduct_amount)?,
         app_name: AppName::parse("app", &app)?,
-        reason: domain::bounded_text("reason", &reason, domain::DESCRIPTION_MAX_LEN)?,
-        reference: domain::bounded_text("reference", &reference, domain::REFERENCE_MAX_LEN)?,
+        reason: GrantReason::parse("reason", Some(&reason))?,
+        reference: Reference::parse("reference", Some(&reference))?,
     };
     let outcome = ledger::grant(client, &grant, None).await?;
     let r = outcome.value;

@@ -6,7 +6,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    domain::{self, AppName, Credits, ProjectCode},
+    domain::{AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId},
     keys::Scope,
     ledger::{self, Outcome},
     timefmt::rfc3339_millis,
@@ -53,6 +53,7 @@ pub fn with_replay_header<T: Serialize>(
 #[into_params(parameter_in = Query)]
 pub struct UserQuery {
     /// The user (1–128 characters of `[A-Za-z0-9_.:@-]`).
+    #[param(value_type = UserId, inline)]
     pub user_id: Option<String>,
 }
 
@@ -159,20 +160,20 @@ async fn user_info(
 /// Body of `POST /deduct-credits`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct DeductRequest {
-    /// The user.
-    #[schema(example = "101902121794505144784")]
+    // The user.
+    #[schema(value_type = UserId, inline)]
     pub user_id: Option<String>,
-    /// Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
-    #[schema(value_type = i64, minimum = 1, example = 5)]
+    // Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
+    #[schema(value_type = Credits)]
     pub amount: Option<serde_json::Value>,
     /// The app spending the credits (defaults to the key's app).
-    #[schema(example = "imagegene")]
+    #[schema(value_type = Option<AppName>, inline, example = "imagegene")]
     pub app_name: Option<String>,
     /// What for (at most 500 characters).
-    #[schema(example = "AI image generation - 1024x1024 artwork")]
+    #[schema(value_type = Option<Description>, inline, example = "AI image generation - 1024x1024 artwork")]
     pub description: Option<String>,
     /// Idempotency key; the service makes one when absent.
-    #[schema(example = "img_xyz123")]
+    #[schema(value_type = Option<ProjectCode>, inline, example = "img_xyz123")]
     pub project_code: Option<String>,
 }
 
@@ -216,16 +217,6 @@ fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<App
     Ok(app)
 }
 
-fn optional_text(
-    field: &'static str,
-    raw: Option<String>,
-    max: usize,
-) -> Result<Option<String>, ApiError> {
-    raw.map(|t| domain::bounded_text(field, &t, max))
-        .transpose()
-        .map_err(Into::into)
-}
-
 /// Reserve and deduct credits, synchronously.
 ///
 /// Idempotent by `(app_name, project_code)`: the same key with the same user
@@ -262,7 +253,7 @@ async fn deduct_credits(
         state.settings.max_deduct_amount,
     )?;
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
-    let description = optional_text("description", body.description, domain::DESCRIPTION_MAX_LEN)?;
+    let description = Description::parse("description", body.description.as_deref())?;
     let project_code = match body.project_code.as_deref() {
         Some(raw) => ProjectCode::parse(raw)?,
         None => ProjectCode::generate(),
@@ -302,15 +293,18 @@ async fn deduct_credits(
 /// Body of `POST /refund-credits`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct RefundRequest {
-    /// The user.
+    // The user.
+    #[schema(value_type = UserId, inline)]
     pub user_id: Option<String>,
-    /// The reservation's key.
-    #[schema(example = "img_xyz123")]
+    // The reservation's key.
+    #[schema(value_type = ProjectCode, inline)]
     pub project_code: Option<String>,
     /// Why (at most 500 characters).
+    #[schema(value_type = Option<Description>, inline)]
     pub reason: Option<String>,
     /// The reservation's app; needed only when the user has reservations of
     /// several apps with this code (defaults to the key's app).
+    #[schema(value_type = Option<AppName>, inline)]
     pub app_name: Option<String>,
 }
 
@@ -370,7 +364,7 @@ async fn refund_credits(
         (None, None) => None,
         (raw, _) => Some(acting_app(&auth, "app_name", raw)?),
     };
-    let reason = optional_text("reason", body.reason, domain::DESCRIPTION_MAX_LEN)?;
+    let reason = Description::parse("reason", body.reason.as_deref())?;
     let span = tracing::Span::current();
     span.record("user_id", user.as_str());
     span.record("project_code", project_code.as_str());
@@ -402,18 +396,20 @@ async fn refund_credits(
 /// Body of `POST /add-credits`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AddCreditsRequest {
-    /// The user (the account is created if new).
+    // The user (the account is created if new).
+    #[schema(value_type = UserId, inline)]
     pub user_id: Option<String>,
-    /// Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
-    #[schema(value_type = i64, minimum = 1, example = 100)]
+    // Whole Ku coins, 1 to `MAX_DEDUCT_AMOUNT`.
+    #[schema(value_type = Credits)]
     pub amount: Option<serde_json::Value>,
-    /// Why, for people (at most 500 characters).
-    #[schema(example = "purchase")]
+    // Why, for people (at most 500 characters).
+    #[schema(value_type = GrantReason, inline)]
     pub reason: Option<String>,
-    /// Idempotency reference, e.g. the payment id (1–128 characters).
-    #[schema(example = "pay_2025_0001")]
+    // Idempotency reference, e.g. the payment id (1–128 characters).
+    #[schema(value_type = Reference, inline)]
     pub reference: Option<String>,
     /// The app granting (defaults to the key's app, else `penora`).
+    #[schema(value_type = Option<AppName>, inline)]
     pub app_name: Option<String>,
 }
 
@@ -460,21 +456,11 @@ async fn add_credits(
         state.settings.max_deduct_amount,
     )?;
     let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
-        (None, None) => AppName::parse("app_name", "penora")?,
+        (None, None) => AppName::penora(),
         (raw, _) => acting_app(&auth, "app_name", raw)?,
     };
-    let reason = match body.reason {
-        Some(r) if !r.trim().is_empty() => {
-            domain::bounded_text("reason", &r, domain::DESCRIPTION_MAX_LEN)?
-        }
-        _ => return Err(ApiError::InvalidRequest("reason: is required".into())),
-    };
-    let reference = match body.reference {
-        Some(r) if !r.trim().is_empty() => {
-            domain::bounded_text("reference", &r, domain::REFERENCE_MAX_LEN)?
-        }
-        _ => return Err(ApiError::InvalidRequest("reference: is required".into())),
-    };
+    let reason = GrantReason::parse("reason", body.reason.as_deref())?;
+    let reference = Reference::parse("reference", body.reference.as_deref())?;
     tracing::Span::current().record("user_id", user.as_str());
     let grant = ledger::Grant {
         user_id: user,
@@ -504,6 +490,7 @@ async fn add_credits(
 #[into_params(parameter_in = Query)]
 pub struct TransactionsQuery {
     /// The user.
+    #[param(value_type = UserId, inline)]
     pub user_id: Option<String>,
     /// Rows per page, 1–200 (default 50).
     #[param(value_type = Option<i64>)]

@@ -1,31 +1,22 @@
 //! Finishing the generated OpenAPI document so that it says exactly what the
 //! handlers accept and answer.
 //!
-//! The request types keep `Option` fields (a missing `user_id` must answer
-//! `user_id_required`, not a serde error), so the derive alone documents every
-//! field as optional and unbounded. Here, in one place and from the same
-//! constants the validators use, each field gets its rule (required, pattern,
-//! length, range), every operation gets the answers any route can give (401,
-//! 403, 413, 415, 429, 500, 503), and the responses get links that a client
-//! or a stateful fuzzer can follow (grant → deduct → refund or save → content).
+//! The fields that carry a domain value are documented by the domain type
+//! itself (`value_type = UserId`, `ProjectCode`, `AppName`, `Credits`, and the
+//! free-text types `Description`, `GrantReason`, `Reference`, `Title`,
+//! `ProjectType`: see `penora_common::domain::schema`), whose parser the
+//! handler runs, so the two cannot drift. What is left here is what no
+//! domain type holds: the configured `MAX_DEDUCT_AMOUNT` (on the `Credits`
+//! component), the rules of fields particular to one route (content,
+//! metadata, paging, the quote's sizes), the answers every route can give
+//! (401, 403, 413, 415, 429, 500, 503), and the links that a client or a
+//! stateful fuzzer can follow (grant → deduct → refund or save → content).
 //! `scripts/fuzz.sh` holds the service to this document.
 
-use penora_common::domain::{
-    APP_NAME_MAX_LEN, DESCRIPTION_MAX_LEN, PROJECT_CODE_MAX_LEN, PROJECT_TYPE_MAX_LEN,
-    REFERENCE_MAX_LEN, TITLE_MAX_LEN, USER_ID_MAX_LEN,
-};
+use penora_common::domain::APP_NAME_MAX_LEN;
 use serde_json::{Map, Value, json};
 use utoipa::openapi::OpenApi;
 
-/// `[A-Za-z0-9_.:@-]`: user ids and project codes (`domain::UserId`, `ProjectCode`).
-const IDENTIFIER: &str = "^[A-Za-z0-9_.:@-]+$";
-/// Lowercase letters, digits, `_` and `-` (`domain::AppName`).
-const APP_NAME: &str = "^[a-z0-9_-]+$";
-/// Free text: no control characters but newline and tab (`domain::bounded_text`).
-const TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
-/// Required free text: as `TEXT`, with at least one character that is not a
-/// space (blank text is refused as missing).
-const NON_BLANK_TEXT: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
 /// Project content (`projects::Content::decode`): canonical base64 (standard
 /// alphabet, whole quads, the last one padded as the bytes require) or an
 /// http(s) URL with a host name, of visible ASCII characters (it is sent back
@@ -52,27 +43,18 @@ struct Rule {
     schema: Value,
 }
 
-fn string(pattern: &str, max: usize) -> Value {
-    json!({ "type": "string", "pattern": pattern, "minLength": 1, "maxLength": max })
-}
-
 fn integer(min: i64, max: i64) -> Value {
     json!({ "type": "integer", "format": "int64", "minimum": min, "maximum": max })
 }
 
-fn rules(max_amount: i64) -> Vec<Rule> {
+fn rules() -> Vec<Rule> {
     let rule = |owner, field, required, schema| Rule {
         owner,
         field,
         required,
         schema,
     };
-    let optional_text = |max: usize| json!({ "type": "string", "pattern": TEXT, "maxLength": max });
     vec![
-        rule("*", "user_id", true, string(IDENTIFIER, USER_ID_MAX_LEN)),
-        rule("*", "amount", true, integer(1, max_amount)),
-        rule("*", "app_name", false, string(APP_NAME, APP_NAME_MAX_LEN)),
-        rule("*", "app_source", false, string(APP_NAME, APP_NAME_MAX_LEN)),
         // `?app=` (empty) is taken as not given.
         rule(
             "list_projects",
@@ -80,55 +62,7 @@ fn rules(max_amount: i64) -> Vec<Rule> {
             false,
             json!({ "type": "string", "pattern": "^[a-z0-9_-]*$", "maxLength": APP_NAME_MAX_LEN }),
         ),
-        rule(
-            "*",
-            "description",
-            false,
-            optional_text(DESCRIPTION_MAX_LEN),
-        ),
         rule("*", "limit", false, integer(1, MAX_PAGE)),
-        rule(
-            "*",
-            "project_code",
-            false,
-            string(IDENTIFIER, PROJECT_CODE_MAX_LEN),
-        ),
-        rule(
-            "RefundRequest",
-            "project_code",
-            true,
-            string(IDENTIFIER, PROJECT_CODE_MAX_LEN),
-        ),
-        rule(
-            "RefundRequest",
-            "reason",
-            false,
-            optional_text(DESCRIPTION_MAX_LEN),
-        ),
-        rule(
-            "AddCreditsRequest",
-            "reason",
-            true,
-            string(NON_BLANK_TEXT, DESCRIPTION_MAX_LEN),
-        ),
-        rule(
-            "AddCreditsRequest",
-            "reference",
-            true,
-            string(NON_BLANK_TEXT, REFERENCE_MAX_LEN),
-        ),
-        rule(
-            "SaveProjectRequest",
-            "title",
-            true,
-            string(NON_BLANK_TEXT, TITLE_MAX_LEN),
-        ),
-        rule(
-            "SaveProjectRequest",
-            "project_type",
-            true,
-            string(NON_BLANK_TEXT, PROJECT_TYPE_MAX_LEN),
-        ),
         rule(
             "SaveProjectRequest",
             "content",
@@ -297,11 +231,14 @@ pub fn finish(api: OpenApi, max_amount: i64) -> OpenApi {
     let Ok(mut doc) = serde_json::to_value(&api) else {
         return api;
     };
-    let rules = rules(max_amount);
+    let rules = rules();
     if let Some(schemas) = doc
         .pointer_mut("/components/schemas")
         .and_then(Value::as_object_mut)
     {
+        if let Some(credits) = schemas.get_mut("Credits") {
+            credits["maximum"] = json!(max_amount);
+        }
         for (name, schema) in schemas.iter_mut().filter(|(n, _)| n.ends_with("Request")) {
             finish_request_schema(&rules, name, schema);
         }
@@ -446,6 +383,7 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
 
 #[cfg(test)]
 mod tests {
+    use penora_common::domain::IDENTIFIER_PATTERN;
     use serde_json::Value;
 
     fn document() -> Value {
@@ -472,7 +410,7 @@ mod tests {
             }
             let user_id = &schema["properties"]["user_id"];
             assert_eq!(user_id["type"], "string", "{name}");
-            assert_eq!(user_id["pattern"], super::IDENTIFIER, "{name}");
+            assert_eq!(user_id["pattern"], IDENTIFIER_PATTERN, "{name}");
             assert_eq!(user_id["maxLength"], 128, "{name}");
             let required = schema["required"].as_array().unwrap();
             assert!(required.iter().any(|f| f == "user_id"), "{name}");
@@ -482,7 +420,7 @@ mod tests {
             for p in op["parameters"].as_array().into_iter().flatten() {
                 if p["name"] == "user_id" {
                     assert_eq!(p["required"], true, "{label}");
-                    assert_eq!(p["schema"]["pattern"], super::IDENTIFIER, "{label}");
+                    assert_eq!(p["schema"]["pattern"], IDENTIFIER_PATTERN, "{label}");
                     seen += 1;
                 }
             }
@@ -493,10 +431,13 @@ mod tests {
     #[test]
     fn amounts_are_documented_up_to_the_configured_maximum() {
         let doc = document();
+        // Every amount is a `Credits`, documented once with its range.
+        let credits = &doc["components"]["schemas"]["Credits"];
+        assert_eq!(credits["minimum"], 1);
+        assert_eq!(credits["maximum"], 777);
         for name in ["DeductRequest", "AddCreditsRequest"] {
             let amount = &doc["components"]["schemas"][name]["properties"]["amount"];
-            assert_eq!(amount["minimum"], 1, "{name}");
-            assert_eq!(amount["maximum"], 777, "{name}");
+            assert_eq!(amount["$ref"], "#/components/schemas/Credits", "{name}");
         }
     }
 

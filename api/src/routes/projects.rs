@@ -13,7 +13,7 @@ use axum::{
 use base64::Engine;
 use futures_util::StreamExt;
 use penora_common::{
-    domain::{self, AppName, ProjectCode},
+    domain::{self, AppName, ProjectCode, ProjectType, Title, UserId},
     imaging::{self, PrepareError, StoragePolicy},
     keys::Scope,
     projects::{self, Cause, Content, NewProject, OnFull, Rendition, StoredContent},
@@ -51,17 +51,17 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// base64 has nothing to unescape, so a 12 MiB body is not copied again.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct SaveProjectRequest<'a> {
-    /// The user.
-    #[schema(example = "101902121794505144784")]
+    // The user.
+    #[schema(value_type = UserId, inline)]
     pub user_id: Option<String>,
     /// The app saving the project (defaults to the key's app).
-    #[schema(example = "imagegene")]
+    #[schema(value_type = Option<AppName>, inline, example = "imagegene")]
     pub app_source: Option<String>,
-    /// e.g. `ai_artwork` (at most 64 characters).
-    #[schema(example = "ai_artwork")]
+    // e.g. `ai_artwork` (at most 64 characters).
+    #[schema(value_type = ProjectType, inline)]
     pub project_type: Option<String>,
-    /// At most 200 characters.
-    #[schema(example = "Sunset Landscape AI Art")]
+    // At most 200 characters.
+    #[schema(value_type = Title, inline)]
     pub title: Option<String>,
     /// Base64 image data, a `data:` URL, or an `http(s)` URL.
     #[serde(borrow)]
@@ -72,6 +72,7 @@ pub struct SaveProjectRequest<'a> {
     pub metadata: Option<serde_json::Value>,
     /// The reservation this image was paid with; the save settles it and is
     /// idempotent by it.
+    #[schema(value_type = Option<ProjectCode>, inline)]
     pub project_code: Option<String>,
     /// `true` keeps the image exactly as sent (no WebP re-encoding, metadata
     /// kept).
@@ -123,13 +124,6 @@ fn content_url(user_id: &str, project_id: Uuid) -> String {
 
 fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
     format!("/api/unified/projects/{project_id}/thumbnail?user_id={user_id}")
-}
-
-fn required_text(field: &'static str, raw: Option<String>, max: usize) -> Result<String, ApiError> {
-    match raw {
-        Some(t) if !t.trim().is_empty() => Ok(domain::bounded_text(field, &t, max)?),
-        _ => Err(ApiError::InvalidRequest(format!("{field}: is required"))),
-    }
 }
 
 /// Save a project into the user's shared workspace.
@@ -347,12 +341,8 @@ fn parse_save(raw: &[u8], auth: &Auth) -> Result<(NewProject, bool), ApiError> {
         (None, None) => return Err(ApiError::InvalidRequest("app_source: is required".into())),
     };
     auth.require_app("app_source", app_source.as_str())?;
-    let project_type = required_text(
-        "project_type",
-        body.project_type,
-        domain::PROJECT_TYPE_MAX_LEN,
-    )?;
-    let title = required_text("title", body.title, domain::TITLE_MAX_LEN)?;
+    let project_type = ProjectType::parse("project_type", body.project_type.as_deref())?;
+    let title = Title::parse("title", body.title.as_deref())?;
     let content = Content::decode(body.content.as_deref().unwrap_or_default())?;
     let metadata = match body.metadata {
         None | Some(serde_json::Value::Null) => serde_json::json!({}),
@@ -422,6 +412,7 @@ fn answer(
 #[into_params(parameter_in = Query)]
 pub struct ProjectsQuery {
     /// The user.
+    #[param(value_type = UserId, inline)]
     pub user_id: Option<String>,
     /// The calling app. Projects of every app are listed (the workspace is
     /// shared); a key bound to an app must name its own.
@@ -594,7 +585,7 @@ async fn list_projects(
     let mut other_apps = BTreeMap::new();
     for (app, n) in counts
         .iter()
-        .filter(|(a, _)| a != "penora" && a != "imagegene")
+        .filter(|(a, _)| a != domain::PENORA && a != domain::IMAGEGENE)
     {
         other_apps.insert(
             format!("{app}_projects"),
@@ -604,12 +595,12 @@ async fn list_projects(
     }
     let body = ProjectsResponse {
         user_id: user.to_string(),
-        penora_projects: of_app("penora"),
-        imagegene_projects: of_app("imagegene"),
+        penora_projects: of_app(domain::PENORA),
+        imagegene_projects: of_app(domain::IMAGEGENE),
         all_projects: items,
         total_count: counts.iter().map(|(_, n)| n).sum(),
-        penora_count: count_of("penora"),
-        imagegene_count: count_of("imagegene"),
+        penora_count: count_of(domain::PENORA),
+        imagegene_count: count_of(domain::IMAGEGENE),
         next_cursor,
         other_apps,
     };
@@ -621,6 +612,7 @@ async fn list_projects(
 #[into_params(parameter_in = Query)]
 pub struct ContentQuery {
     /// The project's owner.
+    #[param(value_type = UserId, inline)]
     pub user_id: Option<String>,
 }
 

@@ -31,8 +31,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, BatchRule, LedgerError, NewEntry, Outcome, answer_all, answer_one, count_moved,
-    lock_accounts, move_balances, state_of, write_entries,
+    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, count_moved, lock_accounts,
+    move_balances, only, state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -98,29 +98,14 @@ pub async fn deduct(
         deduct: d.clone(),
         correlation_id: correlation_id.map(str::to_owned),
     };
-    answer_one::<Deductions>(client, queued).await
+    only(deduct_all(client, std::slice::from_ref(&queued)).await)
 }
 
 /// Reserves and deducts credits for every one of `batch`, in order, in as
 /// few transactions as the keys allow. Each answer is the one the request
 /// would have had alone.
 pub async fn deduct_all(client: &mut Client, batch: &[Queued]) -> Vec<Answer<DeductReceipt>> {
-    answer_all::<Deductions>(client, batch).await
-}
-
-struct Deductions;
-
-impl BatchRule for Deductions {
-    type Request = Queued;
-    type Receipt = DeductReceipt;
-    const NAME: &'static str = "deduct";
-
-    async fn once(
-        client: &mut Client,
-        batch: &[Queued],
-    ) -> Result<Vec<Option<Answer<DeductReceipt>>>, LedgerError> {
-        deduct_once(client, batch).await
-    }
+    answer_all(client, batch, "deduct", deduct_once).await
 }
 
 /// A request accepted in a batch, and the balance it leaves.
@@ -130,10 +115,8 @@ struct Accepted<'a> {
     balance_after: i64,
 }
 
-async fn deduct_once(
-    client: &mut Client,
-    batch: &[Queued],
-) -> Result<Vec<Option<Answer<DeductReceipt>>>, LedgerError> {
+/// One transaction of deductions (see [`super::Slots`]).
+async fn deduct_once(client: &mut Client, batch: &[Queued]) -> Slots<DeductReceipt> {
     let mut answers: Vec<Option<Answer<DeductReceipt>>> = batch.iter().map(|_| None).collect();
     let mut keys = HashSet::new();
     let live: Vec<&Deduct> = batch

@@ -28,8 +28,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, BatchRule, LedgerError, NewEntry, Outcome, answer_all, answer_one, count_moved,
-    lock_accounts, move_balances, state_of, write_entries,
+    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, count_moved, lock_accounts,
+    move_balances, only, state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -100,28 +100,13 @@ pub async fn refund(
 
 /// Carries out one request (an event's refund, say) as a batch of one.
 pub async fn refund_one(client: &mut Client, q: QueuedRefund) -> Answer<RefundReceipt> {
-    answer_one::<Refunds>(client, q).await
+    only(refund_all(client, std::slice::from_ref(&q)).await)
 }
 
 /// Refunds every one of `batch`, in order, in as few transactions as the
 /// keys allow. Each answer is the one the request would have had alone.
 pub async fn refund_all(client: &mut Client, batch: &[QueuedRefund]) -> Vec<Answer<RefundReceipt>> {
-    answer_all::<Refunds>(client, batch).await
-}
-
-struct Refunds;
-
-impl BatchRule for Refunds {
-    type Request = QueuedRefund;
-    type Receipt = RefundReceipt;
-    const NAME: &'static str = "refund";
-
-    async fn once(
-        client: &mut Client,
-        batch: &[QueuedRefund],
-    ) -> Result<Vec<Option<Answer<RefundReceipt>>>, LedgerError> {
-        refund_once(client, batch).await
-    }
+    answer_all(client, batch, "refund", refund_once).await
 }
 
 /// A refund decided in a batch.
@@ -133,10 +118,8 @@ struct Decided<'a> {
     balance_after: i64,
 }
 
-async fn refund_once(
-    client: &mut Client,
-    batch: &[QueuedRefund],
-) -> Result<Vec<Option<Answer<RefundReceipt>>>, LedgerError> {
+/// One transaction of refunds (see [`super::Slots`]).
+async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<RefundReceipt> {
     let mut answers: Vec<Option<Answer<RefundReceipt>>> = batch.iter().map(|_| None).collect();
     let mut keys = HashSet::new();
     let mut events = HashSet::new();
