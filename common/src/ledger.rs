@@ -8,7 +8,11 @@
 //!   0`) backed by the `accounts_balance_non_negative` constraint;
 //! * locks are taken in one order: the account rows first (in `user_id`
 //!   order), then the reservations (in key order), so concurrent movements
-//!   queue up instead of deadlocking;
+//!   queue up instead of deadlocking; an account is locked `FOR NO KEY
+//!   UPDATE`, the lock its balance `UPDATE` takes anyway: movements of one
+//!   account still go one at a time, but the foreign-key checks of rows
+//!   inserted for that account elsewhere (the worker's audit records, say)
+//!   do not wait for them;
 //! * idempotency keys (`(app_name, project_code)` for deducts, `reference` for
 //!   grants, the event id for `generation.failed` refunds) are claimed inside
 //!   the movement's transaction; a request that finds its key used answers
@@ -30,6 +34,10 @@ use std::collections::HashMap;
 
 use deadpool_postgres::{Client, Transaction};
 use time::OffsetDateTime;
+use tokio_postgres::{
+    Row,
+    types::{FromSql, ToSql},
+};
 use uuid::Uuid;
 
 pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
@@ -202,7 +210,8 @@ fn only<T>(mut answers: Vec<Answer<T>>) -> Answer<T> {
 // ------------------------------------------------------- shared steps
 
 /// Locks the accounts of `users` in user_id order (one order everywhere: no
-/// deadlock between batches) and returns their balances.
+/// deadlock between batches), `FOR NO KEY UPDATE`, and returns their
+/// balances.
 async fn lock_accounts<'a>(
     tx: &Transaction<'_>,
     users: impl Iterator<Item = &'a str>,
@@ -213,7 +222,7 @@ async fn lock_accounts<'a>(
     let lock = tx
         .prepare_cached(
             "SELECT user_id, balance FROM accounts \
-             WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR UPDATE",
+             WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE",
         )
         .await?;
     Ok(tx
@@ -292,28 +301,17 @@ async fn write_entries(
              RETURNING id, app_name, project_code, created_at",
         )
         .await?;
-    let written: HashMap<(String, String), (i64, OffsetDateTime)> = tx
-        .query(
-            &insert,
-            &[
-                &users,
-                &kinds,
-                &amounts,
-                &after,
-                &apps,
-                &descriptions,
-                &codes,
-            ],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            (
-                (r.get("app_name"), r.get("project_code")),
-                (r.get("id"), r.get("created_at")),
-            )
-        })
-        .collect();
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &users,
+        &kinds,
+        &amounts,
+        &after,
+        &apps,
+        &descriptions,
+        &codes,
+    ];
+    let rows = tx.query(&insert, &params).await?;
+    let written: HashMap<_, (i64, OffsetDateTime)> = by_reservation(&rows, "id", "created_at");
     let mut out = Vec::with_capacity(entries.len());
     let mut payloads = Vec::with_capacity(entries.len());
     for e in entries {
@@ -372,6 +370,23 @@ async fn insert_audit_jobs(
     )
     .await?;
     Ok(())
+}
+
+/// `rows` by their reservation key `(app_name, project_code)`, with the
+/// values of columns `a` and `b`.
+fn by_reservation<A, B>(rows: &[Row], a: &str, b: &str) -> HashMap<(String, String), (A, B)>
+where
+    A: for<'r> FromSql<'r>,
+    B: for<'r> FromSql<'r>,
+{
+    rows.iter()
+        .map(|r| {
+            (
+                (r.get("app_name"), r.get("project_code")),
+                (r.get(a), r.get(b)),
+            )
+        })
+        .collect()
 }
 
 fn state_of(raw: &str) -> Result<ReservationState, DbError> {

@@ -31,8 +31,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, count_moved, lock_accounts,
-    move_balances, only, state_of, write_entries,
+    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, by_reservation, count_moved,
+    lock_accounts, move_balances, only, state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -262,28 +262,17 @@ async fn claim_reservations(
              RETURNING app_name, project_code, created_at, refundable_until",
         )
         .await?;
-    Ok(tx
-        .query(
-            &claim,
-            &[
-                &apps,
-                &codes,
-                &users,
-                &amounts,
-                &descriptions,
-                &after,
-                &windows,
-            ],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            (
-                (r.get("app_name"), r.get("project_code")),
-                (r.get("created_at"), r.get("refundable_until")),
-            )
-        })
-        .collect())
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
+        &apps,
+        &codes,
+        &users,
+        &amounts,
+        &descriptions,
+        &after,
+        &windows,
+    ];
+    let rows = tx.query(&claim, &params).await?;
+    Ok(by_reservation(&rows, "created_at", "refundable_until"))
 }
 
 /// The answer a deduction gets from its key's stored reservation: the first

@@ -290,35 +290,67 @@ fn not_found(r: &Refund) -> LedgerError {
 }
 
 /// Locks the reservations that `live`'s requests name, in key order, and
-/// returns them by the request's place in `live`.
+/// returns them by the request's place in `live`. A request that names its
+/// app is looked up by the reservation's key; one that does not is first
+/// resolved to the apps that have a reservation of this user with its code
+/// (usually one; several are refused by the caller).
 async fn lock_reservations(
     tx: &Transaction<'_>,
     live: &[&QueuedRefund],
 ) -> Result<HashMap<usize, Vec<tokio_postgres::Row>>, DbError> {
-    let users: Vec<&str> = live.iter().map(|q| q.refund.user_id.as_str()).collect();
-    let codes: Vec<&str> = live
-        .iter()
-        .map(|q| q.refund.project_code.as_str())
+    let mut apps_of: HashMap<usize, Vec<String>> = HashMap::new();
+    let unnamed: Vec<usize> = (0..live.len())
+        .filter(|&i| live[i].refund.app_name.is_none())
         .collect();
-    let apps: Vec<Option<&str>> = live
-        .iter()
-        .map(|q| q.refund.app_name.as_ref().map(AppName::as_str))
-        .collect();
+    if !unnamed.is_empty() {
+        let users: Vec<&str> = unnamed
+            .iter()
+            .map(|&i| live[i].refund.user_id.as_str())
+            .collect();
+        let codes: Vec<&str> = unnamed
+            .iter()
+            .map(|&i| live[i].refund.project_code.as_str())
+            .collect();
+        let resolve = tx
+            .prepare_cached(
+                "SELECT k.n, r.app_name FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(user_id, project_code, n) \
+                 JOIN reservations r ON r.user_id = k.user_id AND r.project_code = k.project_code",
+            )
+            .await?;
+        for row in tx.query(&resolve, &[&users, &codes]).await? {
+            let n: i64 = row.get("n");
+            apps_of
+                .entry(unnamed[n as usize - 1])
+                .or_default()
+                .push(row.get("app_name"));
+        }
+    }
+    let (mut places, mut apps, mut codes, mut users) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (i, q) in live.iter().enumerate() {
+        let named = q.refund.app_name.as_ref().map(|a| vec![a.to_string()]);
+        for app in named.or_else(|| apps_of.remove(&i)).unwrap_or_default() {
+            places.push(i as i64);
+            apps.push(app);
+            codes.push(q.refund.project_code.as_str());
+            users.push(q.refund.user_id.as_str());
+        }
+    }
     let lock = tx
         .prepare_cached(
-            "SELECT k.n, r.app_name, r.amount, r.state, r.refundable_until < now() AS expired, \
+            "SELECT k.place, r.app_name, r.amount, r.state, r.refundable_until < now() AS expired, \
                     r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
-             FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS k(user_id, project_code, app_name, n) \
-             JOIN reservations r ON r.user_id = k.user_id AND r.project_code = k.project_code \
-               AND (k.app_name IS NULL OR r.app_name = k.app_name) \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS k(place, app_name, project_code, user_id) \
+             JOIN reservations r ON r.app_name = k.app_name AND r.project_code = k.project_code \
+               AND r.user_id = k.user_id \
              ORDER BY r.app_name, r.project_code \
              FOR UPDATE OF r",
         )
         .await?;
     let mut found: HashMap<usize, Vec<tokio_postgres::Row>> = HashMap::new();
-    for row in tx.query(&lock, &[&users, &codes, &apps]).await? {
-        let n: i64 = row.get("n");
-        found.entry(n as usize - 1).or_default().push(row);
+    for row in tx.query(&lock, &[&places, &apps, &codes, &users]).await? {
+        let place: i64 = row.get("place");
+        found.entry(place as usize).or_default().push(row);
     }
     Ok(found)
 }

@@ -33,7 +33,7 @@ pub async fn settle(
     let user = user_id.as_str();
     let tx = client.transaction().await?;
     let lock = tx
-        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR UPDATE")
+        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
         .await?;
     let Some(account) = tx.query_opt(&lock, &[&user]).await? else {
         return Err(LedgerError::NotFound(format!(
