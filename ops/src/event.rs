@@ -10,13 +10,23 @@ use penora_common::{
 };
 
 /// What to publish.
+#[derive(clap::Args)]
 pub struct Event {
-    pub kind: String,
-    pub user: String,
-    pub project_code: String,
-    pub reason: Option<String>,
-    pub event_id: Option<String>,
-    pub raw: Option<String>,
+    /// `failed` (refund) or `succeeded` (settle).
+    kind: String,
+    /// The user.
+    user: String,
+    /// The reservation's project_code.
+    project_code: String,
+    /// Why the generation failed.
+    #[arg(long)]
+    reason: Option<String>,
+    /// The event id (default: a new UUID).
+    #[arg(long)]
+    event_id: Option<String>,
+    /// Publish this body instead (e.g. to test how bad events are parked).
+    #[arg(long)]
+    raw: Option<String>,
 }
 
 pub async fn run(settings: &Settings, e: Event) -> anyhow::Result<()> {

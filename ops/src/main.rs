@@ -81,23 +81,7 @@ enum Command {
         command: audit::AuditCommand,
     },
     /// Publish an ImageGene generation event, as ImageGene does (for tests and repairs).
-    Event {
-        /// `failed` (refund) or `succeeded` (settle).
-        kind: String,
-        /// The user.
-        user: String,
-        /// The reservation's project_code.
-        project_code: String,
-        /// Why the generation failed.
-        #[arg(long)]
-        reason: Option<String>,
-        /// The event id (default: a new UUID).
-        #[arg(long)]
-        event_id: Option<String>,
-        /// Publish this body instead (e.g. to test how bad events are parked).
-        #[arg(long)]
-        raw: Option<String>,
-    },
+    Event(event::Event),
 }
 
 #[tokio::main]
@@ -145,23 +129,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::WaitIdle { timeout_secs } => {
             wait_idle::run(&settings, &client, Duration::from_secs(timeout_secs)).await?
         }
-        Command::Event {
-            kind,
-            user,
-            project_code,
-            reason,
-            event_id,
-            raw,
-        } => {
-            let e = event::Event {
-                kind,
-                user,
-                project_code,
-                reason,
-                event_id,
-                raw,
-            };
-            event::run(&settings, e).await.map(|()| done)?
-        }
+        Command::Event(e) => event::run(&settings, e).await.map(|()| done)?,
     })
 }
