@@ -1,11 +1,16 @@
 //! `penora-ops dlq`: parked (dead-letter) messages are listed, shown,
 //! replayed to where they were first published, and purged.
 //!
-//! Rules: reading a parked message takes it without acknowledging it, on a
-//! channel of its own; closing the channel puts every read message back, in
-//! order, so looking changes nothing. A replay publishes the copy with
-//! confirms first and acknowledges the parked original only then: a replay
-//! cut short leaves the message parked, never lost.
+//! Rules: looking never counts as a delivery. Reading takes every parked
+//! message without acknowledging it; each one looked at is then published
+//! again to the end of its dead queue as a fresh copy (confirmed by the
+//! broker), and only then is the original acknowledged. A message returned
+//! to a quorum queue unacknowledged would count as a delivery, and RabbitMQ 4
+//! drops a message past its queue's delivery limit (20 by default), so twenty
+//! looks would erase a dead letter. A replay publishes the copy to where the
+//! message was first published, with confirms, and acknowledges the parked
+//! original only then. Cut short anywhere, these leave the message parked
+//! (at worst twice: the handlers are idempotent), never lost.
 
 use std::process::ExitCode;
 
@@ -86,18 +91,30 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             since,
             id,
             json,
-        } => list(&ch, &topology, &queue, limit, since, id, json).await?,
+        } => list(settings, &ch, &topology, &queue, limit, since, id, json).await?,
         DlqCommand::Show { queue, id } => {
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = peek(&ch, &dead, usize::MAX).await?;
-            output::json(&select(&parked, id.as_deref(), &dead)?)?;
+            let shown = select(&parked, id.as_deref(), &dead).map(|chosen| output::json(&chosen));
+            put_back(settings, &topology, &ch, &dead, parked.iter()).await?;
+            shown??;
             ExitCode::SUCCESS
         }
         DlqCommand::Replay { queue, id, dry_run } => {
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = peek(&ch, &dead, usize::MAX).await?;
-            let chosen = select(&parked, id.as_deref(), &dead)?;
-            replay(settings, &topology, &ch, &chosen, dry_run).await?;
+            let replayed = match select(&parked, id.as_deref(), &dead) {
+                Ok(chosen) => replay(settings, &topology, &ch, &chosen, dry_run).await,
+                Err(e) => Err(e),
+            };
+            // What was not replayed goes back, as fresh copies.
+            let kept = parked.iter().filter(|m| {
+                replayed
+                    .as_ref()
+                    .map_or(true, |done| !done.contains(&m.delivery_tag))
+            });
+            put_back(settings, &topology, &ch, &dead, kept).await?;
+            replayed?;
             ExitCode::SUCCESS
         }
         DlqCommand::Purge { queue, yes } => {
@@ -126,7 +143,9 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
     Ok(code)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn list(
+    settings: &Settings,
     ch: &Channel,
     topology: &Topology,
     queue: &str,
@@ -140,8 +159,9 @@ async fn list(
         .map(|t| OffsetDateTime::parse(&t, &Rfc3339))
         .transpose()
         .context("--since must be an RFC 3339 time, e.g. 2026-11-24T06:00:00Z")?;
-    let parked: Vec<Peeked> = peek(ch, &dead, usize::MAX)
-        .await?
+    let all = peek(ch, &dead, usize::MAX).await?;
+    put_back(settings, topology, ch, &dead, all.iter()).await?;
+    let parked: Vec<Peeked> = all
         .into_iter()
         .filter(|m| id.is_none() || m.message_id == id)
         .filter(|m| match (&since, &m.parked_at) {
@@ -188,13 +208,15 @@ async fn list(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Replays `chosen` (or says what it would do); returns the delivery tags of
+/// the parked originals it replayed and acknowledged.
 async fn replay(
     settings: &Settings,
     topology: &Topology,
     ch: &Channel,
     chosen: &[&Peeked],
     dry_run: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<u64>> {
     let mut outgoing = Vec::new();
     for m in chosen {
         let Some(o) = replay_of(m) else {
@@ -214,16 +236,67 @@ async fn replay(
         );
         outgoing.push(o);
     }
-    if !dry_run {
-        let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
-        publisher.publish_all(outgoing).await?;
-        for m in chosen {
-            ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
-                .await?;
-        }
-        println!("replayed {} message(s)", chosen.len());
+    if dry_run {
+        return Ok(Vec::new());
+    }
+    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    publisher.publish_all(outgoing).await?;
+    for m in chosen {
+        ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
+            .await?;
+    }
+    println!("replayed {} message(s)", chosen.len());
+    Ok(chosen.iter().map(|m| m.delivery_tag).collect())
+}
+
+/// Puts messages that were looked at back at the end of their dead queue as
+/// fresh copies (published with confirms), then acknowledges the originals,
+/// so that looking never counts as a delivery.
+async fn put_back<'a>(
+    settings: &Settings,
+    topology: &Topology,
+    ch: &Channel,
+    dead: &str,
+    messages: impl Iterator<Item = &'a Peeked>,
+) -> anyhow::Result<()> {
+    let messages: Vec<&Peeked> = messages.collect();
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let copies = messages.iter().map(|m| fresh_copy(m, dead)).collect();
+    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    publisher
+        .publish_all(copies)
+        .await
+        .context("putting the parked messages back (they stay parked: nothing was acknowledged)")?;
+    for m in &messages {
+        ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
+            .await?;
     }
     Ok(())
+}
+
+/// `m` as a new message for the dead queue `dead`: the same body and
+/// properties, without the broker's delivery count.
+fn fresh_copy(m: &Peeked, dead: &str) -> Outgoing {
+    let mut table = FieldTable::default();
+    for (k, v) in m
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default()
+        .inner()
+        .iter()
+        .filter(|(k, _)| k.as_str() != "x-delivery-count")
+    {
+        table.insert(k.clone(), v.clone());
+    }
+    Outgoing {
+        exchange: String::new(),
+        routing_key: dead.to_owned(),
+        payload: m.data.clone(),
+        properties: m.properties.clone().with_headers(table),
+    }
 }
 
 /// The dead queue of `queue` (a work queue name, with or without `.dead`).
@@ -280,6 +353,9 @@ pub struct Peeked {
     pub parked_at: Option<String>,
     /// The body, as text.
     pub body: String,
+    /// The body as it was published (copies and replays carry these bytes).
+    #[serde(skip)]
+    data: Vec<u8>,
     #[serde(skip)]
     delivery_tag: u64,
     #[serde(skip)]
@@ -311,6 +387,7 @@ async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, la
             first_failure_at: headers::text(p, headers::FIRST_FAILURE_AT),
             parked_at: headers::text(p, headers::PARKED_AT),
             body: String::from_utf8_lossy(&d.data).into_owned(),
+            data: d.data.clone(),
             delivery_tag: d.delivery_tag,
             properties: d.properties.clone(),
         });
@@ -350,7 +427,7 @@ fn replay_of(m: &Peeked) -> Option<Outgoing> {
     Some(Outgoing {
         exchange,
         routing_key,
-        payload: m.body.clone().into_bytes(),
+        payload: m.data.clone(),
         properties: m.properties.clone().with_headers(table),
     })
 }

@@ -367,3 +367,47 @@ async fn an_event_published_with_penora_ops_refunds_the_reservation() {
     );
     s.stop_worker().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn looking_at_dead_letters_never_counts_as_a_delivery() {
+    let mut s = stack(&[], &[]).await;
+    s.start_worker().await;
+    s.publish_event("failed", "{broken").await;
+    let dead = s.topology.dead_queue("penora.generation-events");
+    wait_for("parked", Duration::from_secs(10), || async {
+        s.depth(&dead).await == 1
+    })
+    .await;
+    // Look as an operator would, many times.
+    for args in [
+        &["dlq", "list", "penora.generation-events"][..],
+        &["dlq", "list", "penora.generation-events", "--json"],
+        &["dlq", "show", "penora.generation-events"],
+        &["dlq", "replay", "penora.generation-events", "--dry-run"],
+        &["dlq", "list", "penora.generation-events"],
+        &["dlq", "show", "penora.generation-events"],
+    ] {
+        let out = s.ops(args).await;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    assert_eq!(s.depth(&dead).await, 1, "still parked, once");
+    // A quorum queue counts every unacknowledged return as a delivery and
+    // says so in `x-delivery-count`; the looks above returned nothing.
+    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+        .await
+        .expect("broker");
+    let ch = connection.create_channel().await.expect("channel");
+    let got = ch
+        .basic_get(
+            dead.clone().into(),
+            lapin::options::BasicGetOptions { no_ack: false },
+        )
+        .await
+        .expect("get")
+        .expect("the parked message");
+    let count = penora_common::messages::headers::int(&got.delivery.properties, "x-delivery-count");
+    assert!(count.unwrap_or(0) == 0, "delivery count {count:?}");
+    assert_eq!(got.delivery.data, b"{broken", "the body is the one parked");
+    let _ = connection.close(200, "bye".into()).await;
+    s.stop_worker().await;
+}
