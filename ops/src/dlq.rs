@@ -19,7 +19,7 @@ use clap::Subcommand;
 use lapin::{
     BasicProperties, Channel,
     options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions},
-    types::{AMQPValue, FieldTable, ShortString},
+    types::{AMQPValue, FieldTable},
 };
 use penora_common::{
     broker::{self, Outgoing, Publisher, Topology},
@@ -84,6 +84,9 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
     let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
     let ch = connection.create_channel().await?;
     topology.declare(&ch).await?;
+    // One publisher (its connection is opened on first use) for the copies
+    // put back and the replays.
+    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
     let code = match command {
         DlqCommand::List {
             queue,
@@ -91,12 +94,12 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             since,
             id,
             json,
-        } => list(settings, &ch, &topology, &queue, limit, since, id, json).await?,
+        } => list(&publisher, &ch, &topology, &queue, limit, since, id, json).await?,
         DlqCommand::Show { queue, id } => {
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = peek(&ch, &dead, usize::MAX).await?;
             let shown = select(&parked, id.as_deref(), &dead).map(|chosen| output::json(&chosen));
-            put_back(settings, &topology, &ch, &dead, parked.iter()).await?;
+            put_back(&publisher, &ch, &dead, parked.iter()).await?;
             shown??;
             ExitCode::SUCCESS
         }
@@ -104,7 +107,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
             let dead = dead_queue_of(&topology, &queue)?;
             let parked = peek(&ch, &dead, usize::MAX).await?;
             let replayed = match select(&parked, id.as_deref(), &dead) {
-                Ok(chosen) => replay(settings, &topology, &ch, &chosen, dry_run).await,
+                Ok(chosen) => replay(&publisher, &ch, &chosen, dry_run).await,
                 Err(e) => Err(e),
             };
             // What was not replayed goes back, as fresh copies.
@@ -113,7 +116,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
                     .as_ref()
                     .map_or(true, |done| !done.contains(&m.delivery_tag))
             });
-            put_back(settings, &topology, &ch, &dead, kept).await?;
+            put_back(&publisher, &ch, &dead, kept).await?;
             replayed?;
             ExitCode::SUCCESS
         }
@@ -145,7 +148,7 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
 
 #[allow(clippy::too_many_arguments)]
 async fn list(
-    settings: &Settings,
+    publisher: &Publisher,
     ch: &Channel,
     topology: &Topology,
     queue: &str,
@@ -160,7 +163,7 @@ async fn list(
         .transpose()
         .context("--since must be an RFC 3339 time, e.g. 2026-11-24T06:00:00Z")?;
     let all = peek(ch, &dead, usize::MAX).await?;
-    put_back(settings, topology, ch, &dead, all.iter()).await?;
+    put_back(publisher, ch, &dead, all.iter()).await?;
     let parked: Vec<Peeked> = all
         .into_iter()
         .filter(|m| id.is_none() || m.message_id == id)
@@ -211,8 +214,7 @@ async fn list(
 /// Replays `chosen` (or says what it would do); returns the delivery tags of
 /// the parked originals it replayed and acknowledged.
 async fn replay(
-    settings: &Settings,
-    topology: &Topology,
+    publisher: &Publisher,
     ch: &Channel,
     chosen: &[&Peeked],
     dry_run: bool,
@@ -239,7 +241,6 @@ async fn replay(
     if dry_run {
         return Ok(Vec::new());
     }
-    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
     publisher.publish_all(outgoing).await?;
     for m in chosen {
         ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
@@ -253,8 +254,7 @@ async fn replay(
 /// fresh copies (published with confirms), then acknowledges the originals,
 /// so that looking never counts as a delivery.
 async fn put_back<'a>(
-    settings: &Settings,
-    topology: &Topology,
+    publisher: &Publisher,
     ch: &Channel,
     dead: &str,
     messages: impl Iterator<Item = &'a Peeked>,
@@ -263,8 +263,14 @@ async fn put_back<'a>(
     if messages.is_empty() {
         return Ok(());
     }
-    let copies = messages.iter().map(|m| fresh_copy(m, dead)).collect();
-    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    let copies = messages
+        .iter()
+        .map(|m| {
+            // The same message, without the broker's delivery count.
+            let headers = headers_where(m, |k| k != "x-delivery-count");
+            copy_of(m, String::new(), dead.to_owned(), headers)
+        })
+        .collect();
     publisher
         .publish_all(copies)
         .await
@@ -276,26 +282,24 @@ async fn put_back<'a>(
     Ok(())
 }
 
-/// `m` as a new message for the dead queue `dead`: the same body and
-/// properties, without the broker's delivery count.
-fn fresh_copy(m: &Peeked, dead: &str) -> Outgoing {
+/// The headers of `m` whose name passes `keep`.
+fn headers_where(m: &Peeked, keep: impl Fn(&str) -> bool) -> FieldTable {
     let mut table = FieldTable::default();
-    for (k, v) in m
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default()
-        .inner()
-        .iter()
-        .filter(|(k, _)| k.as_str() != "x-delivery-count")
-    {
+    let headers = m.properties.headers().clone().unwrap_or_default();
+    for (k, v) in headers.inner().iter().filter(|(k, _)| keep(k.as_str())) {
         table.insert(k.clone(), v.clone());
     }
+    table
+}
+
+/// `m` (its bytes and properties) to publish again to `exchange` with
+/// `routing_key`, carrying `headers`.
+fn copy_of(m: &Peeked, exchange: String, routing_key: String, headers: FieldTable) -> Outgoing {
     Outgoing {
-        exchange: String::new(),
-        routing_key: dead.to_owned(),
+        exchange,
+        routing_key,
         payload: m.data.clone(),
-        properties: m.properties.clone().with_headers(table),
+        properties: m.properties.clone().with_headers(headers),
     }
 }
 
@@ -400,34 +404,15 @@ async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, la
 fn replay_of(m: &Peeked) -> Option<Outgoing> {
     let exchange = m.original_exchange.clone()?;
     let routing_key = m.original_routing_key.clone()?;
-    let kept: Vec<(ShortString, AMQPValue)> = m
-        .properties
-        .headers()
-        .clone()
-        .unwrap_or_default()
-        .inner()
-        .iter()
-        .filter(|(k, _)| {
-            let k = k.as_str();
-            !k.starts_with("x-penora-")
-                && k != "x-death"
-                && !k.starts_with("x-first-death")
-                && !k.starts_with("x-last-death")
-        })
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    let mut table = FieldTable::default();
-    for (k, v) in kept {
-        table.insert(k, v);
-    }
+    let mut table = headers_where(m, |k| {
+        !k.starts_with("x-penora-")
+            && k != "x-death"
+            && !k.starts_with("x-first-death")
+            && !k.starts_with("x-last-death")
+    });
     table.insert(
         "x-penora-replayed-at".into(),
         AMQPValue::LongString(rfc3339_millis(OffsetDateTime::now_utc()).into()),
     );
-    Some(Outgoing {
-        exchange,
-        routing_key,
-        payload: m.data.clone(),
-        properties: m.properties.clone().with_headers(table),
-    })
+    Some(copy_of(m, exchange, routing_key, table))
 }

@@ -46,8 +46,14 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         SUCCEEDED => "succeeded",
         other => return Err(JobError::Fatal(format!("unknown event kind `{other}`"))),
     };
-    // Decide: seen before?
     let mut client = ctx.pool.get().await.map_err(DbError::from)?;
+    if kind == "failed" {
+        // The refund checks the event against `processed_events` and
+        // records it, in its own commit.
+        let refund = failed_refund(event, user, code, m.correlation_id.clone());
+        return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
+    }
+    // Decide: seen before?
     let seen = client
         .query_opt(
             "SELECT outcome FROM processed_events WHERE user_id = $1 AND event_id = $2",
@@ -62,11 +68,6 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         ));
     }
     // Commit.
-    if kind == "failed" {
-        // The refund records the event in its own commit.
-        let refund = failed_refund(event, user, code, m.correlation_id.clone());
-        return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
-    }
     let outcome = match ledger::settle(
         &mut client,
         &user,
