@@ -1,36 +1,68 @@
 //! Group commit for deductions, and batched reads of account summaries.
 //!
-//! Every `deduct-credits` request goes through one queue. A dispatcher takes
-//! the first waiting request, and with it every other request waiting at
-//! that moment (up to `DEDUCT_BATCH_MAX`), and runs them as one transaction
-//! ([`ledger::deduct_all`]); at most `DEDUCT_BATCHES_IN_FLIGHT` such
-//! batches run at once. When the service is quiet a request goes alone
-//! and at once; under load, requests that would have queued for a connection
-//! or a row lock share one commit instead. The ledger has one implementation
-//! of a deduction, for a batch, so an answer never depends on the company a
+//! Every `deduct-credits` request goes through one bounded queue
+//! (`DEDUCT_QUEUE_MAX`; past it, `503 busy` at once). A dispatcher takes the
+//! first waiting request, and with it every other request waiting at that
+//! moment (up to `DEDUCT_BATCH_MAX`), and runs them as one transaction
+//! ([`ledger::deduct_all`]); at most `DEDUCT_BATCHES_IN_FLIGHT` such batches
+//! run at once. When the service is quiet a request goes alone and at once;
+//! under load, requests that would have queued for a connection or a row
+//! lock share one commit instead. The ledger has one implementation of a
+//! deduction, for a batch, so an answer never depends on the company a
 //! request keeps.
+//!
+//! One account never holds up another. A batch does not wait for an
+//! account another transaction holds (a long operator transaction, another
+//! batch of the same user): it skips it ([`OnBusy::Skip`]) and hands that
+//! account's requests to the account's own **lane**, which waits for the lock
+//! (at most `DB_LOCK_TIMEOUT_MS`, then `503`) with one batch of that user's
+//! requests at a time. While a lane is open, the user's new requests join it,
+//! so they keep their order and a hot account's requests still share
+//! commits. Lanes hold at most half the pool's connections.
+//!
+//! Nobody is left hanging: a request whose client has gone (its handler was
+//! dropped) is left out before its batch starts; a batch that panics answers
+//! its requests `500`.
 //!
 //! `user-info` reads go through a queue of the same kind ([`Summaries`]): the
 //! users waiting at one moment are read with one statement.
 
-use std::{future::Future, sync::Arc};
+use std::{
+    collections::{HashMap, VecDeque},
+    future::Future,
+    sync::{Arc, Mutex},
+};
 
 use deadpool_postgres::Pool;
 use penora_common::{
     db::DbError,
     domain::UserId,
-    ledger::{self, AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, Queued},
+    ledger::{self, AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, OnBusy, Queued},
 };
 use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::error::ApiError;
 
 /// A request waiting for its batch, and where its answer goes.
 type Waiting<T, R> = (T, oneshot::Sender<R>);
 
+/// Why a request got no answer from its batch.
+#[derive(Debug)]
+enum Unanswered {
+    /// The queue was full.
+    Full,
+    /// The dispatcher is gone.
+    Stopped,
+    /// The batch ended without answering (it panicked).
+    Dropped,
+}
+
 /// A queue whose waiting requests are taken together: at most `in_flight`
 /// batches run at once, each with every request waiting when it starts (up
-/// to `batch_max`). Cheap to clone.
+/// to `batch_max`); requests whose caller has gone are left out. Cheap to
+/// clone.
 struct Batcher<T, R> {
-    queue: mpsc::UnboundedSender<Waiting<T, R>>,
+    queue: mpsc::Sender<Waiting<T, R>>,
 }
 
 impl<T, R> Clone for Batcher<T, R> {
@@ -42,12 +74,18 @@ impl<T, R> Clone for Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    fn start<F, Fut>(pool: Pool, batch_max: usize, in_flight: usize, run: F) -> Self
+    fn start<F, Fut>(
+        pool: Pool,
+        capacity: usize,
+        batch_max: usize,
+        in_flight: usize,
+        run: F,
+    ) -> Self
     where
         F: Fn(Pool, Vec<Waiting<T, R>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let (queue, waiting) = mpsc::unbounded_channel();
+        let (queue, waiting) = mpsc::channel(capacity.max(1));
         tokio::spawn(dispatch(
             pool,
             waiting,
@@ -58,17 +96,20 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         Self { queue }
     }
 
-    /// The request's answer; `None` if the dispatcher is gone.
-    async fn submit(&self, request: T) -> Option<R> {
+    /// The request's answer.
+    async fn submit(&self, request: T) -> Result<R, Unanswered> {
         let (reply, answer) = oneshot::channel();
-        self.queue.send((request, reply)).ok()?;
-        answer.await.ok()
+        self.queue.try_send((request, reply)).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => Unanswered::Full,
+            mpsc::error::TrySendError::Closed(_) => Unanswered::Stopped,
+        })?;
+        answer.await.map_err(|_| Unanswered::Dropped)
     }
 }
 
 async fn dispatch<T, R, F, Fut>(
     pool: Pool,
-    mut waiting: mpsc::UnboundedReceiver<Waiting<T, R>>,
+    mut waiting: mpsc::Receiver<Waiting<T, R>>,
     batch_max: usize,
     slots: Arc<Semaphore>,
     run: F,
@@ -82,16 +123,22 @@ async fn dispatch<T, R, F, Fut>(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = waiting.recv().await else {
-            return;
-        };
-        let mut batch = vec![first];
-        while batch.len() < batch_max {
-            match waiting.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+        let mut batch = Vec::new();
+        while batch.is_empty() {
+            let Some(first) = waiting.recv().await else {
+                return;
+            };
+            batch.push(first);
+            while batch.len() < batch_max {
+                match waiting.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
+            drop_abandoned(&mut batch);
         }
+        // A panic ends this task only: the slot is released as it unwinds,
+        // and the dropped replies answer their requests `500`.
         let work = run(pool.clone(), batch);
         tokio::spawn(async move {
             work.await;
@@ -99,6 +146,20 @@ async fn dispatch<T, R, F, Fut>(
         });
     }
 }
+
+/// Leaves out the requests whose caller has gone: carried out, they would
+/// move credits that no one is told about.
+fn drop_abandoned<T, R>(batch: &mut Vec<Waiting<T, R>>) {
+    let before = batch.len();
+    batch.retain(|(_, reply)| !reply.is_closed());
+    let gone = before - batch.len();
+    if gone > 0 {
+        metrics::counter!("penora_requests_abandoned_total").increment(gone as u64);
+    }
+}
+
+/// A deduction waiting for its batch.
+type WaitingDeduct = Waiting<Queued, Answer<DeductReceipt>>;
 
 /// The queue of deductions; cheap to clone.
 #[derive(Clone)]
@@ -108,9 +169,12 @@ pub struct Coalescer {
 
 impl Coalescer {
     /// Starts the dispatcher on the current runtime.
-    pub fn start(pool: Pool, batch_max: usize, in_flight: usize) -> Self {
+    pub fn start(pool: Pool, capacity: usize, batch_max: usize, in_flight: usize) -> Self {
+        let lanes = Lanes::new(&pool);
         Self {
-            batcher: Batcher::start(pool, batch_max, in_flight, run_deducts),
+            batcher: Batcher::start(pool, capacity, batch_max, in_flight, move |pool, batch| {
+                run_deducts(pool, lanes.clone(), batch)
+            }),
         }
     }
 
@@ -119,17 +183,185 @@ impl Coalescer {
         &self,
         deduct: Deduct,
         correlation_id: Option<String>,
-    ) -> Answer<DeductReceipt> {
+    ) -> Result<ledger::Outcome<DeductReceipt>, ApiError> {
         let queued = Queued {
             deduct,
             correlation_id,
         };
-        self.batcher.submit(queued).await.unwrap_or_else(|| {
-            Err(LedgerError::Db(DbError::Unavailable(
-                "the deduction queue stopped".into(),
-            )))
-        })
+        match self.batcher.submit(queued).await {
+            Ok(answer) => Ok(answer?),
+            Err(Unanswered::Full) => {
+                metrics::counter!("penora_deduct_queue_full_total").increment(1);
+                Err(ApiError::Busy {
+                    what: "deductions waiting",
+                    retry_after_secs: 1,
+                })
+            }
+            Err(Unanswered::Stopped) => {
+                Err(ApiError::Unavailable("the deduction queue stopped".into()))
+            }
+            Err(Unanswered::Dropped) => Err(ApiError::Internal(
+                "a deduction batch ended without answering".into(),
+            )),
+        }
     }
+}
+
+/// Carries out one batch of the main queue: requests of a user with an open
+/// lane join it; the others go in one transaction that skips held accounts,
+/// whose requests then open (or join) their user's lane.
+async fn run_deducts(pool: Pool, lanes: Lanes, batch: Vec<WaitingDeduct>) {
+    let batch = lanes.take_laned(batch);
+    if batch.is_empty() {
+        return;
+    }
+    metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
+    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer<DeductReceipt>>>) =
+        batch.into_iter().unzip();
+    let answers = match pool.get().await {
+        Ok(mut client) => ledger::deduct_all(&mut client, &queued, OnBusy::Skip).await,
+        Err(e) => {
+            let e = DbError::from(e);
+            queued.iter().map(|_| Err(e.clone().into())).collect()
+        }
+    };
+    for ((q, reply), answer) in queued.into_iter().zip(replies).zip(answers) {
+        match answer {
+            Err(LedgerError::AccountBusy) => lanes.join((q, reply)),
+            answer => {
+                let _ = reply.send(answer);
+            }
+        }
+    }
+}
+
+/// The accounts that another transaction held when a batch came to them,
+/// each with the requests waiting to be carried out for it, one batch of the
+/// account at a time. Cheap to clone.
+#[derive(Clone)]
+struct Lanes {
+    pool: Pool,
+    open: Arc<Mutex<HashMap<String, VecDeque<WaitingDeduct>>>>,
+    /// Connections the lanes may hold at once (waiting for a lock).
+    slots: Arc<Semaphore>,
+}
+
+impl Lanes {
+    fn new(pool: &Pool) -> Self {
+        Self {
+            pool: pool.clone(),
+            open: Arc::default(),
+            slots: Arc::new(Semaphore::new((pool.status().max_size / 2).max(1))),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, VecDeque<WaitingDeduct>>> {
+        // The map is only ever changed by whole operations: a poisoned lock
+        // still holds a consistent map.
+        self.open
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves the requests of users with an open lane into it, and returns
+    /// the rest.
+    fn take_laned(&self, batch: Vec<WaitingDeduct>) -> Vec<WaitingDeduct> {
+        let mut open = self.lock();
+        if open.is_empty() {
+            return batch;
+        }
+        let mut rest = Vec::with_capacity(batch.len());
+        for waiting in batch {
+            match open.get_mut(waiting.0.deduct.user_id.as_str()) {
+                Some(lane) => lane.push_back(waiting),
+                None => rest.push(waiting),
+            }
+        }
+        rest
+    }
+
+    /// Adds a request to its user's lane, opening the lane if needed.
+    fn join(&self, waiting: WaitingDeduct) {
+        let user = waiting.0.deduct.user_id.to_string();
+        let mut open = self.lock();
+        if let Some(lane) = open.get_mut(&user) {
+            lane.push_back(waiting);
+            return;
+        }
+        open.insert(user.clone(), VecDeque::from([waiting]));
+        drop(open);
+        metrics::counter!("penora_deduct_lanes_opened_total").increment(1);
+        tokio::spawn(self.clone().drive(user));
+    }
+
+    /// Carries out the lane's requests, one batch at a time, until none is
+    /// left; then closes it.
+    async fn drive(self, user: String) {
+        loop {
+            let mut batch: Vec<WaitingDeduct> = {
+                let mut open = self.lock();
+                let Some(lane) = open.get_mut(&user) else {
+                    return;
+                };
+                if lane.is_empty() {
+                    open.remove(&user);
+                    return;
+                }
+                lane.drain(..).collect()
+            };
+            drop_abandoned(&mut batch);
+            if batch.is_empty() {
+                continue;
+            }
+            let Ok(slot) = self.slots.clone().acquire_owned().await else {
+                return;
+            };
+            // Run apart, so that a panic answers this batch `500` and the
+            // lane goes on (a lane left open and never driven would hold its
+            // user's requests for ever).
+            let pool = self.pool.clone();
+            let timed_out = tokio::spawn(async move {
+                let timed_out = run_lane_batch(pool, batch).await;
+                drop(slot);
+                timed_out
+            })
+            .await;
+            if let Ok(Some(e)) = timed_out {
+                // The account stayed held for the whole lock timeout: the
+                // requests that queued meanwhile get the same answer rather
+                // than a second wait.
+                let waiting: Vec<WaitingDeduct> = match self.lock().get_mut(&user) {
+                    Some(lane) => lane.drain(..).collect(),
+                    None => Vec::new(),
+                };
+                for (_, reply) in waiting {
+                    let _ = reply.send(Err(e.clone().into()));
+                }
+            }
+        }
+    }
+}
+
+/// One lane batch: one user's requests, waiting for the account's lock.
+/// Returns the lock timeout, if the lock stayed held past it.
+async fn run_lane_batch(pool: Pool, batch: Vec<WaitingDeduct>) -> Option<DbError> {
+    metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
+    let (queued, replies): (Vec<Queued>, Vec<_>) = batch.into_iter().unzip();
+    let answers = match pool.get().await {
+        Ok(mut client) => ledger::deduct_all(&mut client, &queued, OnBusy::Wait).await,
+        Err(e) => {
+            let e = DbError::from(e);
+            queued.iter().map(|_| Err(e.clone().into())).collect()
+        }
+    };
+    let mut timed_out = None;
+    for (reply, answer) in replies.into_iter().zip(answers) {
+        if let Err(LedgerError::Db(e @ DbError::LockTimeout(_))) = &answer {
+            timed_out = Some(e.clone());
+        }
+        let _ = reply.send(answer);
+    }
+    timed_out
 }
 
 /// Reads of account summaries (`user-info`), taken together under load: one
@@ -141,18 +373,25 @@ pub struct Summaries {
 
 impl Summaries {
     /// Starts the dispatcher on the current runtime.
-    pub fn start(pool: Pool, batch_max: usize, in_flight: usize) -> Self {
+    pub fn start(pool: Pool, capacity: usize, batch_max: usize, in_flight: usize) -> Self {
         Self {
-            batcher: Batcher::start(pool, batch_max, in_flight, run_summaries),
+            batcher: Batcher::start(pool, capacity, batch_max, in_flight, run_summaries),
         }
     }
 
     /// The user's summary; `None` when the user has no account.
-    pub async fn get(&self, user: UserId) -> Result<Option<AccountSummary>, DbError> {
-        self.batcher
-            .submit(user)
-            .await
-            .unwrap_or_else(|| Err(DbError::Unavailable("the read queue stopped".into())))
+    pub async fn get(&self, user: UserId) -> Result<Option<AccountSummary>, ApiError> {
+        match self.batcher.submit(user).await {
+            Ok(found) => Ok(found?),
+            Err(Unanswered::Full) => Err(ApiError::Busy {
+                what: "reads waiting",
+                retry_after_secs: 1,
+            }),
+            Err(Unanswered::Stopped) => Err(ApiError::Unavailable("the read queue stopped".into())),
+            Err(Unanswered::Dropped) => Err(ApiError::Internal(
+                "a read batch ended without answering".into(),
+            )),
+        }
     }
 }
 
@@ -186,22 +425,29 @@ async fn run_summaries(
     }
 }
 
-async fn run_deducts(pool: Pool, batch: Vec<Waiting<Queued, Answer<DeductReceipt>>>) {
-    metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
-    let mut client = match pool.get().await {
-        Ok(c) => c,
-        Err(e) => {
-            let e = DbError::from(e);
-            for (_, reply) in batch {
-                let _ = reply.send(Err(LedgerError::Db(e.clone())));
-            }
-            return;
-        }
-    };
-    let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer<DeductReceipt>>>) =
-        batch.into_iter().unzip();
-    let answers = ledger::deduct_all(&mut client, &queued).await;
-    for (reply, answer) in replies.into_iter().zip(answers) {
-        let _ = reply.send(answer);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_batch_that_panics_answers_its_requests_and_the_queue_goes_on() {
+        // The pool is never used: it connects lazily.
+        let pool = penora_common::db::pool_with("postgres://nobody@127.0.0.1:1/none", 1, 100)
+            .expect("pool");
+        let batcher: Batcher<u32, u32> = Batcher::start(
+            pool,
+            16,
+            8,
+            1,
+            |_pool, batch: Vec<Waiting<u32, u32>>| async move {
+                for (n, reply) in batch {
+                    assert!(n != 13, "unlucky");
+                    let _ = reply.send(n * 2);
+                }
+            },
+        );
+        assert!(matches!(batcher.submit(13).await, Err(Unanswered::Dropped)));
+        // The dispatcher and its only slot survived the panic.
+        assert_eq!(batcher.submit(21).await.ok(), Some(42));
     }
 }

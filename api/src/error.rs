@@ -87,9 +87,12 @@ pub enum ApiError {
         retry_after_secs: u64,
     },
     /// 503 `busy`, with `Retry-After`: every save slot stayed taken
-    /// (`MAX_CONCURRENT_SAVES`) for `SAVE_QUEUE_WAIT_MS`.
-    #[error("Too many saves in progress; retry after {retry_after_secs} s")]
+    /// (`MAX_CONCURRENT_SAVES`) for `SAVE_QUEUE_WAIT_MS`, or the deduction
+    /// queue is full (`DEDUCT_QUEUE_MAX`).
+    #[error("Too many {what}; retry after {retry_after_secs} s")]
     Busy {
+        /// What there are too many of.
+        what: &'static str,
         /// Seconds to wait before retrying.
         retry_after_secs: u64,
     },
@@ -165,7 +168,11 @@ impl IntoResponse for ApiError {
             code: code.to_owned(),
         };
         let mut response = (status, Json(body)).into_response();
-        if let Self::RateLimited { retry_after_secs } | Self::Busy { retry_after_secs } = self {
+        if let Self::RateLimited { retry_after_secs }
+        | Self::Busy {
+            retry_after_secs, ..
+        } = self
+        {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
@@ -184,7 +191,9 @@ impl From<ValidationError> for ApiError {
 impl From<DbError> for ApiError {
     fn from(e: DbError) -> Self {
         match e {
-            DbError::Unavailable(d) | DbError::Conflict(d) => Self::Unavailable(d),
+            DbError::Unavailable(d) | DbError::Conflict(d) | DbError::LockTimeout(d) => {
+                Self::Unavailable(d)
+            }
             DbError::Other(d) => Self::Internal(d),
         }
     }
@@ -216,6 +225,7 @@ impl From<LedgerError> for ApiError {
                 Self::InvalidRequest(format!("{field}: {reason}"))
             }
             LedgerError::Db(e) => e.into(),
+            busy @ LedgerError::AccountBusy => Self::Unavailable(busy.to_string()),
         }
     }
 }

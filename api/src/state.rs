@@ -14,6 +14,8 @@ use crate::coalesce::{Coalescer, Summaries};
 const READ_BATCH_MAX: usize = 256;
 /// `user-info` statements running at once.
 const READS_IN_FLIGHT: usize = 2;
+/// Most `user-info` reads waiting for a statement (then `503 busy`).
+const READ_QUEUE_MAX: usize = 10_000;
 
 /// Everything a handler may need; cheap to clone.
 #[derive(Clone)]
@@ -59,9 +61,15 @@ impl AppState {
                 .bootstrap_api_key
                 .as_ref()
                 .map(|k| penora_common::keys::digest(k.expose())),
-            summaries: Summaries::start(pool.clone(), READ_BATCH_MAX, READS_IN_FLIGHT),
+            summaries: Summaries::start(
+                pool.clone(),
+                READ_QUEUE_MAX,
+                READ_BATCH_MAX,
+                READS_IN_FLIGHT,
+            ),
             deducts: Coalescer::start(
                 pool.clone(),
+                settings.deduct_queue_max,
                 settings.deduct_batch_max,
                 settings.deduct_batches_in_flight,
             ),

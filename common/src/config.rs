@@ -120,6 +120,9 @@ pub struct Settings {
     /// `DEDUCT_BATCHES_IN_FLIGHT`: deduction transactions the API runs at once;
     /// requests arriving meanwhile wait and go together in the next one.
     pub deduct_batches_in_flight: usize,
+    /// `DEDUCT_QUEUE_MAX`: most deductions waiting for a batch; past it a
+    /// deduction is answered `503 busy` with `Retry-After` at once.
+    pub deduct_queue_max: usize,
     /// `WORKER_BATCH_MAX`: most deliveries of one queue the worker handles in
     /// one transaction (1 turns group commit off).
     pub worker_batch_max: usize,
@@ -242,6 +245,7 @@ impl Settings {
             cors_allowed_origins: cors_origins(&get)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
+            deduct_queue_max: positive(&get, "DEDUCT_QUEUE_MAX", 10_000)?,
             worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
             worker_batches_in_flight: positive(&get, "WORKER_BATCHES_IN_FLIGHT", 2)?,
             price_table: match get("PRICE_TABLE") {

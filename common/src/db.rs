@@ -26,6 +26,10 @@ pub enum DbError {
     /// The transaction lost a race (serialization failure, deadlock): retry it.
     #[error("transaction conflict: {0}")]
     Conflict(String),
+    /// A row lock stayed taken for `DB_LOCK_TIMEOUT_MS` (a long transaction
+    /// holds it): the rows are busy; trying again at once would wait again.
+    #[error("row lock wait timed out: {0}")]
+    LockTimeout(String),
     /// Anything else: a bug or a broken schema.
     #[error("database error: {0}")]
     Other(String),
@@ -34,7 +38,10 @@ pub enum DbError {
 impl DbError {
     /// Whether trying the same work again later can succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::Conflict(_) | Self::LockTimeout(_)
+        )
     }
 }
 
@@ -44,11 +51,11 @@ impl From<tokio_postgres::Error> for DbError {
         match err.code() {
             Some(code)
                 if *code == SqlState::T_R_SERIALIZATION_FAILURE
-                    || *code == SqlState::T_R_DEADLOCK_DETECTED
-                    || *code == SqlState::LOCK_NOT_AVAILABLE =>
+                    || *code == SqlState::T_R_DEADLOCK_DETECTED =>
             {
                 Self::Conflict(text)
             }
+            Some(code) if *code == SqlState::LOCK_NOT_AVAILABLE => Self::LockTimeout(text),
             Some(code)
                 if *code == SqlState::ADMIN_SHUTDOWN
                     || *code == SqlState::CRASH_SHUTDOWN

@@ -30,7 +30,7 @@ mod reads;
 mod refund;
 mod settle;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use deadpool_postgres::{Client, Transaction};
 use time::OffsetDateTime;
@@ -47,7 +47,7 @@ pub use reads::{
     account_summary, transactions,
 };
 pub use refund::{QueuedRefund, Refund, RefundReceipt, refund, refund_all, refund_one};
-pub use settle::{SettleResult, settle};
+pub use settle::{SettleResult, SettledBy, settle};
 
 use crate::{
     db::DbError,
@@ -84,6 +84,11 @@ pub enum LedgerError {
         /// What the event's first handling did.
         first_outcome: String,
     },
+    /// Another transaction holds the account, and the batch was asked not
+    /// to wait for it ([`OnBusy::Skip`]): nothing was done; carry the
+    /// request out again where waiting holds up no one else.
+    #[error("the account is held by another transaction")]
+    AccountBusy,
     /// The request is valid JSON but cannot be carried out as asked.
     #[error("{field}: {reason}")]
     Invalid {
@@ -139,6 +144,20 @@ pub type Answer<T> = Result<Outcome<T>, LedgerError>;
 
 // ------------------------------------------------------- batches, run to the end
 
+/// What a batch does about an account row that another transaction holds
+/// (a long operator transaction, another batch of the same user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBusy {
+    /// Wait for the lock, at most `DB_LOCK_TIMEOUT_MS`; past that every
+    /// request of the batch is answered with [`DbError::LockTimeout`]. For
+    /// a lone request, or a batch of one user's requests.
+    Wait,
+    /// Lock what is free (`SKIP LOCKED`) and answer the busy accounts'
+    /// requests with [`LedgerError::AccountBusy`], so that one held account
+    /// never holds up the other users of a batch.
+    Skip,
+}
+
 /// What one transaction of a rule answers for a batch: one slot per
 /// request, in order, `Some(answer)` for a leading run (never empty), then
 /// `None` from the first request that must wait for the ones before it to
@@ -156,15 +175,17 @@ const CONFLICT_RETRIES: u32 = 3;
 /// concurrent transaction runs again (where the key is now seen, and the
 /// request replays or conflicts); a batch that fails as a whole is followed
 /// by each remaining request alone, so that a failure is the answer of the
-/// request that causes it only.
+/// request that causes it only. A lock wait that timed out answers the whole
+/// batch with it: running the requests again would only wait again.
 async fn answer_all<Q, T, F>(
     client: &mut Client,
     requests: &[Q],
     rule: &'static str,
+    on_busy: OnBusy,
     once: F,
 ) -> Vec<Answer<T>>
 where
-    F: AsyncFn(&mut Client, &[Q]) -> Slots<T>,
+    F: AsyncFn(&mut Client, &[Q], OnBusy) -> Slots<T>,
 {
     let mut answers = Vec::with_capacity(requests.len());
     let mut alone = false;
@@ -172,7 +193,7 @@ where
     while answers.len() < requests.len() {
         let rest = &requests[answers.len()..];
         let batch = if alone { &rest[..1] } else { rest };
-        match once(client, batch).await {
+        match once(client, batch, on_busy).await {
             Ok(got) => {
                 let before = answers.len();
                 answers.extend(got.into_iter().map_while(|a| a));
@@ -184,6 +205,10 @@ where
             }
             Err(LedgerError::Db(DbError::Conflict(_))) if conflicts < CONFLICT_RETRIES => {
                 conflicts += 1;
+            }
+            Err(LedgerError::Db(e @ DbError::LockTimeout(_))) => {
+                answers.extend(batch.iter().map(|_| Err(e.clone().into())));
+                conflicts = 0;
             }
             Err(e) if batch.len() > 1 => {
                 tracing::debug!(error = %e, rule, size = batch.len(), "batch failed; one by one");
@@ -209,28 +234,63 @@ fn only<T>(mut answers: Vec<Answer<T>>) -> Answer<T> {
 
 // ------------------------------------------------------- shared steps
 
+/// The accounts a batch locked.
+struct Locked {
+    /// Balances of the locked accounts.
+    balances: HashMap<String, i64>,
+    /// Accounts that exist but another transaction holds ([`OnBusy::Skip`]).
+    busy: HashSet<String>,
+}
+
 /// Locks the accounts of `users` in user_id order (one order everywhere: no
 /// deadlock between batches), `FOR NO KEY UPDATE`, and returns their
-/// balances.
+/// balances. With [`OnBusy::Skip`], an account another transaction holds is
+/// not waited for but returned in `busy`; a user in neither set has no
+/// account.
 async fn lock_accounts<'a>(
     tx: &Transaction<'_>,
     users: impl Iterator<Item = &'a str>,
-) -> Result<HashMap<String, i64>, DbError> {
+    on_busy: OnBusy,
+) -> Result<Locked, DbError> {
     let mut users: Vec<&str> = users.collect();
     users.sort_unstable();
     users.dedup();
     let lock = tx
-        .prepare_cached(
-            "SELECT user_id, balance FROM accounts \
-             WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE",
-        )
+        .prepare_cached(match on_busy {
+            OnBusy::Wait => {
+                "SELECT user_id, balance FROM accounts \
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE"
+            }
+            OnBusy::Skip => {
+                "SELECT user_id, balance FROM accounts \
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE SKIP LOCKED"
+            }
+        })
         .await?;
-    Ok(tx
+    let balances: HashMap<String, i64> = tx
         .query(&lock, &[&users])
         .await?
         .into_iter()
         .map(|r| (r.get("user_id"), r.get("balance")))
-        .collect())
+        .collect();
+    let mut busy = HashSet::new();
+    if on_busy == OnBusy::Skip && balances.len() < users.len() {
+        // Missing: no account, or a held one. A plain read never waits.
+        let missing: Vec<&str> = users
+            .into_iter()
+            .filter(|u| !balances.contains_key(*u))
+            .collect();
+        let exists = tx
+            .prepare_cached("SELECT user_id FROM accounts WHERE user_id = ANY($1::text[])")
+            .await?;
+        busy = tx
+            .query(&exists, &[&missing])
+            .await?
+            .into_iter()
+            .map(|r| r.get("user_id"))
+            .collect();
+    }
+    Ok(Locked { balances, busy })
 }
 
 /// Moves each user's balance by the sum of that user's `deltas`, with one

@@ -273,7 +273,7 @@ pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::
             &user,
             &app,
             &code,
-            "refund window passed",
+            (ledger::SettledBy::Window, "refund window passed"),
             None,
         )
         .await?

@@ -36,6 +36,7 @@ impl From<LedgerError> for JobError {
     fn from(e: LedgerError) -> Self {
         match e {
             LedgerError::Db(db) => db.into(),
+            busy @ LedgerError::AccountBusy => Self::Retryable(busy.to_string()),
             other => Self::Fatal(other.to_string()),
         }
     }

@@ -178,6 +178,7 @@ async fn save_project(
         // reading when the answer comes, instead of having its upload reset.
         drain(body, max_body).await;
         return Err(ApiError::Busy {
+            what: "saves in progress",
             retry_after_secs: wait.as_secs().max(1),
         });
     };

@@ -130,7 +130,7 @@ async fn through_batch(pool: &Pool, requests: &[Deduct]) -> Vec<String> {
         })
         .collect();
     let mut c = pool.get().await.expect("client");
-    let answers = ledger::deduct_all(&mut c, &queued).await;
+    let answers = ledger::deduct_all(&mut c, &queued, ledger::OnBusy::Wait).await;
     assert_eq!(answers.len(), requests.len(), "one answer per request");
     answers.iter().map(seen).collect()
 }
@@ -251,7 +251,7 @@ async fn a_batch_of_refunds_matches_one_by_one_and_records_its_events() {
             &UserId::parse("alice").expect("user"),
             &AppName::parse("app_name", "imagegene").expect("app"),
             &ProjectCode::parse("r3").expect("code"),
-            "done",
+            (ledger::SettledBy::Final, "done"),
             None,
         )
         .await
@@ -277,10 +277,11 @@ async fn a_batch_of_refunds_matches_one_by_one_and_records_its_events() {
             refund: refund(user, code),
             event_id: Some((*event).into()),
             correlation_id: None,
+            occurred_at: None,
         })
         .collect();
     let mut c = batched.get().await.expect("client");
-    let got: Vec<String> = ledger::refund_all(&mut c, &queued)
+    let got: Vec<String> = ledger::refund_all(&mut c, &queued, ledger::OnBusy::Wait)
         .await
         .into_iter()
         .map(refund_seen)

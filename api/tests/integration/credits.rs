@@ -274,7 +274,7 @@ async fn a_settled_reservation_is_not_refundable() {
             &user,
             &appn,
             &code,
-            "generation succeeded",
+            (ledger::SettledBy::Final, "generation succeeded"),
             None,
         )
         .await

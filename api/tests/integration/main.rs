@@ -6,6 +6,7 @@ mod batching;
 mod chaos_findings;
 mod cors;
 mod credits;
+mod edges;
 mod fuzz_findings;
 mod guide;
 mod keys;

@@ -156,7 +156,15 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
             Op::Settle { code } => {
-                let got = ledger::settle(&mut c, &user, &app, &key(code), "test", None).await;
+                let got = ledger::settle(
+                    &mut c,
+                    &user,
+                    &app,
+                    &key(code),
+                    (ledger::SettledBy::Final, "test"),
+                    None,
+                )
+                .await;
                 match (model.get(&code).copied(), got) {
                     (None, Err(LedgerError::NotFound(_))) => {}
                     (Some(m), Ok(SettleResult::Settled))

@@ -31,8 +31,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, by_reservation, count_moved,
-    lock_accounts, move_balances, only, state_of, write_entries,
+    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, by_reservation,
+    count_moved, lock_accounts, move_balances, only, state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -98,14 +98,19 @@ pub async fn deduct(
         deduct: d.clone(),
         correlation_id: correlation_id.map(str::to_owned),
     };
-    only(deduct_all(client, std::slice::from_ref(&queued)).await)
+    only(deduct_all(client, std::slice::from_ref(&queued), OnBusy::Wait).await)
 }
 
 /// Reserves and deducts credits for every one of `batch`, in order, in as
 /// few transactions as the keys allow. Each answer is the one the request
-/// would have had alone.
-pub async fn deduct_all(client: &mut Client, batch: &[Queued]) -> Vec<Answer<DeductReceipt>> {
-    answer_all(client, batch, "deduct", deduct_once).await
+/// would have had alone, or [`LedgerError::AccountBusy`] with
+/// [`OnBusy::Skip`] when another transaction holds its account.
+pub async fn deduct_all(
+    client: &mut Client,
+    batch: &[Queued],
+    on_busy: OnBusy,
+) -> Vec<Answer<DeductReceipt>> {
+    answer_all(client, batch, "deduct", on_busy, deduct_once).await
 }
 
 /// A request accepted in a batch, and the balance it leaves.
@@ -116,7 +121,11 @@ struct Accepted<'a> {
 }
 
 /// One transaction of deductions (see [`super::Slots`]).
-async fn deduct_once(client: &mut Client, batch: &[Queued]) -> Slots<DeductReceipt> {
+async fn deduct_once(
+    client: &mut Client,
+    batch: &[Queued],
+    on_busy: OnBusy,
+) -> Slots<DeductReceipt> {
     let mut answers: Vec<Option<Answer<DeductReceipt>>> = batch.iter().map(|_| None).collect();
     let mut keys = HashSet::new();
     let live: Vec<&Deduct> = batch
@@ -126,7 +135,8 @@ async fn deduct_once(client: &mut Client, batch: &[Queued]) -> Slots<DeductRecei
         .collect();
 
     let tx = client.transaction().await?;
-    let mut balances = lock_accounts(&tx, live.iter().map(|d| d.user_id.as_str())).await?;
+    let Locked { mut balances, busy } =
+        lock_accounts(&tx, live.iter().map(|d| d.user_id.as_str()), on_busy).await?;
     let apps: Vec<&str> = live.iter().map(|d| d.app_name.as_str()).collect();
     let codes: Vec<&str> = live.iter().map(|d| d.project_code.as_str()).collect();
     let find = tx
@@ -155,6 +165,9 @@ async fn deduct_once(client: &mut Client, batch: &[Queued]) -> Slots<DeductRecei
         }
         let amount = d.amount.get();
         match balances.get_mut(d.user_id.as_str()) {
+            None if busy.contains(d.user_id.as_str()) => {
+                answers[slot] = Some(Err(LedgerError::AccountBusy));
+            }
             None => answers[slot] = Some(Err(LedgerError::UserNotFound)),
             Some(balance) if *balance < amount => {
                 answers[slot] = Some(Err(LedgerError::InsufficientCredits {

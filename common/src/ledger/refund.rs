@@ -12,6 +12,11 @@
 //! * a reservation is refundable while it is `reserved` and inside its
 //!   window; a refunded one answers the first refund again (a replay), a
 //!   settled one or one whose window closed is refused;
+//! * the window is judged at the event's time (`occurred_at`, clamped to
+//!   [the reservation's creation, now]) for `generation.failed`, and at the
+//!   request's for HTTP; a reservation the timer settled because its window
+//!   passed is still refunded by an event from inside the window (CONTRACT
+//!   §11), every other settlement is final;
 //! * a request without `app_name` names the user's only reservation with its
 //!   code; several apps are an error that asks for `app_name`;
 //! * an event's id is recorded in `processed_events`, with what it did, in
@@ -28,8 +33,8 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, NewEntry, Outcome, Slots, answer_all, count_moved, lock_accounts,
-    move_balances, only, state_of, write_entries,
+    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, count_moved,
+    lock_accounts, move_balances, only, state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -81,6 +86,10 @@ pub struct QueuedRefund {
     pub event_id: Option<String>,
     /// The request id, carried to the audit job.
     pub correlation_id: Option<String>,
+    /// When the event happened (`occurred_at`): it, not the time of
+    /// processing, decides whether the refund is inside the window, clamped
+    /// to [the reservation's creation, now]. `None` (an HTTP refund): now.
+    pub occurred_at: Option<OffsetDateTime>,
 }
 
 /// Returns a reservation's credits, once. Asking again answers the first
@@ -94,19 +103,26 @@ pub async fn refund(
         refund: r.clone(),
         event_id: None,
         correlation_id: correlation_id.map(str::to_owned),
+        occurred_at: None,
     };
     refund_one(client, queued).await
 }
 
 /// Carries out one request (an event's refund, say) as a batch of one.
 pub async fn refund_one(client: &mut Client, q: QueuedRefund) -> Answer<RefundReceipt> {
-    only(refund_all(client, std::slice::from_ref(&q)).await)
+    only(refund_all(client, std::slice::from_ref(&q), OnBusy::Wait).await)
 }
 
 /// Refunds every one of `batch`, in order, in as few transactions as the
-/// keys allow. Each answer is the one the request would have had alone.
-pub async fn refund_all(client: &mut Client, batch: &[QueuedRefund]) -> Vec<Answer<RefundReceipt>> {
-    answer_all(client, batch, "refund", refund_once).await
+/// keys allow. Each answer is the one the request would have had alone, or
+/// [`LedgerError::AccountBusy`] with [`OnBusy::Skip`] when another
+/// transaction holds its account.
+pub async fn refund_all(
+    client: &mut Client,
+    batch: &[QueuedRefund],
+    on_busy: OnBusy,
+) -> Vec<Answer<RefundReceipt>> {
+    answer_all(client, batch, "refund", on_busy, refund_once).await
 }
 
 /// A refund decided in a batch.
@@ -119,7 +135,11 @@ struct Decided<'a> {
 }
 
 /// One transaction of refunds (see [`super::Slots`]).
-async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<RefundReceipt> {
+async fn refund_once(
+    client: &mut Client,
+    batch: &[QueuedRefund],
+    on_busy: OnBusy,
+) -> Slots<RefundReceipt> {
     let mut answers: Vec<Option<Answer<RefundReceipt>>> = batch.iter().map(|_| None).collect();
     let mut keys = HashSet::new();
     let mut events = HashSet::new();
@@ -137,8 +157,9 @@ async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<Refun
         .collect();
 
     let tx = client.transaction().await?;
-    let mut balances = lock_accounts(&tx, live.iter().map(|q| q.refund.user_id.as_str())).await?;
-    let mut found = lock_reservations(&tx, &live).await?;
+    let Locked { mut balances, busy } =
+        lock_accounts(&tx, live.iter().map(|q| q.refund.user_id.as_str()), on_busy).await?;
+    let mut found = lock_reservations(&tx, &live, &busy).await?;
     let seen = seen_events(&tx, &live).await?;
 
     let mut fresh: Vec<Decided<'_>> = Vec::new();
@@ -154,6 +175,10 @@ async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<Refun
             answers[slot] = Some(Err(LedgerError::EventSeen {
                 first_outcome: first_outcome.clone(),
             }));
+            continue;
+        }
+        if busy.contains(r.user_id.as_str()) {
+            answers[slot] = Some(Err(LedgerError::AccountBusy));
             continue;
         }
         let rows = found.remove(&slot).unwrap_or_default();
@@ -195,13 +220,19 @@ async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<Refun
                     timestamp: row.get("refunded_at"),
                 })));
             }
-            ReservationState::Settled => {
+            ReservationState::Settled
+                if row.get::<_, Option<&str>>("settled_by") != Some("window") =>
+            {
                 answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
                     "reservation {:?} is already settled; its credits are spent",
                     r.project_code.as_str()
                 ))));
             }
-            ReservationState::Reserved if row.get::<_, bool>("expired") => {
+            // Reserved, or settled only because its window passed: the
+            // time the refund is judged at decides.
+            ReservationState::Reserved | ReservationState::Settled
+                if row.get::<_, bool>("expired") =>
+            {
                 let until: OffsetDateTime = row.get("refundable_until");
                 answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
                     "the refund window of reservation {:?} closed at {}",
@@ -209,7 +240,7 @@ async fn refund_once(client: &mut Client, batch: &[QueuedRefund]) -> Slots<Refun
                     crate::timefmt::rfc3339_millis(until)
                 ))));
             }
-            ReservationState::Reserved => {
+            ReservationState::Reserved | ReservationState::Settled => {
                 *balance = balance
                     .checked_add(amount)
                     .ok_or_else(|| DbError::Other("a refund overflows the balance".into()))?;
@@ -293,10 +324,12 @@ fn not_found(r: &Refund) -> LedgerError {
 /// returns them by the request's place in `live`. A request that names its
 /// app is looked up by the reservation's key; one that does not is first
 /// resolved to the apps that have a reservation of this user with its code
-/// (usually one; several are refused by the caller).
+/// (usually one; several are refused by the caller). The reservations of
+/// `busy` accounts are left alone.
 async fn lock_reservations(
     tx: &Transaction<'_>,
     live: &[&QueuedRefund],
+    busy: &HashSet<String>,
 ) -> Result<HashMap<usize, Vec<tokio_postgres::Row>>, DbError> {
     let mut apps_of: HashMap<usize, Vec<String>> = HashMap::new();
     let unnamed: Vec<usize> = (0..live.len())
@@ -325,22 +358,29 @@ async fn lock_reservations(
                 .push(row.get("app_name"));
         }
     }
-    let (mut places, mut apps, mut codes, mut users) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut places, mut apps, mut codes, mut users, mut times) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, q) in live.iter().enumerate() {
+        if busy.contains(q.refund.user_id.as_str()) {
+            continue;
+        }
         let named = q.refund.app_name.as_ref().map(|a| vec![a.to_string()]);
         for app in named.or_else(|| apps_of.remove(&i)).unwrap_or_default() {
             places.push(i as i64);
             apps.push(app);
             codes.push(q.refund.project_code.as_str());
             users.push(q.refund.user_id.as_str());
+            times.push(q.occurred_at);
         }
     }
     let lock = tx
         .prepare_cached(
-            "SELECT k.place, r.app_name, r.amount, r.state, r.refundable_until < now() AS expired, \
+            "SELECT k.place, r.app_name, r.amount, r.state, r.settled_by, \
+                    r.refundable_until < CASE WHEN k.at IS NULL THEN now() \
+                        ELSE least(greatest(k.at, r.created_at), now()) END AS expired, \
                     r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
-             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) AS k(place, app_name, project_code, user_id) \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
+               AS k(place, app_name, project_code, user_id, at) \
              JOIN reservations r ON r.app_name = k.app_name AND r.project_code = k.project_code \
                AND r.user_id = k.user_id \
              ORDER BY r.app_name, r.project_code \
@@ -348,7 +388,10 @@ async fn lock_reservations(
         )
         .await?;
     let mut found: HashMap<usize, Vec<tokio_postgres::Row>> = HashMap::new();
-    for row in tx.query(&lock, &[&places, &apps, &codes, &users]).await? {
+    for row in tx
+        .query(&lock, &[&places, &apps, &codes, &users, &times])
+        .await?
+    {
         let place: i64 = row.get("place");
         found.entry(place as usize).or_default().push(row);
     }

@@ -10,6 +10,25 @@ use deadpool_postgres::Client;
 use super::{LedgerError, NewEntry, count_moved, state_of, write_entries};
 use crate::domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
 
+/// Why a reservation is settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SettledBy {
+    /// Its refund window passed (the timer): a failure event from inside
+    /// the window may still refund it (CONTRACT §11).
+    Window,
+    /// A success event, a save naming it, an explicit settlement: final.
+    Final,
+}
+
+impl SettledBy {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Window => "window",
+            Self::Final => "final",
+        }
+    }
+}
+
 /// How a settle request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SettleResult {
@@ -21,13 +40,14 @@ pub enum SettleResult {
     AlreadyRefunded,
 }
 
-/// Makes a reservation final (its credits are spent). Idempotent.
+/// Settles a reservation (its credits are spent). Idempotent; a final
+/// settlement of a reservation the window settled makes it final.
 pub async fn settle(
     client: &mut Client,
     user_id: &UserId,
     app_name: &AppName,
     project_code: &ProjectCode,
-    reason: &str,
+    (by, reason): (SettledBy, &str),
     correlation_id: Option<&str>,
 ) -> Result<SettleResult, LedgerError> {
     let user = user_id.as_str();
@@ -42,7 +62,7 @@ pub async fn settle(
     };
     let select = tx
         .prepare_cached(
-            "SELECT state, amount FROM reservations \
+            "SELECT state, amount, settled_by FROM reservations \
              WHERE app_name = $1 AND project_code = $2 AND user_id = $3 FOR UPDATE",
         )
         .await?;
@@ -60,7 +80,19 @@ pub async fn settle(
         )));
     };
     match state_of(row.get("state"))? {
-        ReservationState::Settled => return Ok(SettleResult::AlreadySettled),
+        ReservationState::Settled => {
+            if by == SettledBy::Final && row.get::<_, Option<&str>>("settled_by") == Some("window")
+            {
+                tx.execute(
+                    "UPDATE reservations SET settled_by = 'final' \
+                     WHERE app_name = $1 AND project_code = $2",
+                    &[&app_name.as_str(), &project_code.as_str()],
+                )
+                .await?;
+                tx.commit().await?;
+            }
+            return Ok(SettleResult::AlreadySettled);
+        }
         ReservationState::Refunded => return Ok(SettleResult::AlreadyRefunded),
         ReservationState::Reserved => {}
     }
@@ -80,9 +112,16 @@ pub async fn settle(
     .await?;
     let at = written.first().map(|&(_, at)| at);
     tx.execute(
-        "UPDATE reservations SET state = 'settled', settled_at = $3, settle_reason = $4 \
+        "UPDATE reservations SET state = 'settled', settled_at = $3, settle_reason = $4, \
+                settled_by = $5 \
          WHERE app_name = $1 AND project_code = $2",
-        &[&app_name.as_str(), &project_code.as_str(), &at, &reason],
+        &[
+            &app_name.as_str(),
+            &project_code.as_str(),
+            &at,
+            &reason,
+            &by.as_str(),
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -13,7 +13,10 @@ use std::collections::HashSet;
 use penora_common::{
     db::DbError,
     domain::{AppName, ProjectCode, UserId},
-    ledger::{self, Answer, LedgerError, QueuedRefund, Refund, RefundReceipt, SettleResult},
+    ledger::{
+        self, Answer, LedgerError, OnBusy, QueuedRefund, Refund, RefundReceipt, SettleResult,
+        SettledBy,
+    },
     messages::GenerationEvent,
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -50,7 +53,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     if kind == "failed" {
         // The refund checks the event against `processed_events` and
         // records it, in its own commit.
-        let refund = failed_refund(event, user, code, m.correlation_id.clone());
+        let refund = failed_refund(event, user, code, occurred, m.correlation_id.clone());
         return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
     }
     // Decide: seen before?
@@ -73,7 +76,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         &user,
         &AppName::imagegene(),
         &code,
-        "generation succeeded",
+        (SettledBy::Final, "generation succeeded"),
         m.correlation_id.as_deref(),
     )
     .await?
@@ -114,7 +117,7 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
             .map(|c| {
                 let occurred = c.occurred;
                 (
-                    failed_refund(c.event, c.user, c.code, m.correlation_id.clone()),
+                    failed_refund(c.event, c.user, c.code, occurred, m.correlation_id.clone()),
                     occurred,
                 )
             });
@@ -127,7 +130,9 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
         Vec::new()
     } else {
         let mut client = ctx.pool.get().await.ok()?;
-        ledger::refund_all(&mut client, &queued)
+        // An account another transaction holds is skipped, and its events
+        // retried later, so that the rest of the batch is not held up.
+        ledger::refund_all(&mut client, &queued, OnBusy::Skip)
             .await
             .into_iter()
             .map(Some)
@@ -169,6 +174,7 @@ fn failed_refund(
     event: GenerationEvent,
     user: UserId,
     code: ProjectCode,
+    occurred: OffsetDateTime,
     correlation_id: Option<String>,
 ) -> QueuedRefund {
     QueuedRefund {
@@ -180,6 +186,7 @@ fn failed_refund(
         },
         event_id: Some(event.event_id),
         correlation_id,
+        occurred_at: Some(occurred),
     }
 }
 

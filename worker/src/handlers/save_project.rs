@@ -8,7 +8,7 @@ use penora_common::{
     db::DbError,
     domain::{AppName, ProjectCode, UserId},
     imaging,
-    ledger::{self, LedgerError},
+    ledger::{self, LedgerError, SettledBy},
     messages::SaveProjectJob,
     projects::{self, Finished, Pending},
 };
@@ -81,7 +81,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
             &user,
             &app,
             &code,
-            "project saved",
+            (SettledBy::Final, "project saved"),
             m.correlation_id.as_deref(),
         )
         .await

@@ -2,6 +2,7 @@
 //! its own database and its own queue prefix.
 
 mod artworks;
+mod event_time;
 mod operators;
 mod permissions;
 mod support;
