@@ -23,6 +23,8 @@ USER penora
 ENV BIND_ADDR=0.0.0.0:5000 \
     LOG_FORMAT=json
 EXPOSE 5000
+# Liveness only: a database outage must never restart the container
+# (/ready is the readiness check; the compose file waits on it).
 HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
-  CMD curl -fsS http://127.0.0.1:5000/health || exit 1
+  CMD curl -fsS http://127.0.0.1:5000/health/live || exit 1
 CMD ["penora-api"]

@@ -133,3 +133,73 @@ pub fn user_id(raw: Option<&str>) -> Result<penora_common::domain::UserId, ApiEr
         Some(raw) => Ok(penora_common::domain::UserId::parse(raw)?),
     }
 }
+
+/// The `Idempotency-Key` header (CONTRACT §11): 1–255 visible ASCII
+/// characters, the convention clients already know. It stands for the body
+/// field a route is idempotent by (`project_code`, `reference`) when the
+/// body has none; a header and a body value that differ are refused.
+#[derive(Debug, Clone, Default)]
+pub struct IdempotencyKey(Option<String>);
+
+/// Name of the header.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Longest `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY_MAX_LEN: usize = 255;
+
+impl IdempotencyKey {
+    /// Reads and checks the header.
+    pub fn from_headers(headers: &HeaderMap) -> Result<Self, ApiError> {
+        let mut values = headers.get_all(IDEMPOTENCY_KEY).iter();
+        let Some(value) = values.next() else {
+            return Ok(Self(None));
+        };
+        let bad = || {
+            ApiError::InvalidRequest(format!(
+                "Idempotency-Key: must be one header of 1 to {IDEMPOTENCY_KEY_MAX_LEN} visible ASCII characters"
+            ))
+        };
+        if values.next().is_some() {
+            return Err(bad());
+        }
+        let raw = value.as_bytes();
+        if raw.is_empty()
+            || raw.len() > IDEMPOTENCY_KEY_MAX_LEN
+            || !raw.iter().all(|b| (0x21..=0x7e).contains(b))
+        {
+            return Err(bad());
+        }
+        Ok(Self(Some(String::from_utf8_lossy(raw).into_owned())))
+    }
+
+    /// The value of the body field `field`: the body's, else the header's
+    /// made to fit the field (`fits`: as it is when it does, else `ik_` and
+    /// 40 hex digits of its SHA-256, the same for every retry). A header and
+    /// a body value that differ: `400 invalid_request`.
+    pub fn or_body(
+        &self,
+        field: &'static str,
+        body: Option<&str>,
+        fits: impl Fn(&str) -> bool,
+    ) -> Result<Option<String>, ApiError> {
+        match (body, self.0.as_deref()) {
+            (Some(body), Some(key)) if body != key => Err(ApiError::InvalidRequest(format!(
+                "{field}: differs from the Idempotency-Key header; send one, or the same value in both"
+            ))),
+            (Some(body), _) => Ok(Some(body.to_owned())),
+            (None, Some(key)) if fits(key) => Ok(Some(key.to_owned())),
+            (None, Some(key)) => {
+                let digest = penora_common::keys::digest(key);
+                Ok(Some(format!("ik_{}", &hex::encode(digest)[..40])))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Self::from_headers(&parts.headers)
+    }
+}

@@ -52,7 +52,9 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         settings.amqp_url.clone(),
         "penora-api",
         penora_common::broker::Topology::from_settings(&settings),
-    );
+    )
+    .with_confirm_timeout(settings.amqp_confirm_timeout);
+    let relay = penora_common::outbox::RelayPolicy::from_settings(&settings);
     let images = penora_common::cpu_pool::CpuPool::start(
         "penora-images",
         settings.image_threads,
@@ -65,6 +67,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     tokio::spawn(penora_common::outbox::publish_loop(
         pool.clone(),
         std::sync::Arc::new(publisher),
+        relay,
         state.outbox_wake.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));

@@ -45,6 +45,9 @@ pub enum BrokerError {
     /// Connecting took too long.
     #[error("broker: connection timed out")]
     Timeout,
+    /// The publisher confirm did not arrive within `AMQP_CONFIRM_TIMEOUT_MS`.
+    #[error("broker: no publisher confirm within {} ms", .0.as_millis())]
+    Unconfirmed(std::time::Duration),
 }
 
 /// The three queues this service consumes.
@@ -271,7 +274,12 @@ pub struct Publisher {
     name: String,
     topology: Topology,
     link: Mutex<Option<Link>>,
+    confirm_timeout: std::time::Duration,
 }
+
+/// How long a publish waits for its confirms unless told otherwise
+/// (`AMQP_CONFIRM_TIMEOUT_MS`).
+pub const DEFAULT_CONFIRM_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Publisher {
     /// A publisher for `url`; connects on first use.
@@ -281,7 +289,16 @@ impl Publisher {
             name: name.to_owned(),
             topology,
             link: Mutex::new(None),
+            confirm_timeout: DEFAULT_CONFIRM_TIMEOUT,
         }
+    }
+
+    /// The same publisher, waiting at most `timeout` for the confirms of one
+    /// publish (then the messages not confirmed count as failed).
+    #[must_use]
+    pub fn with_confirm_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.confirm_timeout = timeout;
+        self
     }
 
     /// The topology this publisher declares.
@@ -330,14 +347,38 @@ impl Publisher {
     /// Publishes every message and waits for every confirm. Messages are
     /// persistent and mandatory: an unroutable one is an error, not a loss.
     pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
-        let result = self.try_publish_all(messages).await;
-        if matches!(result, Err(BrokerError::Amqp(_) | BrokerError::Timeout)) {
+        self.publish_each(messages)
+            .await?
+            .into_iter()
+            .find_map(Result::err)
+            .map_or(Ok(()), Err)
+    }
+
+    /// Publishes every message (persistent and mandatory) and waits for its
+    /// confirm, at most the confirm timeout for them all. The answer says, in
+    /// order, what became of each: taken, or refused (unroutable, nacked,
+    /// not confirmed in time). An `Err` means the connection failed, and
+    /// nothing is known of any of them. A failure that may have left the
+    /// channel stuck drops the connection; the next call reconnects.
+    pub async fn publish_each(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
+        let result = self.try_publish_each(messages).await;
+        let broken = result.as_ref().map_or(true, |each| {
+            each.iter()
+                .any(|r| matches!(r, Err(BrokerError::Unconfirmed(_))))
+        });
+        if broken {
             self.reset().await;
         }
         result
     }
 
-    async fn try_publish_all(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
+    async fn try_publish_each(
+        &self,
+        messages: Vec<Outgoing>,
+    ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let channel = self.channel().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
@@ -357,22 +398,23 @@ impl Publisher {
                 .await?;
             confirms.push((m.routing_key, confirm));
         }
+        let deadline = tokio::time::Instant::now() + self.confirm_timeout;
+        let mut each = Vec::with_capacity(confirms.len());
         for (key, confirm) in confirms {
-            match confirm.await? {
-                Confirmation::Ack(None) | Confirmation::NotRequested => {}
-                Confirmation::Ack(Some(_)) => {
-                    return Err(BrokerError::Refused(format!(
+            each.push(match tokio::time::timeout_at(deadline, confirm).await {
+                Err(_) => Err(BrokerError::Unconfirmed(self.confirm_timeout)),
+                Ok(confirmation) => match confirmation? {
+                    Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+                    Confirmation::Ack(Some(_)) => Err(BrokerError::Refused(format!(
                         "no queue is bound for routing key {key}"
-                    )));
-                }
-                Confirmation::Nack(_) => {
-                    return Err(BrokerError::Refused(format!(
+                    ))),
+                    Confirmation::Nack(_) => Err(BrokerError::Refused(format!(
                         "broker nacked a message for {key}"
-                    )));
-                }
-            }
+                    ))),
+                },
+            });
         }
-        Ok(())
+        Ok(each)
     }
 }
 

@@ -137,6 +137,15 @@ pub struct Settings {
     pub queue_type: QueueType,
     /// `RETRY_MAX_ATTEMPTS`: attempts of a job or event before it is parked.
     pub retry_max_attempts: u32,
+    /// `AMQP_CONFIRM_TIMEOUT_MS`: longest wait for the publisher confirms of
+    /// one publish; a message not confirmed by then counts as refused.
+    pub amqp_confirm_timeout: Duration,
+    /// `OUTBOX_MAX_ATTEMPTS`: refusals by the broker after which an outbox
+    /// row is set aside (`penora-ops outbox list`, `outbox retry`).
+    pub outbox_max_attempts: u32,
+    /// `OUTBOX_RETRY_BASE_MS`: wait before a refused outbox row is tried
+    /// again, doubling with each refusal up to 5 minutes.
+    pub outbox_retry_base: Duration,
     /// `RETRY_BASE_MS`: delay before the second attempt (doubles each time).
     pub retry_base: Duration,
     /// `RETRY_MAX_MS`: longest delay between attempts.
@@ -267,6 +276,13 @@ impl Settings {
                 }
             },
             retry_max_attempts: positive(&get, "RETRY_MAX_ATTEMPTS", 8)?,
+            amqp_confirm_timeout: Duration::from_millis(positive(
+                &get,
+                "AMQP_CONFIRM_TIMEOUT_MS",
+                10_000,
+            )?),
+            outbox_max_attempts: positive(&get, "OUTBOX_MAX_ATTEMPTS", 10)?,
+            outbox_retry_base: Duration::from_millis(positive(&get, "OUTBOX_RETRY_BASE_MS", 1000)?),
             retry_base: Duration::from_millis(positive(&get, "RETRY_BASE_MS", 1000)?),
             retry_max: Duration::from_millis(positive(&get, "RETRY_MAX_MS", 60_000)?),
             worker_prefetch: positive(&get, "WORKER_PREFETCH", 256)?,

@@ -42,7 +42,7 @@ pub async fn enqueue_job(
     Ok(message_id)
 }
 
-/// How many outbox rows wait to be published.
+/// How many outbox rows wait to be published (set-aside ones included).
 pub async fn pending(client: &impl GenericClient) -> Result<i64, DbError> {
     let row = client
         .query_one(
@@ -53,16 +53,52 @@ pub async fn pending(client: &impl GenericClient) -> Result<i64, DbError> {
     Ok(row.get(0))
 }
 
-/// Publishes up to `batch` waiting outbox rows and marks them sent, only after
-/// the broker confirmed every one. Rows are locked with `FOR UPDATE SKIP
+/// What the relay does about rows the broker refuses.
+#[derive(Debug, Clone, Copy)]
+pub struct RelayPolicy {
+    /// Refusals after which a row is set aside (`OUTBOX_MAX_ATTEMPTS`).
+    pub max_attempts: u32,
+    /// Wait before a refused row is tried again (`OUTBOX_RETRY_BASE_MS`),
+    /// doubling with each refusal up to [`RETRY_CEILING_SECS`].
+    pub retry_base: std::time::Duration,
+}
+
+/// Longest wait between two tries of a refused row.
+pub const RETRY_CEILING_SECS: f64 = 300.0;
+
+impl RelayPolicy {
+    /// The policy the settings ask for.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Self {
+            max_attempts: settings.outbox_max_attempts,
+            retry_base: settings.outbox_retry_base,
+        }
+    }
+}
+
+impl Default for RelayPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 10,
+            retry_base: std::time::Duration::from_secs(1),
+        }
+    }
+}
+
+/// Publishes up to `batch` waiting outbox rows and marks them sent, each only
+/// after the broker confirmed it. Rows are locked with `FOR UPDATE SKIP
 /// LOCKED`, so any number of API and worker processes can relay at once
 /// without publishing a row twice concurrently; a crash between the confirm
 /// and the commit publishes a row again later, which the idempotent handlers
-/// absorb. Returns how many rows were published.
+/// absorb. A row the broker refuses (unroutable, nacked, not confirmed in
+/// time) is tried again after a backoff and, after `policy.max_attempts`
+/// refusals, set aside with its error; the rows around it are published all
+/// the same. Returns how many rows were published.
 pub async fn relay_once(
     pool: &deadpool_postgres::Pool,
     publisher: &crate::broker::Publisher,
     batch: i64,
+    policy: RelayPolicy,
 ) -> Result<usize, RelayError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     let tx = client.transaction().await.map_err(DbError::from)?;
@@ -70,7 +106,9 @@ pub async fn relay_once(
         .prepare_cached(
             "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
                     extract(epoch FROM now() - created_at)::float8 AS waited_secs \
-             FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+             FROM outbox WHERE published_at IS NULL \
+               AND set_aside_at IS NULL AND (retry_at IS NULL OR retry_at <= now()) \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .await
         .map_err(DbError::from)?;
@@ -105,46 +143,108 @@ pub async fn relay_once(
             properties: props,
         });
     }
-    if let Err(e) = publisher.publish_all(messages).await {
-        // Keep the rows unsent, but say why on them (for operators).
-        tx.rollback().await.map_err(DbError::from)?;
-        let text = e.to_string();
-        let _ = client
-            .execute(
-                "UPDATE outbox SET attempts = attempts + 1, last_error = $2 WHERE id = ANY($1) AND published_at IS NULL",
-                &[&ids, &text],
+    let each = match publisher.publish_each(messages).await {
+        Ok(each) => each,
+        Err(e) => {
+            // The broker is away: the rows stay unsent, and say why (for
+            // operators). An outage is no refusal; nothing is set aside.
+            tx.rollback().await.map_err(DbError::from)?;
+            let text = e.to_string();
+            let _ = client
+                .execute(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = $2 \
+                     WHERE id = ANY($1) AND published_at IS NULL",
+                    &[&ids, &text],
+                )
+                .await;
+            return Err(e.into());
+        }
+    };
+    let mut sent = Vec::with_capacity(ids.len());
+    let (mut refused, mut errors) = (Vec::new(), Vec::new());
+    for ((id, row), result) in ids.iter().zip(&rows).zip(each) {
+        match result {
+            Ok(()) => {
+                sent.push(*id);
+                metrics::histogram!("penora_outbox_relay_lag_seconds")
+                    .record(row.get::<_, f64>("waited_secs"));
+            }
+            Err(e) => {
+                refused.push(*id);
+                errors.push(e.to_string());
+            }
+        }
+    }
+    if !sent.is_empty() {
+        let mark = tx
+            // `published_at IS NULL` lets this use the `outbox_pending` index: the
+            // table's key is (user_id, id), and without it every relay batch
+            // scanned the whole outbox, published rows included (kept 7 days).
+            .prepare_cached(
+                "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
             )
-            .await;
-        return Err(e.into());
+            .await
+            .map_err(DbError::from)?;
+        tx.execute(&mark, &[&sent]).await.map_err(DbError::from)?;
     }
-    let mark = tx
-        // `published_at IS NULL` lets this use the `outbox_pending` index: the
-        // table's key is (user_id, id), and without it every relay batch
-        // scanned the whole outbox, published rows included (kept 7 days).
-        .prepare_cached(
-            "UPDATE outbox SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
-        )
-        .await
-        .map_err(DbError::from)?;
-    tx.execute(&mark, &[&ids]).await.map_err(DbError::from)?;
+    if !refused.is_empty() {
+        let refuse = tx
+            .prepare_cached(
+                "UPDATE outbox o SET attempts = o.attempts + 1, refusals = o.refusals + 1, \
+                        last_error = v.error, \
+                        retry_at = now() + make_interval(secs => \
+                            least($3::float8 * power(2, o.refusals), $4::float8)), \
+                        set_aside_at = CASE WHEN o.refusals + 1 >= $5 THEN now() END \
+                 FROM unnest($1::int8[], $2::text[]) AS v(id, error) \
+                 WHERE o.id = v.id AND o.published_at IS NULL \
+                 RETURNING o.id, o.routing_key, o.refusals, o.last_error, \
+                           o.set_aside_at IS NOT NULL AS set_aside",
+            )
+            .await
+            .map_err(DbError::from)?;
+        let max = i32::try_from(policy.max_attempts).unwrap_or(i32::MAX);
+        for row in tx
+            .query(
+                &refuse,
+                &[
+                    &refused,
+                    &errors,
+                    &policy.retry_base.as_secs_f64(),
+                    &RETRY_CEILING_SECS,
+                    &max,
+                ],
+            )
+            .await
+            .map_err(DbError::from)?
+        {
+            let (id, key, refusals, error): (i64, String, i32, Option<String>) =
+                (row.get(0), row.get(1), row.get(2), row.get(3));
+            metrics::counter!("penora_outbox_refusals_total").increment(1);
+            if row.get::<_, bool>("set_aside") {
+                metrics::counter!("penora_outbox_set_aside_total").increment(1);
+                tracing::error!(outbox_id = id, routing_key = %key, refusals, error = ?error,
+                    "outbox row set aside after repeated refusals; `penora-ops outbox list` shows it, `penora-ops outbox retry` puts it back");
+            } else {
+                tracing::warn!(outbox_id = id, routing_key = %key, refusals, error = ?error,
+                    "the broker refused an outbox row; it will be tried again");
+            }
+        }
+    }
     tx.commit().await.map_err(DbError::from)?;
-    for row in &rows {
-        metrics::histogram!("penora_outbox_relay_lag_seconds")
-            .record(row.get::<_, f64>("waited_secs"));
-    }
-    metrics::counter!("penora_outbox_published_total").increment(rows.len() as u64);
-    Ok(rows.len())
+    metrics::counter!("penora_outbox_published_total").increment(sent.len() as u64);
+    Ok(sent.len())
 }
 
-/// Publishes until the outbox is empty or an error stops it.
+/// Publishes until the outbox has nothing ready or an error stops it.
 pub async fn relay_all(
     pool: &deadpool_postgres::Pool,
     publisher: &crate::broker::Publisher,
+    policy: RelayPolicy,
 ) -> Result<usize, RelayError> {
     const BATCH: i64 = 200;
     let mut total = 0;
     loop {
-        let n = relay_once(pool, publisher, BATCH).await?;
+        let n = relay_once(pool, publisher, BATCH, policy).await?;
         total += n;
         if (n as i64) < BATCH {
             return Ok(total);
@@ -163,17 +263,40 @@ pub enum RelayError {
     Broker(#[from] crate::broker::BrokerError),
 }
 
-/// Number of waiting rows and the age of the oldest, in seconds.
-pub async fn backlog(client: &impl GenericClient) -> Result<(i64, f64), DbError> {
+/// The outbox's backlog.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// Rows waiting to be published (set-aside ones not counted).
+    pub waiting: i64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_secs: f64,
+    /// Rows set aside after repeated refusals.
+    pub set_aside: i64,
+}
+
+/// The outbox's backlog, and its set-aside rows.
+pub async fn backlog(client: &impl GenericClient) -> Result<Backlog, DbError> {
     let row = client
         .query_one(
-            "SELECT count(*) AS waiting, \
-                    coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest_secs \
+            "SELECT count(*) FILTER (WHERE set_aside_at IS NULL) AS waiting, \
+                    coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE set_aside_at IS NULL)), 0)::float8 AS oldest_secs, \
+                    count(*) FILTER (WHERE set_aside_at IS NOT NULL) AS set_aside \
              FROM outbox WHERE published_at IS NULL",
             &[],
         )
         .await?;
-    Ok((row.get("waiting"), row.get("oldest_secs")))
+    Ok(Backlog {
+        waiting: row.get("waiting"),
+        oldest_secs: row.get("oldest_secs"),
+        set_aside: row.get("set_aside"),
+    })
+}
+
+/// Sets the backlog gauges.
+pub fn record_backlog(b: Backlog) {
+    metrics::gauge!("penora_outbox_pending_rows").set(b.waiting as f64);
+    metrics::gauge!("penora_outbox_oldest_age_seconds").set(b.oldest_secs);
+    metrics::gauge!("penora_outbox_set_aside_rows").set(b.set_aside as f64);
 }
 
 /// Deletes rows published more than `days` days ago; returns how many.
@@ -194,13 +317,14 @@ pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbErro
 pub async fn publish_loop(
     pool: deadpool_postgres::Pool,
     publisher: std::sync::Arc<crate::broker::Publisher>,
+    policy: RelayPolicy,
     wake: std::sync::Arc<tokio::sync::Notify>,
     stop: tokio_util::sync::CancellationToken,
 ) {
     let mut failures: u32 = 0;
     let mut gauges_at: Option<std::time::Instant> = None;
     while !stop.is_cancelled() {
-        match relay_all(&pool, &publisher).await {
+        match relay_all(&pool, &publisher, policy).await {
             Ok(_) => failures = 0,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -213,11 +337,10 @@ pub async fn publish_loop(
         // runs after every commit, and counting is not free.
         if gauges_at.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1))
             && let Ok(client) = pool.get().await
-            && let Ok((pending, age)) = backlog(&client).await
+            && let Ok(b) = backlog(&client).await
         {
             gauges_at = Some(std::time::Instant::now());
-            metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
-            metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
+            record_backlog(b);
         }
         let pause = std::time::Duration::from_secs(u64::from(failures.clamp(1, 10)));
         tokio::select! {

@@ -12,6 +12,7 @@ mod credits;
 mod dlq;
 mod event;
 mod keys;
+mod outbox;
 mod output;
 mod projects;
 mod queues;
@@ -82,6 +83,11 @@ enum Command {
     },
     /// Publish an ImageGene generation event, as ImageGene does (for tests and repairs).
     Event(event::Event),
+    /// Outbox rows the broker kept refusing, set aside: list them, put them back.
+    Outbox {
+        #[command(subcommand)]
+        command: outbox::OutboxCommand,
+    },
 }
 
 #[tokio::main]
@@ -130,5 +136,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             wait_idle::run(&settings, &client, Duration::from_secs(timeout_secs)).await?
         }
         Command::Event(e) => event::run(&settings, e).await.map(|()| done)?,
+        Command::Outbox { command } => outbox::run(&client, command).await.map(|()| done)?,
     })
 }

@@ -98,11 +98,10 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         initial: settings.retry_base,
         max: settings.retry_max,
     };
-    let publisher = Arc::new(Publisher::new(
-        settings.amqp_url.clone(),
-        "penora-worker",
-        topology.clone(),
-    ));
+    let publisher = Arc::new(
+        Publisher::new(settings.amqp_url.clone(), "penora-worker", topology.clone())
+            .with_confirm_timeout(settings.amqp_confirm_timeout),
+    );
     let images = penora_common::cpu_pool::CpuPool::start(
         "penora-images",
         settings.image_threads,
@@ -204,6 +203,7 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
     outbox::publish_loop(
         ctx.pool.clone(),
         ctx.publisher.clone(),
+        outbox::RelayPolicy::from_settings(&ctx.settings),
         ctx.outbox_wake.clone(),
         stop,
     )
@@ -383,6 +383,11 @@ async fn serve_http(
 ) {
     let app = Router::new()
         .route("/health", get(health))
+        // Liveness: the process runs (a database outage must not restart it).
+        .route(
+            "/health/live",
+            get(|| async { axum::Json(serde_json::json!({"status": "alive"})) }),
+        )
         .route("/ready", get(ready))
         .route(
             "/metrics",

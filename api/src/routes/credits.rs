@@ -18,7 +18,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
-    extract::{ApiJson, ApiQuery, int_param, user_id},
+    extract::{ApiJson, ApiQuery, IdempotencyKey, int_param, user_id},
     routes::{RequestCorrelation, Success, json_ok},
     state::AppState,
 };
@@ -224,6 +224,7 @@ fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<App
 /// and moves nothing; with another user or amount it is a `409`.
 #[utoipa::path(
     post, path = "/deduct-credits", tag = "credits",
+    params(("Idempotency-Key" = Option<String>, Header, description = "the `project_code` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = DeductRequest,
     responses(
         (status = 200, description = "Deducted (or replayed, with header Idempotent-Replayed: true)", body = Success<DeductResponse>),
@@ -243,6 +244,7 @@ async fn deduct_credits(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
+    key: IdempotencyKey,
     ApiJson(body): ApiJson<DeductRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Spend)?;
@@ -254,8 +256,10 @@ async fn deduct_credits(
     )?;
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
     let description = Description::parse("description", body.description.as_deref())?;
-    let project_code = match body.project_code.as_deref() {
-        Some(raw) => ProjectCode::parse(raw)?,
+    let project_code = match key.or_body("project_code", body.project_code.as_deref(), |k| {
+        ProjectCode::parse(k).is_ok()
+    })? {
+        Some(raw) => ProjectCode::parse(&raw)?,
         None => ProjectCode::generate(),
     };
     let span = tracing::Span::current();
@@ -336,6 +340,7 @@ pub struct RefundResponse {
 /// `409 not_refundable`.
 #[utoipa::path(
     post, path = "/refund-credits", tag = "credits",
+    params(("Idempotency-Key" = Option<String>, Header, description = "checked: 1–255 visible ASCII characters. A refund is idempotent by its reservation, so a retry answers the first refund")),
     request_body = RefundRequest,
     responses(
         (status = 200, description = "Refunded (or replayed)", body = Success<RefundResponse>),
@@ -352,6 +357,8 @@ async fn refund_credits(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
+    // Checked like every POST's; a refund is idempotent by its reservation.
+    _key: IdempotencyKey,
     ApiJson(body): ApiJson<RefundRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Spend)?;
@@ -431,6 +438,7 @@ pub struct AddCreditsResponse {
 /// Grant credits (a purchase, a signup bonus); idempotent by `reference`.
 #[utoipa::path(
     post, path = "/add-credits", tag = "credits",
+    params(("Idempotency-Key" = Option<String>, Header, description = "the `reference` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = AddCreditsRequest,
     responses(
         (status = 200, description = "Granted (or replayed)", body = Success<AddCreditsResponse>),
@@ -446,6 +454,7 @@ async fn add_credits(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
+    key: IdempotencyKey,
     ApiJson(body): ApiJson<AddCreditsRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
@@ -460,7 +469,10 @@ async fn add_credits(
         (raw, _) => acting_app(&auth, "app_name", raw)?,
     };
     let reason = GrantReason::parse("reason", body.reason.as_deref())?;
-    let reference = Reference::parse("reference", body.reference.as_deref())?;
+    let reference = key.or_body("reference", body.reference.as_deref(), |k| {
+        Reference::parse("reference", Some(k)).is_ok()
+    })?;
+    let reference = Reference::parse("reference", reference.as_deref())?;
     tracing::Span::current().record("user_id", user.as_str());
     let grant = ledger::Grant {
         user_id: user,

@@ -28,7 +28,7 @@ use uuid::Uuid;
 use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
-    extract::{ApiQuery, int_param, parse_json, require_json, user_id},
+    extract::{ApiQuery, IdempotencyKey, int_param, parse_json, require_json, user_id},
     routes::{
         RequestCorrelation, Success,
         credits::{Storage, with_replay_header},
@@ -138,6 +138,7 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
 /// wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with `Retry-After`.
 #[utoipa::path(
     post, path = "/save-project", tag = "projects",
+    params(("Idempotency-Key" = Option<String>, Header, description = "the `project_code` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = SaveProjectRequest,
     responses(
         (status = 202, description = "Recorded and queued", body = Success<SaveProjectResponse>),
@@ -160,6 +161,7 @@ async fn save_project(
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Write)?;
     require_json(&headers)?;
+    let key = IdempotencyKey::from_headers(&headers)?;
     let max_body = state.settings.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -198,7 +200,7 @@ async fn save_project(
     let caller = Auth(auth.0.clone());
     let (mut project, policy) = cpu
         .run(move || -> Result<_, ApiError> {
-            let (project, store_original) = parse_save(&raw, &caller)?;
+            let (project, store_original) = parse_save(&raw, &caller, &key)?;
             let policy = policy_of(store_original);
             // The header alone says how big the image is: a decompression
             // bomb is refused here, before it reaches a decoder.
@@ -333,7 +335,11 @@ async fn drain(body: Body, max: usize) {
 }
 
 /// Checks a save's fields; the content is decoded but not yet prepared.
-fn parse_save(raw: &[u8], auth: &Auth) -> Result<(NewProject, bool), ApiError> {
+fn parse_save(
+    raw: &[u8],
+    auth: &Auth,
+    key: &IdempotencyKey,
+) -> Result<(NewProject, bool), ApiError> {
     let body: SaveProjectRequest<'_> = parse_json(raw)?;
     let user = user_id(body.user_id.as_deref())?;
     let app_source = match (body.app_source.as_deref(), auth.bound_app()) {
@@ -352,8 +358,10 @@ fn parse_save(raw: &[u8], auth: &Auth) -> Result<(NewProject, bool), ApiError> {
             m
         }
     };
-    let project_code = body
-        .project_code
+    let project_code = key
+        .or_body("project_code", body.project_code.as_deref(), |k| {
+            ProjectCode::parse(k).is_ok()
+        })?
         .as_deref()
         .map(ProjectCode::parse)
         .transpose()?;

@@ -1,4 +1,5 @@
-//! `/health` and `/metrics` (at the root, no key needed).
+//! `/health`, `/health/live`, `/ready` and `/metrics` (at the root, no key
+//! needed).
 
 use std::time::Duration;
 
@@ -18,8 +19,29 @@ use crate::state::AppState;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health))
+        .routes(routes!(live))
         .routes(routes!(ready))
         .routes(routes!(metrics_text))
+}
+
+/// Answer of `GET /health/live`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Live {
+    /// Always `alive`.
+    #[schema(example = "alive")]
+    pub status: &'static str,
+}
+
+/// Liveness: 200 while the process serves requests, whatever the database
+/// and the broker do (a liveness probe that restarts the service when the
+/// database is down would only add restarts to the outage; `/ready` is the
+/// readiness probe).
+#[utoipa::path(
+    get, path = "/health/live", tag = "system",
+    responses((status = 200, description = "The process runs", body = Live)),
+)]
+async fn live() -> Json<Live> {
+    Json(Live { status: "alive" })
 }
 
 /// Answer of `GET /health`.
@@ -163,9 +185,8 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         let client = state.pool.get().await.ok()?;
         penora_common::outbox::backlog(&client).await.ok()
     };
-    if let Ok(Some((pending, age))) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
-        metrics::gauge!("penora_outbox_pending_rows").set(pending as f64);
-        metrics::gauge!("penora_outbox_oldest_age_seconds").set(age);
+    if let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
+        penora_common::outbox::record_backlog(b);
     }
     (
         [(

@@ -457,3 +457,153 @@ mod event_time {
         }
     }
 }
+
+// ------------------------------------------------------- Idempotency-Key
+
+mod idempotency_key {
+    use reqwest::{Response, StatusCode};
+    use serde_json::{Value, json};
+
+    use crate::support::{BOOT_KEY, TestApp, expect_error, spawn_app};
+
+    async fn post(app: &TestApp, path: &str, key: Option<&str>, body: Value) -> Response {
+        let mut r = app
+            .http
+            .post(format!("{}/api/unified/{path}", app.base))
+            .header("X-API-Key", BOOT_KEY)
+            .json(&body);
+        if let Some(key) = key {
+            r = r.header("Idempotency-Key", key);
+        }
+        r.send().await.expect("sent")
+    }
+
+    /// Status, whether it was a replay, and the body.
+    async fn seen(r: Response) -> (StatusCode, bool, Value) {
+        let status = r.status();
+        let replayed = r
+            .headers()
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true");
+        (status, replayed, r.json().await.expect("json"))
+    }
+
+    #[tokio::test]
+    async fn a_deduct_without_project_code_is_keyed_by_the_header() {
+        let app = spawn_app().await;
+        app.grant("k", 100).await;
+        let body = json!({"user_id": "k", "amount": 10, "app_name": "imagegene"});
+        let (status, replayed, first) =
+            seen(post(&app, "deduct-credits", Some("order-7781"), body.clone()).await).await;
+        assert_eq!((status, replayed), (StatusCode::OK, false), "{first}");
+        assert_eq!(first["project_code"], json!("order-7781"));
+        let (status, replayed, again) =
+            seen(post(&app, "deduct-credits", Some("order-7781"), body.clone()).await).await;
+        assert_eq!((status, replayed), (StatusCode::OK, true));
+        assert_eq!(again, first, "a replay answers the first result");
+        assert_eq!(app.balance("k").await, 90);
+        // The same key with another amount.
+        let r = post(
+            &app,
+            "deduct-credits",
+            Some("order-7781"),
+            json!({"user_id": "k", "amount": 11, "app_name": "imagegene"}),
+        )
+        .await;
+        expect_error(r, StatusCode::CONFLICT, "idempotency_conflict").await;
+        // A header and a body value that differ; the same in both is fine.
+        let mut both = body.clone();
+        both["project_code"] = json!("order-9");
+        let r = post(&app, "deduct-credits", Some("order-7781"), both.clone()).await;
+        let why = expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert!(why.contains("Idempotency-Key"), "{why}");
+        let (status, _, _) = seen(post(&app, "deduct-credits", Some("order-9"), both).await).await;
+        assert_eq!(status, StatusCode::OK);
+        // A key that is no project_code (too long, a slash) still keys it.
+        let long = format!("client/{}", "x".repeat(200));
+        let (_, _, a) = seen(post(&app, "deduct-credits", Some(&long), body.clone()).await).await;
+        let (_, replayed, b) =
+            seen(post(&app, "deduct-credits", Some(&long), body.clone()).await).await;
+        let code = a["project_code"].as_str().expect("code");
+        assert!(code.starts_with("ik_") && code.len() == 43, "{code}");
+        assert!(replayed);
+        assert_eq!(a, b);
+        // Bad keys.
+        for bad in ["has space", &"k".repeat(256), "tab\there"] {
+            let r = post(&app, "deduct-credits", Some(bad), body.clone()).await;
+            expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+        }
+        assert_eq!(app.balance("k").await, 70, "three deductions in all");
+        app.assert_reconciled().await;
+    }
+
+    #[tokio::test]
+    async fn grants_saves_and_refunds_take_the_header() {
+        let app = spawn_app().await;
+        let grant = json!({"user_id": "g", "amount": 50, "reason": "purchase"});
+        let (status, replayed, first) =
+            seen(post(&app, "add-credits", Some("pay_123"), grant.clone()).await).await;
+        assert_eq!((status, replayed), (StatusCode::OK, false), "{first}");
+        assert_eq!(first["reference"], json!("pay_123"));
+        let (_, replayed, again) =
+            seen(post(&app, "add-credits", Some("pay_123"), grant.clone()).await).await;
+        assert!(replayed);
+        assert_eq!(again, first);
+        let r = post(
+            &app,
+            "add-credits",
+            Some("pay_123"),
+            json!({"user_id": "g", "amount": 60, "reason": "purchase"}),
+        )
+        .await;
+        expect_error(r, StatusCode::CONFLICT, "idempotency_conflict").await;
+        let r = post(
+            &app,
+            "add-credits",
+            Some("pay_123"),
+            json!({"user_id": "g", "amount": 50, "reason": "purchase", "reference": "pay_999"}),
+        )
+        .await;
+        expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+        assert_eq!(app.balance("g").await, 50);
+
+        // A save keyed by the header settles the reservation it names.
+        let (status, body) = app.deduct("g", 5, "art-1").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let save = json!({"user_id": "g", "app_source": "imagegene", "project_type": "ai_artwork",
+                          "title": "t", "content": "https://cdn.example/a.png"});
+        let (status, replayed, first) =
+            seen(post(&app, "save-project", Some("art-1"), save.clone()).await).await;
+        assert_eq!((status.as_u16(), replayed), (202, false), "{first}");
+        let (status, replayed, again) =
+            seen(post(&app, "save-project", Some("art-1"), save.clone()).await).await;
+        assert_eq!((status.as_u16(), replayed), (202, true), "{again}");
+        assert_eq!(again["project_id"], first["project_id"]);
+        assert_eq!(
+            app.scalar(
+                "SELECT count(*) FROM projects WHERE user_id = $1 AND project_code = 'art-1'",
+                "g"
+            )
+            .await,
+            1
+        );
+        let mut other = save.clone();
+        other["project_code"] = json!("art-2");
+        let r = post(&app, "save-project", Some("art-1"), other).await;
+        expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+
+        // Refunds check the header; the refund is keyed by its reservation.
+        app.deduct("g", 5, "art-3").await;
+        let refund = json!({"user_id": "g", "project_code": "art-3", "app_name": "imagegene"});
+        let r = post(&app, "refund-credits", Some("bad key"), refund.clone()).await;
+        expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let (status, replayed, _) =
+            seen(post(&app, "refund-credits", Some("rf-1"), refund.clone()).await).await;
+        assert_eq!((status, replayed), (StatusCode::OK, false));
+        let (status, replayed, _) =
+            seen(post(&app, "refund-credits", Some("rf-1"), refund).await).await;
+        assert_eq!((status, replayed), (StatusCode::OK, true));
+        assert_eq!(app.balance("g").await, 45);
+        app.assert_reconciled().await;
+    }
+}

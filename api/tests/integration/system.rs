@@ -57,6 +57,7 @@ async fn without_a_database_requests_get_503_unavailable_and_health_says_so() {
         json!({"success": false, "error": "Credit system temporarily unavailable", "code": "unavailable"})
     );
     let response = router
+        .clone()
         .oneshot(
             Request::get("/health")
                 .body(Body::empty())
@@ -71,6 +72,22 @@ async fn without_a_database_requests_get_503_unavailable_and_health_says_so() {
     let body: Value = serde_json::from_slice(&bytes).expect("json");
     assert_eq!(body["status"], json!("unavailable"));
     assert_eq!(body["broker"], json!("unavailable"));
+    // The liveness probe stays green: a database outage is no reason to
+    // restart the service.
+    let response = router
+        .oneshot(
+            Request::get("/health/live")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+        .await
+        .expect("body");
+    let body: Value = serde_json::from_slice(&bytes).expect("json");
+    assert_eq!(body, json!({"status": "alive"}));
 }
 
 #[tokio::test]

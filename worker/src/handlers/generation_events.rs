@@ -103,8 +103,9 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
 
 /// Handles events that arrived together: the failure events go to the
 /// ledger's refund batch; every other message (success events, malformed
-/// ones, events naming a reservation an earlier event of the batch named) is
-/// then handled alone by [`handle`], in arrival order.
+/// ones, events naming a reservation an earlier event of the batch named,
+/// events whose account another transaction held) is then handled alone by
+/// [`handle`], in arrival order.
 pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
     let mut queued = Vec::new();
     let mut slot_of = Vec::with_capacity(ms.len());
@@ -130,8 +131,10 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
         Vec::new()
     } else {
         let mut client = ctx.pool.get().await.ok()?;
-        // An account another transaction holds is skipped, and its events
-        // retried later, so that the rest of the batch is not held up.
+        // An account another transaction holds is skipped, so that the rest
+        // of the batch commits without waiting for it; its events are then
+        // handled alone, waiting for the lock (at most `DB_LOCK_TIMEOUT_MS`,
+        // then retried later through the delay queues).
         ledger::refund_all(&mut client, &queued, OnBusy::Skip)
             .await
             .into_iter()
@@ -142,8 +145,8 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
     for (m, slot) in ms.iter().zip(slot_of) {
         let answered = slot.and_then(|(k, occurred)| Some((done.get_mut(k)?.take()?, occurred)));
         results.push(match answered {
+            Some((Err(LedgerError::AccountBusy), _)) | None => handle(ctx, m).await,
             Some((answer, occurred)) => refund_result(answer, occurred),
-            None => handle(ctx, m).await,
         });
     }
     Some(results)

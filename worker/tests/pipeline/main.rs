@@ -4,6 +4,7 @@
 mod artworks;
 mod event_time;
 mod operators;
+mod outbox;
 mod permissions;
 mod support;
 

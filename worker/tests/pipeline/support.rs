@@ -239,8 +239,8 @@ impl Stack {
             .map_or(0, |s| s.messages)
     }
 
-    /// Waits until the outbox is empty and no work or retry queue holds a
-    /// message.
+    /// Waits until the outbox is empty (but for rows set aside) and no work
+    /// or retry queue holds a message.
     pub async fn wait_idle(&self) {
         // Idle on two looks 200 ms apart: one look reads the outbox and the
         // queues one after the other, and a handler can commit a new job
@@ -253,7 +253,8 @@ impl Stack {
             || async move {
                 let pending = self
                     .scalar(
-                        "SELECT count(*) FROM outbox WHERE published_at IS NULL AND $1 = $1",
+                        "SELECT count(*) FROM outbox \
+                         WHERE published_at IS NULL AND set_aside_at IS NULL AND $1 = $1",
                         "",
                     )
                     .await;

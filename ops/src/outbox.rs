@@ -1,0 +1,122 @@
+//! `penora-ops outbox`: the outbox rows the broker kept refusing, set aside
+//! so that the others keep flowing (CONTRACT §11), and putting them back.
+
+use clap::Subcommand;
+use deadpool_postgres::Client;
+
+use crate::output::{self, Align};
+
+#[derive(Subcommand)]
+pub enum OutboxCommand {
+    /// List the set-aside rows (and how many rows wait to be published).
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put set-aside rows back to be published (all, or one with --id); the
+    /// services' relays publish them within a second. Fix the cause first
+    /// (a missing binding, say), or they are set aside again.
+    Retry {
+        /// Only this row.
+        #[arg(long)]
+        id: Option<i64>,
+    },
+}
+
+/// One set-aside row.
+#[derive(serde::Serialize)]
+struct SetAside {
+    id: i64,
+    user_id: String,
+    exchange: String,
+    routing_key: String,
+    message_id: String,
+    refusals: i32,
+    last_error: Option<String>,
+    created_at: String,
+    set_aside_at: String,
+}
+
+pub async fn run(client: &Client, command: OutboxCommand) -> anyhow::Result<()> {
+    match command {
+        OutboxCommand::List { json } => list(client, json).await,
+        OutboxCommand::Retry { id } => retry(client, id).await,
+    }
+}
+
+async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
+    let rows: Vec<SetAside> = client
+        .query(
+            "SELECT id, user_id, exchange, routing_key, message_id::text, refusals, last_error, \
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at, \
+                    to_char(set_aside_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS set_aside_at \
+             FROM outbox WHERE set_aside_at IS NOT NULL AND published_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await?
+        .into_iter()
+        .map(|r| SetAside {
+            id: r.get("id"),
+            user_id: r.get("user_id"),
+            exchange: r.get("exchange"),
+            routing_key: r.get("routing_key"),
+            message_id: r.get("message_id"),
+            refusals: r.get("refusals"),
+            last_error: r.get("last_error"),
+            created_at: r.get("created_at"),
+            set_aside_at: r.get("set_aside_at"),
+        })
+        .collect();
+    if json {
+        return output::json(&rows);
+    }
+    let backlog = penora_common::outbox::backlog(client).await?;
+    let cells: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            vec![
+                r.id.to_string(),
+                r.routing_key.clone(),
+                r.user_id.clone(),
+                r.refusals.to_string(),
+                r.set_aside_at.clone(),
+                r.last_error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    output::table(
+        &[
+            ("ID", Align::Right),
+            ("ROUTING KEY", Align::Left),
+            ("USER", Align::Left),
+            ("REFUSALS", Align::Right),
+            ("SET ASIDE AT", Align::Left),
+            ("LAST ERROR", Align::Left),
+        ],
+        &cells,
+    );
+    println!(
+        "{} set aside; {} waiting to be published (oldest {:.1} s)",
+        rows.len(),
+        backlog.waiting,
+        backlog.oldest_secs
+    );
+    Ok(())
+}
+
+async fn retry(client: &Client, id: Option<i64>) -> anyhow::Result<()> {
+    let n = client
+        .execute(
+            "UPDATE outbox SET set_aside_at = NULL, refusals = 0, retry_at = NULL \
+             WHERE set_aside_at IS NOT NULL AND published_at IS NULL \
+               AND ($1::int8 IS NULL OR id = $1)",
+            &[&id],
+        )
+        .await?;
+    if let (Some(id), 0) = (id, n) {
+        anyhow::bail!("no set-aside outbox row with id {id}");
+    }
+    println!("{n} row(s) put back; the relays publish them within a second");
+    Ok(())
+}
