@@ -9,6 +9,7 @@ pub mod coalesce;
 pub mod error;
 pub mod extract;
 pub mod routes;
+pub mod serve;
 pub mod state;
 pub mod telemetry;
 
@@ -25,6 +26,7 @@ use crate::state::AppState;
 pub struct App {
     listener: TcpListener,
     router: axum::Router,
+    limits: serve::Limits,
     /// The address it listens on (the real port when `BIND_ADDR` said 0).
     pub addr: SocketAddr,
     /// The database pool it uses.
@@ -61,6 +63,11 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         settings.image_cpu_cgroup.as_deref(),
     )
     .context("Failed to start the image threads")?;
+    let limits = serve::Limits {
+        idle: settings.http_idle_timeout,
+        header: settings.http_header_timeout,
+        max_connections: settings.http_max_connections,
+    };
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the
     // requests' path; while the broker is away they wait in the outbox.
@@ -74,6 +81,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     Ok(App {
         listener,
         router: routes::app(state),
+        limits,
         addr,
         pool,
     })
@@ -85,9 +93,7 @@ impl App {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
-        axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .context("HTTP server failed")
+        serve::serve(self.listener, self.router, self.limits, shutdown).await;
+        Ok(())
     }
 }

@@ -7,6 +7,7 @@ use penora_common::{config::Settings, telemetry};
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
+    penora_common::limits::raise_open_files_logged();
     if settings.bootstrap_api_key.is_none() {
         tracing::warn!(
             "PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work"

@@ -114,6 +114,15 @@ pub struct Settings {
     /// whose browser pages may call the API. Empty (the default): no CORS
     /// headers, so browsers refuse every cross-origin call.
     pub cors_allowed_origins: Vec<String>,
+    /// `HTTP_IDLE_TIMEOUT_SECS`: a connection with no request in progress
+    /// and no byte moved for this long is closed.
+    pub http_idle_timeout: Duration,
+    /// `HTTP_HEADER_TIMEOUT_SECS`: a request whose headers have not all
+    /// arrived this long after its first byte is dropped (slowloris).
+    pub http_header_timeout: Duration,
+    /// `HTTP_MAX_CONNECTIONS`: most connections open at once; past it new
+    /// ones wait in the kernel's backlog until others close.
+    pub http_max_connections: usize,
     /// `DEDUCT_BATCH_MAX`: most deductions the API carries out in one
     /// transaction (1 turns group commit off).
     pub deduct_batch_max: usize,
@@ -252,6 +261,13 @@ impl Settings {
                 .map(|days| Duration::from_secs(days.saturating_mul(86_400))),
             image_cpu_cgroup: get("IMAGE_CPU_CGROUP").map(std::path::PathBuf::from),
             cors_allowed_origins: cors_origins(&get)?,
+            http_idle_timeout: Duration::from_secs(positive(&get, "HTTP_IDLE_TIMEOUT_SECS", 60)?),
+            http_header_timeout: Duration::from_secs(positive(
+                &get,
+                "HTTP_HEADER_TIMEOUT_SECS",
+                10,
+            )?),
+            http_max_connections: positive(&get, "HTTP_MAX_CONNECTIONS", 10_000)?,
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             deduct_queue_max: positive(&get, "DEDUCT_QUEUE_MAX", 10_000)?,

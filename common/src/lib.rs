@@ -13,6 +13,7 @@ pub mod domain;
 pub mod imaging;
 pub mod keys;
 pub mod ledger;
+pub mod limits;
 pub mod messages;
 pub mod outbox;
 pub mod pricing;

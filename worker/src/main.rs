@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
+    penora_common::limits::raise_open_files_logged();
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");
     println!("penora-worker metrics on http://{}", worker.metrics_addr);

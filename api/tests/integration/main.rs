@@ -4,6 +4,7 @@
 
 mod batching;
 mod chaos_findings;
+mod connections;
 mod cors;
 mod credits;
 mod edges;

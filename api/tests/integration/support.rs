@@ -298,8 +298,13 @@ impl ApiProcess {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("running")
+    }
+
     fn status_kb(&self, field: &str) -> u64 {
-        let pid = self.child.id().expect("running");
+        let pid = self.pid();
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         status
             .lines()
