@@ -4,6 +4,9 @@
 #   every file the compose mounts exists
 #   deploy/prometheus/*.yml       with promtool (Debian's prometheus package)
 #   deploy/grafana/**/*.json      parses as JSON, and each dashboard query names a metric we export
+#   Dockerfile                    its build stage's files, alone, build with its cargo command (offline)
+#
+#   scripts/check-deploy.sh --self-test   also proves the build check fails on a Dockerfile missing a member
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -57,11 +60,59 @@ for name in set(re.findall(r'\b(penora_[a-z_]+)', rules)):
         print(f"alerts.yml uses {name}, which no service exports"); bad = 1
 sys.exit(bad)
 PY
-# The image's build context: cargo loads the whole workspace, so the
-# Dockerfile must copy every member (a missing one fails `docker compose up --build`).
-members=$(sed -n 's/^members = \[\(.*\)\]/\1/p' Cargo.toml | tr -d '" ' | tr ',' ' ')
-for m in $members; do
-  grep -qE "^COPY $m $m\b" Dockerfile || { echo "Dockerfile does not copy workspace member $m"; exit 1; }
-done
-echo "Dockerfile copies every workspace member: $members"
+# The image's build: the files the Dockerfile's build stage COPYs, alone in a
+# directory, must build with the same cargo command, offline (no Docker
+# engine here). A missing workspace member, a crate that reads a file not
+# copied, a lock file out of date: each fails here as it would in
+# `docker compose up --build`. Registry crates come from the local cache; the
+# compiled ones are shared with target/ (only the members are rebuilt).
+build_context() { # build_context DOCKERFILE DIR
+  local dockerfile=$1 ctx=$2 workdir=/ cmd started
+  # Emptied first: a file left from an earlier run must not hide a missing
+  # COPY. Copies keep their times, so a second run rebuilds nothing.
+  rm -rf "$ctx" && mkdir -p "$ctx"
+  # The build stage: from the first FROM to the next one.
+  local stage
+  stage=$(awk '/^FROM /{n++} n==1' "$dockerfile")
+  while read -r word rest; do
+    case "$word" in
+      WORKDIR) workdir=$rest ;;
+      COPY)
+        case "$rest" in --from=*) continue ;; esac
+        # shellcheck disable=SC2086
+        set -- $rest
+        local dest=${!#} n=$(($# - 1)) src
+        local into="$ctx/${workdir#/}/${dest#./}"
+        [ "${dest:0:1}" = "/" ] && into="$ctx$dest"
+        for src in "${@:1:$n}"; do
+          if [ "$n" -gt 1 ] || [ "${dest: -1}" = "/" ]; then
+            mkdir -p "$into" && cp -Rp "$src" "$into/"
+          else
+            mkdir -p "$(dirname "$into")" && cp -Rp "$src" "$into"
+          fi
+        done
+        ;;
+      RUN) case "$rest" in *"cargo build"*) cmd=$rest ;; esac ;;
+    esac
+  done <<<"$stage"
+  [ -n "${cmd:-}" ] || { echo "$dockerfile: no cargo build in the build stage"; return 1; }
+  echo "building the image's context as the Dockerfile does: $cmd --offline"
+  started=$(date +%s)
+  (cd "$ctx/${workdir#/}" && CARGO_TARGET_DIR="$repo/target" eval "$cmd --offline") || return 1
+  echo "the image's build context builds ($(( $(date +%s) - started )) s)"
+}
+repo=$PWD
+
+if [ "${1:-}" = "--self-test" ]; then
+  # The check must fail on a Dockerfile that misses a member.
+  broken=$(mktemp)
+  grep -v '^COPY bench bench' Dockerfile >"$broken"
+  if build_context "$broken" target/deploy-context-broken >"$broken.log" 2>&1; then
+    echo "check-deploy: a Dockerfile without bench/ built; the check is broken"; cat "$broken.log"; exit 1
+  fi
+  grep -q "bench" "$broken.log" || { echo "check-deploy: failed, but not on the missing member:"; cat "$broken.log"; exit 1; }
+  echo "check-deploy self-test: a Dockerfile missing a workspace member fails the build check"
+  rm -rf "$broken" "$broken.log" target/deploy-context-broken
+fi
+build_context Dockerfile target/deploy-context
 echo "deployment files are valid"

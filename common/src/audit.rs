@@ -18,6 +18,9 @@ use crate::{db::DbError, timefmt::rfc3339_millis};
 
 const GENESIS: [u8; 32] = [0; 32];
 
+/// Records `verify` reads at a time.
+const VERIFY_PAGE: i32 = 5000;
+
 /// A ledger entry as the audit log records it (field order is the format).
 #[derive(Debug, Serialize)]
 struct Content<'a> {
@@ -292,85 +295,101 @@ pub async fn verify_with_progress(
         .read_only(true)
         .start()
         .await?;
+    // An operator's check over millions of rows: no statement timeout, and
+    // the records are streamed, one at a time, so memory stays flat.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     let mut findings = Vec::new();
-    let records = tx
-        .query(
+    let total = tx
+        .query_one("SELECT count(*) FROM audit_records", &[])
+        .await?
+        .get::<_, i64>(0)
+        .max(0) as u64;
+    // A portal read a page at a time: the connection never holds more than
+    // one page, however slow the checking (a plain query's rows would all be
+    // buffered by the connection as fast as the server sends them).
+    let statement = tx
+        .prepare(
             "SELECT a.user_id AS chain_user, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, \
                     l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, l.description, \
                     l.project_code, l.reference, l.created_at \
              FROM audit_records a LEFT JOIN ledger_entries l ON l.id = a.entry_id \
              ORDER BY a.user_id, a.seq",
-            &[],
         )
         .await?;
+    let portal = tx.bind(&statement, &[]).await?;
     let mut current: Option<String> = None;
     let mut expected_seq = 1;
     let mut prev: Vec<u8> = GENESIS.to_vec();
-    let total = records.len() as u64;
-    for (i, r) in records.iter().enumerate() {
-        if i % 5000 == 0 {
-            progress("audit records", i as u64, total);
-        }
-        let user: String = r.get("chain_user");
-        if current.as_deref() != Some(user.as_str()) {
-            current = Some(user.clone());
-            expected_seq = 1;
-            prev = GENESIS.to_vec();
-        }
-        let seq: i64 = r.get("seq");
-        let entry_id: i64 = r.get("entry_id");
-        let stored_prev: Vec<u8> = r.get("prev_hash");
-        let stored_hash: Vec<u8> = r.get("hash");
-        let content: String = r.get("content");
-        let mut problem = |detail: String| {
-            findings.push(Finding {
-                user_id: user.clone(),
-                detail,
-            })
-        };
-        if seq != expected_seq {
-            problem(format!(
-                "record {seq} found where {expected_seq} was expected (a record is missing)"
-            ));
-        }
-        if stored_prev != prev {
-            problem(format!(
-                "record {seq} does not link to the record before it"
-            ));
-        }
-        if link(&stored_prev, &content).as_slice() != stored_hash.as_slice() {
-            problem(format!(
-                "record {seq} (entry {entry_id}) was altered: its hash does not match its content"
-            ));
-        }
-        let ledger_id: Option<i64> = r.get("id");
-        if ledger_id.is_none() {
-            problem(format!(
-                "record {seq} names ledger entry {entry_id}, which does not exist"
-            ));
-        } else {
-            let expected = content_of(r);
-            if expected != content {
+    let mut checked: u64 = 0;
+    let mut page = tx.query_portal(&portal, VERIFY_PAGE).await?;
+    while !page.is_empty() {
+        for r in &page {
+            if checked.is_multiple_of(5000) {
+                progress("audit records", checked, total);
+            }
+            checked += 1;
+            let user: String = r.get("chain_user");
+            if current.as_deref() != Some(user.as_str()) {
+                current = Some(user.clone());
+                expected_seq = 1;
+                prev = GENESIS.to_vec();
+            }
+            let seq: i64 = r.get("seq");
+            let entry_id: i64 = r.get("entry_id");
+            let stored_prev: Vec<u8> = r.get("prev_hash");
+            let stored_hash: Vec<u8> = r.get("hash");
+            let content: String = r.get("content");
+            let mut problem = |detail: String| {
+                findings.push(Finding {
+                    user_id: user.clone(),
+                    detail,
+                })
+            };
+            if seq != expected_seq {
                 problem(format!(
-                    "record {seq} does not match ledger entry {entry_id}"
+                    "record {seq} found where {expected_seq} was expected (a record is missing)"
                 ));
             }
-            let owner: String = r.get("user_id");
-            if owner != user {
+            if stored_prev != prev {
                 problem(format!(
-                    "record {seq} sits in the chain of another user than entry {entry_id}'s"
+                    "record {seq} does not link to the record before it"
                 ));
             }
+            if link(&stored_prev, &content).as_slice() != stored_hash.as_slice() {
+                problem(format!(
+                    "record {seq} (entry {entry_id}) was altered: its hash does not match its content"
+                ));
+            }
+            let ledger_id: Option<i64> = r.get("id");
+            if ledger_id.is_none() {
+                problem(format!(
+                    "record {seq} names ledger entry {entry_id}, which does not exist"
+                ));
+            } else {
+                let expected = content_of(r);
+                if expected != content {
+                    problem(format!(
+                        "record {seq} does not match ledger entry {entry_id}"
+                    ));
+                }
+                let owner: String = r.get("user_id");
+                if owner != user {
+                    problem(format!(
+                        "record {seq} sits in the chain of another user than entry {entry_id}'s"
+                    ));
+                }
+            }
+            prev = stored_hash;
+            expected_seq = seq + 1;
         }
-        prev = stored_hash;
-        expected_seq = seq + 1;
+        page = tx.query_portal(&portal, VERIFY_PAGE).await?;
     }
-    progress("audit records", total, total);
+    progress("audit records", checked, checked.max(total));
     let heads = tx
         .query(
             "SELECT h.user_id, h.seq, h.hash, a.hash AS last_hash FROM audit_heads h \
              LEFT JOIN audit_records a ON a.user_id = h.user_id AND a.seq = h.seq \
-             WHERE h.seq > 0",
+             WHERE h.seq > 0 AND a.hash IS DISTINCT FROM h.hash",
             &[],
         )
         .await?;
@@ -411,7 +430,7 @@ pub async fn verify_with_progress(
     tx.commit().await?;
     findings.sort_by(|a, b| a.user_id.cmp(&b.user_id));
     Ok(Verification {
-        records_checked: records.len() as i64,
+        records_checked: checked as i64,
         entries_checked: entries,
         findings,
     })

@@ -2,8 +2,9 @@
 //! module (tables for people, JSON for scripts).
 //!
 //! Settings come from the same environment as the services (`DATABASE_URL`,
-//! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …); every command
-//! applies pending migrations first. Exit status: 0 on success, 1 when a
+//! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …). Only
+//! `migrate` changes the schema; every other command refuses to run on a
+//! schema older than this build (the services migrate at start). Exit status: 0 on success, 1 when a
 //! check finds a problem (`reconcile`, `audit verify`, `wait-idle`, `dlq
 //! purge` without `--yes`), 2 on any error.
 
@@ -104,10 +105,16 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = Settings::from_env().context("Bad configuration")?;
     let url = settings.database_url.expose().to_owned();
-    db::migrate(&url)
-        .await
-        .context("Failed to apply migrations (is PostgreSQL running? see DATABASE_URL)")?;
     let pool = db::pool_for(&url, 2).context("Failed to create the database pool")?;
+    if matches!(cli.command, Command::Migrate) {
+        db::migrate(&url)
+            .await
+            .context("Failed to apply migrations (is PostgreSQL running? see DATABASE_URL)")?;
+    } else if let Err(why) = db::readiness(&pool).await {
+        anyhow::bail!(
+            "{why}: run `penora-ops migrate` first (penora-api and penora-worker also migrate at start)"
+        );
+    }
     let mut client = pool
         .get()
         .await

@@ -253,6 +253,50 @@ async fn migrations_started_at_once_by_several_processes_all_succeed() {
         .expect("dropped");
 }
 
+#[tokio::test]
+async fn only_migrate_changes_the_schema() {
+    let admin = penora_common::testing::admin_url();
+    let db = TestDb::new().await;
+    let name = format!("{}_bare", db.name);
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("admin");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("created");
+    let url = format!(
+        "{}/{name}",
+        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
+    );
+    let refused = ops(&url, &["reconcile"]).await;
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    let why = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(why.contains("penora-ops migrate"), "{why}");
+    let (bare, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("bare");
+    tokio::spawn(conn);
+    let tables: i64 = bare
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .expect("tables")
+        .get(0);
+    assert_eq!(tables, 0, "reconcile created tables");
+    assert!(ops(&url, &["migrate"]).await.status.success());
+    let after = ops(&url, &["reconcile"]).await;
+    assert!(after.status.success(), "{after:?}");
+    drop(bare);
+    client
+        .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+        .await
+        .expect("dropped");
+}
+
 async fn futures_join<F: std::future::Future<Output = Output> + Send + 'static>(
     futs: Vec<F>,
 ) -> Vec<Output> {
@@ -293,4 +337,75 @@ async fn projects_delete_frees_the_bytes_and_logs_the_operator() {
     let again = ops(&app.db.url, &["projects", "delete", "u1", &id]).await;
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("no project"));
+}
+
+/// Peak resident memory (kB) of `penora-ops args`, sampled until it exits.
+async fn ops_peak_rss_kb(db_url: &str, args: &[&str]) -> (Output, u64) {
+    let child = tokio::process::Command::new(ops_binary())
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("penora-ops runs");
+    let pid = child.id().expect("pid");
+    let sampler = tokio::spawn(async move {
+        let mut peak = 0;
+        while let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) {
+            if let Some(kb) = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            {
+                peak = peak.max(kb);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        peak
+    });
+    let out = child.wait_with_output().await.expect("penora-ops ran");
+    (out, sampler.await.expect("sampler"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_verify_streams_a_million_records_in_flat_memory() {
+    let db = TestDb::new().await;
+    let (c, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .expect("db");
+    tokio::spawn(conn);
+    // A million users with one grant each, and each grant's audit record,
+    // made as the audit writer makes them: content is the canonical JSON of
+    // the entry, hash = SHA-256(32 zero bytes || content).
+    c.batch_execute(
+        r#"SET statement_timeout = 0;
+        INSERT INTO accounts (user_id, balance) SELECT 'm' || g, 1 FROM generate_series(1, 1000000) g;
+        INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, reference)
+          SELECT 'm' || g, 'grant', 1, 1, 'penora', 'r' || g FROM generate_series(1, 1000000) g;
+        INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content)
+          SELECT l.user_id, 1, l.id, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea,
+                 sha256('\x0000000000000000000000000000000000000000000000000000000000000000'::bytea
+                        || convert_to(x.content, 'UTF8')),
+                 x.content
+          FROM ledger_entries l, LATERAL (SELECT
+            '{"entry_id":' || l.id || ',"user_id":"' || l.user_id
+            || '","kind":"grant","amount":1,"balance_after":1,"app_name":"penora","description":null,"project_code":null,"reference":"'
+            || l.reference || '","created_at":"'
+            || to_char(l.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"') || '"}' AS content) x;
+        INSERT INTO audit_heads (user_id, seq, hash) SELECT user_id, seq, hash FROM audit_records;
+        ANALYZE;"#,
+    )
+    .await
+    .expect("a million audit records");
+    let (out, peak_kb) = ops_peak_rss_kb(&db.url, &["audit", "verify", "--json"]).await;
+    assert!(out.status.success(), "{out:?}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(
+        report["records_checked"],
+        serde_json::json!(1_000_000),
+        "{report}"
+    );
+    assert_eq!(report["findings"], serde_json::json!([]), "{report}");
+    eprintln!("penora-ops audit verify over 1,000,000 records: peak RSS {peak_kb} kB");
+    assert!(peak_kb < 200 * 1024, "peak RSS {peak_kb} kB");
 }
