@@ -275,6 +275,7 @@ pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::
             &code,
             (ledger::SettledBy::Window, "refund window passed"),
             None,
+            None,
         )
         .await?
             == ledger::SettleResult::Settled

@@ -253,6 +253,7 @@ async fn a_batch_of_refunds_matches_one_by_one_and_records_its_events() {
             &ProjectCode::parse("r3").expect("code"),
             (ledger::SettledBy::Final, "done"),
             None,
+            None,
         )
         .await
         .expect("settle");

@@ -276,6 +276,7 @@ async fn a_settled_reservation_is_not_refundable() {
             &code,
             (ledger::SettledBy::Final, "generation succeeded"),
             None,
+            None,
         )
         .await
         .expect("settles");

@@ -299,6 +299,7 @@ mod event_time {
             &ProjectCode::parse(code).expect("code"),
             (by, "test"),
             None,
+            None,
         )
         .await
         .expect("settle")

@@ -163,6 +163,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     &key(code),
                     (ledger::SettledBy::Final, "test"),
                     None,
+                    None,
                 )
                 .await;
                 match (model.get(&code).copied(), got) {

@@ -3,7 +3,8 @@
 //! Rules: idempotent (settling a settled reservation changes nothing, and a
 //! refunded one stays refunded); the account row is locked before the
 //! reservation, as every movement does; the `settle` ledger row (amount 0)
-//! and its audit job commit with the state change.
+//! and its audit job commit with the state change, and so does the record of
+//! the success event that asked for it (`processed_events`).
 
 use deadpool_postgres::Client;
 
@@ -49,6 +50,7 @@ pub async fn settle(
     project_code: &ProjectCode,
     (by, reason): (SettledBy, &str),
     correlation_id: Option<&str>,
+    event_id: Option<&str>,
 ) -> Result<SettleResult, LedgerError> {
     let user = user_id.as_str();
     let tx = client.transaction().await?;
@@ -89,8 +91,9 @@ pub async fn settle(
                     &[&app_name.as_str(), &project_code.as_str()],
                 )
                 .await?;
-                tx.commit().await?;
             }
+            record_event(&tx, user, event_id, "already settled").await?;
+            tx.commit().await?;
             return Ok(SettleResult::AlreadySettled);
         }
         ReservationState::Refunded => return Ok(SettleResult::AlreadyRefunded),
@@ -124,7 +127,27 @@ pub async fn settle(
         ],
     )
     .await?;
+    record_event(&tx, user, event_id, "settled").await?;
     tx.commit().await?;
     count_moved("settled", app_name.as_str(), row.get("amount"));
     Ok(SettleResult::Settled)
+}
+
+/// Records a `generation.succeeded` event as handled, with what it did, in
+/// the settlement's own transaction.
+async fn record_event(
+    tx: &deadpool_postgres::Transaction<'_>,
+    user: &str,
+    event_id: Option<&str>,
+    outcome: &str,
+) -> Result<(), LedgerError> {
+    if let Some(event_id) = event_id {
+        tx.execute(
+            "INSERT INTO processed_events (user_id, event_id, kind, outcome) \
+             VALUES ($1, $2, 'succeeded', $3) ON CONFLICT DO NOTHING",
+            &[&user, &event_id, &outcome],
+        )
+        .await?;
+    }
+    Ok(())
 }

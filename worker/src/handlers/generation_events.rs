@@ -3,7 +3,7 @@
 //!
 //! Rules: an event is handled once per `(user_id, event_id)`; a failure
 //! event's refund records the event in its own commit (the ledger's refund
-//! batch), a success event's settlement records it after; the events that
+//! batch), and so does a success event's settlement; the events that
 //! arrive together are refunded together, except that an event naming a
 //! reservation that an earlier event of the batch named waits for it, so
 //! each reservation sees its events in arrival order.
@@ -70,7 +70,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
             row.get::<_, String>("outcome")
         ));
     }
-    // Commit.
+    // Commit: the settlement and the event's record, in one transaction.
     let outcome = match ledger::settle(
         &mut client,
         &user,
@@ -78,6 +78,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         &code,
         (SettledBy::Final, "generation succeeded"),
         m.correlation_id.as_deref(),
+        Some(&event.event_id),
     )
     .await?
     {
@@ -90,14 +91,6 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
             )));
         }
     };
-    client
-        .execute(
-            "INSERT INTO processed_events (user_id, event_id, kind, outcome) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
-            &[&user.as_str(), &event.event_id, &kind, &outcome],
-        )
-        .await
-        .map_err(DbError::from)?;
     Ok(outcome.to_owned())
 }
 

@@ -83,6 +83,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
             &code,
             (SettledBy::Final, "project saved"),
             m.correlation_id.as_deref(),
+            None,
         )
         .await
         {

@@ -159,6 +159,18 @@ async fn a_success_event_settles_for_good_and_a_replayed_dead_letter_refunds_onc
         state(&s, "won").await == ("settled".into(), Some("final".into()))
     })
     .await;
+    // Recorded with the settlement, in its transaction.
+    let c = s.pool.get().await.expect("db");
+    let recorded: String = c
+        .query_one(
+            "SELECT outcome FROM processed_events WHERE event_id = 'ev-ok'",
+            &[],
+        )
+        .await
+        .expect("the success event is recorded")
+        .get(0);
+    assert_eq!(recorded, "already settled", "the timer settled it first");
+    drop(c);
     s.publish_event("failed", &failed("ev-no", "u", "won", created))
         .await;
     let dead = s.topology.dead_queue("penora.generation-events");
