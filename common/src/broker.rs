@@ -130,15 +130,50 @@ impl Topology {
         args
     }
 
-    /// Declares everything; idempotent, run by every process at connect.
-    pub async fn declare(&self, ch: &Channel) -> Result<(), lapin::Error> {
+    /// Arguments that make the broker dead-letter, never drop: a quorum
+    /// queue's redeliveries are limited (RabbitMQ 4 sets 20 when nothing is
+    /// said, and drops past it when the queue has no dead-letter target), so
+    /// each queue states its limit and, where one is reached, where the
+    /// message goes (`dead`, through the default exchange), at least once.
+    fn delivery_args(&self, limit: i32, dead: Option<&str>) -> FieldTable {
+        let mut args = self.queue_args();
+        if self.queue_type != QueueType::Quorum {
+            // Classic queues have no delivery limit: nothing is dropped.
+            return args;
+        }
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+        if let Some(dead) = dead {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(dead.into()),
+            );
+            // Quorum queues dead-letter at most once unless told otherwise;
+            // at-least-once needs reject-publish overflow.
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        args
+    }
+
+    /// Declares everything; idempotent, run by every process at connect, on
+    /// a channel of its own. A queue that exists with other arguments (made
+    /// by an older release: queue arguments cannot change) is used as it is,
+    /// with a warning; `docs/operations.md` gives the policy that brings its
+    /// delivery limit and dead-letter target.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let mut ch = connection.create_channel().await?;
         // durable: survives a broker restart.
         let durable_exchange = ExchangeDeclareOptions {
-            durable: true,
-            ..Default::default()
-        };
-        // durable queues; not exclusive (several workers consume), not auto-deleted.
-        let durable_queue = QueueDeclareOptions {
             durable: true,
             ..Default::default()
         };
@@ -160,8 +195,11 @@ impl Topology {
         .await?;
         for work in WORK_QUEUES {
             let name = self.queue(work);
-            ch.queue_declare(name.clone().into(), durable_queue, self.queue_args())
-                .await?;
+            let dead = self.dead_queue(work);
+            // A message that keeps failing its consumer (a crash before the
+            // acknowledgement, again and again) is parked, not dropped.
+            let args = self.delivery_args(WORK_DELIVERY_LIMIT, Some(&dead));
+            ch = declare_queue(connection, ch, &name, args).await?;
             let (exchange, key) = if work == GENERATION_EVENTS {
                 (EVENTS_EXCHANGE, "generation.*")
             } else {
@@ -176,40 +214,72 @@ impl Topology {
             )
             .await?;
             for level in 1..=self.retry_levels {
-                let mut args = self.queue_args();
                 // An expired message goes back to the work queue through the
                 // default exchange, whose routing key is the queue's name.
-                args.insert(
-                    "x-dead-letter-exchange".into(),
-                    AMQPValue::LongString("".into()),
-                );
-                args.insert(
-                    "x-dead-letter-routing-key".into(),
-                    AMQPValue::LongString(name.clone().into()),
-                );
-                if self.queue_type == QueueType::Quorum {
-                    // Quorum queues dead-letter at most once unless told
-                    // otherwise; at-least-once needs reject-publish overflow.
+                let mut args = self.delivery_args(WORK_DELIVERY_LIMIT, Some(&name));
+                if self.queue_type != QueueType::Quorum {
                     args.insert(
-                        "x-dead-letter-strategy".into(),
-                        AMQPValue::LongString("at-least-once".into()),
+                        "x-dead-letter-exchange".into(),
+                        AMQPValue::LongString("".into()),
                     );
                     args.insert(
-                        "x-overflow".into(),
-                        AMQPValue::LongString("reject-publish".into()),
+                        "x-dead-letter-routing-key".into(),
+                        AMQPValue::LongString(name.clone().into()),
                     );
                 }
-                ch.queue_declare(self.retry_queue(work, level).into(), durable_queue, args)
-                    .await?;
+                ch = declare_queue(connection, ch, &self.retry_queue(work, level), args).await?;
             }
+            // Dead letters are read by copying and acknowledging (never a
+            // redelivery), and their limit is as high as every broker allows
+            // (RabbitMQ 3.x refuses 4.x's -1 for "none").
+            let args = self.delivery_args(DEAD_DELIVERY_LIMIT, None);
+            ch = declare_queue(connection, ch, &dead, args).await?;
+        }
+        let _ = ch.close(200, "declared".into()).await;
+        Ok(())
+    }
+}
+
+/// Deliveries of one message a work or retry queue allows before the broker
+/// parks it in the dead queue.
+pub const WORK_DELIVERY_LIMIT: i32 = 50;
+/// Deliveries a dead queue allows: in effect no limit.
+pub const DEAD_DELIVERY_LIMIT: i32 = i32::MAX;
+
+/// Declares a durable queue with `args`; when it exists with other
+/// arguments, uses it as it is (on a fresh channel: the refusal closes the
+/// one it came on) and says so. Returns the channel to go on with.
+async fn declare_queue(
+    connection: &Connection,
+    ch: Channel,
+    name: &str,
+    args: FieldTable,
+) -> Result<Channel, lapin::Error> {
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    match ch.queue_declare(name.into(), durable, args).await {
+        Ok(_) => Ok(ch),
+        Err(e) if matches!(e.kind(), lapin::ErrorKind::ProtocolError(a) if a.get_id() == 406) => {
+            tracing::warn!(
+                queue = name,
+                "the queue exists with other arguments (made by an older release); using it as it \
+                 is: apply the delivery-limit policy of docs/operations.md so the broker never drops its messages"
+            );
+            let ch = connection.create_channel().await?;
             ch.queue_declare(
-                self.dead_queue(work).into(),
-                durable_queue,
-                self.queue_args(),
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
             )
             .await?;
+            Ok(ch)
         }
-        Ok(())
+        Err(e) => Err(e),
     }
 }
 
@@ -324,11 +394,11 @@ impl Publisher {
         }
         *link = None;
         let connection = connect(self.url.expose(), &self.name).await?;
+        self.topology.declare(&connection).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        self.topology.declare(&channel).await?;
         metrics::counter!("penora_broker_connections_total", "client" => self.name.clone())
             .increment(1);
         tracing::info!(client = %self.name, "connected to RabbitMQ");

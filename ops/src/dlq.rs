@@ -82,8 +82,8 @@ pub enum DlqCommand {
 pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
     let topology = Topology::from_settings(settings);
     let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
-    topology.declare(&ch).await?;
     // One publisher (its connection is opened on first use) for the copies
     // put back and the replays.
     let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
@@ -384,9 +384,17 @@ async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, la
             position: out.len() + 1,
             message_id: p.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
-            original_exchange: headers::text(p, headers::ORIGINAL_EXCHANGE),
-            original_routing_key: headers::text(p, headers::ORIGINAL_ROUTING_KEY),
-            error: headers::text(p, headers::ERROR),
+            // Parked by the worker: its own headers. Dead-lettered by the
+            // broker (a delivery limit reached): where it was first
+            // published, from the broker's `x-death` record.
+            original_exchange: headers::text(p, headers::ORIGINAL_EXCHANGE)
+                .or_else(|| first_death(p).map(|(exchange, _)| exchange)),
+            original_routing_key: headers::text(p, headers::ORIGINAL_ROUTING_KEY)
+                .or_else(|| first_death(p).map(|(_, key)| key)),
+            error: headers::text(p, headers::ERROR).or_else(|| {
+                headers::text(p, "x-first-death-reason")
+                    .map(|why| format!("dead-lettered by the broker: {why}"))
+            }),
             attempts: headers::int(p, headers::ATTEMPT),
             first_failure_at: headers::text(p, headers::FIRST_FAILURE_AT),
             parked_at: headers::text(p, headers::PARKED_AT),
@@ -397,6 +405,28 @@ async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, la
         });
     }
     Ok(out)
+}
+
+/// Where a message the broker dead-lettered was first published: the
+/// exchange and routing key of its first `x-death` record.
+fn first_death(p: &lapin::BasicProperties) -> Option<(String, String)> {
+    let headers = p.headers().as_ref()?.inner();
+    let exchange = headers::text(p, "x-first-death-exchange")?;
+    let AMQPValue::FieldArray(deaths) = headers.get("x-death")? else {
+        return None;
+    };
+    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
+        return None;
+    };
+    let AMQPValue::FieldArray(keys) = first.inner().get("routing-keys")? else {
+        return None;
+    };
+    let key = match keys.as_slice().first()? {
+        AMQPValue::LongString(k) => k.to_string(),
+        AMQPValue::ShortString(k) => k.to_string(),
+        _ => return None,
+    };
+    Some((exchange, key))
 }
 
 /// The message to publish to send a parked message back to where it was

@@ -22,8 +22,8 @@ struct QueueRow {
 pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
     let topology = Topology::from_settings(settings);
     let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
-    topology.declare(&ch).await?;
     let stats = broker::queue_stats(&ch, &topology).await?;
     let _ = connection.close(200, "bye".into()).await;
     let mgmt = management_rates(settings, &stats).await;

@@ -19,8 +19,8 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let topology = Topology::from_settings(settings);
     let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
-    topology.declare(&ch).await?;
     let started = std::time::Instant::now();
     let mut idle_looks = 0;
     let mut last = String::new();

@@ -156,8 +156,8 @@ async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
             break;
         };
         let declared = async {
+            ctx.topology.declare(&connection).await?;
             let ch = connection.create_channel().await?;
-            ctx.topology.declare(&ch).await?;
             ch.close(200, "declared".into()).await
         }
         .await;

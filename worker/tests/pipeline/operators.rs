@@ -371,24 +371,59 @@ async fn an_event_published_with_penora_ops_refunds_the_reservation() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn looking_at_dead_letters_never_counts_as_a_delivery() {
     let mut s = stack(&[], &[]).await;
+    // The dead queue as RabbitMQ 4 makes a quorum queue by default: a
+    // delivery limit of 20 and no dead-letter target, so that a message
+    // delivered a 21st time is dropped. (The services find it declared with
+    // other arguments than theirs, use it as it is, and warn.)
+    let dead = s.topology.dead_queue("penora.generation-events");
+    {
+        use lapin::{
+            options::QueueDeclareOptions,
+            types::{AMQPValue, FieldTable},
+        };
+        let connection =
+            penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+                .await
+                .expect("broker");
+        let ch = connection.create_channel().await.expect("channel");
+        ch.queue_delete(dead.clone().into(), Default::default())
+            .await
+            .expect("deleted");
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(20));
+        ch.queue_declare(
+            dead.clone().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            args,
+        )
+        .await
+        .expect("declared with a limit of 20");
+        let _ = connection.close(200, "bye".into()).await;
+    }
     s.start_worker().await;
     s.publish_event("failed", "{broken").await;
-    let dead = s.topology.dead_queue("penora.generation-events");
     wait_for("parked", Duration::from_secs(10), || async {
         s.depth(&dead).await == 1
     })
     .await;
-    // Look as an operator would, many times.
-    for args in [
-        &["dlq", "list", "penora.generation-events"][..],
-        &["dlq", "list", "penora.generation-events", "--json"],
-        &["dlq", "show", "penora.generation-events"],
-        &["dlq", "replay", "penora.generation-events", "--dry-run"],
-        &["dlq", "list", "penora.generation-events"],
-        &["dlq", "show", "penora.generation-events"],
-    ] {
-        let out = s.ops(args).await;
-        assert!(out.status.success(), "{args:?}: {out:?}");
+    // Look as an operator would, 50 times with each command: 150 looks, far
+    // past the limit of 20.
+    for _ in 0..50 {
+        for args in [
+            &["dlq", "list", "penora.generation-events"][..],
+            &["dlq", "show", "penora.generation-events"],
+            &["dlq", "replay", "penora.generation-events", "--dry-run"],
+        ] {
+            let out = s.ops(args).await;
+            assert!(out.status.success(), "{args:?}: {out:?}");
+        }
     }
     assert_eq!(s.depth(&dead).await, 1, "still parked, once");
     // A quorum queue counts every unacknowledged return as a delivery and
@@ -409,5 +444,169 @@ async fn looking_at_dead_letters_never_counts_as_a_delivery() {
     assert!(count.unwrap_or(0) == 0, "delivery count {count:?}");
     assert_eq!(got.delivery.data, b"{broken", "the body is the one parked");
     let _ = connection.close(200, "bye".into()).await;
+    s.stop_worker().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_queue_states_its_delivery_limit_and_dead_letter_target() {
+    use lapin::{
+        options::QueueDeclareOptions,
+        types::{AMQPValue, FieldTable},
+    };
+    let s = stack(&[], &[]).await;
+    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+        .await
+        .expect("broker");
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    // A declare with the very same arguments passes; one that differs is
+    // refused (406): that is how the broker says which arguments a queue has.
+    let same = |limit: i32, dead: Option<String>| {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+        if let Some(dead) = dead {
+            args.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            args.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(dead.into()),
+            );
+            args.insert(
+                "x-dead-letter-strategy".into(),
+                AMQPValue::LongString("at-least-once".into()),
+            );
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString("reject-publish".into()),
+            );
+        }
+        args
+    };
+    for work in penora_common::broker::WORK_QUEUES {
+        let (name, dead) = (s.topology.queue(work), s.topology.dead_queue(work));
+        for (queue, args) in [
+            (
+                name.clone(),
+                same(
+                    penora_common::broker::WORK_DELIVERY_LIMIT,
+                    Some(dead.clone()),
+                ),
+            ),
+            (
+                dead.clone(),
+                same(penora_common::broker::DEAD_DELIVERY_LIMIT, None),
+            ),
+        ] {
+            let ch = connection.create_channel().await.expect("channel");
+            ch.queue_declare(queue.clone().into(), durable, args)
+                .await
+                .unwrap_or_else(|e| panic!("{queue} has other arguments: {e}"));
+            let ch = connection.create_channel().await.expect("channel");
+            let other = ch
+                .queue_declare(queue.clone().into(), durable, same(20, None))
+                .await;
+            assert!(
+                other.is_err(),
+                "{queue} accepted a limit of 20: it states none"
+            );
+        }
+    }
+    // A queue made by an older release, without these arguments, is used as
+    // it is: declaring the topology again still succeeds.
+    let legacy = s.topology.queue("penora.ledger-audit");
+    let ch = connection.create_channel().await.expect("channel");
+    ch.queue_delete(legacy.clone().into(), Default::default())
+        .await
+        .expect("deleted");
+    let mut plain = FieldTable::default();
+    plain.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    ch.queue_declare(legacy.clone().into(), durable, plain)
+        .await
+        .expect("legacy queue");
+    s.topology
+        .declare(&connection)
+        .await
+        .expect("the topology declares over a legacy queue");
+    let _ = connection.close(200, "bye".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let mut s = stack(&[], &[]).await;
+    s.grant("crashy", 50).await;
+    s.deduct("crashy", 10, "loop").await;
+    s.publish_event("failed", &event("ev-crash", "crashy", "loop"))
+        .await;
+    // A consumer that dies before acknowledging, again and again: each
+    // return counts as a delivery.
+    let (work, dead) = (
+        s.topology.queue("penora.generation-events"),
+        s.topology.dead_queue("penora.generation-events"),
+    );
+    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+        .await
+        .expect("broker");
+    let ch = connection.create_channel().await.expect("channel");
+    let mut returns = 0;
+    while let Some(got) = ch
+        .basic_get(work.clone().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get")
+    {
+        got.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("returned");
+        returns += 1;
+        assert!(returns <= 60, "the broker never applied the delivery limit");
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    assert!(
+        returns > penora_common::broker::WORK_DELIVERY_LIMIT as usize,
+        "{returns} returns"
+    );
+    wait_for("parked by the broker", Duration::from_secs(10), || async {
+        s.depth(&dead).await == 1
+    })
+    .await;
+    let listed: Vec<Value> = serde_json::from_slice(
+        &s.ops(&["dlq", "list", "penora.generation-events", "--json"])
+            .await
+            .stdout,
+    )
+    .expect("json");
+    assert_eq!(listed.len(), 1);
+    assert!(
+        listed[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("delivery_limit"),
+        "{listed:?}"
+    );
+    s.start_worker().await;
+    let replay = s.ops(&["dlq", "replay", "penora.generation-events"]).await;
+    assert!(replay.status.success(), "{replay:?}");
+    wait_for("the replay refunds", Duration::from_secs(15), || async {
+        s.scalar("SELECT balance FROM accounts WHERE user_id = $1", "crashy")
+            .await
+            == 50
+    })
+    .await;
+    assert_eq!(s.depth(&dead).await, 0);
     s.stop_worker().await;
 }

@@ -73,8 +73,10 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
     let connection = broker::connect(&amqp, "penora-tests").await.unwrap_or_else(|e| {
         panic!("RabbitMQ is not reachable at {amqp} ({e}). Start it with `scripts/services.sh` (or set TEST_AMQP_URL).")
     });
-    let ch = connection.create_channel().await.expect("channel");
-    topology.declare(&ch).await.expect("topology declared");
+    topology
+        .declare(&connection)
+        .await
+        .expect("topology declared");
     let _ = connection.close(200, "bye".into()).await;
 
     let mut api_vars = vars.clone();
