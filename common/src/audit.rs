@@ -73,6 +73,9 @@ pub enum Appended {
     AlreadyRecorded,
     /// No such ledger entry for this user (a forged or corrupt job).
     NoSuchEntry,
+    /// Another transaction held the user's chain, and the batch did not
+    /// wait for it ([`append_many`]): nothing was done; append it alone.
+    Busy,
 }
 
 /// Appends the record of ledger entry `entry_id` of `user_id`, once.
@@ -135,7 +138,9 @@ pub async fn append(
 /// already recorded is left alone, and a user's new entries are chained in
 /// ledger order. Returns one answer per `(user_id, entry_id)`, in order; an
 /// entry named twice is recorded once and answered `AlreadyRecorded` the
-/// second time.
+/// second time. A chain another transaction holds is not waited for (`SKIP
+/// LOCKED`): its entries are answered [`Appended::Busy`], so that one held
+/// chain never holds up the others.
 pub async fn append_many(
     client: &mut Client,
     items: &[(String, i64)],
@@ -165,7 +170,7 @@ pub async fn append_many(
     let heads_lock = tx
         .prepare_cached(
             "SELECT user_id, seq, hash FROM audit_heads WHERE user_id = ANY($1::text[]) \
-             ORDER BY user_id FOR UPDATE",
+             ORDER BY user_id FOR UPDATE SKIP LOCKED",
         )
         .await?;
     let mut heads: std::collections::HashMap<String, (i64, Vec<u8>)> = tx
@@ -197,7 +202,8 @@ pub async fn append_many(
         }
         let user: String = entry.get("user_id");
         let Some((seq, prev)) = heads.get_mut(&user) else {
-            return Err(DbError::Other(format!("no audit head for user {user:?}")));
+            // The head exists (inserted above): another transaction holds it.
+            continue;
         };
         let content = content_of(entry);
         let hash = link(prev, &content);
@@ -247,6 +253,8 @@ pub async fn append_many(
         .map(|(user, id)| {
             if !existing.contains(&(user.clone(), *id)) {
                 Appended::NoSuchEntry
+            } else if !heads.contains_key(user) {
+                Appended::Busy
             } else if let Some(seq) = recorded.get(id)
                 && answered.insert(*id)
             {

@@ -1,6 +1,8 @@
 //! `penora.ledger-audit`: a ledger entry's record is appended to its user's
 //! hash chain, once (see `penora_common::audit` for the chain's rules).
-//! Deliveries that arrive together are recorded in one transaction.
+//! Deliveries that arrive together are recorded in one transaction; a chain
+//! another transaction holds is skipped by it, and its entries are then
+//! appended alone.
 
 use penora_common::{
     audit::{self, Appended},
@@ -36,18 +38,27 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
             return None;
         }
     };
-    Some(
-        jobs.into_iter()
-            .map(|job| result(&job?, appended.next()))
-            .collect(),
-    )
+    let mut results = Vec::with_capacity(ms.len());
+    for (m, job) in ms.iter().zip(jobs) {
+        results.push(match job {
+            Err(e) => Err(e),
+            // Another transaction held this user's chain: the rest of the
+            // batch is committed; this one waits for the chain alone.
+            Ok(job) => match appended.next() {
+                Some(Appended::Busy) => handle(ctx, m).await,
+                got => result(&job, got),
+            },
+        });
+    }
+    Some(results)
 }
 
 fn result(job: &LedgerAuditJob, appended: Option<Appended>) -> JobResult {
     match appended {
         Some(Appended::Recorded(seq)) => Ok(format!("recorded as record {seq}")),
         Some(Appended::AlreadyRecorded) => Ok("already recorded".into()),
-        Some(Appended::NoSuchEntry) | None => Err(JobError::Fatal(format!(
+        // `append` alone waits for the chain, and never answers `Busy`.
+        Some(Appended::NoSuchEntry | Appended::Busy) | None => Err(JobError::Fatal(format!(
             "no ledger entry {} for user {}",
             job.entry_id, job.user_id
         ))),

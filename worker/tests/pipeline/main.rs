@@ -643,3 +643,67 @@ async fn the_worker_reconnects_by_itself_when_the_broker_goes_away_and_comes_bac
     );
     s.stop_worker().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_held_audit_chain_never_holds_up_the_other_users_audits() {
+    // A long lock timeout: while u1's chain is held, its audit waits that
+    // long; the other users' audits must not.
+    let mut s = stack(&[("DB_LOCK_TIMEOUT_MS", "8000")], &[]).await;
+    s.grant("u1", 100).await;
+    let others: Vec<String> = (0..60).map(|i| format!("o{i:02}")).collect();
+    for u in &others {
+        s.grant(u, 10).await;
+    }
+    s.start_worker().await;
+    s.wait_idle().await;
+    let holder = s.hold_audit_chain("u1").await;
+    // Deductions for the held user and the others, queued while the worker
+    // is away, so that their audit jobs arrive together and share batches.
+    s.stop_worker().await;
+    for (i, u) in others.iter().enumerate() {
+        if i == others.len() / 2 {
+            s.deduct("u1", 2, "held").await;
+        }
+        s.deduct(u, 1, &format!("c{i}")).await;
+    }
+    let started = std::time::Instant::now();
+    s.start_worker().await;
+    wait_for(
+        "every other user's deduction audited",
+        Duration::from_secs(6),
+        || async {
+            s.scalar(
+                "SELECT count(*) FROM audit_records a JOIN ledger_entries l ON l.id = a.entry_id \
+                 WHERE l.kind = 'deduct' AND l.user_id <> $1",
+                "u1",
+            )
+            .await
+                == others.len() as i64
+        },
+    )
+    .await;
+    eprintln!(
+        "other users audited {:?} after the worker started, u1's chain held",
+        started.elapsed()
+    );
+    assert_eq!(
+        s.scalar(
+            "SELECT count(*) FROM audit_records WHERE user_id = $1",
+            "u1"
+        )
+        .await,
+        1,
+        "u1's deduction waits for its chain"
+    );
+    holder.batch_execute("ROLLBACK").await.expect("released");
+    s.wait_idle().await;
+    assert_eq!(
+        s.scalar(
+            "SELECT count(*) FROM audit_records WHERE user_id = $1",
+            "u1"
+        )
+        .await,
+        2
+    );
+    s.stop_worker().await;
+}
