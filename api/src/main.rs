@@ -13,6 +13,10 @@ async fn main() -> anyhow::Result<()> {
             "PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work"
         );
     }
+    tokio::spawn({
+        let amqp = settings.amqp_url.expose().to_owned();
+        async move { penora_common::broker::log_broker_version(&amqp).await }
+    });
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);
     tracing::info!(%url, "penora-api listening");

@@ -526,6 +526,69 @@ pub async fn queue_stats(
     Ok(out)
 }
 
+/// The RabbitMQ management API's base URL: `RABBITMQ_MANAGEMENT_URL`, else
+/// port 15672 of the AMQP host.
+pub fn management_url(amqp_url: &str) -> String {
+    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
+        let host = amqp_url
+            .parse::<lapin::uri::AMQPUri>()
+            .map_or_else(|_| "127.0.0.1".to_owned(), |u| u.authority.host);
+        format!("http://{host}:15672")
+    })
+}
+
+/// The broker's version, from the management API's `/api/overview` (AMQP
+/// does not carry it to this client). `None` when the API does not answer
+/// within 2 s (plugin off, another port, https): the services work the same
+/// on RabbitMQ 3.10 to 4.x, the version is only logged.
+pub async fn broker_version(amqp_url: &str) -> Option<String> {
+    use base64::Engine;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let uri: lapin::uri::AMQPUri = amqp_url.parse().ok()?;
+    let base = management_url(amqp_url);
+    let rest = base.strip_prefix("http://")?.trim_end_matches('/');
+    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{}:{}",
+        uri.authority.userinfo.username, uri.authority.userinfo.password
+    ));
+    let prefix = if prefix.is_empty() {
+        String::new()
+    } else {
+        format!("/{prefix}")
+    };
+    let request = format!(
+        "GET {prefix}/api/overview HTTP/1.0\r\nHost: {authority}\r\nAuthorization: Basic {auth}\r\n\r\n"
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(2), async {
+        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut raw = Vec::new();
+        stream.read_to_end(&mut raw).await.ok()?;
+        Some(raw)
+    })
+    .await
+    .ok()??;
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        return None;
+    }
+    let overview: serde_json::Value = serde_json::from_str(body).ok()?;
+    overview["rabbitmq_version"].as_str().map(str::to_owned)
+}
+
+/// Logs the broker's version ([`broker_version`]), or that it is unknown.
+pub async fn log_broker_version(amqp_url: &str) {
+    match broker_version(amqp_url).await {
+        Some(version) => tracing::info!(rabbitmq_version = %version, "RabbitMQ version"),
+        None => tracing::info!(
+            management_api = %management_url(amqp_url),
+            "RabbitMQ version unknown: its management API did not answer (queues are declared the same on 3.10 to 4.x)"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -91,10 +91,7 @@ pub struct Rates {
 /// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
 /// on the AMQP host).
 fn management_url(settings: &Settings) -> String {
-    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
-        let host = amqp_uri(settings).map_or_else(|| "127.0.0.1".to_owned(), |u| u.authority.host);
-        format!("http://{host}:15672")
-    })
+    broker::management_url(settings.amqp_url.expose())
 }
 
 /// `AMQP_URL` parsed by lapin's own URI type (user, password, host, port and

@@ -9,6 +9,10 @@ async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
     penora_common::limits::raise_open_files_logged();
+    tokio::spawn({
+        let amqp = settings.amqp_url.expose().to_owned();
+        async move { penora_common::broker::log_broker_version(&amqp).await }
+    });
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");
     println!("penora-worker metrics on http://{}", worker.metrics_addr);

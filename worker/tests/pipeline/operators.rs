@@ -610,3 +610,20 @@ async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
     assert_eq!(s.depth(&dead).await, 0);
     s.stop_worker().await;
 }
+
+#[tokio::test]
+async fn the_broker_version_is_read_for_the_start_up_log() {
+    let url = crate::support::amqp_url();
+    let version = penora_common::broker::broker_version(&url)
+        .await
+        .unwrap_or_else(|| {
+            panic!(
+                "the RabbitMQ management API at {} did not answer: `scripts/services.sh` enables the plugin",
+                penora_common::broker::management_url(&url)
+            )
+        });
+    assert!(
+        version.starts_with("3.") || version.starts_with("4."),
+        "{version}"
+    );
+}
