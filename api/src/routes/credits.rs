@@ -222,9 +222,12 @@ fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<App
 /// Idempotent by `(app_name, project_code)`: the same key with the same user
 /// and amount answers the first result again with `Idempotent-Replayed: true`
 /// and moves nothing; with another user or amount it is a `409`.
+///
+/// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
+/// `project_code` when the body has none; a body `project_code` that differs
+/// from it is `400 invalid_request`.
 #[utoipa::path(
     post, path = "/deduct-credits", tag = "credits",
-    params(("Idempotency-Key" = Option<String>, Header, description = "the `project_code` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = DeductRequest,
     responses(
         (status = 200, description = "Deducted (or replayed, with header Idempotent-Replayed: true)", body = Success<DeductResponse>),
@@ -338,9 +341,11 @@ pub struct RefundResponse {
 /// Asking again answers the first refund's result (`Idempotent-Replayed:
 /// true`). A settled reservation, or one past its refund window, is
 /// `409 not_refundable`.
+///
+/// Header `Idempotency-Key`, when sent, must be 1–255 visible ASCII
+/// characters; a refund is idempotent by its reservation.
 #[utoipa::path(
     post, path = "/refund-credits", tag = "credits",
-    params(("Idempotency-Key" = Option<String>, Header, description = "checked: 1–255 visible ASCII characters. A refund is idempotent by its reservation, so a retry answers the first refund")),
     request_body = RefundRequest,
     responses(
         (status = 200, description = "Refunded (or replayed)", body = Success<RefundResponse>),
@@ -436,9 +441,12 @@ pub struct AddCreditsResponse {
 }
 
 /// Grant credits (a purchase, a signup bonus); idempotent by `reference`.
+///
+/// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
+/// `reference` when the body has none; a body `reference` that differs from
+/// it is `400 invalid_request`.
 #[utoipa::path(
     post, path = "/add-credits", tag = "credits",
-    params(("Idempotency-Key" = Option<String>, Header, description = "the `reference` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = AddCreditsRequest,
     responses(
         (status = 200, description = "Granted (or replayed)", body = Success<AddCreditsResponse>),

@@ -136,9 +136,12 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
 /// `on_full: "evict_oldest"` the oldest saved projects of the same app make
 /// room. At most `MAX_CONCURRENT_SAVES` saves are processed at once; others
 /// wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with `Retry-After`.
+///
+/// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
+/// `project_code` when the body has none; a body `project_code` that differs
+/// from it is `400 invalid_request`.
 #[utoipa::path(
     post, path = "/save-project", tag = "projects",
-    params(("Idempotency-Key" = Option<String>, Header, description = "the `project_code` when the body has none; a body value that differs is `400 invalid_request`")),
     request_body = SaveProjectRequest,
     responses(
         (status = 202, description = "Recorded and queued", body = Success<SaveProjectResponse>),

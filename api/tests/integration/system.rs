@@ -99,6 +99,19 @@ async fn the_openapi_document_is_generated_for_every_route() {
         .json()
         .await
         .expect("json");
+    // Every POST says what its Idempotency-Key header means.
+    for path in [
+        "deduct-credits",
+        "add-credits",
+        "refund-credits",
+        "save-project",
+    ] {
+        let path = format!("/api/unified/{path}");
+        let text = doc["paths"][&path]["post"]["description"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(text.contains("Idempotency-Key"), "POST {path}: {text:?}");
+    }
     assert!(
         doc["openapi"]
             .as_str()
