@@ -210,20 +210,7 @@ async fn reconcile_finds_a_reservation_refunded_twice() {
 async fn migrations_started_at_once_by_several_processes_all_succeed() {
     let db = TestDb::new().await;
     // A fresh, empty database of its own.
-    let admin = penora_common::testing::admin_url();
-    let name = format!("{}_fresh", db.name);
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-        .await
-        .expect("admin");
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("created");
-    let url = format!(
-        "{}/{name}",
-        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
-    );
+    let (client, name, url) = bare_database(&db, "fresh").await;
     let runs: Vec<_> = (0..4)
         .map(|_| {
             let url = url.clone();
@@ -255,21 +242,8 @@ async fn migrations_started_at_once_by_several_processes_all_succeed() {
 
 #[tokio::test]
 async fn only_migrate_changes_the_schema() {
-    let admin = penora_common::testing::admin_url();
     let db = TestDb::new().await;
-    let name = format!("{}_bare", db.name);
-    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
-        .await
-        .expect("admin");
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .expect("created");
-    let url = format!(
-        "{}/{name}",
-        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
-    );
+    let (client, name, url) = bare_database(&db, "bare").await;
     let refused = ops(&url, &["reconcile"]).await;
     assert_eq!(refused.status.code(), Some(2), "{refused:?}");
     let why = String::from_utf8_lossy(&refused.stderr).into_owned();
@@ -295,6 +269,26 @@ async fn only_migrate_changes_the_schema() {
         .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
         .await
         .expect("dropped");
+}
+
+/// An empty database beside `db`'s (no schema): the admin connection, its
+/// name and its URL. The caller drops it.
+async fn bare_database(db: &TestDb, suffix: &str) -> (tokio_postgres::Client, String, String) {
+    let admin = penora_common::testing::admin_url();
+    let name = format!("{}_{suffix}", db.name);
+    let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
+        .await
+        .expect("admin");
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("created");
+    let url = format!(
+        "{}/{name}",
+        admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b)
+    );
+    (client, name, url)
 }
 
 async fn futures_join<F: std::future::Future<Output = Output> + Send + 'static>(
