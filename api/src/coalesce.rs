@@ -218,19 +218,25 @@ async fn run_deducts(pool: Pool, lanes: Lanes, batch: Vec<WaitingDeduct>) {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer<DeductReceipt>>>) =
         batch.into_iter().unzip();
-    let answers = match pool.get().await {
-        Ok(mut client) => ledger::deduct_all(&mut client, &queued, OnBusy::Skip).await,
-        Err(e) => {
-            let e = DbError::from(e);
-            queued.iter().map(|_| Err(e.clone().into())).collect()
-        }
-    };
+    let answers = deduct_on(&pool, &queued, OnBusy::Skip).await;
     for ((q, reply), answer) in queued.into_iter().zip(replies).zip(answers) {
         match answer {
             Err(LedgerError::AccountBusy) => lanes.join((q, reply)),
             answer => {
                 let _ = reply.send(answer);
             }
+        }
+    }
+}
+
+/// [`ledger::deduct_all`] on a connection of `pool`; without one, every
+/// request is answered with the pool's error.
+async fn deduct_on(pool: &Pool, queued: &[Queued], on_busy: OnBusy) -> Vec<Answer<DeductReceipt>> {
+    match pool.get().await {
+        Ok(mut client) => ledger::deduct_all(&mut client, queued, on_busy).await,
+        Err(e) => {
+            let e = DbError::from(e);
+            queued.iter().map(|_| Err(e.clone().into())).collect()
         }
     }
 }
@@ -347,13 +353,7 @@ impl Lanes {
 async fn run_lane_batch(pool: Pool, batch: Vec<WaitingDeduct>) -> Option<DbError> {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let (queued, replies): (Vec<Queued>, Vec<_>) = batch.into_iter().unzip();
-    let answers = match pool.get().await {
-        Ok(mut client) => ledger::deduct_all(&mut client, &queued, OnBusy::Wait).await,
-        Err(e) => {
-            let e = DbError::from(e);
-            queued.iter().map(|_| Err(e.clone().into())).collect()
-        }
-    };
+    let answers = deduct_on(&pool, &queued, OnBusy::Wait).await;
     let mut timed_out = None;
     for (reply, answer) in replies.into_iter().zip(answers) {
         if let Err(LedgerError::Db(e @ DbError::LockTimeout(_))) = &answer {

@@ -177,6 +177,15 @@ impl Guarded {
         self.timer.as_mut().reset(deadline);
     }
 
+    /// After a write: bytes of an answer went out, so the request's headers
+    /// were read, and the connection is not idle.
+    fn wrote(&mut self, written: &Poll<io::Result<usize>>) {
+        if matches!(written, Poll::Ready(Ok(n)) if *n > 0) {
+            self.headers_by = None;
+            self.active();
+        }
+    }
+
     /// Whether the connection must close now.
     fn expired(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
         if self.timer.as_mut().poll(cx).is_pending() {
@@ -242,11 +251,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.stream).poll_write(cx, data);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            // An answer is going out: the request's headers were read.
-            this.headers_by = None;
-            this.active();
-        }
+        this.wrote(&written);
         written
     }
 
@@ -265,10 +270,7 @@ impl AsyncWrite for Guarded {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let written = Pin::new(&mut this.stream).poll_write_vectored(cx, bufs);
-        if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
-            this.headers_by = None;
-            this.active();
-        }
+        this.wrote(&written);
         written
     }
 

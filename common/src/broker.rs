@@ -134,23 +134,30 @@ impl Topology {
     /// queue's redeliveries are limited (RabbitMQ 4 sets 20 when nothing is
     /// said, and drops past it when the queue has no dead-letter target), so
     /// each queue states its limit and, where one is reached, where the
-    /// message goes (`dead`, through the default exchange), at least once.
+    /// message goes (`dead`). Classic queues have no delivery limit.
     fn delivery_args(&self, limit: i32, dead: Option<&str>) -> FieldTable {
         let mut args = self.queue_args();
-        if self.queue_type != QueueType::Quorum {
-            // Classic queues have no delivery limit: nothing is dropped.
-            return args;
+        if self.queue_type == QueueType::Quorum {
+            args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
+            if let Some(dead) = dead {
+                self.dead_letter_to(&mut args, dead);
+            }
         }
-        args.insert("x-delivery-limit".into(), AMQPValue::LongInt(limit));
-        if let Some(dead) = dead {
-            args.insert(
-                "x-dead-letter-exchange".into(),
-                AMQPValue::LongString("".into()),
-            );
-            args.insert(
-                "x-dead-letter-routing-key".into(),
-                AMQPValue::LongString(dead.into()),
-            );
+        args
+    }
+
+    /// Sends what the queue dead-letters to queue `target`, through the
+    /// default exchange (whose routing key is a queue's name), at least once.
+    fn dead_letter_to(&self, args: &mut FieldTable, target: &str) {
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(target.into()),
+        );
+        if self.queue_type == QueueType::Quorum {
             // Quorum queues dead-letter at most once unless told otherwise;
             // at-least-once needs reject-publish overflow.
             args.insert(
@@ -162,7 +169,6 @@ impl Topology {
                 AMQPValue::LongString("reject-publish".into()),
             );
         }
-        args
     }
 
     /// Declares everything; idempotent, run by every process at connect, on
@@ -214,19 +220,9 @@ impl Topology {
             )
             .await?;
             for level in 1..=self.retry_levels {
-                // An expired message goes back to the work queue through the
-                // default exchange, whose routing key is the queue's name.
-                let mut args = self.delivery_args(WORK_DELIVERY_LIMIT, Some(&name));
-                if self.queue_type != QueueType::Quorum {
-                    args.insert(
-                        "x-dead-letter-exchange".into(),
-                        AMQPValue::LongString("".into()),
-                    );
-                    args.insert(
-                        "x-dead-letter-routing-key".into(),
-                        AMQPValue::LongString(name.clone().into()),
-                    );
-                }
+                // An expired message goes back to the work queue.
+                let mut args = self.delivery_args(WORK_DELIVERY_LIMIT, None);
+                self.dead_letter_to(&mut args, &name);
                 ch = declare_queue(connection, ch, &self.retry_queue(work, level), args).await?;
             }
             // Dead letters are read by copying and acknowledging (never a

@@ -71,7 +71,7 @@ pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
     if mgmt.iter().all(Option::is_none) {
         eprintln!(
             "(rates need the RabbitMQ management API at {}: rabbitmq-plugins enable rabbitmq_management)",
-            management_url(settings)
+            broker::management_url(settings.amqp_url.expose())
         );
     }
     Ok(())
@@ -90,10 +90,6 @@ pub struct Rates {
 
 /// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
 /// on the AMQP host).
-fn management_url(settings: &Settings) -> String {
-    broker::management_url(settings.amqp_url.expose())
-}
-
 /// `AMQP_URL` parsed by lapin's own URI type (user, password, host, port and
 /// the vhost, percent-decoded).
 fn amqp_uri(settings: &Settings) -> Option<lapin::uri::AMQPUri> {
@@ -109,7 +105,7 @@ pub async fn management_rates(settings: &Settings, stats: &[QueueStat]) -> Vec<O
         uri.authority.userinfo.username,
         uri.authority.userinfo.password,
     );
-    let base = management_url(settings);
+    let base = broker::management_url(settings.amqp_url.expose());
     let Ok(http) = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(2))
         .build()

@@ -35,6 +35,12 @@ async fn balance(s: &Stack, user: &str) -> i64 {
         .await
 }
 
+/// Deducts through the API; returns when the reservation was made.
+async fn deducted_at(s: &Stack, user: &str, amount: i64, code: &str) -> OffsetDateTime {
+    let made = s.deduct(user, amount, code).await;
+    OffsetDateTime::parse(made["timestamp"].as_str().expect("timestamp"), &Rfc3339).expect("time")
+}
+
 async fn settled_by_window(s: &Stack, code: &str) {
     wait_for(
         "the timer settles the reservation",
@@ -49,9 +55,7 @@ async fn a_failure_from_inside_the_window_refunds_after_the_window_passed() {
     let mut s = stack(&[("REFUND_WINDOW_SECS", "2")], &[]).await;
     s.start_worker().await;
     s.grant("late", 50).await;
-    let made = s.deduct("late", 10, "slow-news").await;
-    let created = OffsetDateTime::parse(made["timestamp"].as_str().expect("timestamp"), &Rfc3339)
-        .expect("time");
+    let created = deducted_at(&s, "late", 10, "slow-news").await;
     // The failure happened a second into the window, but its event reaches
     // the worker only after the timer settled the reservation.
     settled_by_window(&s, "slow-news").await;
@@ -147,9 +151,7 @@ async fn a_success_event_settles_for_good_and_a_replayed_dead_letter_refunds_onc
 
     // Settled by a success event (processed after the window passed): a
     // failure event from inside the window no longer refunds.
-    let made = s.deduct("u", 10, "won").await;
-    let created = OffsetDateTime::parse(made["timestamp"].as_str().expect("timestamp"), &Rfc3339)
-        .expect("time");
+    let created = deducted_at(&s, "u", 10, "won").await;
     settled_by_window(&s, "won").await;
     let succeeded = json!({"event_id": "ev-ok", "user_id": "u", "project_code": "won",
                            "occurred_at": rfc3339_millis(created)})
