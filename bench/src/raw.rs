@@ -32,7 +32,7 @@ pub const RAW_DEBIT_SQL: &str = "UPDATE accounts SET balance = balance - $2, upd
 pub const RAW_CLAIM_SQL: &str = "INSERT INTO reservations \
        (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
      VALUES ($1, $2, $3, $4, $5, $6, now() + make_interval(secs => $7)) \
-     ON CONFLICT (app_name, project_code) DO NOTHING \
+     ON CONFLICT (user_id, app_name, project_code) DO NOTHING \
      RETURNING created_at, refundable_until";
 
 pub const RAW_ENTRY_SQL: &str = "INSERT INTO ledger_entries \

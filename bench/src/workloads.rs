@@ -45,7 +45,7 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
              INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
                SELECT user_id, 'grant', balance, balance, 'penora', 'benchmark seed', 'seed-' || user_id \
                FROM accounts WHERE user_id LIKE 'bench\\_%' \
-             ON CONFLICT (reference) WHERE kind = 'grant' DO NOTHING; \
+             ON CONFLICT (user_id, reference) WHERE kind = 'grant' DO NOTHING; \
              ANALYZE accounts; ANALYZE ledger_entries;",
             last = users - 1
         ))

@@ -358,7 +358,7 @@ async fn write_entries(
              FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[]) \
                WITH ORDINALITY AS v(user_id, kind, amount, balance_after, app_name, description, project_code, n) \
              ORDER BY v.n \
-             RETURNING id, app_name, project_code, created_at",
+             RETURNING id, user_id, app_name, project_code, created_at",
         )
         .await?;
     let params: [&(dyn ToSql + Sync); 7] = [
@@ -376,7 +376,7 @@ async fn write_entries(
     let mut payloads = Vec::with_capacity(entries.len());
     for e in entries {
         let &(id, at) = written
-            .get(&(e.app_name.to_owned(), e.project_code.to_owned()))
+            .get(&key_of(e.user_id, e.app_name, e.project_code))
             .ok_or_else(|| DbError::Other("a batch ledger row is missing".into()))?;
         out.push((id, at));
         let job = LedgerAuditJob {
@@ -432,21 +432,39 @@ async fn insert_audit_jobs(
     Ok(())
 }
 
-/// `rows` by their reservation key `(app_name, project_code)`, with the
-/// values of columns `a` and `b`.
-fn by_reservation<A, B>(rows: &[Row], a: &str, b: &str) -> HashMap<(String, String), (A, B)>
+/// `rows` by their reservation key `(user_id, app_name, project_code)`, with
+/// the values of columns `a` and `b`.
+fn by_reservation<A, B>(rows: &[Row], a: &str, b: &str) -> HashMap<ReservationKey, (A, B)>
 where
     A: for<'r> FromSql<'r>,
     B: for<'r> FromSql<'r>,
 {
     rows.iter()
-        .map(|r| {
-            (
-                (r.get("app_name"), r.get("project_code")),
-                (r.get(a), r.get(b)),
-            )
-        })
+        .map(|r| (reservation_key(r), (r.get(a), r.get(b))))
         .collect()
+}
+
+/// A reservation's key, `(user_id, app_name, project_code)`: unique per user
+/// (contract §15), so two users' reservations may share app and code.
+type ReservationKey = (String, String, String);
+
+/// The key of the reservation a row names (columns `user_id`, `app_name`,
+/// `project_code`).
+fn reservation_key(row: &Row) -> ReservationKey {
+    (
+        row.get("user_id"),
+        row.get("app_name"),
+        row.get("project_code"),
+    )
+}
+
+/// The key `(user_id, app_name, project_code)` as owned strings.
+fn key_of(user_id: &str, app_name: &str, project_code: &str) -> ReservationKey {
+    (
+        user_id.to_owned(),
+        app_name.to_owned(),
+        project_code.to_owned(),
+    )
 }
 
 fn state_of(raw: &str) -> Result<ReservationState, DbError> {

@@ -219,9 +219,10 @@ fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<App
 
 /// Reserve and deduct credits, synchronously.
 ///
-/// Idempotent by `(app_name, project_code)`: the same key with the same user
-/// and amount answers the first result again with `Idempotent-Replayed: true`
-/// and moves nothing; with another user or amount it is a `409`.
+/// Idempotent by `(user_id, app_name, project_code)`: the same key with the
+/// same amount answers the first result again with `Idempotent-Replayed: true`
+/// and moves nothing; with another amount it is a `409`. Keys are per user:
+/// another user's request with the same code is that user's own reservation.
 ///
 /// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
 /// `project_code` when the body has none; a body `project_code` that differs
@@ -440,7 +441,8 @@ pub struct AddCreditsResponse {
     pub timestamp: String,
 }
 
-/// Grant credits (a purchase, a signup bonus); idempotent by `reference`.
+/// Grant credits (a purchase, a signup bonus); idempotent by
+/// `(user_id, reference)`.
 ///
 /// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
 /// `reference` when the body has none; a body `reference` that differs from

@@ -112,7 +112,7 @@ async fn fifty_concurrent_deducts_with_one_project_code_charge_once_with(batch_m
 }
 
 #[tokio::test]
-async fn a_project_code_reused_with_another_amount_or_user_is_a_conflict() {
+async fn a_project_code_reused_with_another_amount_is_a_conflict_and_another_users_is_their_own() {
     let app = spawn_app().await;
     app.grant("u1", 100).await;
     app.grant("u2", 100).await;
@@ -127,15 +127,28 @@ async fn a_project_code_reused_with_another_amount_or_user_is_a_conflict() {
             .contains("amount of 5"),
         "{body}"
     );
+    // Keys are per user (§15): u2's img_1 is u2's own reservation.
     let (status, body) = app.deduct("u2", 5, "img_1").await;
-    assert_eq!(status, StatusCode::CONFLICT, "{body}");
-    assert!(
-        body["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("another user"),
-        "{body}"
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["new_balance"], json!(95));
+    assert_eq!(
+        app.balance("u1").await,
+        95,
+        "u1 untouched by u2's deduction"
     );
+    // Each user's refund returns that user's credits only.
+    let r = app
+        .post(
+            "/api/unified/refund-credits",
+            &json!({"user_id": "u2", "project_code": "img_1", "app_name": "imagegene"}),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(app.balance("u2").await, 100);
+    assert_eq!(app.balance("u1").await, 95);
+    let (status, body) = app.deduct("u2", 5, "img_1").await;
+    assert_eq!(status, StatusCode::OK, "a replay of u2's own: {body}");
+    assert_eq!(body["reservation_status"], json!("refunded"));
     // The same code under another app is another reservation.
     let r = app
         .post(
@@ -352,7 +365,7 @@ async fn a_refund_names_the_app_when_one_code_has_reservations_of_several_apps()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn grants_are_idempotent_by_reference_even_in_a_storm() {
+async fn grants_are_idempotent_by_user_and_reference_even_in_a_storm() {
     let app = Arc::new(spawn_app_with(&[("DB_POOL_SIZE", "16")]).await);
     let mut tasks = Vec::new();
     for _ in 0..40 {
@@ -388,7 +401,10 @@ async fn grants_are_idempotent_by_reference_even_in_a_storm() {
             &json!({"user_id": "other", "amount": 100, "reason": "purchase", "reference": "pay_1"}),
         )
         .await;
-    expect_error(r, StatusCode::CONFLICT, "idempotency_conflict").await;
+    // References are per user (§15): another user's pay_1 is their own grant.
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("idempotent-replayed").is_none());
+    assert_eq!(app.balance("other").await, 100);
     assert_eq!(app.balance("buyer").await, 100);
     assert_eq!(app.ledger_rows("buyer").await, 1);
     app.assert_reconciled().await;

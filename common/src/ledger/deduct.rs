@@ -1,5 +1,5 @@
 //! Deductions (`deduct-credits`): reserve and take credits at once, once per
-//! `(app_name, project_code)`.
+//! `(user_id, app_name, project_code)` (contract §15: keys are per user).
 //!
 //! One implementation for any number of requests (group commit): the API
 //! hands the deductions waiting at the same moment to [`deduct_all`], which
@@ -20,9 +20,10 @@
 //!   together or not at all;
 //! * a key met twice in one batch ends the batch: the repeat and the requests
 //!   after it go in the next batch (where the repeat replays or conflicts);
-//! * a key claimed meanwhile by a concurrent transaction (another user's
-//!   request with the same key) rolls the batch back, and it runs again,
-//!   where the key is seen.
+//! * a key claimed meanwhile by a concurrent transaction (the same user's
+//!   request with the same key, in a batch that did not hold the account:
+//!   only possible when that batch skipped it) rolls the batch back, and it
+//!   runs again, where the key is seen.
 
 use std::{collections::HashSet, time::Duration};
 
@@ -31,8 +32,9 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, by_reservation,
-    count_moved, lock_accounts, move_balances, only, state_of, write_entries,
+    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, ReservationKey, Slots, answer_all,
+    by_reservation, count_moved, key_of, lock_accounts, move_balances, only, reservation_key,
+    state_of, write_entries,
 };
 use crate::{
     db::DbError,
@@ -131,12 +133,19 @@ async fn deduct_once(
     let live: Vec<&Deduct> = batch
         .iter()
         .map(|q| &q.deduct)
-        .take_while(|d| keys.insert((d.app_name.as_str(), d.project_code.as_str())))
+        .take_while(|d| {
+            keys.insert((
+                d.user_id.as_str(),
+                d.app_name.as_str(),
+                d.project_code.as_str(),
+            ))
+        })
         .collect();
 
     let tx = client.transaction().await?;
     let Locked { mut balances, busy } =
         lock_accounts(&tx, live.iter().map(|d| d.user_id.as_str()), on_busy).await?;
+    let users: Vec<&str> = live.iter().map(|d| d.user_id.as_str()).collect();
     let apps: Vec<&str> = live.iter().map(|d| d.app_name.as_str()).collect();
     let codes: Vec<&str> = live.iter().map(|d| d.project_code.as_str()).collect();
     let find = tx
@@ -144,21 +153,25 @@ async fn deduct_once(
             "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
                     r.refundable_until, r.created_at, r.app_name, r.project_code \
              FROM reservations r \
-             JOIN unnest($1::text[], $2::text[]) AS k(app_name, project_code) \
-               ON r.app_name = k.app_name AND r.project_code = k.project_code",
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
+               ON r.user_id = k.user_id AND r.app_name = k.app_name AND r.project_code = k.project_code",
         )
         .await?;
-    let stored: std::collections::HashMap<(String, String), tokio_postgres::Row> = tx
-        .query(&find, &[&apps, &codes])
+    let stored: std::collections::HashMap<ReservationKey, tokio_postgres::Row> = tx
+        .query(&find, &[&users, &apps, &codes])
         .await?
         .into_iter()
-        .map(|r| ((r.get("app_name"), r.get("project_code")), r))
+        .map(|r| (reservation_key(&r), r))
         .collect();
 
     // Decide each request in arrival order, as if it ran alone.
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
     for (slot, (q, d)) in batch.iter().zip(&live).enumerate() {
-        let key = (d.app_name.to_string(), d.project_code.to_string());
+        let key = key_of(
+            d.user_id.as_str(),
+            d.app_name.as_str(),
+            d.project_code.as_str(),
+        );
         if let Some(row) = stored.get(&key) {
             answers[slot] = Some(answer_from_reservation(row, d));
             continue;
@@ -192,7 +205,7 @@ async fn deduct_once(
 
     let claimed = claim_reservations(&tx, &accepted).await?;
     if claimed.len() != accepted.len() {
-        // Another user's request took one of these keys since we looked.
+        // A concurrent batch took one of these keys since we looked.
         tx.rollback().await?;
         return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
     }
@@ -219,7 +232,11 @@ async fn deduct_once(
 
     for a in &accepted {
         let d = &a.q.deduct;
-        let key = (d.app_name.to_string(), d.project_code.to_string());
+        let key = key_of(
+            d.user_id.as_str(),
+            d.app_name.as_str(),
+            d.project_code.as_str(),
+        );
         let Some(&(created_at, refundable_until)) = claimed.get(&key) else {
             // Committed but not reported: the next batch replays it.
             continue;
@@ -245,8 +262,7 @@ async fn deduct_once(
 async fn claim_reservations(
     tx: &deadpool_postgres::Transaction<'_>,
     accepted: &[Accepted<'_>],
-) -> Result<std::collections::HashMap<(String, String), (OffsetDateTime, OffsetDateTime)>, DbError>
-{
+) -> Result<std::collections::HashMap<ReservationKey, (OffsetDateTime, OffsetDateTime)>, DbError> {
     let column =
         |f: fn(&Deduct) -> &str| -> Vec<&str> { accepted.iter().map(|a| f(&a.q.deduct)).collect() };
     let apps = column(|d| d.app_name.as_str());
@@ -270,9 +286,9 @@ async fn claim_reservations(
                     now() + make_interval(secs => v.window_secs) \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $7::float8[]) \
                AS v(app_name, project_code, user_id, amount, description, balance_after, window_secs) \
-             ORDER BY v.app_name, v.project_code \
-             ON CONFLICT (app_name, project_code) DO NOTHING \
-             RETURNING app_name, project_code, created_at, refundable_until",
+             ORDER BY v.user_id, v.app_name, v.project_code \
+             ON CONFLICT (user_id, app_name, project_code) DO NOTHING \
+             RETURNING user_id, app_name, project_code, created_at, refundable_until",
         )
         .await?;
     let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
@@ -288,19 +304,14 @@ async fn claim_reservations(
     Ok(by_reservation(&rows, "created_at", "refundable_until"))
 }
 
-/// The answer a deduction gets from its key's stored reservation: the first
-/// result again, or a conflict when the user or amount differ.
+/// The answer a deduction gets from its key's stored reservation (the same
+/// user's): the first result again, or a conflict when the amount differs.
 fn answer_from_reservation(row: &tokio_postgres::Row, d: &Deduct) -> Answer<DeductReceipt> {
     let user_id: String = row.get("user_id");
     let amount: i64 = row.get("amount");
-    if user_id != d.user_id.as_str() || amount != d.amount.get() {
-        let what = if user_id != d.user_id.as_str() {
-            "another user".to_owned()
-        } else {
-            format!("an amount of {amount}")
-        };
+    if amount != d.amount.get() {
         return Err(LedgerError::IdempotencyConflict(format!(
-            "project_code {:?} of app {:?} was already used with {what}; use a new project_code for a new deduction",
+            "project_code {:?} of app {:?} was already used with an amount of {amount}; use a new project_code for a new deduction",
             d.project_code.as_str(),
             d.app_name.as_str()
         )));

@@ -1,11 +1,12 @@
 //! Grants (`add-credits`, `penora-ops credits grant`): credits in, once per
-//! `reference`.
+//! `(user_id, reference)` (contract §15: another user's grant with the same
+//! reference is a grant of its own).
 //!
 //! Rules: the account is created on a user's first grant; the balance never
 //! passes `i64::MAX` (the upsert refuses instead); the reference is claimed
 //! by the ledger row itself (a unique index on grant references), so a repeat
 //! rolls back and answers from the first grant, or with a conflict when its
-//! user or amount differ.
+//! amount differs.
 
 use deadpool_postgres::{Client, GenericClient};
 use serde::Serialize;
@@ -51,7 +52,7 @@ pub struct GrantReceipt {
     pub timestamp: OffsetDateTime,
 }
 
-/// Grants credits, once per `reference`.
+/// Grants credits, once per user and `reference`.
 pub async fn grant(
     client: &mut Client,
     g: &Grant,
@@ -81,7 +82,7 @@ pub async fn grant(
         .prepare_cached(
             "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
              VALUES ($1, 'grant', $2, $3, $4, $5, $6) \
-             ON CONFLICT (reference) WHERE kind = 'grant' DO NOTHING \
+             ON CONFLICT (user_id, reference) WHERE kind = 'grant' DO NOTHING \
              RETURNING id, created_at",
         )
         .await?;
@@ -130,8 +131,8 @@ async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantRec
     let row = client
         .query_opt(
             "SELECT user_id, amount, balance_after, id, created_at FROM ledger_entries \
-             WHERE kind = 'grant' AND reference = $1",
-            &[&g.reference],
+             WHERE kind = 'grant' AND user_id = $1 AND reference = $2",
+            &[&g.user_id.as_str(), &g.reference],
         )
         .await?
         .ok_or_else(|| {
@@ -142,9 +143,9 @@ async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantRec
         })?;
     let user_id: String = row.get("user_id");
     let amount: i64 = row.get("amount");
-    if user_id != g.user_id.as_str() || amount != g.amount.get() {
+    if amount != g.amount.get() {
         return Err(LedgerError::IdempotencyConflict(format!(
-            "reference {:?} was already used for a grant of {amount} credits to another request (user or amount differ)",
+            "reference {:?} was already used for a grant of {amount} credits to this user; use a new reference for a new grant",
             g.reference
         )));
     }

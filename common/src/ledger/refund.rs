@@ -383,7 +383,7 @@ async fn lock_reservations(
                AS k(place, app_name, project_code, user_id, at) \
              JOIN reservations r ON r.app_name = k.app_name AND r.project_code = k.project_code \
                AND r.user_id = k.user_id \
-             ORDER BY r.app_name, r.project_code \
+             ORDER BY r.user_id, r.app_name, r.project_code \
              FOR UPDATE OF r",
         )
         .await?;
@@ -430,6 +430,7 @@ async fn mark_refunded(
     fresh: &[Decided<'_>],
     at: &[OffsetDateTime],
 ) -> Result<(), DbError> {
+    let users: Vec<&str> = fresh.iter().map(|f| f.q.refund.user_id.as_str()).collect();
     let apps: Vec<&str> = fresh.iter().map(|f| f.app_name.as_str()).collect();
     let codes: Vec<&str> = fresh
         .iter()
@@ -441,13 +442,13 @@ async fn mark_refunded(
         .prepare_cached(
             "UPDATE reservations r SET state = 'refunded', refunded_at = v.at, \
                     refund_reason = v.reason, balance_after_refund = v.balance_after \
-             FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::int8[]) \
-               AS v(app_name, project_code, at, reason, balance_after) \
-             WHERE r.app_name = v.app_name AND r.project_code = v.project_code",
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int8[]) \
+               AS v(user_id, app_name, project_code, at, reason, balance_after) \
+             WHERE r.user_id = v.user_id AND r.app_name = v.app_name AND r.project_code = v.project_code",
         )
         .await?;
     if tx
-        .execute(&mark, &[&apps, &codes, &at, &reasons, &after])
+        .execute(&mark, &[&users, &apps, &codes, &at, &reasons, &after])
         .await?
         != fresh.len() as u64
     {

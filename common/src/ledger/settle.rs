@@ -87,8 +87,8 @@ pub async fn settle(
             {
                 tx.execute(
                     "UPDATE reservations SET settled_by = 'final' \
-                     WHERE app_name = $1 AND project_code = $2",
-                    &[&app_name.as_str(), &project_code.as_str()],
+                     WHERE user_id = $1 AND app_name = $2 AND project_code = $3",
+                    &[&user, &app_name.as_str(), &project_code.as_str()],
                 )
                 .await?;
             }
@@ -117,13 +117,14 @@ pub async fn settle(
     tx.execute(
         "UPDATE reservations SET state = 'settled', settled_at = $3, settle_reason = $4, \
                 settled_by = $5 \
-         WHERE app_name = $1 AND project_code = $2",
+         WHERE app_name = $1 AND project_code = $2 AND user_id = $6",
         &[
             &app_name.as_str(),
             &project_code.as_str(),
             &at,
             &reason,
             &by.as_str(),
+            &user,
         ],
     )
     .await?;
