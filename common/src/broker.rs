@@ -279,13 +279,45 @@ async fn declare_queue(
     }
 }
 
-/// Connects once, within 5 seconds.
+/// The nodes `AMQP_URL` names: one URL, or the URLs of a cluster's nodes
+/// separated by commas (`amqp://u:p@h1:5672/%2f,amqp://u:p@h2:5672/%2f`).
+pub fn nodes(url: &str) -> Vec<&str> {
+    let nodes: Vec<&str> = url
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if nodes.is_empty() { vec![url] } else { nodes }
+}
+
+/// The node a process's next connection tries first: each connection starts
+/// one node further, so a process whose node went away moves on to the next
+/// at once, and the processes' connections spread over the cluster.
+static NEXT_NODE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Connects to one of `url`'s nodes ([`nodes`]), within 5 seconds each:
+/// the first that answers, starting one node further than the previous call.
+/// The error is the last node's when none answers.
 pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
-    let props = ConnectionProperties::default().with_connection_name(name.into());
-    match tokio::time::timeout(Duration::from_secs(5), Connection::connect(url, props)).await {
-        Ok(conn) => Ok(conn?),
-        Err(_) => Err(BrokerError::Timeout),
+    let nodes = nodes(url);
+    let start = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut failure = BrokerError::Timeout;
+    for i in 0..nodes.len() {
+        let node = nodes[(start + i) % nodes.len()];
+        let props = ConnectionProperties::default().with_connection_name(name.into());
+        failure =
+            match tokio::time::timeout(Duration::from_secs(5), Connection::connect(node, props))
+                .await
+            {
+                Ok(Ok(conn)) => return Ok(conn),
+                Ok(Err(e)) => BrokerError::Amqp(e),
+                Err(_) => BrokerError::Timeout,
+            };
+        if nodes.len() > 1 {
+            tracing::warn!(node = i, error = %failure, "RabbitMQ node unreachable; trying the next");
+        }
     }
+    Err(failure)
 }
 
 /// The reconnect policy: exponential from 200 ms to 10 s, with jitter, forever.
@@ -523,10 +555,10 @@ pub async fn queue_stats(
 }
 
 /// The RabbitMQ management API's base URL: `RABBITMQ_MANAGEMENT_URL`, else
-/// port 15672 of the AMQP host.
+/// port 15672 of the (first) AMQP host.
 pub fn management_url(amqp_url: &str) -> String {
     std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
-        let host = amqp_url
+        let host = nodes(amqp_url)[0]
             .parse::<lapin::uri::AMQPUri>()
             .map_or_else(|_| "127.0.0.1".to_owned(), |u| u.authority.host);
         format!("http://{host}:15672")
@@ -540,7 +572,7 @@ pub fn management_url(amqp_url: &str) -> String {
 pub async fn broker_version(amqp_url: &str) -> Option<String> {
     use base64::Engine;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let uri: lapin::uri::AMQPUri = amqp_url.parse().ok()?;
+    let uri: lapin::uri::AMQPUri = nodes(amqp_url)[0].parse().ok()?;
     let base = management_url(amqp_url);
     let rest = base.strip_prefix("http://")?.trim_end_matches('/');
     let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));

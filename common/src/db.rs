@@ -62,6 +62,8 @@ impl From<tokio_postgres::Error> for DbError {
                     || *code == SqlState::CANNOT_CONNECT_NOW
                     || *code == SqlState::TOO_MANY_CONNECTIONS
                     || *code == SqlState::QUERY_CANCELED
+                    // A server that is (now) a standby: a failover is under way.
+                    || *code == SqlState::READ_ONLY_SQL_TRANSACTION
                     || code.code().starts_with("08") =>
             {
                 Self::Unavailable(text)
@@ -117,6 +119,14 @@ pub fn is_check_violation(err: &tokio_postgres::Error, constraint: &str) -> bool
 /// Builds the connection pool. Connections are made lazily; a database that is
 /// down makes requests fail fast with [`DbError::Unavailable`] instead of
 /// hanging.
+///
+/// `DATABASE_URL` may name several hosts
+/// (`postgres://h1:5432,h2:5433/penora?target_session_attrs=read-write`):
+/// each new connection tries them in turn and keeps the one that accepts
+/// writes, the primary. After a failover the connections to the old primary
+/// are closed (it stopped), the pool drops them as they come back (a closed
+/// connection is never handed out again) and opens new ones, which find the
+/// new primary; the requests caught in the switch answer `503`.
 pub fn pool(settings: &Settings) -> Result<Pool, DbError> {
     pool_with(
         settings.database_url.expose(),

@@ -90,10 +90,10 @@ pub struct Rates {
 
 /// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
 /// on the AMQP host).
-/// `AMQP_URL` parsed by lapin's own URI type (user, password, host, port and
-/// the vhost, percent-decoded).
+/// `AMQP_URL` (its first node) parsed by lapin's own URI type (user,
+/// password, host, port and the vhost, percent-decoded).
 fn amqp_uri(settings: &Settings) -> Option<lapin::uri::AMQPUri> {
-    settings.amqp_url.expose().parse().ok()
+    broker::nodes(settings.amqp_url.expose())[0].parse().ok()
 }
 
 /// The management API's figures per queue, `None` where they cannot be had.

@@ -60,20 +60,29 @@ pub struct Health {
     pub version: String,
 }
 
+/// Whether any node of `AMQP_URL` accepts TCP connections (within 1 s).
 async fn broker_reachable(amqp_url: &str) -> bool {
-    // lapin's own URI type: host and port (5672 or 5671 by scheme when absent).
-    let Ok(uri) = amqp_url.parse::<lapin::uri::AMQPUri>() else {
-        return false;
-    };
-    let target = (uri.authority.host, uri.authority.port);
-    matches!(
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            tokio::net::TcpStream::connect(target)
-        )
-        .await,
-        Ok(Ok(_))
-    )
+    let probes = penora_common::broker::nodes(amqp_url)
+        .into_iter()
+        .map(|node| async move {
+            // lapin's own URI type: host and port (5672 or 5671 by scheme when absent).
+            let Ok(uri) = node.parse::<lapin::uri::AMQPUri>() else {
+                return false;
+            };
+            let target = (uri.authority.host, uri.authority.port);
+            matches!(
+                tokio::time::timeout(
+                    Duration::from_secs(1),
+                    tokio::net::TcpStream::connect(target)
+                )
+                .await,
+                Ok(Ok(_))
+            )
+        });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .any(|up| up)
 }
 
 /// Liveness and what is degraded: 200 while the database answers, 503 when
