@@ -323,6 +323,17 @@ fault() {
       sleep "$outage"
       rabbit_start "$n"
       echo "RabbitMQ node $(rabbit_name "$n") killed and back" ;;
+    rabbit-down) rabbit_kill "$arg"; echo "RabbitMQ node $(rabbit_name "$arg") killed" ;;
+    rabbit-up) rabbit_start "$arg"; echo "RabbitMQ node $(rabbit_name "$arg") back" ;;
+    queue-leader) # the node (1-3) leading quorum queue $arg
+      local n
+      for n in "${rabbit_nodes[@]}"; do
+        if rabbitmqctl_on "$n" -q list_queues name leader 2>/dev/null | awk -v q="$arg" '$1 == q {print $2}' | grep -q .; then
+          rabbitmqctl_on "$n" -q list_queues name leader | awk -v q="$arg" '$1 == q {print $2}' | sed 's/^penora-c\([0-9]\)@.*/\1/'
+          return 0
+        fi
+      done
+      die "no running node knows queue $arg" ;;
     api|worker)
       local n=$(( (arg - 1) % 2 + 1 ))
       service_kill "$kind" "$n"
@@ -337,7 +348,7 @@ fault() {
     rebuild-standby) # the old primary follows the new one
       pg_standby "$(other "$(primary)")"
       echo "PostgreSQL: $(other "$(primary)") rebuilt as the synchronous standby of $(primary)" ;;
-    *) die "unknown fault $kind (rabbit-node, api, worker, failover, rebuild-standby)" ;;
+    *) die "unknown fault $kind (rabbit-node, rabbit-down, rabbit-up, queue-leader, api, worker, failover, rebuild-standby)" ;;
   esac
 }
 

@@ -14,6 +14,12 @@
 //! (connections refused and every session terminated) for a few seconds,
 //! SIGSTOP/SIGCONT the API, then the worker.
 //!
+//! With `--cluster-script` (`scripts/cluster.sh chaos`) the services run on
+//! a cluster that the script started: requests go to each API in turn (a
+//! retry to the next), and the faults are the script's: a RabbitMQ node
+//! killed and brought back, an API and a worker killed and restarted, a
+//! PostgreSQL failover with the old primary rebuilt as the new standby.
+//!
 //! `scripts/chaos.sh` prepares the database, the vhost and the environment,
 //! and calls this; it is not part of the test suite.
 
@@ -32,7 +38,7 @@ use serde_json::{Value, json};
 
 use crate::{
     events,
-    faults::{Service, controller, wait_for_api},
+    faults::{Faults, Recovery, Service, cluster_controller, controller, wait_for_api},
     invariants::check,
     services,
 };
@@ -43,16 +49,22 @@ use crate::{
     about = "Faults under load, then every invariant checked"
 )]
 pub struct Args {
-    /// The penora-api binary.
+    /// The penora-api binary (this tool starts and kills it; not with `--cluster-script`).
+    #[arg(long, required_unless_present = "cluster_script")]
+    pub api_bin: Option<String>,
+    /// The penora-worker binary (likewise).
+    #[arg(long, required_unless_present = "cluster_script")]
+    pub worker_bin: Option<String>,
+    /// The services run on a cluster that this script started; the faults
+    /// are `SCRIPT fault KIND N` (scripts/cluster.sh).
     #[arg(long)]
-    pub api_bin: String,
-    /// The penora-worker binary.
-    #[arg(long)]
-    pub worker_bin: String,
+    pub cluster_script: Option<String>,
     /// The penora-ops binary (wait-idle, reconcile, audit verify).
     #[arg(long)]
     pub ops_bin: String,
-    /// The API's address (BIND_ADDR): fixed, so that it comes back where clients look.
+    /// The API's address (BIND_ADDR): fixed, so that it comes back where
+    /// clients look. Several, separated by commas, on a cluster: requests go
+    /// to each in turn.
     #[arg(long, env = "BIND_ADDR")]
     pub bind_addr: String,
     /// Seconds of traffic.
@@ -72,9 +84,9 @@ pub struct Args {
     pub users: usize,
     #[command(flatten)]
     pub services: services::Services,
-    /// The run's RabbitMQ vhost (its connections are the ones cut).
-    #[arg(long)]
-    pub vhost: String,
+    /// The run's RabbitMQ vhost (its connections are the ones cut; not with `--cluster-script`).
+    #[arg(long, required_unless_present = "cluster_script")]
+    pub vhost: Option<String>,
     /// Where the services' logs go.
     #[arg(long)]
     pub log_dir: String,
@@ -97,6 +109,8 @@ pub struct Record {
     pub events: Vec<String>,
     /// Client-visible errors by kind (each retried).
     pub errors: BTreeMap<String, u64>,
+    /// When each client-visible error happened (for the recovery times).
+    pub error_times: Vec<Instant>,
     /// Logical operations by kind.
     pub operations: BTreeMap<&'static str, u64>,
     /// Answers that break the contract (each is a violation).
@@ -124,7 +138,9 @@ impl FollowUp {
 pub struct Ctx {
     pub args: Args,
     pub http: reqwest::Client,
-    pub base: String,
+    /// The APIs' base URLs; each request goes to the next.
+    pub bases: Vec<String>,
+    pub next_base: std::sync::atomic::AtomicUsize,
     pub record: Mutex<Record>,
     pub attempts: AtomicU64,
     pub stop: AtomicBool,
@@ -138,7 +154,14 @@ impl Ctx {
     pub fn note_error(&self, kind: String) {
         if let Ok(mut r) = self.record.lock() {
             *r.errors.entry(kind).or_default() += 1;
+            r.error_times.push(Instant::now());
         }
+    }
+
+    /// The base URL the next request goes to (each API in turn).
+    pub fn base(&self) -> &str {
+        let i = self.next_base.fetch_add(1, Ordering::Relaxed);
+        &self.bases[i % self.bases.len()]
     }
 
     pub fn count(&self, op: &'static str) {
@@ -167,7 +190,7 @@ impl Ctx {
             self.attempts.fetch_add(1, Ordering::Relaxed);
             let mut request = self
                 .http
-                .request(method.clone(), format!("{}{path}", self.base))
+                .request(method.clone(), format!("{}{path}", self.base()))
                 .header("X-API-Key", &self.args.services.key);
             if let Some(body) = body {
                 request = request.json(body);
@@ -381,23 +404,37 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = args.services.settings()?;
     let topology = Topology::from_settings(&settings);
-    let mut api = Service {
-        name: "penora-api",
-        bin: args.api_bin.clone(),
-        log: format!("{}/api.log", args.log_dir),
-        child: None,
+    let mut services = match (&args.cluster_script, &args.api_bin, &args.worker_bin) {
+        (None, Some(api_bin), Some(worker_bin)) => {
+            let mut api = Service {
+                name: "penora-api",
+                bin: api_bin.clone(),
+                log: format!("{}/api.log", args.log_dir),
+                child: None,
+            };
+            let mut worker = Service {
+                name: "penora-worker",
+                bin: worker_bin.clone(),
+                log: format!("{}/worker.log", args.log_dir),
+                child: None,
+            };
+            api.start()?;
+            worker.start()?;
+            Some((api, worker))
+        }
+        (None, _, _) => {
+            anyhow::bail!("--api-bin and --worker-bin are needed without --cluster-script")
+        }
+        (Some(_), _, _) => None,
     };
-    let mut worker = Service {
-        name: "penora-worker",
-        bin: args.worker_bin.clone(),
-        log: format!("{}/worker.log", args.log_dir),
-        child: None,
-    };
-    api.start()?;
-    worker.start()?;
     let secs = args.secs;
     let ctx = Arc::new(Ctx {
-        base: format!("http://{}", args.bind_addr),
+        bases: args
+            .bind_addr
+            .split(',')
+            .map(|a| format!("http://{}", a.trim()))
+            .collect(),
+        next_base: std::sync::atomic::AtomicUsize::new(0),
         http: reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?,
@@ -426,29 +463,44 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     eprintln!(
-        "chaos: {} clients, {} users, {secs} s of traffic, a fault every {} s",
-        ctx.args.clients, ctx.args.users, ctx.args.fault_every
+        "chaos: {} clients, {} users, {} API(s), {secs} s of traffic, a fault every {} s",
+        ctx.args.clients,
+        ctx.args.users,
+        ctx.bases.len(),
+        ctx.args.fault_every
     );
     let clients: Vec<_> = (0..ctx.args.clients)
         .map(|id| tokio::spawn(client(ctx.clone(), id)))
         .collect();
-    let control = tokio::spawn(controller(ctx.clone(), api, worker));
+    let control = match (services.take(), ctx.args.cluster_script.clone()) {
+        (Some((api, worker)), _) => tokio::spawn(controller(ctx.clone(), api, worker)),
+        (None, Some(script)) => tokio::spawn(cluster_controller(ctx.clone(), script)),
+        (None, None) => anyhow::bail!("no services to inject faults into"),
+    };
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     ctx.stop.store(true, Ordering::Relaxed);
     for c in clients {
         let _ = c.await;
     }
-    let (injected, api, worker) = control.await??;
+    let Faults {
+        injected,
+        recoveries,
+        services,
+    } = control.await??;
     let elapsed = started.elapsed().as_secs_f64();
     // Both services running, neither paused, for the checks.
-    api.signal("-CONT");
-    worker.signal("-CONT");
+    if let Some((api, worker)) = &services {
+        api.signal("-CONT");
+        worker.signal("-CONT");
+    }
     let violations = check(&ctx).await?;
 
     let record = ctx.record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     println!(
-        "\n## Chaos run: {elapsed:.0} s of traffic, {} clients, {} users\n",
-        ctx.args.clients, ctx.args.users
+        "\n## Chaos run: {elapsed:.0} s of traffic, {} clients, {} users, {} API(s)\n",
+        ctx.args.clients,
+        ctx.args.users,
+        ctx.bases.len()
     );
     println!("| operations | count |\n|---|---:|");
     for (op, n) in &record.operations {
@@ -462,6 +514,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     for (fault, n) in &injected {
         println!("| {fault} | {n} |");
     }
+    if !recoveries.is_empty() {
+        println!(
+            "\n| fault (in order) | part back in service after (s) | clients served again after (s) | client-visible errors |\n|---|---:|---:|---:|"
+        );
+        for r in recovery_rows(&recoveries, &record.error_times) {
+            println!("| {} | {:.2} | {:.2} | {} |", r.0, r.1, r.2, r.3);
+        }
+    }
     println!("\n| client-visible error (each retried) | count |\n|---|---:|");
     for (kind, n) in &record.errors {
         println!("| {kind} | {n} |");
@@ -474,9 +534,32 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         println!("- {v}");
     }
     drop(record);
-    drop((api, worker));
+    drop(services);
     if !violations.is_empty() {
         std::process::exit(1);
     }
     Ok(())
+}
+
+/// Per fault: its name, how long until the faulted part was back, how long
+/// until clients saw no more errors (the last client-visible error before
+/// the next fault, from the fault's start; 0 when they saw none), and how
+/// many errors clients saw meanwhile.
+fn recovery_rows(recoveries: &[Recovery], errors: &[Instant]) -> Vec<(String, f64, f64, usize)> {
+    recoveries
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let until = recoveries.get(i + 1).map(|n| n.started);
+            let seen: Vec<&Instant> = errors
+                .iter()
+                .filter(|&&t| t >= r.started && until.is_none_or(|u| t < u))
+                .collect();
+            let served = seen
+                .iter()
+                .map(|t| t.duration_since(r.started).as_secs_f64())
+                .fold(0.0, f64::max);
+            (r.fault.clone(), r.back.as_secs_f64(), served, seen.len())
+        })
+        .collect()
 }

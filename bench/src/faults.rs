@@ -2,6 +2,8 @@
 //! and restart the API, then the worker; close every broker connection of
 //! the run's vhost; take the database away (connections refused, sessions
 //! terminated) for a few seconds; SIGSTOP/SIGCONT the API, then the worker.
+//! On a cluster ([`cluster_controller`]) the cluster script's faults: a
+//! RabbitMQ node killed, an API and a worker killed, a PostgreSQL failover.
 
 use std::{
     collections::BTreeMap,
@@ -64,18 +66,102 @@ pub const FAULTS: [&str; 6] = [
     "SIGSTOP worker",
 ];
 
+/// Waits (at most 30 s) until every API answers `/health`.
 pub async fn wait_for_api(ctx: &Ctx) {
-    for _ in 0..300 {
-        if ctx
-            .http
-            .get(format!("{}/health", ctx.base))
-            .send()
-            .await
-            .is_ok()
-        {
-            return;
+    for base in &ctx.bases {
+        for _ in 0..300 {
+            if ctx.http.get(format!("{base}/health")).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What the controller did: the faults by kind, each fault's timing (on a
+/// cluster), and the services it ran (without a cluster).
+pub struct Faults {
+    pub injected: BTreeMap<&'static str, u64>,
+    pub recoveries: Vec<Recovery>,
+    pub services: Option<(Service, Service)>,
+}
+
+/// One fault on a cluster: when it started and how long until the faulted
+/// part was back in service.
+pub struct Recovery {
+    pub fault: String,
+    pub started: Instant,
+    pub back: Duration,
+}
+
+/// The cluster script's faults, in turn: (name, `fault` argument).
+pub const CLUSTER_FAULTS: [(&str, &str); 4] = [
+    ("RabbitMQ node killed", "rabbit-node"),
+    ("API killed", "api"),
+    ("worker killed", "worker"),
+    ("PostgreSQL failover", "failover"),
+];
+
+/// Runs `script fault ARGS…`; its output (what it did) goes to stderr.
+async fn run_fault(script: &str, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(script)
+        .arg("fault")
+        .args(args)
+        .output()
+        .await
+        .with_context(|| format!("running {script}"))?;
+    eprintln!(
+        "chaos: {}{}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    anyhow::ensure!(
+        out.status.success(),
+        "{script} fault {} failed",
+        args.join(" ")
+    );
+    Ok(())
+}
+
+/// Injects the cluster script's faults in turn, each `fault_every` seconds
+/// after the previous one is over; after a failover, rebuilds the old
+/// primary as the new standby (timed as a fault of its own).
+pub async fn cluster_controller(ctx: Arc<Ctx>, script: String) -> anyhow::Result<Faults> {
+    let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut recoveries = Vec::new();
+    let mut i = 0;
+    loop {
+        let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
+        while Instant::now() < wake {
+            if ctx.stop.load(Ordering::Relaxed) {
+                return Ok(Faults {
+                    injected,
+                    recoveries,
+                    services: None,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let (fault, kind) = CLUSTER_FAULTS[i % CLUSTER_FAULTS.len()];
+        let round = (i / CLUSTER_FAULTS.len() + 1).to_string();
+        i += 1;
+        let started = Instant::now();
+        run_fault(&script, &[kind, &round]).await?;
+        recoveries.push(Recovery {
+            fault: format!("{fault} ({round})"),
+            started,
+            back: started.elapsed(),
+        });
+        *injected.entry(fault).or_default() += 1;
+        if kind == "failover" {
+            let started = Instant::now();
+            run_fault(&script, &["rebuild-standby"]).await?;
+            recoveries.push(Recovery {
+                fault: "old primary rebuilt as the standby".into(),
+                started,
+                back: started.elapsed(),
+            });
+        }
     }
 }
 
@@ -109,14 +195,18 @@ pub async fn controller(
     ctx: Arc<Ctx>,
     mut api: Service,
     mut worker: Service,
-) -> anyhow::Result<(BTreeMap<&'static str, u64>, Service, Service)> {
+) -> anyhow::Result<Faults> {
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut i = 0;
     loop {
         let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
         while Instant::now() < wake {
             if ctx.stop.load(Ordering::Relaxed) {
-                return Ok((injected, api, worker));
+                return Ok(Faults {
+                    injected,
+                    recoveries: Vec::new(),
+                    services: Some((api, worker)),
+                });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -142,7 +232,7 @@ pub async fn controller(
                         "-q",
                         "close_all_connections",
                         "--vhost",
-                        &ctx.args.vhost,
+                        ctx.args.vhost.as_deref().unwrap_or("/"),
                         "penora-chaos",
                     ])
                     .stdout(std::process::Stdio::null())

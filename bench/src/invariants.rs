@@ -51,7 +51,8 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     for row in db
         .query(
             "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint AS ledger_sum FROM accounts a \
-             LEFT JOIN ledger_entries l ON l.user_id = a.user_id GROUP BY a.user_id, a.balance",
+             LEFT JOIN ledger_entries l ON l.user_id = a.user_id \
+             WHERE a.user_id LIKE 'chaos\\_%' GROUP BY a.user_id, a.balance",
             &[],
         )
         .await?
