@@ -173,6 +173,61 @@ pub fn pool_with(url: &str, size: usize, lock_timeout_ms: u64) -> Result<Pool, D
         .map_err(|e| DbError::Other(e.to_string()))
 }
 
+/// Whether the database is distributed by `user_id` (Citus): then every
+/// transaction of a batch must stay within one shard ([`shard_groups`]).
+/// Learnt when the process migrates or checks readiness; a process talks to
+/// one database.
+static DISTRIBUTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the database is distributed (Citus), as last learnt.
+pub fn distributed() -> bool {
+    DISTRIBUTED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Learns whether the database is distributed (the citus extension).
+async fn learn_distribution(client: &impl tokio_postgres::GenericClient) -> Result<(), DbError> {
+    let citus: bool = client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+            &[],
+        )
+        .await?
+        .get(0);
+    if citus && !distributed() {
+        tracing::info!("the database is distributed by user_id (Citus): batches are grouped per shard");
+    }
+    DISTRIBUTED.store(citus, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
+/// The groups of `users` (indexes into it, in order) whose rows share one
+/// shard: one group of all of them on a plain PostgreSQL (no query), and on
+/// Citus one per shard, so that a batch's transaction never takes locks on
+/// two shards (contract §15: group commit never waits on another shard).
+pub async fn shard_groups(
+    client: &impl deadpool_postgres::GenericClient,
+    users: &[&str],
+) -> Result<Vec<Vec<usize>>, DbError> {
+    if !distributed() || users.len() < 2 {
+        return Ok(vec![(0..users.len()).collect()]);
+    }
+    let rows = client
+        .query(
+            "SELECT get_shard_id_for_distribution_column('accounts', u)              FROM unnest($1::text[]) WITH ORDINALITY AS v(u, n) ORDER BY n",
+            &[&users],
+        )
+        .await?;
+    let mut groups: Vec<(i64, Vec<usize>)> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        let shard: i64 = row.get(0);
+        match groups.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, members)) => members.push(i),
+            None => groups.push((shard, vec![i])),
+        }
+    }
+    Ok(groups.into_iter().map(|(_, members)| members).collect())
+}
+
 /// Applies pending migrations under the migration advisory lock.
 pub async fn migrate(database_url: &str) -> Result<(), DbError> {
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
@@ -181,6 +236,7 @@ pub async fn migrate(database_url: &str) -> Result<(), DbError> {
             tracing::warn!(error = %e, "migration connection closed");
         }
     });
+    learn_distribution(&client).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
@@ -217,6 +273,9 @@ pub fn latest_migration_version() -> i32 {
 pub async fn readiness(pool: &Pool) -> Result<i32, String> {
     let client = pool
         .get()
+        .await
+        .map_err(|e| format!("database unreachable: {e}"))?;
+    learn_distribution(&**client)
         .await
         .map_err(|e| format!("database unreachable: {e}"))?;
     let row = client

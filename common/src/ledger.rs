@@ -177,12 +177,52 @@ const CONFLICT_RETRIES: u32 = 3;
 /// by each remaining request alone, so that a failure is the answer of the
 /// request that causes it only. A lock wait that timed out answers the whole
 /// batch with it: running the requests again would only wait again.
+///
+/// On a distributed database (Citus) the batch is first split per shard
+/// ([`crate::db::shard_groups`]), each part in its own transactions, so no
+/// transaction holds locks on two shards; each user's requests keep their
+/// order.
 async fn answer_all<Q, T, F>(
     client: &mut Client,
     requests: &[Q],
     rule: &'static str,
     on_busy: OnBusy,
+    user_of: fn(&Q) -> &str,
     once: F,
+) -> Vec<Answer<T>>
+where
+    Q: Clone,
+    F: AsyncFn(&mut Client, &[Q], OnBusy) -> Slots<T>,
+{
+    let users: Vec<&str> = requests.iter().map(user_of).collect();
+    let groups = match crate::db::shard_groups(&*client, &users).await {
+        Ok(groups) => groups,
+        Err(e) => return requests.iter().map(|_| Err(e.clone().into())).collect(),
+    };
+    if groups.len() <= 1 {
+        return answer_in_order(client, requests, rule, on_busy, &once).await;
+    }
+    let mut answers: Vec<Option<Answer<T>>> = requests.iter().map(|_| None).collect();
+    for group in groups {
+        let part: Vec<Q> = group.iter().map(|&i| requests[i].clone()).collect();
+        let got = answer_in_order(client, &part, rule, on_busy, &once).await;
+        for (&i, answer) in group.iter().zip(got) {
+            answers[i] = Some(answer);
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(DbError::Other("a request went unanswered".into()).into())))
+        .collect()
+}
+
+/// [`answer_all`] for requests that may share a transaction.
+async fn answer_in_order<Q, T, F>(
+    client: &mut Client,
+    requests: &[Q],
+    rule: &'static str,
+    on_busy: OnBusy,
+    once: &F,
 ) -> Vec<Answer<T>>
 where
     F: AsyncFn(&mut Client, &[Q], OnBusy) -> Slots<T>,
@@ -310,7 +350,7 @@ async fn move_balances(tx: &Transaction<'_>, deltas: &[(&str, i64)]) -> Result<(
         .prepare_cached(
             "UPDATE accounts a SET balance = a.balance + v.delta, updated_at = now() \
              FROM unnest($1::text[], $2::int8[]) AS v(user_id, delta) \
-             WHERE a.user_id = v.user_id AND a.balance + v.delta >= 0",
+             WHERE a.user_id = v.user_id AND a.user_id = ANY($1) AND a.balance + v.delta >= 0",
         )
         .await?;
     if tx.execute(&update, &[&users, &totals]).await? != users.len() as u64 {

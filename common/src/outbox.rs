@@ -85,10 +85,22 @@ impl Default for RelayPolicy {
     }
 }
 
+/// The rows a relay takes, oldest first (`$1` at most).
+const TAKE_SQL: &str = "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
+        extract(epoch FROM now() - created_at)::float8 AS waited_secs \
+     FROM outbox WHERE published_at IS NULL \
+       AND set_aside_at IS NULL AND (retry_at IS NULL OR retry_at <= now()) \
+     ORDER BY id LIMIT $1";
+
+/// The advisory lock a relay holds on a distributed database ("relay" in ASCII).
+const RELAY_LOCK_KEY: i64 = 0x72_65_6c_61_79;
+
 /// Publishes up to `batch` waiting outbox rows and marks them sent, each only
 /// after the broker confirmed it. Rows are locked with `FOR UPDATE SKIP
 /// LOCKED`, so any number of API and worker processes can relay at once
-/// without publishing a row twice concurrently; a crash between the confirm
+/// without publishing a row twice concurrently (on Citus, where rows of
+/// several shards cannot be locked by one query, one relay at a time holds
+/// an advisory lock instead); a crash between the confirm
 /// and the commit publishes a row again later, which the idempotent handlers
 /// absorb. A row the broker refuses (unroutable, nacked, not confirmed in
 /// time) is tried again after a backoff and, after `policy.max_attempts`
@@ -102,16 +114,24 @@ pub async fn relay_once(
 ) -> Result<usize, RelayError> {
     let mut client = pool.get().await.map_err(DbError::from)?;
     let tx = client.transaction().await.map_err(DbError::from)?;
-    let take = tx
-        .prepare_cached(
-            "SELECT id, exchange, routing_key, message_id, correlation_id, payload::text, \
-                    extract(epoch FROM now() - created_at)::float8 AS waited_secs \
-             FROM outbox WHERE published_at IS NULL \
-               AND set_aside_at IS NULL AND (retry_at IS NULL OR retry_at <= now()) \
-             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-        )
-        .await
-        .map_err(DbError::from)?;
+    let take = if crate::db::distributed() {
+        // Citus cannot lock rows of several shards in one query: one relay
+        // at a time takes the rows instead (the others find the lock taken
+        // and wait for their next turn).
+        let turn: bool = tx
+            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK_KEY])
+            .await
+            .map_err(DbError::from)?
+            .get(0);
+        if !turn {
+            return Ok(0);
+        }
+        tx.prepare_cached(TAKE_SQL).await
+    } else {
+        tx.prepare_cached(&format!("{TAKE_SQL} FOR UPDATE SKIP LOCKED"))
+            .await
+    }
+    .map_err(DbError::from)?;
     let rows = tx.query(&take, &[&batch]).await.map_err(DbError::from)?;
     if rows.is_empty() {
         return Ok(0);

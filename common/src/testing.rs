@@ -25,6 +25,10 @@ fn with_database(url: &str, db: &str) -> String {
     format!("{base}/{db}")
 }
 
+/// Key of the advisory lock held while a test database is made or dropped
+/// on Citus.
+const CITUS_LOCK_KEY: i64 = 0x70_63_69_74_75_73;
+
 /// Key of the advisory lock held while building the template.
 const TEMPLATE_LOCK_KEY: i64 = 0x70_65_6e_74_65_73_74;
 
@@ -63,9 +67,50 @@ pub struct TestDb {
     pub url: String,
 }
 
+/// The Citus workers (`host:port`, comma-separated in
+/// `TEST_CITUS_WORKERS`) when `TEST_DATABASE_URL` is a Citus coordinator
+/// (`scripts/cluster.sh citus`): each test's database is then created on
+/// every node and distributed by the migrations. Empty otherwise.
+fn citus_workers() -> Vec<String> {
+    std::env::var("TEST_CITUS_WORKERS")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|w| !w.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A statement on database `db` of the server at `url` (its admin URL).
+async fn run_on(url: &str, db: &str, sql: &str) {
+    let target = with_database(url, db);
+    let (client, conn) = tokio_postgres::connect(&target, NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("Citus node {target} is not reachable ({e}): start it with `scripts/cluster.sh citus up`"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql} on {target}: {}", crate::db::error_chain(&e)));
+}
+
+/// The admin URL of Citus worker `host:port` (same user as the coordinator's).
+fn worker_admin_url(worker: &str) -> String {
+    let admin = admin_url();
+    let (scheme_user, rest) = admin.split_once('@').unwrap_or(("postgres://postgres", &admin));
+    let db = rest.rsplit_once('/').map_or("postgres", |(_, d)| d);
+    format!("{scheme_user}@{worker}/{db}")
+}
+
 impl TestDb {
     /// Creates a fresh, migrated database.
     pub async fn new() -> Self {
+        let workers = citus_workers();
+        if !workers.is_empty() {
+            return Self::new_on_citus(&workers).await;
+        }
         let admin = admin_client().await;
         let template = template_name();
         ensure_template(&admin, &template).await;
@@ -83,6 +128,58 @@ impl TestDb {
             url: with_database(&admin_url(), &name),
             name,
         }
+    }
+
+    /// A database on the Citus coordinator and on every worker, joined into
+    /// one cluster, migrated (so distributed by user_id).
+    async fn new_on_citus(workers: &[String]) -> Self {
+        let admin = admin_client().await;
+        // One database made or dropped at a time: Citus joins each node to
+        // the others, and a node's database dropped meanwhile fails the join.
+        admin
+            .execute("SELECT pg_advisory_lock($1)", &[&CITUS_LOCK_KEY])
+            .await
+            .unwrap_or_else(|e| panic!("locking the Citus nodes: {e}"));
+        let name = format!("penora_test_{}", uuid::Uuid::new_v4().simple());
+        let create = format!("CREATE DATABASE {name}");
+        admin
+            .batch_execute(&create)
+            .await
+            .unwrap_or_else(|e| panic!("{create}: {}", crate::db::error_chain(&e)));
+        // 8 shards a table (Citus makes 32 by default): every test still
+        // spreads its users over both workers, and its database is made in
+        // a quarter of the time.
+        let shards = format!("ALTER DATABASE {name} SET citus.shard_count = 8");
+        admin
+            .batch_execute(&shards)
+            .await
+            .unwrap_or_else(|e| panic!("{shards}: {}", crate::db::error_chain(&e)));
+        for w in workers {
+            run_on(&worker_admin_url(w), "postgres", &create).await;
+            run_on(&worker_admin_url(w), &name, "CREATE EXTENSION citus").await;
+        }
+        let url = with_database(&admin_url(), &name);
+        let coordinator = url
+            .split_once('@')
+            .and_then(|(_, rest)| rest.split_once('/'))
+            .map_or("127.0.0.1:5432", |(hostport, _)| hostport)
+            .to_owned();
+        let (host, port) = coordinator.split_once(':').unwrap_or((&coordinator, "5432"));
+        let mut join = format!(
+            "CREATE EXTENSION citus; SELECT citus_set_coordinator_host('{host}', {port});"
+        );
+        for w in workers {
+            let (h, p) = w.split_once(':').unwrap_or((w, "5432"));
+            join.push_str(&format!("SELECT citus_add_node('{h}', {p});"));
+        }
+        run_on(&admin_url(), &name, &join).await;
+        let _ = admin
+            .execute("SELECT pg_advisory_unlock($1)", &[&CITUS_LOCK_KEY])
+            .await;
+        if let Err(e) = crate::db::migrate(&url).await {
+            panic!("migrating {name} on Citus: {e}");
+        }
+        Self { url, name }
     }
 
     /// Settings pointing at this database, with `overrides` applied
@@ -183,16 +280,40 @@ impl Drop for TestDb {
                 return;
             };
             rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
+                let citus = !citus_workers().is_empty();
+                // Held until the workers' copies are dropped too (the lock
+                // goes with this connection).
+                let admin = tokio_postgres::connect(&admin_url(), NoTls).await.ok();
+                if let Some((client, conn)) = admin {
                     tokio::spawn(async move {
                         let _ = conn.await;
                     });
+                    if citus {
+                        let _ = client
+                            .execute("SELECT pg_advisory_lock($1)", &[&CITUS_LOCK_KEY])
+                            .await;
+                    }
                     let _ = client
                         .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                         .await;
+                    drop_on_workers(&name).await;
                 }
             });
         });
         let _ = handle.join();
+    }
+}
+
+/// Drops database `name` on every Citus worker (none without Citus).
+async fn drop_on_workers(name: &str) {
+    for w in citus_workers() {
+        if let Ok((client, conn)) = tokio_postgres::connect(&worker_admin_url(&w), NoTls).await {
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+            let _ = client
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
     }
 }

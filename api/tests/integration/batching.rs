@@ -100,7 +100,7 @@ async fn state(pool: &Pool) -> Vec<String> {
            || coalesce(refund_reason, '-') FROM reservations ORDER BY app_name, project_code, user_id",
         // Every ledger row has exactly one audit job naming it, with its figures.
         "SELECT e.user_id || ' ' || e.kind || ' ' || (o.payload->>'amount') || ' ' || (o.payload->>'balance_after') \
-         FROM ledger_entries e JOIN outbox o ON (o.payload->>'entry_id')::bigint = e.id \
+         FROM ledger_entries e JOIN outbox o ON o.user_id = e.user_id AND (o.payload->>'entry_id')::bigint = e.id \
          WHERE o.routing_key = 'ledger-audit' ORDER BY e.user_id, e.id",
         "SELECT count(*)::text FROM outbox",
         "SELECT user_id || ' ' || event_id || ' ' || outcome FROM processed_events ORDER BY 1",

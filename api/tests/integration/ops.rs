@@ -188,15 +188,15 @@ async fn reconcile_finds_a_reservation_refunded_twice() {
     let client = app.pool.get().await.expect("db");
     // A second refund row written behind the service's back (the unique
     // index would refuse it, so drop that guard first).
-    client
-        .batch_execute(
-            "DROP INDEX ledger_one_refund_per_reservation; \
-             INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, project_code) \
-               VALUES ('carol', 'refund', 5, 20, 'imagegene', 'c1'), ('carol', 'refund', 5, 25, 'imagegene', 'c1'); \
-             UPDATE accounts SET balance = 25 WHERE user_id = 'carol'",
-        )
-        .await
-        .expect("corrupted");
+    // One statement a call (Citus runs multi-statement strings only one by one).
+    for sql in [
+        "DROP INDEX ledger_one_refund_per_reservation",
+        "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, project_code) \
+           VALUES ('carol', 'refund', 5, 20, 'imagegene', 'c1'), ('carol', 'refund', 5, 25, 'imagegene', 'c1')",
+        "UPDATE accounts SET balance = 25 WHERE user_id = 'carol'",
+    ] {
+        client.batch_execute(sql).await.expect("corrupted");
+    }
     let broken = ops(&app.db.url, &["reconcile"]).await;
     assert_eq!(broken.status.code(), Some(1));
     let out = stdout(&broken);

@@ -112,7 +112,15 @@ pub async fn deduct_all(
     batch: &[Queued],
     on_busy: OnBusy,
 ) -> Vec<Answer<DeductReceipt>> {
-    answer_all(client, batch, "deduct", on_busy, deduct_once).await
+    answer_all(
+        client,
+        batch,
+        "deduct",
+        on_busy,
+        |q| q.deduct.user_id.as_str(),
+        deduct_once,
+    )
+    .await
 }
 
 /// A request accepted in a batch, and the balance it leaves.
@@ -154,7 +162,8 @@ async fn deduct_once(
                     r.refundable_until, r.created_at, r.app_name, r.project_code \
              FROM reservations r \
              JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
-               ON r.user_id = k.user_id AND r.app_name = k.app_name AND r.project_code = k.project_code",
+               ON r.user_id = k.user_id AND r.app_name = k.app_name AND r.project_code = k.project_code \
+             WHERE r.user_id = ANY($1)",
         )
         .await?;
     let stored: std::collections::HashMap<ReservationKey, tokio_postgres::Row> = tx

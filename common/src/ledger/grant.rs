@@ -63,7 +63,7 @@ pub async fn grant(
         .prepare_cached(
             "INSERT INTO accounts (user_id, balance) VALUES ($1, $2) \
              ON CONFLICT (user_id) DO UPDATE \
-               SET balance = accounts.balance + EXCLUDED.balance, updated_at = now() \
+               SET balance = accounts.balance + EXCLUDED.balance, updated_at = EXCLUDED.updated_at \
                WHERE accounts.balance <= 9223372036854775807 - EXCLUDED.balance \
              RETURNING balance",
         )

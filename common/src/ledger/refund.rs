@@ -122,7 +122,15 @@ pub async fn refund_all(
     batch: &[QueuedRefund],
     on_busy: OnBusy,
 ) -> Vec<Answer<RefundReceipt>> {
-    answer_all(client, batch, "refund", on_busy, refund_once).await
+    answer_all(
+        client,
+        batch,
+        "refund",
+        on_busy,
+        |q| q.refund.user_id.as_str(),
+        refund_once,
+    )
+    .await
 }
 
 /// A refund decided in a batch.
@@ -347,7 +355,8 @@ async fn lock_reservations(
         let resolve = tx
             .prepare_cached(
                 "SELECT k.n, r.app_name FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(user_id, project_code, n) \
-                 JOIN reservations r ON r.user_id = k.user_id AND r.project_code = k.project_code",
+                 JOIN reservations r ON r.user_id = k.user_id AND r.project_code = k.project_code \
+                 WHERE r.user_id = ANY($1)",
             )
             .await?;
         for row in tx.query(&resolve, &[&users, &codes]).await? {
@@ -373,6 +382,10 @@ async fn lock_reservations(
             times.push(q.occurred_at);
         }
     }
+    if places.is_empty() {
+        // Nothing to lock (and, on Citus, no shard to send a locking query to).
+        return Ok(HashMap::new());
+    }
     let lock = tx
         .prepare_cached(
             "SELECT k.place, r.app_name, r.amount, r.state, r.settled_by, \
@@ -383,6 +396,7 @@ async fn lock_reservations(
                AS k(place, app_name, project_code, user_id, at) \
              JOIN reservations r ON r.app_name = k.app_name AND r.project_code = k.project_code \
                AND r.user_id = k.user_id \
+             WHERE r.user_id = ANY($4) \
              ORDER BY r.user_id, r.app_name, r.project_code \
              FOR UPDATE OF r",
         )
@@ -413,7 +427,8 @@ async fn seen_events(
     let seen = tx
         .prepare_cached(
             "SELECT user_id, event_id, outcome FROM processed_events \
-             WHERE (user_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))",
+             WHERE (user_id, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[])) \
+               AND user_id = ANY($1)",
         )
         .await?;
     Ok(tx
@@ -444,7 +459,8 @@ async fn mark_refunded(
                     refund_reason = v.reason, balance_after_refund = v.balance_after \
              FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int8[]) \
                AS v(user_id, app_name, project_code, at, reason, balance_after) \
-             WHERE r.user_id = v.user_id AND r.app_name = v.app_name AND r.project_code = v.project_code",
+             WHERE r.user_id = v.user_id AND r.app_name = v.app_name AND r.project_code = v.project_code \
+               AND r.user_id = ANY($1)",
         )
         .await?;
     if tx
