@@ -7,7 +7,10 @@
 #
 #   scripts/citus.sh [run] [--quick]  up, the money tests and a chaos run against it, stop
 #   scripts/citus.sh money            the money tests against a Citus that is up
-#   scripts/citus.sh bench            penora-bench deduct and hot at 64 connections on it
+#   scripts/citus.sh chaos [--quick]  the chaos run against a Citus that is up
+#   scripts/citus.sh bench [--one-postgres]
+#                                     penora-bench deduct and hot at 64 connections on it
+#                                     (or on a database of the default PostgreSQL)
 #   scripts/citus.sh up               coordinator 5831, workers 5832 and 5833, database penora
 #   scripts/citus.sh status           the nodes and the shards per worker
 #   scripts/citus.sh stop             tear it down (data directories removed)
@@ -41,6 +44,7 @@ shared_preload_libraries = 'citus'
 max_connections = 300
 shared_buffers = 128MB
 max_prepared_transactions = 200
+wal_level = logical
 citus.max_client_connections = 250
 EOF
   as_postgres "$pg_bin/pg_ctl" -D "$d" -l "$dir/$n.log" -w start >/dev/null
@@ -130,13 +134,19 @@ chaos() {
 # baseline on the same Citus. `scripts/bench.sh` gives the same on one
 # PostgreSQL; docs/scaling.md compares them.
 bench() {
-  [ -e "$dir/env" ] || die "Citus is not up (scripts/cluster.sh citus up)"
+  local where=citus
+  if [ "${1:-}" = "--one-postgres" ]; then where=postgres; shift; fi
+  [ "$where" = postgres ] || [ -e "$dir/env" ] || die "Citus is not up (scripts/cluster.sh citus up)"
   cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-ops --bin penora-bench >&2
   # shellcheck source=scripts/lib/run.sh
   . scripts/lib/run.sh
   new_run citusbench
-  # shellcheck source=/dev/null
-  . "$dir/env"
+  if [ "$where" = citus ]; then
+    # shellcheck source=/dev/null
+    . "$dir/env"
+  else
+    psql "$admin" -qc "CREATE DATABASE $db"
+  fi
   mkdir -p target/citus
   ./target/release/penora-ops migrate >/dev/null
   DB_POOL_SIZE=20 ./target/release/penora-api >target/citus/api.log 2>&1 &
@@ -144,12 +154,12 @@ bench() {
   DB_POOL_SIZE=8 ./target/release/penora-worker >target/citus/worker.log 2>&1 &
   local worker_pid=$!
   # shellcheck disable=SC2064
-  trap "kill $api_pid $worker_pid 2>/dev/null; drop_run postgres://postgres@127.0.0.1:5432/postgres none $prefix" EXIT
+  trap "kill $api_pid $worker_pid 2>/dev/null; drop_run $admin $db $prefix" EXIT
   local api
   api=$(api_address target/citus/api.log) || { cat target/citus/api.log; die "penora-api did not start"; }
   ./target/release/penora-bench --api "$api" --api-pid "$api_pid" --worker-pid "$worker_pid" \
     --workloads deduct,hot --concurrency 64 --secs "${BENCH_SECS:-10}" --users 100000 \
-    --markdown target/citus/benchmarks.md --command "scripts/cluster.sh citus bench" "$@"
+    --markdown "target/citus/benchmarks-$where.md" --command "scripts/cluster.sh citus bench" "$@"
 }
 
 run() {
@@ -167,9 +177,10 @@ run() {
 case ${1:-run} in
   up) up ;;
   money) money ;;
+  chaos) [ "${2:-}" = "--quick" ] && chaos 1 || chaos 0 ;;
   bench) shift; bench "$@" ;;
   stop) stop ;;
   status) status ;;
   run|--quick) [ "${1:-}" = run ] && shift; run "$@" ;;
-  *) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

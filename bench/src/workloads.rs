@@ -254,7 +254,7 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::
         let missing: i64 = client
             .query_one(
                 "SELECT count(*) FROM ledger_entries l WHERE l.created_at >= $1 \
-                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.entry_id = l.id)",
+                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)",
                 &[&since],
             )
             .await?
@@ -267,7 +267,7 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::
     let row = client
         .query_one(
             "SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.created_at - l.created_at)), 0)::float8 AS p99_secs, count(*) AS entries \
-             FROM ledger_entries l JOIN audit_records a ON a.entry_id = l.id WHERE l.created_at >= $1",
+             FROM ledger_entries l JOIN audit_records a ON a.user_id = l.user_id AND a.entry_id = l.id WHERE l.created_at >= $1",
             &[&since],
         )
         .await?;

@@ -107,8 +107,8 @@ pub async fn append(
         .await?;
     let done = tx
         .query_opt(
-            "SELECT 1 FROM audit_records WHERE entry_id = $1",
-            &[&entry_id],
+            "SELECT 1 FROM audit_records WHERE user_id = $1 AND entry_id = $2",
+            &[&user_id, &entry_id],
         )
         .await?;
     if done.is_some() {

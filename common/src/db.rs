@@ -194,7 +194,9 @@ async fn learn_distribution(client: &impl tokio_postgres::GenericClient) -> Resu
         .await?
         .get(0);
     if citus && !distributed() {
-        tracing::info!("the database is distributed by user_id (Citus): batches are grouped per shard");
+        tracing::info!(
+            "the database is distributed by user_id (Citus): batches are grouped per shard"
+        );
     }
     DISTRIBUTED.store(citus, std::sync::atomic::Ordering::Relaxed);
     Ok(())

@@ -212,7 +212,9 @@ where
     }
     answers
         .into_iter()
-        .map(|a| a.unwrap_or_else(|| Err(DbError::Other("a request went unanswered".into()).into())))
+        .map(|a| {
+            a.unwrap_or_else(|| Err(DbError::Other("a request went unanswered".into()).into()))
+        })
         .collect()
 }
 

@@ -99,7 +99,9 @@ async fn run_on(url: &str, db: &str, sql: &str) {
 /// The admin URL of Citus worker `host:port` (same user as the coordinator's).
 fn worker_admin_url(worker: &str) -> String {
     let admin = admin_url();
-    let (scheme_user, rest) = admin.split_once('@').unwrap_or(("postgres://postgres", &admin));
+    let (scheme_user, rest) = admin
+        .split_once('@')
+        .unwrap_or(("postgres://postgres", &admin));
     let db = rest.rsplit_once('/').map_or("postgres", |(_, d)| d);
     format!("{scheme_user}@{worker}/{db}")
 }
@@ -164,10 +166,11 @@ impl TestDb {
             .and_then(|(_, rest)| rest.split_once('/'))
             .map_or("127.0.0.1:5432", |(hostport, _)| hostport)
             .to_owned();
-        let (host, port) = coordinator.split_once(':').unwrap_or((&coordinator, "5432"));
-        let mut join = format!(
-            "CREATE EXTENSION citus; SELECT citus_set_coordinator_host('{host}', {port});"
-        );
+        let (host, port) = coordinator
+            .split_once(':')
+            .unwrap_or((&coordinator, "5432"));
+        let mut join =
+            format!("CREATE EXTENSION citus; SELECT citus_set_coordinator_host('{host}', {port});");
         for w in workers {
             let (h, p) = w.split_once(':').unwrap_or((w, "5432"));
             join.push_str(&format!("SELECT citus_add_node('{h}', {p});"));

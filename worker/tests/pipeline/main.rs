@@ -673,7 +673,7 @@ async fn one_held_audit_chain_never_holds_up_the_other_users_audits() {
         Duration::from_secs(6),
         || async {
             s.scalar(
-                "SELECT count(*) FROM audit_records a JOIN ledger_entries l ON l.id = a.entry_id \
+                "SELECT count(*) FROM audit_records a JOIN ledger_entries l ON l.user_id = a.user_id AND l.id = a.entry_id \
                  WHERE l.kind = 'deduct' AND l.user_id <> $1",
                 "u1",
             )
