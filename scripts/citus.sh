@@ -8,6 +8,7 @@
 #   scripts/citus.sh [run] [--quick]  up, the money tests and a chaos run against it, stop
 #   scripts/citus.sh money            the money tests against a Citus that is up
 #   scripts/citus.sh chaos [--quick]  the chaos run against a Citus that is up
+#   scripts/citus.sh add-worker       a third worker (5834) joins and the shards are rebalanced
 #   scripts/citus.sh bench [--one-postgres]
 #                                     penora-bench deduct and hot at 64 connections on it
 #                                     (or on a database of the default PostgreSQL)
@@ -30,7 +31,7 @@ log() { printf '[citus] %s\n' "$*" >&2; }
 die() { log "$*"; exit 1; }
 port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 as_postgres() { runuser -u postgres -- "$@"; }
-port_of() { case $1 in c) echo 5831 ;; w1) echo 5832 ;; w2) echo 5833 ;; esac; }
+port_of() { case $1 in c) echo 5831 ;; w1) echo 5832 ;; w2) echo 5833 ;; w3) echo 5834 ;; esac; }
 psql_on() { local n=$1; shift; psql -h 127.0.0.1 -p "$(port_of "$n")" -U postgres -X -Atq -v ON_ERROR_STOP=1 "$@"; }
 
 node_up() {
@@ -71,9 +72,27 @@ EOF
   log "Citus $(psql_on c -d penora -c "select extversion from pg_extension where extname = 'citus'"): coordinator 127.0.0.1:$(port_of c), workers :$(port_of w1) and :$(port_of w2)"
 }
 
+# The procedure of docs/scaling.md: a third worker joins, the shards are
+# rebalanced online (logical replication), and reconcile checks the money.
+add_worker() {
+  [ -e "$dir/env" ] || die "Citus is not up (scripts/cluster.sh citus up)"
+  port_open "$(port_of w3)" && die "port $(port_of w3) is taken"
+  node_up w3
+  local started=$SECONDS
+  psql_on c -d penora -c "SELECT citus_add_node('127.0.0.1', $(port_of w3))" >/dev/null
+  psql_on c -d penora -c "SELECT citus_rebalance_start()" >/dev/null
+  until [ "$(psql_on c -d penora -c "SELECT state FROM citus_rebalance_status() ORDER BY job_id DESC LIMIT 1")" = finished ]; do
+    [ $((SECONDS - started)) -lt 600 ] || die "the rebalance did not finish in 10 minutes"
+    sleep 1
+  done
+  log "worker w3 added and shards rebalanced in $((SECONDS - started)) s"
+  status
+  (. "$dir/env"; ./target/debug/penora-ops reconcile)
+}
+
 stop() {
   local n
-  for n in "${nodes[@]}"; do
+  for n in "${nodes[@]}" w3; do
     [ -d "$dir/$n" ] && as_postgres "$pg_bin/pg_ctl" -D "$dir/$n" -m immediate -w stop >/dev/null 2>&1 || true
   done
   rm -rf "$dir"
@@ -82,7 +101,7 @@ stop() {
 
 status() {
   psql_on c -d penora -c "SELECT nodename || ':' || nodeport || '  ' || CASE WHEN groupid = 0 THEN 'coordinator' ELSE 'worker' END FROM pg_dist_node ORDER BY groupid"
-  psql_on c -d penora -c "SELECT nodename || ':' || nodeport || '  ' || count(*) || ' shards' FROM citus_shards GROUP BY 1 ORDER BY 1" 2>/dev/null || true
+  psql_on c -d penora -c "SELECT nodename || ':' || nodeport || '  ' || count(*) || ' shards' FROM citus_shards GROUP BY nodename, nodeport ORDER BY 1"
 }
 
 # The money tests: concurrency (200 deducts on one balance, 50 with one key,
@@ -177,10 +196,11 @@ run() {
 case ${1:-run} in
   up) up ;;
   money) money ;;
+  add-worker) add_worker ;;
   chaos) [ "${2:-}" = "--quick" ] && chaos 1 || chaos 0 ;;
   bench) shift; bench "$@" ;;
   stop) stop ;;
   status) status ;;
   run|--quick) [ "${1:-}" = run ] && shift; run "$@" ;;
-  *) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac
