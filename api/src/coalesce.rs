@@ -251,21 +251,10 @@ async fn deduct_per_shard(pool: &Pool, queued: &[Queued]) -> Vec<Answer<DeductRe
         let part: Vec<Queued> = group.iter().map(|&i| queued[i].clone()).collect();
         deduct_on(pool, &part, OnBusy::Skip).await
     });
-    let mut answers: Vec<Option<Answer<DeductReceipt>>> = queued.iter().map(|_| None).collect();
-    for (group, got) in groups
-        .iter()
-        .zip(futures_util::future::join_all(parts).await)
-    {
-        for (&i, answer) in group.iter().zip(got) {
-            answers[i] = Some(answer);
-        }
-    }
-    answers
-        .into_iter()
-        .map(|a| {
-            a.unwrap_or_else(|| Err(DbError::Other("a deduction went unanswered".into()).into()))
-        })
-        .collect()
+    let answers = futures_util::future::join_all(parts).await;
+    penora_common::db::in_places(queued.len(), &groups, answers, || {
+        Err(DbError::Other("a deduction went unanswered".into()).into())
+    })
 }
 
 /// [`ledger::deduct_all`] on a connection of `pool`; without one, every

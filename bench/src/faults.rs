@@ -123,6 +123,18 @@ async fn run_fault(script: &str, args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Waits `fault_every` seconds; `true` when the run stopped meanwhile.
+async fn stopped_before_next_fault(ctx: &Ctx) -> bool {
+    let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
+    while Instant::now() < wake {
+        if ctx.stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// Injects the cluster script's faults in turn, each `fault_every` seconds
 /// after the previous one is over; after a failover, rebuilds the old
 /// primary as the new standby (timed as a fault of its own).
@@ -131,16 +143,12 @@ pub async fn cluster_controller(ctx: Arc<Ctx>, script: String) -> anyhow::Result
     let mut recoveries = Vec::new();
     let mut i = 0;
     loop {
-        let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
-        while Instant::now() < wake {
-            if ctx.stop.load(Ordering::Relaxed) {
-                return Ok(Faults {
-                    injected,
-                    recoveries,
-                    services: None,
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if stopped_before_next_fault(&ctx).await {
+            return Ok(Faults {
+                injected,
+                recoveries,
+                services: None,
+            });
         }
         let (fault, kind) = CLUSTER_FAULTS[i % CLUSTER_FAULTS.len()];
         let round = (i / CLUSTER_FAULTS.len() + 1).to_string();
@@ -199,16 +207,12 @@ pub async fn controller(
     let mut injected: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut i = 0;
     loop {
-        let wake = Instant::now() + Duration::from_secs_f64(ctx.args.fault_every);
-        while Instant::now() < wake {
-            if ctx.stop.load(Ordering::Relaxed) {
-                return Ok(Faults {
-                    injected,
-                    recoveries: Vec::new(),
-                    services: Some((api, worker)),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        if stopped_before_next_fault(&ctx).await {
+            return Ok(Faults {
+                injected,
+                recoveries: Vec::new(),
+                services: Some((api, worker)),
+            });
         }
         let fault = FAULTS[i % FAULTS.len()];
         i += 1;

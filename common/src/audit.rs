@@ -151,17 +151,22 @@ pub async fn append_many(
     if groups.len() <= 1 {
         return append_in_shard(client, items).await;
     }
-    let mut answers: Vec<Option<Appended>> = items.iter().map(|_| None).collect();
-    for group in groups {
+    let mut answers = Vec::with_capacity(groups.len());
+    for group in &groups {
         let part: Vec<(String, i64)> = group.iter().map(|&i| items[i].clone()).collect();
-        for (&i, answer) in group.iter().zip(append_in_shard(client, &part).await?) {
-            answers[i] = Some(answer);
-        }
+        answers.push(
+            append_in_shard(client, &part)
+                .await?
+                .into_iter()
+                .map(Ok)
+                .collect(),
+        );
     }
-    answers
-        .into_iter()
-        .map(|a| a.ok_or_else(|| DbError::Other("an audit item went unanswered".into())))
-        .collect()
+    crate::db::in_places(items.len(), &groups, answers, || {
+        Err(DbError::Other("an audit item went unanswered".into()))
+    })
+    .into_iter()
+    .collect()
 }
 
 /// [`append_many`] for items whose users share a shard.

@@ -230,6 +230,27 @@ pub async fn shard_groups(
     Ok(groups.into_iter().map(|(_, members)| members).collect())
 }
 
+/// The answers of each group of [`shard_groups`] (in its members' order), put
+/// back in the places its members came from; a place no group answered gets
+/// `missing()`.
+pub fn in_places<T>(
+    len: usize,
+    groups: &[Vec<usize>],
+    answers: impl IntoIterator<Item = Vec<T>>,
+    missing: impl Fn() -> T,
+) -> Vec<T> {
+    let mut placed: Vec<Option<T>> = (0..len).map(|_| None).collect();
+    for (group, got) in groups.iter().zip(answers) {
+        for (&i, answer) in group.iter().zip(got) {
+            placed[i] = Some(answer);
+        }
+    }
+    placed
+        .into_iter()
+        .map(|a| a.unwrap_or_else(&missing))
+        .collect()
+}
+
 /// Applies pending migrations under the migration advisory lock.
 pub async fn migrate(database_url: &str) -> Result<(), DbError> {
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
