@@ -215,7 +215,8 @@ pub async fn shard_groups(
     }
     let rows = client
         .query(
-            "SELECT get_shard_id_for_distribution_column('accounts', u)              FROM unnest($1::text[]) WITH ORDINALITY AS v(u, n) ORDER BY n",
+            "SELECT get_shard_id_for_distribution_column('accounts', u) \
+             FROM unnest($1::text[]) WITH ORDINALITY AS v(u, n) ORDER BY n",
             &[&users],
         )
         .await?;

@@ -202,20 +202,14 @@ where
     if groups.len() <= 1 {
         return answer_in_order(client, requests, rule, on_busy, &once).await;
     }
-    let mut answers: Vec<Option<Answer<T>>> = requests.iter().map(|_| None).collect();
-    for group in groups {
+    let mut answers = Vec::with_capacity(groups.len());
+    for group in &groups {
         let part: Vec<Q> = group.iter().map(|&i| requests[i].clone()).collect();
-        let got = answer_in_order(client, &part, rule, on_busy, &once).await;
-        for (&i, answer) in group.iter().zip(got) {
-            answers[i] = Some(answer);
-        }
+        answers.push(answer_in_order(client, &part, rule, on_busy, &once).await);
     }
-    answers
-        .into_iter()
-        .map(|a| {
-            a.unwrap_or_else(|| Err(DbError::Other("a request went unanswered".into()).into()))
-        })
-        .collect()
+    crate::db::in_places(requests.len(), &groups, answers, || {
+        Err(DbError::Other("a request went unanswered".into()).into())
+    })
 }
 
 /// [`answer_all`] for requests that may share a transaction.
