@@ -20,10 +20,10 @@
 //!   together or not at all;
 //! * a key met twice in one batch ends the batch: the repeat and the requests
 //!   after it go in the next batch (where the repeat replays or conflicts);
-//! * a key claimed meanwhile by a concurrent transaction (the same user's
-//!   request with the same key, in a batch that did not hold the account:
-//!   only possible when that batch skipped it) rolls the batch back, and it
-//!   runs again, where the key is seen.
+//! * a key claimed meanwhile by a concurrent transaction rolls the batch
+//!   back, and it runs again, where the key is seen (keys are per user and
+//!   every writer locks the user's account first, so this is a guard that
+//!   should never fire).
 
 use std::{collections::HashSet, time::Duration};
 
