@@ -146,6 +146,9 @@ pub async fn append_many(
     client: &mut Client,
     items: &[(String, i64)],
 ) -> Result<Vec<Appended>, DbError> {
+    if !crate::db::distributed() {
+        return append_in_shard(client, items).await;
+    }
     let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
     let groups = crate::db::shard_groups(&*client, &users).await?;
     if groups.len() <= 1 {

@@ -303,7 +303,8 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
     let start = NEXT_NODE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut failure = BrokerError::Timeout;
     for i in 0..nodes.len() {
-        let node = nodes[(start + i) % nodes.len()];
+        let index = (start + i) % nodes.len();
+        let node = nodes[index];
         let props = ConnectionProperties::default().with_connection_name(name.into());
         failure =
             match tokio::time::timeout(Duration::from_secs(5), Connection::connect(node, props))
@@ -314,7 +315,7 @@ pub async fn connect(url: &str, name: &str) -> Result<Connection, BrokerError> {
                 Err(_) => BrokerError::Timeout,
             };
         if nodes.len() > 1 {
-            tracing::warn!(node = i, error = %failure, "RabbitMQ node unreachable; trying the next");
+            tracing::warn!(node = index, error = %failure, "RabbitMQ node of AMQP_URL unreachable; trying the next");
         }
     }
     Err(failure)

@@ -175,8 +175,9 @@ pub fn pool_with(url: &str, size: usize, lock_timeout_ms: u64) -> Result<Pool, D
 
 /// Whether the database is distributed by `user_id` (Citus): then every
 /// transaction of a batch must stay within one shard ([`shard_groups`]).
-/// Learnt when the process migrates or checks readiness; a process talks to
-/// one database.
+/// Learnt once per process, when it migrates ([`migrate`]) or, for operator
+/// commands that do not, with [`learn_distribution`]; a process talks to one
+/// database.
 static DISTRIBUTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether the database is distributed (Citus), as last learnt.
@@ -184,8 +185,13 @@ pub fn distributed() -> bool {
     DISTRIBUTED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Learns whether the database behind `pool` is distributed (Citus).
+pub async fn learn_distribution(pool: &Pool) -> Result<(), DbError> {
+    learn_distribution_on(&**pool.get().await?).await
+}
+
 /// Learns whether the database is distributed (the citus extension).
-async fn learn_distribution(client: &impl tokio_postgres::GenericClient) -> Result<(), DbError> {
+async fn learn_distribution_on(client: &impl tokio_postgres::GenericClient) -> Result<(), DbError> {
     let citus: bool = client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
@@ -260,7 +266,7 @@ pub async fn migrate(database_url: &str) -> Result<(), DbError> {
             tracing::warn!(error = %e, "migration connection closed");
         }
     });
-    learn_distribution(&client).await?;
+    learn_distribution_on(&client).await?;
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
@@ -297,9 +303,6 @@ pub fn latest_migration_version() -> i32 {
 pub async fn readiness(pool: &Pool) -> Result<i32, String> {
     let client = pool
         .get()
-        .await
-        .map_err(|e| format!("database unreachable: {e}"))?;
-    learn_distribution(&**client)
         .await
         .map_err(|e| format!("database unreachable: {e}"))?;
     let row = client

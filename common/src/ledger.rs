@@ -194,6 +194,9 @@ where
     Q: Clone,
     F: AsyncFn(&mut Client, &[Q], OnBusy) -> Slots<T>,
 {
+    if !crate::db::distributed() {
+        return answer_in_order(client, requests, rule, on_busy, &once).await;
+    }
     let users: Vec<&str> = requests.iter().map(user_of).collect();
     let groups = match crate::db::shard_groups(&*client, &users).await {
         Ok(groups) => groups,

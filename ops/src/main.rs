@@ -114,6 +114,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         anyhow::bail!(
             "{why}: run `penora-ops migrate` first (penora-api and penora-worker also migrate at start)"
         );
+    } else {
+        db::learn_distribution(&pool)
+            .await
+            .context("Failed to connect to PostgreSQL")?;
     }
     let mut client = pool
         .get()
