@@ -256,7 +256,8 @@ build() {
 preflight() {
   [ "$(id -u)" -eq 0 ] || die "run as root: nodes run as the postgres and rabbitmq users"
   command -v rabbitmq-server >/dev/null && [ -x "$pg_bin/initdb" ] || scripts/services.sh
-  command -v curl >/dev/null || die "curl is needed"
+  command -v curl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null \
+    || die "curl is needed (apt-get install curl)"
 }
 
 up() {
