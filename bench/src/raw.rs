@@ -93,7 +93,7 @@ pub async fn raw_user_info(pool: &Pool, user: &str) -> bool {
         return false;
     };
     let Ok(stmt) = client
-        .prepare_cached(penora_common::ledger::ACCOUNT_SUMMARY_SQL)
+        .prepare_cached(&penora_common::ledger::ACCOUNT_SUMMARY_SQL)
         .await
     else {
         return false;

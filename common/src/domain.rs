@@ -308,6 +308,11 @@ pub enum EntryKind {
     Refund,
     /// A reservation made final (moves nothing).
     Settle,
+    /// A lot's credits that passed their expiry (or the part of a refund
+    /// given back to an expired lot).
+    Expire,
+    /// A voided lot's credits (or the part of a refund given back to it).
+    Void,
 }
 
 impl EntryKind {
@@ -318,6 +323,8 @@ impl EntryKind {
             Self::Deduct => "deduct",
             Self::Refund => "refund",
             Self::Settle => "settle",
+            Self::Expire => "expire",
+            Self::Void => "void",
         }
     }
 }
@@ -328,6 +335,9 @@ impl EntryKind {
 pub enum ReservationState {
     /// Credits held; can still be refunded inside the window.
     Reserved,
+    /// Part of the credits went back; the rest is held, and can still be
+    /// refunded inside the window.
+    PartiallyRefunded,
     /// Final: the credits are spent.
     Settled,
     /// Final: the credits went back to the balance.
@@ -339,6 +349,7 @@ impl ReservationState {
     pub fn from_db(raw: &str) -> Option<Self> {
         match raw {
             "reserved" => Some(Self::Reserved),
+            "partially_refunded" => Some(Self::PartiallyRefunded),
             "settled" => Some(Self::Settled),
             "refunded" => Some(Self::Refunded),
             _ => None,
@@ -349,6 +360,7 @@ impl ReservationState {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Reserved => "reserved",
+            Self::PartiallyRefunded => "partially_refunded",
             Self::Settled => "settled",
             Self::Refunded => "refunded",
         }

@@ -26,11 +26,16 @@
 
 mod deduct;
 mod grant;
+mod lot_ops;
+mod lots;
 mod reads;
 mod refund;
 mod settle;
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+};
 
 use deadpool_postgres::{Client, Transaction};
 use time::OffsetDateTime;
@@ -41,19 +46,28 @@ use tokio_postgres::{
 use uuid::Uuid;
 
 pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
-pub use grant::{Grant, GrantReceipt, grant};
+pub use grant::{Grant, GrantReceipt, LotCategory, grant};
+pub use lot_ops::{
+    LOT_STATUSES, LotView, VoidReceipt, balance_at, expire_lots, lots, users_with_due_lots,
+    void_lot,
+};
+pub use lots::{Allocation, SPENDABLE_ORDER};
 pub use reads::{
     ACCOUNT_SUMMARIES_SQL, ACCOUNT_SUMMARY_SQL, AccountSummary, LedgerRow, account_summaries,
     account_summary, transactions,
 };
 pub use refund::{QueuedRefund, Refund, RefundReceipt, refund, refund_all, refund_one};
-pub use settle::{SettleResult, SettledBy, settle};
+pub use settle::{Settle, SettleReceipt, SettleResult, SettledBy, settle, settle_for};
 
 use crate::{
     db::DbError,
     domain::{EntryKind, ReservationState},
     messages::{JOBS_EXCHANGE, LEDGER_AUDIT, LedgerAuditJob},
 };
+
+/// The prefix of the references of refunds that ImageGene's events ask
+/// for (`event:<event_id>`); HTTP references may not use it.
+pub const EVENT_REFERENCE_PREFIX: &str = "event:";
 
 /// Why a credit movement was refused. Each variant maps to one API error.
 #[derive(Debug, thiserror::Error)]
@@ -367,40 +381,50 @@ struct NewEntry<'a> {
     /// Signed: negative takes credits away.
     amount: i64,
     balance_after: i64,
-    app_name: &'a str,
+    app_name: Cow<'a, str>,
     description: Option<&'a str>,
-    project_code: &'a str,
+    /// The reservation's key, for deduct, refund and settle entries (and
+    /// the expire or void entry of a refund that met a closed lot).
+    project_code: Option<&'a str>,
+    /// A grant's or a refund's reference.
+    reference: Option<&'a str>,
     /// The request id, carried to the entry's audit job.
     correlation_id: Option<&'a str>,
 }
 
-/// Writes `entries` (each naming a distinct reservation) in order, so ids
-/// grow with the balances they show, and the `ledger-audit` job of each, in
-/// two statements of the caller's transaction. Returns each entry's id and
-/// time, in order.
+/// Writes `entries` in order, so ids grow with the balances they show, and
+/// the `ledger-audit` job of each, in two statements of the caller's
+/// transaction. No two entries may share user, kind, app and project code
+/// (a transaction writes at most one entry of each kind per reservation,
+/// and one expire entry per user and app for lots past their expiry).
+/// Returns each entry's id and time, in order.
 async fn write_entries(
     tx: &Transaction<'_>,
     entries: &[NewEntry<'_>],
 ) -> Result<Vec<(i64, OffsetDateTime)>, DbError> {
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
     let users: Vec<&str> = entries.iter().map(|e| e.user_id).collect();
-    let apps: Vec<&str> = entries.iter().map(|e| e.app_name).collect();
-    let codes: Vec<&str> = entries.iter().map(|e| e.project_code).collect();
+    let apps: Vec<&str> = entries.iter().map(|e| e.app_name.as_ref()).collect();
+    let codes: Vec<Option<&str>> = entries.iter().map(|e| e.project_code).collect();
     let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
     let amounts: Vec<i64> = entries.iter().map(|e| e.amount).collect();
     let after: Vec<i64> = entries.iter().map(|e| e.balance_after).collect();
     let descriptions: Vec<Option<&str>> = entries.iter().map(|e| e.description).collect();
+    let references: Vec<Option<&str>> = entries.iter().map(|e| e.reference).collect();
     let insert = tx
         .prepare_cached(
             "INSERT INTO ledger_entries \
-               (user_id, kind, amount, balance_after, app_name, description, project_code) \
-             SELECT v.user_id, v.kind, v.amount, v.balance_after, v.app_name, v.description, v.project_code \
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[]) \
-               WITH ORDINALITY AS v(user_id, kind, amount, balance_after, app_name, description, project_code, n) \
+               (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
+             SELECT v.user_id, v.kind, v.amount, v.balance_after, v.app_name, v.description, v.project_code, v.reference \
+             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+               WITH ORDINALITY AS v(user_id, kind, amount, balance_after, app_name, description, project_code, reference, n) \
              ORDER BY v.n \
-             RETURNING id, user_id, app_name, project_code, created_at",
+             RETURNING id, user_id, kind, app_name, project_code, created_at",
         )
         .await?;
-    let params: [&(dyn ToSql + Sync); 7] = [
+    let params: [&(dyn ToSql + Sync); 8] = [
         &users,
         &kinds,
         &amounts,
@@ -408,14 +432,40 @@ async fn write_entries(
         &apps,
         &descriptions,
         &codes,
+        &references,
     ];
     let rows = tx.query(&insert, &params).await?;
-    let written: HashMap<_, (i64, OffsetDateTime)> = by_reservation(&rows, "id", "created_at");
+    type EntryKey = (String, String, String, Option<String>);
+    let written: HashMap<EntryKey, (i64, OffsetDateTime)> = rows
+        .iter()
+        .map(|r| {
+            (
+                (
+                    r.get("user_id"),
+                    r.get("kind"),
+                    r.get("app_name"),
+                    r.get("project_code"),
+                ),
+                (r.get("id"), r.get("created_at")),
+            )
+        })
+        .collect();
+    if written.len() != entries.len() {
+        return Err(DbError::Other(
+            "two ledger rows of one transaction share their key".into(),
+        ));
+    }
     let mut out = Vec::with_capacity(entries.len());
     let mut payloads = Vec::with_capacity(entries.len());
     for e in entries {
+        let key = (
+            e.user_id.to_owned(),
+            e.kind.as_str().to_owned(),
+            e.app_name.to_string(),
+            e.project_code.map(str::to_owned),
+        );
         let &(id, at) = written
-            .get(&key_of(e.user_id, e.app_name, e.project_code))
+            .get(&key)
             .ok_or_else(|| DbError::Other("a batch ledger row is missing".into()))?;
         out.push((id, at));
         let job = LedgerAuditJob {

@@ -60,6 +60,11 @@ pub struct GenerationEvent {
     pub reason: Option<String>,
     /// When it happened (RFC 3339).
     pub occurred_at: String,
+    /// Contract §13: on `generation.failed`, the credits to give back (a
+    /// partial refund); on `generation.succeeded`, the credits to charge
+    /// (the rest is refunded). Absent: all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<i64>,
 }
 
 /// Headers the worker sets on messages it retries or parks.

@@ -3,9 +3,15 @@
 //!
 //! 1. no balance is negative;
 //! 2. every balance equals the sum of the user's ledger, and every ledger row's
-//!    `balance_after` equals the running sum up to it;
-//! 4. a reservation has exactly one deduct of its amount, at most one refund of
-//!    exactly its amount, and is `refunded` exactly when it has one;
+//!    `balance_after` equals the running sum up to it; with lots (§12): the
+//!    balance equals the sum of the user's lots' remaining (a lot past its
+//!    expiry keeps its remaining until its `expire` entry), every lot's
+//!    remaining is the sum of its movements and 0 ≤ remaining ≤ granted, and
+//!    every entry's lot movements sum to its amount (so each reservation's
+//!    allocations sum to what it reserved);
+//! 4. a reservation has exactly one deduct of its amount; its refunds sum to
+//!    its `refunded_amount`, never more than it reserved (§13), and it is
+//!    `refunded` exactly when they sum to all of it;
 //! 6. no user's stored bytes exceed the quota, and the counter equals the sizes
 //!    of the user's queued and saved projects.
 
@@ -137,10 +143,53 @@ pub async fn run_with_progress(
         );
     }
 
+    progress("lots", 3, 6);
+    for (sql, what) in [
+        (
+            "SELECT a.user_id, format('balance %s differs from the lots'' remaining %s', a.balance, \
+                    coalesce(l.total, 0)) AS detail \
+             FROM accounts a LEFT JOIN \
+               (SELECT user_id, sum(remaining) AS total FROM credit_lots GROUP BY user_id) l USING (user_id) \
+             WHERE a.balance <> coalesce(l.total, 0)",
+            "balances against lots",
+        ),
+        (
+            "SELECT l.user_id, format('lot %s: remaining %s of %s granted, its movements sum to %s', \
+                    l.lot_id, l.remaining, l.granted, coalesce(m.total, 0)) AS detail \
+             FROM credit_lots l LEFT JOIN \
+               (SELECT user_id, lot_id, sum(amount) AS total FROM lot_movements GROUP BY user_id, lot_id) m \
+               ON m.user_id = l.user_id AND m.lot_id = l.lot_id \
+             WHERE l.remaining <> coalesce(m.total, 0) OR l.remaining < 0 OR l.remaining > l.granted",
+            "lots against movements",
+        ),
+        (
+            "SELECT e.user_id, format('%s entry %s of %s: its lot movements sum to %s', \
+                    e.kind, e.id, e.amount, m.total) AS detail \
+             FROM ledger_entries e JOIN \
+               (SELECT user_id, entry_id, sum(amount) AS total FROM lot_movements \
+                 WHERE entry_id IS NOT NULL GROUP BY user_id, entry_id) m \
+               ON m.user_id = e.user_id AND m.entry_id = e.id \
+             WHERE m.total <> e.amount",
+            "movements against entries",
+        ),
+        (
+            "SELECT e.user_id, format('%s entry %s of %s has no lot movements', e.kind, e.id, e.amount) AS detail \
+             FROM ledger_entries e \
+             WHERE e.kind IN ('deduct', 'expire', 'void') AND NOT EXISTS ( \
+               SELECT 1 FROM lot_movements m WHERE m.user_id = e.user_id AND m.entry_id = e.id)",
+            "entries without movements",
+        ),
+    ] {
+        tracing::debug!(check = what, "reconcile");
+        for r in tx.query(sql, &[]).await? {
+            push(r.get("user_id"), 2, r.get("detail"));
+        }
+    }
+
     progress("reservations", 3, 6);
     for r in tx
         .query(
-            "SELECT r.user_id, r.app_name, r.project_code, r.amount, r.state, \
+            "SELECT r.user_id, r.app_name, r.project_code, r.amount, r.state, r.refunded_amount, \
                     count(*) FILTER (WHERE l.kind = 'deduct') AS deducts, \
                     coalesce(sum(-l.amount) FILTER (WHERE l.kind = 'deduct'), 0)::bigint AS deducted, \
                     count(*) FILTER (WHERE l.kind = 'refund') AS refunds, \
@@ -148,12 +197,12 @@ pub async fn run_with_progress(
              FROM reservations r \
              LEFT JOIN ledger_entries l \
                ON l.user_id = r.user_id AND l.app_name = r.app_name AND l.project_code = r.project_code \
-             GROUP BY r.user_id, r.app_name, r.project_code, r.amount, r.state \
+             GROUP BY r.user_id, r.app_name, r.project_code, r.amount, r.state, r.refunded_amount \
              HAVING count(*) FILTER (WHERE l.kind = 'deduct') <> 1 \
                  OR coalesce(sum(-l.amount) FILTER (WHERE l.kind = 'deduct'), 0) <> r.amount \
-                 OR count(*) FILTER (WHERE l.kind = 'refund') > 1 \
-                 OR coalesce(sum(l.amount) FILTER (WHERE l.kind = 'refund'), 0) > r.amount \
-                 OR (r.state = 'refunded') <> (count(*) FILTER (WHERE l.kind = 'refund') = 1)",
+                 OR coalesce(sum(l.amount) FILTER (WHERE l.kind = 'refund'), 0) <> r.refunded_amount \
+                 OR r.refunded_amount > r.amount \
+                 OR (r.state = 'refunded') <> (r.refunded_amount = r.amount)",
             &[],
         )
         .await?
@@ -162,11 +211,12 @@ pub async fn run_with_progress(
             r.get("user_id"),
             4,
             format!(
-                "reservation ({}, {}) of {} credits in state {}: {} deducts of {} in all, {} refunds of {} in all",
+                "reservation ({}, {}) of {} credits in state {} (refunded_amount {}): {} deducts of {} in all, {} refunds of {} in all",
                 r.get::<_, String>("app_name"),
                 r.get::<_, String>("project_code"),
                 r.get::<_, i64>("amount"),
                 r.get::<_, String>("state"),
+                r.get::<_, i64>("refunded_amount"),
                 r.get::<_, i64>("deducts"),
                 r.get::<_, i64>("deducted"),
                 r.get::<_, i64>("refunds"),
@@ -178,7 +228,7 @@ pub async fn run_with_progress(
     for r in tx
         .query(
             "SELECT l.user_id, l.kind, l.app_name, l.project_code FROM ledger_entries l \
-             WHERE l.kind IN ('deduct', 'refund', 'settle') AND NOT EXISTS ( \
+             WHERE l.kind <> 'grant' AND l.project_code IS NOT NULL AND NOT EXISTS ( \
                SELECT 1 FROM reservations r WHERE r.user_id = l.user_id \
                  AND r.app_name = l.app_name AND r.project_code = l.project_code)",
             &[],

@@ -1,16 +1,18 @@
 //! `penora-ops credits`: grants, with the ledger's rules (once per
-//! reference; a repeat moves nothing and says so).
+//! reference; a repeat moves nothing and says so), and a user's lots.
 
 use clap::Subcommand;
 use penora_common::{
     config::Settings,
     domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId},
-    ledger,
+    ledger::{self, LotCategory},
+    timefmt::rfc3339_millis,
 };
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 #[derive(Subcommand)]
 pub enum CreditsCommand {
-    /// Grant AMOUNT credits to USER, once per REFERENCE.
+    /// Grant AMOUNT credits to USER, once per REFERENCE: one lot.
     Grant {
         /// The user.
         user: String,
@@ -25,6 +27,33 @@ pub enum CreditsCommand {
         /// The app granting.
         #[arg(long, default_value = PENORA)]
         app: String,
+        /// `paid` or `promotional`.
+        #[arg(long, default_value = "paid")]
+        category: String,
+        /// 0–100, lower spent first (default 10 for promotional, 50 for paid).
+        #[arg(long)]
+        priority: Option<i32>,
+        /// When the credits expire (RFC 3339, in the future); never when absent.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List USER's lots, newest first.
+    Lots {
+        /// The user.
+        user: String,
+        /// Only lots in this status: active, depleted, expired or voided.
+        #[arg(long)]
+        status: Option<String>,
+    },
+    /// Void lot LOT_ID of USER: its remaining credits are removed.
+    Void {
+        /// The user.
+        user: String,
+        /// The lot.
+        lot_id: i64,
+        /// Why.
+        #[arg(long)]
+        reason: String,
     },
 }
 
@@ -33,30 +62,116 @@ pub async fn run(
     client: &mut deadpool_postgres::Client,
     command: CreditsCommand,
 ) -> anyhow::Result<()> {
-    let CreditsCommand::Grant {
-        user,
-        amount,
-        reason,
-        reference,
-        app,
-    } = command;
-    let grant = ledger::Grant {
-        user_id: UserId::parse(&user)?,
-        amount: Credits::new("amount", amount, settings.max_deduct_amount)?,
-        app_name: AppName::parse("app", &app)?,
-        reason: GrantReason::parse("reason", Some(&reason))?,
-        reference: Reference::parse("reference", Some(&reference))?,
-    };
-    let outcome = ledger::grant(client, &grant, None).await?;
-    let r = outcome.value;
-    let replay = if outcome.replayed {
-        " (already granted: nothing moved)"
-    } else {
-        ""
-    };
-    println!(
-        "granted {} credits to {} (reference {}); balance {}{replay}",
-        r.credits_added, r.user_id, r.reference, r.new_balance
-    );
+    match command {
+        CreditsCommand::Grant {
+            user,
+            amount,
+            reason,
+            reference,
+            app,
+            category,
+            priority,
+            expires_at,
+        } => {
+            let category = LotCategory::from_db(&category)
+                .ok_or_else(|| anyhow::anyhow!("--category must be paid or promotional"))?;
+            let priority = priority.unwrap_or(category.default_priority());
+            anyhow::ensure!(
+                (0..=100).contains(&priority),
+                "--priority must be from 0 to 100"
+            );
+            let expires_at = expires_at
+                .map(|raw| {
+                    let at = OffsetDateTime::parse(&raw, &Rfc3339)
+                        .map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+                    anyhow::ensure!(
+                        at > OffsetDateTime::now_utc(),
+                        "--expires-at must be in the future"
+                    );
+                    let millis = at.unix_timestamp_nanos() / 1_000_000 * 1_000_000;
+                    Ok(OffsetDateTime::from_unix_timestamp_nanos(millis)?)
+                })
+                .transpose()?;
+            let grant = ledger::Grant {
+                user_id: UserId::parse(&user)?,
+                amount: Credits::new("amount", amount, settings.max_deduct_amount)?,
+                app_name: AppName::parse("app", &app)?,
+                reason: GrantReason::parse("reason", Some(&reason))?,
+                reference: Reference::parse("reference", Some(&reference))?,
+                category,
+                priority,
+                expires_at,
+            };
+            let outcome = ledger::grant(client, &grant, None).await?;
+            let r = outcome.value;
+            let replay = if outcome.replayed {
+                " (already granted: nothing moved)"
+            } else {
+                ""
+            };
+            let expiry = r
+                .expires_at
+                .map(|at| format!(", expires {}", rfc3339_millis(at)))
+                .unwrap_or_default();
+            println!(
+                "granted {} {} credits to {} (reference {}, lot {}, priority {}{expiry}); balance {}{replay}",
+                r.credits_added,
+                r.category.as_str(),
+                r.user_id,
+                r.reference,
+                r.lot_id,
+                r.priority,
+                r.new_balance
+            );
+        }
+        CreditsCommand::Lots { user, status } => {
+            let user = UserId::parse(&user)?;
+            if let Some(s) = status.as_deref() {
+                anyhow::ensure!(
+                    ledger::LOT_STATUSES.contains(&s),
+                    "--status must be active, depleted, expired or voided"
+                );
+            }
+            let lots = ledger::lots(&*client, &user, status.as_deref(), i64::MAX, None).await?;
+            println!(
+                "{:>8}  {:<11}  {:>3}  {:>10}  {:>10}  {:<24}  {:<8}  reference",
+                "lot", "category", "pri", "granted", "remaining", "expires_at", "status"
+            );
+            for l in &lots {
+                println!(
+                    "{:>8}  {:<11}  {:>3}  {:>10}  {:>10}  {:<24}  {:<8}  {}",
+                    l.lot_id,
+                    l.category,
+                    l.priority,
+                    l.granted,
+                    l.remaining,
+                    l.expires_at
+                        .map(rfc3339_millis)
+                        .unwrap_or_else(|| "never".into()),
+                    l.status,
+                    l.reference.as_deref().unwrap_or("(balance before lots)")
+                );
+            }
+            println!("{} lots", lots.len());
+        }
+        CreditsCommand::Void {
+            user,
+            lot_id,
+            reason,
+        } => {
+            let user = UserId::parse(&user)?;
+            let outcome = ledger::void_lot(client, &user, lot_id, &reason, None).await?;
+            let r = outcome.value;
+            let replay = if outcome.replayed {
+                " (nothing moved)"
+            } else {
+                ""
+            };
+            println!(
+                "lot {} of {} is {}: {} credits voided; spendable balance {}{replay}",
+                r.lot_id, r.user_id, r.status, r.credits_voided, r.new_balance
+            );
+        }
+    }
     Ok(())
 }

@@ -21,6 +21,10 @@ pub struct Event {
     /// Why the generation failed.
     #[arg(long)]
     reason: Option<String>,
+    /// Credits to refund (`failed`: a partial refund) or to charge
+    /// (`succeeded`: the rest is refunded); all of them when absent.
+    #[arg(long)]
+    amount: Option<i64>,
     /// The event id (default: a new UUID).
     #[arg(long)]
     event_id: Option<String>,
@@ -41,6 +45,7 @@ pub async fn run(settings: &Settings, e: Event) -> anyhow::Result<()> {
             project_code: e.project_code,
             reason: e.reason,
             occurred_at: rfc3339_millis(time::OffsetDateTime::now_utc()),
+            amount: e.amount,
         })?,
     };
     let topology = Topology::from_settings(settings);

@@ -210,10 +210,16 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
     .await;
 }
 
-/// Settles reservations past their refund window; deletes projects past
+/// Settles reservations past their refund window; writes the `expire`
+/// entries of lots past their expiry; deletes projects past
 /// `PROJECT_RETENTION_DAYS`; prunes the outbox.
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
+        match expire_lots(&ctx, 500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(credits = n, "expired credits of lots past their expiry"),
+            Err(e) => tracing::warn!(error = %e, "expiring lots failed"),
+        }
         match settle_expired(&ctx, 500).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(settled = n, "settled reservations past their refund window"),
@@ -249,13 +255,31 @@ pub async fn delete_retired(
     Ok(penora_common::projects::delete_older_than(&mut client, cutoff, limit).await?)
 }
 
+/// Writes the `expire` entries of the lots past their expiry of up to
+/// `limit` users (a user's next movement may have done it first). Returns
+/// the credits expired.
+pub async fn expire_lots(ctx: &Context, limit: i64) -> Result<i64, anyhow::Error> {
+    let mut client = ctx.pool.get().await?;
+    let users = ledger::users_with_due_lots(&client, limit).await?;
+    let mut expired = 0;
+    for user in users {
+        let n = ledger::expire_lots(&mut client, &user).await?;
+        if n > 0 {
+            expired += n;
+            ctx.jobs_committed();
+        }
+    }
+    Ok(expired)
+}
+
 /// Settles up to `limit` reservations whose refund window has passed.
 pub async fn settle_expired(ctx: &Context, limit: i64) -> Result<usize, anyhow::Error> {
     let mut client = ctx.pool.get().await?;
     let due = client
         .query(
             "SELECT user_id, app_name, project_code FROM reservations \
-             WHERE state = 'reserved' AND refundable_until < now() ORDER BY refundable_until LIMIT $1",
+             WHERE state IN ('reserved', 'partially_refunded') AND refundable_until < now() \
+             ORDER BY refundable_until LIMIT $1",
             &[&limit],
         )
         .await?;

@@ -93,11 +93,34 @@ pub struct UserInfo {
     pub credits: i64,
     /// Ku coins held by reservations that can still be refunded or settled.
     pub reserved_credits: i64,
+    /// Spendable Ku coins by category (they sum to `credits`).
+    pub credits_breakdown: CreditsBreakdown,
+    /// The soonest expiry of spendable Ku coins, `null` when none expire.
+    pub next_expiry: Option<NextExpiry>,
     /// Storage use.
     pub storage: Storage,
     /// When this answer was made.
     #[schema(example = "2025-08-28T06:00:00.000Z")]
     pub timestamp: String,
+}
+
+/// Spendable credits by category.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreditsBreakdown {
+    /// Bought credits.
+    pub paid: i64,
+    /// Given credits (bonuses).
+    pub promotional: i64,
+}
+
+/// The next credits to expire.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct NextExpiry {
+    /// How many expire then.
+    pub amount: i64,
+    /// When.
+    #[schema(example = "2025-09-27T06:00:00.000Z")]
+    pub expires_at: String,
 }
 
 fn mib(bytes: i64) -> f64 {
@@ -151,6 +174,14 @@ async fn user_info(
         user_id: user.to_string(),
         credits: summary.balance,
         reserved_credits: summary.reserved_credits,
+        credits_breakdown: CreditsBreakdown {
+            paid: summary.paid,
+            promotional: summary.promotional,
+        },
+        next_expiry: summary.next_expiry.map(|(amount, at)| NextExpiry {
+            amount,
+            expires_at: rfc3339_millis(at),
+        }),
         storage: Storage::new(quota, used, summary.total_projects),
         timestamp: rfc3339_millis(time::OffsetDateTime::now_utc()),
     };
@@ -195,17 +226,23 @@ pub struct DeductResponse {
     /// The reservation's key.
     #[schema(example = "img_xyz123")]
     pub project_code: String,
-    /// `reserved`, `settled` or `refunded`.
+    /// `reserved`, `partially_refunded`, `settled` or `refunded`.
     #[schema(example = "reserved")]
     pub reservation_status: String,
     /// Until when it can be refunded.
     pub refundable_until: String,
     /// The user.
     pub user_id: String,
+    /// The lots the credits came from, in the order drawn.
+    pub allocations: Vec<ledger::Allocation>,
 }
 
 /// The app a request acts for: the body's, else the key's own.
-fn acting_app(auth: &Auth, field: &'static str, raw: Option<&str>) -> Result<AppName, ApiError> {
+pub(crate) fn acting_app(
+    auth: &Auth,
+    field: &'static str,
+    raw: Option<&str>,
+) -> Result<AppName, ApiError> {
     let app = match raw {
         Some(raw) => AppName::parse(field, raw)?,
         None => match auth.bound_app() {
@@ -294,6 +331,7 @@ async fn deduct_credits(
         reservation_status: r.reservation_status.as_str().to_owned(),
         refundable_until: rfc3339_millis(r.refundable_until),
         user_id: r.user_id.clone(),
+        allocations: r.allocations.clone(),
     };
     Ok(with_replay_header(StatusCode::OK, outcome, body))
 }
@@ -314,6 +352,14 @@ pub struct RefundRequest {
     /// several apps with this code (defaults to the key's app).
     #[schema(value_type = Option<AppName>, inline)]
     pub app_name: Option<String>,
+    /// Ku coins to give back, 1 up to what is still refundable; without
+    /// it, all that is left.
+    #[schema(value_type = Option<Credits>)]
+    pub amount: Option<serde_json::Value>,
+    /// What makes this refund idempotent: the same reference refunds once
+    /// (header `Idempotency-Key` when absent). Required with `amount`.
+    #[schema(value_type = Option<Reference>, inline)]
+    pub reference: Option<String>,
 }
 
 /// Answer of `POST /refund-credits`.
@@ -329,22 +375,32 @@ pub struct RefundResponse {
     pub app_name: String,
     /// The reservation's key.
     pub project_code: String,
-    /// Always `refunded`.
+    /// `refunded` once nothing is left, `partially_refunded` before.
     pub reservation_status: String,
+    /// Ku coins given back by every refund of the reservation so far.
+    pub refunded_total: i64,
+    /// Ku coins of the reservation still held.
+    pub remaining_reserved: i64,
+    /// The refund's reference.
+    pub reference: Option<String>,
     /// Why.
     pub reason: Option<String>,
     /// When the refund was made.
     pub timestamp: String,
 }
 
-/// Return a reservation's credits, once.
+/// Return a reservation's credits, all at once or in parts.
 ///
-/// Asking again answers the first refund's result (`Idempotent-Replayed:
-/// true`). A settled reservation, or one past its refund window, is
-/// `409 not_refundable`.
+/// Without `amount` and `reference`, all that is left comes back, once;
+/// asking again answers the first result (`Idempotent-Replayed: true`).
+/// With `amount`, that many come back, once per `reference`; the refunds of
+/// a reservation never sum past what it reserved (`400 invalid_request`
+/// beyond). A settled reservation, or one past its refund window, is
+/// `409 not_refundable`. Credits go back to the lots they came from; the
+/// part whose lot has expired or been voided expires or is voided at once.
 ///
-/// Header `Idempotency-Key`, when sent, must be 1–255 visible ASCII
-/// characters; a refund is idempotent by its reservation.
+/// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
+/// refund's `reference` when the body has none.
 #[utoipa::path(
     post, path = "/refund-credits", tag = "credits",
     request_body = RefundRequest,
@@ -363,8 +419,7 @@ async fn refund_credits(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
-    // Checked like every POST's; a refund is idempotent by its reservation.
-    _key: IdempotencyKey,
+    key: IdempotencyKey,
     ApiJson(body): ApiJson<RefundRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Spend)?;
@@ -378,6 +433,23 @@ async fn refund_credits(
         (raw, _) => Some(acting_app(&auth, "app_name", raw)?),
     };
     let reason = Description::parse("reason", body.reason.as_deref())?;
+    let amount = match &body.amount {
+        None | Some(serde_json::Value::Null) => None,
+        Some(_) => Some(
+            Credits::from_json(
+                "amount",
+                body.amount.as_ref(),
+                state.settings.max_deduct_amount,
+            )?
+            .get(),
+        ),
+    };
+    let reference = refund_reference(&key, body.reference.as_deref())?;
+    if amount.is_some() && reference.is_none() {
+        return Err(ApiError::InvalidRequest(
+            "reference: is required with amount (or send an Idempotency-Key header), so that a retried partial refund refunds once".into(),
+        ));
+    }
     let span = tracing::Span::current();
     span.record("user_id", user.as_str());
     span.record("project_code", project_code.as_str());
@@ -386,6 +458,8 @@ async fn refund_credits(
         project_code,
         app_name,
         reason,
+        amount,
+        reference,
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::refund(&mut client, &request, correlation.as_deref()).await?;
@@ -400,10 +474,36 @@ async fn refund_credits(
         app_name: r.app_name.clone(),
         project_code: r.project_code.clone(),
         reservation_status: r.reservation_status.as_str().to_owned(),
+        refunded_total: r.refunded_total,
+        remaining_reserved: r.remaining_reserved,
+        reference: r.reference.clone(),
         reason: r.reason.clone(),
         timestamp: rfc3339_millis(r.timestamp),
     };
     Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// A refund's or settlement's own reference: the body's, else the
+/// `Idempotency-Key` header's. References starting `event:` belong to
+/// ImageGene's events and are refused.
+pub fn refund_reference(
+    key: &IdempotencyKey,
+    body: Option<&str>,
+) -> Result<Option<String>, ApiError> {
+    let reference = key.or_body("reference", body, |k| {
+        Reference::parse("reference", Some(k)).is_ok()
+    })?;
+    let Some(reference) = reference else {
+        return Ok(None);
+    };
+    let reference = Reference::parse("reference", Some(&reference))?;
+    if reference.starts_with(ledger::EVENT_REFERENCE_PREFIX) {
+        return Err(ApiError::InvalidRequest(format!(
+            "reference: must not start with {:?} (the references of generation events)",
+            ledger::EVENT_REFERENCE_PREFIX
+        )));
+    }
+    Ok(Some(reference))
 }
 
 /// Body of `POST /add-credits`.
@@ -424,6 +524,15 @@ pub struct AddCreditsRequest {
     /// The app granting (defaults to the key's app, else `penora`).
     #[schema(value_type = Option<AppName>, inline)]
     pub app_name: Option<String>,
+    /// `paid` (the default) or `promotional`.
+    #[schema(value_type = Option<ledger::LotCategory>)]
+    pub category: Option<String>,
+    /// 0–100, lower spent first (default 10 for promotional, 50 for paid).
+    #[schema(value_type = Option<i32>, minimum = 0, maximum = 100)]
+    pub priority: Option<serde_json::Value>,
+    /// When the credits expire (RFC 3339, in the future); never when absent.
+    #[schema(value_type = Option<String>, example = "2025-09-27T06:00:00Z")]
+    pub expires_at: Option<String>,
 }
 
 /// Answer of `POST /add-credits`.
@@ -439,6 +548,14 @@ pub struct AddCreditsResponse {
     pub reference: String,
     /// When the grant was made.
     pub timestamp: String,
+    /// The lot the grant made.
+    pub lot_id: i64,
+    /// `paid` or `promotional`.
+    pub category: ledger::LotCategory,
+    /// Lower is spent first.
+    pub priority: i32,
+    /// When the lot expires (`null`: never).
+    pub expires_at: Option<String>,
 }
 
 /// Grant credits (a purchase, a signup bonus); idempotent by
@@ -483,6 +600,27 @@ async fn add_credits(
         Reference::parse("reference", Some(k)).is_ok()
     })?;
     let reference = Reference::parse("reference", reference.as_deref())?;
+    let category = match body.category.as_deref() {
+        None => ledger::LotCategory::Paid,
+        Some(raw) => ledger::LotCategory::from_db(raw).ok_or_else(|| {
+            ApiError::InvalidRequest("category: must be \"paid\" or \"promotional\"".into())
+        })?,
+    };
+    let priority = match &body.priority {
+        None | Some(serde_json::Value::Null) => category.default_priority(),
+        Some(v) => v
+            .as_i64()
+            .filter(|p| (0..=100).contains(p))
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| {
+                ApiError::InvalidRequest("priority: must be a whole number from 0 to 100".into())
+            })?,
+    };
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(|raw| future_instant("expires_at", raw))
+        .transpose()?;
     tracing::Span::current().record("user_id", user.as_str());
     let grant = ledger::Grant {
         user_id: user,
@@ -490,6 +628,9 @@ async fn add_credits(
         app_name,
         reason,
         reference,
+        category,
+        priority,
+        expires_at,
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::grant(&mut client, &grant, correlation.as_deref()).await?;
@@ -503,8 +644,37 @@ async fn add_credits(
         new_balance: r.new_balance,
         reference: r.reference.clone(),
         timestamp: rfc3339_millis(r.timestamp),
+        lot_id: r.lot_id,
+        category: r.category,
+        priority: r.priority,
+        expires_at: r.expires_at.map(rfc3339_millis),
     };
     Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// Parses an RFC 3339 instant for `field`, to the millisecond (what the
+/// service shows).
+pub fn instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
+    let at = time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            ApiError::InvalidRequest(format!(
+                "{field}: must be an RFC 3339 time such as 2025-09-27T06:00:00Z"
+            ))
+        })?;
+    let millis = at.unix_timestamp_nanos() / 1_000_000 * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(millis)
+        .map_err(|_| ApiError::InvalidRequest(format!("{field}: is out of range")))
+}
+
+/// [`instant`], which must lie in the future.
+fn future_instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
+    let at = instant(field, raw)?;
+    if at <= time::OffsetDateTime::now_utc() {
+        return Err(ApiError::InvalidRequest(format!(
+            "{field}: must be in the future"
+        )));
+    }
+    Ok(at)
 }
 
 /// Query of `GET /transactions`.
@@ -526,7 +696,7 @@ pub struct TransactionsQuery {
 pub struct TransactionItem {
     /// The entry's id.
     pub id: i64,
-    /// `grant`, `deduct`, `refund` or `settle`.
+    /// `grant`, `deduct`, `refund`, `settle`, `expire` or `void`.
     pub kind: String,
     /// Signed amount (negative for deducts).
     pub amount: i64,

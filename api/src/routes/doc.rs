@@ -425,7 +425,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 10, "4 request bodies and 6 queries name a user");
+        assert_eq!(seen, 14, "6 request bodies and 8 queries name a user");
     }
 
     #[test]

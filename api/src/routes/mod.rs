@@ -3,6 +3,7 @@
 
 pub mod credits;
 mod doc;
+pub mod lots;
 pub mod projects;
 pub mod quote;
 pub mod system;
@@ -114,6 +115,7 @@ pub fn openapi(max_amount: i64) -> utoipa::openapi::OpenApi {
 fn api_router() -> OpenApiRouter<AppState> {
     let unified = OpenApiRouter::new()
         .merge(credits::router())
+        .merge(lots::router())
         .merge(projects::router())
         .merge(quote::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())

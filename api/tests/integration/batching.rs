@@ -16,7 +16,7 @@ use penora_common::{
     audit::{self, Appended},
     db,
     domain::{AppName, Credits, ProjectCode, UserId},
-    ledger::{self, Deduct, Grant, LedgerError, Queued, QueuedRefund, Refund},
+    ledger::{self, Deduct, Grant, LedgerError, LotCategory, Queued, QueuedRefund, Refund},
     reconcile,
     testing::TestDb,
 };
@@ -51,6 +51,9 @@ async fn grant(pool: &Pool, user: &str, amount: i64) {
             app_name: AppName::parse("app_name", "penora").expect("app"),
             reason: "test".into(),
             reference: format!("seed-{user}"),
+            category: LotCategory::Paid,
+            priority: 50,
+            expires_at: None,
         },
         None,
     )
@@ -333,6 +336,8 @@ fn refund(user: &str, code: &str) -> Refund {
         project_code: ProjectCode::parse(code).expect("code"),
         app_name: Some(AppName::parse("app_name", "imagegene").expect("app")),
         reason: Some("generation failed".into()),
+        amount: None,
+        reference: None,
     }
 }
 

@@ -321,6 +321,8 @@ mod event_time {
                     project_code: ProjectCode::parse(code).expect("code"),
                     app_name: Some(AppName::imagegene()),
                     reason: Some("failed".into()),
+                    amount: None,
+                    reference: None,
                 },
                 event_id: Some(event.into()),
                 correlation_id: None,

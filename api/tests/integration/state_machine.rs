@@ -8,7 +8,7 @@ use std::{collections::HashMap, time::Duration};
 use penora_common::{
     db,
     domain::{AppName, Credits, ProjectCode, ReservationState, UserId},
-    ledger::{self, Deduct, Grant, LedgerError, Refund, SettleResult},
+    ledger::{self, Deduct, Grant, LedgerError, LotCategory, Refund, SettleResult},
     reconcile,
     testing::TestDb,
 };
@@ -67,6 +67,9 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             app_name: AppName::parse("app_name", "penora").expect("app"),
             reason: "start".into(),
             reference: "start".into(),
+            category: LotCategory::Paid,
+            priority: 50,
+            expires_at: None,
         },
         None,
     )
@@ -131,6 +134,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     project_code: key(code),
                     app_name: Some(app.clone()),
                     reason: None,
+                    amount: None,
+                    reference: None,
                 };
                 let got = ledger::refund(&mut c, &r, None).await;
                 match (model.get(&code).copied(), got) {

@@ -25,7 +25,11 @@
 //!   every writer locks the user's account first, so this is a guard that
 //!   should never fire).
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+    time::Duration,
+};
 
 use deadpool_postgres::Client;
 use serde::Serialize;
@@ -33,8 +37,9 @@ use time::OffsetDateTime;
 
 use super::{
     Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, ReservationKey, Slots, answer_all,
-    by_reservation, count_moved, key_of, lock_accounts, move_balances, only, reservation_key,
-    state_of, write_entries,
+    by_reservation, count_moved, key_of, lock_accounts,
+    lots::{Allocation, Plan, active_lots, allocations_of, draw},
+    move_balances, only, reservation_key, state_of,
 };
 use crate::{
     db::DbError,
@@ -79,6 +84,8 @@ pub struct DeductReceipt {
     /// When the deduction was made.
     #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
     pub timestamp: OffsetDateTime,
+    /// The lots the credits came from, in the order drawn (contract §12).
+    pub allocations: Vec<Allocation>,
 }
 
 /// One request of a batch.
@@ -123,11 +130,13 @@ pub async fn deduct_all(
     .await
 }
 
-/// A request accepted in a batch, and the balance it leaves.
+/// A request accepted in a batch, the balance it leaves and the lots it
+/// draws from.
 struct Accepted<'a> {
     q: &'a Queued,
     slot: usize,
     balance_after: i64,
+    allocations: Vec<Allocation>,
 }
 
 /// One transaction of deductions (see [`super::Slots`]).
@@ -166,15 +175,46 @@ async fn deduct_once(
              WHERE r.user_id = ANY($1)",
         )
         .await?;
-    let stored: std::collections::HashMap<ReservationKey, tokio_postgres::Row> = tx
+    let stored: HashMap<ReservationKey, tokio_postgres::Row> = tx
         .query(&find, &[&users, &apps, &codes])
         .await?
         .into_iter()
         .map(|r| (reservation_key(&r), r))
         .collect();
 
+    // The users' lots: due ones expire first (their entries lead the
+    // batch), the rest is what each user can spend.
+    let locked: Vec<&str> = balances.keys().map(String::as_str).collect();
+    let mut lots = active_lots(&tx, &locked).await?;
+    let mut plan = Plan::default();
+    let mut spendable: HashMap<&str, i64> = HashMap::with_capacity(balances.len());
+    for (q, d) in batch.iter().zip(&live) {
+        let user = d.user_id.as_str();
+        let Some(balance) = balances.get_mut(user) else {
+            continue;
+        };
+        if spendable.contains_key(user) {
+            continue;
+        }
+        let user_lots = lots.get(user).map(Vec::as_slice).unwrap_or_default();
+        plan.expire_due(user, user_lots, balance, q.correlation_id.as_deref())?;
+        let left: i64 = user_lots
+            .iter()
+            .filter(|l| !l.due)
+            .map(|l| l.remaining)
+            .sum();
+        if left != *balance {
+            return Err(DbError::Other(format!(
+                "{user}: lots hold {left} credits, the balance is {balance}"
+            ))
+            .into());
+        }
+        spendable.insert(user, *balance);
+    }
+
     // Decide each request in arrival order, as if it ran alone.
     let mut accepted: Vec<Accepted<'_>> = Vec::new();
+    let mut replays: Vec<usize> = Vec::new();
     for (slot, (q, d)) in batch.iter().zip(&live).enumerate() {
         let key = key_of(
             d.user_id.as_str(),
@@ -183,10 +223,11 @@ async fn deduct_once(
         );
         if let Some(row) = stored.get(&key) {
             answers[slot] = Some(answer_from_reservation(row, d));
+            replays.push(slot);
             continue;
         }
         let amount = d.amount.get();
-        match balances.get_mut(d.user_id.as_str()) {
+        match spendable.get_mut(d.user_id.as_str()) {
             None if busy.contains(d.user_id.as_str()) => {
                 answers[slot] = Some(Err(LedgerError::AccountBusy));
             }
@@ -199,15 +240,21 @@ async fn deduct_once(
             }
             Some(balance) => {
                 *balance -= amount;
+                let user_lots = lots
+                    .get_mut(d.user_id.as_str())
+                    .map(Vec::as_mut_slice)
+                    .unwrap_or_default();
                 accepted.push(Accepted {
                     q,
                     slot,
                     balance_after: *balance,
+                    allocations: draw(user_lots, amount),
                 });
             }
         }
     }
-    if accepted.is_empty() {
+    add_allocations(&tx, &live, &replays, &mut answers).await?;
+    if accepted.is_empty() && plan.entries.is_empty() {
         tx.rollback().await?;
         return Ok(answers);
     }
@@ -218,25 +265,39 @@ async fn deduct_once(
         tx.rollback().await?;
         return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
     }
-    let deltas: Vec<(&str, i64)> = accepted
-        .iter()
-        .map(|a| (a.q.deduct.user_id.as_str(), -a.q.deduct.amount.get()))
-        .collect();
+    let mut deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
+    deltas.extend(
+        accepted
+            .iter()
+            .map(|a| (a.q.deduct.user_id.as_str(), -a.q.deduct.amount.get())),
+    );
     move_balances(&tx, &deltas).await?;
-    let entries: Vec<NewEntry<'_>> = accepted
-        .iter()
-        .map(|a| NewEntry {
-            user_id: a.q.deduct.user_id.as_str(),
+    for a in &accepted {
+        let d = &a.q.deduct;
+        let at = plan.entry(NewEntry {
+            user_id: d.user_id.as_str(),
             kind: EntryKind::Deduct,
-            amount: -a.q.deduct.amount.get(),
+            amount: -d.amount.get(),
             balance_after: a.balance_after,
-            app_name: a.q.deduct.app_name.as_str(),
-            description: a.q.deduct.description.as_deref(),
-            project_code: a.q.deduct.project_code.as_str(),
+            app_name: Cow::Borrowed(d.app_name.as_str()),
+            description: d.description.as_deref(),
+            project_code: Some(d.project_code.as_str()),
+            reference: None,
             correlation_id: a.q.correlation_id.as_deref(),
-        })
-        .collect();
-    write_entries(&tx, &entries).await?;
+        });
+        for al in &a.allocations {
+            plan.moves(
+                at,
+                d.user_id.as_str(),
+                al.lot_id,
+                EntryKind::Deduct,
+                -al.amount,
+                -al.amount,
+                Some((d.app_name.as_str(), d.project_code.as_str())),
+            );
+        }
+    }
+    plan.write(&tx).await?;
     tx.commit().await?;
 
     for a in &accepted {
@@ -260,9 +321,43 @@ async fn deduct_once(
             reservation_status: ReservationState::Reserved,
             refundable_until,
             timestamp: created_at,
+            allocations: a.allocations.clone(),
         })));
     }
     Ok(answers)
+}
+
+/// Adds the allocations of the replayed deductions at `slots` (read from
+/// the ledger's lot movements) to their answers.
+async fn add_allocations(
+    tx: &deadpool_postgres::Transaction<'_>,
+    live: &[&Deduct],
+    slots: &[usize],
+    answers: &mut [Option<Answer<DeductReceipt>>],
+) -> Result<(), DbError> {
+    if slots.is_empty() {
+        return Ok(());
+    }
+    let keys: Vec<(&str, &str, &str)> = slots
+        .iter()
+        .map(|&i| {
+            let d = live[i];
+            (
+                d.user_id.as_str(),
+                d.app_name.as_str(),
+                d.project_code.as_str(),
+            )
+        })
+        .collect();
+    let mut found = allocations_of(tx, &keys).await?;
+    for (&slot, key) in slots.iter().zip(&keys) {
+        if let Some(Some(Ok(outcome))) = answers.get_mut(slot) {
+            outcome.value.allocations = found
+                .remove(&key_of(key.0, key.1, key.2))
+                .unwrap_or_default();
+        }
+    }
+    Ok(())
 }
 
 /// Claims the accepted requests' keys (in key order, so two batches claiming
@@ -334,5 +429,6 @@ fn answer_from_reservation(row: &tokio_postgres::Row, d: &Deduct) -> Answer<Dedu
         reservation_status: state_of(row.get("state"))?,
         refundable_until: row.get("refundable_until"),
         timestamp: row.get("created_at"),
+        allocations: Vec::new(),
     }))
 }

@@ -19,6 +19,44 @@ use crate::{
     messages::LedgerAuditJob,
 };
 
+/// A lot's category (contract §12).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum LotCategory {
+    /// Bought: spent after promotional credits of the same priority and expiry.
+    Paid,
+    /// Given (a signup bonus, a goodwill gesture).
+    Promotional,
+}
+
+impl LotCategory {
+    /// The category as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Paid => "paid",
+            Self::Promotional => "promotional",
+        }
+    }
+
+    /// Parses the stored category.
+    pub fn from_db(raw: &str) -> Option<Self> {
+        match raw {
+            "paid" => Some(Self::Paid),
+            "promotional" => Some(Self::Promotional),
+            _ => None,
+        }
+    }
+
+    /// The priority a lot of this category gets when the grant names none:
+    /// promotional credits are spent first.
+    pub fn default_priority(self) -> i32 {
+        match self {
+            Self::Paid => 50,
+            Self::Promotional => 10,
+        }
+    }
+}
+
 /// A grant.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -32,6 +70,12 @@ pub struct Grant {
     pub reason: String,
     /// Idempotency reference (e.g. the payment id).
     pub reference: String,
+    /// The lot's category.
+    pub category: LotCategory,
+    /// The lot's priority (0–100, lower spent first).
+    pub priority: i32,
+    /// When the lot's credits expire (`None`: never).
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// The result of a grant.
@@ -50,6 +94,15 @@ pub struct GrantReceipt {
     /// When the grant was made.
     #[serde(serialize_with = "crate::timefmt::serde_millis::serialize")]
     pub timestamp: OffsetDateTime,
+    /// The lot the grant made.
+    pub lot_id: i64,
+    /// The lot's category.
+    pub category: LotCategory,
+    /// The lot's priority.
+    pub priority: i32,
+    /// When the lot expires (`null`: never).
+    #[serde(serialize_with = "crate::timefmt::serde_millis::option::serialize")]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Grants credits, once per user and `reference`.
@@ -105,6 +158,32 @@ pub async fn grant(
         return replay_grant(client, g).await;
     };
     let entry_id: i64 = row.get("id");
+    let lot = tx
+        .prepare_cached(
+            "WITH lot AS ( \
+               INSERT INTO credit_lots \
+                 (user_id, category, priority, granted, remaining, expires_at, app_name, reference) \
+               VALUES ($1, $2, $3, $4, $4, $5, $6, $7) RETURNING user_id, lot_id) \
+             INSERT INTO lot_movements (user_id, lot_id, entry_id, kind, amount) \
+             SELECT user_id, lot_id, $8, 'grant', $4 FROM lot RETURNING lot_id",
+        )
+        .await?;
+    let lot_id: i64 = tx
+        .query_one(
+            &lot,
+            &[
+                &g.user_id.as_str(),
+                &g.category.as_str(),
+                &g.priority,
+                &g.amount.get(),
+                &g.expires_at,
+                &g.app_name.as_str(),
+                &g.reference,
+                &entry_id,
+            ],
+        )
+        .await?
+        .get("lot_id");
     let job = LedgerAuditJob {
         entry_id,
         user_id: g.user_id.to_string(),
@@ -124,14 +203,21 @@ pub async fn grant(
         reference: g.reference.clone(),
         entry_id,
         timestamp: row.get("created_at"),
+        lot_id,
+        category: g.category,
+        priority: g.priority,
+        expires_at: g.expires_at,
     }))
 }
 
 async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantReceipt> {
     let row = client
         .query_opt(
-            "SELECT user_id, amount, balance_after, id, created_at FROM ledger_entries \
-             WHERE kind = 'grant' AND user_id = $1 AND reference = $2",
+            "SELECT e.user_id, e.amount, e.balance_after, e.id, e.created_at, \
+                    l.lot_id, l.category, l.priority, l.expires_at \
+             FROM ledger_entries e \
+             JOIN credit_lots l ON l.user_id = e.user_id AND l.reference = e.reference \
+             WHERE e.kind = 'grant' AND e.user_id = $1 AND e.reference = $2 AND l.user_id = $1",
             &[&g.user_id.as_str(), &g.reference],
         )
         .await?
@@ -143,10 +229,19 @@ async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantRec
         })?;
     let user_id: String = row.get("user_id");
     let amount: i64 = row.get("amount");
-    if amount != g.amount.get() {
+    let category = LotCategory::from_db(row.get("category"))
+        .ok_or_else(|| DbError::Other("a lot of unknown category".into()))?;
+    let priority: i32 = row.get("priority");
+    let expires_at: Option<OffsetDateTime> = row.get("expires_at");
+    if amount != g.amount.get()
+        || category != g.category
+        || priority != g.priority
+        || expires_at != g.expires_at
+    {
         return Err(LedgerError::IdempotencyConflict(format!(
-            "reference {:?} was already used for a grant of {amount} credits to this user; use a new reference for a new grant",
-            g.reference
+            "reference {:?} was already used for a grant of {amount} {} credits to this user; use a new reference for a new grant",
+            g.reference,
+            category.as_str()
         )));
     }
     Ok(Outcome::replay(GrantReceipt {
@@ -156,5 +251,9 @@ async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantRec
         reference: g.reference.clone(),
         entry_id: row.get("id"),
         timestamp: row.get("created_at"),
+        lot_id: row.get("lot_id"),
+        category,
+        priority,
+        expires_at,
     }))
 }

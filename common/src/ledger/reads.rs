@@ -9,19 +9,33 @@ use time::OffsetDateTime;
 
 use crate::{db::DbError, domain::UserId};
 
-/// SQL of `user-info`'s summary.
-pub const ACCOUNT_SUMMARY_SQL: &str = "SELECT a.balance, a.storage_used_bytes, \
+/// Columns of a summary, over `accounts a`: spendable credits by category
+/// and the next expiry come from the lots (contract §12: a lot past its
+/// `expires_at` is not spendable, even before its `expire` entry).
+const SUMMARY_COLUMNS: &str = "a.user_id, a.storage_used_bytes, \
+       coalesce(s.paid, 0)::bigint AS paid_credits, coalesce(s.promotional, 0)::bigint AS promotional_credits, \
+       s.next_expiry_at, \
+       (SELECT coalesce(sum(n.remaining), 0)::bigint FROM credit_lots n \
+          WHERE n.user_id = a.user_id AND n.status = 'active' AND n.expires_at = s.next_expiry_at) AS next_expiry_amount, \
        (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted') AS total_projects, \
-       (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
-          WHERE r.user_id = a.user_id AND r.state = 'reserved') AS reserved_credits \
-     FROM accounts a WHERE a.user_id = $1";
+       (SELECT coalesce(sum(r.amount - r.refunded_amount), 0)::bigint FROM reservations r \
+          WHERE r.user_id = a.user_id AND r.state IN ('reserved', 'partially_refunded')) AS reserved_credits \
+     FROM accounts a \
+     LEFT JOIN LATERAL ( \
+       SELECT sum(l.remaining) FILTER (WHERE l.category = 'paid') AS paid, \
+              sum(l.remaining) FILTER (WHERE l.category = 'promotional') AS promotional, \
+              min(l.expires_at) AS next_expiry_at \
+       FROM credit_lots l WHERE l.user_id = a.user_id AND l.status = 'active' AND l.remaining > 0 \
+         AND (l.expires_at IS NULL OR l.expires_at > now())) s ON true";
+
+/// SQL of `user-info`'s summary.
+pub static ACCOUNT_SUMMARY_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = $1"));
 
 /// SQL of many users' summaries at once (the API's batched `user-info`).
-pub const ACCOUNT_SUMMARIES_SQL: &str = "SELECT a.user_id, a.balance, a.storage_used_bytes, \
-       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted') AS total_projects, \
-       (SELECT coalesce(sum(r.amount), 0)::bigint FROM reservations r \
-          WHERE r.user_id = a.user_id AND r.state = 'reserved') AS reserved_credits \
-     FROM accounts a WHERE a.user_id = ANY($1::text[])";
+pub static ACCOUNT_SUMMARIES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = ANY($1::text[])")
+});
 
 /// One ledger row as `GET /transactions` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -80,8 +94,14 @@ pub async fn transactions(
 /// A user's balance and storage, as `user-info` shows them.
 #[derive(Debug, Clone)]
 pub struct AccountSummary {
-    /// Spendable credits.
+    /// Spendable credits (paid and promotional).
     pub balance: i64,
+    /// Spendable paid credits.
+    pub paid: i64,
+    /// Spendable promotional credits.
+    pub promotional: i64,
+    /// The soonest expiry of spendable credits, and how many expire then.
+    pub next_expiry: Option<(i64, OffsetDateTime)>,
     /// Credits held by reservations that are not final yet.
     pub reserved_credits: i64,
     /// Bytes held by queued and saved projects.
@@ -92,8 +112,14 @@ pub struct AccountSummary {
 
 impl AccountSummary {
     fn from_row(r: &tokio_postgres::Row) -> Self {
+        let paid: i64 = r.get("paid_credits");
+        let promotional: i64 = r.get("promotional_credits");
+        let next: Option<OffsetDateTime> = r.get("next_expiry_at");
         Self {
-            balance: r.get("balance"),
+            balance: paid + promotional,
+            paid,
+            promotional,
+            next_expiry: next.map(|at| (r.get("next_expiry_amount"), at)),
             storage_used_bytes: r.get("storage_used_bytes"),
             total_projects: r.get("total_projects"),
             reserved_credits: r.get("reserved_credits"),
@@ -106,7 +132,7 @@ pub async fn account_summaries(
     client: &impl GenericClient,
     users: &[&str],
 ) -> Result<std::collections::HashMap<String, AccountSummary>, DbError> {
-    let stmt = client.prepare_cached(ACCOUNT_SUMMARIES_SQL).await?;
+    let stmt = client.prepare_cached(&ACCOUNT_SUMMARIES_SQL).await?;
     Ok(client
         .query(&stmt, &[&users])
         .await?
@@ -120,7 +146,7 @@ pub async fn account_summary(
     client: &impl GenericClient,
     user_id: &UserId,
 ) -> Result<Option<AccountSummary>, DbError> {
-    let stmt = client.prepare_cached(ACCOUNT_SUMMARY_SQL).await?;
+    let stmt = client.prepare_cached(&ACCOUNT_SUMMARY_SQL).await?;
     Ok(client
         .query_opt(&stmt, &[&user_id.as_str()])
         .await?

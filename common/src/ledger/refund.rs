@@ -26,15 +26,20 @@
 //!   same event, are never in one transaction: the second starts the next
 //!   batch, and is decided after the first commits.
 
-use std::collections::{HashMap, HashSet};
+use std::{
+    borrow::Cow,
+    collections::{HashMap, HashSet},
+};
 
 use deadpool_postgres::{Client, Transaction};
 use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, count_moved,
-    lock_accounts, move_balances, only, state_of, write_entries,
+    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, count_moved, key_of,
+    lock_accounts,
+    lots::{Drawn, LotFate, Plan, drawn_from, due_lots, give_back},
+    move_balances, only, state_of,
 };
 use crate::{
     db::DbError,
@@ -52,6 +57,12 @@ pub struct Refund {
     pub app_name: Option<AppName>,
     /// Why, for people.
     pub reason: Option<String>,
+    /// How many credits to give back (contract §13); `None`: all that is
+    /// still refundable.
+    pub amount: Option<i64>,
+    /// What makes this refund idempotent: the same reference refunds once.
+    /// `None`: the refund of whatever is left, once.
+    pub reference: Option<String>,
 }
 
 /// The answer to a refund.
@@ -67,8 +78,15 @@ pub struct RefundReceipt {
     pub app_name: String,
     /// The reservation's key.
     pub project_code: String,
-    /// Always `refunded`.
+    /// `refunded` once nothing is left, `partially_refunded` before (or
+    /// `settled`, for a reservation the window settled).
     pub reservation_status: ReservationState,
+    /// Credits given back by every refund of the reservation so far.
+    pub refunded_total: i64,
+    /// Credits of the reservation still held (0 once refunded or settled).
+    pub remaining_reserved: i64,
+    /// The refund's reference.
+    pub reference: Option<String>,
     /// Why.
     pub reason: Option<String>,
     /// When the refund was made.
@@ -138,7 +156,12 @@ struct Decided<'a> {
     q: &'a QueuedRefund,
     slot: usize,
     app_name: String,
+    /// Credits given back by this refund.
     amount: i64,
+    /// The reservation's refunds, this one included.
+    refunded_total: i64,
+    reserved: i64,
+    state: ReservationState,
     balance_after: i64,
 }
 
@@ -169,6 +192,22 @@ async fn refund_once(
         lock_accounts(&tx, live.iter().map(|q| q.refund.user_id.as_str()), on_busy).await?;
     let mut found = lock_reservations(&tx, &live, &busy).await?;
     let seen = seen_events(&tx, &live).await?;
+    let referenced = referenced_refunds(&tx, &live).await?;
+    let locked: Vec<&str> = balances.keys().map(String::as_str).collect();
+    let due = due_lots(&tx, &locked).await?;
+
+    // Lots past their expiry go first, so that every balance below is
+    // what the user can spend.
+    let mut plan = Plan::default();
+    let mut expired_for = HashSet::new();
+    for q in &live {
+        let user = q.refund.user_id.as_str();
+        if let (Some(lots), Some(balance)) = (due.get(user), balances.get_mut(user))
+            && expired_for.insert(user)
+        {
+            plan.expire_due(user, lots, balance, q.correlation_id.as_deref())?;
+        }
+    }
 
     let mut fresh: Vec<Decided<'_>> = Vec::new();
     // Events answered from a reservation refunded before.
@@ -211,22 +250,68 @@ async fn refund_once(
                 continue;
             }
         };
-        let amount: i64 = row.get("amount");
-        match state_of(row.get("state"))? {
-            ReservationState::Refunded => {
+        let app_name: String = row.get("app_name");
+        let reserved: i64 = row.get("amount");
+        let refunded: i64 = row.get("refunded_amount");
+        let state = state_of(row.get("state"))?;
+        let held = if matches!(
+            state,
+            ReservationState::Reserved | ReservationState::PartiallyRefunded
+        ) {
+            reserved - refunded
+        } else {
+            0
+        };
+        if let Some(first) = r.reference.as_ref().and_then(|reference| {
+            referenced.get(&(
+                r.user_id.to_string(),
+                app_name.clone(),
+                r.project_code.to_string(),
+                reference.clone(),
+            ))
+        }) {
+            answers[slot] = Some(replay_referenced(
+                q, first, &app_name, state, refunded, held,
+            ));
+            if q.event_id.is_some() {
+                replayed_events.push(q);
+            }
+            continue;
+        }
+        let closed_by_window = || {
+            let until: OffsetDateTime = row.get("refundable_until");
+            LedgerError::NotRefundable(format!(
+                "the refund window of reservation {:?} closed at {}",
+                r.project_code.as_str(),
+                crate::timefmt::rfc3339_millis(until)
+            ))
+        };
+        match state {
+            ReservationState::Refunded if r.amount.is_none() && r.reference.is_none() => {
                 if q.event_id.is_some() {
                     replayed_events.push(q);
                 }
                 answers[slot] = Some(Ok(Outcome::replay(RefundReceipt {
                     user_id: r.user_id.to_string(),
-                    credits_refunded: amount,
+                    credits_refunded: row
+                        .get::<_, Option<i64>>("unreferenced_refund")
+                        .unwrap_or(0),
                     new_balance: row.get("balance_after_refund"),
-                    app_name: row.get("app_name"),
+                    app_name,
                     project_code: r.project_code.to_string(),
                     reservation_status: ReservationState::Refunded,
+                    refunded_total: reserved,
+                    remaining_reserved: 0,
+                    reference: None,
                     reason: row.get("refund_reason"),
                     timestamp: row.get("refunded_at"),
                 })));
+            }
+            ReservationState::Refunded => {
+                answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
+                    "reservation {:?} is fully refunded; nothing is left to refund",
+                    r.project_code.as_str()
+                ))));
             }
             ReservationState::Settled
                 if row.get::<_, Option<&str>>("settled_by") != Some("window") =>
@@ -238,74 +323,119 @@ async fn refund_once(
             }
             // Reserved, or settled only because its window passed: the
             // time the refund is judged at decides.
-            ReservationState::Reserved | ReservationState::Settled
-                if row.get::<_, bool>("expired") =>
-            {
-                let until: OffsetDateTime = row.get("refundable_until");
-                answers[slot] = Some(Err(LedgerError::NotRefundable(format!(
-                    "the refund window of reservation {:?} closed at {}",
-                    r.project_code.as_str(),
-                    crate::timefmt::rfc3339_millis(until)
-                ))));
+            _ if row.get::<_, bool>("expired") => {
+                answers[slot] = Some(Err(closed_by_window()));
             }
-            ReservationState::Reserved | ReservationState::Settled => {
-                *balance = balance
-                    .checked_add(amount)
-                    .ok_or_else(|| DbError::Other("a refund overflows the balance".into()))?;
+            _ => {
+                let left = reserved - refunded;
+                let amount = r.amount.unwrap_or(left);
+                if amount > left {
+                    answers[slot] = Some(Err(LedgerError::Invalid {
+                        field: "amount",
+                        reason: format!(
+                            "only {left} of the reservation's {reserved} credits can still be refunded"
+                        ),
+                    }));
+                    continue;
+                }
+                let refunded_total = refunded + amount;
+                let state = if refunded_total == reserved {
+                    ReservationState::Refunded
+                } else if state == ReservationState::Settled {
+                    ReservationState::Settled
+                } else {
+                    ReservationState::PartiallyRefunded
+                };
                 fresh.push(Decided {
                     q,
                     slot,
-                    app_name: row.get("app_name"),
+                    app_name,
                     amount,
+                    refunded_total,
+                    reserved,
+                    state,
                     balance_after: *balance,
                 });
             }
         }
     }
-    if fresh.is_empty() && replayed_events.is_empty() {
+    if fresh.is_empty() && replayed_events.is_empty() && plan.entries.is_empty() {
         tx.rollback().await?;
         return Ok(answers);
     }
 
-    let at = if fresh.is_empty() {
+    // Where each refund's credits go back to.
+    let reservation_keys: Vec<(&str, &str, &str)> = fresh
+        .iter()
+        .map(|f| {
+            (
+                f.q.refund.user_id.as_str(),
+                f.app_name.as_str(),
+                f.q.refund.project_code.as_str(),
+            )
+        })
+        .collect();
+    let drawn = drawn_from(&tx, &reservation_keys).await?;
+    for f in fresh.iter_mut() {
+        let r = &f.q.refund;
+        let balance = balances
+            .get_mut(r.user_id.as_str())
+            .ok_or_else(|| DbError::Other("a refund's account is not locked".into()))?;
+        let lots = drawn
+            .get(&key_of(
+                r.user_id.as_str(),
+                &f.app_name,
+                r.project_code.as_str(),
+            ))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        give_back_to_lots(
+            &mut plan,
+            Returned {
+                user: r.user_id.as_str(),
+                app: &f.app_name,
+                code: r.project_code.as_str(),
+                amount: f.amount,
+                reason: r.reason.as_deref(),
+                reference: r.reference.as_deref(),
+                correlation_id: f.q.correlation_id.as_deref(),
+            },
+            lots,
+            balance,
+        )?;
+        f.balance_after = *balance;
+    }
+    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
+    if !deltas.is_empty() {
+        move_balances(&tx, &deltas).await?;
+    }
+    let at: Vec<OffsetDateTime> = if plan.entries.is_empty() {
         Vec::new()
     } else {
-        let deltas: Vec<(&str, i64)> = fresh
-            .iter()
-            .map(|f| (f.q.refund.user_id.as_str(), f.amount))
-            .collect();
-        move_balances(&tx, &deltas).await?;
-        let entries: Vec<NewEntry<'_>> = fresh
-            .iter()
-            .map(|f| NewEntry {
-                user_id: f.q.refund.user_id.as_str(),
-                kind: EntryKind::Refund,
-                amount: f.amount,
-                balance_after: f.balance_after,
-                app_name: &f.app_name,
-                description: f.q.refund.reason.as_deref(),
-                project_code: f.q.refund.project_code.as_str(),
-                correlation_id: f.q.correlation_id.as_deref(),
-            })
-            .collect();
-        let at: Vec<OffsetDateTime> = write_entries(&tx, &entries)
-            .await?
-            .into_iter()
-            .map(|(_, at)| at)
-            .collect();
-        mark_refunded(&tx, &fresh, &at).await?;
-        at
+        let written = plan.write(&tx).await?;
+        written.into_iter().map(|(_, at)| at).collect()
     };
+    let now = at.first().copied().unwrap_or_else(OffsetDateTime::now_utc);
+    if !fresh.is_empty() {
+        mark_refunded(&tx, &fresh, now).await?;
+    }
     let mut recorded: Vec<(&QueuedRefund, &str)> = fresh
         .iter()
         .filter(|f| f.q.event_id.is_some())
-        .map(|f| (f.q, "refunded"))
+        .map(|f| {
+            let outcome = if f.amount == f.reserved {
+                "refunded"
+            } else {
+                "partially refunded"
+            };
+            (f.q, outcome)
+        })
         .collect();
     recorded.extend(replayed_events.iter().map(|q| (*q, "already refunded")));
     record_events(&tx, &recorded).await?;
     tx.commit().await?;
 
-    for (f, at) in fresh.iter().zip(at) {
+    for f in &fresh {
         count_moved("refunded", &f.app_name, f.amount);
         answers[f.slot] = Some(Ok(Outcome::fresh(RefundReceipt {
             user_id: f.q.refund.user_id.to_string(),
@@ -313,12 +443,187 @@ async fn refund_once(
             new_balance: f.balance_after,
             app_name: f.app_name.clone(),
             project_code: f.q.refund.project_code.to_string(),
-            reservation_status: ReservationState::Refunded,
+            reservation_status: f.state,
+            refunded_total: f.refunded_total,
+            remaining_reserved: if f.state == ReservationState::PartiallyRefunded {
+                f.reserved - f.refunded_total
+            } else {
+                0
+            },
+            reference: f.q.refund.reference.clone(),
             reason: f.q.refund.reason.clone(),
-            timestamp: at,
+            timestamp: now,
         })));
     }
     Ok(answers)
+}
+
+/// A refund's credits on their way back.
+pub(super) struct Returned<'a> {
+    pub user: &'a str,
+    pub app: &'a str,
+    pub code: &'a str,
+    pub amount: i64,
+    pub reason: Option<&'a str>,
+    pub reference: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+}
+
+/// Adds to `plan` the refund entry of `ret` and its movements back into
+/// the lots the reservation drew from (`drawn`), the last drawn first; the
+/// part that meets an expired or voided lot is expired or voided at once,
+/// with an entry of its own. `balance` ends as what the user can spend.
+pub(super) fn give_back_to_lots<'a>(
+    plan: &mut Plan<'a>,
+    ret: Returned<'a>,
+    drawn: &[Drawn],
+    balance: &mut i64,
+) -> Result<(), DbError> {
+    let reservation = Some((ret.app, ret.code));
+    *balance = balance
+        .checked_add(ret.amount)
+        .ok_or_else(|| DbError::Other("a refund overflows the balance".into()))?;
+    let entry = |kind, amount, balance_after, description| NewEntry {
+        user_id: ret.user,
+        kind,
+        amount,
+        balance_after,
+        app_name: Cow::Borrowed(ret.app),
+        description,
+        project_code: Some(ret.code),
+        reference: if kind == EntryKind::Refund {
+            ret.reference
+        } else {
+            None
+        },
+        correlation_id: ret.correlation_id,
+    };
+    let refund_at = plan.entry(entry(EntryKind::Refund, ret.amount, *balance, ret.reason));
+    let parts = give_back(drawn, ret.amount);
+    let given: i64 = parts.iter().map(|(_, p)| p).sum();
+    if given != ret.amount {
+        return Err(DbError::Other(format!(
+            "reservation ({}, {}) of {}: its lots took {} less than the refund of {}",
+            ret.app,
+            ret.code,
+            ret.user,
+            ret.amount - given,
+            ret.amount
+        )));
+    }
+    let mut closed: [(EntryKind, LotFate, i64); 2] = [
+        (EntryKind::Expire, LotFate::Expired, 0),
+        (EntryKind::Void, LotFate::Voided, 0),
+    ];
+    for (lot, part) in &parts {
+        let delta = if lot.fate == LotFate::Open { *part } else { 0 };
+        plan.moves(
+            refund_at,
+            ret.user,
+            lot.lot_id,
+            EntryKind::Refund,
+            *part,
+            delta,
+            reservation,
+        );
+        for c in closed.iter_mut().filter(|c| c.1 == lot.fate) {
+            c.2 += part;
+        }
+    }
+    for (kind, fate, total) in closed {
+        if total == 0 {
+            continue;
+        }
+        *balance -= total;
+        let description = match kind {
+            EntryKind::Void => "refund to a voided lot",
+            _ => "refund to an expired lot",
+        };
+        let at = plan.entry(entry(kind, -total, *balance, Some(description)));
+        for (lot, part) in parts.iter().filter(|(l, _)| l.fate == fate) {
+            plan.moves(at, ret.user, lot.lot_id, kind, -part, 0, reservation);
+        }
+    }
+    Ok(())
+}
+
+/// The answer to a refund whose reference was used before: the first
+/// refund again, or a conflict when the amount differs.
+fn replay_referenced(
+    q: &QueuedRefund,
+    first: &tokio_postgres::Row,
+    app_name: &str,
+    state: ReservationState,
+    refunded: i64,
+    held: i64,
+) -> Answer<RefundReceipt> {
+    let r = &q.refund;
+    let amount: i64 = first.get("amount");
+    if r.amount.is_some_and(|a| a != amount) {
+        return Err(LedgerError::IdempotencyConflict(format!(
+            "reference {:?} was already used for a refund of {amount} credits of reservation {:?}; use a new reference for a new refund",
+            r.reference.as_deref().unwrap_or_default(),
+            r.project_code.as_str()
+        )));
+    }
+    Ok(Outcome::replay(RefundReceipt {
+        user_id: r.user_id.to_string(),
+        credits_refunded: amount,
+        new_balance: first.get("balance_after"),
+        app_name: app_name.to_owned(),
+        project_code: r.project_code.to_string(),
+        reservation_status: state,
+        refunded_total: refunded,
+        remaining_reserved: held,
+        reference: r.reference.clone(),
+        reason: first.get("description"),
+        timestamp: first.get("created_at"),
+    }))
+}
+
+/// The refunds made before under the references of `live`'s requests, by
+/// (user, app, code, reference).
+async fn referenced_refunds(
+    tx: &Transaction<'_>,
+    live: &[&QueuedRefund],
+) -> Result<HashMap<(String, String, String, String), tokio_postgres::Row>, DbError> {
+    let (mut users, mut codes, mut refs) = (Vec::new(), Vec::new(), Vec::new());
+    for q in live {
+        if let Some(reference) = q.refund.reference.as_deref() {
+            users.push(q.refund.user_id.as_str());
+            codes.push(q.refund.project_code.as_str());
+            refs.push(reference);
+        }
+    }
+    if refs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT e.user_id, e.app_name, e.project_code, e.reference, e.amount, e.balance_after, \
+                    e.description, e.created_at \
+             FROM ledger_entries e \
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, project_code, reference) \
+               ON e.user_id = k.user_id AND e.project_code = k.project_code AND e.reference = k.reference \
+             WHERE e.kind = 'refund' AND e.reference IS NOT NULL AND e.user_id = ANY($1)",
+        )
+        .await?;
+    Ok(tx
+        .query(&stmt, &[&users, &codes, &refs])
+        .await?
+        .into_iter()
+        .map(|r| {
+            (
+                (
+                    r.get("user_id"),
+                    r.get("app_name"),
+                    r.get("project_code"),
+                    r.get("reference"),
+                ),
+                r,
+            )
+        })
+        .collect())
 }
 
 fn not_found(r: &Refund) -> LedgerError {
@@ -388,7 +693,11 @@ async fn lock_reservations(
     }
     let lock = tx
         .prepare_cached(
-            "SELECT k.place, r.app_name, r.amount, r.state, r.settled_by, \
+            "SELECT k.place, r.app_name, r.amount, r.refunded_amount, r.state, r.settled_by, \
+                    CASE WHEN r.state = 'refunded' THEN ( \
+                      SELECT e.amount FROM ledger_entries e WHERE e.user_id = r.user_id \
+                        AND e.app_name = r.app_name AND e.project_code = r.project_code \
+                        AND e.kind = 'refund' AND e.reference IS NULL) END AS unreferenced_refund, \
                     r.refundable_until < CASE WHEN k.at IS NULL THEN now() \
                         ELSE least(greatest(k.at, r.created_at), now()) END AS expired, \
                     r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
@@ -439,11 +748,12 @@ async fn seen_events(
         .collect())
 }
 
-/// Marks the reservations refunded, with the answers a replay gives.
+/// Records the refunds on their reservations: the total given back, and,
+/// for those now fully refunded, the answers a replay gives.
 async fn mark_refunded(
     tx: &Transaction<'_>,
     fresh: &[Decided<'_>],
-    at: &[OffsetDateTime],
+    at: OffsetDateTime,
 ) -> Result<(), DbError> {
     let users: Vec<&str> = fresh.iter().map(|f| f.q.refund.user_id.as_str()).collect();
     let apps: Vec<&str> = fresh.iter().map(|f| f.app_name.as_str()).collect();
@@ -453,18 +763,27 @@ async fn mark_refunded(
         .collect();
     let reasons: Vec<Option<&str>> = fresh.iter().map(|f| f.q.refund.reason.as_deref()).collect();
     let after: Vec<i64> = fresh.iter().map(|f| f.balance_after).collect();
+    let totals: Vec<i64> = fresh.iter().map(|f| f.refunded_total).collect();
+    let states: Vec<&str> = fresh.iter().map(|f| f.state.as_str()).collect();
     let mark = tx
         .prepare_cached(
-            "UPDATE reservations r SET state = 'refunded', refunded_at = v.at, \
-                    refund_reason = v.reason, balance_after_refund = v.balance_after \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[], $6::int8[]) \
-               AS v(user_id, app_name, project_code, at, reason, balance_after) \
+            "UPDATE reservations r SET state = v.state, refunded_amount = v.total, \
+                    refunded_at = CASE WHEN v.state = 'refunded' THEN $4::timestamptz END, \
+                    refund_reason = CASE WHEN v.state = 'refunded' THEN v.reason END, \
+                    balance_after_refund = CASE WHEN v.state = 'refunded' THEN v.balance_after END \
+             FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::int8[], $7::int8[], $8::text[]) \
+               AS v(user_id, app_name, project_code, reason, balance_after, total, state) \
              WHERE r.user_id = v.user_id AND r.app_name = v.app_name AND r.project_code = v.project_code \
                AND r.user_id = ANY($1)",
         )
         .await?;
     if tx
-        .execute(&mark, &[&users, &apps, &codes, &at, &reasons, &after])
+        .execute(
+            &mark,
+            &[
+                &users, &apps, &codes, &at, &reasons, &after, &totals, &states,
+            ],
+        )
         .await?
         != fresh.len() as u64
     {

@@ -6,9 +6,18 @@
 //! and its audit job commit with the state change, and so does the record of
 //! the success event that asked for it (`processed_events`).
 
-use deadpool_postgres::Client;
+use std::borrow::Cow;
 
-use super::{LedgerError, NewEntry, count_moved, state_of, write_entries};
+use deadpool_postgres::Client;
+use serde::Serialize;
+
+use super::{
+    LedgerError, NewEntry, count_moved, key_of,
+    lots::{Plan, drawn_from, due_lots},
+    move_balances,
+    refund::{Returned, give_back_to_lots},
+    state_of,
+};
 use crate::domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
 
 /// Why a reservation is settled.
@@ -52,7 +61,76 @@ pub async fn settle(
     correlation_id: Option<&str>,
     event_id: Option<&str>,
 ) -> Result<SettleResult, LedgerError> {
-    let user = user_id.as_str();
+    let request = Settle {
+        user_id,
+        app_name,
+        project_code,
+        by,
+        reason,
+        charge: None,
+        reference: None,
+        correlation_id,
+        event_id,
+    };
+    Ok(settle_for(client, &request).await?.result)
+}
+
+/// A settlement, possibly for less than what is held (contract §13).
+#[derive(Debug, Clone)]
+pub struct Settle<'a> {
+    /// Whose reservation.
+    pub user_id: &'a UserId,
+    /// The reservation's app.
+    pub app_name: &'a AppName,
+    /// The reservation's key.
+    pub project_code: &'a ProjectCode,
+    /// Why it is settled: final, or only its window passing.
+    pub by: SettledBy,
+    /// Why, for people.
+    pub reason: &'a str,
+    /// How many of the credits still held are charged; the rest is
+    /// refunded in the same transaction. `None`: all of them.
+    pub charge: Option<i64>,
+    /// The settlement's reference, kept on its ledger entry.
+    pub reference: Option<&'a str>,
+    /// The request id, carried to the audit jobs.
+    pub correlation_id: Option<&'a str>,
+    /// The `generation.succeeded` event that asks for it.
+    pub event_id: Option<&'a str>,
+}
+
+/// What a settlement did.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SettleReceipt {
+    /// How it ended.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub result: SettleResult,
+    /// Whose credits.
+    pub user_id: String,
+    /// The reservation's app.
+    pub app_name: String,
+    /// The reservation's key.
+    pub project_code: String,
+    /// The reservation's state now: `settled`, or `refunded` when nothing
+    /// was charged.
+    #[schema(value_type = String, example = "settled")]
+    pub reservation_status: ReservationState,
+    /// Credits the reservation finally cost.
+    pub credits_charged: i64,
+    /// Credits this settlement gave back (what was held beyond the charge).
+    pub credits_refunded: i64,
+    /// Credits given back by every refund of the reservation.
+    pub refunded_total: i64,
+    /// What the user can spend now.
+    pub new_balance: i64,
+}
+
+/// Settles a reservation, charging `charge` of what it still holds and
+/// refunding the rest to the lots it came from, in one transaction.
+pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleReceipt, LedgerError> {
+    let user = s.user_id.as_str();
+    let (app, code) = (s.app_name.as_str(), s.project_code.as_str());
     let tx = client.transaction().await?;
     let lock = tx
         .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
@@ -62,76 +140,176 @@ pub async fn settle(
             "no account for user {user:?}"
         )));
     };
+    let mut balance: i64 = account.get("balance");
     let select = tx
         .prepare_cached(
-            "SELECT state, amount, settled_by FROM reservations \
+            "SELECT state, amount, refunded_amount, settled_by FROM reservations \
              WHERE app_name = $1 AND project_code = $2 AND user_id = $3 FOR UPDATE",
         )
         .await?;
-    let Some(row) = tx
-        .query_opt(
-            &select,
-            &[&app_name.as_str(), &project_code.as_str(), &user],
-        )
-        .await?
-    else {
+    let Some(row) = tx.query_opt(&select, &[&app, &code, &user]).await? else {
         return Err(LedgerError::NotFound(format!(
-            "no reservation with project_code {:?} of app {:?} for this user",
-            project_code.as_str(),
-            app_name.as_str()
+            "no reservation with project_code {code:?} of app {app:?} for this user"
         )));
     };
-    match state_of(row.get("state"))? {
-        ReservationState::Settled => {
-            if by == SettledBy::Final && row.get::<_, Option<&str>>("settled_by") == Some("window")
-            {
-                tx.execute(
-                    "UPDATE reservations SET settled_by = 'final' \
-                     WHERE user_id = $1 AND app_name = $2 AND project_code = $3",
-                    &[&user, &app_name.as_str(), &project_code.as_str()],
-                )
-                .await?;
-            }
-            record_event(&tx, user, event_id, "already settled").await?;
-            tx.commit().await?;
-            return Ok(SettleResult::AlreadySettled);
-        }
-        ReservationState::Refunded => return Ok(SettleResult::AlreadyRefunded),
-        ReservationState::Reserved => {}
+    let reserved: i64 = row.get("amount");
+    let refunded: i64 = row.get("refunded_amount");
+    let state = state_of(row.get("state"))?;
+    let window_only = row.get::<_, Option<&str>>("settled_by") == Some("window");
+    let left = reserved - refunded;
+    let mut receipt = SettleReceipt {
+        result: SettleResult::AlreadySettled,
+        user_id: user.to_owned(),
+        app_name: app.to_owned(),
+        project_code: code.to_owned(),
+        reservation_status: state,
+        credits_charged: left,
+        credits_refunded: 0,
+        refunded_total: refunded,
+        new_balance: balance,
+    };
+    let charge = s.charge.unwrap_or(left);
+    if charge > left {
+        return Err(LedgerError::Invalid {
+            field: "amount",
+            reason: format!(
+                "the reservation holds {left} credits (of {reserved}); it cannot be settled for {charge}"
+            ),
+        });
     }
-    let written = write_entries(
-        &tx,
-        &[NewEntry {
+    match state {
+        ReservationState::Refunded => {
+            receipt.result = SettleResult::AlreadyRefunded;
+            receipt.credits_charged = 0;
+            return Ok(receipt);
+        }
+        ReservationState::Settled if !(window_only && s.by == SettledBy::Final) => {
+            if s.charge.is_some_and(|c| c != left) {
+                return Err(LedgerError::IdempotencyConflict(format!(
+                    "reservation {code:?} was already settled for {left} credits"
+                )));
+            }
+            record_event(&tx, user, s.event_id, "already settled").await?;
+            tx.commit().await?;
+            return Ok(receipt);
+        }
+        _ => {}
+    }
+
+    // Lots past their expiry first, so that the balances below are what the
+    // user can spend; then what is not charged goes back to its lots.
+    let mut plan = Plan::default();
+    if let Some(lots) = due_lots(&tx, &[user]).await?.get(user) {
+        plan.expire_due(user, lots, &mut balance, s.correlation_id)?;
+    }
+    let rest = left - charge;
+    if rest > 0 {
+        let drawn = drawn_from(&tx, &[(user, app, code)]).await?;
+        let lots = drawn
+            .get(&key_of(user, app, code))
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        give_back_to_lots(
+            &mut plan,
+            Returned {
+                user,
+                app,
+                code,
+                amount: rest,
+                reason: Some(s.reason),
+                reference: None,
+                correlation_id: s.correlation_id,
+            },
+            lots,
+            &mut balance,
+        )?;
+    }
+    let refunded_total = refunded + rest;
+    let fully_refunded = refunded_total == reserved;
+    let new_state = if fully_refunded {
+        ReservationState::Refunded
+    } else {
+        ReservationState::Settled
+    };
+    if state != ReservationState::Settled && !fully_refunded {
+        plan.entry(NewEntry {
             user_id: user,
             kind: EntryKind::Settle,
             amount: 0,
-            balance_after: account.get("balance"),
-            app_name: app_name.as_str(),
-            description: Some(reason),
-            project_code: project_code.as_str(),
-            correlation_id,
-        }],
-    )
-    .await?;
-    let at = written.first().map(|&(_, at)| at);
+            balance_after: balance,
+            app_name: Cow::Borrowed(app),
+            description: Some(s.reason),
+            project_code: Some(code),
+            reference: s.reference,
+            correlation_id: s.correlation_id,
+        });
+    }
+    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
+    if deltas.iter().any(|d| d.1 != 0) {
+        move_balances(&tx, &deltas).await?;
+    }
+    let written = plan.write(&tx).await?;
+    let at = written
+        .last()
+        .map(|&(_, at)| at)
+        .unwrap_or_else(time::OffsetDateTime::now_utc);
+    let settled_by = if state == ReservationState::Settled {
+        // A window settlement made final: it keeps its time.
+        "final"
+    } else {
+        s.by.as_str()
+    };
     tx.execute(
-        "UPDATE reservations SET state = 'settled', settled_at = $3, settle_reason = $4, \
-                settled_by = $5 \
-         WHERE app_name = $1 AND project_code = $2 AND user_id = $6",
+        "UPDATE reservations SET state = $4, refunded_amount = $5, \
+                settled_at = CASE WHEN state = 'settled' THEN settled_at \
+                                  WHEN $4 = 'settled' THEN $6::timestamptz END, \
+                settle_reason = CASE WHEN state = 'settled' THEN settle_reason \
+                                     WHEN $4 = 'settled' THEN $7 END, \
+                settled_by = CASE WHEN state = 'settled' AND $4 = 'settled' THEN $8 \
+                                  WHEN state = 'settled' THEN settled_by \
+                                  WHEN $4 = 'settled' THEN $8 END, \
+                refunded_at = CASE WHEN $4 = 'refunded' THEN $6 END, \
+                refund_reason = CASE WHEN $4 = 'refunded' THEN $7 END, \
+                balance_after_refund = CASE WHEN $4 = 'refunded' THEN $9::bigint END \
+         WHERE app_name = $1 AND project_code = $2 AND user_id = $3",
         &[
-            &app_name.as_str(),
-            &project_code.as_str(),
-            &at,
-            &reason,
-            &by.as_str(),
+            &app,
+            &code,
             &user,
+            &new_state.as_str(),
+            &refunded_total,
+            &at,
+            &s.reason,
+            &settled_by,
+            &balance,
         ],
     )
     .await?;
-    record_event(&tx, user, event_id, "settled").await?;
+    let was_settled = state == ReservationState::Settled;
+    let outcome = if was_settled && rest == 0 {
+        "already settled"
+    } else {
+        "settled"
+    };
+    record_event(&tx, user, s.event_id, outcome).await?;
     tx.commit().await?;
-    count_moved("settled", app_name.as_str(), row.get("amount"));
-    Ok(SettleResult::Settled)
+    if !was_settled {
+        count_moved("settled", app, charge);
+    }
+    if rest > 0 {
+        count_moved("refunded", app, rest);
+    }
+    receipt.result = if was_settled && rest == 0 {
+        SettleResult::AlreadySettled
+    } else {
+        SettleResult::Settled
+    };
+    receipt.reservation_status = new_state;
+    receipt.credits_charged = charge;
+    receipt.credits_refunded = rest;
+    receipt.refunded_total = refunded_total;
+    receipt.new_balance = balance;
+    Ok(receipt)
 }
 
 /// Records a `generation.succeeded` event as handled, with what it did, in

@@ -70,18 +70,20 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
             row.get::<_, String>("outcome")
         ));
     }
-    // Commit: the settlement and the event's record, in one transaction.
-    let outcome = match ledger::settle(
-        &mut client,
-        &user,
-        &AppName::imagegene(),
-        &code,
-        (SettledBy::Final, "generation succeeded"),
-        m.correlation_id.as_deref(),
-        Some(&event.event_id),
-    )
-    .await?
-    {
+    // Commit: the settlement (with the refund of what is not charged) and
+    // the event's record, in one transaction.
+    let settle = ledger::Settle {
+        user_id: &user,
+        app_name: &AppName::imagegene(),
+        project_code: &code,
+        by: SettledBy::Final,
+        reason: "generation succeeded",
+        charge: event.amount,
+        reference: None,
+        correlation_id: m.correlation_id.as_deref(),
+        event_id: Some(&event.event_id),
+    };
+    let outcome = match ledger::settle_for(&mut client, &settle).await?.result {
         SettleResult::Settled => "settled",
         SettleResult::AlreadySettled => "already settled",
         SettleResult::AlreadyRefunded => {
@@ -157,6 +159,10 @@ fn parse(m: &Message) -> Result<Checked, JobError> {
     let code = ProjectCode::parse(&event.project_code).map_err(|e| bad(&e))?;
     let occurred = OffsetDateTime::parse(&event.occurred_at, &Rfc3339)
         .map_err(|e| bad(&format!("occurred_at: {e}")))?;
+    let least = if m.routing_key == FAILED { 1 } else { 0 };
+    if event.amount.is_some_and(|a| a < least) {
+        return Err(bad(&format!("amount must be at least {least}")));
+    }
     Ok(Checked {
         event,
         user,
@@ -173,12 +179,18 @@ fn failed_refund(
     occurred: OffsetDateTime,
     correlation_id: Option<String>,
 ) -> QueuedRefund {
+    // A partial refund is idempotent by its event: its reference.
+    let reference = event
+        .amount
+        .map(|_| format!("{}{}", ledger::EVENT_REFERENCE_PREFIX, event.event_id));
     QueuedRefund {
         refund: Refund {
             user_id: user,
             project_code: code,
             app_name: Some(AppName::imagegene()),
             reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
+            amount: event.amount,
+            reference,
         },
         event_id: Some(event.event_id),
         correlation_id,
