@@ -320,3 +320,49 @@ async fn drop_on_workers(name: &str) {
         }
     }
 }
+
+/// A clock the tests control: moves every time the ledger, the lots and the
+/// reservations of the test's database hold back by `by`, which is the same
+/// as moving the database's clock `by` forward (a lot that expires in 60 s
+/// expires 1 ms ago after `travel(60.001 s)`; a reservation's window
+/// passes). The guard triggers that refuse such edits are switched off for
+/// the one transaction that makes them; only a test's own database may be
+/// moved. The audit records of entries written before a travel no longer
+/// match them (their times moved): `audit verify` is for tests that do not
+/// travel.
+pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Duration) {
+    let secs = by.as_secs_f64();
+    let tx = client.transaction().await.expect("travel: transaction");
+    let tables = [
+        "ledger_entries",
+        "lot_movements",
+        "credit_lots",
+        "reservations",
+    ];
+    for t in tables {
+        tx.batch_execute(&format!("ALTER TABLE {t} DISABLE TRIGGER USER"))
+            .await
+            .expect("travel: triggers off");
+    }
+    for sql in [
+        "UPDATE ledger_entries SET created_at = created_at - make_interval(secs => $1)",
+        "UPDATE lot_movements SET created_at = created_at - make_interval(secs => $1)",
+        "UPDATE credit_lots SET created_at = created_at - make_interval(secs => $1), \
+                expires_at = expires_at - make_interval(secs => $1), \
+                closed_at = closed_at - make_interval(secs => $1)",
+        "UPDATE reservations SET created_at = created_at - make_interval(secs => $1), \
+                refundable_until = refundable_until - make_interval(secs => $1), \
+                settled_at = settled_at - make_interval(secs => $1), \
+                refunded_at = refunded_at - make_interval(secs => $1)",
+    ] {
+        tx.execute(sql, &[&secs])
+            .await
+            .expect("travel: times moved");
+    }
+    for t in tables {
+        tx.batch_execute(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
+            .await
+            .expect("travel: triggers on");
+    }
+    tx.commit().await.expect("travel: committed");
+}

@@ -11,6 +11,7 @@ mod edges;
 mod fuzz_findings;
 mod guide;
 mod keys;
+mod lots;
 mod ops;
 mod state_machine;
 mod storage;

@@ -3,6 +3,7 @@
 
 mod artworks;
 mod event_time;
+mod lots;
 mod operators;
 mod outbox;
 mod permissions;
