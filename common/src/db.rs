@@ -260,6 +260,12 @@ pub fn in_places<T>(
 
 /// Applies pending migrations under the migration advisory lock.
 pub async fn migrate(database_url: &str) -> Result<(), DbError> {
+    migrate_to(database_url, None).await
+}
+
+/// [`migrate`], stopping at migration `version` when given (to test a
+/// migration against data written by the versions before it).
+pub async fn migrate_to(database_url: &str, version: Option<u32>) -> Result<(), DbError> {
     let (mut client, connection) = tokio_postgres::connect(database_url, NoTls).await?;
     let driver = tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -270,8 +276,12 @@ pub async fn migrate(database_url: &str) -> Result<(), DbError> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
         .await?;
+    let target = version.map_or(refinery::Target::Latest, |v| {
+        refinery::Target::Version(v as _)
+    });
     let report = migrations::runner()
         .set_abort_divergent(true)
+        .set_target(target)
         .run_async(&mut client)
         .await;
     // Unlock before looking at the result, so a failed migration frees the lock.
