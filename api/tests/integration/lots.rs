@@ -63,7 +63,12 @@ fn allocations(deduct: &Value) -> Vec<(i64, i64)> {
         .as_array()
         .expect("allocations")
         .iter()
-        .map(|a| (a["lot_id"].as_i64().unwrap(), a["amount"].as_i64().unwrap()))
+        .map(|a| {
+            (
+                a["lot_id"].as_i64().expect("a number"),
+                a["amount"].as_i64().expect("a number"),
+            )
+        })
         .collect()
 }
 
@@ -76,7 +81,7 @@ async fn clock_forward(app: &TestApp, secs: f64) {
 async fn deductions_burn_lots_down_by_priority_then_expiry_then_category_then_age() {
     let app = spawn_app().await;
     let u = "burn";
-    let lot = |b: &Value| b["lot_id"].as_i64().unwrap();
+    let lot = |b: &Value| b["lot_id"].as_i64().expect("a number");
     let a = lot(&grant_lot(&app, u, 3, "a", json!({})).await);
     let b = lot(&grant_lot(
         &app,
@@ -128,7 +133,7 @@ async fn deductions_burn_lots_down_by_priority_then_expiry_then_category_then_ag
         .as_array()
         .unwrap()
         .iter()
-        .map(|l| l["lot_id"].as_i64().unwrap())
+        .map(|l| l["lot_id"].as_i64().expect("a number"))
         .collect();
     assert_eq!(ids, vec![f, e, d, c, b, a], "newest first");
     let depleted = get_json(
@@ -136,7 +141,7 @@ async fn deductions_burn_lots_down_by_priority_then_expiry_then_category_then_ag
         &format!("/api/unified/credit-lots?user_id={u}&status=depleted"),
     )
     .await;
-    assert_eq!(depleted["lots"].as_array().unwrap().len(), 5);
+    assert_eq!(depleted["lots"].as_array().expect("an array").len(), 5);
     app.assert_reconciled().await;
 }
 
@@ -153,7 +158,7 @@ async fn a_lot_expires_exactly_at_its_expiry_even_before_the_timer_writes_the_en
         json!({"category": "promotional", "expires_at": in_secs(60)}),
     )
     .await;
-    let promo_id = promo["lot_id"].as_i64().unwrap();
+    let promo_id = promo["lot_id"].as_i64().expect("a number");
     assert_eq!(promo["priority"], json!(10));
     let info = user_info(&app, u).await;
     assert_eq!(info["credits"], json!(15));
@@ -390,7 +395,10 @@ async fn a_reservation_is_refunded_in_parts_never_past_what_it_reserved() {
     .await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert!(
-        body["error"].as_str().unwrap().contains("reference"),
+        body["error"]
+            .as_str()
+            .expect("a string")
+            .contains("reference"),
         "{body}"
     );
     // The Idempotency-Key header is the reference.

@@ -454,7 +454,8 @@ async fn balances_from_before_lots_become_one_paid_lot_each() {
         )
         .await
         .expect("lots");
-    let got: Vec<(String, String, i32, i64, i64, bool, Option<String>)> = lots
+    type Lot = (String, String, i32, i64, i64, bool, Option<String>);
+    let got: Vec<Lot> = lots
         .iter()
         .map(|r| {
             (

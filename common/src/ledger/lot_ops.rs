@@ -97,17 +97,17 @@ pub async fn void_lot(
     };
     let lot = tx
         .query_opt(
-            "SELECT status, remaining, app_name FROM credit_lots \
-             WHERE user_id = $1 AND lot_id = $2 FOR UPDATE",
+            "SELECT status, remaining, app_name, coalesce(expires_at <= now(), false) AS past_expiry \
+             FROM credit_lots WHERE user_id = $1 AND lot_id = $2 FOR UPDATE",
             &[&user, &lot_id],
         )
         .await?
         .ok_or_else(|| LedgerError::NotFound(format!("no lot {lot_id} for this user")))?;
     let mut plan = Plan::default();
     let due = due_lots(&tx, &[user]).await?;
-    let mut expired_now = false;
+    // A lot past its expiry (with credits left or not) has nothing to void.
+    let expired_now: bool = lot.get("past_expiry");
     if let Some(lots) = due.get(user) {
-        expired_now = lots.iter().any(|l| l.lot_id == lot_id);
         plan.expire_due(user, lots, &mut balance, correlation_id)?;
     }
     let status: String = lot.get("status");

@@ -278,6 +278,14 @@ async fn refund_once(
             }
             continue;
         }
+        if r.amount.is_some() && r.reference.is_none() {
+            answers[slot] = Some(Err(LedgerError::Invalid {
+                field: "reference",
+                reason: "is required with amount, so that a retried partial refund refunds once"
+                    .into(),
+            }));
+            continue;
+        }
         let closed_by_window = || {
             let until: OffsetDateTime = row.get("refundable_until");
             LedgerError::NotRefundable(format!(

@@ -168,6 +168,11 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
         refunded_total: refunded,
         new_balance: balance,
     };
+    if state == ReservationState::Refunded {
+        receipt.result = SettleResult::AlreadyRefunded;
+        receipt.credits_charged = 0;
+        return Ok(receipt);
+    }
     let charge = s.charge.unwrap_or(left);
     if charge > left {
         return Err(LedgerError::Invalid {
@@ -177,23 +182,15 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
             ),
         });
     }
-    match state {
-        ReservationState::Refunded => {
-            receipt.result = SettleResult::AlreadyRefunded;
-            receipt.credits_charged = 0;
-            return Ok(receipt);
+    if state == ReservationState::Settled && !(window_only && s.by == SettledBy::Final) {
+        if s.charge.is_some_and(|c| c != left) {
+            return Err(LedgerError::IdempotencyConflict(format!(
+                "reservation {code:?} was already settled for {left} credits"
+            )));
         }
-        ReservationState::Settled if !(window_only && s.by == SettledBy::Final) => {
-            if s.charge.is_some_and(|c| c != left) {
-                return Err(LedgerError::IdempotencyConflict(format!(
-                    "reservation {code:?} was already settled for {left} credits"
-                )));
-            }
-            record_event(&tx, user, s.event_id, "already settled").await?;
-            tx.commit().await?;
-            return Ok(receipt);
-        }
-        _ => {}
+        record_event(&tx, user, s.event_id, "already settled").await?;
+        tx.commit().await?;
+        return Ok(receipt);
     }
 
     // Lots past their expiry first, so that the balances below are what the
