@@ -608,8 +608,14 @@ async fn add_credits(
     };
     let priority = match &body.priority {
         None | Some(serde_json::Value::Null) => category.default_priority(),
+        // A whole number, `34.0` included (JSON Schema's `integer`).
         Some(v) => v
             .as_i64()
+            .or_else(|| {
+                v.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 1e9)
+                    .map(|f| f as i64)
+            })
             .filter(|p| (0..=100).contains(p))
             .and_then(|p| i32::try_from(p).ok())
             .ok_or_else(|| {

@@ -31,6 +31,13 @@ const MAX_SIDE: i64 = 8192;
 const MAX_VARIATIONS: i64 = 10;
 /// Rows per page of a list.
 const MAX_PAGE: i64 = 200;
+/// RFC 3339 times with a year from 2100 on: in the future, as a lot's
+/// `expires_at` must be (stricter than the API, which takes any future time;
+/// JSON Schema cannot say "after now").
+const FUTURE_TIME: &str = "^(2[1-9][0-9]{2}|[3-9][0-9]{3})-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$";
+/// RFC 3339 times from 1970 to 2025: in the past, as `GET /balance`'s `at`
+/// must be (stricter than the API, which takes any time up to now).
+const PAST_TIME: &str = "^(19[7-9][0-9]|20[01][0-9]|202[0-5])-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$";
 
 /// What a field must be.
 struct Rule {
@@ -95,6 +102,25 @@ fn rules() -> Vec<Rule> {
         // The ledger's cursor is an entry id; the projects' is opaque (only
         // a `next_cursor` this API gave is valid).
         rule("transactions", "cursor", false, integer(1, i64::MAX)),
+        rule(
+            "AddCreditsRequest",
+            "expires_at",
+            false,
+            json!({ "type": "string", "pattern": FUTURE_TIME }),
+        ),
+        rule(
+            "balance",
+            "at",
+            false,
+            json!({ "type": "string", "pattern": PAST_TIME }),
+        ),
+        rule(
+            "credit_lots",
+            "status",
+            false,
+            json!({ "type": "string", "enum": ["active", "depleted", "expired", "voided"] }),
+        ),
+        rule("credit_lots", "cursor", false, integer(1, i64::MAX)),
         rule("quote", "width", true, integer(1, MAX_SIDE)),
         rule("quote", "height", true, integer(1, MAX_SIDE)),
         rule("quote", "variations", false, integer(1, MAX_VARIATIONS)),
@@ -239,6 +265,14 @@ pub fn finish(api: OpenApi, max_amount: i64) -> OpenApi {
         if let Some(credits) = schemas.get_mut("Credits") {
             credits["maximum"] = json!(max_amount);
         }
+        // Settling for 0 refunds all that is held.
+        if let Some(amount) = schemas
+            .get_mut("SettleRequest")
+            .and_then(|s| s.pointer_mut("/properties/amount"))
+        {
+            *amount = json!({ "type": ["integer", "null"], "format": "int64", "minimum": 0, "maximum": max_amount,
+                              "description": "Ku coins to charge, 0 up to what the reservation still holds; the rest is refunded in the same transaction. All of it when absent." });
+        }
         for (name, schema) in schemas.iter_mut().filter(|(n, _)| n.ends_with("Request")) {
             finish_request_schema(&rules, name, schema);
         }
@@ -321,6 +355,12 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
         .and_then(Value::as_array_mut)
     {
         for parameter in parameters.iter_mut() {
+            if parameter.get("in").and_then(Value::as_str) == Some("path")
+                && parameter["name"] == "lot_id"
+            {
+                parameter["schema"] = integer(1, i64::MAX);
+                continue;
+            }
             if parameter.get("in").and_then(Value::as_str) != Some("query") {
                 continue;
             }

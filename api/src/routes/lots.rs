@@ -8,7 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    domain::{AppName, Description, ProjectCode, Reference, UserId},
+    domain::{AppName, Credits, Description, ProjectCode, Reference, UserId},
     keys::Scope,
     ledger::{self, LotView, SettleReceipt, VoidReceipt},
     timefmt::rfc3339_millis,
@@ -291,15 +291,18 @@ async fn settle_credits(
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
     let charge = match &body.amount {
         None | Some(serde_json::Value::Null) => None,
-        Some(v) => Some(
-            v.as_i64()
-                .filter(|n| (0..=state.settings.max_deduct_amount).contains(n))
-                .ok_or_else(|| {
-                    ApiError::InvalidRequest(format!(
-                        "amount: must be a whole number of credits from 0 to {}",
-                        state.settings.max_deduct_amount
-                    ))
-                })?,
+        // Charging nothing refunds all that is held.
+        Some(v) if v.as_f64() == Some(0.0) => Some(0),
+        Some(_) => Some(
+            Credits::from_json(
+                "amount",
+                body.amount.as_ref(),
+                state.settings.max_deduct_amount,
+            )
+            .map_err(|e| {
+                ApiError::InvalidRequest(format!("{e} (or 0, to refund all that is held)"))
+            })?
+            .get(),
         ),
     };
     let reference = refund_reference(&key, body.reference.as_deref())?;
