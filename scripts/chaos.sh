@@ -34,6 +34,9 @@ export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/$vhost
 export AMQP_PREFIX=""
 export PENORA_API_KEY=chaos-boot-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
+# The timer (window settlements, lot expiry) every 2 s: promotional lots
+# expire during the run, and the checks wait for their entries.
+export SETTLE_INTERVAL_SECS=2
 export LOG_FORMAT=json RUST_LOG=warn
 export BIND_ADDR=127.0.0.1:$port WORKER_METRICS_ADDR=127.0.0.1:0
 

@@ -201,6 +201,9 @@ export AMQP_PREFIX=''
 export AMQP_QUEUE_TYPE=quorum
 export PENORA_API_KEY='$key'
 export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
+# The timer (window settlements, lot expiry) every 2 s: promotional lots
+# expire during the run, and the checks wait for their entries.
+export SETTLE_INTERVAL_SECS=2
 export LOG_FORMAT=json RUST_LOG=warn
 export DB_POOL_SIZE=16
 EOF

@@ -2,9 +2,11 @@
 //! injected on a schedule, then every invariant checked against the database
 //! and against the client's own record of what succeeded.
 //!
-//! Traffic (each client task, back to back): grants, balance reads, and
-//! deductions, each deduction then left reserved, refunded over HTTP,
-//! refunded by a `generation.failed` event, or settled by a save naming its
+//! Traffic (each client task, back to back): grants (half of them
+//! promotional lots that expire during the run), balance reads, and
+//! deductions, each deduction then left reserved, refunded over HTTP (all of
+//! it, or a part with a reference), refunded by a `generation.failed` event
+//! (all of it, or a part with `amount`), or settled by a save naming its
 //! `project_code`. A request that fails in transport, times out or answers
 //! 5xx/429 is sent again unchanged (same `project_code`, same `reference`,
 //! same event id), as a real client does, until it gets an answer.
@@ -101,8 +103,12 @@ pub const SEED_CREDITS: i64 = 200;
 pub struct Record {
     /// Expected balance per user, from the answers the client got.
     pub expected: HashMap<String, i64>,
-    /// project_code → (user, what the client did with the reservation).
-    pub reservations: HashMap<String, (String, FollowUp)>,
+    /// project_code → (user, what the client did with the reservation, its amount).
+    pub reservations: HashMap<String, (String, FollowUp, i64)>,
+    /// References of promotional grants answered "expires_at must be in the
+    /// future" (a retry that came after the expiry; nothing may be granted
+    /// under them).
+    pub late_grants: Vec<String>,
     /// Deductions answered 402 (nothing may be reserved under them).
     pub refused: Vec<String>,
     /// Events published (and confirmed by the broker).
@@ -122,6 +128,10 @@ pub enum FollowUp {
     Kept,
     RefundedByHttp,
     RefundedByEvent,
+    /// Part of it (the credits given) refunded over HTTP, with a reference.
+    PartByHttp(i64),
+    /// Part of it refunded by a `generation.failed` event with `amount`.
+    PartByEvent(i64),
     Saved,
 }
 
@@ -130,7 +140,17 @@ impl FollowUp {
         match self {
             Self::Kept => "reserved",
             Self::RefundedByHttp | Self::RefundedByEvent => "refunded",
+            Self::PartByHttp(_) | Self::PartByEvent(_) => "partially_refunded",
             Self::Saved => "settled",
+        }
+    }
+
+    /// Credits refunded, of a reservation of `amount`.
+    pub fn refunded(self, amount: i64) -> i64 {
+        match self {
+            Self::RefundedByHttp | Self::RefundedByEvent => amount,
+            Self::PartByHttp(k) | Self::PartByEvent(k) => k,
+            Self::Kept | Self::Saved => 0,
         }
     }
 }
@@ -247,11 +267,17 @@ impl Ctx {
         }
     }
 
-    pub async fn publish_refund_event(&self, user: &str, code: &str, event_id: &str) -> bool {
+    pub async fn publish_refund_event(
+        &self,
+        user: &str,
+        code: &str,
+        event_id: &str,
+        amount: Option<i64>,
+    ) -> bool {
         let mut delay = Duration::from_millis(50);
         loop {
             let now = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
-            let event = events::failed(&self.topology, event_id, user, code, "chaos", &now);
+            let event = events::failed(&self.topology, event_id, user, code, "chaos", &now, amount);
             match self.publisher.publish_all(vec![event]).await {
                 Ok(()) => return true,
                 Err(_) => self.note_error("event publish failed".into()),
@@ -287,17 +313,46 @@ pub async fn client(ctx: Arc<Ctx>, id: usize) {
         if pick < 10 {
             let amount = 1 + rng.below(20) as i64;
             let reference = format!("g{id}_{n}");
-            let body = json!({"user_id": user, "amount": amount, "reason": "chaos", "reference": reference});
-            ctx.count("grant");
+            let mut body = json!({"user_id": user, "amount": amount, "reason": "chaos", "reference": reference});
+            // Half the grants are promotional lots that expire during the run.
+            let promotional = rng.below(2) == 0;
+            if promotional {
+                let at = time::OffsetDateTime::now_utc()
+                    + time::Duration::seconds(10 + rng.below(16) as i64);
+                body["category"] = json!("promotional");
+                body["expires_at"] = json!(penora_common::timefmt::rfc3339_millis(at));
+            }
+            ctx.count(if promotional {
+                "grant (promotional, expiring)"
+            } else {
+                "grant"
+            });
             let what = format!("grant {reference}");
             let path = "/api/unified/add-credits";
-            if ctx
-                .expect(&what, reqwest::Method::POST, path, Some(&body), &[200])
+            match ctx
+                .expect(&what, reqwest::Method::POST, path, Some(&body), &[200, 400])
                 .await
-                .is_some()
-                && let Ok(mut r) = ctx.record.lock()
             {
-                *r.expected.entry(user).or_default() += amount;
+                Some((200, _)) => {
+                    if let Ok(mut r) = ctx.record.lock() {
+                        *r.expected.entry(user).or_default() += amount;
+                    }
+                }
+                // A retry that came after the lot's expiry, its first
+                // attempt never committed: refused, nothing granted.
+                Some((400, answer))
+                    if promotional
+                        && answer["error"]
+                            .as_str()
+                            .is_some_and(|e| e.contains("expires_at: must be in the future")) =>
+                {
+                    ctx.count("grant refused: retried after its expiry");
+                    if let Ok(mut r) = ctx.record.lock() {
+                        r.late_grants.push(reference);
+                    }
+                }
+                Some((_, answer)) => ctx.unexpected(format!("{what}: {answer}")),
+                None => {}
             }
         } else if pick < 20 {
             ctx.count("balance read");
@@ -345,32 +400,61 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
         }
         _ => return,
     }
+    // A part to refund: 1 up to all but one credit (a reservation of 1
+    // credit is refunded whole).
+    let part = (amount > 1).then(|| 1 + rng.below(amount as u64 - 1) as i64);
     let follow_up = match rng.below(100) {
         0..25 => {
-            ctx.count("refund by HTTP");
-            let body = json!({"user_id": user, "project_code": code, "app_name": "imagegene", "reason": "chaos"});
+            let mut body = json!({"user_id": user, "project_code": code, "app_name": "imagegene", "reason": "chaos"});
+            let follow_up = match part.filter(|_| rng.below(2) == 0) {
+                Some(k) => {
+                    ctx.count("partial refund by HTTP");
+                    body["amount"] = json!(k);
+                    body["reference"] = json!(format!("part_{code}"));
+                    FollowUp::PartByHttp(k)
+                }
+                None => {
+                    ctx.count("refund by HTTP");
+                    FollowUp::RefundedByHttp
+                }
+            };
             let what = format!("refund {code}");
             let path = "/api/unified/refund-credits";
-            if ctx
+            match ctx
                 .expect(&what, reqwest::Method::POST, path, Some(&body), &[200])
                 .await
-                .is_none()
             {
-                return;
+                Some((_, answer)) if answer["credits_refunded"] != follow_up.refunded(amount) => {
+                    ctx.unexpected(format!("{what}: {answer}"));
+                    return;
+                }
+                Some(_) => follow_up,
+                None => return,
             }
-            FollowUp::RefundedByHttp
         }
         25..50 => {
-            ctx.count("refund by event");
             let event_id = format!("ev_{code}");
-            if !ctx.publish_refund_event(&user, &code, &event_id).await {
+            let (follow_up, event_amount) = match part.filter(|_| rng.below(2) == 0) {
+                Some(k) => {
+                    ctx.count("partial refund by event");
+                    (FollowUp::PartByEvent(k), Some(k))
+                }
+                None => {
+                    ctx.count("refund by event");
+                    (FollowUp::RefundedByEvent, None)
+                }
+            };
+            if !ctx
+                .publish_refund_event(&user, &code, &event_id, event_amount)
+                .await
+            {
                 ctx.unexpected(format!("event {event_id}: never confirmed by the broker"));
                 return;
             }
             if let Ok(mut r) = ctx.record.lock() {
                 r.events.push(event_id);
             }
-            FollowUp::RefundedByEvent
+            follow_up
         }
         50..70 => {
             ctx.count("save");
@@ -390,13 +474,8 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
         _ => FollowUp::Kept,
     };
     if let Ok(mut r) = ctx.record.lock() {
-        if matches!(
-            follow_up,
-            FollowUp::RefundedByHttp | FollowUp::RefundedByEvent
-        ) {
-            *r.expected.entry(user.clone()).or_default() += amount;
-        }
-        r.reservations.insert(code, (user, follow_up));
+        *r.expected.entry(user.clone()).or_default() += follow_up.refunded(amount);
+        r.reservations.insert(code, (user, follow_up, amount));
     }
 }
 

@@ -15,14 +15,17 @@ pub fn failed(
     code: &str,
     reason: &str,
     occurred_at: &str,
+    amount: Option<i64>,
 ) -> Outgoing {
+    let mut body = json!({"event_id": event_id, "user_id": user, "project_code": code,
+                          "reason": reason, "occurred_at": occurred_at});
+    if let Some(amount) = amount {
+        body["amount"] = json!(amount);
+    }
     Outgoing {
         exchange: topology.exchange(EVENTS_EXCHANGE),
         routing_key: "generation.failed".into(),
-        payload: json!({"event_id": event_id, "user_id": user, "project_code": code,
-                        "reason": reason, "occurred_at": occurred_at})
-        .to_string()
-        .into_bytes(),
+        payload: body.to_string().into_bytes(),
         properties: BasicProperties::default()
             .with_message_id(event_id.to_owned().into())
             .with_content_type("application/json".into()),

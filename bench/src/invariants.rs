@@ -1,8 +1,11 @@
 //! The checks after a chaos run: the pipeline drains, `penora-ops
 //! reconcile` and `audit verify` pass, and the database agrees with the
 //! clients' own record (balances, every reservation's end state, charged
-//! once and refunded at most once, nothing charged for a 402, every event
-//! processed once, every accepted save stored, nothing dead-lettered).
+//! once, refunded exactly what the client asked, nothing charged for a 402,
+//! every event processed once, every accepted save stored, nothing
+//! dead-lettered), and the lots kept their rules (nothing drawn from a lot
+//! at or after its expiry, every lot past its expiry emptied by its `expire`
+//! entry, no grant made for a request refused as too late).
 
 use crate::chaos::{Ctx, FollowUp, SEED_CREDITS};
 
@@ -47,25 +50,78 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
             .map(|u| format!("unexpected answer: {u}")),
     );
 
-    // Balances: the database's, the ledger's and the client's agree.
+    // Lots past their expiry: the timer empties them within its interval.
+    let settle_interval = ctx.args.services.settings()?.settle_interval;
+    let deadline =
+        std::time::Instant::now() + settle_interval * 2 + std::time::Duration::from_secs(10);
+    let still_due = loop {
+        let due: i64 = db
+            .query_one(
+                "SELECT count(*) FROM credit_lots WHERE status = 'active' AND remaining > 0 AND expires_at <= now()",
+                &[],
+            )
+            .await?
+            .get(0);
+        if due == 0 || std::time::Instant::now() > deadline {
+            break due;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    if still_due != 0 {
+        violations.push(format!(
+            "{still_due} lots past their expiry still hold credits after {} s",
+            (settle_interval * 2).as_secs() + 10
+        ));
+    }
+    let drawn_late: i64 = db
+        .query_one(
+            "SELECT count(*) FROM lot_movements m JOIN credit_lots l ON l.user_id = m.user_id AND l.lot_id = m.lot_id \
+             WHERE m.kind = 'deduct' AND l.expires_at IS NOT NULL AND m.created_at >= l.expires_at",
+            &[],
+        )
+        .await?
+        .get(0);
+    if drawn_late != 0 {
+        violations.push(format!(
+            "{drawn_late} deductions drew from a lot at or after its expiry"
+        ));
+    }
+    let late_granted = count(
+        &db,
+        "SELECT count(*) FROM ledger_entries WHERE kind = 'grant' AND reference = ANY($1)",
+        &record.late_grants,
+    )
+    .await?;
+    if late_granted != 0 {
+        violations.push(format!(
+            "{late_granted} grants refused as too late were made anyway"
+        ));
+    }
+
+    // Balances: the database's, the ledger's and the client's agree (the
+    // client cannot know what expired: the ledger's expire and void entries
+    // say, and the lots checks above and reconcile check those).
     for row in db
         .query(
-            "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint AS ledger_sum FROM accounts a \
+            "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint AS ledger_sum, \
+                    coalesce(sum(l.amount) FILTER (WHERE l.kind IN ('expire', 'void')), 0)::bigint AS expired \
+             FROM accounts a \
              LEFT JOIN ledger_entries l ON l.user_id = a.user_id \
              WHERE a.user_id LIKE 'chaos\\_%' GROUP BY a.user_id, a.balance",
             &[],
         )
         .await?
     {
-        let (user, balance, ledger): (String, i64, i64) = (
+        let (user, balance, ledger, expired): (String, i64, i64, i64) = (
             row.get("user_id"),
             row.get("balance"),
             row.get("ledger_sum"),
+            row.get("expired"),
         );
         let client = SEED_CREDITS + record.expected.get(&user).copied().unwrap_or(0);
-        if balance != ledger || balance != client {
+        if balance != ledger || balance != client + expired {
             violations.push(format!(
-                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}"
+                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}, expired {expired}"
             ));
         }
     }
@@ -73,7 +129,7 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let codes: Vec<String> = record.reservations.keys().cloned().collect();
     let rows = db
         .query(
-            "SELECT r.project_code, r.user_id, r.state, \
+            "SELECT r.project_code, r.user_id, r.state, r.refunded_amount, \
                     (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'deduct') AS deducts, \
                     (SELECT count(*) FROM ledger_entries l WHERE l.user_id = r.user_id AND l.project_code = r.project_code AND l.kind = 'refund') AS refunds \
              FROM reservations r WHERE r.app_name = 'imagegene' AND r.project_code = ANY($1)",
@@ -88,19 +144,32 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
         ));
     }
     for row in rows {
-        let (code, user, state, deducts, refunds): (String, String, String, i64, i64) = (
+        let (code, user, state, refunded, deducts, refunds): (
+            String,
+            String,
+            String,
+            i64,
+            i64,
+            i64,
+        ) = (
             row.get("project_code"),
             row.get("user_id"),
             row.get("state"),
+            row.get("refunded_amount"),
             row.get("deducts"),
             row.get("refunds"),
         );
-        let Some((owner, follow_up)) = record.reservations.get(&code) else {
+        let Some((owner, follow_up, amount)) = record.reservations.get(&code) else {
             continue;
         };
-        if *owner != user || state != follow_up.expected_state() || deducts != 1 || refunds > 1 {
+        if *owner != user
+            || state != follow_up.expected_state()
+            || refunded != follow_up.refunded(*amount)
+            || deducts != 1
+            || refunds > 1
+        {
             violations.push(format!(
-                "{code}: {state} (client: {follow_up:?}), {deducts} deductions, {refunds} refunds"
+                "{code}: {state}, {refunded} refunded (client: {follow_up:?} of {amount}), {deducts} deductions, {refunds} refunds"
             ));
         }
     }
@@ -132,7 +201,7 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     let saved_codes: Vec<String> = record
         .reservations
         .iter()
-        .filter(|(_, (_, f))| *f == FollowUp::Saved)
+        .filter(|(_, (_, f, _))| *f == FollowUp::Saved)
         .map(|(c, _)| c.clone())
         .collect();
     let saved = count(

@@ -25,7 +25,8 @@ use crate::{
 
 /// The raw baseline of a deduction: a hand-written transaction doing the same
 /// work as the service (a guarded debit, one reservation, one ledger row, one
-/// outbox row), one statement each.
+/// outbox row, and the lot it draws from: its guarded update in burn-down
+/// order and its movement row), one statement each.
 pub const RAW_DEBIT_SQL: &str = "UPDATE accounts SET balance = balance - $2, updated_at = now() \
      WHERE user_id = $1 AND balance >= $2 RETURNING balance";
 
@@ -39,6 +40,18 @@ pub const RAW_ENTRY_SQL: &str = "INSERT INTO ledger_entries \
        (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id, created_at";
 
+/// Draws `$2` credits from the user's first spendable lot in burn-down order.
+pub const RAW_DRAW_SQL: &str = "UPDATE credit_lots l SET remaining = l.remaining - $2 \
+     FROM (SELECT lot_id FROM credit_lots WHERE user_id = $1 AND status = 'active' AND remaining >= $2 \
+             AND (expires_at IS NULL OR expires_at > now()) \
+           ORDER BY priority, expires_at NULLS LAST, (category = 'paid'), created_at, lot_id LIMIT 1) s \
+     WHERE l.user_id = $1 AND l.lot_id = s.lot_id RETURNING l.lot_id";
+
+/// The deduction's movement of that lot.
+pub const RAW_MOVE_SQL: &str = "INSERT INTO lot_movements \
+       (user_id, lot_id, entry_id, kind, amount, app_name, project_code) \
+     VALUES ($1, $2, $3, 'deduct', $4, $5, $6)";
+
 /// One raw deduction (see [`RAW_DEBIT_SQL`]).
 pub async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     let Ok(mut client) = pool.get().await else {
@@ -51,6 +64,9 @@ pub async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
             .await?;
         let Some(row) = tx.query_opt(&debit, &[&user, &1i64]).await? else { return Ok(false) };
         let balance: i64 = row.get(0);
+        let draw = tx.prepare_cached(RAW_DRAW_SQL).await?;
+        let Some(lot) = tx.query_opt(&draw, &[&user, &1i64]).await? else { return Ok(false) };
+        let lot_id: i64 = lot.get(0);
         let claim = tx
             .prepare_cached(RAW_CLAIM_SQL)
             .await?;
@@ -70,6 +86,8 @@ pub async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
             .query_one(&entry, &[&user, &"deduct", &-1i64, &balance, &"benchraw", &desc, &code, &reference])
             .await?
             .get(0);
+        let movement = tx.prepare_cached(RAW_MOVE_SQL).await?;
+        tx.execute(&movement, &[&user, &lot_id, &id, &-1i64, &"benchraw", &code]).await?;
         let outbox = tx
             .prepare_cached(penora_common::outbox::INSERT_SQL)
             .await?;

@@ -36,7 +36,8 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
         return Ok(());
     }
     let started = Instant::now();
-    // Each seeded user gets a grant ledger row, so balances equal ledger sums.
+    // Each seeded user gets a grant ledger row and its lot, so balances
+    // equal ledger sums and lots.
     client
         .batch_execute(&format!(
             "INSERT INTO accounts (user_id, balance) \
@@ -46,7 +47,16 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
                SELECT user_id, 'grant', balance, balance, 'penora', 'benchmark seed', 'seed-' || user_id \
                FROM accounts WHERE user_id LIKE 'bench\\_%' \
              ON CONFLICT (user_id, reference) WHERE kind = 'grant' DO NOTHING; \
-             ANALYZE accounts; ANALYZE ledger_entries;",
+             INSERT INTO credit_lots (user_id, category, priority, granted, remaining, app_name, reference) \
+               SELECT user_id, 'paid', 50, amount, amount, 'penora', reference FROM ledger_entries \
+               WHERE kind = 'grant' AND user_id LIKE 'bench\\_%' \
+             ON CONFLICT (user_id, reference) DO NOTHING; \
+             INSERT INTO lot_movements (user_id, lot_id, entry_id, kind, amount) \
+               SELECT l.user_id, l.lot_id, e.id, 'grant', l.granted FROM credit_lots l \
+               JOIN ledger_entries e ON e.user_id = l.user_id AND e.reference = l.reference AND e.kind = 'grant' \
+               WHERE l.user_id LIKE 'bench\\_%' AND NOT EXISTS ( \
+                 SELECT 1 FROM lot_movements m WHERE m.user_id = l.user_id AND m.lot_id = l.lot_id); \
+             ANALYZE accounts; ANALYZE ledger_entries; ANALYZE credit_lots; ANALYZE lot_movements;",
             last = users - 1
         ))
         .await?;
@@ -315,6 +325,7 @@ pub async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
                 &format!("rf{tag}_{i}"),
                 "bench",
                 &now,
+                None,
             )
         })
         .collect();
