@@ -321,6 +321,9 @@ pub async fn client(ctx: Arc<Ctx>, id: usize) {
                     + time::Duration::seconds(10 + rng.below(16) as i64);
                 body["category"] = json!("promotional");
                 body["expires_at"] = json!(penora_common::timefmt::rfc3339_millis(at));
+                // Spent first (deductions and refunds meet it around its
+                // expiry) or last (it expires holding credits).
+                body["priority"] = json!(if rng.below(2) == 0 { 5 } else { 90 });
             }
             ctx.count(if promotional {
                 "grant (promotional, expiring)"

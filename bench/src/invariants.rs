@@ -86,6 +86,25 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
             "{drawn_late} deductions drew from a lot at or after its expiry"
         ));
     }
+    let expiry = db
+        .query_one(
+            "SELECT (SELECT count(*) FROM credit_lots WHERE expires_at <= now()) AS lots, \
+                    (SELECT count(*) FROM credit_lots WHERE status = 'expired') AS emptied, \
+                    (SELECT coalesce(-sum(amount), 0)::bigint FROM ledger_entries \
+                      WHERE kind = 'expire' AND project_code IS NULL) AS expired, \
+                    (SELECT coalesce(-sum(amount), 0)::bigint FROM ledger_entries \
+                      WHERE kind = 'expire' AND project_code IS NOT NULL) AS refunded_expired",
+            &[],
+        )
+        .await?;
+    eprintln!(
+        "chaos: {} lots past their expiry ({} emptied by an expire entry): {} credits expired, \
+         and {} credits refunded into expired lots expired at once",
+        expiry.get::<_, i64>("lots"),
+        expiry.get::<_, i64>("emptied"),
+        expiry.get::<_, i64>("expired"),
+        expiry.get::<_, i64>("refunded_expired")
+    );
     let late_granted = count(
         &db,
         "SELECT count(*) FROM ledger_entries WHERE kind = 'grant' AND reference = ANY($1)",
