@@ -625,3 +625,31 @@ pub async fn db_now(app: &TestApp) -> time::OffsetDateTime {
         .expect("now")
         .get("t")
 }
+
+#[tokio::test]
+async fn a_grant_after_an_expiry_answers_what_the_user_can_spend() {
+    let app = spawn_app().await;
+    let u = "regrant";
+    grant_lot(&app, u, 5, "paid", json!({})).await;
+    grant_lot(
+        &app,
+        u,
+        10,
+        "promo",
+        json!({"category": "promotional", "expires_at": in_secs(60)}),
+    )
+    .await;
+    clock_forward(&app, 61.0).await;
+    let more = grant_lot(&app, u, 2, "more", json!({})).await;
+    assert_eq!(more["new_balance"], json!(7), "{more}");
+    assert_eq!(user_info(&app, u).await["credits"], json!(7));
+    assert_eq!(
+        app.scalar(
+            "SELECT amount FROM ledger_entries WHERE user_id = $1 AND kind = 'expire'",
+            u
+        )
+        .await,
+        -10
+    );
+    app.assert_reconciled().await;
+}

@@ -220,6 +220,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     remaining: amount,
                     voided: false,
                 });
+                prop_assert_eq!(
+                    got.value.new_balance,
+                    w.spendable(),
+                    "a grant's new balance"
+                );
             }
             Op::Deduct {
                 code,

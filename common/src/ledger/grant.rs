@@ -12,7 +12,11 @@ use deadpool_postgres::{Client, GenericClient};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{Answer, LedgerError, Outcome, count_moved, insert_audit_jobs};
+use super::{
+    Answer, LedgerError, Outcome, count_moved, insert_audit_jobs,
+    lots::{Plan, due_lots},
+    move_balances,
+};
 use crate::{
     db::DbError,
     domain::{AppName, Credits, EntryKind, UserId},
@@ -112,6 +116,23 @@ pub async fn grant(
     correlation_id: Option<&str>,
 ) -> Answer<GrantReceipt> {
     let tx = client.transaction().await?;
+    // Lots past their expiry first (an existing account, locked as every
+    // movement does), so that the grant's balance is what the user can spend.
+    let lock = tx
+        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
+        .await?;
+    if let Some(row) = tx.query_opt(&lock, &[&g.user_id.as_str()]).await? {
+        let user = g.user_id.as_str();
+        if let Some(due) = due_lots(&tx, &[user]).await?.get(user) {
+            let mut balance: i64 = row.get("balance");
+            let mut plan = Plan::default();
+            plan.expire_due(user, due, &mut balance, correlation_id)?;
+            let deltas: Vec<(&str, i64)> =
+                plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
+            move_balances(&tx, &deltas).await?;
+            plan.write(&tx).await?;
+        }
+    }
     let upsert = tx
         .prepare_cached(
             "INSERT INTO accounts (user_id, balance) VALUES ($1, $2) \
