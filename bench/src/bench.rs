@@ -200,6 +200,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     );
     println!("{report}");
     if let Some(path) = &ctx.args.markdown {
+        // What a change cost, measured before and after it, is kept beside
+        // the report (docs/benchmarks-changes.md) and follows every run's
+        // tables.
+        let changes = std::path::Path::new(path).with_file_name("benchmarks-changes.md");
+        let report = match std::fs::read_to_string(&changes) {
+            Ok(kept) => format!("{report}\n{kept}"),
+            Err(_) => report,
+        };
         std::fs::write(path, &report).with_context(|| format!("writing {path}"))?;
     }
     if let Some(path) = &ctx.args.svg {
