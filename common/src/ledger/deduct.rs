@@ -39,7 +39,7 @@ use super::{
     Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, ReservationKey, Slots, answer_all,
     by_reservation, count_moved, key_of, lock_accounts,
     lots::{Allocation, Plan, active_lots, allocations_of, draw},
-    move_balances, only, reservation_key, state_of,
+    only, reservation_key, state_of,
 };
 use crate::{
     db::DbError,
@@ -265,13 +265,6 @@ async fn deduct_once(
         tx.rollback().await?;
         return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
     }
-    let mut deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-    deltas.extend(
-        accepted
-            .iter()
-            .map(|a| (a.q.deduct.user_id.as_str(), -a.q.deduct.amount.get())),
-    );
-    move_balances(&tx, &deltas).await?;
     for a in &accepted {
         let d = &a.q.deduct;
         let at = plan.entry(NewEntry {
@@ -297,7 +290,7 @@ async fn deduct_once(
             );
         }
     }
-    plan.write(&tx).await?;
+    plan.apply(&tx).await?;
     tx.commit().await?;
 
     for a in &accepted {

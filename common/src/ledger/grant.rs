@@ -15,7 +15,6 @@ use time::OffsetDateTime;
 use super::{
     Answer, LedgerError, Outcome, count_moved, insert_audit_jobs,
     lots::{Plan, due_lots},
-    move_balances,
 };
 use crate::{
     db::DbError,
@@ -127,10 +126,7 @@ pub async fn grant(
             let mut balance: i64 = row.get("balance");
             let mut plan = Plan::default();
             plan.expire_due(user, due, &mut balance, correlation_id)?;
-            let deltas: Vec<(&str, i64)> =
-                plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-            move_balances(&tx, &deltas).await?;
-            plan.write(&tx).await?;
+            plan.apply(&tx).await?;
         }
     }
     let upsert = tx

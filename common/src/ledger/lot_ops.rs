@@ -16,7 +16,6 @@ use utoipa::ToSchema;
 use super::{
     Answer, LedgerError, NewEntry, Outcome, count_moved,
     lots::{Plan, due_lots},
-    move_balances,
 };
 use crate::{
     db::DbError,
@@ -57,9 +56,7 @@ pub async fn expire_lots(client: &mut Client, user: &str) -> Result<i64, LedgerE
     };
     let mut plan = Plan::default();
     let expired = plan.expire_due(user, lots, &mut balance, None)?;
-    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-    move_balances(&tx, &deltas).await?;
-    plan.write(&tx).await?;
+    plan.apply(&tx).await?;
     tx.commit().await?;
     count_moved("expired", "penora", expired);
     Ok(expired)
@@ -136,10 +133,7 @@ pub async fn void_lot(
     };
     if let Some(answer) = replay {
         if !plan.entries.is_empty() {
-            let deltas: Vec<(&str, i64)> =
-                plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-            move_balances(&tx, &deltas).await?;
-            plan.write(&tx).await?;
+            plan.apply(&tx).await?;
             tx.commit().await?;
         }
         return Ok(Outcome::replay(answer));
@@ -169,11 +163,7 @@ pub async fn void_lot(
         );
     }
     plan.close(user, lot_id, "voided");
-    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-    if !deltas.is_empty() {
-        move_balances(&tx, &deltas).await?;
-    }
-    plan.write(&tx).await?;
+    plan.apply(&tx).await?;
     tx.commit().await?;
     count_moved("voided", "penora", remaining);
     Ok(Outcome::fresh(receipt("voided", remaining, balance)))

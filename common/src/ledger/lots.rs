@@ -31,7 +31,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use super::{NewEntry, write_entries};
+use super::{NewEntry, move_balances, write_entries};
 use crate::{db::DbError, domain::EntryKind};
 
 /// `ORDER BY` of the burn-down order, over `credit_lots`.
@@ -176,6 +176,19 @@ pub(super) fn give_back(drawn: &[Drawn], mut amount: i64) -> Vec<(&Drawn, i64)> 
     parts
 }
 
+/// The users, apps and codes of reservation keys, as three columns.
+fn key_columns<'k>(
+    keys: &[(&'k str, &'k str, &'k str)],
+) -> (Vec<&'k str>, Vec<&'k str>, Vec<&'k str>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new());
+    for &(user, app, code) in keys {
+        columns.0.push(user);
+        columns.1.push(app);
+        columns.2.push(code);
+    }
+    columns
+}
+
 /// The lots each of a set of reservations drew from, by reservation key.
 pub(super) async fn drawn_from(
     tx: &Transaction<'_>,
@@ -185,9 +198,7 @@ pub(super) async fn drawn_from(
     if keys.is_empty() {
         return Ok(out);
     }
-    let users: Vec<&str> = keys.iter().map(|k| k.0).collect();
-    let apps: Vec<&str> = keys.iter().map(|k| k.1).collect();
-    let codes: Vec<&str> = keys.iter().map(|k| k.2).collect();
+    let (users, apps, codes) = key_columns(keys);
     let stmt = tx
         .prepare_cached(&format!(
             "SELECT m.user_id, m.app_name, m.project_code, m.lot_id, \
@@ -233,9 +244,7 @@ pub(super) async fn allocations_of(
     if keys.is_empty() {
         return Ok(out);
     }
-    let users: Vec<&str> = keys.iter().map(|k| k.0).collect();
-    let apps: Vec<&str> = keys.iter().map(|k| k.1).collect();
-    let codes: Vec<&str> = keys.iter().map(|k| k.2).collect();
+    let (users, apps, codes) = key_columns(keys);
     let stmt = client
         .prepare_cached(&format!(
             "SELECT m.user_id, m.app_name, m.project_code, m.lot_id, -m.amount AS amount \
@@ -383,9 +392,21 @@ impl<'a> Plan<'a> {
         Ok(expired)
     }
 
+    /// Moves the balances by the entries' amounts (one guarded `UPDATE`),
+    /// then writes the entries (with their audit jobs), the lot movements
+    /// and the lot changes. Every user of an entry must be locked by the
+    /// caller. Returns each entry's id and time, in order.
+    pub async fn apply(self, tx: &Transaction<'_>) -> Result<Vec<(i64, OffsetDateTime)>, DbError> {
+        let deltas: Vec<(&str, i64)> = self.entries.iter().map(|e| (e.user_id, e.amount)).collect();
+        if deltas.iter().any(|&(_, d)| d != 0) {
+            move_balances(tx, &deltas).await?;
+        }
+        self.write(tx).await
+    }
+
     /// Writes the entries (with their audit jobs), the lot movements and
     /// the lot changes. Returns each entry's id and time, in order.
-    pub async fn write(self, tx: &Transaction<'_>) -> Result<Vec<(i64, OffsetDateTime)>, DbError> {
+    async fn write(self, tx: &Transaction<'_>) -> Result<Vec<(i64, OffsetDateTime)>, DbError> {
         let written = write_entries(tx, &self.entries).await?;
         if !self.moves.is_empty() {
             let users: Vec<&str> = self.moves.iter().map(|m| m.user_id.as_str()).collect();

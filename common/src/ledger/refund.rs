@@ -39,7 +39,7 @@ use super::{
     Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, Slots, answer_all, count_moved, key_of,
     lock_accounts,
     lots::{Drawn, LotFate, Plan, drawn_from, due_lots, give_back},
-    move_balances, only, state_of,
+    only, state_of,
 };
 use crate::{
     db::DbError,
@@ -413,17 +413,10 @@ async fn refund_once(
         )?;
         f.balance_after = *balance;
     }
-    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-    if !deltas.is_empty() {
-        move_balances(&tx, &deltas).await?;
-    }
-    let at: Vec<OffsetDateTime> = if plan.entries.is_empty() {
-        Vec::new()
-    } else {
-        let written = plan.write(&tx).await?;
-        written.into_iter().map(|(_, at)| at).collect()
-    };
-    let now = at.first().copied().unwrap_or_else(OffsetDateTime::now_utc);
+    let written = plan.apply(&tx).await?;
+    let now = written
+        .first()
+        .map_or_else(OffsetDateTime::now_utc, |&(_, at)| at);
     if !fresh.is_empty() {
         mark_refunded(&tx, &fresh, now).await?;
     }

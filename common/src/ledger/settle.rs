@@ -14,7 +14,6 @@ use serde::Serialize;
 use super::{
     LedgerError, NewEntry, count_moved, key_of,
     lots::{Plan, drawn_from, due_lots},
-    move_balances,
     refund::{Returned, give_back_to_lots},
     state_of,
 };
@@ -241,11 +240,7 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
             correlation_id: s.correlation_id,
         });
     }
-    let deltas: Vec<(&str, i64)> = plan.entries.iter().map(|e| (e.user_id, e.amount)).collect();
-    if deltas.iter().any(|d| d.1 != 0) {
-        move_balances(&tx, &deltas).await?;
-    }
-    let written = plan.write(&tx).await?;
+    let written = plan.apply(&tx).await?;
     let at = written
         .last()
         .map(|&(_, at)| at)
