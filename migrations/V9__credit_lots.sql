@@ -133,88 +133,96 @@ BEGIN
 END
 $$;
 
--- Ledger: expire and void entries take credits away; a refund may carry a
--- reference (one refund per reference and reservation; at most one without).
-ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_kind_check;
-ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_check
-    CHECK (kind IN ('grant', 'deduct', 'refund', 'settle', 'expire', 'void'));
-ALTER TABLE ledger_entries DROP CONSTRAINT ledger_amount_sign;
-ALTER TABLE ledger_entries ADD CONSTRAINT ledger_amount_sign CHECK (
-    (kind IN ('grant', 'refund') AND amount > 0)
-    OR (kind IN ('deduct', 'expire', 'void') AND amount < 0)
-    OR (kind = 'settle' AND amount = 0)
-);
-ALTER TABLE ledger_entries DROP CONSTRAINT ledger_reservation_kinds_have_code;
-ALTER TABLE ledger_entries ADD CONSTRAINT ledger_reservation_kinds_have_code CHECK (
-    kind IN ('grant', 'expire', 'void') OR project_code IS NOT NULL
-);
-DROP INDEX ledger_one_refund_per_reservation;
-CREATE UNIQUE INDEX ledger_one_refund_per_reservation
-    ON ledger_entries (user_id, app_name, project_code) WHERE kind = 'refund' AND reference IS NULL;
-CREATE UNIQUE INDEX ledger_one_refund_per_reference
-    ON ledger_entries (user_id, app_name, project_code, reference) WHERE kind = 'refund' AND reference IS NOT NULL;
-
--- Reservations: refunded in parts.
-ALTER TABLE reservations ADD COLUMN refunded_amount bigint NOT NULL DEFAULT 0;
-ALTER TABLE reservations DISABLE TRIGGER reservations_state_machine;
-UPDATE reservations SET refunded_amount = amount WHERE state = 'refunded';
-ALTER TABLE reservations ENABLE TRIGGER reservations_state_machine;
-ALTER TABLE reservations ADD CONSTRAINT reservations_refunds_within_amount
-    CHECK (refunded_amount >= 0 AND refunded_amount <= amount);
-ALTER TABLE reservations DROP CONSTRAINT reservations_state_check;
-ALTER TABLE reservations ADD CONSTRAINT reservations_state_check
-    CHECK (state IN ('reserved', 'partially_refunded', 'settled', 'refunded'));
-ALTER TABLE reservations DROP CONSTRAINT reservations_state_fields;
-ALTER TABLE reservations ADD CONSTRAINT reservations_state_fields CHECK (
-    (state = 'reserved' AND settled_at IS NULL AND refunded_at IS NULL AND settled_by IS NULL
-        AND refunded_amount = 0)
-    OR (state = 'partially_refunded' AND settled_at IS NULL AND refunded_at IS NULL
-        AND settled_by IS NULL AND refunded_amount > 0 AND refunded_amount < amount)
-    OR (state = 'settled' AND settled_at IS NOT NULL AND refunded_at IS NULL
-        AND settled_by IS NOT NULL AND refunded_amount < amount)
-    OR (state = 'refunded' AND refunded_at IS NOT NULL AND balance_after_refund IS NOT NULL
-        AND refunded_amount = amount
-        AND ((settled_at IS NULL AND settled_by IS NULL)
-             OR (settled_at IS NOT NULL AND settled_by = 'window')))
-);
-DROP INDEX reservations_due;
-CREATE INDEX reservations_due ON reservations (refundable_until)
-    WHERE state IN ('reserved', 'partially_refunded');
-
--- The state machine: reserved -> partially_refunded -> refunded or settled;
--- a window settlement may still take refunds (an event from inside the
--- window) or become final; refunded_amount only grows, and only while
--- refunds are allowed.
-CREATE OR REPLACE FUNCTION reservations_one_way() RETURNS trigger LANGUAGE plpgsql AS $$
+-- The changes to the ledger and the reservations run as one block: on Citus
+-- these tables are distributed, and Citus carries a DDL statement to the
+-- shards only when it is not part of a multi-statement query string (which
+-- is how migrations are sent); inside a block each statement is its own.
+DO $v9$
 BEGIN
-    IF NEW.amount <> OLD.amount OR NEW.user_id <> OLD.user_id THEN
-        RAISE EXCEPTION 'reservation (%, %) amount and user are fixed', OLD.app_name, OLD.project_code
-            USING ERRCODE = 'check_violation';
-    END IF;
-    IF NEW.refunded_amount < OLD.refunded_amount THEN
-        RAISE EXCEPTION 'reservation (%, %): refunds cannot be taken back', OLD.app_name, OLD.project_code
-            USING ERRCODE = 'check_violation';
-    END IF;
-    IF OLD.state IN ('reserved', 'partially_refunded') THEN
-        IF NEW.state = 'reserved' AND OLD.state = 'partially_refunded' THEN
-            RAISE EXCEPTION 'reservation (%, %) was partly refunded', OLD.app_name, OLD.project_code
+    -- Ledger: expire and void entries take credits away; a refund may carry a
+    -- reference (one refund per reference and reservation; at most one without).
+    ALTER TABLE ledger_entries DROP CONSTRAINT ledger_entries_kind_check;
+    ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_kind_check
+        CHECK (kind IN ('grant', 'deduct', 'refund', 'settle', 'expire', 'void'));
+    ALTER TABLE ledger_entries DROP CONSTRAINT ledger_amount_sign;
+    ALTER TABLE ledger_entries ADD CONSTRAINT ledger_amount_sign CHECK (
+        (kind IN ('grant', 'refund') AND amount > 0)
+        OR (kind IN ('deduct', 'expire', 'void') AND amount < 0)
+        OR (kind = 'settle' AND amount = 0)
+    );
+    ALTER TABLE ledger_entries DROP CONSTRAINT ledger_reservation_kinds_have_code;
+    ALTER TABLE ledger_entries ADD CONSTRAINT ledger_reservation_kinds_have_code CHECK (
+        kind IN ('grant', 'expire', 'void') OR project_code IS NOT NULL
+    );
+    DROP INDEX ledger_one_refund_per_reservation;
+    CREATE UNIQUE INDEX ledger_one_refund_per_reservation
+        ON ledger_entries (user_id, app_name, project_code) WHERE kind = 'refund' AND reference IS NULL;
+    CREATE UNIQUE INDEX ledger_one_refund_per_reference
+        ON ledger_entries (user_id, app_name, project_code, reference) WHERE kind = 'refund' AND reference IS NOT NULL;
+
+    -- Reservations: refunded in parts.
+    ALTER TABLE reservations ADD COLUMN refunded_amount bigint NOT NULL DEFAULT 0;
+    ALTER TABLE reservations DISABLE TRIGGER reservations_state_machine;
+    UPDATE reservations SET refunded_amount = amount WHERE state = 'refunded';
+    ALTER TABLE reservations ENABLE TRIGGER reservations_state_machine;
+    ALTER TABLE reservations ADD CONSTRAINT reservations_refunds_within_amount
+        CHECK (refunded_amount >= 0 AND refunded_amount <= amount);
+    ALTER TABLE reservations DROP CONSTRAINT reservations_state_check;
+    ALTER TABLE reservations ADD CONSTRAINT reservations_state_check
+        CHECK (state IN ('reserved', 'partially_refunded', 'settled', 'refunded'));
+    ALTER TABLE reservations DROP CONSTRAINT reservations_state_fields;
+    ALTER TABLE reservations ADD CONSTRAINT reservations_state_fields CHECK (
+        (state = 'reserved' AND settled_at IS NULL AND refunded_at IS NULL AND settled_by IS NULL
+            AND refunded_amount = 0)
+        OR (state = 'partially_refunded' AND settled_at IS NULL AND refunded_at IS NULL
+            AND settled_by IS NULL AND refunded_amount > 0 AND refunded_amount < amount)
+        OR (state = 'settled' AND settled_at IS NOT NULL AND refunded_at IS NULL
+            AND settled_by IS NOT NULL AND refunded_amount < amount)
+        OR (state = 'refunded' AND refunded_at IS NOT NULL AND balance_after_refund IS NOT NULL
+            AND refunded_amount = amount
+            AND ((settled_at IS NULL AND settled_by IS NULL)
+                 OR (settled_at IS NOT NULL AND settled_by = 'window')))
+    );
+    DROP INDEX reservations_due;
+    CREATE INDEX reservations_due ON reservations (refundable_until)
+        WHERE state IN ('reserved', 'partially_refunded');
+
+    -- The state machine: reserved -> partially_refunded -> refunded or settled;
+    -- a window settlement may still take refunds (an event from inside the
+    -- window) or become final; refunded_amount only grows, and only while
+    -- refunds are allowed.
+    CREATE OR REPLACE FUNCTION reservations_one_way() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        IF NEW.amount <> OLD.amount OR NEW.user_id <> OLD.user_id THEN
+            RAISE EXCEPTION 'reservation (%, %) amount and user are fixed', OLD.app_name, OLD.project_code
                 USING ERRCODE = 'check_violation';
         END IF;
-        RETURN NEW;
-    END IF;
-    -- Settled by the window only: a late success event makes it final, a
-    -- failure event from inside the window refunds it (in parts or all of
-    -- what is left). Its settlement stays.
-    IF OLD.state = 'settled' AND OLD.settled_by = 'window'
-       AND NEW.settled_at = OLD.settled_at
-       AND ((NEW.state = 'settled' AND NEW.settled_by IN ('window', 'final'))
-            OR (NEW.state = 'refunded' AND NEW.settled_by = 'window')) THEN
-        RETURN NEW;
-    END IF;
-    RAISE EXCEPTION 'reservation (%, %) is % and cannot change', OLD.app_name, OLD.project_code, OLD.state
-        USING ERRCODE = 'check_violation';
-END;
-$$;
+        IF NEW.refunded_amount < OLD.refunded_amount THEN
+            RAISE EXCEPTION 'reservation (%, %): refunds cannot be taken back', OLD.app_name, OLD.project_code
+                USING ERRCODE = 'check_violation';
+        END IF;
+        IF OLD.state IN ('reserved', 'partially_refunded') THEN
+            IF NEW.state = 'reserved' AND OLD.state = 'partially_refunded' THEN
+                RAISE EXCEPTION 'reservation (%, %) was partly refunded', OLD.app_name, OLD.project_code
+                    USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END IF;
+        -- Settled by the window only: a late success event makes it final, a
+        -- failure event from inside the window refunds it (in parts or all of
+        -- what is left). Its settlement stays.
+        IF OLD.state = 'settled' AND OLD.settled_by = 'window'
+           AND NEW.settled_at = OLD.settled_at
+           AND ((NEW.state = 'settled' AND NEW.settled_by IN ('window', 'final'))
+                OR (NEW.state = 'refunded' AND NEW.settled_by = 'window')) THEN
+            RETURN NEW;
+        END IF;
+        RAISE EXCEPTION 'reservation (%, %) is % and cannot change', OLD.app_name, OLD.project_code, OLD.state
+            USING ERRCODE = 'check_violation';
+    END;
+    $fn$;
+END
+$v9$;
 
 -- Balances from before lots existed: one paid lot without expiry per user,
 -- holding the balance, from which every earlier reservation is recorded as

@@ -437,32 +437,53 @@ impl<'a> Plan<'a> {
             let mut users = Vec::with_capacity(self.lots.len());
             let mut ids = Vec::with_capacity(self.lots.len());
             let mut deltas = Vec::with_capacity(self.lots.len());
-            let mut closes = Vec::with_capacity(self.lots.len());
+            let mut closing = Vec::with_capacity(self.lots.len());
             for ((user, id), change) in &self.lots {
                 users.push(user.as_str());
                 ids.push(*id);
                 deltas.push(change.delta);
-                closes.push(change.close);
+                closing.push(change.close.is_some());
             }
+            // (No CASE or COALESCE around now(): Citus refuses them in a
+            // distributed UPDATE; the closes are a statement of their own.)
             let update = tx
                 .prepare_cached(
-                    "UPDATE credit_lots l SET remaining = l.remaining + v.delta, \
-                            status = coalesce(v.close, l.status), \
-                            closed_at = CASE WHEN v.close IS NULL THEN NULL ELSE now() END \
-                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::text[]) AS v(user_id, lot_id, delta, close) \
+                    "UPDATE credit_lots l SET remaining = l.remaining + v.delta \
+                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bool[]) AS v(user_id, lot_id, delta, closing) \
                      WHERE l.user_id = v.user_id AND l.lot_id = v.lot_id AND l.user_id = ANY($1) \
                        AND l.status = 'active' AND l.remaining + v.delta >= 0 \
-                       AND (v.delta >= 0 OR v.close IS NOT NULL OR l.expires_at IS NULL OR l.expires_at > now())",
+                       AND (v.delta >= 0 OR v.closing OR l.expires_at IS NULL OR l.expires_at > now())",
                 )
                 .await?;
             if tx
-                .execute(&update, &[&users, &ids, &deltas, &closes])
+                .execute(&update, &[&users, &ids, &deltas, &closing])
                 .await?
                 != self.lots.len() as u64
             {
                 return Err(DbError::Other(
                     "a lot change did not apply (lot closed, past its expiry, or short)".into(),
                 ));
+            }
+            let (mut users, mut ids, mut how) = (Vec::new(), Vec::new(), Vec::new());
+            for ((user, id), change) in &self.lots {
+                if let Some(close) = change.close {
+                    users.push(user.as_str());
+                    ids.push(*id);
+                    how.push(close);
+                }
+            }
+            if !users.is_empty() {
+                let close = tx
+                    .prepare_cached(
+                        "UPDATE credit_lots l SET status = v.how, closed_at = now() \
+                         FROM unnest($1::text[], $2::int8[], $3::text[]) AS v(user_id, lot_id, how) \
+                         WHERE l.user_id = v.user_id AND l.lot_id = v.lot_id AND l.user_id = ANY($1) \
+                           AND l.status = 'active'",
+                    )
+                    .await?;
+                if tx.execute(&close, &[&users, &ids, &how]).await? != users.len() as u64 {
+                    return Err(DbError::Other("a lot to close was closed already".into()));
+                }
             }
         }
         Ok(written)

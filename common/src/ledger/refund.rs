@@ -210,6 +210,8 @@ async fn refund_once(
     }
 
     let mut fresh: Vec<Decided<'_>> = Vec::new();
+    // Requests answered with the refund of all that was left, made before.
+    let mut unreferenced_replays: Vec<usize> = Vec::new();
     // Events answered from a reservation refunded before.
     let mut replayed_events: Vec<&QueuedRefund> = Vec::new();
     for (slot, q) in live.iter().enumerate() {
@@ -299,11 +301,11 @@ async fn refund_once(
                 if q.event_id.is_some() {
                     replayed_events.push(q);
                 }
+                unreferenced_replays.push(slot);
                 answers[slot] = Some(Ok(Outcome::replay(RefundReceipt {
                     user_id: r.user_id.to_string(),
-                    credits_refunded: row
-                        .get::<_, Option<i64>>("unreferenced_refund")
-                        .unwrap_or(0),
+                    // The refund of all that was left, read below.
+                    credits_refunded: 0,
                     new_balance: row.get("balance_after_refund"),
                     app_name,
                     project_code: r.project_code.to_string(),
@@ -367,6 +369,7 @@ async fn refund_once(
             }
         }
     }
+    add_unreferenced_refunds(&tx, &unreferenced_replays, &mut answers).await?;
     if fresh.is_empty() && replayed_events.is_empty() && plan.entries.is_empty() {
         tx.rollback().await?;
         return Ok(answers);
@@ -548,6 +551,57 @@ pub(super) fn give_back_to_lots<'a>(
     Ok(())
 }
 
+/// Puts in the replayed answers at `slots` the amount of the refund of all
+/// that was left (the reservation's refund without a reference; none when
+/// it was refunded in referenced parts only).
+async fn add_unreferenced_refunds(
+    tx: &Transaction<'_>,
+    slots: &[usize],
+    answers: &mut [Option<Answer<RefundReceipt>>],
+) -> Result<(), DbError> {
+    let keys: Vec<(usize, String, String, String)> = slots
+        .iter()
+        .filter_map(|&slot| match answers.get(slot) {
+            Some(Some(Ok(o))) => Some((
+                slot,
+                o.value.user_id.clone(),
+                o.value.app_name.clone(),
+                o.value.project_code.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let users: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let apps: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    let codes: Vec<&str> = keys.iter().map(|k| k.3.as_str()).collect();
+    let stmt = tx
+        .prepare_cached(
+            "SELECT e.user_id, e.app_name, e.project_code, e.amount FROM ledger_entries e \
+             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
+               ON e.user_id = k.user_id AND e.app_name = k.app_name AND e.project_code = k.project_code \
+             WHERE e.kind = 'refund' AND e.reference IS NULL AND e.user_id = ANY($1)",
+        )
+        .await?;
+    let found: HashMap<super::ReservationKey, i64> = tx
+        .query(&stmt, &[&users, &apps, &codes])
+        .await?
+        .iter()
+        .map(|r| (super::reservation_key(r), r.get("amount")))
+        .collect();
+    for (slot, user, app, code) in keys {
+        if let (Some(Some(Ok(o))), Some(&amount)) = (
+            answers.get_mut(slot),
+            found.get(&key_of(&user, &app, &code)),
+        ) {
+            o.value.credits_refunded = amount;
+        }
+    }
+    Ok(())
+}
+
 /// The answer to a refund whose reference was used before: the first
 /// refund again, or a conflict when the amount differs.
 fn replay_referenced(
@@ -695,10 +749,6 @@ async fn lock_reservations(
     let lock = tx
         .prepare_cached(
             "SELECT k.place, r.app_name, r.amount, r.refunded_amount, r.state, r.settled_by, \
-                    CASE WHEN r.state = 'refunded' THEN ( \
-                      SELECT e.amount FROM ledger_entries e WHERE e.user_id = r.user_id \
-                        AND e.app_name = r.app_name AND e.project_code = r.project_code \
-                        AND e.kind = 'refund' AND e.reference IS NULL) END AS unreferenced_refund, \
                     r.refundable_until < CASE WHEN k.at IS NULL THEN now() \
                         ELSE least(greatest(k.at, r.created_at), now()) END AS expired, \
                     r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
