@@ -348,18 +348,33 @@ pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Durat
             .await
             .expect("travel: triggers off");
     }
-    for sql in [
-        "UPDATE ledger_entries SET created_at = created_at - make_interval(secs => $1)",
-        "UPDATE lot_movements SET created_at = created_at - make_interval(secs => $1)",
-        "UPDATE credit_lots SET created_at = created_at - make_interval(secs => $1), \
-                expires_at = expires_at - make_interval(secs => $1), \
-                closed_at = closed_at - make_interval(secs => $1)",
-        "UPDATE reservations SET created_at = created_at - make_interval(secs => $1), \
-                refundable_until = refundable_until - make_interval(secs => $1), \
-                settled_at = settled_at - make_interval(secs => $1), \
-                refunded_at = refunded_at - make_interval(secs => $1)",
+    // `timestamptz - interval` is STABLE, which Citus refuses beside column
+    // references in an UPDATE; the same in UTC timestamps is IMMUTABLE.
+    let back = |column: &str| {
+        format!(
+            "{column} = ({column} AT TIME ZONE 'UTC' - make_interval(secs => $1)) AT TIME ZONE 'UTC'"
+        )
+    };
+    for (table, columns) in [
+        ("ledger_entries", &["created_at"][..]),
+        ("lot_movements", &["created_at"][..]),
+        (
+            "credit_lots",
+            &["created_at", "expires_at", "closed_at"][..],
+        ),
+        (
+            "reservations",
+            &[
+                "created_at",
+                "refundable_until",
+                "settled_at",
+                "refunded_at",
+            ][..],
+        ),
     ] {
-        tx.execute(sql, &[&secs])
+        let sets: Vec<String> = columns.iter().map(|c| back(c)).collect();
+        let sql = format!("UPDATE {table} SET {}", sets.join(", "));
+        tx.execute(&sql, &[&secs])
             .await
             .expect("travel: times moved");
     }
