@@ -654,3 +654,41 @@ async fn a_grant_after_an_expiry_answers_what_the_user_can_spend() {
     );
     app.assert_reconciled().await;
 }
+
+#[tokio::test]
+async fn a_whole_refund_asked_again_answers_the_refund_that_completed_it() {
+    let app = spawn_app().await;
+    let u = "again";
+    app.grant(u, 20).await;
+    app.deduct(u, 8, "once").await;
+    // Refunded at once under an Idempotency-Key, then asked again without.
+    let r = app
+        .http
+        .post(format!("{}/api/unified/refund-credits", app.base))
+        .header("X-API-Key", crate::support::BOOT_KEY)
+        .header("Idempotency-Key", "refund-once")
+        .json(&json!({"user_id": u, "project_code": "once", "app_name": "imagegene"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .post(
+            "/api/unified/refund-credits",
+            &json!({"user_id": u, "project_code": "once", "app_name": "imagegene"}),
+        )
+        .await;
+    assert_eq!(r.headers()["idempotent-replayed"], "true");
+    let again: Value = r.json().await.expect("json");
+    assert_eq!(again["credits_refunded"], json!(8), "{again}");
+    assert_eq!(again["new_balance"], json!(20));
+    // Refunded in parts: asking for the whole answers the last part.
+    app.deduct(u, 6, "parts").await;
+    refund(&app, u, "parts", Some((4, "p1"))).await;
+    refund(&app, u, "parts", Some((2, "p2"))).await;
+    let (status, whole) = refund(&app, u, "parts", None).await;
+    assert_eq!(status, StatusCode::OK, "{whole}");
+    assert_eq!(whole["credits_refunded"], json!(2));
+    assert_eq!(whole["reservation_status"], json!("refunded"));
+    assert_eq!(app.balance(u).await, 20);
+}

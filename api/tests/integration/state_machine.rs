@@ -120,8 +120,8 @@ struct MRes {
     drawn: Vec<(usize, i64, i64)>,
     /// Refunds by reference: amount.
     references: HashMap<u8, i64>,
-    /// The refund without a reference (all that was left), if any.
-    unreferenced: Option<i64>,
+    /// The last refund's amount (what a replayed whole refund answers).
+    last_refund: Option<i64>,
 }
 
 struct World {
@@ -280,7 +280,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 until: w.now + if short { 30 } else { 3600 },
                                 drawn,
                                 references: HashMap::new(),
-                                unreferenced: None,
+                                last_refund: None,
                             },
                         );
                     }
@@ -346,7 +346,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     }
                     Ok(o) if m.state == ReservationState::Refunded => {
                         prop_assert!(o.replayed && amount.is_none() && reference.is_none());
-                        prop_assert_eq!(o.value.credits_refunded, m.unreferenced.unwrap_or(0));
+                        prop_assert_eq!(o.value.credits_refunded, m.last_refund.unwrap_or(0));
                     }
                     Err(LedgerError::Invalid {
                         field: "reference", ..
@@ -379,12 +379,10 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         } else {
                             ReservationState::PartiallyRefunded
                         };
-                        match reference {
-                            Some(n) => {
-                                r.references.insert(n, part);
-                            }
-                            None => r.unreferenced = Some(part),
+                        if let Some(n) = reference {
+                            r.references.insert(n, part);
                         }
+                        r.last_refund = Some(part);
                         prop_assert_eq!(o.value.credits_refunded, part);
                         prop_assert_eq!(o.value.reservation_status, r.state);
                         prop_assert_eq!(o.value.refunded_total, r.refunded);
@@ -439,7 +437,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         let r = w.res.get_mut(&code).expect("res");
                         r.refunded += rest;
                         if rest > 0 {
-                            r.unreferenced = Some(rest);
+                            r.last_refund = Some(rest);
                         }
                         r.state = if r.refunded == r.amount {
                             ReservationState::Refunded

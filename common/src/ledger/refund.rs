@@ -210,7 +210,7 @@ async fn refund_once(
     }
 
     let mut fresh: Vec<Decided<'_>> = Vec::new();
-    // Requests answered with the refund of all that was left, made before.
+    // Requests answered with the refund that completed their reservation.
     let mut unreferenced_replays: Vec<usize> = Vec::new();
     // Events answered from a reservation refunded before.
     let mut replayed_events: Vec<&QueuedRefund> = Vec::new();
@@ -304,7 +304,7 @@ async fn refund_once(
                 unreferenced_replays.push(slot);
                 answers[slot] = Some(Ok(Outcome::replay(RefundReceipt {
                     user_id: r.user_id.to_string(),
-                    // The refund of all that was left, read below.
+                    // The refund that completed it, read below.
                     credits_refunded: 0,
                     new_balance: row.get("balance_after_refund"),
                     app_name,
@@ -551,9 +551,9 @@ pub(super) fn give_back_to_lots<'a>(
     Ok(())
 }
 
-/// Puts in the replayed answers at `slots` the amount of the refund of all
-/// that was left (the reservation's refund without a reference; none when
-/// it was refunded in referenced parts only).
+/// Puts in the replayed answers at `slots` the amount of the refund that
+/// completed the reservation (its last refund: all of it, for a reservation
+/// refunded at once, with or without a reference).
 async fn add_unreferenced_refunds(
     tx: &Transaction<'_>,
     slots: &[usize],
@@ -579,10 +579,12 @@ async fn add_unreferenced_refunds(
     let codes: Vec<&str> = keys.iter().map(|k| k.3.as_str()).collect();
     let stmt = tx
         .prepare_cached(
-            "SELECT e.user_id, e.app_name, e.project_code, e.amount FROM ledger_entries e \
+            "SELECT DISTINCT ON (e.user_id, e.app_name, e.project_code) \
+                    e.user_id, e.app_name, e.project_code, e.amount FROM ledger_entries e \
              JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
                ON e.user_id = k.user_id AND e.app_name = k.app_name AND e.project_code = k.project_code \
-             WHERE e.kind = 'refund' AND e.reference IS NULL AND e.user_id = ANY($1)",
+             WHERE e.kind = 'refund' AND e.user_id = ANY($1) \
+             ORDER BY e.user_id, e.app_name, e.project_code, e.id DESC",
         )
         .await?;
     let found: HashMap<super::ReservationKey, i64> = tx
