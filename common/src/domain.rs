@@ -82,6 +82,44 @@ fn is_identifier_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')
 }
 
+/// A whole number given as a JSON value (`5`, or `5.0`: JSON Schema's
+/// `integer` and JavaScript agree); `range` says what the field allows, for
+/// the messages. Values beyond `i64` saturate, for the caller's range check
+/// to refuse.
+pub fn whole_number(
+    field: &'static str,
+    value: &serde_json::Value,
+    range: &dyn Fn() -> String,
+) -> Result<i64, ValidationError> {
+    match value {
+        serde_json::Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                Ok(i)
+            } else if n.as_u64().is_some() {
+                Err(ValidationError::new(
+                    field,
+                    format!("is too large; {}", range()),
+                ))
+            } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
+                Ok(f as i64)
+            } else {
+                Err(ValidationError::new(
+                    field,
+                    format!("is not a whole number; {}", range()),
+                ))
+            }
+        }
+        serde_json::Value::String(_) => Err(ValidationError::new(
+            field,
+            format!("is a string; {}", range()),
+        )),
+        _ => Err(ValidationError::new(
+            field,
+            format!("has the wrong type; {}", range()),
+        )),
+    }
+}
+
 /// A positive whole number of Ku coins, never above the configured maximum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
@@ -105,40 +143,7 @@ impl Credits {
             }
             Some(v) => v,
         };
-        let n = match value {
-            serde_json::Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    i
-                } else if n.as_u64().is_some() {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("is too large; {}", range()),
-                    ));
-                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0) {
-                    // `5.0` is the whole number 5 (JSON Schema's `integer`
-                    // and JavaScript agree); out-of-range values saturate
-                    // and are refused by the range check below.
-                    f as i64
-                } else {
-                    return Err(ValidationError::new(
-                        field,
-                        format!("is not a whole number; {}", range()),
-                    ));
-                }
-            }
-            serde_json::Value::String(_) => {
-                return Err(ValidationError::new(
-                    field,
-                    format!("is a string; {}", range()),
-                ));
-            }
-            _ => {
-                return Err(ValidationError::new(
-                    field,
-                    format!("has the wrong type; {}", range()),
-                ));
-            }
-        };
+        let n = whole_number(field, value, &range)?;
         Self::new(field, n, max)
     }
 

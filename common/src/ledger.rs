@@ -346,6 +346,18 @@ async fn lock_accounts<'a>(
     Ok(Locked { balances, busy })
 }
 
+/// Locks one user's account, `FOR NO KEY UPDATE` as [`lock_accounts`]
+/// does; its balance, or `None` without an account.
+async fn lock_account(tx: &Transaction<'_>, user: &str) -> Result<Option<i64>, DbError> {
+    let lock = tx
+        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
+        .await?;
+    Ok(tx
+        .query_opt(&lock, &[&user])
+        .await?
+        .map(|r| r.get("balance")))
+}
+
 /// Moves each user's balance by the sum of that user's `deltas`, with one
 /// guarded `UPDATE` (a debit applies only where the balance covers it). Every
 /// account must exist and be locked by the caller; anything else is an error

@@ -12,6 +12,14 @@ pub fn rfc3339_millis(t: OffsetDateTime) -> String {
         .unwrap_or_else(|_| t.unix_timestamp().to_string())
 }
 
+/// Parses an RFC 3339 time, truncated to the millisecond (what the service
+/// shows and keeps, so that a retried request compares equal).
+pub fn parse_millis(raw: &str) -> Option<OffsetDateTime> {
+    let at = OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339).ok()?;
+    OffsetDateTime::from_unix_timestamp_nanos(at.unix_timestamp_nanos() / 1_000_000 * 1_000_000)
+        .ok()
+}
+
 /// Serde helper: serialize an `OffsetDateTime` with [`rfc3339_millis`].
 pub mod serde_millis {
     use time::OffsetDateTime;

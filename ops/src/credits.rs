@@ -8,7 +8,7 @@ use penora_common::{
     ledger::{self, LotCategory},
     timefmt::rfc3339_millis,
 };
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
 #[derive(Subcommand)]
 pub enum CreditsCommand {
@@ -82,14 +82,13 @@ pub async fn run(
             );
             let expires_at = expires_at
                 .map(|raw| {
-                    let at = OffsetDateTime::parse(&raw, &Rfc3339)
-                        .map_err(|e| anyhow::anyhow!("--expires-at: {e}"))?;
+                    let at = penora_common::timefmt::parse_millis(&raw)
+                        .ok_or_else(|| anyhow::anyhow!("--expires-at must be an RFC 3339 time"))?;
                     anyhow::ensure!(
                         at > OffsetDateTime::now_utc(),
                         "--expires-at must be in the future"
                     );
-                    let millis = at.unix_timestamp_nanos() / 1_000_000 * 1_000_000;
-                    Ok(OffsetDateTime::from_unix_timestamp_nanos(millis)?)
+                    Ok(at)
                 })
                 .transpose()?;
             let grant = ledger::Grant {

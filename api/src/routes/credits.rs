@@ -6,7 +6,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    domain::{AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId},
+    domain::{
+        AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId, whole_number,
+    },
     keys::Scope,
     ledger::{self, Outcome},
     timefmt::rfc3339_millis,
@@ -19,7 +21,7 @@ use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
     extract::{ApiJson, ApiQuery, IdempotencyKey, int_param, user_id},
-    routes::{RequestCorrelation, Success, json_ok},
+    routes::{RequestCorrelation, Success, json_ok, next_cursor},
     state::AppState,
 };
 
@@ -608,19 +610,14 @@ async fn add_credits(
     };
     let priority = match &body.priority {
         None | Some(serde_json::Value::Null) => category.default_priority(),
-        // A whole number, `34.0` included (JSON Schema's `integer`).
-        Some(v) => v
-            .as_i64()
-            .or_else(|| {
-                v.as_f64()
-                    .filter(|f| f.fract() == 0.0 && f.abs() < 1e9)
-                    .map(|f| f as i64)
-            })
-            .filter(|p| (0..=100).contains(p))
-            .and_then(|p| i32::try_from(p).ok())
-            .ok_or_else(|| {
-                ApiError::InvalidRequest("priority: must be a whole number from 0 to 100".into())
-            })?,
+        Some(v) => {
+            let range = || "must be a whole number from 0 to 100".to_owned();
+            let p = whole_number("priority", v, &range)?;
+            i32::try_from(p)
+                .ok()
+                .filter(|p| (0..=100).contains(p))
+                .ok_or_else(|| ApiError::InvalidRequest(format!("priority: {}", range())))?
+        }
     };
     let expires_at = body
         .expires_at
@@ -661,15 +658,11 @@ async fn add_credits(
 /// Parses an RFC 3339 instant for `field`, to the millisecond (what the
 /// service shows).
 pub fn instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
-    let at = time::OffsetDateTime::parse(raw, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| {
-            ApiError::InvalidRequest(format!(
-                "{field}: must be an RFC 3339 time such as 2025-09-27T06:00:00Z"
-            ))
-        })?;
-    let millis = at.unix_timestamp_nanos() / 1_000_000 * 1_000_000;
-    time::OffsetDateTime::from_unix_timestamp_nanos(millis)
-        .map_err(|_| ApiError::InvalidRequest(format!("{field}: is out of range")))
+    penora_common::timefmt::parse_millis(raw).ok_or_else(|| {
+        ApiError::InvalidRequest(format!(
+            "{field}: must be an RFC 3339 time such as 2025-09-27T06:00:00Z"
+        ))
+    })
 }
 
 /// [`instant`], which must lie in the future.
@@ -754,9 +747,7 @@ async fn transactions(
         return Err(ApiError::UserNotFound);
     }
     let rows = ledger::transactions(&client, &user, limit, before).await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.id.to_string()))
-        .flatten();
+    let next_cursor = next_cursor(&rows, limit, |r| r.id.to_string());
     let body = TransactionsResponse {
         user_id: user.to_string(),
         transactions: rows

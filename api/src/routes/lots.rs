@@ -8,7 +8,7 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_common::{
-    domain::{AppName, Credits, Description, ProjectCode, Reference, UserId},
+    domain::{AppName, Description, ProjectCode, Reference, UserId, whole_number},
     keys::Scope,
     ledger::{self, LotView, SettleReceipt, VoidReceipt},
     timefmt::rfc3339_millis,
@@ -24,7 +24,7 @@ use crate::{
     routes::{
         RequestCorrelation, Success,
         credits::{acting_app, instant, refund_reference, with_replay_header},
-        json_ok,
+        json_ok, next_cursor,
     },
     state::AppState,
 };
@@ -100,9 +100,7 @@ async fn credit_lots(
         return Err(ApiError::UserNotFound);
     }
     let lots = ledger::lots(&client, &user, status, limit, before).await?;
-    let next_cursor = (lots.len() as i64 == limit)
-        .then(|| lots.last().map(|l| l.lot_id.to_string()))
-        .flatten();
+    let next_cursor = next_cursor(&lots, limit, |l| l.lot_id.to_string());
     Ok(json_ok(LotsResponse {
         user_id: user.to_string(),
         lots,
@@ -289,21 +287,18 @@ async fn settle_credits(
         None => return Err(ApiError::InvalidRequest("project_code: is required".into())),
     };
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
+    let max = state.settings.max_deduct_amount;
     let charge = match &body.amount {
         None | Some(serde_json::Value::Null) => None,
-        // Charging nothing refunds all that is held.
-        Some(v) if v.as_f64() == Some(0.0) => Some(0),
-        Some(_) => Some(
-            Credits::from_json(
-                "amount",
-                body.amount.as_ref(),
-                state.settings.max_deduct_amount,
-            )
-            .map_err(|e| {
-                ApiError::InvalidRequest(format!("{e} (or 0, to refund all that is held)"))
-            })?
-            .get(),
-        ),
+        // 0 charges nothing: all that is held is refunded.
+        Some(v) => {
+            let range = || format!("must be a whole number of credits from 0 to {max}");
+            let n = whole_number("amount", v, &range)?;
+            if !(0..=max).contains(&n) {
+                return Err(ApiError::InvalidRequest(format!("amount: {}", range())));
+            }
+            Some(n)
+        }
     };
     let reference = refund_reference(&key, body.reference.as_deref())?;
     let reason = Description::parse("reason", body.reason.as_deref())?

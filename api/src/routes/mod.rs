@@ -39,6 +39,16 @@ pub struct Success<T> {
     pub body: T,
 }
 
+/// The `next_cursor` of a page of `rows` asked `limit` of: the last row's
+/// cursor when the page is full (there may be more), else none.
+pub fn next_cursor<T>(rows: &[T], limit: i64, cursor: impl Fn(&T) -> String) -> Option<String> {
+    if rows.len() as i64 == limit {
+        rows.last().map(cursor)
+    } else {
+        None
+    }
+}
+
 /// Wraps `body` as `{"success": true, …}`, serialized straight to the
 /// response: never through `serde_json::Value`, which would parse stored raw
 /// JSON (project metadata) into numbers again.

@@ -32,7 +32,7 @@ use crate::{
     routes::{
         RequestCorrelation, Success,
         credits::{Storage, with_replay_header},
-        json_ok,
+        json_ok, next_cursor,
     },
     state::AppState,
 };
@@ -562,9 +562,7 @@ async fn list_projects(
     }
     let rows = projects::list(&client, &user, limit, after).await?;
     let counts = projects::counts(&client, &user).await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| encode_cursor(r.created_at, r.id)))
-        .flatten();
+    let next_cursor = next_cursor(&rows, limit, |r| encode_cursor(r.created_at, r.id));
     let items: Vec<ProjectItem> = rows
         .into_iter()
         .map(|r| ProjectItem {

@@ -130,7 +130,20 @@ struct World {
     res: HashMap<u8, MRes>,
 }
 
+/// Allocations as (lot id, amount).
+fn pairs(allocations: &[ledger::Allocation]) -> Vec<(i64, i64)> {
+    allocations.iter().map(|a| (a.lot_id, a.amount)).collect()
+}
+
 impl World {
+    /// The model's allocations of a reservation, as (lot id, amount).
+    fn allocations(&self, drawn: &[(usize, i64, i64)]) -> Vec<(i64, i64)> {
+        drawn
+            .iter()
+            .map(|&(i, a, _)| (self.lots[i].id, a))
+            .collect()
+    }
+
     fn spendable(&self) -> i64 {
         self.lots.iter().map(|l| l.spendable(self.now)).sum()
     }
@@ -260,15 +273,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             left -= part;
                             drawn.push((i, part, 0));
                         }
-                        let expected: Vec<(i64, i64)> =
-                            drawn.iter().map(|&(i, a, _)| (w.lots[i].id, a)).collect();
-                        let got: Vec<(i64, i64)> = o
-                            .value
-                            .allocations
-                            .iter()
-                            .map(|a| (a.lot_id, a.amount))
-                            .collect();
-                        prop_assert_eq!(got, expected, "allocations");
+                        prop_assert_eq!(
+                            pairs(&o.value.allocations),
+                            w.allocations(&drawn),
+                            "allocations"
+                        );
                         prop_assert_eq!(o.value.new_balance, spendable - amount);
                         w.res.insert(
                             code,
@@ -292,15 +301,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         prop_assert!(o.replayed, "a used key must replay");
                         prop_assert_eq!(m.amount, amount);
                         prop_assert_eq!(o.value.reservation_status, m.state);
-                        let expected: Vec<(i64, i64)> =
-                            m.drawn.iter().map(|&(i, a, _)| (w.lots[i].id, a)).collect();
-                        let got: Vec<(i64, i64)> = o
-                            .value
-                            .allocations
-                            .iter()
-                            .map(|a| (a.lot_id, a.amount))
-                            .collect();
-                        prop_assert_eq!(got, expected, "replayed allocations");
+                        prop_assert_eq!(
+                            pairs(&o.value.allocations),
+                            w.allocations(&m.drawn),
+                            "replayed allocations"
+                        );
                     }
                     (Some(m), Err(LedgerError::IdempotencyConflict(_))) => {
                         prop_assert_ne!(m.amount, amount);

@@ -38,7 +38,7 @@ use time::OffsetDateTime;
 use super::{
     Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, ReservationKey, Slots, answer_all,
     by_reservation, count_moved, key_of, lock_accounts,
-    lots::{Allocation, Plan, active_lots, allocations_of, draw},
+    lots::{Allocation, Plan, active_lots, draw, drawn_from},
     only, reservation_key, state_of,
 };
 use crate::{
@@ -342,12 +342,19 @@ async fn add_allocations(
             )
         })
         .collect();
-    let mut found = allocations_of(tx, &keys).await?;
+    // A deduction drew each of its lots once, in burn-down order.
+    let mut found = drawn_from(tx, &keys).await?;
     for (&slot, key) in slots.iter().zip(&keys) {
         if let Some(Some(Ok(outcome))) = answers.get_mut(slot) {
             outcome.value.allocations = found
                 .remove(&key_of(key.0, key.1, key.2))
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .into_iter()
+                .map(|d| Allocation {
+                    lot_id: d.lot_id,
+                    amount: d.drawn,
+                })
+                .collect();
         }
     }
     Ok(())

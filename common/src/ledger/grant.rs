@@ -13,7 +13,7 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use super::{
-    Answer, LedgerError, Outcome, count_moved, insert_audit_jobs,
+    Answer, LedgerError, Outcome, count_moved, insert_audit_jobs, lock_account,
     lots::{Plan, due_lots},
 };
 use crate::{
@@ -117,17 +117,13 @@ pub async fn grant(
     let tx = client.transaction().await?;
     // Lots past their expiry first (an existing account, locked as every
     // movement does), so that the grant's balance is what the user can spend.
-    let lock = tx
-        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
-        .await?;
-    if let Some(row) = tx.query_opt(&lock, &[&g.user_id.as_str()]).await? {
-        let user = g.user_id.as_str();
-        if let Some(due) = due_lots(&tx, &[user]).await?.get(user) {
-            let mut balance: i64 = row.get("balance");
-            let mut plan = Plan::default();
-            plan.expire_due(user, due, &mut balance, correlation_id)?;
-            plan.apply(&tx).await?;
-        }
+    let user = g.user_id.as_str();
+    if let Some(mut balance) = lock_account(&tx, user).await?
+        && let Some(due) = due_lots(&tx, &[user]).await?.get(user)
+    {
+        let mut plan = Plan::default();
+        plan.expire_due(user, due, &mut balance, correlation_id)?;
+        plan.apply(&tx).await?;
     }
     let upsert = tx
         .prepare_cached(

@@ -14,7 +14,7 @@ use time::OffsetDateTime;
 use utoipa::ToSchema;
 
 use super::{
-    Answer, LedgerError, NewEntry, Outcome, count_moved,
+    Answer, LedgerError, NewEntry, Outcome, count_moved, lock_account,
     lots::{Plan, due_lots},
 };
 use crate::{
@@ -167,20 +167,6 @@ pub async fn void_lot(
     tx.commit().await?;
     count_moved("voided", "penora", remaining);
     Ok(Outcome::fresh(receipt("voided", remaining, balance)))
-}
-
-/// Locks `user`'s account; its balance, or `None` without an account.
-async fn lock_account(
-    tx: &deadpool_postgres::Transaction<'_>,
-    user: &str,
-) -> Result<Option<i64>, DbError> {
-    let lock = tx
-        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
-        .await?;
-    Ok(tx
-        .query_opt(&lock, &[&user])
-        .await?
-        .map(|r| r.get("balance")))
 }
 
 /// A lot as `GET /credit-lots` shows it.

@@ -66,6 +66,25 @@ pub(super) async fn active_lots(
     tx: &Transaction<'_>,
     users: &[&str],
 ) -> Result<HashMap<String, Vec<Lot>>, DbError> {
+    read_lots(tx, users, "").await
+}
+
+/// The lots of `users` past their expiry whose `expire` entry is not
+/// written yet.
+pub(super) async fn due_lots(
+    tx: &Transaction<'_>,
+    users: &[&str],
+) -> Result<HashMap<String, Vec<Lot>>, DbError> {
+    read_lots(tx, users, "AND expires_at <= now()").await
+}
+
+/// The active lots with credits left of `users` that meet `and` (an extra
+/// condition), by user, in burn-down order.
+async fn read_lots(
+    tx: &Transaction<'_>,
+    users: &[&str],
+    and: &str,
+) -> Result<HashMap<String, Vec<Lot>>, DbError> {
     let mut out: HashMap<String, Vec<Lot>> = HashMap::new();
     if users.is_empty() {
         return Ok(out);
@@ -74,7 +93,7 @@ pub(super) async fn active_lots(
         .prepare_cached(&format!(
             "SELECT user_id, lot_id, remaining, app_name, \
                     coalesce(expires_at <= now(), false) AS due \
-             FROM credit_lots WHERE user_id = ANY($1::text[]) AND status = 'active' AND remaining > 0 \
+             FROM credit_lots WHERE user_id = ANY($1::text[]) AND status = 'active' AND remaining > 0 {and} \
              ORDER BY user_id, {SPENDABLE_ORDER}"
         ))
         .await?;
@@ -84,35 +103,6 @@ pub(super) async fn active_lots(
             remaining: r.get("remaining"),
             app_name: r.get("app_name"),
             due: r.get("due"),
-        });
-    }
-    Ok(out)
-}
-
-/// The lots of `users` past their expiry whose `expire` entry is not
-/// written yet.
-pub(super) async fn due_lots(
-    tx: &Transaction<'_>,
-    users: &[&str],
-) -> Result<HashMap<String, Vec<Lot>>, DbError> {
-    let mut out: HashMap<String, Vec<Lot>> = HashMap::new();
-    if users.is_empty() {
-        return Ok(out);
-    }
-    let stmt = tx
-        .prepare_cached(
-            "SELECT user_id, lot_id, remaining, app_name FROM credit_lots \
-             WHERE user_id = ANY($1::text[]) AND status = 'active' AND remaining > 0 \
-               AND expires_at <= now() \
-             ORDER BY user_id, lot_id",
-        )
-        .await?;
-    for r in tx.query(&stmt, &[&users]).await? {
-        out.entry(r.get("user_id")).or_default().push(Lot {
-            lot_id: r.get("lot_id"),
-            remaining: r.get("remaining"),
-            app_name: r.get("app_name"),
-            due: true,
         });
     }
     Ok(out)
@@ -230,38 +220,6 @@ pub(super) async fn drawn_from(
                 drawn: r.get("drawn"),
                 returned: r.get("returned"),
                 fate,
-            });
-    }
-    Ok(out)
-}
-
-/// The allocations of deductions, by reservation key, in the order drawn.
-pub(super) async fn allocations_of(
-    client: &impl deadpool_postgres::GenericClient,
-    keys: &[(&str, &str, &str)],
-) -> Result<HashMap<super::ReservationKey, Vec<Allocation>>, DbError> {
-    let mut out: HashMap<super::ReservationKey, Vec<Allocation>> = HashMap::new();
-    if keys.is_empty() {
-        return Ok(out);
-    }
-    let (users, apps, codes) = key_columns(keys);
-    let stmt = client
-        .prepare_cached(&format!(
-            "SELECT m.user_id, m.app_name, m.project_code, m.lot_id, -m.amount AS amount \
-             FROM lot_movements m \
-             JOIN credit_lots l ON l.user_id = m.user_id AND l.lot_id = m.lot_id \
-             JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
-               ON m.user_id = k.user_id AND m.app_name = k.app_name AND m.project_code = k.project_code \
-             WHERE m.user_id = ANY($1) AND l.user_id = ANY($1) AND m.kind = 'deduct' \
-             ORDER BY m.user_id, m.app_name, m.project_code, {SPENDABLE_ORDER_L}"
-        ))
-        .await?;
-    for r in client.query(&stmt, &[&users, &apps, &codes]).await? {
-        out.entry(super::reservation_key(&r))
-            .or_default()
-            .push(Allocation {
-                lot_id: r.get("lot_id"),
-                amount: r.get("amount"),
             });
     }
     Ok(out)

@@ -12,7 +12,7 @@ use deadpool_postgres::Client;
 use serde::Serialize;
 
 use super::{
-    LedgerError, NewEntry, count_moved, key_of,
+    LedgerError, NewEntry, count_moved, key_of, lock_account,
     lots::{Plan, drawn_from, due_lots},
     refund::{Returned, give_back_to_lots},
     state_of,
@@ -131,15 +131,11 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
     let user = s.user_id.as_str();
     let (app, code) = (s.app_name.as_str(), s.project_code.as_str());
     let tx = client.transaction().await?;
-    let lock = tx
-        .prepare_cached("SELECT balance FROM accounts WHERE user_id = $1 FOR NO KEY UPDATE")
-        .await?;
-    let Some(account) = tx.query_opt(&lock, &[&user]).await? else {
+    let Some(mut balance) = lock_account(&tx, user).await? else {
         return Err(LedgerError::NotFound(format!(
             "no account for user {user:?}"
         )));
     };
-    let mut balance: i64 = account.get("balance");
     let select = tx
         .prepare_cached(
             "SELECT state, amount, refunded_amount, settled_by FROM reservations \
