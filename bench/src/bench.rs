@@ -14,12 +14,130 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::{
+    dbwork::{Work, between, snapshot},
     measure::{drive, run_tag},
     raw::raw_broker,
-    report::{Row, chart, peak_rss_mb, render},
+    report::{Results, Row, chart, peak_rss_mb, render},
     services,
-    workloads::{Ctx, audit_lag_p99, quiesce, raw_op, refunds, save_workload, seed, service_op},
+    workloads::{
+        Ctx, MOVEMENTS, audit_lag_p99, caught_up, last_entry, quiesce, raw_minimal_op, raw_op,
+        refunds, save_workload, seed, service_op,
+    },
 };
+
+/// A movement workload at one concurrency, measured end to end and in
+/// database work, beside the raw minimal deduction.
+#[derive(Debug, Clone)]
+pub struct MovementPoint {
+    pub workload: String,
+    pub concurrency: usize,
+    pub secs: f64,
+    pub service: crate::measure::Stats,
+    /// Acknowledged operations per second until every one was audited and
+    /// every job published.
+    pub end_to_end: f64,
+    pub work: Work,
+    pub minimal: crate::measure::Stats,
+    pub minimal_work: Work,
+    /// Commit-to-audit lag p99 (ms) and the entries it covers.
+    pub lag: Option<(f64, i64)>,
+}
+
+/// Gives the fresh database the history of one in service: a few seconds of
+/// deductions through the service (spread and on the hot account), audited,
+/// then `ANALYZE`. Without it, the services' prepared statements are planned
+/// against empty tables (reservations, audit heads and records, outbox) and
+/// keep those plans, sequential scans, until autovacuum first analyzes the
+/// tables, up to a minute later: the first phases would measure that.
+async fn warm_up(ctx: &Arc<Ctx>, c: usize) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let tag = run_tag();
+    for w in MOVEMENTS {
+        let (c2, t2) = (ctx.clone(), tag.clone());
+        drive(c, 2.0, move |task, i| {
+            let (ctx, t) = (c2.clone(), t2.clone());
+            async move { service_op(ctx, w, &t, task, i).await }
+        })
+        .await;
+    }
+    quiesce(&ctx.pool).await?;
+    ctx.pool
+        .get()
+        .await?
+        .batch_execute(&format!("{} ANALYZE", crate::dbwork::MARK))
+        .await?;
+    eprintln!(
+        "warmed up and analyzed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs `workload` through the service for `secs` at `c` connections and
+/// waits until its work is audited and its jobs published (end to end), then
+/// the raw minimal deduction as long, each between snapshots of the
+/// database's counters. The caller has quiesced the services.
+async fn movement_point(
+    ctx: &Arc<Ctx>,
+    workload: &str,
+    c: usize,
+    secs: f64,
+) -> anyhow::Result<MovementPoint> {
+    let tag = run_tag();
+    let first = last_entry(&ctx.pool).await?;
+    let before = snapshot(&ctx.pool).await?;
+    let since = time::OffsetDateTime::now_utc();
+    let started = std::time::Instant::now();
+    let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag.clone());
+    let service = drive(c, secs, move |task, i| {
+        let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
+        async move { service_op(ctx, &w, &t, task, i).await }
+    })
+    .await;
+    caught_up(&ctx.pool, first).await?;
+    let end_to_end = service.ops as f64 / started.elapsed().as_secs_f64();
+    let lag = Some(audit_lag_p99(&ctx.pool, since).await?);
+    let after = snapshot(&ctx.pool).await?;
+    let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag);
+    let minimal = drive(c, secs, move |task, i| {
+        let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
+        async move { raw_minimal_op(ctx, &w, &t, task, i).await }
+    })
+    .await;
+    let minimal_after = snapshot(&ctx.pool).await?;
+    let point = MovementPoint {
+        workload: workload.to_owned(),
+        concurrency: c,
+        secs,
+        service,
+        end_to_end,
+        work: between(&before, &after, service.ops),
+        minimal,
+        minimal_work: between(&after, &minimal_after, minimal.ops),
+        lag,
+    };
+    eprintln!(
+        "{workload:>9} x{c:<3} {secs:.0} s: service {:.0}/s, end to end {:.0}/s, raw minimal {:.0}/s | per movement: \
+         WAL {:.0} B ({:.1} records) vs {:.0} B, statements {} µs vs {} µs, commits {:.2} vs {:.2}",
+        service.per_sec,
+        end_to_end,
+        minimal.per_sec,
+        point.work.wal_bytes,
+        point.work.wal_records,
+        point.minimal_work.wal_bytes,
+        point
+            .work
+            .statement_us
+            .map_or("n/a".into(), |v| format!("{v:.0}")),
+        point
+            .minimal_work
+            .statement_us
+            .map_or("n/a".into(), |v| format!("{v:.0}")),
+        point.work.commits,
+        point.minimal_work.commits,
+    );
+    Ok(point)
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -74,6 +192,10 @@ pub struct Args {
     /// The command that ran this benchmark, for the report.
     #[arg(long, default_value = "scripts/bench.sh")]
     pub command: String,
+    /// Seconds of the sustained points (`deduct` and `hot` at the highest
+    /// concurrency, measured end to end); 0 runs none.
+    #[arg(long, default_value_t = 0.0)]
+    pub sustained_secs: f64,
 }
 
 /// Runs the tool with `args`.
@@ -124,9 +246,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )?
         .data,
     });
+    warm_up(&ctx, max_conc).await?;
     let mut rows = Vec::new();
     let mut save_rows = Vec::new();
     let mut audit_lag: Option<(f64, i64)> = None;
+    let mut movements = Vec::new();
     let mut refund_row = None;
     for w in &workloads {
         if w == "save" {
@@ -154,16 +278,22 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         for &c in &concurrency {
             let tag = run_tag();
             quiesce(&ctx.pool).await?;
-            let since = time::OffsetDateTime::now_utc();
-            let (c2, w2, t2) = (ctx.clone(), w.clone(), tag.clone());
-            let service = drive(c, secs, move |task, i| {
-                let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
-                async move { service_op(ctx, &w, &t, task, i).await }
-            })
-            .await;
-            if w == "deduct" && c == max_conc {
-                audit_lag = Some(audit_lag_p99(&ctx.pool, since).await?);
-            }
+            let service = if MOVEMENTS.contains(&w.as_str()) {
+                let point = movement_point(&ctx, w, c, secs).await?;
+                if w == "deduct" && c == max_conc {
+                    audit_lag = point.lag;
+                }
+                let service = point.service;
+                movements.push(point);
+                service
+            } else {
+                let (c2, w2, t2) = (ctx.clone(), w.clone(), tag.clone());
+                drive(c, secs, move |task, i| {
+                    let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
+                    async move { service_op(ctx, &w, &t, task, i).await }
+                })
+                .await
+            };
             quiesce(&ctx.pool).await?;
             let (c2, w2, t2) = (ctx.clone(), w.clone(), tag.clone());
             let raw = drive(c, secs, move |task, i| {
@@ -187,17 +317,28 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             });
         }
     }
+    let mut sustained = Vec::new();
+    if ctx.args.sustained_secs > 0.0 {
+        for w in MOVEMENTS {
+            if workloads.iter().any(|x| x == w) {
+                quiesce(&ctx.pool).await?;
+                sustained.push(movement_point(&ctx, w, max_conc, ctx.args.sustained_secs).await?);
+            }
+        }
+    }
     let api_rss = peak_rss_mb(ctx.args.api_pid);
     let worker_rss = peak_rss_mb(ctx.args.worker_pid);
-    let report = render(
-        &ctx.args,
-        &rows,
-        &save_rows,
-        refund_row.as_ref(),
+    let results = Results {
+        rows,
+        saves: save_rows,
+        refunds: refund_row,
+        movements,
+        sustained,
         audit_lag,
         api_rss,
         worker_rss,
-    );
+    };
+    let report = render(&ctx.args, &results);
     println!("{report}");
     if let Some(path) = &ctx.args.markdown {
         // What a change cost, measured before and after it, is kept beside
@@ -211,7 +352,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         std::fs::write(path, &report).with_context(|| format!("writing {path}"))?;
     }
     if let Some(path) = &ctx.args.svg {
-        chart(path, &rows).with_context(|| format!("drawing {path}"))?;
+        chart(path, &results.rows).with_context(|| format!("drawing {path}"))?;
     }
     Ok(())
 }

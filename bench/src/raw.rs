@@ -105,6 +105,37 @@ pub async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     result.unwrap_or(false)
 }
 
+/// The raw minimal deduction: the least a service could do and still keep a
+/// user's money right, a guarded debit and one ledger row (what a pgbench
+/// script of a deduction would run). It runs on accounts of its own
+/// (`benchmin_*`, without lots), so the service's users keep balances equal
+/// to their lots.
+pub const RAW_MINIMAL_ENTRY_SQL: &str = "INSERT INTO ledger_entries \
+       (user_id, kind, amount, balance_after, app_name, description, project_code) \
+     VALUES ($1, 'deduct', $2, $3, 'benchmin', 'benchmark minimal', $4)";
+
+/// One raw minimal deduction (see [`RAW_MINIMAL_ENTRY_SQL`]).
+pub async fn raw_minimal_deduct(pool: &Pool, user: &str, code: &str) -> bool {
+    let Ok(mut client) = pool.get().await else {
+        return false;
+    };
+    let result: Result<bool, tokio_postgres::Error> = async {
+        let tx = client.transaction().await?;
+        let debit = tx.prepare_cached(RAW_DEBIT_SQL).await?;
+        let Some(row) = tx.query_opt(&debit, &[&user, &1i64]).await? else {
+            return Ok(false);
+        };
+        let balance: i64 = row.get(0);
+        let entry = tx.prepare_cached(RAW_MINIMAL_ENTRY_SQL).await?;
+        tx.execute(&entry, &[&user, &-1i64, &balance, &code])
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+    .await;
+    result.unwrap_or(false)
+}
+
 /// The statement of `user-info` (`ledger::account_summary`).
 pub async fn raw_user_info(pool: &Pool, user: &str) -> bool {
     let Ok(client) = pool.get().await else {

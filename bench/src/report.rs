@@ -1,7 +1,12 @@
 //! The benchmark's report: the Markdown tables of docs/benchmarks.md, the
 //! SVG chart, and the services' peak memory.
 
-use crate::{bench::Args, measure::Stats, workloads::DEDUCTS_BESIDE_SAVES};
+use crate::{
+    bench::{Args, MovementPoint},
+    dbwork::one_line,
+    measure::Stats,
+    workloads::DEDUCTS_BESIDE_SAVES,
+};
 
 /// One line of the report.
 #[derive(Debug, Clone)]
@@ -35,15 +40,29 @@ pub fn peak_rss_mb(pid: Option<u32>) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-pub fn render(
-    args: &Args,
-    rows: &[Row],
-    saves: &[SaveRow],
-    refunds: Option<&Row>,
-    audit_lag: Option<(f64, i64)>,
-    api_rss: Option<f64>,
-    worker_rss: Option<f64>,
-) -> String {
+/// Everything one run measured.
+pub struct Results {
+    pub rows: Vec<Row>,
+    pub saves: Vec<SaveRow>,
+    pub refunds: Option<Row>,
+    pub movements: Vec<MovementPoint>,
+    pub sustained: Vec<MovementPoint>,
+    pub audit_lag: Option<(f64, i64)>,
+    pub api_rss: Option<f64>,
+    pub worker_rss: Option<f64>,
+}
+
+pub fn render(args: &Args, results: &Results) -> String {
+    let Results {
+        rows,
+        saves,
+        refunds,
+        movements,
+        sustained,
+        audit_lag,
+        api_rss,
+        worker_rss,
+    } = results;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let date = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
     let mut s = String::new();
@@ -76,6 +95,16 @@ pub fn render(
             r.raw.p99_ms,
             r.service.per_sec / r.raw.per_sec.max(1e-9)
         ));
+    }
+    if !movements.is_empty() {
+        s.push_str(&movement_tables(movements));
+    }
+    if !sustained.is_empty() {
+        s.push_str(&format!(
+            "\n### Sustained ({:.0} s per point)\n\n",
+            sustained[0].secs
+        ));
+        s.push_str(&movement_tables(sustained));
     }
     if !saves.is_empty() {
         s.push_str(&format!(
@@ -125,10 +154,73 @@ pub fn render(
     let mb = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0} MB"));
     s.push_str(&format!(
         "\n**peak RSS** (VmHWM at the end of the run): penora-api {}, penora-worker {}.\n",
-        mb(api_rss),
-        mb(worker_rss)
+        mb(*api_rss),
+        mb(*worker_rss)
     ));
     s.push_str("\n![throughput and p99 against concurrency](benchmarks.svg)\n");
+    s
+}
+
+/// The end-to-end and database-work tables of the movement workloads, and
+/// the top statements of the service at the highest concurrency.
+fn movement_tables(points: &[MovementPoint]) -> String {
+    let us = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
+    let ratio = |a: f64, b: f64| a / b.max(1e-9);
+    let mut s = String::from(
+        "\n**End to end and database work per movement.** End to end = acknowledged deductions / the time until \
+         every one was audited and every job published. Raw minimal = a guarded debit and one ledger row, one \
+         transaction per deduction (what a pgbench script of a deduction runs), on accounts of its own. Per \
+         acknowledged deduction, from `pg_stat_database` (commits), `pg_stat_wal` (WAL) and `pg_stat_statements` \
+         (statement time, the benchmark's own polling left out), between snapshots taken once the services were \
+         idle, so the service's figures include the worker's audit and the relay's publishing.\n\n\
+         | workload | conns | service /s | p99 ms | end to end /s | raw minimal /s | ratio | e2e ratio | lag p99 ms | \
+         commits | WAL B | WAL records | statement µs | raw commits | raw WAL B | raw WAL records | raw statement µs | WAL ratio |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for p in points {
+        s.push_str(&format!(
+            "| {} | {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.0} | {:.1} | {} | {:.2} | {:.0} | {:.1} | {} | {:.1} |\n",
+            p.workload,
+            p.concurrency,
+            p.service.per_sec,
+            p.service.p99_ms,
+            p.end_to_end,
+            p.minimal.per_sec,
+            ratio(p.service.per_sec, p.minimal.per_sec),
+            ratio(p.end_to_end, p.minimal.per_sec),
+            p.lag.map_or_else(|| "n/a".to_owned(), |(ms, _)| format!("{ms:.0}")),
+            p.work.commits,
+            p.work.wal_bytes,
+            p.work.wal_records,
+            us(p.work.statement_us),
+            p.minimal_work.commits,
+            p.minimal_work.wal_bytes,
+            p.minimal_work.wal_records,
+            us(p.minimal_work.statement_us),
+            ratio(p.work.wal_bytes, p.minimal_work.wal_bytes),
+        ));
+    }
+    let max_conc = points.iter().map(|p| p.concurrency).max().unwrap_or(0);
+    for p in points
+        .iter()
+        .filter(|p| p.concurrency == max_conc && !p.work.top.is_empty())
+    {
+        s.push_str(&format!(
+            "\nTop statements of the service, `{}` at {} connections ({} acknowledged):\n\n\
+             | statement | total ms | calls | µs per call | µs per deduction |\n|---|---:|---:|---:|---:|\n",
+            p.workload, p.concurrency, p.work.ops
+        ));
+        for t in &p.work.top {
+            s.push_str(&format!(
+                "| `{}` | {:.0} | {} | {:.0} | {:.1} |\n",
+                one_line(&t.query, 110),
+                t.total_ms,
+                t.calls,
+                t.total_ms * 1000.0 / t.calls.max(1) as f64,
+                t.total_ms * 1000.0 / p.work.ops.max(1) as f64,
+            ));
+        }
+    }
     s
 }
 

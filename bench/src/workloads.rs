@@ -17,9 +17,10 @@ use serde_json::json;
 
 use crate::{
     bench::Args,
+    dbwork::MARK,
     events,
     measure::{Stats, drive, run_tag, user_of},
-    raw::{raw_deduct, raw_save, raw_user_info},
+    raw::{raw_deduct, raw_minimal_deduct, raw_save, raw_user_info},
     report::SaveRow,
 };
 
@@ -43,6 +44,9 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
             "INSERT INTO accounts (user_id, balance) \
                SELECT 'bench_' || i, 1000000000 FROM generate_series(0, {last}) i ON CONFLICT DO NOTHING; \
              INSERT INTO accounts (user_id, balance) VALUES ('bench_hot', 1000000000000) ON CONFLICT DO NOTHING; \
+             INSERT INTO accounts (user_id, balance) \
+               SELECT 'benchmin_' || i, 1000000000 FROM generate_series(0, {last}) i ON CONFLICT DO NOTHING; \
+             INSERT INTO accounts (user_id, balance) VALUES ('benchmin_hot', 1000000000000) ON CONFLICT DO NOTHING; \
              INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
                SELECT user_id, 'grant', balance, balance, 'penora', 'benchmark seed', 'seed-' || user_id \
                FROM accounts WHERE user_id LIKE 'bench\\_%' \
@@ -198,6 +202,20 @@ pub async fn service_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i
     }
 }
 
+/// The raw minimal deduction for the movement workloads (`deduct`, `hot`),
+/// on the minimal baseline's own users.
+pub async fn raw_minimal_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i: u64) -> bool {
+    let code = format!("m{tag}_{task}_{i}");
+    let user = match workload {
+        "hot" => "benchmin_hot".to_owned(),
+        _ => user_of(task, i, ctx.args.users).replacen("bench_", "benchmin_", 1),
+    };
+    raw_minimal_deduct(&ctx.pool, &user, &code).await
+}
+
+/// Workloads whose every operation is a credit movement.
+pub const MOVEMENTS: [&str; 2] = ["deduct", "hot"];
+
 pub async fn raw_op(ctx: Arc<Ctx>, workload: &str, tag: &str, task: usize, i: u64) -> bool {
     let users = ctx.args.users;
     let code = format!("r{tag}_{task}_{i}");
@@ -227,10 +245,13 @@ pub async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
     loop {
         let row = client
             .query_one(
-                "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
+                &format!(
+                    "{MARK} SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
                         + (SELECT count(*) FROM projects WHERE status = 'queued') AS unpublished, \
-                        (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed') \
-                        - (SELECT count(*) FROM audit_records) AS unaudited",
+                        (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed' \
+                           AND app_name <> 'benchmin') \
+                        - (SELECT count(*) FROM audit_records) AS unaudited"
+                ),
                 &[],
             )
             .await?;
@@ -257,14 +278,65 @@ pub async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
 
 /// p99 of the time from a ledger entry's commit to its audit record, for
 /// entries created since `since` (waits until they are all audited).
+/// The last ledger entry so far (entries after it belong to the next phase).
+pub async fn last_entry(pool: &Pool) -> anyhow::Result<i64> {
+    let client = pool.get().await?;
+    Ok(client
+        .query_one(
+            &format!("{MARK} SELECT coalesce(max(id), 0) FROM ledger_entries"),
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Waits until every job is published and every ledger entry after `after`
+/// (the raw minimal baseline's aside) has its audit record: the end of the
+/// work accepted since, for the end-to-end figure. Each poll starts at the
+/// first entry the last one found unaudited, so polling stays cheap while
+/// the services catch up.
+pub async fn caught_up(pool: &Pool, after: i64) -> anyhow::Result<()> {
+    let client = pool.get().await?;
+    let started = Instant::now();
+    let mut from = after + 1;
+    loop {
+        let row = client
+            .query_one(
+                &format!(
+                    "{MARK} SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished, \
+                        (SELECT l.id FROM ledger_entries l WHERE l.id >= $1 AND l.app_name <> 'benchmin' \
+                           AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id) \
+                         ORDER BY l.id LIMIT 1) AS unaudited"
+                ),
+                &[&from],
+            )
+            .await?;
+        let unpublished: i64 = row.get("unpublished");
+        let unaudited: Option<i64> = row.get("unaudited");
+        if unpublished == 0 && unaudited.is_none() {
+            return Ok(());
+        }
+        if let Some(id) = unaudited {
+            from = id;
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!(
+                "the services did not catch up within 300 s ({unpublished} jobs unpublished, entry {from} unaudited)"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::Result<(f64, i64)> {
     let client = pool.get().await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let missing: i64 = client
             .query_one(
-                "SELECT count(*) FROM ledger_entries l WHERE l.created_at >= $1 \
-                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)",
+                &format!("{MARK} SELECT count(*) FROM ledger_entries l WHERE l.created_at >= $1 \
+                 AND l.app_name <> 'benchmin' \
+                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)"),
                 &[&since],
             )
             .await?
@@ -276,8 +348,8 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::
     }
     let row = client
         .query_one(
-            "SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.created_at - l.created_at)), 0)::float8 AS p99_secs, count(*) AS entries \
-             FROM ledger_entries l JOIN audit_records a ON a.user_id = l.user_id AND a.entry_id = l.id WHERE l.created_at >= $1",
+            &format!("{MARK} SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.created_at - l.created_at)), 0)::float8 AS p99_secs, count(*) AS entries \
+             FROM ledger_entries l JOIN audit_records a ON a.user_id = l.user_id AND a.entry_id = l.id WHERE l.created_at >= $1"),
             &[&since],
         )
         .await?;

@@ -1,22 +1,23 @@
 # Shared by scripts/bench.sh and scripts/fuzz.sh, which each run the services
 # on a database and a queue prefix of their own. Source it; it defines:
 #
-#   new_run NAME                   set db, prefix and admin for a run of its
+#   new_run NAME [PORT]            set db, prefix and admin for a run of its
 #                                  own and export the services' environment
 #                                  for it (random bootstrap key, no rate limit
-#                                  to speak of, JSON logs, ports chosen by the OS)
+#                                  to speak of, JSON logs, ports chosen by the OS);
+#                                  PostgreSQL on 127.0.0.1:PORT (default 5432)
 #   drop_run ADMIN_URL DB PREFIX   drop the run's database and every queue and
 #                                  exchange named with its prefix
 #   api_address LOG                wait until penora-api logs its address in
 #                                  LOG and print it (exit status 1 if it never does)
 
 new_run() {
-  local stamp
+  local stamp port=${2:-5432}
   stamp=$(date +%s)_$$
   db=penora_$1_$stamp
   prefix=$1${stamp}_
-  admin=postgres://postgres@127.0.0.1:5432/postgres
-  export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
+  admin=postgres://postgres@127.0.0.1:$port/postgres
+  export DATABASE_URL=postgres://postgres@127.0.0.1:$port/$db
   export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
   export AMQP_PREFIX=$prefix
   export PENORA_API_KEY=$1-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
