@@ -146,19 +146,47 @@ pub async fn append_many(
     client: &mut Client,
     items: &[(String, i64)],
 ) -> Result<Vec<Appended>, DbError> {
+    append_many_with(client, items, Held::Skip).await
+}
+
+/// [`append_many`] for the entries whose chains were held: waits for each
+/// chain (never answers [`Appended::Busy`]), so the entries a busy chain
+/// turned away are still recorded together, in one transaction, rather than
+/// one transaction each.
+pub async fn append_many_waiting(
+    client: &mut Client,
+    items: &[(String, i64)],
+) -> Result<Vec<Appended>, DbError> {
+    append_many_with(client, items, Held::Wait).await
+}
+
+/// What a batch does with a chain another transaction holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// Leave its entries out (`SKIP LOCKED`), answered `Busy`.
+    Skip,
+    /// Wait for it.
+    Wait,
+}
+
+async fn append_many_with(
+    client: &mut Client,
+    items: &[(String, i64)],
+    held: Held,
+) -> Result<Vec<Appended>, DbError> {
     if !crate::db::distributed() {
-        return append_in_shard(client, items).await;
+        return append_in_shard(client, items, held).await;
     }
     let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
     let groups = crate::db::shard_groups(&*client, &users).await?;
     if groups.len() <= 1 {
-        return append_in_shard(client, items).await;
+        return append_in_shard(client, items, held).await;
     }
     let mut answers = Vec::with_capacity(groups.len());
     for group in &groups {
         let part: Vec<(String, i64)> = group.iter().map(|&i| items[i].clone()).collect();
         answers.push(
-            append_in_shard(client, &part)
+            append_in_shard(client, &part, held)
                 .await?
                 .into_iter()
                 .map(Ok)
@@ -172,10 +200,25 @@ pub async fn append_many(
     .collect()
 }
 
+/// The entries of a batch, by key (one index probe each), with whether
+/// each has its record already: read under the chains' locks, so a record
+/// committed by another transaction before is seen. Looking them up by user
+/// instead read every entry and record of a hot account, each batch.
+fn entries_by_key_sql() -> String {
+    format!(
+        "SELECT l.*, EXISTS (SELECT 1 FROM audit_records a \
+            WHERE a.user_id = l.user_id AND a.entry_id = l.id) AS recorded \
+         FROM unnest($1::text[], $2::int8[]) AS k(user_id, id) \
+         CROSS JOIN LATERAL (SELECT {ENTRY_COLUMNS} FROM ledger_entries l \
+            WHERE l.user_id = k.user_id AND l.id = k.id LIMIT 1) l"
+    )
+}
+
 /// [`append_many`] for items whose users share a shard.
 async fn append_in_shard(
     client: &mut Client,
     items: &[(String, i64)],
+    held: Held,
 ) -> Result<Vec<Appended>, DbError> {
     let tx = client.transaction().await?;
     let mut users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
@@ -184,14 +227,6 @@ async fn append_in_shard(
     let ids: Vec<i64> = items.iter().map(|(_, id)| *id).collect();
     let item_users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
 
-    let find = tx
-        .prepare_cached(&format!(
-            "SELECT {ENTRY_COLUMNS} FROM ledger_entries \
-             WHERE (user_id, id) IN (SELECT * FROM unnest($1::text[], $2::int8[])) \
-               AND user_id = ANY($1)"
-        ))
-        .await?;
-    let entries = tx.query(&find, &[&item_users, &ids]).await?;
     let heads_insert = tx
         .prepare_cached(
             "INSERT INTO audit_heads (user_id, seq, hash) \
@@ -201,10 +236,16 @@ async fn append_in_shard(
     tx.execute(&heads_insert, &[&users, &GENESIS.as_slice()])
         .await?;
     let heads_lock = tx
-        .prepare_cached(
-            "SELECT user_id, seq, hash FROM audit_heads WHERE user_id = ANY($1::text[]) \
-             ORDER BY user_id FOR UPDATE SKIP LOCKED",
-        )
+        .prepare_cached(match held {
+            Held::Skip => {
+                "SELECT user_id, seq, hash FROM audit_heads WHERE user_id = ANY($1::text[]) \
+                 ORDER BY user_id FOR UPDATE SKIP LOCKED"
+            }
+            Held::Wait => {
+                "SELECT user_id, seq, hash FROM audit_heads WHERE user_id = ANY($1::text[]) \
+                 ORDER BY user_id FOR UPDATE"
+            }
+        })
         .await?;
     let mut heads: std::collections::HashMap<String, (i64, Vec<u8>)> = tx
         .query(&heads_lock, &[&users])
@@ -212,17 +253,40 @@ async fn append_in_shard(
         .into_iter()
         .map(|r| (r.get("user_id"), (r.get("seq"), r.get("hash"))))
         .collect();
-    let done_stmt = tx
-        .prepare_cached(
-            "SELECT entry_id FROM audit_records WHERE entry_id = ANY($1::int8[]) AND user_id = ANY($2)",
-        )
-        .await?;
-    let done: std::collections::HashSet<i64> = tx
-        .query(&done_stmt, &[&ids, &users])
-        .await?
-        .into_iter()
-        .map(|r| r.get("entry_id"))
-        .collect();
+    let (entries, done): (Vec<tokio_postgres::Row>, std::collections::HashSet<i64>) =
+        if crate::db::distributed() {
+            // On Citus, the form verified there: the users route the reads
+            // to their shard.
+            let find = tx
+                .prepare_cached(&format!(
+                    "SELECT {ENTRY_COLUMNS} FROM ledger_entries \
+                     WHERE (user_id, id) IN (SELECT * FROM unnest($1::text[], $2::int8[])) \
+                       AND user_id = ANY($1)"
+                ))
+                .await?;
+            let entries = tx.query(&find, &[&item_users, &ids]).await?;
+            let done_stmt = tx
+                .prepare_cached(
+                    "SELECT entry_id FROM audit_records WHERE entry_id = ANY($1::int8[]) AND user_id = ANY($2)",
+                )
+                .await?;
+            let done = tx
+                .query(&done_stmt, &[&ids, &users])
+                .await?
+                .into_iter()
+                .map(|r| r.get("entry_id"))
+                .collect();
+            (entries, done)
+        } else {
+            let find = tx.prepare_cached(&entries_by_key_sql()).await?;
+            let entries = tx.query(&find, &[&item_users, &ids]).await?;
+            let done = entries
+                .iter()
+                .filter(|r| r.get::<_, bool>("recorded"))
+                .map(|r| r.get("id"))
+                .collect();
+            (entries, done)
+        };
 
     // New records, chained per user in ledger order.
     let mut found: Vec<&tokio_postgres::Row> = entries.iter().collect();

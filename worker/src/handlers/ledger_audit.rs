@@ -38,19 +38,51 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
             return None;
         }
     };
-    let mut results = Vec::with_capacity(ms.len());
+    let mut results: Vec<Option<JobResult>> = Vec::with_capacity(ms.len());
+    // Entries whose chain another transaction held: the rest of the batch is
+    // committed; these wait for their chains together, in one more
+    // transaction (or one by one, should that fail).
+    let mut held = Vec::new();
     for (m, job) in ms.iter().zip(jobs) {
         results.push(match job {
-            Err(e) => Err(e),
-            // Another transaction held this user's chain: the rest of the
-            // batch is committed; this one waits for the chain alone.
+            Err(e) => Some(Err(e)),
             Ok(job) => match appended.next() {
-                Some(Appended::Busy) => handle(ctx, m).await,
-                got => result(&job, got),
+                Some(Appended::Busy) => {
+                    held.push((results.len(), m, job));
+                    None
+                }
+                got => Some(result(&job, got)),
             },
         });
     }
-    Some(results)
+    if held.is_empty() {
+        return Some(results.into_iter().flatten().collect());
+    }
+    let items: Vec<(String, i64)> = held
+        .iter()
+        .map(|(_, _, j)| (j.user_id.clone(), j.entry_id))
+        .collect();
+    match audit::append_many_waiting(&mut client, &items).await {
+        Ok(answers) => {
+            for ((slot, _, job), got) in held.iter().zip(answers) {
+                results[*slot] = Some(result(job, Some(got)));
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "held chains' batch failed; one by one");
+            for (slot, m, _) in &held {
+                results[*slot] = Some(handle(ctx, m).await);
+            }
+        }
+    }
+    Some(
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(JobError::Retryable("no answer for this entry".into())))
+            })
+            .collect(),
+    )
 }
 
 fn result(job: &LedgerAuditJob, appended: Option<Appended>) -> JobResult {
