@@ -9,7 +9,7 @@
 //!   publishes whatever the API could not (broker down, API killed between
 //!   commit and confirm);
 //! * the timers: reservations past their refund window are settled, old
-//!   published outbox rows pruned;
+//!   outbox rows an earlier version kept after publishing pruned;
 //! * `/metrics` and `/health` on `WORKER_METRICS_ADDR`.
 
 pub mod consumer;
@@ -139,8 +139,18 @@ impl Worker {
         let relay = tokio::spawn(relay_loop(ctx.clone(), stop.clone()));
         let timers = tokio::spawn(timer_loop(ctx.clone(), stop.clone()));
         let gauges = tokio::spawn(queue_gauges(ctx.clone(), stop.clone()));
+        let lag = tokio::spawn(penora_common::backpressure::report_loop(
+            ctx.pool.clone(),
+            format!(
+                "{}:{}:{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+                std::process::id(),
+                &uuid::Uuid::new_v4().simple().to_string()[..8]
+            ),
+            stop.clone(),
+        ));
         consume_loop(ctx.clone(), stop.clone()).await;
-        let _ = tokio::join!(relay, timers, gauges, http);
+        let _ = tokio::join!(relay, timers, gauges, http, lag);
         tracing::info!("penora-worker stopped");
         Ok(())
     }
