@@ -78,6 +78,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         state.outbox_wake.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));
+    // How far the audit runs behind, for the backpressure on deductions.
+    tokio::spawn(penora_common::backpressure::watch_loop(
+        pool.clone(),
+        state.audit_lag.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     Ok(App {
         listener,
         router: routes::app(state),

@@ -41,6 +41,9 @@ pub struct AppState {
     pub save_slots: Arc<tokio::sync::Semaphore>,
     /// Threads decoding and encoding images, at the lowest CPU priority.
     pub images: CpuPool,
+    /// How far the audit runs behind the ledger (the backpressure on
+    /// deductions, `AUDIT_LAG_LIMIT_MS`).
+    pub audit_lag: penora_common::backpressure::AuditLag,
 }
 
 impl AppState {
@@ -80,6 +83,7 @@ impl AppState {
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),
             metrics,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
+            audit_lag: penora_common::backpressure::AuditLag::default(),
         }
     }
 }

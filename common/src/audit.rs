@@ -57,6 +57,13 @@ fn content_of(row: &tokio_postgres::Row) -> String {
     serde_json::to_string(&content).unwrap_or_default()
 }
 
+/// Tells the backpressure how far behind the ledger this commit of records
+/// was: the age of the oldest entry it recorded.
+fn observe_lag(oldest: OffsetDateTime) {
+    let lag = OffsetDateTime::now_utc() - oldest;
+    crate::backpressure::observe(lag.try_into().unwrap_or_default());
+}
+
 fn link(prev: &[u8], content: &str) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(prev);
@@ -129,6 +136,7 @@ pub async fn append(
     )
     .await?;
     tx.commit().await?;
+    observe_lag(entry.get("created_at"));
     Ok(Appended::Recorded(seq))
 }
 
@@ -341,6 +349,14 @@ async fn append_in_shard(
             .await?;
     }
     tx.commit().await?;
+    if let Some(oldest) = entries
+        .iter()
+        .filter(|r| recorded.contains_key(&r.get::<_, i64>("id")))
+        .map(|r| r.get::<_, OffsetDateTime>("created_at"))
+        .min()
+    {
+        observe_lag(oldest);
+    }
 
     let existing: std::collections::HashSet<(String, i64)> = entries
         .iter()

@@ -132,6 +132,11 @@ pub struct Settings {
     /// `DEDUCT_QUEUE_MAX`: most deductions waiting for a batch; past it a
     /// deduction is answered `503 busy` with `Retry-After` at once.
     pub deduct_queue_max: usize,
+    /// `AUDIT_LAG_LIMIT_MS`: while the audit runs further behind the ledger
+    /// than this (the workers' commit-to-audit lag), new deductions wait up
+    /// to half a second, then are answered `503 busy` with `Retry-After`;
+    /// 0 turns the backpressure off.
+    pub audit_lag_limit: Duration,
     /// `WORKER_BATCH_MAX`: most deliveries of one queue the worker handles in
     /// one transaction (1 turns group commit off).
     pub worker_batch_max: usize,
@@ -271,6 +276,7 @@ impl Settings {
             deduct_batch_max: positive(&get, "DEDUCT_BATCH_MAX", 128)?,
             deduct_batches_in_flight: positive(&get, "DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             deduct_queue_max: positive(&get, "DEDUCT_QUEUE_MAX", 10_000)?,
+            audit_lag_limit: Duration::from_millis(parse(&get, "AUDIT_LAG_LIMIT_MS", "2000")?),
             worker_batch_max: positive(&get, "WORKER_BATCH_MAX", 64)?,
             worker_batches_in_flight: positive(&get, "WORKER_BATCHES_IN_FLIGHT", 2)?,
             price_table: match get("PRICE_TABLE") {

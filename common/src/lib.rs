@@ -5,6 +5,7 @@
 //! the queue topology, and test helpers behind the `testing` feature.
 
 pub mod audit;
+pub mod backpressure;
 pub mod broker;
 pub mod config;
 pub mod cpu_pool;

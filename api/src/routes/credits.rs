@@ -316,6 +316,7 @@ async fn deduct_credits(
         project_code,
         refund_window: state.settings.refund_window,
     };
+    hold_back_for_audit(&state).await?;
     let outcome = state
         .deducts
         .deduct(request, correlation.as_deref().map(str::to_owned))
@@ -336,6 +337,34 @@ async fn deduct_credits(
         allocations: r.allocations.clone(),
     };
     Ok(with_replay_header(StatusCode::OK, outcome, body))
+}
+
+/// Longest a deduction waits for the audit to catch up before it is refused.
+const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The backpressure on deductions: while the audit runs more than
+/// `AUDIT_LAG_LIMIT_MS` behind the ledger, a new deduction waits up to
+/// [`AUDIT_WAIT`] for it to catch up, then is answered `503 busy` with
+/// `Retry-After`, having changed nothing. The lag then stays bounded however
+/// hard clients push: what they cannot be given at once they are told to
+/// bring back later, instead of a backlog that grows without end.
+async fn hold_back_for_audit(state: &AppState) -> Result<(), ApiError> {
+    let limit = u64::try_from(state.settings.audit_lag_limit.as_millis()).unwrap_or(u64::MAX);
+    if limit == 0 || state.audit_lag.millis() <= limit {
+        return Ok(());
+    }
+    let deadline = tokio::time::Instant::now() + AUDIT_WAIT;
+    while tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        if state.audit_lag.millis() <= limit {
+            return Ok(());
+        }
+    }
+    metrics::counter!("penora_deductions_held_back_total").increment(1);
+    Err(ApiError::Busy {
+        what: "deductions while the audit catches up",
+        retry_after_secs: 1,
+    })
 }
 
 /// Body of `POST /refund-credits`.

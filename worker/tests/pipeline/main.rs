@@ -2,6 +2,7 @@
 //! its own database and its own queue prefix.
 
 mod artworks;
+mod backpressure;
 mod event_time;
 mod lots;
 mod operators;
