@@ -23,13 +23,14 @@ pub const MARK: &str = "/* penora-bench */";
 pub const SETTLE: Duration = Duration::from_millis(1300);
 
 /// Statements listed per phase.
-pub const TOP: usize = 8;
+pub const TOP: usize = 10;
 
 #[derive(Debug, Clone)]
 struct Statement {
     query: String,
     calls: i64,
     total_ms: f64,
+    wal_bytes: f64,
 }
 
 /// The counters at one instant.
@@ -48,6 +49,7 @@ pub struct Top {
     pub query: String,
     pub calls: i64,
     pub total_ms: f64,
+    pub wal_bytes: f64,
 }
 
 /// The database's work during a phase, per acknowledged operation.
@@ -81,7 +83,7 @@ pub async fn snapshot(pool: &Pool) -> anyhow::Result<Snapshot> {
     let statements = match client
         .query(
             &format!(
-                "{MARK} SELECT queryid, query, calls, total_exec_time FROM pg_stat_statements \
+                "{MARK} SELECT queryid, query, calls, total_exec_time, wal_bytes::float8 AS wal_bytes FROM pg_stat_statements \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND queryid IS NOT NULL AND query NOT LIKE '%penora-bench%'"
             ),
@@ -98,6 +100,7 @@ pub async fn snapshot(pool: &Pool) -> anyhow::Result<Snapshot> {
                             query: r.get("query"),
                             calls: r.get("calls"),
                             total_ms: r.get("total_exec_time"),
+                            wal_bytes: r.get("wal_bytes"),
                         },
                     )
                 })
@@ -122,11 +125,14 @@ pub fn between(before: &Snapshot, after: &Snapshot, ops: u64) -> Work {
             let mut top: Vec<Top> = a
                 .iter()
                 .filter_map(|(id, s)| {
-                    let (calls, ms) = b.get(id).map_or((0, 0.0), |p| (p.calls, p.total_ms));
+                    let (calls, ms, wal) = b
+                        .get(id)
+                        .map_or((0, 0.0, 0.0), |p| (p.calls, p.total_ms, p.wal_bytes));
                     (s.calls > calls).then(|| Top {
                         query: s.query.clone(),
                         calls: s.calls - calls,
                         total_ms: s.total_ms - ms,
+                        wal_bytes: s.wal_bytes - wal,
                     })
                 })
                 .collect();

@@ -207,17 +207,18 @@ fn movement_tables(points: &[MovementPoint]) -> String {
     {
         s.push_str(&format!(
             "\nTop statements of the service, `{}` at {} connections ({} acknowledged):\n\n\
-             | statement | total ms | calls | µs per call | µs per deduction |\n|---|---:|---:|---:|---:|\n",
+             | statement | total ms | calls | µs per call | µs per deduction | WAL B per deduction |\n|---|---:|---:|---:|---:|---:|\n",
             p.workload, p.concurrency, p.work.ops
         ));
         for t in &p.work.top {
             s.push_str(&format!(
-                "| `{}` | {:.0} | {} | {:.0} | {:.1} |\n",
+                "| `{}` | {:.0} | {} | {:.0} | {:.1} | {:.0} |\n",
                 one_line(&t.query, 110),
                 t.total_ms,
                 t.calls,
                 t.total_ms * 1000.0 / t.calls.max(1) as f64,
                 t.total_ms * 1000.0 / p.work.ops.max(1) as f64,
+                t.wal_bytes / p.work.ops.max(1) as f64,
             ));
         }
     }

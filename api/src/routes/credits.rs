@@ -278,7 +278,7 @@ pub(crate) fn acting_app(
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
         (status = 429, description = "`rate_limited`", body = ErrorBody),
-        (status = 503, description = "`unavailable`", body = ErrorBody),
+        (status = 503, description = "`unavailable`; or `busy` with `Retry-After` (the deduction queue is full, or the audit runs more than `AUDIT_LAG_LIMIT_MS` behind): nothing was moved", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
 )]
