@@ -82,6 +82,10 @@ struct MLot {
     promotional: bool,
     priority: i32,
     expires: Option<Secs>,
+    /// The exact expiry the database holds (its clock at the grant + the
+    /// seconds): two lots granted "60 s from now" at two instants expire
+    /// apart, and the burn-down order sees it.
+    expires_at: Option<OffsetDateTime>,
     remaining: i64,
     voided: bool,
 }
@@ -98,10 +102,11 @@ impl MLot {
         }
     }
     /// The burn-down order's key (lots are created in id order).
-    fn order(&self) -> (i32, Secs, bool, i64) {
+    fn order(&self) -> (i32, i128, bool, i64) {
         (
             self.priority,
-            self.expires.unwrap_or(Secs::MAX),
+            self.expires_at
+                .map_or(i128::MAX, OffsetDateTime::unix_timestamp_nanos),
             !self.promotional,
             self.id,
         )
@@ -224,12 +229,14 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     priority,
                     expires_at: expires_in.map(|s| db_now + time::Duration::seconds(s)),
                 };
+                let expires_at = g.expires_at;
                 let got = ledger::grant(&mut c, &g, None).await.expect("grant");
                 w.lots.push(MLot {
                     id: got.value.lot_id,
                     promotional,
                     priority,
                     expires: expires_in.map(|s| w.now + s),
+                    expires_at,
                     remaining: amount,
                     voided: false,
                 });
