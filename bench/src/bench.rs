@@ -14,7 +14,7 @@ use anyhow::Context;
 use clap::Parser;
 
 use crate::{
-    dbwork::{Work, between, snapshot},
+    dbwork::{Cpu, Work, between, snapshot},
     measure::{drive, run_tag},
     raw::raw_broker,
     report::{Results, Row, chart, peak_rss_mb, render},
@@ -41,6 +41,9 @@ pub struct MovementPoint {
     pub minimal_work: Work,
     /// Commit-to-audit lag p99 (ms) and the entries it covers.
     pub lag: Option<(f64, i64)>,
+    /// CPU µs per deduction of each program, service then raw minimal.
+    pub cpu: Vec<(String, f64)>,
+    pub minimal_cpu: Vec<(String, f64)>,
 }
 
 /// Gives the fresh database the history of one in service: a few seconds of
@@ -86,6 +89,7 @@ async fn movement_point(
     let tag = run_tag();
     let first = last_entry(&ctx.pool).await?;
     let before = snapshot(&ctx.pool).await?;
+    let cpu_before = Cpu::now();
     let since = time::OffsetDateTime::now_utc();
     let started = std::time::Instant::now();
     let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag.clone());
@@ -98,6 +102,7 @@ async fn movement_point(
     let end_to_end = service.ops as f64 / started.elapsed().as_secs_f64();
     let lag = Some(audit_lag_p99(&ctx.pool, since).await?);
     let after = snapshot(&ctx.pool).await?;
+    let cpu_after = Cpu::now();
     let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag);
     let minimal = drive(c, secs, move |task, i| {
         let (ctx, w, t) = (c2.clone(), w2.clone(), t2.clone());
@@ -105,6 +110,7 @@ async fn movement_point(
     })
     .await;
     let minimal_after = snapshot(&ctx.pool).await?;
+    let cpu_minimal = Cpu::now();
     let point = MovementPoint {
         workload: workload.to_owned(),
         concurrency: c,
@@ -115,6 +121,8 @@ async fn movement_point(
         minimal,
         minimal_work: between(&after, &minimal_after, minimal.ops),
         lag,
+        cpu: cpu_before.per_op(&cpu_after, service.ops),
+        minimal_cpu: cpu_after.per_op(&cpu_minimal, minimal.ops),
     };
     eprintln!(
         "{workload:>9} x{c:<3} {secs:.0} s: service {:.0}/s, end to end {:.0}/s, raw minimal {:.0}/s | per movement: \

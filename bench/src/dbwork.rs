@@ -163,3 +163,60 @@ pub fn one_line(query: &str, max: usize) -> String {
         format!("{}…", flat.chars().take(max).collect::<String>())
     }
 }
+
+/// CPU time of the processes sharing the machine, by program, read from
+/// `/proc` (Linux; empty elsewhere): what a phase cost each of them.
+#[derive(Debug, Clone, Default)]
+pub struct Cpu(std::collections::BTreeMap<String, f64>);
+
+/// The programs whose CPU time is reported, by their process name.
+const PROGRAMS: [(&str, &str); 5] = [
+    ("postgres", "PostgreSQL"),
+    ("beam.smp", "RabbitMQ"),
+    ("penora-api", "penora-api"),
+    ("penora-worker", "penora-worker"),
+    ("penora-bench", "load generator (penora-bench)"),
+];
+
+impl Cpu {
+    /// The CPU seconds used so far by every process of [`PROGRAMS`].
+    pub fn now() -> Self {
+        let tick = 100.0; // USER_HZ on Linux
+        let mut by = std::collections::BTreeMap::new();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return Self(by);
+        };
+        for entry in dir.flatten() {
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ... utime stime: fields 14 and 15.
+            let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+                continue;
+            };
+            let comm = &stat[open + 1..close];
+            let Some((_, name)) = PROGRAMS.iter().find(|(c, _)| *c == comm) else {
+                continue;
+            };
+            let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+            let ticks: f64 = fields
+                .get(11..13)
+                .map(|f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum())
+                .unwrap_or(0.0);
+            *by.entry((*name).to_owned()).or_insert(0.0) += ticks / tick;
+        }
+        Self(by)
+    }
+
+    /// CPU µs per operation of each program between `self` and `later`.
+    pub fn per_op(&self, later: &Cpu, ops: u64) -> Vec<(String, f64)> {
+        later
+            .0
+            .iter()
+            .map(|(name, s)| {
+                let before = self.0.get(name).copied().unwrap_or(0.0);
+                (name.clone(), (s - before).max(0.0) * 1e6 / ops.max(1) as f64)
+            })
+            .collect()
+    }
+}

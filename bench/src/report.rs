@@ -201,6 +201,26 @@ fn movement_tables(points: &[MovementPoint]) -> String {
         ));
     }
     let max_conc = points.iter().map(|p| p.concurrency).max().unwrap_or(0);
+    for p in points.iter().filter(|p| p.concurrency == max_conc && !p.cpu.is_empty()) {
+        s.push_str(&format!(
+            "\nCPU per deduction, `{}` at {} connections (µs, from `/proc`, snapshots as above; the machine's {} cores \
+             are shared by all of these):\n\n| program | service | raw minimal |\n|---|---:|---:|\n",
+            p.workload,
+            p.concurrency,
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+        ));
+        let mut total = (0.0, 0.0);
+        for (name, us) in &p.cpu {
+            let raw = p
+                .minimal_cpu
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0.0, |(_, v)| *v);
+            total = (total.0 + us, total.1 + raw);
+            s.push_str(&format!("| {name} | {us:.0} | {raw:.0} |\n"));
+        }
+        s.push_str(&format!("| all | {:.0} | {:.0} |\n", total.0, total.1));
+    }
     for p in points
         .iter()
         .filter(|p| p.concurrency == max_conc && !p.work.top.is_empty())
