@@ -68,6 +68,13 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
                 results[*slot] = Some(result(job, Some(got)));
             }
         }
+        // A chain still held after DB_LOCK_TIMEOUT_MS would hold each entry
+        // alone as long: they are all tried again later.
+        Err(e @ DbError::LockTimeout(_)) => {
+            for (slot, _, _) in &held {
+                results[*slot] = Some(Err(JobError::Retryable(e.to_string())));
+            }
+        }
         Err(e) => {
             tracing::debug!(error = %e, "held chains' batch failed; one by one");
             for (slot, m, _) in &held {
