@@ -215,7 +215,10 @@ impl Cpu {
             .iter()
             .map(|(name, s)| {
                 let before = self.0.get(name).copied().unwrap_or(0.0);
-                (name.clone(), (s - before).max(0.0) * 1e6 / ops.max(1) as f64)
+                (
+                    name.clone(),
+                    (s - before).max(0.0) * 1e6 / ops.max(1) as f64,
+                )
             })
             .collect()
     }

@@ -201,7 +201,10 @@ fn movement_tables(points: &[MovementPoint]) -> String {
         ));
     }
     let max_conc = points.iter().map(|p| p.concurrency).max().unwrap_or(0);
-    for p in points.iter().filter(|p| p.concurrency == max_conc && !p.cpu.is_empty()) {
+    for p in points
+        .iter()
+        .filter(|p| p.concurrency == max_conc && !p.cpu.is_empty())
+    {
         s.push_str(&format!(
             "\nCPU per deduction, `{}` at {} connections (µs, from `/proc`, snapshots as above; the machine's {} cores \
              are shared by all of these):\n\n| program | service | raw minimal |\n|---|---:|---:|\n",
