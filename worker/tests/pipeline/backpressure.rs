@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{parse_prometheus, stack, wait_for};
+use crate::support::{stack, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deductions_are_held_back_while_the_audit_lags_and_flow_again_once_it_caught_up() {
@@ -69,19 +69,7 @@ async fn deductions_are_held_back_while_the_audit_lags_and_flow_again_once_it_ca
     assert_eq!(body["code"], json!("busy"), "{body}");
     assert_eq!(body["success"], json!(false), "{body}");
     // The dashboard's figure: the lag the API held the deduction on.
-    let metrics = s
-        .http
-        .get(format!("{}/metrics", s.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
-    let lag = parse_prometheus(&metrics)
-        .get("penora_audit_backlog_lag_seconds")
-        .copied()
-        .unwrap_or_default();
+    let lag = s.api_metric("penora_audit_backlog_lag_seconds").await;
     assert!(lag > 1.0, "the API's audit lag gauge reads {lag} s");
     // The refused deduction changed nothing.
     assert_eq!(

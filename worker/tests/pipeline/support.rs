@@ -307,7 +307,17 @@ impl Stack {
 
     /// The worker's metric `name{labels}` (0 when absent).
     pub async fn worker_metric(&self, series: &str) -> f64 {
-        let url = self.worker_metrics.as_ref().expect("worker started");
+        let url = self.worker_metrics.clone().expect("worker started");
+        self.metric(&url, series).await
+    }
+
+    /// The API's metric `name{labels}` (0 when absent).
+    pub async fn api_metric(&self, series: &str) -> f64 {
+        self.metric(&format!("{}/metrics", self.base), series).await
+    }
+
+    /// The metric `name{labels}` served at `url` (0 when absent).
+    async fn metric(&self, url: &str, series: &str) -> f64 {
         let text = self
             .http
             .get(url)
