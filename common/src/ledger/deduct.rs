@@ -49,7 +49,7 @@ use crate::{
 /// The stored reservations of a batch's keys, one index probe per key: the
 /// `LIMIT 1` keeps the planner from turning the look-up into a join that
 /// reads each user's every reservation (a hot account has many thousands,
-/// and a cached generic plan did exactly that: 13 ms per batch).
+/// and a cached generic plan did exactly that: 13–30 ms per batch).
 const STORED_BY_KEYS_SQL: &str = "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
             r.refundable_until, r.created_at, r.app_name, r.project_code \
      FROM unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
