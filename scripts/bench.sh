@@ -50,6 +50,7 @@ listen_addresses = '127.0.0.1'
 unix_socket_directories = '$private_pg'
 shared_preload_libraries = 'pg_stat_statements'
 pg_stat_statements.track_utility = on
+pg_stat_statements.track = all
 max_connections = 200
 checkpoint_timeout = 30min
 max_wal_size = 8GB

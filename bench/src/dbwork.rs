@@ -28,6 +28,9 @@ pub const TOP: usize = 10;
 #[derive(Debug, Clone)]
 struct Statement {
     query: String,
+    /// Run by a client, not inside a trigger or function (a foreign-key
+    /// check, say, whose time is also in its caller's).
+    toplevel: bool,
     calls: i64,
     total_ms: f64,
     wal_bytes: f64,
@@ -40,13 +43,15 @@ pub struct Snapshot {
     wal_bytes: f64,
     wal_records: i64,
     /// None when pg_stat_statements is not loaded.
-    statements: Option<HashMap<i64, Statement>>,
+    statements: Option<HashMap<(i64, bool), Statement>>,
 }
 
 /// One statement's share of a phase.
 #[derive(Debug, Clone)]
 pub struct Top {
     pub query: String,
+    /// False for a statement run inside another (its time is in both).
+    pub toplevel: bool,
     pub calls: i64,
     pub total_ms: f64,
     pub wal_bytes: f64,
@@ -83,7 +88,7 @@ pub async fn snapshot(pool: &Pool) -> anyhow::Result<Snapshot> {
     let statements = match client
         .query(
             &format!(
-                "{MARK} SELECT queryid, query, calls, total_exec_time, wal_bytes::float8 AS wal_bytes FROM pg_stat_statements \
+                "{MARK} SELECT queryid, toplevel, query, calls, total_exec_time, wal_bytes::float8 AS wal_bytes FROM pg_stat_statements \
                  WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                    AND queryid IS NOT NULL AND query NOT LIKE '%penora-bench%'"
             ),
@@ -95,9 +100,10 @@ pub async fn snapshot(pool: &Pool) -> anyhow::Result<Snapshot> {
             rows.into_iter()
                 .map(|r| {
                     (
-                        r.get::<_, i64>("queryid"),
+                        (r.get::<_, i64>("queryid"), r.get::<_, bool>("toplevel")),
                         Statement {
                             query: r.get("query"),
+                            toplevel: r.get("toplevel"),
                             calls: r.get("calls"),
                             total_ms: r.get("total_exec_time"),
                             wal_bytes: r.get("wal_bytes"),
@@ -130,13 +136,15 @@ pub fn between(before: &Snapshot, after: &Snapshot, ops: u64) -> Work {
                         .map_or((0, 0.0, 0.0), |p| (p.calls, p.total_ms, p.wal_bytes));
                     (s.calls > calls).then(|| Top {
                         query: s.query.clone(),
+                        toplevel: s.toplevel,
                         calls: s.calls - calls,
                         total_ms: s.total_ms - ms,
                         wal_bytes: s.wal_bytes - wal,
                     })
                 })
                 .collect();
-            let total: f64 = top.iter().map(|t| t.total_ms).sum();
+            // A nested statement's time is also in its caller's.
+            let total: f64 = top.iter().filter(|t| t.toplevel).map(|t| t.total_ms).sum();
             top.sort_by(|x, y| y.total_ms.total_cmp(&x.total_ms));
             top.truncate(TOP);
             (Some(per(total * 1000.0)), top)

@@ -230,12 +230,14 @@ fn movement_tables(points: &[MovementPoint]) -> String {
     {
         s.push_str(&format!(
             "\nTop statements of the service, `{}` at {} connections ({} acknowledged):\n\n\
+             (statements run inside another, e.g. foreign-key checks, are marked: their time is also in their caller's)\n\n\
              | statement | total ms | calls | µs per call | µs per deduction | WAL B per deduction |\n|---|---:|---:|---:|---:|---:|\n",
             p.workload, p.concurrency, p.work.ops
         ));
         for t in &p.work.top {
             s.push_str(&format!(
-                "| `{}` | {:.0} | {} | {:.0} | {:.1} | {:.0} |\n",
+                "| {}`{}` | {:.0} | {} | {:.0} | {:.1} | {:.0} |\n",
+                if t.toplevel { "" } else { "(inside another) " },
                 one_line(&t.query, 110),
                 t.total_ms,
                 t.calls,
