@@ -78,12 +78,15 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         state.outbox_wake.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));
-    // How far the audit runs behind, for the backpressure on deductions.
-    tokio::spawn(penora_common::backpressure::watch_loop(
-        pool.clone(),
-        state.audit_lag.clone(),
-        tokio_util::sync::CancellationToken::new(),
-    ));
+    // How far the audit runs behind, for the backpressure on deductions
+    // (not read at all when AUDIT_LAG_LIMIT_MS is 0).
+    if !state.settings.audit_lag_limit.is_zero() {
+        tokio::spawn(penora_common::backpressure::watch_loop(
+            pool.clone(),
+            state.audit_lag.clone(),
+            tokio_util::sync::CancellationToken::new(),
+        ));
+    }
     Ok(App {
         listener,
         router: routes::app(state),

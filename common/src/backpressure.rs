@@ -57,6 +57,10 @@ pub async fn report_loop(pool: Pool, worker: String, stop: CancellationToken) {
         }
         ticks += 1;
         let observed = OBSERVED.swap(NONE, Ordering::Relaxed);
+        let cleanup = ticks.is_multiple_of(240);
+        if observed == NONE && !cleanup {
+            continue;
+        }
         let Ok(client) = pool.get().await else {
             continue;
         };
@@ -73,7 +77,7 @@ pub async fn report_loop(pool: Pool, worker: String, stop: CancellationToken) {
                 tracing::debug!(error = %e, "reporting the audit lag failed");
             }
         }
-        if ticks.is_multiple_of(240) {
+        if cleanup {
             let _ = client
                 .execute(
                     "DELETE FROM audit_lag WHERE reported_at < now() - interval '1 hour'",
