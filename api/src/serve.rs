@@ -48,6 +48,12 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// The address a request's connection came from (the peer of the TCP
+/// connection; a proxy in front is that proxy), in each request's
+/// extensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub std::net::SocketAddr);
+
 /// How long in-flight requests may take to finish after shutdown begins.
 const DRAIN: Duration = Duration::from_secs(30);
 
@@ -71,7 +77,7 @@ pub async fn serve(
         if slots.available_permits() == 0 {
             metrics::counter!("penora_http_connection_cap_reached_total").increment(1);
         }
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -88,15 +94,17 @@ pub async fn serve(
         let state = Arc::new(Requests::default());
         let io = TokioIo::new(Guarded::new(stream, limits, state.clone()));
         let router = router.clone();
-        let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-            let in_progress = InProgress::begin(&state);
-            let answer = router.clone().oneshot(request.map(axum::body::Body::new));
-            async move {
-                let response = answer.await;
-                drop(in_progress);
-                response
-            }
-        });
+        let service =
+            hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+                let in_progress = InProgress::begin(&state);
+                request.extensions_mut().insert(ClientAddr(peer));
+                let answer = router.clone().oneshot(request.map(axum::body::Body::new));
+                async move {
+                    let response = answer.await;
+                    drop(in_progress);
+                    response
+                }
+            });
         let connection = hyper::server::conn::http1::Builder::new()
             // Headers are timed by `Guarded` (from their first byte).
             .header_read_timeout(None)

@@ -170,6 +170,52 @@ pub struct Settings {
     pub settle_interval: Duration,
     /// `SHUTDOWN_DEADLINE_SECS`: how long in-flight work may take after SIGTERM.
     pub shutdown_deadline: Duration,
+    /// `MAX_EVENT_LATENESS_SECS`: how far before its arrival an event's
+    /// `occurred_at` is believed (default: the refund window); an older one
+    /// is judged at its arrival.
+    pub max_event_lateness: Duration,
+    /// `EVENT_CLOCK_SKEW_SECS`: how far an event's `occurred_at` may lie
+    /// before its reservation was made (the two clocks differ a little); an
+    /// event from before that refunds nothing.
+    pub event_clock_skew: Duration,
+    /// `HTTP_BODY_TIMEOUT_SECS`: longest a request body may take to arrive
+    /// in full, from its headers (`408`, connection closed).
+    pub http_body_timeout: Duration,
+    /// `HTTP_REQUEST_TIMEOUT_SECS`: longest a request may take from its
+    /// headers to its answer (`503 timeout`).
+    pub http_request_timeout: Duration,
+    /// `HTTP_TCP_KEEPALIVE_SECS`: idle time before TCP keepalive probes on
+    /// the API's connections (a peer that vanished is found and dropped).
+    pub http_tcp_keepalive: Duration,
+    /// `AUTH_FAILURES_PER_SEC`: failed authentications an address may make
+    /// per second (its bucket refills at this rate), checked before any key
+    /// is looked up.
+    pub auth_failures_per_sec: u32,
+    /// `AUTH_FAILURE_BURST`: size of each address's bucket of failures.
+    pub auth_failure_burst: u32,
+    /// `AUTH_NEGATIVE_CACHE_SECS`: how long a key found unknown is answered
+    /// `401` from memory, by its digest, without a query.
+    pub auth_negative_cache: Duration,
+    /// `METRICS_TOKEN`: when set, the API's `/metrics` answers only a
+    /// request with `Authorization: Bearer <token>`.
+    pub metrics_token: Option<Secret>,
+    /// `RABBITMQ_MANAGEMENT_URL`: the management API (`http` or `https`);
+    /// unset, it is never contacted.
+    pub rabbitmq_management_url: Option<Secret>,
+    /// `DB_MIGRATE_ON_START`: whether the services apply pending migrations
+    /// at start (`false` where they connect as an application role that may
+    /// not change the schema; `penora-ops migrate` runs as the owner).
+    pub db_migrate_on_start: bool,
+    /// `AUDIT_HMAC_KEY`: a key the database never holds; when set, each
+    /// audit record carries an HMAC of its hash under it, so a chain
+    /// rewritten inside the database is found by `penora-ops audit verify`.
+    pub audit_hmac_key: Option<Secret>,
+    /// `MAX_PROJECTS_PER_USER`: most projects (not deleted) a user may have.
+    pub max_projects_per_user: i64,
+    /// `EVENTS_QUEUE_MAX_LENGTH`: most messages waiting in ImageGene's
+    /// events queue; past it the broker refuses new ones (`reject-publish`,
+    /// the publisher's confirm is a nack) instead of filling its disk.
+    pub events_queue_max_length: u32,
 }
 
 /// Largest body of a route other than `save-project`: their JSON is a few
@@ -310,6 +356,33 @@ impl Settings {
             worker_prefetch: positive(&get, "WORKER_PREFETCH", 256)?,
             settle_interval: Duration::from_secs(positive(&get, "SETTLE_INTERVAL_SECS", 30)?),
             shutdown_deadline: Duration::from_secs(positive(&get, "SHUTDOWN_DEADLINE_SECS", 20)?),
+            max_event_lateness: Duration::ZERO,
+            event_clock_skew: Duration::from_secs(parse(&get, "EVENT_CLOCK_SKEW_SECS", "60")?),
+            http_body_timeout: Duration::from_secs(positive(&get, "HTTP_BODY_TIMEOUT_SECS", 60)?),
+            http_request_timeout: Duration::from_secs(positive(
+                &get,
+                "HTTP_REQUEST_TIMEOUT_SECS",
+                120,
+            )?),
+            http_tcp_keepalive: Duration::from_secs(positive(&get, "HTTP_TCP_KEEPALIVE_SECS", 60)?),
+            auth_failures_per_sec: positive(&get, "AUTH_FAILURES_PER_SEC", 10)?,
+            auth_failure_burst: positive(&get, "AUTH_FAILURE_BURST", 50)?,
+            auth_negative_cache: Duration::from_secs(parse(
+                &get,
+                "AUTH_NEGATIVE_CACHE_SECS",
+                "10",
+            )?),
+            metrics_token: get("METRICS_TOKEN").map(Secret::new),
+            rabbitmq_management_url: management_url(&get)?,
+            db_migrate_on_start: flag(&get, "DB_MIGRATE_ON_START", true)?,
+            audit_hmac_key: audit_key(&get)?,
+            max_projects_per_user: positive(&get, "MAX_PROJECTS_PER_USER", 10_000)?,
+            events_queue_max_length: positive(&get, "EVENTS_QUEUE_MAX_LENGTH", 1_000_000)?,
+        };
+        let mut settings = settings;
+        settings.max_event_lateness = match get("MAX_EVENT_LATENESS_SECS") {
+            None => settings.refund_window,
+            Some(_) => Duration::from_secs(parse(&get, "MAX_EVENT_LATENESS_SECS", "0")?),
         };
         if settings.retry_base > settings.retry_max {
             return Err(ConfigError {
@@ -426,6 +499,61 @@ fn bootstrap_key(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Secret>
     Ok(Some(Secret::new(key)))
 }
 
+/// A `true`/`false` setting (`1`/`0` too).
+fn flag(
+    get: &impl Fn(&str) -> Option<String>,
+    variable: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    match get(variable).as_deref().map(str::trim) {
+        None => Ok(default),
+        Some("true") | Some("1") => Ok(true),
+        Some("false") | Some("0") => Ok(false),
+        Some(other) => Err(ConfigError {
+            variable,
+            reason: format!("expected `true` or `false`, got `{other}`"),
+        }),
+    }
+}
+
+/// `RABBITMQ_MANAGEMENT_URL`: an `http` or `https` URL, or unset (the
+/// management API is then never contacted; nothing is derived from
+/// `AMQP_URL`, whose credentials must not travel in clear to a guessed
+/// port).
+fn management_url(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let Some(raw) = get("RABBITMQ_MANAGEMENT_URL") else {
+        return Ok(None);
+    };
+    match url::Url::parse(raw.trim()) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
+            Ok(Some(Secret::new(raw.trim())))
+        }
+        _ => Err(ConfigError {
+            variable: "RABBITMQ_MANAGEMENT_URL",
+            reason: "expected an http:// or https:// URL".into(),
+        }),
+    }
+}
+
+/// Shortest `AUDIT_HMAC_KEY` accepted.
+pub const MIN_AUDIT_KEY_LEN: usize = 32;
+
+/// `AUDIT_HMAC_KEY`: at least 32 characters when set.
+fn audit_key(get: &impl Fn(&str) -> Option<String>) -> Result<Option<Secret>, ConfigError> {
+    let Some(key) = get("AUDIT_HMAC_KEY") else {
+        return Ok(None);
+    };
+    if key.chars().count() < MIN_AUDIT_KEY_LEN {
+        return Err(ConfigError {
+            variable: "AUDIT_HMAC_KEY",
+            reason: format!(
+                "use at least {MIN_AUDIT_KEY_LEN} random characters (e.g. `openssl rand -hex 32`)"
+            ),
+        });
+    }
+    Ok(Some(Secret::new(key)))
+}
+
 fn positive<T>(
     get: &impl Fn(&str) -> Option<String>,
     variable: &'static str,
@@ -494,6 +622,13 @@ mod tests {
         assert_eq!(s.image_quality, 85);
         assert_eq!(s.image_storage_format, ImageStorageFormat::Webp);
         assert_eq!(s.project_retention, None);
+        assert_eq!(s.max_event_lateness, s.refund_window);
+        assert!(s.rabbitmq_management_url.is_none());
+        assert!(s.db_migrate_on_start);
+        let s = load(&[("REFUND_WINDOW_SECS", "600")]).expect("loads");
+        assert_eq!(s.max_event_lateness, Duration::from_secs(600));
+        let s = load(&[("MAX_EVENT_LATENESS_SECS", "0")]).expect("loads");
+        assert_eq!(s.max_event_lateness, Duration::ZERO);
         let s = load(&[("PROJECT_RETENTION_DAYS", "30")]).expect("loads");
         assert_eq!(s.project_retention, Some(Duration::from_secs(30 * 86_400)));
     }
@@ -518,6 +653,13 @@ mod tests {
             ("PROJECT_RETENTION_DAYS", "0"),
             ("MAX_IMAGE_PIXELS", "lots"),
             ("IMAGE_CPU_CGROUP", "/nonexistent/penora-images"),
+            ("MAX_EVENT_LATENESS_SECS", "-5"),
+            ("HTTP_BODY_TIMEOUT_SECS", "0"),
+            ("RABBITMQ_MANAGEMENT_URL", "amqps://broker:5671"),
+            ("RABBITMQ_MANAGEMENT_URL", "broker:15672"),
+            ("DB_MIGRATE_ON_START", "maybe"),
+            ("AUDIT_HMAC_KEY", "short"),
+            ("MAX_PROJECTS_PER_USER", "0"),
         ] {
             let err = load(&[(var, val)]).unwrap_err();
             assert_eq!(err.variable, var);
