@@ -249,15 +249,22 @@ async fn ensure_template(admin: &tokio_postgres::Client, template: &str) {
                 .await
                 .unwrap_or_else(|e| fail("finishing the template", e));
         }
-        // Templates of older migrations are no longer needed.
-        let old = admin
+        // Templates of older migrations are no longer needed (unless
+        // checkouts with other migrations test side by side on this server:
+        // PENORA_TEST_KEEP_TEMPLATES=1).
+        let keep = std::env::var_os("PENORA_TEST_KEEP_TEMPLATES").is_some();
+        let old = if keep {
+            Vec::new()
+        } else {
+            admin
             .query(
                 "SELECT datname FROM pg_database WHERE datname LIKE 'penora\\_tpl\\_%' AND datname <> $1 \
                  AND datname NOT LIKE '%\\_building'",
                 &[&template],
             )
             .await
-            .unwrap_or_else(|e| fail("listing old templates", e));
+            .unwrap_or_else(|e| fail("listing old templates", e))
+        };
         for row in old {
             let name: String = row.get(0);
             let _ = admin
