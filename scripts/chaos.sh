@@ -32,6 +32,9 @@ port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0));
 export DATABASE_URL=postgres://postgres@127.0.0.1:5432/$db
 export AMQP_URL=amqp://guest:guest@127.0.0.1:5672/$vhost
 export AMQP_PREFIX=""
+# The local broker's management API (penora-ops sees unacknowledged
+# messages and rates through it; nothing derives it from AMQP_URL).
+export RABBITMQ_MANAGEMENT_URL=${RABBITMQ_MANAGEMENT_URL:-http://127.0.0.1:15672}
 export PENORA_API_KEY=chaos-boot-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
 export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
 # The timer (window settlements, lot expiry) every 2 s: promotional lots

@@ -32,6 +32,9 @@ scripts/services.sh
 export BIND_ADDR=${BIND_ADDR:-127.0.0.1:5000}
 export DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/penora}
 export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+# The local broker's management API (penora-ops sees unacknowledged
+# messages and rates through it; nothing derives it from AMQP_URL).
+export RABBITMQ_MANAGEMENT_URL=${RABBITMQ_MANAGEMENT_URL:-http://127.0.0.1:15672}
 export LOG_FORMAT=${LOG_FORMAT:-json}
 db_name=${DATABASE_URL##*/}; db_name=${db_name%%\?*}
 admin_url=${DATABASE_URL%/*}/postgres

@@ -14,8 +14,8 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     tokio::spawn({
-        let amqp = settings.amqp_url.expose().to_owned();
-        async move { penora_common::broker::log_broker_version(&amqp).await }
+        let settings = settings.clone();
+        async move { penora_common::broker::log_broker_version(&settings).await }
     });
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);

@@ -59,6 +59,8 @@ pub struct Topology {
     prefix: String,
     queue_type: QueueType,
     retry_levels: u32,
+    /// Most messages ImageGene's events queue holds (`EVENTS_QUEUE_MAX_LENGTH`).
+    events_max_length: u32,
 }
 
 impl Topology {
@@ -68,6 +70,7 @@ impl Topology {
             prefix: settings.amqp_prefix.clone(),
             queue_type: settings.queue_type,
             retry_levels: settings.retry_max_attempts.saturating_sub(1),
+            events_max_length: settings.events_queue_max_length,
         }
     }
 
@@ -555,65 +558,92 @@ pub async fn queue_stats(
     Ok(out)
 }
 
-/// The RabbitMQ management API's base URL: `RABBITMQ_MANAGEMENT_URL`, else
-/// port 15672 of the (first) AMQP host.
-pub fn management_url(amqp_url: &str) -> String {
-    std::env::var("RABBITMQ_MANAGEMENT_URL").unwrap_or_else(|_| {
-        let host = nodes(amqp_url)[0]
-            .parse::<lapin::uri::AMQPUri>()
-            .map_or_else(|_| "127.0.0.1".to_owned(), |u| u.authority.host);
-        format!("http://{host}:15672")
-    })
+/// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`), when one is
+/// configured.
+///
+/// Rules: it is contacted only when configured, never at an address derived
+/// from `AMQP_URL` (the AMQP user and password travel to it as HTTP Basic,
+/// and a guessed `http://<amqp host>:15672` would send them in clear even
+/// when AMQP itself runs over TLS); `https` is verified
+/// ([`crate::http_client`]).
+#[derive(Debug, Clone)]
+pub struct Management {
+    base: url::Url,
+    user: String,
+    password: crate::config::Secret,
+    /// The vhost of `AMQP_URL` (queues are named within it).
+    pub vhost: String,
 }
 
-/// The broker's version, from the management API's `/api/overview` (AMQP
-/// does not carry it to this client). `None` when the API does not answer
-/// within 2 s (plugin off, another port, https): the services work the same
-/// on RabbitMQ 3.10 to 4.x, the version is only logged.
-pub async fn broker_version(amqp_url: &str) -> Option<String> {
-    use base64::Engine;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let uri: lapin::uri::AMQPUri = nodes(amqp_url)[0].parse().ok()?;
-    let base = management_url(amqp_url);
-    let rest = base.strip_prefix("http://")?.trim_end_matches('/');
-    let (authority, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-    let auth = base64::engine::general_purpose::STANDARD.encode(format!(
-        "{}:{}",
-        uri.authority.userinfo.username, uri.authority.userinfo.password
-    ));
-    let prefix = if prefix.is_empty() {
-        String::new()
-    } else {
-        format!("/{prefix}")
-    };
-    let request = format!(
-        "GET {prefix}/api/overview HTTP/1.0\r\nHost: {authority}\r\nAuthorization: Basic {auth}\r\n\r\n"
-    );
-    let answer = tokio::time::timeout(Duration::from_secs(2), async {
-        let mut stream = tokio::net::TcpStream::connect(authority).await.ok()?;
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut raw = Vec::new();
-        stream.read_to_end(&mut raw).await.ok()?;
-        Some(raw)
-    })
-    .await
-    .ok()??;
-    let text = String::from_utf8_lossy(&answer);
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        return None;
+impl Management {
+    /// The management API of `settings`, or `None` when none is configured.
+    pub fn from_settings(settings: &Settings) -> Option<Self> {
+        let base = settings.rabbitmq_management_url.as_ref()?;
+        let base = url::Url::parse(base.expose()).ok()?;
+        let uri: lapin::uri::AMQPUri = nodes(settings.amqp_url.expose())[0].parse().ok()?;
+        Some(Self {
+            base,
+            user: uri.authority.userinfo.username,
+            password: crate::config::Secret::new(uri.authority.userinfo.password),
+            vhost: uri.vhost,
+        })
     }
-    let overview: serde_json::Value = serde_json::from_str(body).ok()?;
-    overview["rabbitmq_version"].as_str().map(str::to_owned)
+
+    /// Where it is (without credentials), for messages.
+    pub fn url(&self) -> String {
+        let mut shown = self.base.clone();
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("");
+        shown.to_string()
+    }
+
+    /// `GET` of the API path made of `segments` (each one encoded as a path
+    /// segment: the default vhost `/` travels as `%2F`), as JSON; `None` when
+    /// it does not answer 200 with JSON within 2 s.
+    pub async fn get(&self, segments: &[&str]) -> Option<serde_json::Value> {
+        let mut url = self.base.clone();
+        {
+            let mut path = url.path_segments_mut().ok()?;
+            path.pop_if_empty();
+            path.push("api");
+            path.extend(segments);
+        }
+        let answer = crate::http_client::get(
+            &url,
+            Some((self.user.as_str(), self.password.expose())),
+            Duration::from_secs(2),
+        )
+        .await
+        .ok()?;
+        if answer.status != 200 {
+            return None;
+        }
+        serde_json::from_slice(&answer.body).ok()
+    }
+
+    /// The broker's version, from `/api/overview` (AMQP does not carry it
+    /// to this client).
+    pub async fn broker_version(&self) -> Option<String> {
+        let overview = self.get(&["overview"]).await?;
+        overview["rabbitmq_version"].as_str().map(str::to_owned)
+    }
 }
 
-/// Logs the broker's version ([`broker_version`]), or that it is unknown.
-pub async fn log_broker_version(amqp_url: &str) {
-    match broker_version(amqp_url).await {
+/// Logs the broker's version when the management API is configured and
+/// answers; says why not otherwise. The services work the same on RabbitMQ
+/// 3.10 to 4.x: the version is only logged.
+pub async fn log_broker_version(settings: &Settings) {
+    let Some(management) = Management::from_settings(settings) else {
+        tracing::info!(
+            "RabbitMQ version not read: RABBITMQ_MANAGEMENT_URL is not set (queues are declared the same on 3.10 to 4.x)"
+        );
+        return;
+    };
+    match management.broker_version().await {
         Some(version) => tracing::info!(rabbitmq_version = %version, "RabbitMQ version"),
         None => tracing::info!(
-            management_api = %management_url(amqp_url),
-            "RabbitMQ version unknown: its management API did not answer (queues are declared the same on 3.10 to 4.x)"
+            management_api = %management.url(),
+            "RabbitMQ version unknown: the management API did not answer (queues are declared the same on 3.10 to 4.x)"
         ),
     }
 }
@@ -628,6 +658,7 @@ mod tests {
             prefix: String::new(),
             queue_type: QueueType::Quorum,
             retry_levels: 2,
+            events_max_length: 1000,
         };
         assert_eq!(t.exchange("penora.jobs"), "penora.jobs");
         assert_eq!(t.dead_queue(SAVE_PROJECT), "penora.save-project.dead");

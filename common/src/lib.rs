@@ -11,6 +11,7 @@ pub mod config;
 pub mod cpu_pool;
 pub mod db;
 pub mod domain;
+pub mod http_client;
 pub mod imaging;
 pub mod keys;
 pub mod ledger;

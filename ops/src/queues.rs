@@ -69,10 +69,15 @@ pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
         &cells,
     );
     if mgmt.iter().all(Option::is_none) {
-        eprintln!(
-            "(rates need the RabbitMQ management API at {}: rabbitmq-plugins enable rabbitmq_management)",
-            broker::management_url(settings.amqp_url.expose())
-        );
+        match broker::Management::from_settings(settings) {
+            Some(m) => eprintln!(
+                "(the RabbitMQ management API at {} did not answer: rabbitmq-plugins enable rabbitmq_management)",
+                m.url()
+            ),
+            None => eprintln!(
+                "(unacknowledged counts and rates need the RabbitMQ management API: set RABBITMQ_MANAGEMENT_URL, e.g. https://rabbitmq.internal:15671)"
+            ),
+        }
     }
     Ok(())
 }
@@ -88,59 +93,25 @@ pub struct Rates {
     pub out_per_sec: f64,
 }
 
-/// The RabbitMQ management API (`RABBITMQ_MANAGEMENT_URL`, default port 15672
-/// on the AMQP host).
-/// `AMQP_URL` (its first node) parsed by lapin's own URI type (user,
-/// password, host, port and the vhost, percent-decoded).
-fn amqp_uri(settings: &Settings) -> Option<lapin::uri::AMQPUri> {
-    broker::nodes(settings.amqp_url.expose())[0].parse().ok()
-}
-
-/// The management API's figures per queue, `None` where they cannot be had.
+/// The management API's figures per queue, `None` where they cannot be had
+/// (none configured, or it does not answer).
 pub async fn management_rates(settings: &Settings, stats: &[QueueStat]) -> Vec<Option<Rates>> {
-    let Some(uri) = amqp_uri(settings) else {
-        return vec![None; stats.len()];
-    };
-    let (user, pass) = (
-        uri.authority.userinfo.username,
-        uri.authority.userinfo.password,
-    );
-    let base = broker::management_url(settings.amqp_url.expose());
-    let Ok(http) = reqwest::Client::builder()
-        .timeout(std::time::Duration::from_secs(2))
-        .build()
-    else {
+    let Some(management) = broker::Management::from_settings(settings) else {
         return vec![None; stats.len()];
     };
     let mut out = Vec::with_capacity(stats.len());
     for s in stats {
-        // The vhost and queue are path segments: `/` (the default vhost)
-        // must travel as %2F.
-        let Ok(mut url) = url::Url::parse(&base) else {
-            out.push(None);
-            continue;
-        };
-        if let Ok(mut path) = url.path_segments_mut() {
-            path.extend(["api", "queues", uri.vhost.as_str(), s.name.as_str()]);
-        }
-        let got = async {
-            let v: serde_json::Value = http
-                .get(url.as_str())
-                .basic_auth(&user, Some(&pass))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let rate = |k: &str| v["message_stats"][k]["rate"].as_f64().unwrap_or(0.0);
-            Some(Rates {
-                unacked: v["messages_unacknowledged"].as_u64().unwrap_or(0),
-                in_per_sec: rate("publish_details"),
-                out_per_sec: rate("deliver_get_details"),
-            })
-        }
-        .await;
+        let got = management
+            .get(&["queues", management.vhost.as_str(), s.name.as_str()])
+            .await
+            .map(|v| {
+                let rate = |k: &str| v["message_stats"][k]["rate"].as_f64().unwrap_or(0.0);
+                Rates {
+                    unacked: v["messages_unacknowledged"].as_u64().unwrap_or(0),
+                    in_per_sec: rate("publish_details"),
+                    out_per_sec: rate("deliver_get_details"),
+                }
+            });
         out.push(got);
     }
     out

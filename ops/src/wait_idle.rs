@@ -21,6 +21,11 @@ pub async fn run(
     let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
     topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
+    if broker::Management::from_settings(settings).is_none() {
+        eprintln!(
+            "note: RABBITMQ_MANAGEMENT_URL is not set, so messages a worker holds unacknowledged are not seen; only queued ones are"
+        );
+    }
     let started = std::time::Instant::now();
     let mut idle_looks = 0;
     let mut last = String::new();

@@ -20,6 +20,9 @@ new_run() {
   export DATABASE_URL=postgres://postgres@127.0.0.1:$port/$db
   export AMQP_URL=${AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
   export AMQP_PREFIX=$prefix
+  # The local broker's management API (penora-ops sees unacknowledged
+  # messages and rates through it; nothing derives it from AMQP_URL).
+  export RABBITMQ_MANAGEMENT_URL=${RABBITMQ_MANAGEMENT_URL:-http://127.0.0.1:15672}
   export PENORA_API_KEY=$1-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   export RATE_LIMIT_PER_SEC=10000000 RATE_LIMIT_BURST=10000000
   export LOG_FORMAT=json RUST_LOG=warn

@@ -10,8 +10,8 @@ async fn main() -> anyhow::Result<()> {
     telemetry::init(settings.log_format);
     penora_common::limits::raise_open_files_logged();
     tokio::spawn({
-        let amqp = settings.amqp_url.expose().to_owned();
-        async move { penora_common::broker::log_broker_version(&amqp).await }
+        let settings = settings.clone();
+        async move { penora_common::broker::log_broker_version(&settings).await }
     });
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");

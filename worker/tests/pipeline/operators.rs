@@ -613,13 +613,20 @@ async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
 
 #[tokio::test]
 async fn the_broker_version_is_read_for_the_start_up_log() {
-    let url = crate::support::amqp_url();
-    let version = penora_common::broker::broker_version(&url)
+    let db = penora_common::testing::TestDb::new().await;
+    let amqp = crate::support::amqp_url();
+    let management = crate::support::management_url();
+    let settings = db.settings(&[
+        ("AMQP_URL", amqp.as_str()),
+        ("RABBITMQ_MANAGEMENT_URL", management.as_str()),
+    ]);
+    let version = penora_common::broker::Management::from_settings(&settings)
+        .expect("configured")
+        .broker_version()
         .await
         .unwrap_or_else(|| {
             panic!(
-                "the RabbitMQ management API at {} did not answer: `scripts/services.sh` enables the plugin",
-                penora_common::broker::management_url(&url)
+                "the RabbitMQ management API at {management} did not answer: `scripts/services.sh` enables the plugin"
             )
         });
     assert!(

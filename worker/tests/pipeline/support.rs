@@ -26,6 +26,13 @@ pub fn amqp_url() -> String {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
+/// The management API of the test broker (`TEST_RABBITMQ_MANAGEMENT_URL`,
+/// default `http://127.0.0.1:15672`, which `scripts/services.sh` enables).
+pub fn management_url() -> String {
+    std::env::var("TEST_RABBITMQ_MANAGEMENT_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:15672".into())
+}
+
 /// A test stack.
 pub struct Stack {
     /// The API's base URL.
@@ -138,6 +145,8 @@ impl Stack {
             ("RETRY_MAX_MS".into(), "400".into()),
             ("RETRY_MAX_ATTEMPTS".into(), "4".into()),
             ("LOG_FORMAT".into(), "json".into()),
+            // wait-idle sees unacknowledged messages through it.
+            ("RABBITMQ_MANAGEMENT_URL".into(), management_url()),
         ]
     }
 
