@@ -271,8 +271,30 @@ impl fmt::Display for ProjectCode {
     }
 }
 
-/// Checks a free text field: at most `max` characters and no control
-/// characters other than newline and tab.
+/// Whether `c` is a Unicode bidirectional control or an invisible format
+/// character: text holding one can read differently from what it stores
+/// (a reversed amount or name in a console, a log or an e-mail; "Trojan
+/// Source", CVE-2021-42574). The joiners (U+200C, U+200D), variation
+/// selectors and tag characters stay allowed: emoji sequences and several
+/// scripts need them.
+pub fn is_bidi_or_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'                  // soft hyphen
+        | '\u{061C}'                // Arabic letter mark
+        | '\u{180E}'                // Mongolian vowel separator
+        | '\u{200B}'                // zero-width space
+        | '\u{200E}' | '\u{200F}'  // left-to-right / right-to-left marks
+        | '\u{202A}'..='\u{202E}' // embeddings and overrides
+        | '\u{2060}'..='\u{2064}' // word joiner, invisible operators
+        | '\u{2066}'..='\u{2069}' // isolates
+        | '\u{FEFF}'                // zero-width no-break space (BOM)
+        | '\u{FFF9}'..='\u{FFFB}' // interlinear annotations
+    )
+}
+
+/// Checks a free text field: at most `max` characters, no control
+/// characters other than newline and tab, and no bidirectional controls or
+/// invisible format characters ([`is_bidi_or_invisible_format`]).
 pub fn bounded_text(field: &'static str, raw: &str, max: usize) -> Result<String, ValidationError> {
     if raw.chars().count() > max {
         return Err(ValidationError::new(
@@ -289,7 +311,29 @@ pub fn bounded_text(field: &'static str, raw: &str, max: usize) -> Result<String
             "must not contain control characters",
         ));
     }
+    if let Some(c) = raw.chars().find(|&c| is_bidi_or_invisible_format(c)) {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "must not contain bidirectional or invisible format characters (found U+{:04X})",
+                u32::from(c)
+            ),
+        ));
+    }
     Ok(raw.to_owned())
+}
+
+/// `raw` made fit to store as free text from a source that cannot be
+/// answered with a `400` (an event on the queue): control characters but
+/// newline and tab, and bidirectional or invisible format characters, are
+/// dropped, and the rest cut to `max` characters.
+pub fn clean_text(raw: &str, max: usize) -> String {
+    raw.chars()
+        .filter(|&c| {
+            !((c.is_control() && c != '\n' && c != '\t') || is_bidi_or_invisible_format(c))
+        })
+        .take(max)
+        .collect()
 }
 
 /// Longest project title.
@@ -442,5 +486,28 @@ mod tests {
         assert!(bounded_text("title", &"é".repeat(200), 200).is_ok());
         assert!(bounded_text("title", &"é".repeat(201), 200).is_err());
         assert!(bounded_text("title", "a\u{0}b", 200).is_err());
+        // "Trojan Source": an override that shows `credit 001` as `100`.
+        let err = bounded_text("reason", "refund \u{202E}100\u{202C}", 500).unwrap_err();
+        assert!(err.to_string().contains("U+202E"), "{err}");
+        for c in ['\u{200B}', '\u{200F}', '\u{2066}', '\u{FEFF}', '\u{061C}'] {
+            assert!(
+                bounded_text("title", &format!("a{c}b"), 200).is_err(),
+                "{c:?}"
+            );
+        }
+        assert_eq!(
+            clean_text("GPU\u{202E} out\u{0} of memory", 500),
+            "GPU out of memory"
+        );
+        assert_eq!(clean_text(&"é".repeat(600), 500).chars().count(), 500);
+        // Emoji sequences and scripts that need joiners stay allowed.
+        for ok in [
+            "👨\u{200D}👩\u{200D}👧",
+            "می\u{200C}خواهم",
+            "✌\u{FE0F}",
+            "Ünïcödé 漢字",
+        ] {
+            assert!(bounded_text("title", ok, 200).is_ok(), "{ok}");
+        }
     }
 }

@@ -23,11 +23,31 @@ use super::{
 pub const IDENTIFIER_PATTERN: &str = "^[A-Za-z0-9_.:@-]+$";
 /// App names: lowercase letters, digits, `_` and `-`.
 pub const APP_NAME_PATTERN: &str = "^[a-z0-9_-]+$";
-/// Free text: no control characters but newline and tab (`bounded_text`).
-pub const TEXT_PATTERN: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
+/// The characters of `domain::is_bidi_or_invisible_format`, for a regex
+/// character class.
+macro_rules! format_class {
+    () => {
+        "\\u00AD\\u061C\\u180E\\u200B\\u200E\\u200F\\u202A-\\u202E\\u2060-\\u2064\\u2066-\\u2069\\uFEFF\\uFFF9-\\uFFFB"
+    };
+}
+/// Free text: no control characters but newline and tab, no bidirectional
+/// controls or invisible format characters (`bounded_text`).
+pub const TEXT_PATTERN: &str = concat!(
+    "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F",
+    format_class!(),
+    "]*$"
+);
 /// Required free text: as [`TEXT_PATTERN`], with at least one character that
 /// is not a space (blank text is refused as missing).
-pub const NON_BLANK_TEXT_PATTERN: &str = "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F]*$";
+pub const NON_BLANK_TEXT_PATTERN: &str = concat!(
+    "^[^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F",
+    format_class!(),
+    "]*[^\\s\\u0000-\\u001F\\u007F-\\u009F",
+    format_class!(),
+    "][^\\u0000-\\u0008\\u000B-\\u001F\\u007F-\\u009F",
+    format_class!(),
+    "]*$"
+);
 
 fn string(pattern: &str, min: usize, max: usize, description: &str) -> RefOr<Schema> {
     ObjectBuilder::new()
