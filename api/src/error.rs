@@ -219,6 +219,7 @@ impl From<LedgerError> for ApiError {
             LedgerError::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
             LedgerError::NotFound(m) => Self::NotFound(m),
             LedgerError::NotRefundable(m) => Self::NotRefundable(m),
+            LedgerError::AppMismatch(m) => Self::AppMismatch(m),
             // Only events name an event id; no HTTP request meets this.
             e @ LedgerError::EventSeen { .. } => Self::IdempotencyConflict(e.to_string()),
             LedgerError::Invalid { field, reason } => {

@@ -31,6 +31,7 @@ mod lots;
 mod reads;
 mod refund;
 mod settle;
+mod window;
 
 use std::{
     borrow::Cow,
@@ -58,6 +59,7 @@ pub use reads::{
 };
 pub use refund::{QueuedRefund, Refund, RefundReceipt, refund, refund_all, refund_one};
 pub use settle::{Settle, SettleReceipt, SettleResult, SettledBy, settle, settle_for};
+pub use window::EventTime;
 
 use crate::{
     db::DbError,
@@ -103,6 +105,9 @@ pub enum LedgerError {
     /// request out again where waiting holds up no one else.
     #[error("the account is held by another transaction")]
     AccountBusy,
+    /// The key acts for another app than the one the movement concerns.
+    #[error("{0}")]
+    AppMismatch(String),
     /// The request is valid JSON but cannot be carried out as asked.
     #[error("{field}: {reason}")]
     Invalid {

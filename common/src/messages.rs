@@ -69,6 +69,8 @@ pub struct GenerationEvent {
 
 /// Headers the worker sets on messages it retries or parks.
 pub mod headers {
+    /// What every header the worker sets begins with.
+    pub const PREFIX: &str = "x-penora-";
     /// Attempt number of the next delivery (1 = first).
     pub const ATTEMPT: &str = "x-penora-attempt";
     /// When the first attempt failed (RFC 3339).

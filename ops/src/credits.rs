@@ -159,7 +159,7 @@ pub async fn run(
             reason,
         } => {
             let user = UserId::parse(&user)?;
-            let outcome = ledger::void_lot(client, &user, lot_id, &reason, None).await?;
+            let outcome = ledger::void_lot(client, &user, lot_id, (&reason, None), None).await?;
             let r = outcome.value;
             let replay = if outcome.replayed {
                 " (nothing moved)"

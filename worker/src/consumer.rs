@@ -29,7 +29,7 @@ use tracing::Instrument;
 
 use crate::{
     Context, handlers,
-    message::Message,
+    message::{Message, trusted_headers, trusted_properties},
     retry::{JobError, random_unit},
 };
 
@@ -131,18 +131,19 @@ async fn finish(
 }
 
 fn copy_headers(d: &Delivery) -> FieldTable {
-    d.properties.headers().clone().unwrap_or_default()
+    trusted_headers(d)
 }
 
 fn base_copy(d: &Delivery, mut table: FieldTable, error: &str, attempt: u32) -> BasicProperties {
     let now = rfc3339_millis(time::OffsetDateTime::now_utc());
-    if headers::text(&d.properties, headers::FIRST_FAILURE_AT).is_none() {
+    let trusted = trusted_properties(d);
+    if headers::text(&trusted, headers::FIRST_FAILURE_AT).is_none() {
         table.insert(
             headers::FIRST_FAILURE_AT.into(),
             AMQPValue::LongString(now.into()),
         );
     }
-    if headers::text(&d.properties, headers::ORIGINAL_EXCHANGE).is_none() {
+    if headers::text(&trusted, headers::ORIGINAL_EXCHANGE).is_none() {
         table.insert(
             headers::ORIGINAL_EXCHANGE.into(),
             AMQPValue::LongString(d.exchange.to_string().into()),

@@ -132,7 +132,7 @@ pub struct VoidRequest {
         (status = 200, description = "Voided (or replayed)", body = Success<VoidReceipt>),
         (status = 400, description = "`user_id_required` or `invalid_request`", body = ErrorBody),
         (status = 401, description = "`invalid_api_key`", body = ErrorBody),
-        (status = 403, description = "`forbidden`", body = ErrorBody),
+        (status = 403, description = "`forbidden`, or `app_mismatch`: a key bound to an app voids only that app's lots", body = ErrorBody),
         (status = 404, description = "`user_not_found` or `not_found`", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
@@ -152,8 +152,14 @@ async fn void_lot(
     let reason = Description::parse("reason", body.reason.as_deref())?
         .unwrap_or_else(|| "lot voided".into());
     let mut client = state.pool.get().await?;
-    let outcome =
-        ledger::void_lot(&mut client, &user, lot_id, &reason, correlation.as_deref()).await?;
+    let outcome = ledger::void_lot(
+        &mut client,
+        &user,
+        lot_id,
+        (&reason, auth.bound_app()),
+        correlation.as_deref(),
+    )
+    .await?;
     if !outcome.replayed {
         state.jobs_committed();
     }
@@ -240,7 +246,8 @@ pub struct SettleRequest {
     /// rest is refunded in the same transaction. All of it when absent.
     #[schema(value_type = Option<i64>)]
     pub amount: Option<serde_json::Value>,
-    /// The reservation's app (defaults to the key's app).
+    /// The reservation's app (defaults to the key's app; with a key bound
+    /// to no app, the user's only reservation with this code).
     #[schema(value_type = Option<AppName>, inline)]
     pub app_name: Option<String>,
     /// The settlement's reference (header `Idempotency-Key` when absent).
@@ -259,7 +266,11 @@ pub struct SettleRequest {
 /// (`Idempotent-Replayed: true`); for another amount, `409
 /// idempotency_conflict`. A reservation refunded before stays refunded: the
 /// answer says `reservation_status: "refunded"` and `credits_charged: 0`.
-/// `amount: 0` refunds all that is left.
+/// `amount: 0` refunds all that is left. What is not charged is a refund,
+/// so it is given back only inside the refund window: after it, a
+/// reservation can only be settled in full (`409 not_refundable`). Without
+/// `app_name` (and with a key bound to no app), the user's only reservation
+/// with this `project_code` is settled, as `refund-credits` finds it.
 #[utoipa::path(
     post, path = "/settle-credits", tag = "credits",
     request_body = SettleRequest,
@@ -269,7 +280,7 @@ pub struct SettleRequest {
         (status = 401, description = "`invalid_api_key`", body = ErrorBody),
         (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
         (status = 404, description = "`not_found`", body = ErrorBody),
-        (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`, or `not_refundable`: settling for less after the refund window", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
 )]
@@ -286,7 +297,12 @@ async fn settle_credits(
         Some(raw) => ProjectCode::parse(raw)?,
         None => return Err(ApiError::InvalidRequest("project_code: is required".into())),
     };
-    let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
+    // Like a refund: without `app_name` (and with a key bound to no app),
+    // the user's only reservation with this code.
+    let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
+        (None, None) => None,
+        (raw, _) => Some(acting_app(&auth, "app_name", raw)?),
+    };
     let max = state.settings.max_deduct_amount;
     let charge = match &body.amount {
         None | Some(serde_json::Value::Null) => None,
@@ -305,7 +321,7 @@ async fn settle_credits(
         .unwrap_or_else(|| "settled by the client".into());
     let request = ledger::Settle {
         user_id: &user,
-        app_name: &app_name,
+        app_name: app_name.as_ref(),
         project_code: &project_code,
         by: ledger::SettledBy::Final,
         reason: &reason,
@@ -313,6 +329,7 @@ async fn settle_credits(
         reference: reference.as_deref(),
         correlation_id: correlation.as_deref(),
         event_id: None,
+        event_time: None,
     };
     let mut client = state.pool.get().await?;
     let receipt = ledger::settle_for(&mut client, &request).await?;

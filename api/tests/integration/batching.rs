@@ -282,7 +282,7 @@ async fn a_batch_of_refunds_matches_one_by_one_and_records_its_events() {
             refund: refund(user, code),
             event_id: Some((*event).into()),
             correlation_id: None,
-            occurred_at: None,
+            event_time: None,
         })
         .collect();
     let mut c = batched.get().await.expect("client");

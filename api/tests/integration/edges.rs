@@ -326,7 +326,10 @@ mod event_time {
                 },
                 event_id: Some(event.into()),
                 correlation_id: None,
-                occurred_at: Some(at),
+                event_time: Some(ledger::EventTime {
+                    at,
+                    clock_skew: std::time::Duration::from_secs(60),
+                }),
             },
         )
         .await
@@ -388,12 +391,19 @@ mod event_time {
             failed_event(&app, "u", "outside", "e3", now + Duration::days(1)).await,
             "closed",
         );
-        // Before the reservation existed: clamped to its creation, inside.
-        reservation(&app, "u", "early", Duration::minutes(90)).await;
+        // Long before the reservation existed: not about it, refused (it
+        // used to be clamped to the creation, inside the window: a way to
+        // get credits back long after the window closed).
+        let made = reservation(&app, "u", "early", Duration::minutes(90)).await;
         settle(&app, "u", "early", SettledBy::Window).await;
-        failed_event(&app, "u", "early", "e4", now - Duration::days(400))
+        refused(
+            failed_event(&app, "u", "early", "e4", now - Duration::days(400)).await,
+            "before reservation",
+        );
+        // Within the clock skew before it: counts as made with it, inside.
+        failed_event(&app, "u", "early", "e4b", made - Duration::seconds(30))
             .await
-            .expect("clamped to the creation, inside the window");
+            .expect("within the clock skew of the creation, inside the window");
         // Still reserved, in its window: an event from the future is clamped
         // to now, inside.
         reservation(&app, "u", "fresh", Duration::minutes(1)).await;

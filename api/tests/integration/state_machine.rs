@@ -409,7 +409,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Settle { code, charge } => {
                 let s = Settle {
                     user_id: &user,
-                    app_name: &app,
+                    app_name: Some(&app),
                     project_code: &key(code),
                     by: SettledBy::Final,
                     reason: "test",
@@ -417,6 +417,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     reference: None,
                     correlation_id: None,
                     event_id: None,
+                    event_time: None,
                 };
                 let got = ledger::settle_for(&mut c, &s).await;
                 let before = w.spendable();
@@ -441,6 +442,14 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(LedgerError::IdempotencyConflict(_)) => {
                         prop_assert!(m.state == ReservationState::Settled && !m.window_only);
                         prop_assert!(charge.is_some_and(|c| c != left));
+                    }
+                    // What is not charged is a refund: only inside the window.
+                    Err(LedgerError::NotRefundable(_)) => {
+                        prop_assert!(charge.is_some_and(|c| c < left), "{m:?}");
+                        prop_assert!(w.now >= m.until, "{m:?}");
+                    }
+                    Ok(_) if charge.is_some_and(|c| c < left) && w.now >= m.until => {
+                        prop_assert!(false, "settled {code} for less after its window: {m:?}");
                     }
                     Ok(o) => {
                         let charged = charge.unwrap_or(left);
@@ -468,7 +477,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let Some(l) = w.lots.get(lot as usize).cloned() else {
                     continue;
                 };
-                let got = ledger::void_lot(&mut c, &user, l.id, "test", None)
+                let got = ledger::void_lot(&mut c, &user, l.id, ("test", None), None)
                     .await
                     .expect("void");
                 if l.voided {

@@ -80,11 +80,13 @@ pub struct VoidReceipt {
 
 /// Voids lot `lot_id` of `user`: its remaining credits go, with a `void`
 /// entry; credits refunded into it later are voided at once. Idempotent.
+/// With `only_app` (a key bound to an app), a lot another app granted is
+/// refused ([`LedgerError::AppMismatch`]) and nothing changes.
 pub async fn void_lot(
     client: &mut Client,
     user: &UserId,
     lot_id: i64,
-    reason: &str,
+    (reason, only_app): (&str, Option<&str>),
     correlation_id: Option<&str>,
 ) -> Answer<VoidReceipt> {
     let user = user.as_str();
@@ -100,6 +102,13 @@ pub async fn void_lot(
         )
         .await?
         .ok_or_else(|| LedgerError::NotFound(format!("no lot {lot_id} for this user")))?;
+    // A key bound to an app voids only the lots that app granted.
+    let lot_app: String = lot.try_get("app_name")?;
+    if let Some(own) = only_app.filter(|own| *own != lot_app) {
+        return Err(LedgerError::AppMismatch(format!(
+            "This API key acts for app `{own}` only; lot {lot_id} was granted by app `{lot_app}`"
+        )));
+    }
     let mut plan = Plan::default();
     let due = due_lots(&tx, &[user]).await?;
     // A lot past its expiry (with credits left or not) has nothing to void.

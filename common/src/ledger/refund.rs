@@ -12,11 +12,11 @@
 //! * a reservation is refundable while it is `reserved` and inside its
 //!   window; a refunded one answers the first refund again (a replay), a
 //!   settled one or one whose window closed is refused;
-//! * the window is judged at the event's time (`occurred_at`, clamped to
-//!   [the reservation's creation, now]) for `generation.failed`, and at the
-//!   request's for HTTP; a reservation the timer settled because its window
-//!   passed is still refunded by an event from inside the window (CONTRACT
-//!   §11), every other settlement is final;
+//! * the window is judged as [`super::window`] says: at the event's
+//!   believed time for `generation.failed`, at the request's for HTTP; a
+//!   reservation the timer settled because its window passed is still
+//!   refunded by an event from inside the window (CONTRACT §11), every other
+//!   settlement is final;
 //! * a request without `app_name` names the user's only reservation with its
 //!   code; several apps are an error that asks for `app_name`;
 //! * an event's id is recorded in `processed_events`, with what it did, in
@@ -40,6 +40,7 @@ use super::{
     lock_accounts,
     lots::{Drawn, LotFate, Plan, drawn_from, due_lots, give_back},
     only, state_of,
+    window::{self, EventTime, Verdict},
 };
 use crate::{
     db::DbError,
@@ -104,10 +105,10 @@ pub struct QueuedRefund {
     pub event_id: Option<String>,
     /// The request id, carried to the audit job.
     pub correlation_id: Option<String>,
-    /// When the event happened (`occurred_at`): it, not the time of
-    /// processing, decides whether the refund is inside the window, clamped
-    /// to [the reservation's creation, now]. `None` (an HTTP refund): now.
-    pub occurred_at: Option<OffsetDateTime>,
+    /// When the event happened, as far as it is believed: it, not the time
+    /// of processing, decides whether the refund is inside the window
+    /// ([`super::window`]). `None` (an HTTP refund): now.
+    pub event_time: Option<EventTime>,
 }
 
 /// Returns a reservation's credits, once. Asking again answers the first
@@ -121,7 +122,7 @@ pub async fn refund(
         refund: r.clone(),
         event_id: None,
         correlation_id: correlation_id.map(str::to_owned),
-        occurred_at: None,
+        event_time: None,
     };
     refund_one(client, queued).await
 }
@@ -288,14 +289,12 @@ async fn refund_once(
             }));
             continue;
         }
-        let closed_by_window = || {
-            let until: OffsetDateTime = row.get("refundable_until");
-            LedgerError::NotRefundable(format!(
-                "the refund window of reservation {:?} closed at {}",
-                r.project_code.as_str(),
-                crate::timefmt::rfc3339_millis(until)
-            ))
-        };
+        let verdict = window::judge(
+            q.event_time.as_ref(),
+            row.get("created_at"),
+            row.get("refundable_until"),
+            row.get("now"),
+        );
         match state {
             ReservationState::Refunded if r.amount.is_none() && r.reference.is_none() => {
                 if q.event_id.is_some() {
@@ -333,8 +332,13 @@ async fn refund_once(
             }
             // Reserved, or settled only because its window passed: the
             // time the refund is judged at decides.
-            _ if row.get::<_, bool>("expired") => {
-                answers[slot] = Some(Err(closed_by_window()));
+            _ if verdict != Verdict::Open => {
+                answers[slot] = Some(Err(window::refused(
+                    verdict,
+                    r.project_code.as_str(),
+                    row.get("created_at"),
+                    row.get("refundable_until"),
+                )));
             }
             _ => {
                 let left = reserved - refunded;
@@ -729,8 +733,8 @@ async fn lock_reservations(
                 .push(row.get("app_name"));
         }
     }
-    let (mut places, mut apps, mut codes, mut users, mut times) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut places, mut apps, mut codes, mut users) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for (i, q) in live.iter().enumerate() {
         if busy.contains(q.refund.user_id.as_str()) {
             continue;
@@ -741,7 +745,6 @@ async fn lock_reservations(
             apps.push(app);
             codes.push(q.refund.project_code.as_str());
             users.push(q.refund.user_id.as_str());
-            times.push(q.occurred_at);
         }
     }
     if places.is_empty() {
@@ -751,11 +754,10 @@ async fn lock_reservations(
     let lock = tx
         .prepare_cached(
             "SELECT k.place, r.app_name, r.amount, r.refunded_amount, r.state, r.settled_by, \
-                    r.refundable_until < CASE WHEN k.at IS NULL THEN now() \
-                        ELSE least(greatest(k.at, r.created_at), now()) END AS expired, \
-                    r.refundable_until, r.refunded_at, r.refund_reason, r.balance_after_refund \
-             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::timestamptz[]) \
-               AS k(place, app_name, project_code, user_id, at) \
+                    r.created_at, r.refundable_until, now() AS now, \
+                    r.refunded_at, r.refund_reason, r.balance_after_refund \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[]) \
+               AS k(place, app_name, project_code, user_id) \
              JOIN reservations r ON r.app_name = k.app_name AND r.project_code = k.project_code \
                AND r.user_id = k.user_id \
              WHERE r.user_id = ANY($4) \
@@ -764,10 +766,7 @@ async fn lock_reservations(
         )
         .await?;
     let mut found: HashMap<usize, Vec<tokio_postgres::Row>> = HashMap::new();
-    for row in tx
-        .query(&lock, &[&places, &apps, &codes, &users, &times])
-        .await?
-    {
+    for row in tx.query(&lock, &[&places, &apps, &codes, &users]).await? {
         let place: i64 = row.get("place");
         found.entry(place as usize).or_default().push(row);
     }

@@ -4,7 +4,11 @@
 //! refunded one stays refunded); the account row is locked before the
 //! reservation, as every movement does; the `settle` ledger row (amount 0)
 //! and its audit job commit with the state change, and so does the record of
-//! the success event that asked for it (`processed_events`).
+//! the success event that asked for it (`processed_events`); what a
+//! settlement for less gives back is judged against the refund window like
+//! a refund ([`super::window`]): after the window, a reservation can only be
+//! settled in full; a request without `app_name` names the user's only
+//! reservation with its code, as a refund does.
 
 use std::borrow::Cow;
 
@@ -16,6 +20,7 @@ use super::{
     lots::{Plan, drawn_from, due_lots},
     refund::{Returned, give_back_to_lots},
     state_of,
+    window::{self, EventTime, Verdict},
 };
 use crate::domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
 
@@ -62,7 +67,7 @@ pub async fn settle(
 ) -> Result<SettleResult, LedgerError> {
     let request = Settle {
         user_id,
-        app_name,
+        app_name: Some(app_name),
         project_code,
         by,
         reason,
@@ -70,6 +75,7 @@ pub async fn settle(
         reference: None,
         correlation_id,
         event_id,
+        event_time: None,
     };
     Ok(settle_for(client, &request).await?.result)
 }
@@ -79,8 +85,9 @@ pub async fn settle(
 pub struct Settle<'a> {
     /// Whose reservation.
     pub user_id: &'a UserId,
-    /// The reservation's app.
-    pub app_name: &'a AppName,
+    /// The reservation's app; when `None`, the user's only reservation
+    /// with this code.
+    pub app_name: Option<&'a AppName>,
     /// The reservation's key.
     pub project_code: &'a ProjectCode,
     /// Why it is settled: final, or only its window passing.
@@ -96,6 +103,10 @@ pub struct Settle<'a> {
     pub correlation_id: Option<&'a str>,
     /// The `generation.succeeded` event that asks for it.
     pub event_id: Option<&'a str>,
+    /// When that event happened, as far as it is believed: what the
+    /// settlement gives back is judged at it ([`super::window`]). `None`
+    /// (an HTTP request): now.
+    pub event_time: Option<EventTime>,
 }
 
 /// What a settlement did.
@@ -129,16 +140,23 @@ pub struct SettleReceipt {
 /// refunding the rest to the lots it came from, in one transaction.
 pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleReceipt, LedgerError> {
     let user = s.user_id.as_str();
-    let (app, code) = (s.app_name.as_str(), s.project_code.as_str());
+    let code = s.project_code.as_str();
     let tx = client.transaction().await?;
     let Some(mut balance) = lock_account(&tx, user).await? else {
         return Err(LedgerError::NotFound(format!(
             "no account for user {user:?}"
         )));
     };
+    let app = match s.app_name {
+        Some(app) => app.to_string(),
+        None => only_app(&tx, user, code).await?,
+    };
+    let app = app.as_str();
     let select = tx
         .prepare_cached(
-            "SELECT state, amount, refunded_amount, settled_by FROM reservations \
+            "SELECT state, amount, refunded_amount, settled_by, created_at, refundable_until, \
+                    now() AS now \
+             FROM reservations \
              WHERE app_name = $1 AND project_code = $2 AND user_id = $3 FOR UPDATE",
         )
         .await?;
@@ -188,13 +206,37 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
         return Ok(receipt);
     }
 
+    let rest = left - charge;
+    if rest > 0 {
+        // Giving back is a refund: only inside the window.
+        let verdict = window::judge(
+            s.event_time.as_ref(),
+            row.get("created_at"),
+            row.get("refundable_until"),
+            row.get("now"),
+        );
+        if verdict != Verdict::Open {
+            return Err(match verdict {
+                Verdict::Closed => LedgerError::NotRefundable(format!(
+                    "the refund window of reservation {code:?} closed at {}; it can only be settled in full ({left} credits)",
+                    crate::timefmt::rfc3339_millis(row.get("refundable_until"))
+                )),
+                other => window::refused(
+                    other,
+                    code,
+                    row.get("created_at"),
+                    row.get("refundable_until"),
+                ),
+            });
+        }
+    }
+
     // Lots past their expiry first, so that the balances below are what the
     // user can spend; then what is not charged goes back to its lots.
     let mut plan = Plan::default();
     if let Some(lots) = due_lots(&tx, &[user]).await?.get(user) {
         plan.expire_due(user, lots, &mut balance, s.correlation_id)?;
     }
-    let rest = left - charge;
     if rest > 0 {
         let drawn = drawn_from(&tx, &[(user, app, code)]).await?;
         let lots = drawn
@@ -298,6 +340,33 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
     receipt.refunded_total = refunded_total;
     receipt.new_balance = balance;
     Ok(receipt)
+}
+
+/// The app of the user's only reservation with `code`; several apps are
+/// an error that asks for `app_name` (as for a refund).
+async fn only_app(
+    tx: &deadpool_postgres::Transaction<'_>,
+    user: &str,
+    code: &str,
+) -> Result<String, LedgerError> {
+    let rows = tx
+        .query(
+            "SELECT app_name FROM reservations WHERE user_id = $1 AND project_code = $2",
+            &[&user, &code],
+        )
+        .await?;
+    match rows.as_slice() {
+        [] => Err(LedgerError::NotFound(format!(
+            "no reservation with project_code {code:?} for this user"
+        ))),
+        [row] => Ok(row.try_get("app_name")?),
+        _ => Err(LedgerError::Invalid {
+            field: "app_name",
+            reason: format!(
+                "project_code {code:?} names reservations of several apps; say which with app_name"
+            ),
+        }),
+    }
 }
 
 /// Records a `generation.succeeded` event as handled, with what it did, in

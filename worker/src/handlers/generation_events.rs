@@ -1,7 +1,11 @@
 //! `penora.generation-events`: ImageGene's `generation.failed` refunds the
 //! reservation it names, `generation.succeeded` settles it.
 //!
-//! Rules: an event is handled once per `(user_id, event_id)`; a failure
+//! Rules: an event is handled once per `(user_id, event_id)`; its time is
+//! believed only within `MAX_EVENT_LATENESS_SECS` of its arrival, and what
+//! it gives back is judged against the refund window at that time
+//! (`ledger::EventTime`); its `reason` is cleaned and cut to 500 characters
+//! like an HTTP one (an event cannot be answered with a `400`); a failure
 //! event's refund records the event in its own commit (the ledger's refund
 //! batch), and so does a success event's settlement; the events that
 //! arrive together are refunded together, except that an event naming a
@@ -12,10 +16,10 @@ use std::collections::HashSet;
 
 use penora_common::{
     db::DbError,
-    domain::{AppName, ProjectCode, UserId},
+    domain::{self, AppName, ProjectCode, UserId},
     ledger::{
-        self, Answer, LedgerError, OnBusy, QueuedRefund, Refund, RefundReceipt, SettleResult,
-        SettledBy,
+        self, Answer, EventTime, LedgerError, OnBusy, QueuedRefund, Refund, RefundReceipt,
+        SettleResult, SettledBy,
     },
     messages::GenerationEvent,
 };
@@ -33,6 +37,8 @@ struct Checked {
     user: UserId,
     code: ProjectCode,
     occurred: OffsetDateTime,
+    /// The time it is judged at.
+    time: EventTime,
 }
 
 /// Handles one event.
@@ -43,7 +49,8 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         user,
         code,
         occurred,
-    } = parse(m)?;
+        time,
+    } = parse(ctx, m)?;
     let kind = match m.routing_key.as_str() {
         FAILED => "failed",
         SUCCEEDED => "succeeded",
@@ -53,7 +60,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     if kind == "failed" {
         // The refund checks the event against `processed_events` and
         // records it, in its own commit.
-        let refund = failed_refund(event, user, code, occurred, m.correlation_id.clone());
+        let refund = failed_refund(event, user, code, time, m.correlation_id.clone());
         return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
     }
     // Decide: seen before?
@@ -72,9 +79,10 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     }
     // Commit: the settlement (with the refund of what is not charged) and
     // the event's record, in one transaction.
+    let imagegene = AppName::imagegene();
     let settle = ledger::Settle {
         user_id: &user,
-        app_name: &AppName::imagegene(),
+        app_name: Some(&imagegene),
         project_code: &code,
         by: SettledBy::Final,
         reason: "generation succeeded",
@@ -82,6 +90,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         reference: None,
         correlation_id: m.correlation_id.as_deref(),
         event_id: Some(&event.event_id),
+        event_time: Some(time),
     };
     let outcome = match ledger::settle_for(&mut client, &settle).await?.result {
         SettleResult::Settled => "settled",
@@ -106,14 +115,14 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
     let mut slot_of = Vec::with_capacity(ms.len());
     let mut named = HashSet::new();
     for m in ms {
-        let refund = parse(m)
+        let refund = parse(ctx, m)
             .ok()
             .filter(|c| named.insert((c.user.to_string(), c.code.to_string())))
             .filter(|_| m.routing_key == FAILED)
             .map(|c| {
                 let occurred = c.occurred;
                 (
-                    failed_refund(c.event, c.user, c.code, occurred, m.correlation_id.clone()),
+                    failed_refund(c.event, c.user, c.code, c.time, m.correlation_id.clone()),
                     occurred,
                 )
             });
@@ -147,7 +156,7 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
     Some(results)
 }
 
-fn parse(m: &Message) -> Result<Checked, JobError> {
+fn parse(ctx: &Context, m: &Message) -> Result<Checked, JobError> {
     let event: GenerationEvent = m.decode()?;
     let bad = |e: &dyn std::fmt::Display| JobError::Fatal(format!("malformed event: {e}"));
     if event.event_id.is_empty() || event.event_id.len() > 128 {
@@ -163,11 +172,18 @@ fn parse(m: &Message) -> Result<Checked, JobError> {
     if event.amount.is_some_and(|a| a < least) {
         return Err(bad(&format!("amount must be at least {least}")));
     }
+    let time = EventTime::believed(
+        occurred,
+        m.received_at,
+        ctx.settings.max_event_lateness,
+        ctx.settings.event_clock_skew,
+    );
     Ok(Checked {
         event,
         user,
         code,
         occurred,
+        time,
     })
 }
 
@@ -176,7 +192,7 @@ fn failed_refund(
     event: GenerationEvent,
     user: UserId,
     code: ProjectCode,
-    occurred: OffsetDateTime,
+    time: EventTime,
     correlation_id: Option<String>,
 ) -> QueuedRefund {
     // A partial refund is idempotent by its event: its reference.
@@ -188,13 +204,19 @@ fn failed_refund(
             user_id: user,
             project_code: code,
             app_name: Some(AppName::imagegene()),
-            reason: Some(event.reason.unwrap_or_else(|| "generation failed".into())),
+            reason: Some(
+                event
+                    .reason
+                    .map(|r| domain::clean_text(&r, domain::DESCRIPTION_MAX_LEN))
+                    .filter(|r| !r.trim().is_empty())
+                    .unwrap_or_else(|| "generation failed".into()),
+            ),
             amount: event.amount,
             reference,
         },
         event_id: Some(event.event_id),
         correlation_id,
-        occurred_at: Some(occurred),
+        event_time: Some(time),
     }
 }
 
