@@ -1,16 +1,22 @@
 //! `penora-ops dlq`: parked (dead-letter) messages are listed, shown,
-//! replayed to where they were first published, and purged.
+//! replayed to the queue they were parked from, and purged.
 //!
-//! Rules: looking never counts as a delivery. Reading takes every parked
-//! message without acknowledging it; each one looked at is then published
-//! again to the end of its dead queue as a fresh copy (confirmed by the
-//! broker), and only then is the original acknowledged. A message returned
-//! to a quorum queue unacknowledged would count as a delivery, and RabbitMQ 4
-//! drops a message past its queue's delivery limit (20 by default), so twenty
-//! looks would erase a dead letter. A replay publishes the copy to where the
-//! message was first published, with confirms, and acknowledges the parked
-//! original only then. Cut short anywhere, these leave the message parked
-//! (at worst twice: the handlers are idempotent), never lost.
+//! Rules: looking never counts as a delivery. Reading takes the parked
+//! messages without acknowledging them, a chunk at a time; each one looked
+//! at is then published again to the end of its dead queue as a fresh copy
+//! (confirmed by the broker), and only then is the original acknowledged. A
+//! message returned to a quorum queue unacknowledged would count as a
+//! delivery, and RabbitMQ 4 drops a message past its queue's delivery limit
+//! (20 by default), so twenty looks would erase a dead letter. One look
+//! reads each message parked when it starts exactly once, in order, and
+//! leaves them in that order; memory holds one chunk and the page shown,
+//! however many are parked. A replay publishes the copy to the work queue it
+//! was parked from (never to an exchange its headers name: a publisher could
+//! have written them), only when its routing key is one that queue takes,
+//! with confirms, and acknowledges the parked original only then. Cut short
+//! anywhere, these leave the message parked (at worst twice: the handlers
+//! are idempotent), never lost. Text from messages is printed escaped
+//! (`output`).
 
 use std::process::ExitCode;
 
@@ -24,7 +30,7 @@ use lapin::{
 use penora_common::{
     broker::{self, Outgoing, Publisher, Topology},
     config::Settings,
-    messages::headers,
+    messages::{GENERATION_EVENTS, headers},
     timefmt::rfc3339_millis,
 };
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
@@ -40,6 +46,9 @@ pub enum DlqCommand {
         /// At most this many.
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Start at this position (1 = the oldest parked message).
+        #[arg(long, default_value_t = 1)]
+        from: usize,
         /// Only messages parked at or after this time (RFC 3339).
         #[arg(long)]
         since: Option<String>,
@@ -50,15 +59,18 @@ pub enum DlqCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show parked messages in full (all, or the one with --id).
+    /// Show parked messages in full (all, or the one with --id; at most --limit).
     Show {
         /// The work queue (or its `.dead` queue).
         queue: String,
         /// Only the message with this message id.
         #[arg(long)]
         id: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
-    /// Send parked messages back to where they were first published.
+    /// Send parked messages back to the queue they were parked from.
     Replay {
         /// The work queue (or its `.dead` queue).
         queue: String,
@@ -91,34 +103,78 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
         DlqCommand::List {
             queue,
             limit,
+            from,
             since,
             id,
             json,
-        } => list(&publisher, &ch, &topology, &queue, limit, since, id, json).await?,
-        DlqCommand::Show { queue, id } => {
+        } => {
+            let page = Page { from, limit };
+            list(&publisher, &ch, &topology, &queue, page, since, id, json).await?
+        }
+        DlqCommand::Show { queue, id, limit } => {
             let dead = dead_queue_of(&topology, &queue)?;
-            let parked = peek(&ch, &dead, usize::MAX).await?;
-            let shown = select(&parked, id.as_deref(), &dead).map(|chosen| output::json(&chosen));
-            put_back(&publisher, &ch, &dead, parked.iter()).await?;
-            shown??;
+            let mut shown = Vec::new();
+            scan(&publisher, &ch, &dead, |m| {
+                if (id.is_none() || m.message_id == id) && shown.len() < limit {
+                    shown.push(m.clone());
+                }
+                Ok(Fate::PutBack)
+            })
+            .await?;
+            if shown.is_empty() {
+                bail!("{}", nothing_parked(id.as_deref(), &dead));
+            }
+            output::json(&shown)?;
             ExitCode::SUCCESS
         }
         DlqCommand::Replay { queue, id, dry_run } => {
-            let dead = dead_queue_of(&topology, &queue)?;
-            let parked = peek(&ch, &dead, usize::MAX).await?;
-            let replayed = match select(&parked, id.as_deref(), &dead) {
-                Ok(chosen) => replay(&publisher, &ch, &chosen, dry_run).await,
-                Err(e) => Err(e),
-            };
-            // What was not replayed goes back, as fresh copies.
-            let kept = parked.iter().filter(|m| {
-                replayed
-                    .as_ref()
-                    .map_or(true, |done| !done.contains(&m.delivery_tag))
-            });
-            put_back(&publisher, &ch, &dead, kept).await?;
-            replayed?;
-            ExitCode::SUCCESS
+            let (work, dead) = queues_of(&topology, &queue)?;
+            let target = topology.queue(work);
+            let mut refused = Vec::new();
+            let mut count = 0usize;
+            scan(&publisher, &ch, &dead, |m| {
+                if id.is_some() && m.message_id != id {
+                    return Ok(Fate::PutBack);
+                }
+                let label = output::text(
+                    &m.message_id
+                        .clone()
+                        .unwrap_or_else(|| format!("#{}", m.position)),
+                );
+                let Some(o) = replay_of(m, work, &target) else {
+                    refused.push(label);
+                    return Ok(Fate::PutBack);
+                };
+                count += 1;
+                println!(
+                    "{} {label} -> queue `{}` (routing key `{}`)",
+                    if dry_run { "would replay" } else { "replaying" },
+                    o.routing_key,
+                    output::text(m.original_routing_key.as_deref().unwrap_or_default()),
+                );
+                Ok(if dry_run {
+                    Fate::PutBack
+                } else {
+                    Fate::Replay(Box::new(o))
+                })
+            })
+            .await?;
+            for label in &refused {
+                eprintln!(
+                    "not replayed: {label} has no routing key that {work} takes (left parked)"
+                );
+            }
+            if count == 0 && refused.is_empty() {
+                bail!("{}", nothing_parked(id.as_deref(), &dead));
+            }
+            if !dry_run {
+                println!("replayed {count} message(s)");
+            }
+            if refused.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
         }
         DlqCommand::Purge { queue, yes } => {
             let dead = dead_queue_of(&topology, &queue)?;
@@ -146,13 +202,22 @@ pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<Exi
     Ok(code)
 }
 
+/// Which parked messages a listing shows.
+#[derive(Clone, Copy)]
+struct Page {
+    /// The first position shown (1 = oldest).
+    from: usize,
+    /// At most this many.
+    limit: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn list(
     publisher: &Publisher,
     ch: &Channel,
     topology: &Topology,
     queue: &str,
-    limit: usize,
+    page: Page,
     since: Option<String>,
     id: Option<String>,
     json: bool,
@@ -162,20 +227,26 @@ async fn list(
         .map(|t| OffsetDateTime::parse(&t, &Rfc3339))
         .transpose()
         .context("--since must be an RFC 3339 time, e.g. 2026-11-24T06:00:00Z")?;
-    let all = peek(ch, &dead, usize::MAX).await?;
-    put_back(publisher, ch, &dead, all.iter()).await?;
-    let parked: Vec<Peeked> = all
-        .into_iter()
-        .filter(|m| id.is_none() || m.message_id == id)
-        .filter(|m| match (&since, &m.parked_at) {
-            (None, _) => true,
-            (Some(since), Some(at)) => {
-                OffsetDateTime::parse(at, &Rfc3339).is_ok_and(|at| at >= *since)
+    let mut parked: Vec<Peeked> = Vec::new();
+    let mut matching = 0usize;
+    let total = scan(publisher, ch, &dead, |m| {
+        let wanted = (id.is_none() || m.message_id == id)
+            && match (&since, &m.parked_at) {
+                (None, _) => true,
+                (Some(since), Some(at)) => {
+                    OffsetDateTime::parse(at, &Rfc3339).is_ok_and(|at| at >= *since)
+                }
+                (Some(_), None) => false,
+            };
+        if wanted && m.position >= page.from {
+            matching += 1;
+            if parked.len() < page.limit {
+                parked.push(m.clone());
             }
-            (Some(_), None) => false,
-        })
-        .take(limit)
-        .collect();
+        }
+        Ok(Fate::PutBack)
+    })
+    .await?;
     if json {
         output::json(&parked)?;
         return Ok(ExitCode::SUCCESS);
@@ -208,78 +279,76 @@ async fn list(
         &rows,
     );
     println!("{} parked in {dead}", parked.len());
+    if matching > parked.len() {
+        let next = parked.last().map_or(page.from, |m| m.position + 1);
+        println!(
+            "({} of {matching} shown, of {total} parked; the next page: --from {next})",
+            parked.len()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
-/// Replays `chosen` (or says what it would do); returns the delivery tags of
-/// the parked originals it replayed and acknowledged.
-async fn replay(
-    publisher: &Publisher,
-    ch: &Channel,
-    chosen: &[&Peeked],
-    dry_run: bool,
-) -> anyhow::Result<Vec<u64>> {
-    let mut outgoing = Vec::new();
-    for m in chosen {
-        let Some(o) = replay_of(m) else {
-            bail!(
-                "message {} has no original exchange in its headers",
-                m.position
-            );
-        };
-        println!(
-            "{} {} -> exchange `{}` routing key `{}`",
-            if dry_run { "would replay" } else { "replaying" },
-            m.message_id
-                .clone()
-                .unwrap_or_else(|| format!("#{}", m.position)),
-            o.exchange,
-            o.routing_key
-        );
-        outgoing.push(o);
-    }
-    if dry_run {
-        return Ok(Vec::new());
-    }
-    publisher.publish_all(outgoing).await?;
-    for m in chosen {
-        ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
-            .await?;
-    }
-    println!("replayed {} message(s)", chosen.len());
-    Ok(chosen.iter().map(|m| m.delivery_tag).collect())
+/// What a scan does with a message it read.
+enum Fate {
+    /// Publish a fresh copy to the end of the dead queue (looked at only).
+    PutBack,
+    /// Publish this instead (a replay to its work queue).
+    Replay(Box<Outgoing>),
 }
 
-/// Puts messages that were looked at back at the end of their dead queue as
-/// fresh copies (published with confirms), then acknowledges the originals,
-/// so that looking never counts as a delivery.
-async fn put_back<'a>(
+/// Messages read and settled at a time: memory holds one chunk.
+const SCAN_CHUNK: usize = 256;
+
+/// Reads every message parked in `dead` when the scan starts, once, in
+/// order, a chunk at a time: hands each to `visit`, publishes what it says
+/// (a fresh copy to the end of `dead`, or a replay) with confirms, and only
+/// then acknowledges the chunk's originals. Returns how many it read.
+async fn scan(
     publisher: &Publisher,
     ch: &Channel,
     dead: &str,
-    messages: impl Iterator<Item = &'a Peeked>,
-) -> anyhow::Result<()> {
-    let messages: Vec<&Peeked> = messages.collect();
-    if messages.is_empty() {
-        return Ok(());
+    mut visit: impl FnMut(&Peeked) -> anyhow::Result<Fate>,
+) -> anyhow::Result<usize> {
+    // Only what is parked now: the copies put back go behind it.
+    let parked = ch
+        .queue_declare(
+            dead.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count() as usize;
+    let mut read = 0;
+    while read < parked {
+        let chunk = peek(ch, dead, (parked - read).min(SCAN_CHUNK), read).await?;
+        if chunk.is_empty() {
+            break;
+        }
+        read += chunk.len();
+        let mut outgoing = Vec::with_capacity(chunk.len());
+        for m in &chunk {
+            outgoing.push(match visit(m)? {
+                Fate::Replay(o) => *o,
+                Fate::PutBack => {
+                    // The same message, without the broker's delivery count.
+                    let headers = headers_where(m, |k| k != "x-delivery-count");
+                    copy_of(m, String::new(), dead.to_owned(), headers)
+                }
+            });
+        }
+        publisher.publish_all(outgoing).await.context(
+            "publishing the copies (the messages stay parked: nothing was acknowledged)",
+        )?;
+        for m in &chunk {
+            ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
+                .await?;
+        }
     }
-    let copies = messages
-        .iter()
-        .map(|m| {
-            // The same message, without the broker's delivery count.
-            let headers = headers_where(m, |k| k != "x-delivery-count");
-            copy_of(m, String::new(), dead.to_owned(), headers)
-        })
-        .collect();
-    publisher
-        .publish_all(copies)
-        .await
-        .context("putting the parked messages back (they stay parked: nothing was acknowledged)")?;
-    for m in &messages {
-        ch.basic_ack(m.delivery_tag, BasicAckOptions::default())
-            .await?;
-    }
-    Ok(())
+    Ok(read)
 }
 
 /// The headers of `m` whose name passes `keep`.
@@ -303,35 +372,32 @@ fn copy_of(m: &Peeked, exchange: String, routing_key: String, headers: FieldTabl
     }
 }
 
-/// The dead queue of `queue` (a work queue name, with or without `.dead`).
-fn dead_queue_of(topology: &Topology, queue: &str) -> anyhow::Result<String> {
+/// The work queue `queue` names (with or without `.dead`), unprefixed, and
+/// its dead queue.
+fn queues_of(topology: &Topology, queue: &str) -> anyhow::Result<(&'static str, String)> {
     let work = queue.strip_suffix(".dead").unwrap_or(queue);
     match broker::WORK_QUEUES.iter().find(|w| **w == work) {
-        Some(w) => Ok(topology.dead_queue(w)),
+        Some(w) => Ok((w, topology.dead_queue(w))),
         None => bail!(
-            "unknown queue `{queue}` (expected one of {})",
+            "unknown queue `{}` (expected one of {})",
+            output::text(queue),
             broker::WORK_QUEUES.join(", ")
         ),
     }
 }
 
-/// The parked messages to act on: all, or the one with message id `id`.
-fn select<'a>(
-    parked: &'a [Peeked],
-    id: Option<&str>,
-    dead: &str,
-) -> anyhow::Result<Vec<&'a Peeked>> {
-    let chosen: Vec<_> = parked
-        .iter()
-        .filter(|m| id.is_none() || m.message_id.as_deref() == id)
-        .collect();
-    if chosen.is_empty() {
-        bail!(
-            "no parked message{} in {dead}",
-            id.map(|i| format!(" with id {i}")).unwrap_or_default()
-        );
-    }
-    Ok(chosen)
+/// The dead queue of `queue` (a work queue name, with or without `.dead`).
+fn dead_queue_of(topology: &Topology, queue: &str) -> anyhow::Result<String> {
+    queues_of(topology, queue).map(|(_, dead)| dead)
+}
+
+/// What to say when no parked message matched.
+fn nothing_parked(id: Option<&str>, dead: &str) -> String {
+    format!(
+        "no parked message{} in {dead}",
+        id.map(|i| format!(" with id {}", output::text(i)))
+            .unwrap_or_default()
+    )
 }
 
 /// A parked message, as read without removing it.
@@ -369,7 +435,12 @@ pub struct Peeked {
 /// Reads up to `limit` messages of `queue` on `ch` without acknowledging
 /// them: they stay in the queue, and go back to it in order when `ch` closes
 /// (unless a replay acknowledges them first).
-async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, lapin::Error> {
+async fn peek(
+    ch: &Channel,
+    queue: &str,
+    limit: usize,
+    before: usize,
+) -> Result<Vec<Peeked>, lapin::Error> {
     let mut out = Vec::new();
     while out.len() < limit {
         let Some(msg) = ch
@@ -381,7 +452,7 @@ async fn peek(ch: &Channel, queue: &str, limit: usize) -> Result<Vec<Peeked>, la
         let d = msg.delivery;
         let p = &d.properties;
         out.push(Peeked {
-            position: out.len() + 1,
+            position: before + out.len() + 1,
             message_id: p.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
             // Parked by the worker: its own headers. Dead-lettered by the
@@ -429,20 +500,48 @@ fn first_death(p: &lapin::BasicProperties) -> Option<(String, String)> {
     Some((exchange, key))
 }
 
-/// The message to publish to send a parked message back to where it was
-/// first published, with its retry history cleared.
-fn replay_of(m: &Peeked) -> Option<Outgoing> {
-    let exchange = m.original_exchange.clone()?;
+/// Whether work queue `work` takes messages published with `routing_key`
+/// (its binding: `generation.*` for ImageGene's events, the queue's own
+/// name for a job).
+fn takes(work: &str, routing_key: &str) -> bool {
+    if work == GENERATION_EVENTS {
+        routing_key
+            .strip_prefix("generation.")
+            .is_some_and(|rest| !rest.is_empty() && !rest.contains('.'))
+    } else {
+        routing_key == work
+    }
+}
+
+/// The message to publish to send a parked message back to the work queue
+/// it was parked from (`target`, through the default exchange, so that no
+/// header can send it anywhere else), with its retry history cleared: a
+/// fresh first attempt that keeps when it first arrived and its first
+/// routing key. `None` when its routing key is not one `work` takes.
+fn replay_of(m: &Peeked, work: &str, target: &str) -> Option<Outgoing> {
     let routing_key = m.original_routing_key.clone()?;
+    if !takes(work, &routing_key) {
+        return None;
+    }
     let mut table = headers_where(m, |k| {
-        !k.starts_with("x-penora-")
+        !k.starts_with(headers::PREFIX)
             && k != "x-death"
+            && k != "x-delivery-count"
             && !k.starts_with("x-first-death")
             && !k.starts_with("x-last-death")
     });
+    let text = |v: &str| AMQPValue::LongString(v.to_owned().into());
+    table.insert(headers::ORIGINAL_ROUTING_KEY.into(), text(&routing_key));
+    if let Some(exchange) = &m.original_exchange {
+        table.insert(headers::ORIGINAL_EXCHANGE.into(), text(exchange));
+    }
+    // When it first arrived: an event's time is believed relative to it.
+    if let Some(at) = &m.first_failure_at {
+        table.insert(headers::FIRST_FAILURE_AT.into(), text(at));
+    }
     table.insert(
         "x-penora-replayed-at".into(),
-        AMQPValue::LongString(rfc3339_millis(OffsetDateTime::now_utc()).into()),
+        text(&rfc3339_millis(OffsetDateTime::now_utc())),
     );
-    Some(copy_of(m, exchange, routing_key, table))
+    Some(copy_of(m, String::new(), target.to_owned(), table))
 }
