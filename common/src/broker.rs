@@ -207,7 +207,21 @@ impl Topology {
             let dead = self.dead_queue(work);
             // A message that keeps failing its consumer (a crash before the
             // acknowledgement, again and again) is parked, not dropped.
-            let args = self.delivery_args(WORK_DELIVERY_LIMIT, Some(&dead));
+            let mut args = self.delivery_args(WORK_DELIVERY_LIMIT, Some(&dead));
+            if work == GENERATION_EVENTS {
+                // What another system publishes is bounded: past the limit
+                // the broker refuses new events (the publisher's confirm is
+                // a nack, so ImageGene knows to retry) rather than filling
+                // its memory and disk, and never drops one it accepted.
+                args.insert(
+                    "x-max-length".into(),
+                    AMQPValue::LongLongInt(i64::from(self.events_max_length)),
+                );
+                args.insert(
+                    "x-overflow".into(),
+                    AMQPValue::LongString("reject-publish".into()),
+                );
+            }
             ch = declare_queue(connection, ch, &name, args).await?;
             let (exchange, key) = if work == GENERATION_EVENTS {
                 (EVENTS_EXCHANGE, "generation.*")

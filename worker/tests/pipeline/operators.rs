@@ -492,14 +492,17 @@ async fn every_queue_states_its_delivery_limit_and_dead_letter_target() {
     };
     for work in penora_common::broker::WORK_QUEUES {
         let (name, dead) = (s.topology.queue(work), s.topology.dead_queue(work));
+        let mut work_args = same(
+            penora_common::broker::WORK_DELIVERY_LIMIT,
+            Some(dead.clone()),
+        );
+        if work == penora_common::messages::GENERATION_EVENTS {
+            // What ImageGene publishes is bounded (EVENTS_QUEUE_MAX_LENGTH,
+            // new events refused past it).
+            work_args.insert("x-max-length".into(), AMQPValue::LongLongInt(1_000_000));
+        }
         for (queue, args) in [
-            (
-                name.clone(),
-                same(
-                    penora_common::broker::WORK_DELIVERY_LIMIT,
-                    Some(dead.clone()),
-                ),
-            ),
+            (name.clone(), work_args),
             (
                 dead.clone(),
                 same(penora_common::broker::DEAD_DELIVERY_LIMIT, None),
