@@ -44,6 +44,9 @@ pub struct AppState {
     /// How far the audit runs behind the ledger (the backpressure on
     /// deductions, `AUDIT_LAG_LIMIT_MS`).
     pub audit_lag: penora_common::backpressure::AuditLag,
+    /// `/health`, `/ready` and the backlog behind `/metrics`, probed at most
+    /// once a second.
+    pub probes: Arc<crate::routes::system::Probes>,
 }
 
 impl AppState {
@@ -60,6 +63,7 @@ impl AppState {
             .unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(per_sec).allow_burst(burst);
         Self {
+            probes: Arc::default(),
             bootstrap_digest: settings
                 .bootstrap_api_key
                 .as_ref()

@@ -1,5 +1,10 @@
-//! `/health`, `/health/live`, `/ready` and `/metrics` (at the root, no key
-//! needed).
+//! `/health`, `/health/live`, `/ready` and `/metrics` (at the root, no API
+//! key needed).
+//!
+//! Rules: what these answer from the database or the broker is probed at
+//! most once a second ([`Probes`]), shared by every caller, so a flood of
+//! health checks or scrapes costs one query a second; `/health/live` touches
+//! nothing.
 
 use std::time::Duration;
 
@@ -9,11 +14,40 @@ use axum::{
     http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
+use penora_common::refreshed::{PROBE_INTERVAL, Refreshed};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use crate::state::AppState;
+
+/// The last answers of the probes behind `/health`, `/ready` and `/metrics`,
+/// each refreshed at most once a second.
+#[derive(Debug)]
+pub struct Probes {
+    /// Outbox rows pending (`None`: the database did not answer) and whether
+    /// the broker accepts connections.
+    health: Refreshed<(Option<i64>, bool)>,
+    /// The schema version, or why not ready.
+    ready: Refreshed<Result<i32, String>>,
+    /// The outbox backlog gauges (recorded by the probe itself).
+    backlog: Refreshed<()>,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        Self {
+            health: Refreshed::new(PROBE_INTERVAL),
+            ready: Refreshed::new(PROBE_INTERVAL),
+            backlog: Refreshed::new(PROBE_INTERVAL),
+        }
+    }
+}
+
+/// Counts a probe that reached the database or the broker.
+fn probed(what: &'static str) {
+    metrics::counter!("penora_health_probes_total", "probe" => what).increment(1);
+}
 
 /// The routes of this module.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -95,15 +129,22 @@ async fn broker_reachable(amqp_url: &str) -> bool {
     )
 )]
 async fn health(State(state): State<AppState>) -> Response {
-    let pending = async {
-        let client = state.pool.get().await.ok()?;
-        penora_common::outbox::pending(&client).await.ok()
-    };
-    let (pending, broker_ok) = tokio::join!(
-        tokio::time::timeout(Duration::from_secs(3), pending),
-        broker_reachable(state.settings.amqp_url.expose())
-    );
-    let pending = pending.ok().flatten();
+    let (pending, broker_ok) = state
+        .probes
+        .health
+        .get(|| async {
+            probed("health");
+            let pending = async {
+                let client = state.pool.get().await.ok()?;
+                penora_common::outbox::pending(&client).await.ok()
+            };
+            let (pending, broker_ok) = tokio::join!(
+                tokio::time::timeout(Duration::from_secs(3), pending),
+                broker_reachable(state.settings.amqp_url.expose())
+            );
+            (pending.ok().flatten(), broker_ok)
+        })
+        .await;
     let database_ok = pending.is_some();
     let status = match (database_ok, broker_ok) {
         (false, _) => "unavailable",
@@ -146,33 +187,32 @@ pub struct Ready {
     )
 )]
 async fn ready(State(state): State<AppState>) -> Response {
-    match tokio::time::timeout(
-        Duration::from_secs(3),
-        penora_common::db::readiness(&state.pool),
-    )
-    .await
-    {
-        Ok(Ok(version)) => Json(Ready {
+    let answer = state
+        .probes
+        .ready
+        .get(|| async {
+            probed("ready");
+            tokio::time::timeout(
+                Duration::from_secs(3),
+                penora_common::db::readiness(&state.pool),
+            )
+            .await
+            .unwrap_or_else(|_| Err("database did not answer within 3 s".into()))
+        })
+        .await;
+    match answer {
+        Ok(version) => Json(Ready {
             ready: true,
             schema_version: Some(version),
             reason: None,
         })
         .into_response(),
-        Ok(Err(reason)) => (
+        Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Ready {
                 ready: false,
                 schema_version: None,
                 reason: Some(reason),
-            }),
-        )
-            .into_response(),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(Ready {
-                ready: false,
-                schema_version: None,
-                reason: Some("database did not answer within 3 s".into()),
             }),
         )
             .into_response(),
@@ -190,13 +230,20 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         .set((status.size.saturating_sub(status.available)) as f64);
     metrics::gauge!("penora_db_pool_connections", "state" => "idle").set(status.available as f64);
     metrics::gauge!("penora_db_pool_waiting").set(status.waiting as f64);
-    let backlog = async {
-        let client = state.pool.get().await.ok()?;
-        penora_common::outbox::backlog(&client).await.ok()
-    };
-    if let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
-        penora_common::outbox::record_backlog(b);
-    }
+    state
+        .probes
+        .backlog
+        .get(|| async {
+            probed("backlog");
+            let backlog = async {
+                let client = state.pool.get().await.ok()?;
+                penora_common::outbox::backlog(&client).await.ok()
+            };
+            if let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
+                penora_common::outbox::record_backlog(b);
+            }
+        })
+        .await;
     (
         [(
             header::CONTENT_TYPE,

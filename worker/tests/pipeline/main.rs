@@ -4,6 +4,7 @@
 mod artworks;
 mod backpressure;
 mod event_time;
+mod health;
 mod lots;
 mod operators;
 mod outbox;
