@@ -109,6 +109,10 @@ pub enum ApiError {
         /// Seconds until the address may try again.
         retry_after_secs: u64,
     },
+    /// 401 `invalid_metrics_token`: `/metrics` needs `Authorization: Bearer
+    /// <METRICS_TOKEN>`.
+    #[error("Missing or wrong metrics token. Send Authorization: Bearer <METRICS_TOKEN>.")]
+    InvalidMetricsToken,
 }
 
 /// The JSON body of every error.
@@ -156,6 +160,7 @@ impl ApiError {
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Self::AuthFailuresLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::InvalidMetricsToken => (StatusCode::UNAUTHORIZED, "invalid_metrics_token"),
         }
     }
 }

@@ -4,14 +4,15 @@
 //! Rules: what these answer from the database or the broker is probed at
 //! most once a second ([`Probes`]), shared by every caller, so a flood of
 //! health checks or scrapes costs one query a second; `/health/live` touches
-//! nothing.
+//! nothing. When `METRICS_TOKEN` is set, `/metrics` answers only
+//! `Authorization: Bearer <token>` (compared by digest, in constant time).
 
 use std::time::Duration;
 
 use axum::{
     Json,
     extract::State,
-    http::{StatusCode, header},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use penora_common::refreshed::{PROBE_INTERVAL, Refreshed};
@@ -19,7 +20,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use crate::state::AppState;
+use crate::{error::ApiError, state::AppState};
 
 /// The last answers of the probes behind `/health`, `/ready` and `/metrics`,
 /// each refreshed at most once a second.
@@ -219,12 +220,46 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Prometheus text format.
+/// Whether `headers` carry `Authorization: Bearer <token>` (the scheme in
+/// any case). Digests are compared, in constant time: neither the token's
+/// characters nor its length show in the time taken.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, presented)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    scheme.eq_ignore_ascii_case("bearer")
+        && penora_common::keys::digests_equal(
+            &penora_common::keys::digest(presented.trim()),
+            &penora_common::keys::digest(token),
+        )
+}
+
+/// Prometheus text format; with `METRICS_TOKEN` set, only for
+/// `Authorization: Bearer <token>`.
 #[utoipa::path(
     get, path = "/metrics", tag = "system",
-    responses((status = 200, description = "Metrics in Prometheus text format", content_type = "text/plain"))
+    responses(
+        (status = 200, description = "Metrics in Prometheus text format", content_type = "text/plain"),
+        (status = 401, description = "`invalid_metrics_token`: `METRICS_TOKEN` is set and the request lacks `Authorization: Bearer <token>`", body = crate::error::ErrorBody),
+    )
 )]
-async fn metrics_text(State(state): State<AppState>) -> Response {
+async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.settings.metrics_token
+        && !bearer_matches(&headers, token.expose())
+    {
+        let mut refused = ApiError::InvalidMetricsToken.into_response();
+        // RFC 9110: a 401 names the scheme it wants.
+        refused
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return refused;
+    }
     let status = state.pool.status();
     metrics::gauge!("penora_db_pool_connections", "state" => "in_use")
         .set((status.size.saturating_sub(status.available)) as f64);
@@ -252,4 +287,45 @@ async fn metrics_text(State(state): State<AppState>) -> Response {
         state.metrics.render(),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_authorization(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(header::AUTHORIZATION, v);
+        }
+        headers
+    }
+
+    #[test]
+    fn only_the_bearer_token_itself_opens_the_metrics() {
+        let token = "s3cret-token";
+        assert!(bearer_matches(
+            &with_authorization("Bearer s3cret-token"),
+            token
+        ));
+        assert!(bearer_matches(
+            &with_authorization("bearer  s3cret-token "),
+            token
+        ));
+        for wrong in [
+            "",
+            "Bearer",
+            "Bearer ",
+            "Bearer s3cret-tokeN",
+            "Bearer s3cret-token2",
+            "Basic s3cret-token",
+            "s3cret-token",
+        ] {
+            assert!(
+                !bearer_matches(&with_authorization(wrong), token),
+                "{wrong:?}"
+            );
+        }
+        assert!(!bearer_matches(&HeaderMap::new(), token));
+    }
 }
