@@ -17,5 +17,6 @@ mod state_machine;
 mod storage;
 mod support;
 mod system;
+mod unauthenticated;
 mod validation;
 mod workspace;
