@@ -4,15 +4,23 @@
 //! is hashed at once and only its digest is compared (in constant time) or
 //! looked up; it never reaches a log line, a metric label or an error message.
 //! Each key has its own token bucket; an exhausted bucket answers 429 with
-//! `Retry-After`.
+//! `Retry-After`. Before a key is looked up, [`guard`] keeps failing clients
+//! away from the database: a bucket of failures per client address (429
+//! `rate_limited` when empty) and a short memory of unknown digests.
 
-use std::sync::{Arc, OnceLock};
+pub mod guard;
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, OnceLock},
+    time::Instant,
+};
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use governor::clock::Clock;
 use penora_common::keys::{self, Principal, Scope};
 
-use crate::{error::ApiError, state::AppState};
+use crate::{error::ApiError, serve::ClientAddr, state::AppState};
 
 /// Where the auth extractor leaves the key's id (never the key) for the
 /// request log.
@@ -79,19 +87,13 @@ impl FromRequestParts<AppState> for Auth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let presented = presented_key(parts).ok_or(ApiError::InvalidApiKey)?;
-        let principal = match state.bootstrap_digest {
-            Some(boot) if keys::digests_equal(&keys::digest(&presented), &boot) => {
-                Principal::bootstrap()
-            }
-            _ => {
-                let client = state.pool.get().await?;
-                keys::authenticate(&client, &presented)
-                    .await?
-                    .ok_or(ApiError::InvalidApiKey)?
-            }
+        let addr = parts.extensions.get::<ClientAddr>().map(|a| a.0);
+        // The key is hashed at once and dropped: only its digest goes on.
+        let digest = presented_key(parts).map(|k| keys::digest(&k));
+        let principal = match (digest, state.bootstrap_digest) {
+            (Some(d), Some(boot)) if keys::digests_equal(&d, &boot) => Principal::bootstrap(),
+            (digest, _) => authenticate(state, addr, digest).await?,
         };
-        drop(presented);
         let label = principal.label();
         if let Some(slot) = parts.extensions.get::<KeyIdSlot>() {
             let _ = slot.0.set(label.clone());
@@ -104,5 +106,76 @@ impl FromRequestParts<AppState> for Auth {
             });
         }
         Ok(Self(principal))
+    }
+}
+
+/// Counts a refused authentication by why (`penora_auth_refused_total`).
+fn refused(reason: &'static str) {
+    metrics::counter!("penora_auth_refused_total", "reason" => reason).increment(1);
+}
+
+/// Authenticates a key stored in the database (or none), keeping failing
+/// clients away from it (see [`guard`]).
+async fn authenticate(
+    state: &AppState,
+    addr: Option<SocketAddr>,
+    digest: Option<[u8; 32]>,
+) -> Result<Principal, ApiError> {
+    let guard = &state.auth_guard;
+    let known_good = digest.is_some_and(|d| guard.known_good.contains(&d, Instant::now()));
+    // The failure is paid for up front: requests that arrive together cannot
+    // all pass on the bucket's last token. A good key gets it back.
+    if !known_good && let Err(wait) = guard.addresses.take(addr, Instant::now()) {
+        refused("address_limited");
+        return Err(ApiError::AuthFailuresLimited {
+            retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+        });
+    }
+    let give_back = || {
+        if !known_good {
+            guard.addresses.give_back(addr, Instant::now());
+        }
+    };
+    let Some(digest) = digest else {
+        refused("missing_key");
+        return Err(ApiError::InvalidApiKey);
+    };
+    if guard.unknown.contains(&digest, Instant::now()) {
+        refused("negative_cache");
+        return Err(ApiError::InvalidApiKey);
+    }
+    let found = match state.pool.get().await {
+        Ok(client) => keys::authenticate_digest(&client, &digest).await,
+        Err(e) => Err(e.into()),
+    };
+    let lookup = |result: &'static str| {
+        metrics::counter!("penora_auth_lookups_total", "result" => result).increment(1);
+    };
+    match found {
+        Ok(Some(principal)) => {
+            lookup("found");
+            give_back();
+            guard.known_good.insert(digest, Instant::now());
+            Ok(principal)
+        }
+        Ok(None) => {
+            lookup("unknown");
+            refused("unknown_key");
+            // Unknown or revoked: refused from memory for a while, and no
+            // longer exempt from its address's bucket (a key revoked while
+            // exempt pays for this failure now).
+            if known_good {
+                let _ = guard.addresses.take(addr, Instant::now());
+            }
+            guard.known_good.remove(&digest);
+            guard.unknown.insert(digest, Instant::now());
+            Err(ApiError::InvalidApiKey)
+        }
+        Err(e) => {
+            // The database failed, not the client: its token comes back.
+            lookup("error");
+            give_back();
+            Err(e.into())
+        }
     }
 }

@@ -102,6 +102,17 @@ pub enum ApiError {
     /// 500 `internal`: a bug; the detail is logged, never sent.
     #[error("Internal error")]
     Internal(String),
+    /// 429 `rate_limited`, with `Retry-After`: this client address failed
+    /// authentication too often (`AUTH_FAILURES_PER_SEC`); no key was looked up.
+    #[error("Too many failed authentications from this address; retry after {retry_after_secs} s")]
+    AuthFailuresLimited {
+        /// Seconds until the address may try again.
+        retry_after_secs: u64,
+    },
+    /// 401 `invalid_metrics_token`: `/metrics` needs `Authorization: Bearer
+    /// <METRICS_TOKEN>`.
+    #[error("Missing or wrong metrics token. Send Authorization: Bearer <METRICS_TOKEN>.")]
+    InvalidMetricsToken,
 }
 
 /// The JSON body of every error.
@@ -148,6 +159,8 @@ impl ApiError {
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            Self::AuthFailuresLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::InvalidMetricsToken => (StatusCode::UNAUTHORIZED, "invalid_metrics_token"),
         }
     }
 }
@@ -169,6 +182,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (status, Json(body)).into_response();
         if let Self::RateLimited { retry_after_secs }
+        | Self::AuthFailuresLimited { retry_after_secs }
         | Self::Busy {
             retry_after_secs, ..
         } = self

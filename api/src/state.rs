@@ -44,6 +44,12 @@ pub struct AppState {
     /// How far the audit runs behind the ledger (the backpressure on
     /// deductions, `AUDIT_LAG_LIMIT_MS`).
     pub audit_lag: penora_common::backpressure::AuditLag,
+    /// Failures per client address and the digest caches, in front of key
+    /// lookups.
+    pub auth_guard: Arc<crate::auth::guard::AuthGuard>,
+    /// `/health`, `/ready` and the backlog behind `/metrics`, probed at most
+    /// once a second.
+    pub probes: Arc<crate::routes::system::Probes>,
 }
 
 impl AppState {
@@ -60,6 +66,12 @@ impl AppState {
             .unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(per_sec).allow_burst(burst);
         Self {
+            auth_guard: Arc::new(crate::auth::guard::AuthGuard::new(
+                settings.auth_failures_per_sec,
+                settings.auth_failure_burst,
+                settings.auth_negative_cache,
+            )),
+            probes: Arc::default(),
             bootstrap_digest: settings
                 .bootstrap_api_key
                 .as_ref()

@@ -3,7 +3,8 @@
 //! Rules: a key is 256 random bits shown once at creation; only its SHA-256
 //! digest is stored; a presented key is looked up by digest and the digests are
 //! compared in constant time; a revoked key stops working on the next request
-//! (keys are not cached). The bootstrap key (`PENORA_API_KEY`) is never
+//! (a key found is never cached; the API remembers unknown digests for a few
+//! seconds, see `AUTH_NEGATIVE_CACHE_SECS`). The bootstrap key (`PENORA_API_KEY`) is never
 //! stored: its digest is kept in memory and compared the same way.
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
@@ -244,7 +245,15 @@ pub async fn authenticate(
     client: &impl GenericClient,
     presented: &str,
 ) -> Result<Option<Principal>, DbError> {
-    let wanted = digest(presented);
+    authenticate_digest(client, &digest(presented)).await
+}
+
+/// Finds the live key whose SHA-256 digest is `wanted`, if any (a revoked
+/// key is not found).
+pub async fn authenticate_digest(
+    client: &impl GenericClient,
+    wanted: &[u8; 32],
+) -> Result<Option<Principal>, DbError> {
     let row = client
         .query_opt(
             "SELECT id, digest, app, scopes FROM api_keys WHERE digest = $1 AND revoked_at IS NULL",
@@ -253,7 +262,7 @@ pub async fn authenticate(
         .await?;
     let Some(row) = row else { return Ok(None) };
     let stored: Vec<u8> = row.get("digest");
-    if !digests_equal(&stored, &wanted) {
+    if !digests_equal(&stored, wanted) {
         return Ok(None);
     }
     let app: String = row.get("app");

@@ -21,6 +21,7 @@ pub mod outbox;
 pub mod pricing;
 pub mod projects;
 pub mod reconcile;
+pub mod refreshed;
 pub mod shutdown;
 pub mod telemetry;
 pub mod timefmt;

@@ -20,7 +20,9 @@ pub mod retry;
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context as _;
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Extension, Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get,
+};
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
 use penora_common::{
@@ -330,15 +332,43 @@ struct Health {
     version: &'static str,
 }
 
-async fn health(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    let pending = async {
-        let client = ctx.pool.get().await.ok()?;
-        outbox::pending(&client).await.ok()
-    };
-    let pending = tokio::time::timeout(Duration::from_secs(3), pending)
-        .await
-        .ok()
-        .flatten();
+/// What `/health` and `/ready` read from the database, probed at most once a
+/// second and shared by every caller: a flood of health checks costs one
+/// query a second.
+struct Probes {
+    pending: penora_common::refreshed::Refreshed<Option<i64>>,
+    ready: penora_common::refreshed::Refreshed<Result<i32, String>>,
+}
+
+impl Default for Probes {
+    fn default() -> Self {
+        use penora_common::refreshed::{PROBE_INTERVAL, Refreshed};
+        Self {
+            pending: Refreshed::new(PROBE_INTERVAL),
+            ready: Refreshed::new(PROBE_INTERVAL),
+        }
+    }
+}
+
+async fn health(
+    State(ctx): State<Arc<Context>>,
+    Extension(probes): Extension<Arc<Probes>>,
+) -> impl IntoResponse {
+    let pending = probes
+        .pending
+        .get(|| async {
+            metrics::counter!("penora_health_probes_total", "probe" => "health").increment(1);
+            let pending = async {
+                let client = ctx.pool.get().await.ok()?;
+                outbox::pending(&client).await.ok()
+            };
+            tokio::time::timeout(Duration::from_secs(3), pending)
+                .await
+                .ok()
+                .flatten()
+        })
+        .await;
+    // The consumers' own state: no probe needed, always current.
     let broker_ok = ctx.consuming.load(std::sync::atomic::Ordering::Relaxed);
     let body = Health {
         status: match (pending.is_some(), broker_ok) {
@@ -363,8 +393,18 @@ async fn health(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
     (status, Json(body))
 }
 
-async fn ready(State(ctx): State<Arc<Context>>) -> impl IntoResponse {
-    match db::readiness(&ctx.pool).await {
+async fn ready(
+    State(ctx): State<Arc<Context>>,
+    Extension(probes): Extension<Arc<Probes>>,
+) -> impl IntoResponse {
+    let answer = probes
+        .ready
+        .get(|| async {
+            metrics::counter!("penora_health_probes_total", "probe" => "ready").increment(1);
+            db::readiness(&ctx.pool).await
+        })
+        .await;
+    match answer {
         Ok(version) => (
             StatusCode::OK,
             Json(serde_json::json!({"ready": true, "schema_version": version})),
@@ -439,6 +479,7 @@ async fn serve_http(
                 }
             }),
         )
+        .layer(Extension(Arc::new(Probes::default())))
         .with_state(ctx);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

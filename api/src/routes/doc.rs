@@ -394,7 +394,8 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
         );
         add(
             "429",
-            "`rate_limited`: too many requests for this key; see `Retry-After`",
+            "`rate_limited`: too many requests for this key, or too many failed \
+             authentications from this address; see `Retry-After`",
         );
     }
     if has_body {

@@ -18,5 +18,6 @@ mod state_machine;
 mod storage;
 mod support;
 mod system;
+mod unauthenticated;
 mod validation;
 mod workspace;

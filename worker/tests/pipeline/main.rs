@@ -4,6 +4,7 @@
 mod artworks;
 mod backpressure;
 mod event_time;
+mod health;
 mod hostile_events;
 mod lots;
 mod operators;
