@@ -25,6 +25,9 @@ new_run() {
   export RABBITMQ_MANAGEMENT_URL=${RABBITMQ_MANAGEMENT_URL:-http://127.0.0.1:15672}
   export PENORA_API_KEY=$1-key-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
   export RATE_LIMIT_PER_SEC=10000000 RATE_LIMIT_BURST=10000000
+  # Fuzzing sends missing and unknown keys on purpose, all from 127.0.0.1:
+  # the per-address budget of failures would answer most of them 429.
+  export AUTH_FAILURES_PER_SEC=10000000 AUTH_FAILURE_BURST=10000000
   export LOG_FORMAT=json RUST_LOG=warn
   export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
 }
