@@ -96,6 +96,23 @@ pub enum ApiError {
         /// Seconds to wait before retrying.
         retry_after_secs: u64,
     },
+    /// 408 `request_timeout`: the request body did not arrive in full within
+    /// `HTTP_BODY_TIMEOUT_SECS` of its headers; the connection is closed.
+    #[error("The request body did not arrive in full within {secs} s")]
+    RequestTimeout {
+        /// `HTTP_BODY_TIMEOUT_SECS`.
+        secs: u64,
+    },
+    /// 503 `timeout`: the request did not finish within
+    /// `HTTP_REQUEST_TIMEOUT_SECS`; the connection is closed.
+    #[error(
+        "The request did not finish within {secs} s; retry it with the same Idempotency-Key \
+         (or project_code) to learn whether it was carried out"
+    )]
+    Timeout {
+        /// `HTTP_REQUEST_TIMEOUT_SECS`.
+        secs: u64,
+    },
     /// 503 `unavailable`: the database cannot be reached.
     #[error("{UNAVAILABLE}")]
     Unavailable(String),
@@ -145,6 +162,8 @@ impl ApiError {
             Self::NotRefundable(_) => (StatusCode::CONFLICT, "not_refundable"),
             Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -176,6 +195,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        // Cut off mid-request, the body may be partly unread: the connection
+        // cannot carry another request.
+        if matches!(self, Self::RequestTimeout { .. } | Self::Timeout { .. }) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response.extensions_mut().insert(ErrorCode(code));
         response

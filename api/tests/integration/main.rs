@@ -17,5 +17,6 @@ mod state_machine;
 mod storage;
 mod support;
 mod system;
+mod uploads;
 mod validation;
 mod workspace;
