@@ -96,7 +96,7 @@ fn rules() -> Vec<Rule> {
                 "type": ["object", "null"],
                 "propertyNames": { "type": "string", "pattern": NO_NUL },
                 "additionalProperties": { "$ref": "#/components/schemas/JsonWithoutNul" },
-                "description": "Free-form JSON object, at most 16 KiB; no NUL character in any key or string."
+                "description": "Free-form JSON object, at most 16 KiB as compact JSON (64 KiB as sent, measured before it is parsed); no NUL character in any key or string. Its bytes, and the title's, count in the storage quota."
             }),
         ),
         // The ledger's cursor is an entry id; the projects' is opaque (only

@@ -69,9 +69,12 @@ pub struct SaveProjectRequest<'a> {
     #[serde(borrow)]
     #[schema(value_type = Option<String>)]
     pub content: Option<Cow<'a, str>>,
-    /// Free-form JSON object.
+    /// Free-form JSON object, at most 16 KiB as compact JSON (and 64 KiB as
+    /// sent); its bytes and the title's count in the storage quota. Kept raw
+    /// here: measured before it is parsed.
+    #[serde(borrow)]
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<&'a serde_json::value::RawValue>,
     /// The reservation this image was paid with; the save settles it and is
     /// idempotent by it.
     #[schema(value_type = Option<ProjectCode>, inline)]
@@ -136,7 +139,8 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
 /// `status: "queued"` when it fits (the worker then checks the content and
 /// makes its thumbnail), `413 storage_limit_exceeded` when it cannot. With
 /// `on_full: "evict_oldest"` the oldest saved projects of the same app make
-/// room. At most `MAX_CONCURRENT_SAVES` saves are processed at once,
+/// room. The quota counts the title's and metadata's bytes besides the
+/// content's (`size_bytes` is the content's alone). At most `MAX_CONCURRENT_SAVES` saves are processed at once,
 /// each from its body's first byte (a client that sends nothing holds no
 /// slot); others wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with
 /// `Retry-After`. The body must arrive in full within
@@ -155,7 +159,7 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 408, description = "`request_timeout`: the body did not arrive in full within `HTTP_BODY_TIMEOUT_SECS`; the connection is closed", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
-        (status = 413, description = "`storage_limit_exceeded` or `payload_too_large`", body = ErrorBody),
+        (status = 413, description = "`storage_limit_exceeded` (content, title and metadata count) or `payload_too_large`", body = ErrorBody),
         (status = 503, description = "`busy` (every save slot taken; see `Retry-After`), `unavailable`, or `timeout` (not finished within `HTTP_REQUEST_TIMEOUT_SECS`; retry with the same `project_code`)", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
@@ -418,11 +422,8 @@ fn parse_save(
     let title = Title::parse("title", body.title.as_deref())?;
     let content = Content::decode(body.content.as_deref().unwrap_or_default())?;
     let metadata = match body.metadata {
-        None | Some(serde_json::Value::Null) => serde_json::json!({}),
-        Some(m) => {
-            projects::check_metadata(&m)?;
-            m
-        }
+        None => serde_json::json!({}),
+        Some(raw) => projects::parse_metadata(raw.get())?,
     };
     let project_code = key
         .or_body("project_code", body.project_code.as_deref(), |k| {

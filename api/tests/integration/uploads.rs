@@ -1,6 +1,9 @@
-//! Uploads that stall and requests that take too long (issue 24, item 3): a
-//! save slot is never held by a client that sends nothing, a body has a
-//! deadline, a request has a deadline, connections carry TCP keepalive.
+//! Uploads that stall, requests that take too long, and what a save may
+//! store besides its content (issue 24, items 3 and 7): a save slot is never
+//! held by a client that sends nothing, a body has a deadline, a request has
+//! a deadline, connections carry TCP keepalive, metadata is measured before
+//! it is parsed, metadata and title count in the quota, and a user's
+//! projects are capped.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +16,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::support::{BOOT_KEY, TestApp, spawn_app_with};
+use crate::support::{BOOT_KEY, PNG_1X1, TestApp, expect_error, spawn_app, spawn_app_with};
 
 fn addr(app: &TestApp) -> String {
     app.base.trim_start_matches("http://").to_owned()
@@ -396,4 +399,182 @@ async fn accepted_connections_carry_tcp_keepalive() {
         (30.0..=37.0).contains(&secs),
         "the first probe after HTTP_TCP_KEEPALIVE_SECS of silence: {secs} s"
     );
+}
+
+fn save_body(user: &str, title: &str, content: &str, metadata: Option<Value>) -> Value {
+    let mut body = json!({"user_id": user, "app_source": "imagegene", "project_type": "ai_artwork",
+                          "title": title, "content": content});
+    if let Some(metadata) = metadata {
+        body["metadata"] = metadata;
+    }
+    body
+}
+
+#[tokio::test]
+async fn metadata_of_megabytes_is_refused_unparsed_naming_metadata() {
+    let app = spawn_app().await;
+    app.grant("u1", 1).await;
+    // Five million zeros: as a parsed tree, hundreds of megabytes.
+    let zeros = vec!["0"; 5_000_000].join(",");
+    let body = format!(
+        r#"{{"user_id": "u1", "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": "{PNG_1X1}", "metadata": {{"junk": [{zeros}]}}}}"#
+    );
+    assert!(body.len() > 9_000_000);
+    let started = Instant::now();
+    let r = app
+        .http
+        .post(format!("{}/api/unified/save-project", app.base))
+        .header("X-API-Key", BOOT_KEY)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    let msg = expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+    let took = started.elapsed();
+    assert!(
+        msg.starts_with("metadata:") && msg.contains("as sent"),
+        "{msg}"
+    );
+    println!("10 MB of metadata refused in {took:?}: {msg}");
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM projects WHERE user_id = $1", "u1")
+            .await,
+        0
+    );
+
+    // The 16 KiB rule is still about compact JSON: pretty-printed metadata
+    // whose whitespace takes it past 16 KiB as sent is taken.
+    let prompt = "a".repeat(15_000);
+    let pretty = format!(
+        "{{\n{pad}\"prompt\"{pad}:{pad}\"{prompt}\"\n}}",
+        pad = " ".repeat(3000)
+    );
+    assert!(pretty.len() > 16 * 1024);
+    let body = format!(
+        r#"{{"user_id": "u1", "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": "{PNG_1X1}", "metadata": {pretty}}}"#
+    );
+    let r = app
+        .http
+        .post(format!("{}/api/unified/save-project", app.base))
+        .header("X-API-Key", BOOT_KEY)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    // Too big as compact JSON is refused as before.
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body(
+                "u1",
+                "t",
+                PNG_1X1,
+                Some(json!({"prompt": "a".repeat(17_000)})),
+            ),
+        )
+        .await;
+    let msg = expect_error(r, StatusCode::BAD_REQUEST, "invalid_request").await;
+    assert!(
+        msg.starts_with("metadata: must be at most 16384 bytes"),
+        "{msg}"
+    );
+}
+
+/// `user-info`'s storage bytes.
+async fn used_bytes(app: &TestApp, user: &str) -> i64 {
+    let info: Value = app
+        .get(&format!("/api/unified/user-info?user_id={user}"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    info["storage"]["used_bytes"].as_i64().expect("used_bytes")
+}
+
+#[tokio::test]
+async fn title_and_metadata_bytes_count_in_the_quota_until_the_project_is_deleted() {
+    let app = spawn_app().await;
+    app.grant("u1", 1).await;
+    let title = "Sunset at sea";
+    let metadata = json!({"prompt": "a".repeat(1000), "seed": 42});
+    let meta = (title.len() + serde_json::to_vec(&metadata).expect("json").len()) as i64;
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", title, PNG_1X1, Some(metadata)),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let saved: Value = r.json().await.expect("json");
+    // size_bytes is still the stored content alone (contract §10) ...
+    assert_eq!(saved["size_bytes"], json!(70));
+    // ... and the quota counts the title and metadata besides.
+    assert_eq!(
+        saved["storage_remaining_bytes"],
+        json!(1_048_576 - 70 - meta)
+    );
+    assert_eq!(used_bytes(&app, "u1").await, 70 + meta);
+    app.assert_reconciled().await;
+
+    // A project the worker fails gives back its content's bytes; its title
+    // and metadata are still stored, listed and counted.
+    let id = saved["project_id"].as_str().expect("id");
+    let mut client = app.pool.get().await.expect("db");
+    let finished = penora_common::projects::finish_save(
+        &mut client,
+        "u1",
+        id.parse().expect("uuid"),
+        Err("not an image".into()),
+    )
+    .await
+    .expect("failed");
+    assert!(matches!(
+        finished,
+        penora_common::projects::Finished::Failed(_)
+    ));
+    assert_eq!(used_bytes(&app, "u1").await, meta);
+    app.assert_reconciled().await;
+    let r = app
+        .delete(&format!("/api/unified/projects/{id}?user_id=u1"))
+        .await;
+    let deleted: Value = r.json().await.expect("json");
+    assert_eq!(deleted["freed_bytes"], json!(meta), "{deleted}");
+    assert_eq!(used_bytes(&app, "u1").await, 0);
+    app.assert_reconciled().await;
+
+    // A save whose content alone would fit, but not with its metadata, is
+    // refused with the exact bytes it needs.
+    let content = 1_048_576 - 100;
+    let metadata = json!({"note": "b".repeat(200)});
+    let needed = content as i64 + 1 + serde_json::to_vec(&metadata).expect("json").len() as i64;
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body(
+                "u1",
+                "t",
+                &crate::support::base64_of(content),
+                Some(metadata),
+            ),
+        )
+        .await;
+    let msg = expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded").await;
+    assert_eq!(
+        msg,
+        format!(
+            "storage limit exceeded: the project needs {needed} bytes and 1048576 bytes remain"
+        )
+    );
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "t", &crate::support::base64_of(content), None),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(used_bytes(&app, "u1").await, content as i64 + 1);
+    app.assert_reconciled().await;
 }
