@@ -96,6 +96,10 @@ pub enum ApiError {
         /// Seconds to wait before retrying.
         retry_after_secs: u64,
     },
+    /// 403 `project_limit_reached`: the save would give the user more live
+    /// projects than `MAX_PROJECTS_PER_USER`.
+    #[error("{0}")]
+    ProjectLimitReached(String),
     /// 408 `request_timeout`: the request body did not arrive in full within
     /// `HTTP_BODY_TIMEOUT_SECS` of its headers; the connection is closed.
     #[error("The request body did not arrive in full within {secs} s")]
@@ -162,6 +166,7 @@ impl ApiError {
             Self::NotRefundable(_) => (StatusCode::CONFLICT, "not_refundable"),
             Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::ProjectLimitReached(_) => (StatusCode::FORBIDDEN, "project_limit_reached"),
             Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             Self::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
@@ -260,6 +265,7 @@ impl From<SaveError> for ApiError {
     fn from(e: SaveError) -> Self {
         match e {
             e @ SaveError::StorageLimitExceeded { .. } => Self::StorageLimitExceeded(e.to_string()),
+            e @ SaveError::ProjectLimitReached { .. } => Self::ProjectLimitReached(e.to_string()),
             SaveError::Ledger(e) => e.into(),
         }
     }

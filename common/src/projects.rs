@@ -11,6 +11,11 @@
 //! - the bytes are reserved against the user's quota in the transaction that
 //!   records the project, through a guarded `UPDATE` (`storage_used_bytes +
 //!   bytes <= quota`), so concurrent saves never exceed it (invariant 6);
+//! - a user has at most `MAX_PROJECTS_PER_USER` projects that are not
+//!   deleted (queued, saved and failed alike: a failed project's row, title
+//!   and metadata are still stored and listed), counted in the save's
+//!   transaction after the account row is locked, so concurrent saves cannot
+//!   pass the cap together;
 //! - `evict_oldest` deletes the user's oldest saved projects of the same app,
 //!   just enough, in that same transaction, or nothing at all;
 //! - a deletion (by request, eviction, retention or an operator) frees the
@@ -318,6 +323,15 @@ pub enum SaveError {
         /// With `evict_oldest`: the app and what its saved projects hold.
         evictable: Option<(String, i64)>,
     },
+    /// The save would give the user more projects than allowed.
+    #[error(
+        "project limit reached: a user may have at most {limit} projects (queued, saved or \
+         failed) and this one has that many; delete some to save more"
+    )]
+    ProjectLimitReached {
+        /// `MAX_PROJECTS_PER_USER`.
+        limit: i64,
+    },
     /// A credit-style refusal (unknown user, idempotency conflict, database).
     #[error(transparent)]
     Ledger(#[from] LedgerError),
@@ -390,11 +404,13 @@ pub async fn replay_of(
 }
 
 /// Records a project as `queued`, reserves the bytes it counts (making room
-/// first when asked to) and writes its job, in one transaction.
+/// first when asked to) and writes its job, in one transaction; refuses it
+/// when the user already has `max_projects` projects (not deleted).
 pub async fn save(
     client: &mut Client,
     p: &NewProject,
     quota: i64,
+    max_projects: i64,
     correlation_id: Option<&str>,
 ) -> Result<Outcome<SaveReceipt>, SaveError> {
     let user = p.user_id.as_str();
@@ -406,7 +422,13 @@ pub async fn save(
     let reserve = tx.prepare_cached(RESERVE_STORAGE_SQL).await?;
     let mut evicted = Vec::new();
     let used: i64 = match tx.query_opt(&reserve, &[&user, &counted, &quota]).await? {
-        Some(row) => row.get(0),
+        Some(row) => {
+            if let Some(answer) = at_project_limit(&tx, p, quota, max_projects).await? {
+                tx.rollback().await?;
+                return answer;
+            }
+            row.get(0)
+        }
         None => {
             if let Some(first) = replay_of(&tx, p, quota).await? {
                 tx.rollback().await?;
@@ -421,6 +443,11 @@ pub async fn save(
             else {
                 return Err(LedgerError::UserNotFound.into());
             };
+            // The cap first: evicting makes room in bytes, not in projects.
+            if let Some(answer) = at_project_limit(&tx, p, quota, max_projects).await? {
+                tx.rollback().await?;
+                return answer;
+            }
             let used: i64 = row.get(0);
             let refused = |evictable| SaveError::StorageLimitExceeded {
                 needed: counted,
@@ -509,6 +536,38 @@ pub async fn save(
         },
         replayed: false,
     })
+}
+
+/// Rows read to tell whether a user is at the project cap: at most the cap,
+/// so a user far past a lowered cap costs no more than one at it.
+const LIVE_PROJECTS_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM projects \
+     WHERE user_id = $1 AND status <> 'deleted' LIMIT $2) live";
+
+/// With the account row locked (every writer of projects locks it first, so
+/// the count cannot change before this transaction ends): `None` when one
+/// more project fits under `max_projects`; else the first answer of a
+/// replayed save (its project is already counted), or the refusal.
+async fn at_project_limit(
+    tx: &Transaction<'_>,
+    p: &NewProject,
+    quota: i64,
+    max_projects: i64,
+) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
+    let stmt = tx.prepare_cached(LIVE_PROJECTS_SQL).await?;
+    let live: i64 = tx
+        .query_one(&stmt, &[&p.user_id.as_str(), &max_projects])
+        .await?
+        .get(0);
+    if live < max_projects {
+        return Ok(None);
+    }
+    if let Some(first) = replay_of(tx, p, quota).await? {
+        return Ok(Some(first));
+    }
+    metrics::counter!("penora_project_limit_refusals_total").increment(1);
+    Ok(Some(Err(SaveError::ProjectLimitReached {
+        limit: max_projects,
+    })))
 }
 
 /// A project about to be deleted: its id, its app and the bytes it counts.

@@ -140,7 +140,10 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
 /// makes its thumbnail), `413 storage_limit_exceeded` when it cannot. With
 /// `on_full: "evict_oldest"` the oldest saved projects of the same app make
 /// room. The quota counts the title's and metadata's bytes besides the
-/// content's (`size_bytes` is the content's alone). At most `MAX_CONCURRENT_SAVES` saves are processed at once,
+/// content's (`size_bytes` is the content's alone). A user has at most
+/// `MAX_PROJECTS_PER_USER` projects that are not deleted (queued, saved or
+/// failed): one more is `403 project_limit_reached`, decided in the save's
+/// transaction. At most `MAX_CONCURRENT_SAVES` saves are processed at once,
 /// each from its body's first byte (a client that sends nothing holds no
 /// slot); others wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with
 /// `Retry-After`. The body must arrive in full within
@@ -155,7 +158,7 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
     responses(
         (status = 202, description = "Recorded and queued", body = Success<SaveProjectResponse>),
         (status = 400, description = "`user_id_required` or `invalid_request` (including an image over `MAX_IMAGE_PIXELS`)", body = ErrorBody),
-        (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
+        (status = 403, description = "`forbidden`, `app_mismatch`, or `project_limit_reached` (the user has `MAX_PROJECTS_PER_USER` projects that are not deleted; delete some: a retry alone will not pass)", body = ErrorBody),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
         (status = 408, description = "`request_timeout`: the body did not arrive in full within `HTTP_BODY_TIMEOUT_SECS`; the connection is closed", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
@@ -273,7 +276,14 @@ async fn save_project(
     }
     metrics::histogram!("penora_save_prepare_seconds").record(started.elapsed().as_secs_f64());
     let mut client = state.pool.get().await?;
-    let outcome = projects::save(&mut client, &project, quota, correlation.as_deref()).await?;
+    let outcome = projects::save(
+        &mut client,
+        &project,
+        quota,
+        state.settings.max_projects_per_user,
+        correlation.as_deref(),
+    )
+    .await?;
     if !outcome.replayed {
         state.jobs_committed();
     }

@@ -578,3 +578,95 @@ async fn title_and_metadata_bytes_count_in_the_quota_until_the_project_is_delete
     assert_eq!(used_bytes(&app, "u1").await, content as i64 + 1);
     app.assert_reconciled().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn forty_concurrent_saves_under_a_cap_of_twenty_projects_accept_exactly_twenty() {
+    let app = std::sync::Arc::new(
+        spawn_app_with(&[
+            ("MAX_PROJECTS_PER_USER", "20"),
+            // Every save gets a slot: only the cap decides.
+            ("MAX_CONCURRENT_SAVES", "40"),
+            ("SAVE_QUEUE_WAIT_MS", "60000"),
+        ])
+        .await,
+    );
+    app.grant("u1", 1).await;
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let app = app.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut body = save_body("u1", "t", PNG_1X1, None);
+            body["project_code"] = json!(format!("p{i}"));
+            let r = app.post("/api/unified/save-project", &body).await;
+            (
+                i,
+                r.status(),
+                r.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }));
+    }
+    let mut accepted = Vec::new();
+    for t in tasks {
+        let (i, status, body) = t.await.expect("task");
+        match status {
+            StatusCode::ACCEPTED => accepted.push((i, body)),
+            StatusCode::FORBIDDEN => {
+                assert_eq!(body["code"], json!("project_limit_reached"), "{body}");
+                assert!(
+                    body["error"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("at most 20 projects"),
+                    "{body}"
+                );
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert_eq!(accepted.len(), 20);
+    let live = "SELECT count(*) FROM projects WHERE user_id = $1 AND status <> 'deleted'";
+    assert_eq!(app.scalar(live, "u1").await, 20);
+
+    // At the cap, a retry of an accepted save answers it, replayed.
+    let (i, first) = &accepted[0];
+    let mut body = save_body("u1", "t", PNG_1X1, None);
+    body["project_code"] = json!(format!("p{i}"));
+    let r = app.post("/api/unified/save-project", &body).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(r.headers().contains_key("idempotent-replayed"));
+    let again: Value = r.json().await.expect("json");
+    assert_eq!(again["project_id"], first["project_id"]);
+
+    // A failed project still counts: its row, title and metadata are kept.
+    let failed = accepted[1].1["project_id"].as_str().expect("id").to_owned();
+    let mut client = app.pool.get().await.expect("db");
+    penora_common::projects::finish_save(
+        &mut client,
+        "u1",
+        failed.parse().expect("uuid"),
+        Err("not an image".into()),
+    )
+    .await
+    .expect("failed");
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "t", PNG_1X1, None),
+        )
+        .await;
+    expect_error(r, StatusCode::FORBIDDEN, "project_limit_reached").await;
+    // A deleted one does not.
+    let r = app
+        .delete(&format!("/api/unified/projects/{failed}?user_id=u1"))
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = app
+        .post(
+            "/api/unified/save-project",
+            &save_body("u1", "t", PNG_1X1, None),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(app.scalar(live, "u1").await, 20);
+    app.assert_reconciled().await;
+}
