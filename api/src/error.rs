@@ -96,6 +96,27 @@ pub enum ApiError {
         /// Seconds to wait before retrying.
         retry_after_secs: u64,
     },
+    /// 403 `project_limit_reached`: the save would give the user more live
+    /// projects than `MAX_PROJECTS_PER_USER`.
+    #[error("{0}")]
+    ProjectLimitReached(String),
+    /// 408 `request_timeout`: the request body did not arrive in full within
+    /// `HTTP_BODY_TIMEOUT_SECS` of its headers; the connection is closed.
+    #[error("The request body did not arrive in full within {secs} s")]
+    RequestTimeout {
+        /// `HTTP_BODY_TIMEOUT_SECS`.
+        secs: u64,
+    },
+    /// 503 `timeout`: the request did not finish within
+    /// `HTTP_REQUEST_TIMEOUT_SECS`; the connection is closed.
+    #[error(
+        "The request did not finish within {secs} s; retry it with the same Idempotency-Key \
+         (or project_code) to learn whether it was carried out"
+    )]
+    Timeout {
+        /// `HTTP_REQUEST_TIMEOUT_SECS`.
+        secs: u64,
+    },
     /// 503 `unavailable`: the database cannot be reached.
     #[error("{UNAVAILABLE}")]
     Unavailable(String),
@@ -156,6 +177,9 @@ impl ApiError {
             Self::NotRefundable(_) => (StatusCode::CONFLICT, "not_refundable"),
             Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
+            Self::ProjectLimitReached(_) => (StatusCode::FORBIDDEN, "project_limit_reached"),
+            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
@@ -190,6 +214,13 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        // Cut off mid-request, the body may be partly unread: the connection
+        // cannot carry another request.
+        if matches!(self, Self::RequestTimeout { .. } | Self::Timeout { .. }) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response.extensions_mut().insert(ErrorCode(code));
         response
@@ -249,6 +280,7 @@ impl From<SaveError> for ApiError {
     fn from(e: SaveError) -> Self {
         match e {
             e @ SaveError::StorageLimitExceeded { .. } => Self::StorageLimitExceeded(e.to_string()),
+            e @ SaveError::ProjectLimitReached { .. } => Self::ProjectLimitReached(e.to_string()),
             SaveError::Ledger(e) => e.into(),
         }
     }

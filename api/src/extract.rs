@@ -1,6 +1,9 @@
 //! Extractors that reject with [`ApiError`], so axum's own rejections
 //! (malformed JSON, wrong content type, body too large, bad query) use the
-//! contract's error shape and name the field at fault.
+//! contract's error shape and name the field at fault. Every body is read
+//! within its request's [`BodyDeadline`] (`408 request_timeout`).
+
+use std::time::Duration;
 
 use axum::{
     body::Bytes,
@@ -10,6 +13,55 @@ use axum::{
 use serde::{Deserialize, de::DeserializeOwned};
 
 use crate::error::ApiError;
+
+/// When a request's body must have arrived in full: `HTTP_BODY_TIMEOUT_SECS`
+/// after its headers. Put in each request's extensions by the deadline
+/// layer ([`crate::routes::app`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    /// The instant.
+    pub at: tokio::time::Instant,
+    /// `HTTP_BODY_TIMEOUT_SECS`, for the message.
+    pub limit: Duration,
+}
+
+/// The deadline of a request that came without one (a router used without
+/// the deadline layer): the setting's default.
+const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl BodyDeadline {
+    /// `limit` from now.
+    pub fn after(limit: Duration) -> Self {
+        Self {
+            at: tokio::time::Instant::now() + limit,
+            limit,
+        }
+    }
+
+    /// The request's deadline, from its extensions.
+    pub fn of(extensions: &axum::http::Extensions) -> Self {
+        extensions
+            .get::<Self>()
+            .copied()
+            .unwrap_or_else(|| Self::after(DEFAULT_BODY_TIMEOUT))
+    }
+
+    /// The answer when it has passed.
+    pub fn passed(&self) -> ApiError {
+        metrics::counter!("penora_http_body_timeouts_total").increment(1);
+        ApiError::RequestTimeout {
+            secs: self.limit.as_secs(),
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BodyDeadline {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self::of(&parts.extensions))
+    }
+}
 
 /// A JSON body; errors name the field (`amount: invalid type: …`).
 pub struct ApiJson<T>(pub T);
@@ -23,18 +75,23 @@ where
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         require_json(req.headers())?;
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
-            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::PayloadTooLarge(
-                    "The request body is larger than the service accepts".into(),
-                )
-            } else {
-                ApiError::InvalidRequest(format!(
-                    "Could not read the request body: {}",
-                    rejection.body_text()
-                ))
-            }
-        })?;
+        let deadline = BodyDeadline::of(req.extensions());
+        let read = tokio::time::timeout_at(deadline.at, Bytes::from_request(req, state));
+        let bytes = read
+            .await
+            .map_err(|_| deadline.passed())?
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge(
+                        "The request body is larger than the service accepts".into(),
+                    )
+                } else {
+                    ApiError::InvalidRequest(format!(
+                        "Could not read the request body: {}",
+                        rejection.body_text()
+                    ))
+                }
+            })?;
         parse_json(&bytes).map(ApiJson)
     }
 }

@@ -67,6 +67,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         idle: settings.http_idle_timeout,
         header: settings.http_header_timeout,
         max_connections: settings.http_max_connections,
+        keepalive: settings.http_tcp_keepalive,
     };
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the

@@ -9,6 +9,11 @@
 //!   for `HTTP_IDLE_TIMEOUT_SECS` is closed.
 //! * A request whose headers have not all arrived `HTTP_HEADER_TIMEOUT_SECS`
 //!   after its first byte is dropped with its connection (slowloris).
+//! * Every connection has TCP keepalive (`HTTP_TCP_KEEPALIVE_SECS`), so one
+//!   whose peer vanished (a crashed client, a dropped NAT mapping) while a
+//!   request of it was in progress, which no idle timer closes, is found and
+//!   dropped by the kernel. The body and request deadlines are the routes'
+//!   (`routes::app`).
 //!
 //! Both timeouts live in [`Guarded`], a wrapper of the socket: it sees every
 //! byte, and the service tells it when a request's headers are complete
@@ -46,6 +51,24 @@ pub struct Limits {
     pub header: Duration,
     /// `HTTP_MAX_CONNECTIONS`.
     pub max_connections: usize,
+    /// `HTTP_TCP_KEEPALIVE_SECS`.
+    pub keepalive: Duration,
+}
+
+/// Time between keepalive probes once the first went unanswered: with
+/// Linux's 9 probes, a vanished peer is dropped about 90 s after
+/// `HTTP_TCP_KEEPALIVE_SECS` of silence (the system default, 75 s apart,
+/// would take over 11 minutes).
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Turns TCP keepalive on for `stream`: the first probe after `idle` without
+/// a byte either way, then one every [`KEEPALIVE_INTERVAL`] (at most
+/// `idle`).
+pub fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
+    let params = socket2::TcpKeepalive::new().with_time(idle);
+    #[cfg(any(target_os = "linux", target_os = "macos", target_os = "freebsd"))]
+    let params = params.with_interval(KEEPALIVE_INTERVAL.min(idle));
+    socket2::SockRef::from(stream).set_tcp_keepalive(&params)
 }
 
 /// The address a request's connection came from (the peer of the TCP
@@ -90,6 +113,10 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
+        if let Err(e) = set_keepalive(&stream, limits.keepalive) {
+            // The connection still works; only a vanished peer goes unseen.
+            tracing::debug!(error = %e, "setting TCP keepalive failed");
+        }
         metrics::gauge!("penora_http_connections_open").increment(1.0);
         let state = Arc::new(Requests::default());
         let io = TokioIo::new(Guarded::new(stream, limits, state.clone()));
@@ -284,5 +311,22 @@ impl AsyncWrite for Guarded {
 
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn keepalive_is_turned_on_for_an_accepted_socket() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = TcpStream::connect(addr).await.expect("connect");
+        let (accepted, _) = listener.accept().await.expect("accept");
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(!socket.keepalive().expect("SO_KEEPALIVE"), "off by default");
+        set_keepalive(&accepted, Duration::from_secs(42)).expect("set");
+        assert!(socket.keepalive().expect("SO_KEEPALIVE"));
     }
 }

@@ -161,10 +161,13 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
     let result: Result<bool, tokio_postgres::Error> = async {
         let tx = client.transaction().await?;
         let size = data.len() as i64;
+        // The title `bench` counts its 5 bytes, as `projects::meta_bytes` says.
+        let meta = penora_common::projects::meta_bytes("bench", &json!({}));
+        let counted = size + meta;
         let reserve = tx
             .prepare_cached(penora_common::projects::RESERVE_STORAGE_SQL)
             .await?;
-        if tx.query_opt(&reserve, &[&user, &size, &1_048_576i64]).await?.is_none() {
+        if tx.query_opt(&reserve, &[&user, &counted, &1_048_576i64]).await?.is_none() {
             return Ok(false);
         }
         let id = uuid::Uuid::now_v7();
@@ -172,7 +175,7 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let insert = tx
             .prepare_cached(penora_common::projects::INSERT_PROJECT_SQL)
             .await?;
-        tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code, &size])
+        tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code, &size, &meta])
             .await?;
         let content = tx
             .prepare_cached(penora_common::projects::INSERT_CONTENT_SQL)

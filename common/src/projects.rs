@@ -1,12 +1,21 @@
 //! Projects of the shared workspace and their storage quota.
 //!
 //! Rules:
-//! - a project counts the bytes it is stored as (`size_bytes`: the WebP the
-//!   API made, or the bytes as sent; a URL counts its length), decided before
-//!   the save is answered;
+//! - a project's content counts the bytes it is stored as (`size_bytes`: the
+//!   WebP the API made, or the bytes as sent; a URL counts its length),
+//!   decided before the save is answered;
+//! - its title and metadata count too (`meta_bytes`: the title's UTF-8 bytes
+//!   and the metadata's compact JSON, an empty object nothing), so a flood of
+//!   tiny saves with big metadata cannot store data outside the quota; the
+//!   quota counts `size_bytes + meta_bytes` ([`NewProject::quota_bytes`]);
 //! - the bytes are reserved against the user's quota in the transaction that
 //!   records the project, through a guarded `UPDATE` (`storage_used_bytes +
-//!   size <= quota`), so concurrent saves never exceed it (invariant 6);
+//!   bytes <= quota`), so concurrent saves never exceed it (invariant 6);
+//! - a user has at most `MAX_PROJECTS_PER_USER` projects that are not
+//!   deleted (queued, saved and failed alike: a failed project's row, title
+//!   and metadata are still stored and listed), counted in the save's
+//!   transaction after the account row is locked, so concurrent saves cannot
+//!   pass the cap together;
 //! - `evict_oldest` deletes the user's oldest saved projects of the same app,
 //!   just enough, in that same transaction, or nothing at all;
 //! - a deletion (by request, eviction, retention or an operator) frees the
@@ -14,7 +23,8 @@
 //!   `deleted` tombstone (a replayed save answers it instead of saving again)
 //!   and writes a `project.deleted` row to `project_log`, all in one
 //!   transaction;
-//! - a project the worker fails for good releases its bytes.
+//! - a project the worker fails for good releases its content's bytes (its
+//!   title and metadata stay, and stay counted, until it is deleted).
 //!
 //! Every writer locks the account row first, then the projects.
 
@@ -37,8 +47,8 @@ use crate::{
 pub const RESERVE_STORAGE_SQL: &str = "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
      WHERE user_id = $1 AND storage_used_bytes + $2 <= $3 RETURNING storage_used_bytes";
 /// SQL recording a project.
-pub const INSERT_PROJECT_SQL: &str = "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code, original_size_bytes) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+pub const INSERT_PROJECT_SQL: &str = "INSERT INTO projects (user_id, id, app_source, project_type, title, size_bytes, metadata, project_code, original_size_bytes, meta_bytes) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
      ON CONFLICT (user_id, app_source, project_code) WHERE project_code IS NOT NULL DO NOTHING \
      RETURNING created_at";
 /// SQL storing a project's content.
@@ -140,6 +150,34 @@ impl Content {
 /// Largest metadata object, as compact JSON.
 pub const METADATA_MAX_BYTES: usize = 16 * 1024;
 
+/// Largest metadata as sent, whitespace included: room for pretty-printed
+/// JSON of [`METADATA_MAX_BYTES`] compact bytes. Anything longer is refused
+/// before it is parsed, so a body's worth of metadata never becomes a tree of
+/// millions of values in memory.
+pub const METADATA_MAX_SENT_BYTES: usize = 4 * METADATA_MAX_BYTES;
+
+/// Parses metadata sent as raw JSON text, measuring it first: longer than
+/// [`METADATA_MAX_SENT_BYTES`] is refused unparsed; then the rules of
+/// [`check_metadata`]. `null` is an empty object.
+pub fn parse_metadata(raw: &str) -> Result<serde_json::Value, ValidationError> {
+    if raw.len() > METADATA_MAX_SENT_BYTES {
+        return Err(ValidationError::new(
+            "metadata",
+            format!(
+                "must be at most {METADATA_MAX_BYTES} bytes of JSON (got {} bytes as sent)",
+                raw.len()
+            ),
+        ));
+    }
+    let metadata: serde_json::Value = serde_json::from_str(raw)
+        .map_err(|e| ValidationError::new("metadata", format!("is not valid JSON ({e})")))?;
+    if metadata.is_null() {
+        return Ok(serde_json::Value::Object(serde_json::Map::new()));
+    }
+    check_metadata(&metadata)?;
+    Ok(metadata)
+}
+
 /// Checks a project's metadata: a JSON object of at most
 /// [`METADATA_MAX_BYTES`], with no NUL character in any key or string
 /// (PostgreSQL's `jsonb` cannot hold one; found by schemathesis as a 500).
@@ -157,7 +195,7 @@ pub fn check_metadata(metadata: &serde_json::Value) -> Result<(), ValidationErro
     if !metadata.is_object() {
         return Err(ValidationError::new("metadata", "must be a JSON object"));
     }
-    let size = serde_json::to_vec(metadata).map_or(usize::MAX, |b| b.len());
+    let size = compact_len(metadata);
     if size > METADATA_MAX_BYTES {
         return Err(ValidationError::new(
             "metadata",
@@ -171,6 +209,23 @@ pub fn check_metadata(metadata: &serde_json::Value) -> Result<(), ValidationErro
         ));
     }
     Ok(())
+}
+
+/// Bytes of `value` as compact JSON.
+fn compact_len(value: &serde_json::Value) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |b| b.len())
+}
+
+/// The bytes a project's title and metadata count against the quota: the
+/// title's UTF-8 bytes and the metadata's compact JSON (an empty object, what
+/// a save without metadata stores, counts nothing).
+pub fn meta_bytes(title: &str, metadata: &serde_json::Value) -> i64 {
+    let metadata = match metadata {
+        serde_json::Value::Object(fields) if fields.is_empty() => 0,
+        serde_json::Value::Null => 0,
+        other => compact_len(other),
+    };
+    i64::try_from(title.len().saturating_add(metadata)).unwrap_or(i64::MAX)
 }
 
 /// What to do when a save does not fit.
@@ -206,6 +261,19 @@ pub struct NewProject {
     pub project_code: Option<ProjectCode>,
     /// What to do when it does not fit.
     pub on_full: OnFull,
+}
+
+impl NewProject {
+    /// Bytes its title and metadata count against the quota ([`meta_bytes`]).
+    pub fn meta_bytes(&self) -> i64 {
+        meta_bytes(&self.title, &self.metadata)
+    }
+
+    /// Bytes it counts against the quota: the stored content, title and
+    /// metadata.
+    pub fn quota_bytes(&self) -> i64 {
+        self.content.size().saturating_add(self.meta_bytes())
+    }
 }
 
 /// The answer to a save.
@@ -254,6 +322,15 @@ pub enum SaveError {
         remaining: i64,
         /// With `evict_oldest`: the app and what its saved projects hold.
         evictable: Option<(String, i64)>,
+    },
+    /// The save would give the user more projects than allowed.
+    #[error(
+        "project limit reached: a user may have at most {limit} projects (queued, saved or \
+         failed) and this one has that many; delete some to save more"
+    )]
+    ProjectLimitReached {
+        /// `MAX_PROJECTS_PER_USER`.
+        limit: i64,
     },
     /// A credit-style refusal (unknown user, idempotency conflict, database).
     #[error(transparent)]
@@ -326,22 +403,32 @@ pub async fn replay_of(
     })))
 }
 
-/// Records a project as `queued`, reserves its stored bytes (making room
-/// first when asked to) and writes its job, in one transaction.
+/// Records a project as `queued`, reserves the bytes it counts (making room
+/// first when asked to) and writes its job, in one transaction; refuses it
+/// when the user already has `max_projects` projects (not deleted).
 pub async fn save(
     client: &mut Client,
     p: &NewProject,
     quota: i64,
+    max_projects: i64,
     correlation_id: Option<&str>,
 ) -> Result<Outcome<SaveReceipt>, SaveError> {
     let user = p.user_id.as_str();
     let size = p.content.size();
+    let meta = p.meta_bytes();
+    let counted = p.quota_bytes();
     let id = Uuid::now_v7();
     let tx = client.transaction().await?;
     let reserve = tx.prepare_cached(RESERVE_STORAGE_SQL).await?;
     let mut evicted = Vec::new();
-    let used: i64 = match tx.query_opt(&reserve, &[&user, &size, &quota]).await? {
-        Some(row) => row.get(0),
+    let used: i64 = match tx.query_opt(&reserve, &[&user, &counted, &quota]).await? {
+        Some(row) => {
+            if let Some(answer) = at_project_limit(&tx, p, quota, max_projects).await? {
+                tx.rollback().await?;
+                return answer;
+            }
+            row.get(0)
+        }
         None => {
             if let Some(first) = replay_of(&tx, p, quota).await? {
                 tx.rollback().await?;
@@ -356,24 +443,29 @@ pub async fn save(
             else {
                 return Err(LedgerError::UserNotFound.into());
             };
+            // The cap first: evicting makes room in bytes, not in projects.
+            if let Some(answer) = at_project_limit(&tx, p, quota, max_projects).await? {
+                tx.rollback().await?;
+                return answer;
+            }
             let used: i64 = row.get(0);
             let refused = |evictable| SaveError::StorageLimitExceeded {
-                needed: size,
+                needed: counted,
                 remaining: (quota - used).max(0),
                 evictable,
             };
-            if p.on_full == OnFull::Refuse || size > quota {
+            if p.on_full == OnFull::Refuse || counted > quota {
                 return Err(refused(None));
             }
             let app = p.app_source.as_str();
-            let must_free = used + size - quota;
+            let must_free = used + counted - quota;
             let (victims, held) = oldest_saved(&tx, user, app, must_free).await?;
             if held < must_free {
                 return Err(refused(Some((app.to_owned(), held))));
             }
             remove(&tx, user, &victims, Cause::Evicted, Some(&id.to_string())).await?;
             evicted = victims.iter().map(|v| v.id).collect();
-            match tx.query_opt(&reserve, &[&user, &size, &quota]).await? {
+            match tx.query_opt(&reserve, &[&user, &counted, &quota]).await? {
                 Some(row) => row.get(0),
                 None => return Err(refused(Some((app.to_owned(), held)))),
             }
@@ -394,6 +486,7 @@ pub async fn save(
                 &p.metadata,
                 &code,
                 &p.original_size,
+                &meta,
             ],
         )
         .await?
@@ -426,7 +519,7 @@ pub async fn save(
     };
     outbox::enqueue_job(&tx, user, SAVE_PROJECT, &job, correlation_id).await?;
     tx.commit().await?;
-    metrics::counter!("penora_storage_reserved_bytes_total").increment(size.unsigned_abs());
+    metrics::counter!("penora_storage_reserved_bytes_total").increment(counted.unsigned_abs());
     metrics::counter!("penora_projects_evicted_total").increment(evicted.len() as u64);
     Ok(Outcome {
         value: SaveReceipt {
@@ -443,6 +536,38 @@ pub async fn save(
         },
         replayed: false,
     })
+}
+
+/// Rows read to tell whether a user is at the project cap: at most the cap,
+/// so a user far past a lowered cap costs no more than one at it.
+const LIVE_PROJECTS_SQL: &str = "SELECT count(*) FROM (SELECT 1 FROM projects \
+     WHERE user_id = $1 AND status <> 'deleted' LIMIT $2) live";
+
+/// With the account row locked (every writer of projects locks it first, so
+/// the count cannot change before this transaction ends): `None` when one
+/// more project fits under `max_projects`; else the first answer of a
+/// replayed save (its project is already counted), or the refusal.
+async fn at_project_limit(
+    tx: &Transaction<'_>,
+    p: &NewProject,
+    quota: i64,
+    max_projects: i64,
+) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
+    let stmt = tx.prepare_cached(LIVE_PROJECTS_SQL).await?;
+    let live: i64 = tx
+        .query_one(&stmt, &[&p.user_id.as_str(), &max_projects])
+        .await?
+        .get(0);
+    if live < max_projects {
+        return Ok(None);
+    }
+    if let Some(first) = replay_of(tx, p, quota).await? {
+        return Ok(Some(first));
+    }
+    metrics::counter!("penora_project_limit_refusals_total").increment(1);
+    Ok(Some(Err(SaveError::ProjectLimitReached {
+        limit: max_projects,
+    })))
 }
 
 /// A project about to be deleted: its id, its app and the bytes it counts.
@@ -464,7 +589,7 @@ async fn oldest_saved(
 ) -> Result<(Vec<Victim>, i64), DbError> {
     let rows = tx
         .query(
-            "SELECT id, size_bytes FROM projects \
+            "SELECT id, size_bytes + meta_bytes AS counted FROM projects \
              WHERE user_id = $1 AND app_source = $2 AND status = 'saved' \
              ORDER BY created_at, id FOR UPDATE",
             &[&user, &app],
@@ -476,7 +601,7 @@ async fn oldest_saved(
         if held >= must_free {
             break;
         }
-        let freed: i64 = row.get("size_bytes");
+        let freed: i64 = row.get("counted");
         held += freed;
         victims.push(Victim {
             id: row.get("id"),
@@ -560,7 +685,8 @@ async fn remove(
 /// A deletion carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Deleted {
-    /// Bytes given back to the quota (0 for a failed project).
+    /// Bytes given back to the quota: content, title and metadata (a failed
+    /// project's title and metadata only: its content's went when it failed).
     pub freed_bytes: i64,
     /// The user's storage in use afterwards.
     pub storage_used_bytes: i64,
@@ -613,7 +739,7 @@ pub async fn delete(
     };
     let Some(row) = tx
         .query_opt(
-            "SELECT status, size_bytes, app_source FROM projects \
+            "SELECT status, size_bytes, meta_bytes, app_source FROM projects \
              WHERE user_id = $1 AND id = $2 AND status <> 'deleted' FOR UPDATE",
             &[&user_id, &project_id],
         )
@@ -626,11 +752,13 @@ pub async fn delete(
         return Err(DeleteError::OtherApp { project_id, app });
     }
     let status: String = row.get("status");
-    // A failed project released its bytes when it failed.
+    // A failed project released its content's bytes when it failed; its
+    // title and metadata were counted until now.
+    let meta: i64 = row.get("meta_bytes");
     let freed = if status == "failed" {
-        0
+        meta
     } else {
-        row.get("size_bytes")
+        row.get::<_, i64>("size_bytes") + meta
     };
     let victim = Victim {
         id: project_id,
@@ -685,7 +813,8 @@ pub struct ProjectRow {
     pub title: String,
     /// `queued`, `saved` or `failed`.
     pub status: String,
-    /// Bytes it counts as stored.
+    /// Bytes its content is stored as (its title and metadata count in the
+    /// quota besides).
     pub size_bytes: i64,
     /// Bytes the client sent.
     pub original_size_bytes: i64,
@@ -900,7 +1029,8 @@ pub enum Finished {
         /// The reservation to settle, if the save named one.
         project_code: Option<String>,
     },
-    /// The content is not an image: the project failed and released its bytes.
+    /// The content is not an image: the project failed and released its
+    /// content's bytes.
     Failed(String),
     /// Done before (a redelivered job), or deleted meanwhile: nothing changed.
     AlreadyDone {
@@ -962,7 +1092,8 @@ pub async fn pending(
 pub type Verdict = Result<Option<(ImageInfo, Thumbnail)>, String>;
 
 /// The worker's half of a save: marks the project `saved` with its
-/// thumbnail, or `failed` with the reason (releasing its storage bytes).
+/// thumbnail, or `failed` with the reason (releasing its content's bytes; its
+/// title and metadata stay stored and counted).
 /// Idempotent: a project that is no longer `queued` (done before, or deleted
 /// meanwhile) is left as it is.
 pub async fn finish_save(
@@ -1079,6 +1210,33 @@ mod tests {
         let url = "https://cdn.example.com/a.png";
         assert_eq!(Content::decode(url), Ok(Content::Url(url.into())));
         assert_eq!(Content::decode(url).map(|c| c.size()), Ok(url.len() as i64));
+    }
+
+    #[test]
+    fn metadata_is_measured_as_sent_before_it_is_parsed_and_as_compact_json_after() {
+        let huge = format!("[{}]", vec!["0"; 100_000].join(","));
+        let err = parse_metadata(&huge).unwrap_err();
+        assert_eq!(err.field, "metadata");
+        assert!(err.to_string().contains("as sent"), "{err}");
+        // Whitespace is room, not size: the 16 KiB rule is about compact JSON.
+        let pretty = format!(
+            "{{ {} \"prompt\": \"{}\" }}",
+            " ".repeat(10_000),
+            "a".repeat(10_000)
+        );
+        assert!(pretty.len() > METADATA_MAX_BYTES);
+        assert!(parse_metadata(&pretty).is_ok());
+        assert_eq!(parse_metadata("null"), Ok(serde_json::json!({})));
+        for bad in ["[1]", "\"text\"", "{\"a\": \"\\u0000\"}", "{"] {
+            assert_eq!(parse_metadata(bad).unwrap_err().field, "metadata", "{bad}");
+        }
+    }
+
+    #[test]
+    fn title_and_metadata_count_their_bytes_and_an_empty_object_nothing() {
+        assert_eq!(meta_bytes("Sunset", &serde_json::json!({})), 6);
+        assert_eq!(meta_bytes("é", &serde_json::json!({"a": 1})), 2 + 7);
+        assert_eq!(meta_bytes("", &serde_json::json!({"k": "v"})), 9);
     }
 
     #[test]

@@ -12,8 +12,10 @@
 //! 4. a reservation has exactly one deduct of its amount; its refunds sum to
 //!    its `refunded_amount`, never more than it reserved (§13), and it is
 //!    `refunded` exactly when they sum to all of it;
-//! 6. no user's stored bytes exceed the quota, and the counter equals the sizes
-//!    of the user's queued and saved projects.
+//! 6. no user's stored bytes exceed the quota, and the counter equals what the
+//!    user's projects count: content (`size_bytes`) of the queued and saved
+//!    ones, title and metadata (`meta_bytes`) of every one not deleted (a
+//!    failed project keeps its title and metadata).
 
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
@@ -253,8 +255,9 @@ pub async fn run_with_progress(
         .query(
             "SELECT a.user_id, a.storage_used_bytes, coalesce(p.total, 0)::bigint AS projects_bytes \
              FROM accounts a LEFT JOIN \
-               (SELECT user_id, sum(size_bytes) AS total FROM projects \
-                 WHERE status IN ('queued', 'saved') GROUP BY user_id) p USING (user_id) \
+               (SELECT user_id, \
+                       sum(CASE WHEN status IN ('queued', 'saved') THEN size_bytes ELSE 0 END + meta_bytes) AS total \
+                  FROM projects WHERE status <> 'deleted' GROUP BY user_id) p USING (user_id) \
              WHERE a.storage_used_bytes > $1 OR a.storage_used_bytes <> coalesce(p.total, 0)",
             &[&quota],
         )

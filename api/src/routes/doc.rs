@@ -9,7 +9,7 @@
 //! domain type holds: the configured `MAX_DEDUCT_AMOUNT` (on the `Credits`
 //! component), the rules of fields particular to one route (content,
 //! metadata, paging, the quote's sizes), the answers every route can give
-//! (401, 403, 413, 415, 429, 500, 503), and the links that a client or a
+//! (401, 403, 408, 413, 415, 429, 500, 503), and the links that a client or a
 //! stateful fuzzer can follow (grant → deduct → refund or save → content).
 //! `scripts/fuzz.sh` holds the service to this document.
 
@@ -96,7 +96,7 @@ fn rules() -> Vec<Rule> {
                 "type": ["object", "null"],
                 "propertyNames": { "type": "string", "pattern": NO_NUL },
                 "additionalProperties": { "$ref": "#/components/schemas/JsonWithoutNul" },
-                "description": "Free-form JSON object, at most 16 KiB; no NUL character in any key or string."
+                "description": "Free-form JSON object, at most 16 KiB as compact JSON (64 KiB as sent, measured before it is parsed); no NUL character in any key or string. Its bytes, and the title's, count in the storage quota."
             }),
         ),
         // The ledger's cursor is an entry id; the projects' is opaque (only
@@ -399,6 +399,10 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
         );
     }
     if has_body {
+        add(
+            "408",
+            "`request_timeout`: the body did not arrive in full within `HTTP_BODY_TIMEOUT_SECS` of the headers; the connection is closed",
+        );
         add("413", "`payload_too_large`: the body is over the limit");
         add(
             "415",
@@ -415,6 +419,17 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
         "500",
         "`internal`: an unexpected failure, logged with the request id; no detail is given",
     );
+    // Every route has the request deadline, whatever else its 503 says.
+    if let Some(description) = responses
+        .get_mut("503")
+        .and_then(|r| r.get_mut("description"))
+        && let Some(text) = description.as_str()
+        && !text.contains("`timeout`")
+    {
+        *description = Value::String(format!(
+            "{text}; or `timeout`: not finished within `HTTP_REQUEST_TIMEOUT_SECS` (retry with the same idempotency key to learn whether it was carried out)"
+        ));
+    }
     if let Some((status, links)) = links(&id)
         && let Some(response) = responses.get_mut(status).and_then(Value::as_object_mut)
     {

@@ -8,11 +8,13 @@ pub mod projects;
 pub mod quote;
 pub mod system;
 
+use std::time::Duration;
+
 use axum::{
     Json, Router,
-    extract::{DefaultBodyLimit, FromRequestParts, Request},
+    extract::{DefaultBodyLimit, FromRequestParts, Request, State},
     http::{HeaderName, HeaderValue, Method, header, request::Parts},
-    middleware,
+    middleware::{self, Next},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -27,7 +29,7 @@ use utoipa::{
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::{Config, SwaggerUi};
 
-use crate::{error::ApiError, state::AppState, telemetry};
+use crate::{error::ApiError, extract::BodyDeadline, state::AppState, telemetry};
 
 /// A successful answer: `{"success": true, …fields of T}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -151,17 +153,58 @@ pub fn app(state: AppState) -> Router {
                 .try_it_out_enabled(true),
         );
     let cors = cors(&state.settings.cors_allowed_origins);
+    let deadlines = Deadlines {
+        body: state.settings.http_body_timeout,
+        request: state.settings.http_request_timeout,
+    };
     let mut app = router
         .with_state(state)
         .merge(docs)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
-        .layer(CatchPanicLayer::custom(on_panic));
+        .layer(CatchPanicLayer::custom(on_panic))
+        .layer(middleware::from_fn_with_state(deadlines, deadline));
     if let Some(cors) = cors {
         app = app.layer(cors);
     }
     app.layer(middleware::from_fn(telemetry::observe))
+}
+
+/// `HTTP_BODY_TIMEOUT_SECS` and `HTTP_REQUEST_TIMEOUT_SECS`.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    body: Duration,
+    request: Duration,
+}
+
+/// Gives each request its body's deadline ([`BodyDeadline`], counted from
+/// here: its headers have just arrived) and cuts it off at the request's:
+/// `503 timeout`, connection closed.
+///
+/// Cutting a request off drops its handler, as a client that goes away
+/// does, and nothing is charged without an answer a retry cannot recover: a
+/// deduction still waiting for its batch is left out of it by the coalescer
+/// (`coalesce::drop_abandoned`: never carried out); one whose batch has
+/// begun commits or not with that batch, and a retry with the same
+/// idempotency key (`project_code` or `Idempotency-Key`) answers what it
+/// did, replayed, or carries it out now if it did not. A save cut off after
+/// its commit is answered the same way by a retry with its `project_code`;
+/// before, its transaction rolls back. (A deduction or save sent without
+/// a key has no retry that finds it, as with any answer lost on the way.)
+async fn deadline(State(deadlines): State<Deadlines>, mut req: Request, next: Next) -> Response {
+    req.extensions_mut()
+        .insert(BodyDeadline::after(deadlines.body));
+    match tokio::time::timeout(deadlines.request, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => {
+            metrics::counter!("penora_http_request_timeouts_total").increment(1);
+            ApiError::Timeout {
+                secs: deadlines.request.as_secs(),
+            }
+            .into_response()
+        }
+    }
 }
 
 /// CORS for the configured origins only; with none, no layer and no CORS

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::{borrow::Cow, time::Instant};
 
 use axum::{
-    body::Body,
+    body::{Body, Bytes},
     extract::{Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
@@ -28,7 +28,9 @@ use uuid::Uuid;
 use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
-    extract::{ApiQuery, IdempotencyKey, int_param, parse_json, require_json, user_id},
+    extract::{
+        ApiQuery, BodyDeadline, IdempotencyKey, int_param, parse_json, require_json, user_id,
+    },
     routes::{
         RequestCorrelation, Success,
         credits::{Storage, with_replay_header},
@@ -67,9 +69,12 @@ pub struct SaveProjectRequest<'a> {
     #[serde(borrow)]
     #[schema(value_type = Option<String>)]
     pub content: Option<Cow<'a, str>>,
-    /// Free-form JSON object.
+    /// Free-form JSON object, at most 16 KiB as compact JSON (and 64 KiB as
+    /// sent); its bytes and the title's count in the storage quota. Kept raw
+    /// here: measured before it is parsed.
+    #[serde(borrow)]
     #[schema(value_type = Option<Object>)]
-    pub metadata: Option<serde_json::Value>,
+    pub metadata: Option<&'a serde_json::value::RawValue>,
     /// The reservation this image was paid with; the save settles it and is
     /// idempotent by it.
     #[schema(value_type = Option<ProjectCode>, inline)]
@@ -134,8 +139,15 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
 /// `status: "queued"` when it fits (the worker then checks the content and
 /// makes its thumbnail), `413 storage_limit_exceeded` when it cannot. With
 /// `on_full: "evict_oldest"` the oldest saved projects of the same app make
-/// room. At most `MAX_CONCURRENT_SAVES` saves are processed at once; others
-/// wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with `Retry-After`.
+/// room. The quota counts the title's and metadata's bytes besides the
+/// content's (`size_bytes` is the content's alone). A user has at most
+/// `MAX_PROJECTS_PER_USER` projects that are not deleted (queued, saved or
+/// failed): one more is `403 project_limit_reached`, decided in the save's
+/// transaction. At most `MAX_CONCURRENT_SAVES` saves are processed at once,
+/// each from its body's first byte (a client that sends nothing holds no
+/// slot); others wait up to `SAVE_QUEUE_WAIT_MS`, then get `503 busy` with
+/// `Retry-After`. The body must arrive in full within
+/// `HTTP_BODY_TIMEOUT_SECS` of the headers, else `408 request_timeout`.
 ///
 /// Header `Idempotency-Key` (1–255 visible ASCII characters) is the
 /// `project_code` when the body has none; a body `project_code` that differs
@@ -146,11 +158,12 @@ fn thumbnail_url(user_id: &str, project_id: Uuid) -> String {
     responses(
         (status = 202, description = "Recorded and queued", body = Success<SaveProjectResponse>),
         (status = 400, description = "`user_id_required` or `invalid_request` (including an image over `MAX_IMAGE_PIXELS`)", body = ErrorBody),
-        (status = 403, description = "`forbidden` or `app_mismatch`", body = ErrorBody),
+        (status = 403, description = "`forbidden`, `app_mismatch`, or `project_limit_reached` (the user has `MAX_PROJECTS_PER_USER` projects that are not deleted; delete some: a retry alone will not pass)", body = ErrorBody),
         (status = 404, description = "`user_not_found`", body = ErrorBody),
+        (status = 408, description = "`request_timeout`: the body did not arrive in full within `HTTP_BODY_TIMEOUT_SECS`; the connection is closed", body = ErrorBody),
         (status = 409, description = "`idempotency_conflict`", body = ErrorBody),
-        (status = 413, description = "`storage_limit_exceeded` or `payload_too_large`", body = ErrorBody),
-        (status = 503, description = "`busy` (every save slot taken; see `Retry-After`) or `unavailable`", body = ErrorBody),
+        (status = 413, description = "`storage_limit_exceeded` (content, title and metadata count) or `payload_too_large`", body = ErrorBody),
+        (status = 503, description = "`busy` (every save slot taken; see `Retry-After`), `unavailable`, or `timeout` (not finished within `HTTP_REQUEST_TIMEOUT_SECS`; retry with the same `project_code`)", body = ErrorBody),
     ),
     security(("api_key_header" = []), ("api_key_query" = []))
 )]
@@ -159,6 +172,7 @@ async fn save_project(
     State(state): State<AppState>,
     correlation: RequestCorrelation,
     auth: Auth,
+    deadline: BodyDeadline,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -173,22 +187,33 @@ async fn save_project(
     if declared.is_some_and(|n| n > max_body) {
         return Err(too_large());
     }
-    // A slot before a single byte of the body is held: memory stays bounded
+    // The body's first bytes before a save slot: a client that sends nothing
+    // never holds one. All of it must arrive by the deadline, or the slot
+    // goes back with a `408`.
+    let mut body = body.into_data_stream();
+    let first = tokio::time::timeout_at(deadline.at, first_bytes(&mut body))
+        .await
+        .map_err(|_| deadline.passed())??;
+    // A slot before more than the first bytes are held: memory stays bounded
     // whatever clients send at once.
     let wait = state.settings.save_queue_wait;
-    let Ok(Ok(_slot)) = tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
+    let Ok(Ok(slot)) = tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
     else {
         metrics::counter!("penora_saves_busy_total").increment(1);
         // Read the body to its end (keeping none of it) so the client is
-        // reading when the answer comes, instead of having its upload reset.
-        drain(body, max_body).await;
+        // reading when the answer comes, instead of having its upload reset;
+        // no longer than its deadline.
+        let _ = tokio::time::timeout_at(deadline.at, drain(body, max_body)).await;
         return Err(ApiError::Busy {
             what: "saves in progress",
             retry_after_secs: wait.as_secs().max(1),
         });
     };
+    let _slot = SaveSlot::taken(slot);
     let started = Instant::now();
-    let raw = read_body(body, max_body, declared).await?;
+    let raw = tokio::time::timeout_at(deadline.at, read_body(first, body, max_body, declared))
+        .await
+        .map_err(|_| deadline.passed())??;
     // Everything CPU-bound (JSON, base64, the image) runs off the runtime's
     // threads: a small save (a few milliseconds of work) on the blocking
     // pool, a big one on the image threads at the lowest priority.
@@ -251,7 +276,14 @@ async fn save_project(
     }
     metrics::histogram!("penora_save_prepare_seconds").record(started.elapsed().as_secs_f64());
     let mut client = state.pool.get().await?;
-    let outcome = projects::save(&mut client, &project, quota, correlation.as_deref()).await?;
+    let outcome = projects::save(
+        &mut client,
+        &project,
+        quota,
+        state.settings.max_projects_per_user,
+        correlation.as_deref(),
+    )
+    .await?;
     if !outcome.replayed {
         state.jobs_committed();
     }
@@ -308,15 +340,61 @@ fn refuse_pixels(e: PrepareError) -> ApiError {
     ApiError::InvalidRequest(format!("content: {e}"))
 }
 
-/// Reads a body of at most `max` bytes into one buffer, sized from
-/// `Content-Length` up front so it is never copied while growing.
-async fn read_body(body: Body, max: usize, declared: Option<usize>) -> Result<Vec<u8>, ApiError> {
-    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max));
-    let mut stream = body.into_data_stream();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            ApiError::InvalidRequest(format!("Could not read the request body: {e}"))
-        })?;
+/// A save body being read.
+type BodyStream = axum::body::BodyDataStream;
+
+/// Waits for the first bytes of a body (none when it is empty).
+async fn first_bytes(body: &mut BodyStream) -> Result<Option<Bytes>, ApiError> {
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(unreadable)?;
+        if !chunk.is_empty() {
+            return Ok(Some(chunk));
+        }
+    }
+    Ok(None)
+}
+
+fn unreadable(e: axum::Error) -> ApiError {
+    ApiError::InvalidRequest(format!("Could not read the request body: {e}"))
+}
+
+/// A save slot held, counted in `penora_save_slots_in_use` until dropped.
+struct SaveSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl SaveSlot {
+    fn taken(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics::gauge!("penora_save_slots_in_use").increment(1.0);
+        Self { _permit: permit }
+    }
+}
+
+impl Drop for SaveSlot {
+    fn drop(&mut self) {
+        metrics::gauge!("penora_save_slots_in_use").decrement(1.0);
+    }
+}
+
+/// Reads the rest of a body, after its `first` bytes, into one buffer of at
+/// most `max` bytes, sized from `Content-Length` up front so it is never
+/// copied while growing.
+async fn read_body(
+    first: Option<Bytes>,
+    mut body: BodyStream,
+    max: usize,
+    declared: Option<usize>,
+) -> Result<Vec<u8>, ApiError> {
+    let Some(first) = first else {
+        return Ok(Vec::new());
+    };
+    if first.len() > max {
+        return Err(too_large());
+    }
+    let mut out = Vec::with_capacity(declared.unwrap_or(0).min(max).max(first.len()));
+    out.extend_from_slice(&first);
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(unreadable)?;
         if out.len() + chunk.len() > max {
             return Err(too_large());
         }
@@ -326,10 +404,9 @@ async fn read_body(body: Body, max: usize, declared: Option<usize>) -> Result<Ve
 }
 
 /// Reads and discards up to `max` bytes of a body.
-async fn drain(body: Body, max: usize) {
-    let mut stream = body.into_data_stream();
+async fn drain(mut body: BodyStream, max: usize) {
     let mut seen = 0;
-    while let Some(Ok(chunk)) = stream.next().await {
+    while let Some(Ok(chunk)) = body.next().await {
         seen += chunk.len();
         if seen > max {
             return;
@@ -355,11 +432,8 @@ fn parse_save(
     let title = Title::parse("title", body.title.as_deref())?;
     let content = Content::decode(body.content.as_deref().unwrap_or_default())?;
     let metadata = match body.metadata {
-        None | Some(serde_json::Value::Null) => serde_json::json!({}),
-        Some(m) => {
-            projects::check_metadata(&m)?;
-            m
-        }
+        None => serde_json::json!({}),
+        Some(raw) => projects::parse_metadata(raw.get())?,
     };
     let project_code = key
         .or_body("project_code", body.project_code.as_deref(), |k| {

@@ -19,5 +19,6 @@ mod storage;
 mod support;
 mod system;
 mod unauthenticated;
+mod uploads;
 mod validation;
 mod workspace;

@@ -313,7 +313,8 @@ async fn projects_delete_frees_the_bytes_and_logs_the_operator() {
         .await;
     let o = ops(&app.db.url, &["projects", "delete", "u1", &id]).await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert!(stdout(&o).contains("38 bytes freed"), "{}", stdout(&o));
+    // The URL's 38 bytes and the title's 1.
+    assert!(stdout(&o).contains("39 bytes freed"), "{}", stdout(&o));
     assert_eq!(
         app.scalar(
             "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",

@@ -11,6 +11,10 @@ fn save_body(user: &str, content: &str) -> Value {
     json!({"user_id": user, "app_source": "imagegene", "project_type": "ai_artwork", "title": "t", "content": content})
 }
 
+/// What the title `t` of [`save_body`] counts in the quota besides the
+/// content.
+const TITLE: i64 = 1;
+
 #[tokio::test]
 async fn a_save_that_would_cross_the_quota_is_refused_with_413_and_changes_nothing() {
     let app = spawn_app().await;
@@ -30,7 +34,7 @@ async fn a_save_that_would_cross_the_quota_is_refused_with_413_and_changes_nothi
         .await;
     let msg = expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded").await;
     assert!(
-        msg.contains("50000 bytes") && msg.contains("48576 bytes remain"),
+        msg.contains("needs 50001 bytes") && msg.contains("48575 bytes remain"),
         "{msg}"
     );
     assert_eq!(
@@ -39,7 +43,7 @@ async fn a_save_that_would_cross_the_quota_is_refused_with_413_and_changes_nothi
             "u1"
         )
         .await,
-        1_000_000
+        1_000_000 + TITLE
     );
     assert_eq!(
         app.scalar("SELECT count(*) FROM projects WHERE user_id = $1", "u1")
@@ -81,7 +85,7 @@ async fn ten_concurrent_saves_of_200_kb_under_1_mib_accept_exactly_5() {
             "u1"
         )
         .await,
-        5 * 200 * 1024
+        5 * (200 * 1024 + TITLE)
     );
     app.assert_reconciled().await;
 }
@@ -111,7 +115,7 @@ async fn a_save_naming_a_project_code_is_idempotent() {
             "u1"
         )
         .await,
-        70
+        70 + TITLE
     );
     body["title"] = json!("another title");
     let r = app.post("/api/unified/save-project", &body).await;

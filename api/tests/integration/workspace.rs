@@ -26,6 +26,10 @@ fn save_body(user: &str, app: &str, content: &str) -> Value {
            "title": "Sunset", "content": content})
 }
 
+/// What the title `Sunset` of [`save_body`] counts in the quota besides the
+/// content.
+const TITLE: i64 = 6;
+
 fn default_policy() -> StoragePolicy {
     StoragePolicy {
         reencode: true,
@@ -86,11 +90,13 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
             )
             .await;
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            // What the refused image would have needed, computed as the API does.
+            // What the refused image would have needed, computed as the API
+            // does: its stored bytes and its title's.
             let needed = imaging::prepare(png, &default_policy())
                 .expect("prepared")
                 .data
-                .len();
+                .len() as i64
+                + TITLE;
             let msg =
                 expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded").await;
             assert!(
@@ -115,7 +121,7 @@ async fn realistic_1024_artworks_store_as_webp_under_300_kb_until_the_quota_refu
         assert_eq!(data.len() as i64, size);
         let decoded = image::load_from_memory(&data).expect("the stored WebP decodes");
         assert_eq!((decoded.width(), decoded.height()), (1024, 1024));
-        total += size;
+        total += size + TITLE;
         accepted += 1;
     }
     eprintln!(
@@ -413,10 +419,12 @@ async fn deleting_frees_exactly_the_projects_bytes_and_a_second_delete_is_404() 
     assert_eq!(r.status(), StatusCode::OK);
     let r: Value = r.json().await.expect("json");
     assert_eq!(r["success"], json!(true));
-    assert_eq!(r["freed_bytes"], json!(size));
-    assert_eq!(r["storage"]["used_bytes"], json!(before - size));
+    // Its stored bytes and its title's (`a`).
+    let freed = size + 1;
+    assert_eq!(r["freed_bytes"], json!(freed));
+    assert_eq!(r["storage"]["used_bytes"], json!(before - freed));
     assert_eq!(r["storage"]["total_projects"], json!(1));
-    assert_eq!(used(&app, "u1").await, before - size);
+    assert_eq!(used(&app, "u1").await, before - freed);
     assert_eq!(
         app.scalar(
             "SELECT count(*) FROM project_contents WHERE user_id = $1",
@@ -538,7 +546,7 @@ async fn concurrent_deletes_and_saves_never_exceed_the_quota_nor_count_a_byte_tw
     }
     let live = app
         .scalar(
-            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM projects WHERE user_id = $1 AND status <> 'deleted'",
+            "SELECT coalesce(sum(size_bytes + meta_bytes), 0)::bigint FROM projects WHERE user_id = $1 AND status <> 'deleted'",
             "u1",
         )
         .await;

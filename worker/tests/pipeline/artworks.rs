@@ -143,14 +143,15 @@ async fn a_1024_artwork_is_served_as_webp_with_a_thumbnail_and_etags() {
         get(&s, thumb_url, Some(&thumb_etag)).await.status(),
         StatusCode::NOT_MODIFIED
     );
-    // The thumbnail does not count: the quota holds the content alone.
+    // The thumbnail does not count: the quota holds the content and its
+    // title (`Sunset`).
     assert_eq!(
         s.scalar(
             "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
             "u1"
         )
         .await,
-        size
+        size + 6
     );
     // And the save settled the reservation it named.
     assert_eq!(
@@ -190,9 +191,10 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
             json!({}),
         )
         .await;
+        // What each counts: its stored bytes and its title's (`art N`).
         ids.push((
             r["project_id"].as_str().expect("id").to_owned(),
-            r["size_bytes"].as_i64().expect("size"),
+            r["size_bytes"].as_i64().expect("size") + 5,
         ));
     }
     for (id, _) in &ids {
@@ -211,7 +213,8 @@ async fn evict_oldest_deletes_just_the_oldest_projects_of_the_same_app_or_nothin
     )
     .expect("prepared")
     .data
-    .len() as i64;
+    .len() as i64
+        + 3; // its title, `big`
     // Without evict_oldest: refused.
     let r = s
         .post(
@@ -340,7 +343,7 @@ async fn retention_deletes_only_the_projects_past_the_limit() {
     );
     let live = s
         .scalar(
-            "SELECT coalesce(sum(size_bytes), 0)::bigint FROM projects WHERE user_id = $1 AND status <> 'deleted'",
+            "SELECT coalesce(sum(size_bytes + meta_bytes), 0)::bigint FROM projects WHERE user_id = $1 AND status <> 'deleted'",
             "u1",
         )
         .await;

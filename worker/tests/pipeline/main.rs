@@ -76,8 +76,8 @@ async fn a_save_becomes_saved_and_corrupt_content_fails_and_frees_its_bytes() {
             "u1"
         )
         .await,
-        70,
-        "the failed project's bytes were released"
+        70 + 4 + 3,
+        "the failed project's content bytes were released; the titles (`good`, `bad`) still count"
     );
     assert_eq!(
         s.scalar(
