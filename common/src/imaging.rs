@@ -431,11 +431,31 @@ mod tests {
         assert_eq!(stripped, png(4, 4));
         assert!(strip_metadata(&png(4, 4), "image/png").is_none());
     }
+
+    #[test]
+    fn the_sample_bombs_are_real_zlib_streams_with_correct_crcs() {
+        use image::codecs::png::PngDecoder;
+        let profile_of = |data: Vec<u8>| {
+            let b = samples::with_png_chunk(&png(4, 4), b"iCCP", &samples::iccp(&data));
+            let mut decoder = PngDecoder::new(Cursor::new(&b[..])).expect("a valid PNG");
+            decoder.icc_profile().expect("read").expect("a profile")
+        };
+        let zeros = profile_of(samples::zlib_zeros(1_000));
+        assert_eq!(zeros.len() as u64, samples::zlib_zeros_inflated(1_000));
+        assert!(zeros.iter().all(|&b| b == 0));
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        assert_eq!(profile_of(samples::zlib_stored(&data)), data);
+        // About 1,032 to 1, and about the length asked for.
+        let bomb = samples::zlib_zeros(1 << 20);
+        assert!(bomb.len().abs_diff(1 << 20) < 32, "{}", bomb.len());
+        assert!(samples::zlib_zeros_inflated(1 << 20) > 1_000 << 20);
+    }
 }
 
 /// Realistic artworks for tests and benchmarks: no fixtures on disk, the
-/// same bytes for the same seed.
-#[cfg(feature = "testing")]
+/// same bytes for the same seed. Also what hostile clients send: metadata
+/// that inflates to gigabytes, built here byte by byte.
+#[cfg(any(test, feature = "testing"))]
 pub mod samples {
     use std::io::Cursor;
 
@@ -516,5 +536,231 @@ pub mod samples {
         // Writing to memory in a supported format cannot fail.
         let _ = image.write_to(&mut out, format);
         out.into_inner()
+    }
+
+    /// `png` with one more chunk of type `kind` holding `data` (with its
+    /// CRC), right after its IHDR: where a colour profile or text goes.
+    pub fn with_png_chunk(png: &[u8], kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+        // The signature (8 bytes), then IHDR (length, type, 13 bytes, CRC).
+        let after_ihdr = png.len().min(8 + 4 + 4 + 13 + 4);
+        let mut chunk = Vec::with_capacity(data.len() + 12);
+        chunk.extend(u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+        chunk.extend(kind);
+        chunk.extend(data);
+        let crc = crc32(chunk.get(4..).unwrap_or_default());
+        chunk.extend(crc.to_be_bytes());
+        let mut out = Vec::with_capacity(png.len() + chunk.len());
+        out.extend(png.get(..after_ihdr).unwrap_or_default());
+        out.extend(chunk);
+        out.extend(png.get(after_ihdr..).unwrap_or_default());
+        out
+    }
+
+    /// The data of a PNG `iCCP` chunk: a profile name, compression method 0,
+    /// then `zlib` (the profile, deflated).
+    pub fn iccp(zlib: &[u8]) -> Vec<u8> {
+        let mut data = b"ICC Profile\0\0".to_vec();
+        data.extend(zlib);
+        data
+    }
+
+    /// The data of a PNG `zTXt` chunk: a keyword, compression method 0, then
+    /// `zlib` (the text, deflated).
+    pub fn ztxt(zlib: &[u8]) -> Vec<u8> {
+        let mut data = b"Comment\0\0".to_vec();
+        data.extend(zlib);
+        data
+    }
+
+    /// `jpeg` with `segments` (marker, payload) inserted right after its SOI.
+    pub fn with_jpeg_segments(jpeg: &[u8], segments: &[(u8, Vec<u8>)]) -> Vec<u8> {
+        let soi = jpeg.len().min(2);
+        let mut out = jpeg.get(..soi).unwrap_or_default().to_vec();
+        for (marker, payload) in segments {
+            out.extend([0xff, *marker]);
+            // The length counts itself; a payload is at most 65,533 bytes.
+            out.extend(
+                u16::try_from(payload.len() + 2)
+                    .unwrap_or(u16::MAX)
+                    .to_be_bytes(),
+            );
+            out.extend(payload);
+        }
+        out.extend(jpeg.get(soi..).unwrap_or_default());
+        out
+    }
+
+    /// JPEG APP2 segments carrying a `len`-byte colour profile (of zeros) in
+    /// as many pieces as it takes, as cameras and editors split big ones.
+    pub fn icc_app2_segments(len: usize) -> Vec<(u8, Vec<u8>)> {
+        const PIECE: usize = 65_533 - 14;
+        let count = len.div_ceil(PIECE).max(1);
+        (0..count)
+            .map(|i| {
+                let mut payload = b"ICC_PROFILE\0".to_vec();
+                payload.push(u8::try_from(i + 1).unwrap_or(u8::MAX));
+                payload.push(u8::try_from(count).unwrap_or(u8::MAX));
+                payload.resize(14 + PIECE.min(len - i * PIECE), 0);
+                (0xe2, payload)
+            })
+            .collect()
+    }
+
+    /// A zlib stream of about `deflated_len` bytes that inflates to about
+    /// 1,032 times as many zero bytes: one dynamic-Huffman block (RFC 1951
+    /// §3.2.7) whose every two bits say "258 more zeros" (the best ratio
+    /// deflate allows), as decompression bombs are made.
+    pub fn zlib_zeros(deflated_len: usize) -> Vec<u8> {
+        let mut w = BitWriter::default();
+        w.bits(1, 1); // BFINAL
+        w.bits(2, 2); // BTYPE: dynamic Huffman codes
+        w.bits(29, 5); // HLIT: 286 literal/length codes (up to 285, "258")
+        w.bits(1, 5); // HDIST: 2 distance codes
+        w.bits(14, 4); // HCLEN: 18 code-length codes
+        // The code-length code, in its permuted order: symbol 18 ("11 to
+        // 138 zeros") gets 1 bit, lengths 1 and 2 get 2 bits each. Its
+        // canonical codes are then 18 = 0, 1 = 10, 2 = 11.
+        for symbol in [16, 17, 18, 0, 8, 7, 9, 6, 10, 5, 11, 4, 12, 3, 13, 2, 14, 1] {
+            w.bits(
+                match symbol {
+                    18 => 1,
+                    1 | 2 => 2,
+                    _ => 0,
+                },
+                3,
+            );
+        }
+        // Literal/length code lengths: 0 -> 2, 1..=255 none, 256 (end of
+        // block) -> 2, 257..=284 none, 285 ("258 bytes") -> 1; both
+        // distance codes -> 1. Canonical codes: 285 = 0, literal 0 = 10,
+        // end of block = 11; distance 1 back = 0.
+        w.code(0b11, 2);
+        w.code(0, 1);
+        w.bits(138 - 11, 7);
+        w.code(0, 1);
+        w.bits(117 - 11, 7);
+        w.code(0b11, 2);
+        w.code(0, 1);
+        w.bits(28 - 11, 7);
+        w.code(0b10, 2);
+        w.code(0b10, 2);
+        w.code(0b10, 2);
+        // One literal zero, then "258 bytes, 1 back" over and over: the
+        // code 0 twice, four times a byte.
+        w.code(0b10, 2);
+        let repeats = 4 * deflated_len.saturating_sub(20);
+        w.zero_bits(2 * repeats);
+        w.code(0b11, 2);
+        let inflated = 1 + 258 * repeats as u64;
+        let mut out = vec![0x78, 0xda];
+        out.extend(w.finish());
+        // Adler-32 of zeros: A stays 1, B counts the bytes.
+        let b = u32::try_from(inflated % 65_521).unwrap_or_default();
+        out.extend(((b << 16) | 1).to_be_bytes());
+        out
+    }
+
+    /// How many zero bytes [`zlib_zeros`]`(deflated_len)` inflates to.
+    pub fn zlib_zeros_inflated(deflated_len: usize) -> u64 {
+        1 + 258 * 4 * deflated_len.saturating_sub(20) as u64
+    }
+
+    /// A zlib stream holding `data` as stored (uncompressed) blocks: a real
+    /// stream any inflater accepts, with no encoder needed.
+    pub fn zlib_stored(data: &[u8]) -> Vec<u8> {
+        let mut out = vec![0x78, 0x01];
+        let mut blocks = data.chunks(usize::from(u16::MAX)).peekable();
+        if data.is_empty() {
+            out.extend([1, 0, 0, 0xff, 0xff]);
+        }
+        while let Some(block) = blocks.next() {
+            // BFINAL on the last block, BTYPE 00; stored blocks start on a
+            // byte boundary.
+            out.push(u8::from(blocks.peek().is_none()));
+            let len = u16::try_from(block.len()).unwrap_or(u16::MAX);
+            out.extend(len.to_le_bytes());
+            out.extend((!len).to_le_bytes());
+            out.extend(block);
+        }
+        let (mut a, mut b) = (1u32, 0u32);
+        for &byte in data {
+            a = (a + u32::from(byte)) % 65_521;
+            b = (b + a) % 65_521;
+        }
+        out.extend(((b << 16) | a).to_be_bytes());
+        out
+    }
+
+    /// Deflate's bit order: fields least significant bit first, Huffman
+    /// codes most significant bit first.
+    #[derive(Default)]
+    struct BitWriter {
+        out: Vec<u8>,
+        acc: u32,
+        len: u32,
+    }
+
+    impl BitWriter {
+        fn bits(&mut self, value: u32, count: u32) {
+            self.acc |= value << self.len;
+            self.len += count;
+            while self.len >= 8 {
+                self.out.push(self.acc as u8);
+                self.acc >>= 8;
+                self.len -= 8;
+            }
+        }
+
+        fn code(&mut self, code: u32, len: u32) {
+            for i in (0..len).rev() {
+                self.bits((code >> i) & 1, 1);
+            }
+        }
+
+        /// `count` zero bits, a byte at a time once the first is out.
+        fn zero_bits(&mut self, count: usize) {
+            for _ in 0..count % 8 {
+                self.bits(0, 1);
+            }
+            if count >= 8 {
+                // The pending bits go out with the first byte; the rest are
+                // whole zero bytes.
+                self.bits(0, 8);
+                self.out.resize(self.out.len() + count / 8 - 1, 0);
+            }
+        }
+
+        fn finish(mut self) -> Vec<u8> {
+            if self.len > 0 {
+                self.out.push(self.acc as u8);
+            }
+            self.out
+        }
+    }
+
+    /// The CRC-32 of PNG chunks (ISO 3309, as zlib's).
+    pub fn crc32(bytes: &[u8]) -> u32 {
+        const TABLE: [u32; 256] = {
+            let mut table = [0u32; 256];
+            let mut n = 0;
+            while n < 256 {
+                let mut c = n as u32;
+                let mut k = 0;
+                while k < 8 {
+                    c = if c & 1 == 1 {
+                        0xedb8_8320 ^ (c >> 1)
+                    } else {
+                        c >> 1
+                    };
+                    k += 1;
+                }
+                table[n] = c;
+                n += 1;
+            }
+            table
+        };
+        !bytes.iter().fold(!0u32, |crc, &b| {
+            TABLE[((crc ^ u32::from(b)) & 0xff) as usize] ^ (crc >> 8)
+        })
     }
 }
