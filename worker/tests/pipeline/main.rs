@@ -4,6 +4,7 @@
 mod artworks;
 mod backpressure;
 mod event_time;
+mod image_bombs;
 mod lots;
 mod operators;
 mod outbox;
