@@ -230,18 +230,12 @@ async fn save_project(
         .run(move || -> Result<_, ApiError> {
             let (project, store_original) = parse_save(&raw, &caller, &key)?;
             let policy = policy_of(store_original);
-            // The header alone says how big the image is: a decompression
-            // bomb is refused here, before it reaches a decoder.
-            if let Content::Bytes(sent) = &project.content
-                && let Ok(info) = imaging::probe(sent)
-                && info.pixels() > policy.max_pixels
-            {
-                return Err(refuse_pixels(PrepareError::TooManyPixels {
-                    width: info.width,
-                    height: info.height,
-                    pixels: info.pixels(),
-                    max: policy.max_pixels,
-                }));
+            // The container and the header alone say how much metadata the
+            // image carries and how big it is: a decompression bomb (in its
+            // pixels or in its metadata) is refused here, before it reaches
+            // a decoder.
+            if let Content::Bytes(sent) = &project.content {
+                imaging::screen(sent, policy.max_pixels).map_err(refuse_image)?;
             }
             Ok((project, policy))
         })
@@ -267,7 +261,7 @@ async fn save_project(
             .run(move || imaging::prepare(sent, &policy))
             .await
             .map_err(|e| ApiError::Internal(format!("preparing the image: {e}")))?
-            .map_err(refuse_pixels)?;
+            .map_err(refuse_image)?;
         metrics::counter!("penora_images_prepared_total", "stored_as" => stored_as_label(prepared.stored_as))
             .increment(1);
         project.original_size = i64::try_from(prepared.original_size).unwrap_or(i64::MAX);
@@ -336,7 +330,9 @@ fn too_large() -> ApiError {
     ApiError::PayloadTooLarge("The request body is larger than the service accepts".into())
 }
 
-fn refuse_pixels(e: PrepareError) -> ApiError {
+/// An image refused outright (too many pixels, too much metadata) is `400
+/// invalid_request` naming `content`.
+fn refuse_image(e: PrepareError) -> ApiError {
     ApiError::InvalidRequest(format!("content: {e}"))
 }
 

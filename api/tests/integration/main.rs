@@ -10,6 +10,7 @@ mod credits;
 mod edges;
 mod fuzz_findings;
 mod guide;
+mod image_bombs;
 mod keys;
 mod lots;
 mod ops;

@@ -6,6 +6,7 @@ mod backpressure;
 mod event_time;
 mod health;
 mod hostile_events;
+mod image_bombs;
 mod lots;
 mod operators;
 mod outbox;
