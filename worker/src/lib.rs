@@ -77,12 +77,13 @@ pub fn metrics_handle() -> PrometheusHandle {
     penora_common::telemetry::metrics_handle()
 }
 
-/// Migrates, connects the pool and binds the metrics address.
+/// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
+/// metrics address.
 pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-    db::migrate(settings.database_url.expose())
-        .await
-        .context("Failed to apply database migrations (is PostgreSQL running? see DATABASE_URL)")?;
     let pool = db::pool(&settings).context("Failed to create the database pool")?;
+    db::prepare_schema(&settings, &pool).await.context(
+        "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
+    )?;
     let listener = TcpListener::bind(settings.worker_metrics_addr)
         .await
         .with_context(|| {

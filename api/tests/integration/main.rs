@@ -13,6 +13,7 @@ mod guide;
 mod keys;
 mod lots;
 mod ops;
+mod roles;
 mod state_machine;
 mod storage;
 mod support;
