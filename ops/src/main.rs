@@ -143,7 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             projects::run(&mut client, command).await.map(|()| done)?
         }
         Command::Reconcile { json } => reconcile::run(&settings, &mut client, json).await?,
-        Command::Audit { command } => audit::run(&mut client, command).await?,
+        Command::Audit { command } => audit::run(&settings, &mut client, command).await?,
         Command::Queues { json } => queues::run(&settings, json).await.map(|()| done)?,
         Command::Dlq { command } => dlq::run(&settings, command).await?,
         Command::WaitIdle { timeout_secs } => {

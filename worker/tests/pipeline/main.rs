@@ -8,6 +8,7 @@ mod lots;
 mod operators;
 mod outbox;
 mod permissions;
+mod roles;
 mod support;
 
 use std::{process::Stdio, time::Duration};
