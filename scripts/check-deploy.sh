@@ -2,11 +2,15 @@
 # Validates the deployment files offline (no Docker engine needed):
 #   docker-compose.yml            with `docker compose config`, else Debian's docker-compose
 #   every file the compose mounts exists
+#   the deployment defaults       every port on 127.0.0.1, api and worker as the application
+#                                 role without migrating, `migrate` as the owner, the roles
+#                                 made by deploy/postgres's init script (scripts/lib/compose_check.py)
 #   deploy/prometheus/*.yml       with promtool (Debian's prometheus package)
 #   deploy/grafana/**/*.json      parses as JSON, and each dashboard query names a metric we export
 #   Dockerfile                    its build stage's files, alone, build with its cargo command (offline)
 #
-#   scripts/check-deploy.sh --self-test   also proves the build check fails on a Dockerfile missing a member
+#   scripts/check-deploy.sh --self-test   also proves the build check fails on a Dockerfile missing a
+#                                         member, and the defaults' check on broken copies of the compose file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -33,6 +37,18 @@ for path in $(grep -oE '^\s+- \./[^:]+' docker-compose.yml | sed -E 's/^\s+- //'
 done
 [ "$missing" -eq 0 ] || exit 1
 echo "every mounted file exists"
+
+# The deployment defaults (issue 24): nothing published beyond 127.0.0.1,
+# the services as the application role, migrations as the owner.
+need python3 python3
+if ! python3 -c 'import yaml' 2>/dev/null; then
+  if [ "$apt_updated" -eq 0 ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-yaml >/dev/null
+fi
+python3 scripts/lib/compose_check.py docker-compose.yml
+if [ "${1:-}" = "--self-test" ]; then
+  python3 scripts/lib/compose_check.py --self-test docker-compose.yml
+fi
 
 need promtool prometheus
 promtool check config deploy/prometheus/prometheus.yml

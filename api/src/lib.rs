@@ -1,7 +1,8 @@
 //! The Penora Credits HTTP API.
 //!
-//! `build(settings)` migrates the database, binds the listener and assembles
-//! the router; `App::run_until_stopped` serves until the shutdown future
+//! `build(settings)` migrates the database (or, with
+//! `DB_MIGRATE_ON_START=false`, checks it is current), binds the listener and
+//! assembles the router; `App::run_until_stopped` serves until the shutdown future
 //! resolves, then drains in-flight requests.
 
 pub mod auth;
@@ -38,12 +39,13 @@ pub fn metrics_handle() -> PrometheusHandle {
     penora_common::telemetry::metrics_handle()
 }
 
-/// Migrates the database, binds `BIND_ADDR` and builds the router.
+/// Migrates the database (see [`db::prepare_schema`]), binds `BIND_ADDR`
+/// and builds the router.
 pub async fn build(settings: Settings) -> anyhow::Result<App> {
-    db::migrate(settings.database_url.expose())
-        .await
-        .context("Failed to apply database migrations (is PostgreSQL running? see DATABASE_URL)")?;
     let pool = db::pool(&settings).context("Failed to create the database pool")?;
+    db::prepare_schema(&settings, &pool).await.context(
+        "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
+    )?;
     let listener = TcpListener::bind(settings.bind_addr)
         .await
         .with_context(|| format!("Failed to bind BIND_ADDR {}", settings.bind_addr))?;

@@ -8,13 +8,26 @@
 //! so an entry is recorded once whatever the redeliveries. `verify` recomputes
 //! every chain and compares every record with its ledger entry, so an edited,
 //! deleted or inserted record is found.
+//!
+//! The anchor outside the database: a chain rewritten by someone who can
+//! write the database as a superuser (content changed, every hash after it
+//! recomputed) passes those checks. With `AUDIT_HMAC_KEY` set, each record
+//! also carries `mac` = HMAC-SHA256(key, hash) (migration V12); the key lives
+//! in the workers' and the operators' environment only, so rewritten records
+//! cannot carry valid MACs. `verify` given the key checks every MAC. A record
+//! without a MAC after one with a MAC in its chain is a MAC removed; records
+//! before a chain's first MAC were written before the key was set, and are
+//! counted, not failed. Each committed batch also logs its chains' new heads
+//! (`user:seq` and a digest of their hashes), an outside record that a chain
+//! later cut short or replaced contradicts.
 
 use deadpool_postgres::{Client, GenericClient};
+use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::{db::DbError, timefmt::rfc3339_millis};
+use crate::{config::Secret, db::DbError, timefmt::rfc3339_millis};
 
 const GENESIS: [u8; 32] = [0; 32];
 
@@ -71,6 +84,82 @@ fn link(prev: &[u8], content: &str) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// The key of the audit records' MACs (`AUDIT_HMAC_KEY`, its UTF-8 bytes as
+/// given): a record's `mac` is HMAC-SHA256(key, record hash). Held keyed,
+/// never printed (`Debug` says `[redacted]`), never sent to the database.
+#[derive(Clone)]
+pub struct MacKey(Hmac<Sha256>);
+
+/// A key HMAC refused (HMAC takes keys of any length: not expected).
+#[derive(Debug, thiserror::Error)]
+#[error("the audit MAC key was refused")]
+pub struct BadMacKey;
+
+impl MacKey {
+    /// The key `secret`.
+    pub fn new(secret: &Secret) -> Result<Self, BadMacKey> {
+        Hmac::<Sha256>::new_from_slice(secret.expose().as_bytes())
+            .map(Self)
+            .map_err(|_| BadMacKey)
+    }
+
+    /// The key of `AUDIT_HMAC_KEY`, when it is set.
+    pub fn from_settings(settings: &crate::config::Settings) -> Result<Option<Self>, BadMacKey> {
+        settings.audit_hmac_key.as_ref().map(Self::new).transpose()
+    }
+
+    /// The MAC of a record whose hash is `hash`.
+    pub fn mac(&self, hash: &[u8]) -> Vec<u8> {
+        let mut m = self.0.clone();
+        Mac::update(&mut m, hash);
+        m.finalize().into_bytes().to_vec()
+    }
+
+    /// Whether `mac` is the MAC of `hash` under this key (compared in
+    /// constant time).
+    fn verifies(&self, hash: &[u8], mac: &[u8]) -> bool {
+        let mut m = self.0.clone();
+        Mac::update(&mut m, hash);
+        m.verify_slice(mac).is_ok()
+    }
+}
+
+impl std::fmt::Debug for MacKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MacKey([redacted])")
+    }
+}
+
+/// Logs the chains a commit advanced, for an outside record of the heads
+/// (the one thing a MAC cannot show: a chain's last records deleted, with
+/// their ledger entries): `chains` lists `user:seq` (the seq after the last
+/// colon) in byte order of the user ids, `heads` is the first 8 bytes (hex)
+/// of SHA-256 over those records' hashes in that order. Checking a line
+/// later: `SELECT encode(substr(sha256(string_agg(hash, ''::bytea ORDER BY
+/// user_id COLLATE "C")), 1, 8), 'hex') FROM audit_records WHERE (user_id,
+/// seq) IN (…)` must give `heads`; a chain cut short or rewritten since does
+/// not.
+fn log_heads<'a>(records: usize, heads: impl IntoIterator<Item = (&'a str, i64, &'a [u8])>) {
+    let mut heads: Vec<(&str, i64, &[u8])> = heads.into_iter().collect();
+    heads.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+    let mut digest = Sha256::new();
+    let mut chains = String::new();
+    for (user, seq, hash) in &heads {
+        digest.update(hash);
+        if !chains.is_empty() {
+            chains.push(' ');
+        }
+        chains.push_str(&format!("{user}:{seq}"));
+    }
+    let digest = digest.finalize();
+    tracing::info!(
+        records,
+        chains = %chains,
+        heads = %hex::encode(&digest[..8]),
+        "audit records committed"
+    );
+}
+
 /// What appending did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Appended {
@@ -85,9 +174,11 @@ pub enum Appended {
     Busy,
 }
 
-/// Appends the record of ledger entry `entry_id` of `user_id`, once.
+/// Appends the record of ledger entry `entry_id` of `user_id`, once, with
+/// its MAC when `key` is given.
 pub async fn append(
     client: &mut Client,
+    key: Option<&MacKey>,
     user_id: &str,
     entry_id: i64,
 ) -> Result<Appended, DbError> {
@@ -125,9 +216,10 @@ pub async fn append(
     let content = content_of(&entry);
     let hash = link(&prev, &content);
     let seq = seq + 1;
+    let mac = key.map(|k| k.mac(&hash));
     tx.execute(
-        "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content) VALUES ($1, $2, $3, $4, $5, $6)",
-        &[&user_id, &seq, &entry_id, &prev, &hash.as_slice(), &content],
+        "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content, mac) VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        &[&user_id, &seq, &entry_id, &prev, &hash.as_slice(), &content, &mac],
     )
     .await?;
     tx.execute(
@@ -137,6 +229,7 @@ pub async fn append(
     .await?;
     tx.commit().await?;
     observe_lag(entry.get("created_at"));
+    log_heads(1, [(user_id, seq, hash.as_slice())]);
     Ok(Appended::Recorded(seq))
 }
 
@@ -152,9 +245,10 @@ pub async fn append(
 /// items are split per shard, one transaction each.
 pub async fn append_many(
     client: &mut Client,
+    key: Option<&MacKey>,
     items: &[(String, i64)],
 ) -> Result<Vec<Appended>, DbError> {
-    append_many_with(client, items, Held::Skip).await
+    append_many_with(client, key, items, Held::Skip).await
 }
 
 /// [`append_many`] for the entries whose chains were held: waits for each
@@ -163,9 +257,10 @@ pub async fn append_many(
 /// one transaction each.
 pub async fn append_many_waiting(
     client: &mut Client,
+    key: Option<&MacKey>,
     items: &[(String, i64)],
 ) -> Result<Vec<Appended>, DbError> {
-    append_many_with(client, items, Held::Wait).await
+    append_many_with(client, key, items, Held::Wait).await
 }
 
 /// What a batch does with a chain another transaction holds.
@@ -179,22 +274,23 @@ enum Held {
 
 async fn append_many_with(
     client: &mut Client,
+    key: Option<&MacKey>,
     items: &[(String, i64)],
     held: Held,
 ) -> Result<Vec<Appended>, DbError> {
     if !crate::db::distributed() {
-        return append_in_shard(client, items, held).await;
+        return append_in_shard(client, key, items, held).await;
     }
     let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
     let groups = crate::db::shard_groups(&*client, &users).await?;
     if groups.len() <= 1 {
-        return append_in_shard(client, items, held).await;
+        return append_in_shard(client, key, items, held).await;
     }
     let mut answers = Vec::with_capacity(groups.len());
     for group in &groups {
         let part: Vec<(String, i64)> = group.iter().map(|&i| items[i].clone()).collect();
         answers.push(
-            append_in_shard(client, &part, held)
+            append_in_shard(client, key, &part, held)
                 .await?
                 .into_iter()
                 .map(Ok)
@@ -225,6 +321,7 @@ fn entries_by_key_sql() -> String {
 /// [`append_many`] for items whose users share a shard.
 async fn append_in_shard(
     client: &mut Client,
+    key: Option<&MacKey>,
     items: &[(String, i64)],
     held: Held,
 ) -> Result<Vec<Appended>, DbError> {
@@ -302,6 +399,7 @@ async fn append_in_shard(
     let mut recorded: std::collections::HashMap<i64, i64> = std::collections::HashMap::new();
     let (mut r_users, mut r_seqs, mut r_ids, mut r_prev, mut r_hash, mut r_content) =
         (vec![], vec![], vec![], vec![], vec![], vec![]);
+    let mut r_mac: Vec<Option<Vec<u8>>> = vec![];
     for entry in found {
         let entry_id: i64 = entry.get("id");
         if done.contains(&entry_id) || recorded.contains_key(&entry_id) {
@@ -320,19 +418,22 @@ async fn append_in_shard(
         r_ids.push(entry_id);
         r_prev.push(std::mem::replace(prev, hash.to_vec()));
         r_hash.push(hash.to_vec());
+        r_mac.push(key.map(|k| k.mac(&hash)));
         r_content.push(content);
         recorded.insert(entry_id, *seq);
     }
     if !r_ids.is_empty() {
         let insert = tx
             .prepare_cached(
-                "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content) \
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], $6::text[])",
+                "INSERT INTO audit_records (user_id, seq, entry_id, prev_hash, hash, content, mac) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[], $6::text[], $7::bytea[])",
             )
             .await?;
         tx.execute(
             &insert,
-            &[&r_users, &r_seqs, &r_ids, &r_prev, &r_hash, &r_content],
+            &[
+                &r_users, &r_seqs, &r_ids, &r_prev, &r_hash, &r_content, &r_mac,
+            ],
         )
         .await?;
         let h_users: Vec<&str> = heads.keys().map(String::as_str).collect();
@@ -349,6 +450,17 @@ async fn append_in_shard(
             .await?;
     }
     tx.commit().await?;
+    if !r_ids.is_empty() {
+        let advanced: std::collections::HashSet<&str> =
+            r_users.iter().map(String::as_str).collect();
+        log_heads(
+            r_ids.len(),
+            heads
+                .iter()
+                .filter(|(user, _)| advanced.contains(user.as_str()))
+                .map(|(user, (seq, hash))| (user.as_str(), *seq, hash.as_slice())),
+        );
+    }
     if let Some(oldest) = entries
         .iter()
         .filter(|r| recorded.contains_key(&r.get::<_, i64>("id")))
@@ -397,19 +509,47 @@ pub struct Verification {
     pub records_checked: i64,
     /// Ledger entries checked for a record.
     pub entries_checked: i64,
+    /// Whether the records' MACs were checked (a key was given).
+    pub macs_checked: bool,
+    /// Records carrying a MAC (checked when `macs_checked`).
+    pub records_with_mac: i64,
+    /// Records without a MAC, each before its chain's first MAC'd record:
+    /// written before `AUDIT_HMAC_KEY` was set (not a problem unless MACs
+    /// are required).
+    pub records_without_mac: i64,
     /// Every problem.
     pub findings: Vec<Finding>,
 }
 
+/// How `verify` treats the records' MACs.
+#[derive(Debug, Clone, Default)]
+pub struct MacCheck {
+    /// The keys a MAC may be made with: `AUDIT_HMAC_KEY` first, then the
+    /// keys it replaced (records keep the MAC of the key they were written
+    /// under). Empty: MACs are not checked.
+    pub keys: Vec<MacKey>,
+    /// Every record must carry a MAC (the key was set before the first
+    /// record): a record without one is a finding.
+    pub require: bool,
+}
+
 /// Checks every chain link, every record against its ledger entry, and that
-/// every ledger entry has its record.
-pub async fn verify(client: &mut Client) -> Result<Verification, DbError> {
-    verify_with_progress(client, &|_, _, _| {}).await
+/// every ledger entry has its record (MACs: see [`verify_with_progress`]).
+pub async fn verify(client: &mut Client, macs: &MacCheck) -> Result<Verification, DbError> {
+    verify_with_progress(client, macs, &|_, _, _| {}).await
 }
 
 /// [`verify`], calling `progress(stage, done, total)` along the way.
+///
+/// MACs: with keys, a MAC that none of them made is a finding (the record
+/// was rewritten by someone without the key). With or without keys, a
+/// record without a MAC after a record with one in its chain is a finding
+/// (a MAC removed); records without a MAC before their chain's first MAC
+/// are counted in `records_without_mac`, and are findings only when
+/// `require` is set.
 pub async fn verify_with_progress(
     client: &mut Client,
+    macs: &MacCheck,
     progress: &(dyn Fn(&str, u64, u64) + Sync),
 ) -> Result<Verification, DbError> {
     let tx = client
@@ -432,7 +572,7 @@ pub async fn verify_with_progress(
     // buffered by the connection as fast as the server sends them).
     let statement = tx
         .prepare(
-            "SELECT a.user_id AS chain_user, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, \
+            "SELECT a.user_id AS chain_user, a.seq, a.entry_id, a.prev_hash, a.hash, a.content, a.mac, \
                     l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, l.description, \
                     l.project_code, l.reference, l.created_at \
              FROM audit_records a \
@@ -444,6 +584,9 @@ pub async fn verify_with_progress(
     let mut current: Option<String> = None;
     let mut expected_seq = 1;
     let mut prev: Vec<u8> = GENESIS.to_vec();
+    // The seq of the current chain's first record with a MAC, once seen.
+    let mut first_mac: Option<i64> = None;
+    let (mut with_mac, mut without_mac) = (0_i64, 0_i64);
     let mut checked: u64 = 0;
     let mut page = tx.query_portal(&portal, VERIFY_PAGE).await?;
     while !page.is_empty() {
@@ -457,12 +600,14 @@ pub async fn verify_with_progress(
                 current = Some(user.clone());
                 expected_seq = 1;
                 prev = GENESIS.to_vec();
+                first_mac = None;
             }
             let seq: i64 = r.get("seq");
             let entry_id: i64 = r.get("entry_id");
             let stored_prev: Vec<u8> = r.get("prev_hash");
             let stored_hash: Vec<u8> = r.get("hash");
             let content: String = r.get("content");
+            let mac: Option<Vec<u8>> = r.get("mac");
             let mut problem = |detail: String| {
                 findings.push(Finding {
                     user_id: user.clone(),
@@ -497,6 +642,32 @@ pub async fn verify_with_progress(
                     problem(format!(
                         "record {seq} does not match ledger entry {entry_id}"
                     ));
+                }
+            }
+            match (&mac, first_mac) {
+                (Some(mac), _) => {
+                    with_mac += 1;
+                    first_mac.get_or_insert(seq);
+                    if !macs.keys.is_empty()
+                        && !macs.keys.iter().any(|k| k.verifies(&stored_hash, mac))
+                    {
+                        problem(format!(
+                            "record {seq} (entry {entry_id}) has a MAC that AUDIT_HMAC_KEY did not make: \
+                             the record or the chain before it was rewritten"
+                        ));
+                    }
+                }
+                (None, Some(first)) => problem(format!(
+                    "record {seq} (entry {entry_id}) has no MAC, but record {first} before it has one: \
+                     its MAC was removed"
+                )),
+                (None, None) => {
+                    without_mac += 1;
+                    if macs.require {
+                        problem(format!(
+                            "record {seq} (entry {entry_id}) has no MAC, and every record must have one"
+                        ));
+                    }
                 }
             }
             prev = stored_hash;
@@ -554,6 +725,9 @@ pub async fn verify_with_progress(
     Ok(Verification {
         records_checked: checked as i64,
         entries_checked: entries,
+        macs_checked: !macs.keys.is_empty(),
+        records_with_mac: with_mac,
+        records_without_mac: without_mac,
         findings,
     })
 }
@@ -570,4 +744,43 @@ pub async fn entry_content(
         )
         .await?
         .map(|r| content_of(&r)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mac_is_hmac_sha256_of_the_hash_as_rfc_4231_says() {
+        // RFC 4231, test case 2: key "Jefe".
+        let key = MacKey::new(&Secret::new("Jefe")).expect("key");
+        assert_eq!(
+            hex::encode(key.mac(b"what do ya want for nothing?")),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // RFC 4231, test case 1: key 0x0b × 20.
+        let key = MacKey::new(&Secret::new("\u{0b}".repeat(20))).expect("key");
+        assert_eq!(
+            hex::encode(key.mac(b"Hi There")),
+            "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7"
+        );
+    }
+
+    #[test]
+    fn a_mac_verifies_under_its_key_only() {
+        let key = MacKey::new(&Secret::new("k".repeat(32))).expect("key");
+        let other = MacKey::new(&Secret::new("o".repeat(32))).expect("key");
+        let hash = link(&GENESIS, "{}");
+        let mac = key.mac(&hash);
+        assert!(key.verifies(&hash, &mac));
+        assert!(!other.verifies(&hash, &mac));
+        assert!(!key.verifies(&link(&GENESIS, "{ }"), &mac));
+        assert!(!key.verifies(&hash, &mac[..31]));
+    }
+
+    #[test]
+    fn a_mac_key_never_prints() {
+        let key = MacKey::new(&Secret::new("secret-audit-key-0123456789abcdef")).expect("key");
+        assert_eq!(format!("{key:?}"), "MacKey([redacted])");
+    }
 }

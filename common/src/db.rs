@@ -4,6 +4,12 @@
 //! Migrations are applied under a session advisory lock, so any number of API,
 //! worker and operator processes may start at once: one applies, the others
 //! wait and then find nothing left to do.
+//!
+//! Where the services connect as the application role (`penora_app`, migration
+//! V12: it may read and write rows, not change the schema, and not update or
+//! delete the append-only tables), `DB_MIGRATE_ON_START=false`: they do not
+//! migrate, and start only on a current schema ([`prepare_schema`]);
+//! `penora-ops migrate` runs as the schema's owner.
 
 use std::time::Duration;
 
@@ -294,6 +300,80 @@ pub async fn migrate_to(database_url: &str, version: Option<u32>) -> Result<(), 
     unlocked?;
     for m in report.applied_migrations() {
         tracing::info!(version = m.version(), name = m.name(), "migration applied");
+    }
+    Ok(())
+}
+
+/// Readies the database for a service starting: with `DB_MIGRATE_ON_START`
+/// (the default) applies pending migrations; without, changes nothing and
+/// fails, naming `penora-ops migrate`, unless the schema has every migration
+/// this build knows. Either way learns whether the database is distributed.
+pub async fn prepare_schema(settings: &Settings, pool: &Pool) -> Result<(), DbError> {
+    if settings.db_migrate_on_start {
+        let why = match migrate(settings.database_url.expose()).await {
+            Ok(()) => return Ok(()),
+            // A migration that failed (not a database that is away).
+            Err(DbError::Other(why)) => why,
+            Err(other) => return Err(other),
+        };
+        // Refinery's error says only "error asserting migrations table":
+        // name the setting that fits a role that may not change the schema.
+        let may_create = match pool.get().await {
+            Ok(client) => client
+                .query_one(
+                    "SELECT has_schema_privilege(current_user, 'public', 'CREATE')",
+                    &[],
+                )
+                .await
+                .map_or(true, |row| row.get(0)),
+            Err(_) => true,
+        };
+        return Err(DbError::Other(if may_create {
+            why
+        } else {
+            format!(
+                "{why}: DATABASE_URL's role may not change the schema (an application role): \
+                 set DB_MIGRATE_ON_START=false and run `penora-ops migrate` as the schema's owner"
+            )
+        }));
+    }
+    let client = pool.get().await?;
+    let version = match client
+        .query_one(
+            "SELECT coalesce(max(version), 0)::int FROM refinery_schema_history",
+            &[],
+        )
+        .await
+    {
+        Ok(row) => row.get::<_, i32>(0),
+        // A database never migrated.
+        Err(e) if e.code() == Some(&SqlState::UNDEFINED_TABLE) => 0,
+        Err(e) => return Err(e.into()),
+    };
+    let wanted = latest_migration_version();
+    if version < wanted {
+        return Err(DbError::Other(format!(
+            "the schema is at version {version} and this build needs {wanted}: run `penora-ops migrate` \
+             as the schema's owner first (DB_MIGRATE_ON_START=false: this service does not migrate)"
+        )));
+    }
+    learn_distribution_on(&**client).await?;
+    // The point of an application role is that it cannot drop the
+    // append-only triggers: say so when this one could.
+    let privileged: bool = client
+        .query_one(
+            "SELECT r.rolsuper OR pg_has_role(current_user, c.relowner, 'USAGE') \
+             FROM pg_roles r, pg_class c \
+             WHERE r.rolname = current_user AND c.oid = 'ledger_entries'::regclass",
+            &[],
+        )
+        .await?
+        .get(0);
+    if privileged {
+        tracing::warn!(
+            "DATABASE_URL's role is a superuser or owns the schema: it could drop the append-only \
+             triggers; connect the services as the application role (penora_app)"
+        );
     }
     Ok(())
 }

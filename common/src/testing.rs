@@ -392,3 +392,48 @@ pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Durat
     }
     tx.commit().await.expect("travel: committed");
 }
+
+/// Key of the advisory lock held while the test harness lets the
+/// application role log in (concurrent `ALTER ROLE`s of one role fail).
+const APP_ROLE_LOCK_KEY: i64 = 0x70_61_70_70_72_6f_6c;
+
+impl TestDb {
+    /// This database's URL as the application role `penora_app` (migration
+    /// V12), which the harness lets log in first: `LOGIN` with the password
+    /// `penora_app`, on this test server only (the role is cluster-wide, and
+    /// V12 makes it `NOLOGIN`).
+    pub async fn app_role_url(&self) -> String {
+        let admin = admin_client().await;
+        let fail = |what: &str, e: tokio_postgres::Error| -> ! {
+            panic!("{what}: {}", crate::db::error_chain(&e))
+        };
+        admin
+            .execute("SELECT pg_advisory_lock($1)", &[&APP_ROLE_LOCK_KEY])
+            .await
+            .unwrap_or_else(|e| fail("locking the application role", e));
+        let can_login: bool = admin
+            .query_one(
+                "SELECT rolcanlogin FROM pg_roles WHERE rolname = 'penora_app'",
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| fail("reading the application role (migrated?)", e))
+            .get(0);
+        if !can_login {
+            admin
+                .batch_execute("ALTER ROLE penora_app LOGIN PASSWORD 'penora_app'")
+                .await
+                .unwrap_or_else(|e| fail("letting the application role log in", e));
+        }
+        admin
+            .execute("SELECT pg_advisory_unlock($1)", &[&APP_ROLE_LOCK_KEY])
+            .await
+            .unwrap_or_else(|e| fail("unlocking the application role", e));
+        let (scheme, rest) = self
+            .url
+            .split_once("://")
+            .unwrap_or(("postgres", &self.url));
+        let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+        format!("{scheme}://penora_app:penora_app@{host}")
+    }
+}

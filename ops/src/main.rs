@@ -4,7 +4,8 @@
 //! Settings come from the same environment as the services (`DATABASE_URL`,
 //! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …). Only
 //! `migrate` changes the schema; every other command refuses to run on a
-//! schema older than this build (the services migrate at start). Exit status: 0 on success, 1 when a
+//! schema older than this build (the services migrate at start unless
+//! `DB_MIGRATE_ON_START=false`). Exit status: 0 on success, 1 when a
 //! check finds a problem (`reconcile`, `audit verify`, `wait-idle`, `dlq
 //! purge` without `--yes`), 2 on any error.
 
@@ -109,10 +110,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if matches!(cli.command, Command::Migrate) {
         db::migrate(&url)
             .await
-            .context("Failed to apply migrations (is PostgreSQL running? see DATABASE_URL)")?;
+            .context(
+                "Failed to apply migrations (is PostgreSQL running? see DATABASE_URL; migrations run as the schema's owner)",
+            )?;
     } else if let Err(why) = db::readiness(&pool).await {
         anyhow::bail!(
-            "{why}: run `penora-ops migrate` first (penora-api and penora-worker also migrate at start)"
+            "{why}: run `penora-ops migrate` first (penora-api and penora-worker also migrate at start, unless DB_MIGRATE_ON_START=false)"
         );
     } else {
         db::learn_distribution(&pool)
@@ -140,7 +143,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             projects::run(&mut client, command).await.map(|()| done)?
         }
         Command::Reconcile { json } => reconcile::run(&settings, &mut client, json).await?,
-        Command::Audit { command } => audit::run(&mut client, command).await?,
+        Command::Audit { command } => audit::run(&settings, &mut client, command).await?,
         Command::Queues { json } => queues::run(&settings, json).await.map(|()| done)?,
         Command::Dlq { command } => dlq::run(&settings, command).await?,
         Command::WaitIdle { timeout_secs } => {

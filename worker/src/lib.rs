@@ -56,6 +56,8 @@ pub struct Context {
     /// Threads checking saved images and making their thumbnails, at the
     /// lowest CPU priority.
     pub images: penora_common::cpu_pool::CpuPool,
+    /// The key of the audit records' MACs (`AUDIT_HMAC_KEY`), when set.
+    pub audit_mac: Option<penora_common::audit::MacKey>,
 }
 
 impl Context {
@@ -79,12 +81,15 @@ pub fn metrics_handle() -> PrometheusHandle {
     penora_common::telemetry::metrics_handle()
 }
 
-/// Migrates, connects the pool and binds the metrics address.
+/// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
+/// metrics address.
 pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-    db::migrate(settings.database_url.expose())
-        .await
-        .context("Failed to apply database migrations (is PostgreSQL running? see DATABASE_URL)")?;
     let pool = db::pool(&settings).context("Failed to create the database pool")?;
+    db::prepare_schema(&settings, &pool).await.context(
+        "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
+    )?;
+    let audit_mac =
+        penora_common::audit::MacKey::from_settings(&settings).context("Bad AUDIT_HMAC_KEY")?;
     let listener = TcpListener::bind(settings.worker_metrics_addr)
         .await
         .with_context(|| {
@@ -113,6 +118,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
     Ok(Worker {
         ctx: Arc::new(Context {
             images,
+            audit_mac,
             settings,
             pool,
             topology,

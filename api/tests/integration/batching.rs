@@ -383,7 +383,7 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
     // The first record alone, the rest in one batch given out of order, with a
     // repeat, an entry named under the wrong user and one that does not exist.
     assert_eq!(
-        audit::append(&mut c, &entries[0].0, entries[0].1)
+        audit::append(&mut c, None, &entries[0].0, entries[0].1)
             .await
             .expect("append"),
         Appended::Recorded(1)
@@ -392,7 +392,9 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
     items.push(entries[3].clone());
     items.push(("alice".into(), entries[1].1)); // bob's entry
     items.push(("alice".into(), 999_999));
-    let answers = audit::append_many(&mut c, &items).await.expect("batch");
+    let answers = audit::append_many(&mut c, None, &items)
+        .await
+        .expect("batch");
     let recorded = answers
         .iter()
         .filter(|a| matches!(a, Appended::Recorded(_)))
@@ -427,10 +429,14 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
         .expect("late")
         .get(0);
     assert_eq!(
-        audit::append(&mut c, "bob", late).await.expect("append"),
+        audit::append(&mut c, None, "bob", late)
+            .await
+            .expect("append"),
         Appended::Recorded(5)
     );
-    let verification = audit::verify(&mut c).await.expect("verify");
+    let verification = audit::verify(&mut c, &audit::MacCheck::default())
+        .await
+        .expect("verify");
     assert!(
         verification.findings.is_empty(),
         "{:?}",

@@ -2,6 +2,7 @@
 //! its own database (cloned from a migrated template) and its own server on
 //! port 0, so the tests run in parallel.
 
+mod audit_anchor;
 mod batching;
 mod chaos_findings;
 mod connections;
@@ -15,6 +16,7 @@ mod keys;
 mod lots;
 mod ops;
 mod refund_window;
+mod roles;
 mod state_machine;
 mod storage;
 mod support;

@@ -17,7 +17,13 @@ use crate::{Context, message::Message, retry::JobError};
 pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     let job: LedgerAuditJob = m.decode()?;
     let mut client = ctx.pool.get().await.map_err(DbError::from)?;
-    let appended = audit::append(&mut client, &job.user_id, job.entry_id).await?;
+    let appended = audit::append(
+        &mut client,
+        ctx.audit_mac.as_ref(),
+        &job.user_id,
+        job.entry_id,
+    )
+    .await?;
     result(&job, Some(appended))
 }
 
@@ -31,7 +37,7 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
         .map(|j| (j.user_id.clone(), j.entry_id))
         .collect();
     let mut client = ctx.pool.get().await.ok()?;
-    let mut appended = match audit::append_many(&mut client, &items).await {
+    let mut appended = match audit::append_many(&mut client, ctx.audit_mac.as_ref(), &items).await {
         Ok(a) => a.into_iter(),
         Err(e) => {
             tracing::debug!(error = %e, "audit batch failed; one by one");
@@ -62,7 +68,7 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
         .iter()
         .map(|(_, _, j)| (j.user_id.clone(), j.entry_id))
         .collect();
-    match audit::append_many_waiting(&mut client, &items).await {
+    match audit::append_many_waiting(&mut client, ctx.audit_mac.as_ref(), &items).await {
         Ok(answers) => {
             for ((slot, _, job), got) in held.iter().zip(answers) {
                 results[*slot] = Some(result(job, Some(got)));

@@ -11,6 +11,7 @@ mod lots;
 mod operators;
 mod outbox;
 mod permissions;
+mod roles;
 mod support;
 
 use std::{process::Stdio, time::Duration};
