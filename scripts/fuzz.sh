@@ -5,8 +5,10 @@
 # along the document's links (grant → deduct → refund / replay / save →
 # content). Checks: no 5xx, every answer (status, content type, headers, body)
 # as documented, valid requests accepted, invalid ones refused, the key
-# enforced. Afterwards the pipeline must drain and `penora-ops reconcile` and
-# `penora-ops audit verify` must pass.
+# enforced. Then the hostile inputs of scripts/fuzz/hostile.py (image bombs
+# in metadata, stalled uploads, floods of bogus keys, bidirectional text…)
+# must each get their documented answer. Afterwards the pipeline must drain
+# and `penora-ops reconcile` and `penora-ops audit verify` must pass.
 #
 #   scripts/fuzz.sh            full run (300 cases per operation and phase, random seed)
 #   scripts/fuzz.sh --quick    CI run (25 cases per operation and phase, fixed seed)
@@ -81,8 +83,13 @@ st_status=0
   >"$out/schemathesis.txt" 2>&1 || st_status=$?
 sed -n '/=* SUMMARY =*/,$p' "$out/schemathesis.txt"
 
-# Afterwards: the pipeline drains and every invariant holds.
+# Then the hostile inputs of issue 24 (metadata bombs, stalled uploads,
+# floods of bogus keys and health checks, bidirectional text, huge and deep
+# metadata, settlements for less): each must get its documented answer.
 violations=0
+python3 scripts/fuzz/hostile.py "$api" "$key" || violations=$((violations + 1))
+
+# Afterwards: the pipeline drains and every invariant holds.
 ./target/debug/penora-ops wait-idle --timeout-secs 120 || violations=$((violations + 1))
 ./target/debug/penora-ops reconcile || violations=$((violations + 1))
 ./target/debug/penora-ops audit verify || violations=$((violations + 1))
