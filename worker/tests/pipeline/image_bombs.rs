@@ -102,14 +102,23 @@ async fn the_worker_never_inflates_a_colour_profile_and_fails_content_over_the_b
         reason.contains("bytes of metadata") && reason.contains("iCCP"),
         "{reason}"
     );
+    // What is left counted: the kept project (its content, title and
+    // metadata) and the failed one's title and metadata (its content's
+    // bytes were released).
+    let meta = s
+        .scalar(
+            "SELECT coalesce(sum(meta_bytes), 0)::bigint FROM projects WHERE user_id = $1",
+            "u1",
+        )
+        .await;
     assert_eq!(
         s.scalar(
             "SELECT storage_used_bytes FROM accounts WHERE user_id = $1",
             "u1"
         )
         .await,
-        i64::try_from(small_bomb.len()).expect("small"),
-        "the failed project's bytes were released"
+        i64::try_from(small_bomb.len()).expect("small") + meta,
+        "the failed project's content bytes were released"
     );
     let thumbnail = s
         .http
