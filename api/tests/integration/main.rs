@@ -14,6 +14,7 @@ mod guide;
 mod image_bombs;
 mod keys;
 mod lots;
+mod management;
 mod ops;
 mod refund_window;
 mod roles;
