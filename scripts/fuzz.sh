@@ -101,7 +101,7 @@ print(sum(q["ready"] for q in json.load(sys.stdin) if q["queue"].endswith(".dead
 metrics=$(curl -fsS "$api/metrics")
 requests=$(printf '%s\n' "$metrics" | awk '/^penora_http_requests_total\{/ {n += $NF} END {print n + 0}')
 server_errors=$(printf '%s\n' "$metrics" | awk '/^penora_http_requests_total\{.*status="5/ {n += $NF} END {print n + 0}')
-cases=$(grep -o '[0-9]* generated' "$out/schemathesis.txt" | head -1 | cut -d' ' -f1)
+cases=$(grep -oE '^ *[0-9]+ generated' "$out/schemathesis.txt" | head -1 | tr -dc '0-9')
 echo
 echo "fuzz: ${cases:-?} cases generated, $requests requests answered, $server_errors 5xx, $dead dead-lettered jobs, $violations invariant check(s) failed; seed $seed"
 echo "fuzz: schemathesis output in $out/schemathesis.txt (reproduce a case with its curl line or FUZZ_SEED=$seed)"
