@@ -451,24 +451,39 @@ async fn peek(
         };
         let d = msg.delivery;
         let p = &d.properties;
+        // Parked by the worker: its own headers (a first delivery's were
+        // dropped before it read them). Dead-lettered by the broker (a
+        // delivery limit reached): the headers are the ones the message was
+        // published with, which a publisher could have written, so none of
+        // the worker's is believed; where it was published comes from the
+        // broker's `x-death` record, and its arrival is unknown.
+        let by_broker = dead_lettered_by_broker(p);
+        let own = |name: &str| {
+            if by_broker {
+                None
+            } else {
+                headers::text(p, name)
+            }
+        };
         out.push(Peeked {
             position: before + out.len() + 1,
             message_id: p.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
-            // Parked by the worker: its own headers. Dead-lettered by the
-            // broker (a delivery limit reached): where it was first
-            // published, from the broker's `x-death` record.
-            original_exchange: headers::text(p, headers::ORIGINAL_EXCHANGE)
+            original_exchange: own(headers::ORIGINAL_EXCHANGE)
                 .or_else(|| first_death(p).map(|(exchange, _)| exchange)),
-            original_routing_key: headers::text(p, headers::ORIGINAL_ROUTING_KEY)
+            original_routing_key: own(headers::ORIGINAL_ROUTING_KEY)
                 .or_else(|| first_death(p).map(|(_, key)| key)),
-            error: headers::text(p, headers::ERROR).or_else(|| {
+            error: own(headers::ERROR).or_else(|| {
                 headers::text(p, "x-first-death-reason")
                     .map(|why| format!("dead-lettered by the broker: {why}"))
             }),
-            attempts: headers::int(p, headers::ATTEMPT),
-            first_failure_at: headers::text(p, headers::FIRST_FAILURE_AT),
-            parked_at: headers::text(p, headers::PARKED_AT),
+            attempts: if by_broker {
+                None
+            } else {
+                headers::int(p, headers::ATTEMPT)
+            },
+            first_failure_at: own(headers::FIRST_FAILURE_AT),
+            parked_at: own(headers::PARKED_AT),
             body: String::from_utf8_lossy(&d.data).into_owned(),
             data: d.data.clone(),
             delivery_tag: d.delivery_tag,
@@ -476,6 +491,27 @@ async fn peek(
         });
     }
     Ok(out)
+}
+
+/// Whether the broker dead-lettered `p` past a queue's delivery limit (its
+/// `x-death` records say so: the broker writes them, and a publisher cannot
+/// take one away), rather than the worker parking it.
+fn dead_lettered_by_broker(p: &lapin::BasicProperties) -> bool {
+    let Some(AMQPValue::FieldArray(deaths)) =
+        p.headers().as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return false;
+    };
+    deaths.as_slice().iter().any(|death| {
+        let AMQPValue::FieldTable(t) = death else {
+            return false;
+        };
+        match t.inner().get("reason") {
+            Some(AMQPValue::LongString(r)) => r.to_string() == "delivery_limit",
+            Some(AMQPValue::ShortString(r)) => r.as_str() == "delivery_limit",
+            _ => false,
+        }
+    })
 }
 
 /// Where a message the broker dead-lettered was first published: the

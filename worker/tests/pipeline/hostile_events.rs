@@ -306,3 +306,76 @@ async fn a_full_events_queue_refuses_new_events_instead_of_growing() {
     assert!((5..=6).contains(&accepted), "accepted {accepted} of 12");
     assert!((5..=6).contains(&depth), "{depth} waiting");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_dead_lettered_keeps_none_of_the_headers_it_was_published_with() {
+    use lapin::options::{BasicGetOptions, BasicNackOptions};
+    let s = stack(&[], &[]).await;
+    // Published with the worker's own headers, claiming an arrival two days
+    // ago; then returned unacknowledged past the queue's delivery limit, so
+    // the broker (not the worker, which would have dropped them) parks it
+    // with the headers it was published with.
+    let mut forged = FieldTable::default();
+    let text = |v: &str| AMQPValue::LongString(v.to_owned().into());
+    forged.insert(
+        headers::FIRST_FAILURE_AT.into(),
+        text(&rfc3339_millis(
+            OffsetDateTime::now_utc() - Duration::from_secs(2 * 86_400),
+        )),
+    );
+    forged.insert(
+        headers::ORIGINAL_ROUTING_KEY.into(),
+        text("penora.save-project"),
+    );
+    forged.insert(headers::ATTEMPT.into(), AMQPValue::LongUInt(1));
+    let body = event(
+        "ev-loop",
+        "nobody",
+        "none",
+        OffsetDateTime::now_utc(),
+        json!({}),
+    );
+    publish_as_imagegene(&s, "failed", &body, forged)
+        .await
+        .expect("published");
+    let (work, dead) = (s.topology.queue(EVENTS), s.topology.dead_queue(EVENTS));
+    let connection = penora_common::broker::connect(&amqp_url(), "penora-tests")
+        .await
+        .expect("broker");
+    let ch = connection.create_channel().await.expect("channel");
+    let mut returns = 0;
+    while let Some(got) = ch
+        .basic_get(work.clone().into(), BasicGetOptions { no_ack: false })
+        .await
+        .expect("get")
+    {
+        got.delivery
+            .nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .expect("returned");
+        returns += 1;
+        assert!(returns <= 60, "the broker never applied the delivery limit");
+    }
+    let _ = connection.close(200, "bye".into()).await;
+    wait_for("parked by the broker", Duration::from_secs(10), || async {
+        s.depth(&dead).await == 1
+    })
+    .await;
+    let listed = s.ops(&["dlq", "list", EVENTS, "--json"]).await;
+    let listed: Vec<serde_json::Value> = serde_json::from_slice(&listed.stdout).expect("json");
+    assert_eq!(listed.len(), 1);
+    let m = &listed[0];
+    assert_eq!(m["original_routing_key"], json!("generation.failed"), "{m}");
+    assert_eq!(m["first_failure_at"], json!(null), "{m}");
+    assert_eq!(m["attempts"], json!(null), "{m}");
+    assert!(
+        m["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("delivery_limit"),
+        "{m}"
+    );
+}
