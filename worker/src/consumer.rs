@@ -49,8 +49,29 @@ pub async fn handle(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>
         }
         return healthy;
     };
+    // A panic in a handler is a bug, and must not leave its deliveries
+    // neither acknowledged nor returned: a batch that panics goes on one by
+    // one, and a message whose handler panics is parked with the reason
+    // (crates.io's worker catches its jobs' panics the same way).
     let together = match handler.many {
-        Some(many) if messages.len() > 1 => many(ctx, &messages).await,
+        Some(many) if messages.len() > 1 => {
+            match std::panic::AssertUnwindSafe(many(ctx, &messages))
+                .catch_unwind()
+                .await
+            {
+                Ok(results) => results,
+                Err(_) => {
+                    metrics::counter!("penora_worker_handler_panics_total", "queue" => work)
+                        .increment(1);
+                    tracing::error!(
+                        queue = work,
+                        count = messages.len(),
+                        "a batch handler panicked; handling its messages one by one"
+                    );
+                    None
+                }
+            }
+        }
         _ => None,
     };
     if together.is_some() {
@@ -62,7 +83,19 @@ pub async fn handle(ctx: &Context, work: &'static str, deliveries: Vec<Delivery>
     for (delivery, m) in deliveries.into_iter().zip(&messages) {
         let result = match results.as_mut().and_then(Iterator::next) {
             Some(result) => result,
-            None => (handler.one)(ctx, m).await,
+            None => match std::panic::AssertUnwindSafe((handler.one)(ctx, m))
+                .catch_unwind()
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => {
+                    metrics::counter!("penora_worker_handler_panics_total", "queue" => work)
+                        .increment(1);
+                    Err(JobError::Fatal(
+                        "the handler panicked on this message (a bug): parked".into(),
+                    ))
+                }
+            },
         };
         healthy &= finish(ctx, work, delivery, m, result).await;
     }

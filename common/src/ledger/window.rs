@@ -41,18 +41,24 @@ impl EventTime {
         max_lateness: Duration,
         clock_skew: Duration,
     ) -> Self {
-        let at = if occurred_at < received_at - max_lateness {
-            received_at
-        } else {
-            occurred_at
+        // Checked arithmetic throughout: an event may name any time the
+        // format allows (year 9999 included), and a setting any duration.
+        let believed_from = received_at
+            .checked_sub(time::Duration::try_from(max_lateness).unwrap_or(time::Duration::MAX));
+        let at = match believed_from {
+            Some(from) if occurred_at < from => received_at,
+            _ => occurred_at,
         };
         Self { at, clock_skew }
     }
 
-    /// The earliest time a reservation may have been made for this event to
+    /// The latest time a reservation may have been made for this event to
     /// be about it: `at` plus the clock skew.
     pub fn latest_creation(&self) -> OffsetDateTime {
-        self.at + self.clock_skew
+        time::Duration::try_from(self.clock_skew)
+            .ok()
+            .and_then(|skew| self.at.checked_add(skew))
+            .unwrap_or(self.at)
     }
 }
 
@@ -171,6 +177,21 @@ mod tests {
         assert_eq!(
             judge(Some(&at(now + HOUR)), made, until, now),
             Verdict::Closed
+        );
+        // The edges of what an event may name do not overflow.
+        let end = time::macros::datetime!(9999-12-31 23:59:59.999 UTC);
+        assert_eq!(judge(Some(&at(end)), made, until, now), Verdict::Closed);
+        let start = time::macros::datetime!(-9999-01-01 00:00 UTC);
+        assert_eq!(
+            judge(Some(&at(start)), made, until, now),
+            Verdict::BeforeReservation
+        );
+        let e = EventTime::believed(end, now, Duration::MAX, Duration::MAX);
+        assert_eq!(e.at, end);
+        assert_eq!(e.latest_creation(), end);
+        assert_eq!(
+            EventTime::believed(start, now, Duration::MAX, MINUTE).at,
+            start
         );
     }
 }

@@ -379,3 +379,32 @@ async fn a_message_the_broker_dead_lettered_keeps_none_of_the_headers_it_was_pub
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_event_from_the_end_of_time_is_judged_at_its_arrival_without_stopping_its_batch() {
+    let mut s = stack(&[], &[]).await;
+    s.grant("far", 30).await;
+    for code in ["far-1", "far-2", "far-3"] {
+        s.deduct("far", 10, code).await;
+    }
+    // Three events arrive together (one batch): the middle one dated at the
+    // last instant the format allows (adding the clock skew to it used to
+    // overflow, and the panic left the whole batch unacknowledged).
+    let end = OffsetDateTime::parse("9999-12-31T23:59:59.999Z", &Rfc3339).expect("time");
+    for (id, code, at) in [
+        ("ev-far-1", "far-1", OffsetDateTime::now_utc()),
+        ("ev-far-2", "far-2", end),
+        ("ev-far-3", "far-3", OffsetDateTime::now_utc()),
+    ] {
+        s.publish_event("failed", &event(id, "far", code, at, json!({})))
+            .await;
+    }
+    s.start_worker().await;
+    wait_for("all three refunded", Duration::from_secs(15), || async {
+        balance(&s, "far").await == 30
+    })
+    .await;
+    s.wait_idle().await;
+    assert_eq!(s.depth(&s.topology.dead_queue(EVENTS)).await, 0);
+    s.stop_worker().await;
+}
