@@ -364,11 +364,34 @@ fn headers_where(m: &Peeked, keep: impl Fn(&str) -> bool) -> FieldTable {
 /// `m` (its bytes and properties) to publish again to `exchange` with
 /// `routing_key`, carrying `headers`.
 fn copy_of(m: &Peeked, exchange: String, routing_key: String, headers: FieldTable) -> Outgoing {
+    // Not the publisher's time to live (the copy would expire again) nor its
+    // user id (the broker refuses a copy whose user id is not the one
+    // publishing it).
+    let mut properties = BasicProperties::default().with_headers(headers);
+    let p = &m.properties;
+    if let Some(v) = p.content_type() {
+        properties = properties.with_content_type(v.clone());
+    }
+    if let Some(v) = p.content_encoding() {
+        properties = properties.with_content_encoding(v.clone());
+    }
+    if let Some(v) = p.message_id() {
+        properties = properties.with_message_id(v.clone());
+    }
+    if let Some(v) = p.correlation_id() {
+        properties = properties.with_correlation_id(v.clone());
+    }
+    if let Some(v) = p.timestamp() {
+        properties = properties.with_timestamp(*v);
+    }
+    if let Some(v) = p.kind() {
+        properties = properties.with_type(v.clone());
+    }
     Outgoing {
         exchange,
         routing_key,
         payload: m.data.clone(),
-        properties: m.properties.clone().with_headers(headers),
+        properties,
     }
 }
 
@@ -441,6 +464,8 @@ async fn peek(
     limit: usize,
     before: usize,
 ) -> Result<Vec<Peeked>, lapin::Error> {
+    // The work queue this dead queue belongs to (the same prefix).
+    let work = queue.strip_suffix(".dead").unwrap_or(queue);
     let mut out = Vec::new();
     while out.len() < limit {
         let Some(msg) = ch
@@ -457,7 +482,13 @@ async fn peek(
         // published with, which a publisher could have written, so none of
         // the worker's is believed; where it was published comes from the
         // broker's `x-death` record, and its arrival is unknown.
-        let by_broker = dead_lettered_by_broker(p);
+        let deaths = deaths(p);
+        // Dead-lettered by the broker from the work queue itself (a
+        // delivery limit, a per-message TTL the publisher set, …), the
+        // message carries the headers it was published with.
+        let from_work = deaths.iter().find(|d| d.queue == work);
+        let by_broker = from_work.is_some();
+        let published = from_work.or_else(|| deaths.last());
         let own = |name: &str| {
             if by_broker {
                 None
@@ -470,9 +501,9 @@ async fn peek(
             message_id: p.message_id().as_ref().map(|s| s.to_string()),
             correlation_id: p.correlation_id().as_ref().map(|s| s.to_string()),
             original_exchange: own(headers::ORIGINAL_EXCHANGE)
-                .or_else(|| first_death(p).map(|(exchange, _)| exchange)),
+                .or_else(|| published.map(|d| d.exchange.clone())),
             original_routing_key: own(headers::ORIGINAL_ROUTING_KEY)
-                .or_else(|| first_death(p).map(|(_, key)| key)),
+                .or_else(|| published.and_then(|d| d.routing_key.clone())),
             error: own(headers::ERROR).or_else(|| {
                 headers::text(p, "x-first-death-reason")
                     .map(|why| format!("dead-lettered by the broker: {why}"))
@@ -493,47 +524,48 @@ async fn peek(
     Ok(out)
 }
 
-/// Whether the broker dead-lettered `p` past a queue's delivery limit (its
-/// `x-death` records say so: the broker writes them, and a publisher cannot
-/// take one away), rather than the worker parking it.
-fn dead_lettered_by_broker(p: &lapin::BasicProperties) -> bool {
-    let Some(AMQPValue::FieldArray(deaths)) =
-        p.headers().as_ref().and_then(|h| h.inner().get("x-death"))
-    else {
-        return false;
-    };
-    deaths.as_slice().iter().any(|death| {
-        let AMQPValue::FieldTable(t) = death else {
-            return false;
-        };
-        match t.inner().get("reason") {
-            Some(AMQPValue::LongString(r)) => r.to_string() == "delivery_limit",
-            Some(AMQPValue::ShortString(r)) => r.as_str() == "delivery_limit",
-            _ => false,
-        }
-    })
+/// One of the broker's `x-death` records of a message: where it died, why,
+/// and where it had been published.
+#[derive(Debug, Clone)]
+struct Death {
+    queue: String,
+    exchange: String,
+    routing_key: Option<String>,
 }
 
-/// Where a message the broker dead-lettered was first published: the
-/// exchange and routing key of its first `x-death` record.
-fn first_death(p: &lapin::BasicProperties) -> Option<(String, String)> {
-    let headers = p.headers().as_ref()?.inner();
-    let exchange = headers::text(p, "x-first-death-exchange")?;
-    let AMQPValue::FieldArray(deaths) = headers.get("x-death")? else {
-        return None;
+/// The `x-death` records of `p`, most recent first (as the broker keeps
+/// them). The broker writes them; a publisher can add some, never take one
+/// away.
+fn deaths(p: &lapin::BasicProperties) -> Vec<Death> {
+    let text = |v: Option<&AMQPValue>| match v {
+        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+        Some(AMQPValue::ShortString(s)) => Some(s.to_string()),
+        _ => None,
     };
-    let AMQPValue::FieldTable(first) = deaths.as_slice().first()? else {
-        return None;
+    let Some(AMQPValue::FieldArray(records)) =
+        p.headers().as_ref().and_then(|h| h.inner().get("x-death"))
+    else {
+        return Vec::new();
     };
-    let AMQPValue::FieldArray(keys) = first.inner().get("routing-keys")? else {
-        return None;
-    };
-    let key = match keys.as_slice().first()? {
-        AMQPValue::LongString(k) => k.to_string(),
-        AMQPValue::ShortString(k) => k.to_string(),
-        _ => return None,
-    };
-    Some((exchange, key))
+    records
+        .as_slice()
+        .iter()
+        .filter_map(|r| {
+            let AMQPValue::FieldTable(t) = r else {
+                return None;
+            };
+            let t = t.inner();
+            let routing_key = match t.get("routing-keys") {
+                Some(AMQPValue::FieldArray(keys)) => text(keys.as_slice().first()),
+                _ => None,
+            };
+            Some(Death {
+                queue: text(t.get("queue"))?,
+                exchange: text(t.get("exchange")).unwrap_or_default(),
+                routing_key,
+            })
+        })
+        .collect()
 }
 
 /// Whether work queue `work` takes messages published with `routing_key`
