@@ -593,7 +593,16 @@ impl Layout {
         let mut layout = Layout::default();
         let mut seen_idat = false;
         walk(bytes, format, &mut |tag, range| {
-            let len = range.len() as u64;
+            // Metadata counts by what its chunk declares, not only by what
+            // is there: a decoder may size its buffer by the declaration (a
+            // WebP EXIF chunk declaring 4 GiB in a short file made
+            // image-webp allocate 4 GiB of zeros).
+            let declared = match tag {
+                Tag::Png(_) => be32(bytes, range.start).map(|n| u64::from(n) + 12),
+                Tag::Webp(_) => le32(bytes, range.start + 4).map(|n| u64::from(n) + 8),
+                _ => None,
+            };
+            let len = declared.unwrap_or(0).max(range.len() as u64);
             if let Some(what) = tag.metadata() {
                 layout.metadata += len;
                 if layout.largest.is_none_or(|(_, most)| len > most) {
@@ -707,9 +716,11 @@ fn walk_jpeg(b: &[u8], visit: &mut dyn FnMut(Tag, Range<usize>)) -> usize {
                 visit(Tag::Jpeg(marker), at..after);
                 return after;
             }
-            // Markers without a length: SOI, TEM, restarts (and a stray
-            // stuffed zero).
-            0x00 | 0x01 | 0xd0..=0xd8 => after,
+            // Every other marker outside a scan is read with a length, as
+            // the decoder (zune-jpeg) reads it, restarts, SOI and TEM
+            // included: a walk that took them as bare markers could be led
+            // to see a segment where the decoder sees an APP2 profile, and
+            // the metadata would escape the bound.
             _ => {
                 let Some(len) = be16(b, after) else { break };
                 // The length counts its own two bytes.
@@ -747,16 +758,15 @@ fn next_marker(b: &[u8], from: usize) -> usize {
 }
 
 /// WebP: the RIFF header, then chunks (FourCC, size, data padded to even)
-/// up to the RIFF size, past which decoders read nothing. Returns where the
-/// walk stopped.
+/// to the end of the bytes. Returns where the walk stopped.
 fn walk_webp(b: &[u8], visit: &mut dyn FnMut(Tag, Range<usize>)) -> usize {
-    // "RIFF", the size of what follows, "WEBP".
+    // "RIFF", the size of what follows, "WEBP". The walk goes on to the end
+    // of the bytes, not of the RIFF size: the decoder (image-webp) may read
+    // chunks past a RIFF size that says less than the file holds, and their
+    // metadata must be counted too.
     let mut at = b.len().min(12);
     visit(Tag::Raw, 0..at);
-    let riff_end = le32(b, 4)
-        .and_then(|n| usize::try_from(n).ok())
-        .map_or(b.len(), |n| clamp(b, 8, n));
-    while at < riff_end {
+    while at < b.len() {
         let (Some(kind), Some(size)) = (fourcc(b, at), le32(b, at + 4)) else {
             break;
         };
@@ -1066,7 +1076,8 @@ mod tests {
     fn hostile_lengths_and_truncations_end_the_walk_without_a_panic() {
         let sig = b"\x89PNG\r\n\x1a\n";
         let cases: Vec<(ImageFormat, Vec<u8>)> = vec![
-            // A chunk declaring 4 GiB, then 100 bytes: metadata counts what is there.
+            // A chunk declaring 4 GiB, then 100 bytes: metadata counts what
+            // it declares (a decoder may size a buffer by it).
             (
                 ImageFormat::Png,
                 [&sig[..], &[0xff; 4], b"iCCP", &[0; 100]].concat(),
@@ -1125,15 +1136,26 @@ mod tests {
         for (format, bytes) in cases {
             pieces(&bytes, format);
             let layout = Layout::of(&bytes, format);
-            assert!(layout.metadata <= bytes.len() as u64, "{bytes:?}");
+            if layout.metadata > MAX_METADATA_BYTES {
+                assert!(
+                    matches!(
+                        screen(&bytes, 1 << 24),
+                        Err(PrepareError::TooMuchMetadata { .. })
+                    ),
+                    "{bytes:?}"
+                );
+            }
             let _ = without(&bytes, format, for_decoders);
             let _ = without(&bytes, format, kept_as_sent);
             let _ = prepare(bytes.clone(), &POLICY);
             let _ = thumbnail(&bytes, 1 << 24);
         }
-        // What a truncated chunk holds is still counted, and dropped.
+        // A truncated chunk counts what it declares, and is dropped.
         let b = [&sig[..], &[0xff; 4], b"iCCP", &[0; 100]].concat();
-        assert_eq!(Layout::of(&b, ImageFormat::Png).metadata, 108);
+        assert_eq!(
+            Layout::of(&b, ImageFormat::Png).metadata,
+            u64::from(u32::MAX) + 12
+        );
         assert_eq!(
             without(&b, ImageFormat::Png, for_decoders),
             Some(sig.to_vec())
@@ -1142,8 +1164,8 @@ mod tests {
 
     proptest::proptest! {
         /// Whatever follows the magic bytes of each format, the walk visits
-        /// contiguous pieces covering every byte, and nothing built on it
-        /// panics or counts more metadata than there are bytes.
+        /// contiguous pieces covering every byte, nothing built on it
+        /// panics, and metadata declared over the bound is refused.
         #[test]
         fn any_bytes_walk_into_contiguous_pieces_without_a_panic(
             tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
@@ -1158,12 +1180,62 @@ mod tests {
             let bytes = [magic, &tail].concat();
             pieces(&bytes, format);
             let layout = Layout::of(&bytes, format);
-            proptest::prop_assert!(layout.metadata <= bytes.len() as u64);
+            if layout.metadata > MAX_METADATA_BYTES {
+                let refused = matches!(
+                    screen(&bytes, 1 << 24),
+                    Err(PrepareError::TooMuchMetadata { .. })
+                );
+                proptest::prop_assert!(refused);
+            }
             if let Some(kept) = without(&bytes, format, for_decoders) {
                 proptest::prop_assert!(kept.len() < bytes.len());
             }
             let _ = without(&bytes, format, kept_as_sent);
         }
+    }
+
+    #[test]
+    fn metadata_counts_what_it_declares_past_the_riff_size_and_behind_stray_markers() {
+        // A WebP whose EXIF chunk declares 4 GiB in a short file: image-webp
+        // would allocate what it declares.
+        let mut b = webp_with(&[(b"EXIF", vec![1; 16])]);
+        let at = b.len() - 16 - 4;
+        b[at..at + 4].copy_from_slice(&0xffff_fff0u32.to_le_bytes());
+        assert!(matches!(
+            screen(&b, 1 << 24),
+            Err(PrepareError::TooMuchMetadata { .. })
+        ));
+        // A RIFF size that stops before an EXIF chunk of 2 MiB the file
+        // still holds: the decoder may read it, so it counts.
+        let mut b = webp_with(&[]);
+        let riff = u32::try_from(b.len() - 8).expect("small");
+        b.extend(b"EXIF");
+        b.extend(u32::try_from(2 << 20).expect("small").to_le_bytes());
+        b.extend(vec![7u8; 2 << 20]);
+        b[4..8].copy_from_slice(&riff.to_le_bytes());
+        assert!(matches!(
+            screen(&b, 1 << 24),
+            Err(PrepareError::TooMuchMetadata { .. })
+        ));
+        // JPEG: a restart marker outside a scan has a length to the decoder
+        // (zune-jpeg), so what it covers is not hidden from the count: here
+        // it covers 0xFFC4 bytes, behind which 20 APP2 segments of 60,000
+        // bytes each (1.2 MB of profile) stand.
+        let mut b = vec![0xff, 0xd8];
+        for _ in 0..20 {
+            b.extend([0xff, 0xd0, 0xff, 0xc4]);
+            b.extend(vec![0u8; 0xffc4 - 2]);
+            b.extend([0xff, 0xe2]);
+            b.extend(60_002u16.to_be_bytes());
+            b.extend(vec![0x41u8; 60_000]);
+        }
+        b.extend([0xff, 0xd9]);
+        let layout = Layout::of(&b, ImageFormat::Jpeg);
+        assert!(layout.metadata >= 20 * 60_000, "{}", layout.metadata);
+        assert!(matches!(
+            screen(&b, 1 << 24),
+            Err(PrepareError::TooMuchMetadata { .. })
+        ));
     }
 
     #[test]
