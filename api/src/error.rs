@@ -107,6 +107,15 @@ pub enum ApiError {
         /// `HTTP_BODY_TIMEOUT_SECS`.
         secs: u64,
     },
+    /// 408 `request_timeout`: a save holding a slot sent its body slower
+    /// than the least rate a slot is held for; the connection is closed.
+    #[error(
+        "The request body arrived slower than {bytes_per_sec} bytes a second; send it faster or retry later"
+    )]
+    BodyTooSlow {
+        /// The least rate.
+        bytes_per_sec: usize,
+    },
     /// 503 `timeout`: the request did not finish within
     /// `HTTP_REQUEST_TIMEOUT_SECS`; the connection is closed.
     #[error(
@@ -178,7 +187,9 @@ impl ApiError {
             Self::ContentNotAvailable(_) => (StatusCode::CONFLICT, "content_not_available"),
             Self::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::ProjectLimitReached(_) => (StatusCode::FORBIDDEN, "project_limit_reached"),
-            Self::RequestTimeout { .. } => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+            Self::RequestTimeout { .. } | Self::BodyTooSlow { .. } => {
+                (StatusCode::REQUEST_TIMEOUT, "request_timeout")
+            }
             Self::Timeout { .. } => (StatusCode::SERVICE_UNAVAILABLE, "timeout"),
             Self::Busy { .. } => (StatusCode::SERVICE_UNAVAILABLE, "busy"),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -217,7 +228,10 @@ impl IntoResponse for ApiError {
         }
         // Cut off mid-request, the body may be partly unread: the connection
         // cannot carry another request.
-        if matches!(self, Self::RequestTimeout { .. } | Self::Timeout { .. }) {
+        if matches!(
+            self,
+            Self::RequestTimeout { .. } | Self::BodyTooSlow { .. } | Self::Timeout { .. }
+        ) {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));

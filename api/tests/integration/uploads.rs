@@ -187,7 +187,8 @@ async fn eight_stalled_uploads_do_not_block_a_ninth_real_save() {
     let (status, body, _) = real_save(&app, "u1", 2).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], json!("busy"), "{body}");
-    // ... until the deadline cuts them off and gives the slots back.
+    // ... until the least body rate a slot is held for (16 KiB/s after a
+    // 5 s grace), or their deadline, cuts them off and gives the slots back.
     for s in &mut partial {
         let head = tokio::time::timeout(DEADLINE * 2, read_head(s)).await;
         let Ok(Some((status, seen))) = head else {
@@ -197,12 +198,74 @@ async fn eight_stalled_uploads_do_not_block_a_ninth_real_save() {
     }
     let partial_took = partial_since.elapsed();
     assert!(
-        partial_took >= DEADLINE && partial_took < DEADLINE + Duration::from_secs(4),
+        partial_took >= Duration::from_secs(5) && partial_took < DEADLINE + Duration::from_secs(4),
         "{partial_took:?}"
     );
     assert_eq!(metric(&app, "penora_save_slots_in_use").await, 0.0);
     let (status, body, _) = real_save(&app, "u1", 3).await;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    app.assert_reconciled().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_save_that_trickles_its_body_gives_its_slot_back_long_before_its_deadline() {
+    // A minute of body deadline; eight uploads that send a byte every second
+    // would have held every slot for all of it.
+    let app = spawn_app_with(&[
+        ("MAX_CONCURRENT_SAVES", "8"),
+        ("SAVE_QUEUE_WAIT_MS", "1000"),
+        ("HTTP_BODY_TIMEOUT_SECS", "60"),
+    ])
+    .await;
+    app.grant("u1", 1).await;
+    let target = addr(&app);
+    let since = Instant::now();
+    let mut trickling = Vec::new();
+    for _ in 0..8 {
+        let mut s = TcpStream::connect(&target).await.expect("connect");
+        s.write_all(save_head(2_000_000, false).as_bytes())
+            .await
+            .expect("headers");
+        s.write_all(b"{").await.expect("a byte");
+        trickling.push(s);
+    }
+    let feeding = tokio::spawn(async move {
+        let mut answers = Vec::new();
+        for _ in 0..12 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            for s in &mut trickling {
+                let _ = s.write_all(b" ").await;
+            }
+        }
+        for s in &mut trickling {
+            answers.push(
+                tokio::time::timeout(Duration::from_secs(5), read_head(s))
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|(status, _)| status),
+            );
+        }
+        answers
+    });
+    // Within the grace they hold the slots; after it, a real save goes in.
+    let mut answered = None;
+    while since.elapsed() < Duration::from_secs(20) {
+        let (status, body, _) = real_save(&app, "u1", 1).await;
+        if status == StatusCode::ACCEPTED {
+            answered = Some(since.elapsed());
+            break;
+        }
+        assert_eq!(body["code"], json!("busy"), "{body}");
+    }
+    let answered = answered.expect("a real save went in while the uploads trickled on");
+    println!("a real save went in {answered:?} after eight trickling uploads began");
+    assert!(answered < Duration::from_secs(12), "{answered:?}");
+    let answers = feeding.await.expect("fed");
+    assert!(
+        answers.iter().all(|a| *a == Some(408)),
+        "each trickling upload got 408: {answers:?}"
+    );
     app.assert_reconciled().await;
 }
 
