@@ -125,6 +125,9 @@ pub enum ApiError {
     Timeout {
         /// `HTTP_REQUEST_TIMEOUT_SECS`.
         secs: u64,
+        /// The `project_code` the service made for a deduction that came
+        /// without one: the only key a retry can find it by.
+        project_code: Option<String>,
     },
     /// 503 `unavailable`: the database cannot be reached.
     #[error("{UNAVAILABLE}")]
@@ -156,6 +159,11 @@ pub struct ErrorBody {
     /// What went wrong, for programs (stable snake_case).
     #[schema(example = "insufficient_credits")]
     pub code: String,
+    /// With `timeout` on a deduction sent without a `project_code`: the one
+    /// the service made for it; retry with it to learn whether it was
+    /// carried out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_code: Option<String>,
 }
 
 /// The error code of a response, left in its extensions for the request log.
@@ -214,6 +222,10 @@ impl IntoResponse for ApiError {
             success: false,
             error: self.to_string(),
             code: code.to_owned(),
+            project_code: match &self {
+                Self::Timeout { project_code, .. } => project_code.clone(),
+                _ => None,
+            },
         };
         let mut response = (status, Json(body)).into_response();
         if let Self::RateLimited { retry_after_secs }

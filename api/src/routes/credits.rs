@@ -288,6 +288,7 @@ async fn deduct_credits(
     correlation: RequestCorrelation,
     auth: Auth,
     key: IdempotencyKey,
+    made: crate::routes::MadeCode,
     ApiJson(body): ApiJson<DeductRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Spend)?;
@@ -303,7 +304,11 @@ async fn deduct_credits(
         ProjectCode::parse(k).is_ok()
     })? {
         Some(raw) => ProjectCode::parse(&raw)?,
-        None => ProjectCode::generate(),
+        None => {
+            let code = ProjectCode::generate();
+            let _ = made.0.set(code.to_string());
+            code
+        }
     };
     let span = tracing::Span::current();
     span.record("user_id", user.as_str());

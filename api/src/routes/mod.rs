@@ -195,15 +195,33 @@ struct Deadlines {
 async fn deadline(State(deadlines): State<Deadlines>, mut req: Request, next: Next) -> Response {
     req.extensions_mut()
         .insert(BodyDeadline::after(deadlines.body));
+    let made = MadeCode::default();
+    req.extensions_mut().insert(made.clone());
     match tokio::time::timeout(deadlines.request, next.run(req)).await {
         Ok(response) => response,
         Err(_) => {
             metrics::counter!("penora_http_request_timeouts_total").increment(1);
             ApiError::Timeout {
                 secs: deadlines.request.as_secs(),
+                project_code: made.0.get().cloned(),
             }
             .into_response()
         }
+    }
+}
+
+/// Where a handler leaves the `project_code` it made for a deduction sent
+/// without one, so that a `503 timeout` can give it to the client: without
+/// it, a deduction cut off after its batch committed could not be found by a
+/// retry, and a retry would charge again.
+#[derive(Debug, Clone, Default)]
+pub struct MadeCode(pub std::sync::Arc<std::sync::OnceLock<String>>);
+
+impl<S: Send + Sync> FromRequestParts<S> for MadeCode {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Self>().cloned().unwrap_or_default())
     }
 }
 

@@ -409,6 +409,48 @@ async fn a_request_past_its_deadline_answers_503_timeout_and_a_retry_with_its_ke
     app.assert_reconciled().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_deduction_sent_without_a_key_and_cut_off_gets_the_key_it_was_given() {
+    let app = spawn_app_with(&[
+        ("HTTP_REQUEST_TIMEOUT_SECS", "2"),
+        ("DB_LOCK_TIMEOUT_MS", "8000"),
+    ])
+    .await;
+    app.grant("u1", 100).await;
+    let mut holder = app.pool.get().await.expect("db");
+    let lock = holder.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM accounts WHERE user_id = 'u1' FOR UPDATE",
+        &[],
+    )
+    .await
+    .expect("row lock");
+    // No project_code, no Idempotency-Key: the service makes one. Its batch
+    // begins and waits for the row past the request's deadline.
+    let r = app
+        .post(
+            "/api/unified/deduct-credits",
+            &json!({"user_id": "u1", "amount": 10, "app_name": "imagegene"}),
+        )
+        .await;
+    let status = r.status();
+    let body: Value = r.json().await.expect("json");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["code"], json!("timeout"), "{body}");
+    let code = body["project_code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("the 503 names the code it was given: {body}"))
+        .to_owned();
+    lock.rollback().await.expect("rollback");
+    // The batch committed once the row was free; the retry with the code
+    // it was given finds it and charges nothing more.
+    let (status, body, replayed) = deduct(&app, "u1", 10, &code).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(replayed, "{body}");
+    assert_eq!(app.balance("u1").await, 90);
+    app.assert_reconciled().await;
+}
+
 /// The server's end of `client` in `/proc/net/tcp`: its timer (`tr`: 2 is
 /// the keepalive timer) and when it fires, in seconds.
 fn server_side_timer(client: &TcpStream) -> Option<(u8, f64)> {
