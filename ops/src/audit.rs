@@ -33,6 +33,12 @@ pub enum AuditCommand {
         /// record was written): a record without one is a problem.
         #[arg(long)]
         require_mac: bool,
+        /// How many records carried no MAC when the key was introduced
+        /// (recorded outside the database): more is a problem. A superuser
+        /// who strips every MAC of a chain makes its records look written
+        /// before the key; this number does not move for them.
+        #[arg(long, value_name = "N")]
+        max_records_without_mac: Option<i64>,
     },
 }
 
@@ -45,14 +51,26 @@ pub async fn run(
         json,
         previous_keys,
         require_mac,
+        max_records_without_mac,
     } = command;
     let macs = mac_check(settings, previous_keys.as_deref(), require_mac)?;
-    let v = audit::verify_with_progress(client, &macs, &output::progress_bar).await?;
+    let mut v = audit::verify_with_progress(client, &macs, &output::progress_bar).await?;
+    if let Some(max) = max_records_without_mac
+        && v.records_without_mac > max
+    {
+        v.findings.push(audit::Finding {
+            user_id: "(all)".into(),
+            detail: format!(
+                "{} records carry no MAC, more than the {max} written before the key: MACs were removed",
+                v.records_without_mac
+            ),
+        });
+    }
     if json {
         output::json(&v)?;
     } else {
         for f in &v.findings {
-            println!("user {:<24} {}", f.user_id, f.detail);
+            println!("user {:<24} {}", f.user_id, output::text(&f.detail));
         }
         if v.macs_checked {
             println!(

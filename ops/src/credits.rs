@@ -1,6 +1,7 @@
 //! `penora-ops credits`: grants, with the ledger's rules (once per
 //! reference; a repeat moves nothing and says so), and a user's lots.
 
+use crate::output;
 use clap::Subcommand;
 use penora_common::{
     config::Settings,
@@ -117,7 +118,7 @@ pub async fn run(
                 r.credits_added,
                 r.category.as_str(),
                 r.user_id,
-                r.reference,
+                output::text(&r.reference),
                 r.lot_id,
                 r.priority,
                 r.new_balance
@@ -148,7 +149,7 @@ pub async fn run(
                         .map(rfc3339_millis)
                         .unwrap_or_else(|| "never".into()),
                     l.status,
-                    l.reference.as_deref().unwrap_or("(balance before lots)")
+                    output::text(l.reference.as_deref().unwrap_or("(balance before lots)"))
                 );
             }
             println!("{} lots", lots.len());

@@ -240,3 +240,44 @@ async fn after_a_key_rotation_records_keep_the_old_keys_mac_and_verify_with_it()
     let _ = std::fs::remove_file(&dir);
     assert_eq!(alone.status.code(), Some(2), "{alone:?}");
 }
+
+#[tokio::test]
+async fn a_chain_whose_every_mac_was_stripped_is_found_against_the_count_kept_outside() {
+    let app = spawn_app().await;
+    app.grant("eve", 20).await;
+    for code in ["a", "b", "c"] {
+        app.deduct("eve", 1, code).await;
+    }
+    let ids = entries(&app, "eve").await;
+    record(&app, None, "eve", &ids[..1]).await;
+    record(&app, Some(KEY), "eve", &ids[1..]).await;
+    let with_key = [("AUDIT_HMAC_KEY", KEY)];
+    // The operator noted, when the key came, how many records had none: 1.
+    let args = ["audit", "verify", "--max-records-without-mac", "1"];
+    let ok = ops(&app, &args, &with_key).await;
+    assert!(ok.status.success(), "{ok:?}");
+    // A superuser strips every MAC of the chain: each record then looks as
+    // if written before the key, and no link is broken.
+    let c = app.pool.get().await.expect("db");
+    c.batch_execute(
+        "BEGIN;
+         ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only;
+         UPDATE audit_records SET mac = NULL WHERE user_id = 'eve';
+         ALTER TABLE audit_records ENABLE TRIGGER audit_records_append_only;
+         COMMIT;",
+    )
+    .await
+    .expect("MACs removed");
+    let plain = ops(&app, &["audit", "verify"], &with_key).await;
+    assert!(
+        plain.status.success(),
+        "the hole this option closes: {plain:?}"
+    );
+    let found = ops(&app, &args, &with_key).await;
+    assert_eq!(found.status.code(), Some(1), "{found:?}");
+    assert!(
+        stdout(&found).contains("MACs were removed"),
+        "{}",
+        stdout(&found)
+    );
+}
