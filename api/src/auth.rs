@@ -109,6 +109,36 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
+/// How often the digests of every live key are read into the known-good
+/// set: a key created meanwhile pays its address's failure token until
+/// then (or until its first success).
+pub const LIVE_KEYS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Keeps every live key exempt from the per-address failure budget, not only
+/// those this process has seen succeed: after a restart, or behind a proxy
+/// shared with a client that fails a lot, a good key is never held back.
+/// One query a minute; each request still looks its key up.
+pub async fn keep_live_keys_known(
+    pool: deadpool_postgres::Pool,
+    guard: Arc<guard::AuthGuard>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        if let Ok(client) = pool.get().await
+            && let Ok(digests) = keys::live_digests(&client).await
+        {
+            let now = Instant::now();
+            for d in digests.into_iter().take(guard::KNOWN_GOOD_MAX) {
+                guard.known_good.insert(d, now);
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(LIVE_KEYS_EVERY) => {}
+        }
+    }
+}
+
 /// Counts a refused authentication by why (`penora_auth_refused_total`).
 fn refused(reason: &'static str) {
     metrics::counter!("penora_auth_refused_total", "reason" => reason).increment(1);

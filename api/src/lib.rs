@@ -81,6 +81,12 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
         state.outbox_wake.clone(),
         tokio_util::sync::CancellationToken::new(),
     ));
+    // Every live key exempt from the per-address failure budget.
+    tokio::spawn(auth::keep_live_keys_known(
+        pool.clone(),
+        state.auth_guard.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    ));
     // How far the audit runs behind, for the backpressure on deductions
     // (not read at all when AUDIT_LAG_LIMIT_MS is 0).
     if !state.settings.audit_lag_limit.is_zero() {

@@ -250,6 +250,20 @@ pub async fn authenticate(
 
 /// Finds the live key whose SHA-256 digest is `wanted`, if any (a revoked
 /// key is not found).
+/// The digests of every key not revoked (to exempt them from the
+/// per-address budget of authentication failures; each request still looks
+/// its key up, so a revocation takes effect at once).
+pub async fn live_digests(client: &impl GenericClient) -> Result<Vec<[u8; 32]>, DbError> {
+    let rows = client
+        .query("SELECT digest FROM api_keys WHERE revoked_at IS NULL", &[])
+        .await?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.try_get::<_, Vec<u8>>("digest").ok())
+        .filter_map(|d| d.try_into().ok())
+        .collect())
+}
+
 pub async fn authenticate_digest(
     client: &impl GenericClient,
     wanted: &[u8; 32],

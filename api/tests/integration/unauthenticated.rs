@@ -578,3 +578,57 @@ async fn metrics_behind_a_token_answer_only_that_token() {
     assert_eq!(r.status(), StatusCode::OK);
     assert!(r.text().await.expect("text").contains("# TYPE"));
 }
+
+#[tokio::test]
+async fn every_live_key_is_exempt_from_its_addresss_failures_from_the_start() {
+    // Keys made before this API process started, never used by it (a
+    // restart): they were held back with the guesses before.
+    let earlier = spawn_app().await;
+    earlier.grant("u1", 5).await;
+    let stored = earlier.key("*", &[Scope::Read]).await;
+    let revoked = earlier.key("*", &[Scope::Read]).await;
+    {
+        let client = earlier.pool.get().await.expect("db");
+        let id = keys::list(&client)
+            .await
+            .expect("keys")
+            .into_iter()
+            .find(|k| revoked.starts_with(&k.prefix))
+            .expect("the key")
+            .id;
+        keys::revoke(&client, id).await.expect("revoked");
+    }
+    let settings = earlier.db.settings(&[
+        ("PENORA_API_KEY", BOOT_KEY),
+        ("AUTH_FAILURES_PER_SEC", "1"),
+        ("AUTH_FAILURE_BURST", "3"),
+    ]);
+    let app = penora_api::build(settings).await.expect("builds");
+    let base = format!("http://{}", app.addr);
+    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let http = reqwest::Client::new();
+    let get = |key: String| {
+        let http = http.clone();
+        let url = format!("{base}/api/unified/user-info?user_id=u1");
+        async move {
+            http.get(url)
+                .header("X-API-Key", key)
+                .send()
+                .await
+                .expect("sent")
+        }
+    };
+    // The live keys are read at start.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..3 {
+        assert_eq!(get(bogus_key()).await.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert_eq!(
+        get(bogus_key()).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The stored key, never seen by this process, is not held back ...
+    assert_eq!(get(stored.clone()).await.status(), StatusCode::OK);
+    // ... and a revoked one is not exempt.
+    assert_eq!(get(revoked).await.status(), StatusCode::TOO_MANY_REQUESTS);
+}
