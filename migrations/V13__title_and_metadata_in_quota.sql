@@ -13,6 +13,13 @@
 -- its projects count, and nothing is re-reserved behind the users' backs.
 --
 -- On Citus, projects is distributed (V8): ALTER TABLE reaches every shard,
--- and a column with a constant default is added without rewriting any.
-ALTER TABLE projects ADD COLUMN meta_bytes bigint NOT NULL DEFAULT 0;
-ALTER TABLE projects ADD CONSTRAINT projects_meta_bytes_non_negative CHECK (meta_bytes >= 0);
+-- and a column with a constant default is added without rewriting any; but
+-- Citus carries DDL on a distributed table to its shards only outside a
+-- multi-statement string (see V9), and refuses a CHECK inside ADD COLUMN:
+-- one block, two statements.
+DO $v13$
+BEGIN
+    ALTER TABLE projects ADD COLUMN meta_bytes bigint NOT NULL DEFAULT 0;
+    ALTER TABLE projects ADD CONSTRAINT projects_meta_bytes_non_negative CHECK (meta_bytes >= 0);
+END
+$v13$;

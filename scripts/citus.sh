@@ -107,8 +107,9 @@ status() {
 # The money tests: concurrency (200 deducts on one balance, 50 with one key,
 # saves and deletes against the quota), refunds, batches against one by one,
 # reconcile and audit verify, the worker's refunds by event, credit lots and
-# partial refunds (API and worker).
-money_tests='test(/^(credits|batching|storage|lots)::|^workspace::concurrent_deletes|^ops::(reconcile|credits_grant)|^a_failure_event_refunds_once|^a_success_event_settles|^a_worker_killed/)'
+# partial refunds (API and worker), the refund window on every way back, the
+# quota with titles and metadata and the projects cap.
+money_tests='test(/^(credits|batching|storage|lots|refund_window)::|^workspace::concurrent_deletes|^ops::(reconcile|credits_grant)|^uploads::(forty_concurrent|title_and_metadata)|^hostile_events::no_event_gives|^a_failure_event_refunds_once|^a_success_event_settles|^a_worker_killed/)'
 
 # Each test's database is made on every node (testing.rs, TEST_CITUS_WORKERS).
 money() {
