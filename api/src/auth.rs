@@ -18,7 +18,7 @@ use std::{
 
 use axum::{extract::FromRequestParts, http::request::Parts};
 use governor::clock::Clock;
-use penora_common::keys::{self, Principal, Scope};
+use penora_platform::keys::{self, Principal, Scope};
 
 use crate::{error::ApiError, serve::ClientAddr, state::AppState};
 

@@ -34,11 +34,10 @@ use std::{
 };
 
 use deadpool_postgres::Pool;
-use penora_common::{
-    db::DbError,
-    domain::UserId,
-    ledger::{self, AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, OnBusy, Queued},
-};
+use penora_domain::UserId;
+use penora_ledger as ledger;
+use penora_ledger::{AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, OnBusy, Queued};
+use penora_store::DbError;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::ApiError;
@@ -218,7 +217,7 @@ async fn run_deducts(pool: Pool, lanes: Lanes, batch: Vec<WaitingDeduct>) {
     metrics::histogram!("penora_deduct_batch_size").record(batch.len() as f64);
     let (queued, replies): (Vec<Queued>, Vec<oneshot::Sender<Answer<DeductReceipt>>>) =
         batch.into_iter().unzip();
-    let answers = if penora_common::db::distributed() {
+    let answers = if penora_store::distributed() {
         deduct_per_shard(&pool, &queued).await
     } else {
         deduct_on(&pool, &queued, OnBusy::Skip).await
@@ -240,7 +239,7 @@ async fn run_deducts(pool: Pool, lanes: Lanes, batch: Vec<WaitingDeduct>) {
 async fn deduct_per_shard(pool: &Pool, queued: &[Queued]) -> Vec<Answer<DeductReceipt>> {
     let users: Vec<&str> = queued.iter().map(|q| q.deduct.user_id.as_str()).collect();
     let groups = match pool.get().await {
-        Ok(client) => penora_common::db::shard_groups(&client, &users).await,
+        Ok(client) => penora_store::shard_groups(&client, &users).await,
         Err(e) => Err(DbError::from(e)),
     };
     let groups = match groups {
@@ -252,7 +251,7 @@ async fn deduct_per_shard(pool: &Pool, queued: &[Queued]) -> Vec<Answer<DeductRe
         deduct_on(pool, &part, OnBusy::Skip).await
     });
     let answers = futures_util::future::join_all(parts).await;
-    penora_common::db::in_places(queued.len(), &groups, answers, || {
+    penora_store::in_places(queued.len(), &groups, answers, || {
         Err(DbError::Other("a deduction went unanswered".into()).into())
     })
 }
@@ -460,8 +459,8 @@ mod tests {
     #[tokio::test]
     async fn a_batch_that_panics_answers_its_requests_and_the_queue_goes_on() {
         // The pool is never used: it connects lazily.
-        let pool = penora_common::db::pool_with("postgres://nobody@127.0.0.1:1/none", 1, 100)
-            .expect("pool");
+        let pool =
+            penora_store::pool_with("postgres://nobody@127.0.0.1:1/none", 1, 100).expect("pool");
         let batcher: Batcher<u32, u32> = Batcher::start(
             pool,
             16,

@@ -12,12 +12,10 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use penora_common::{
-    db::DbError,
-    domain::ValidationError,
-    ledger::LedgerError,
-    projects::{DeleteError, SaveError},
-};
+use penora_domain::ValidationError;
+use penora_ledger::LedgerError;
+use penora_store::DbError;
+use penora_workspace::projects::{DeleteError, SaveError};
 use serde::Serialize;
 
 /// The guide's sentence for a missing or unknown key.

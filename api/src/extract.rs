@@ -184,10 +184,10 @@ pub fn int_param(
 
 /// The `user_id` of a request: missing or empty is `user_id_required`, a bad
 /// one is `invalid_request`.
-pub fn user_id(raw: Option<&str>) -> Result<penora_common::domain::UserId, ApiError> {
+pub fn user_id(raw: Option<&str>) -> Result<penora_domain::UserId, ApiError> {
     match raw {
         None | Some("") => Err(ApiError::UserIdRequired),
-        Some(raw) => Ok(penora_common::domain::UserId::parse(raw)?),
+        Some(raw) => Ok(penora_domain::UserId::parse(raw)?),
     }
 }
 
@@ -245,7 +245,7 @@ impl IdempotencyKey {
             (Some(body), _) => Ok(Some(body.to_owned())),
             (None, Some(key)) if fits(key) => Ok(Some(key.to_owned())),
             (None, Some(key)) => {
-                let digest = penora_common::keys::digest(key);
+                let digest = penora_platform::keys::digest(key);
                 Ok(Some(format!("ik_{}", &hex::encode(digest)[..40])))
             }
             (None, None) => Ok(None),

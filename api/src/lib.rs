@@ -18,7 +18,8 @@ use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_common::{config::Settings, db};
+use penora_config::Settings;
+use penora_store as db;
 use tokio::net::TcpListener;
 
 use crate::state::AppState;
@@ -36,7 +37,7 @@ pub struct App {
 
 /// The process-wide Prometheus recorder.
 pub fn metrics_handle() -> PrometheusHandle {
-    penora_common::telemetry::metrics_handle()
+    penora_platform::telemetry::metrics_handle()
 }
 
 /// Migrates the database (see [`db::prepare_schema`]), binds `BIND_ADDR`
@@ -52,14 +53,14 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     let addr = listener
         .local_addr()
         .context("Failed to read the bound address")?;
-    let publisher = penora_common::broker::Publisher::new(
+    let publisher = penora_platform::broker::Publisher::new(
         settings.amqp_url.clone(),
         "penora-api",
-        penora_common::broker::Topology::from_settings(&settings),
+        penora_platform::broker::Topology::from_settings(&settings),
     )
     .with_confirm_timeout(settings.amqp_confirm_timeout);
-    let relay = penora_common::outbox::RelayPolicy::from_settings(&settings);
-    let images = penora_common::cpu_pool::CpuPool::start(
+    let relay = penora_platform::relay::RelayPolicy::from_settings(&settings);
+    let images = penora_workspace::cpu_pool::CpuPool::start(
         "penora-images",
         settings.image_threads,
         settings.image_cpu_cgroup.as_deref(),
@@ -74,7 +75,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the
     // requests' path; while the broker is away they wait in the outbox.
-    tokio::spawn(penora_common::outbox::publish_loop(
+    tokio::spawn(penora_platform::relay::publish_loop(
         pool.clone(),
         std::sync::Arc::new(publisher),
         relay,
@@ -90,7 +91,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     // How far the audit runs behind, for the backpressure on deductions
     // (not read at all when AUDIT_LAG_LIMIT_MS is 0).
     if !state.settings.audit_lag_limit.is_zero() {
-        tokio::spawn(penora_common::backpressure::watch_loop(
+        tokio::spawn(penora_ledger::backpressure::watch_loop(
             pool.clone(),
             state.audit_lag.clone(),
             tokio_util::sync::CancellationToken::new(),

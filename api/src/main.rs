@@ -1,13 +1,14 @@
 //! `penora-api`: the HTTP service.
 
 use anyhow::Context;
-use penora_common::{config::Settings, telemetry};
+use penora_config::Settings;
+use penora_platform::telemetry;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
-    penora_common::limits::raise_open_files_logged();
+    penora_platform::limits::raise_open_files_logged();
     if settings.bootstrap_api_key.is_none() {
         tracing::warn!(
             "PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work"
@@ -15,7 +16,7 @@ async fn main() -> anyhow::Result<()> {
     }
     tokio::spawn({
         let settings = settings.clone();
-        async move { penora_common::broker::log_broker_version(&settings).await }
+        async move { penora_platform::broker::log_broker_version(&settings).await }
     });
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);
@@ -25,7 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let signal = {
         let stopping = stopping.clone();
         async move {
-            penora_common::shutdown::signal().await;
+            penora_platform::shutdown::signal().await;
             tracing::info!("shutting down: finishing in-flight requests");
             stopping.notify_one();
         }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_common::{config::Settings, cpu_pool::CpuPool};
+use penora_config::Settings;
+use penora_workspace::cpu_pool::CpuPool;
 
 use crate::coalesce::{Coalescer, Summaries};
 
@@ -43,7 +44,7 @@ pub struct AppState {
     pub images: CpuPool,
     /// How far the audit runs behind the ledger (the backpressure on
     /// deductions, `AUDIT_LAG_LIMIT_MS`).
-    pub audit_lag: penora_common::backpressure::AuditLag,
+    pub audit_lag: penora_ledger::backpressure::AuditLag,
     /// Failures per client address and the digest caches, in front of key
     /// lookups.
     pub auth_guard: Arc<crate::auth::guard::AuthGuard>,
@@ -75,7 +76,7 @@ impl AppState {
             bootstrap_digest: settings
                 .bootstrap_api_key
                 .as_ref()
-                .map(|k| penora_common::keys::digest(k.expose())),
+                .map(|k| penora_platform::keys::digest(k.expose())),
             summaries: Summaries::start(
                 pool.clone(),
                 READ_QUEUE_MAX,
@@ -95,7 +96,7 @@ impl AppState {
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),
             metrics,
             outbox_wake: Arc::new(tokio::sync::Notify::new()),
-            audit_lag: penora_common::backpressure::AuditLag::default(),
+            audit_lag: penora_ledger::backpressure::AuditLag::default(),
         }
     }
 }

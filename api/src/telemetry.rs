@@ -91,7 +91,7 @@ pub async fn observe(mut req: Request, next: Next) -> Response {
         "request"
     );
     let status_label = status.to_string();
-    let method_label = penora_common::telemetry::method_label(method.as_str());
+    let method_label = penora_domain::labels::method_label(method.as_str());
     metrics::counter!("penora_http_requests_total", "route" => route.clone(), "method" => method_label, "status" => status_label)
         .increment(1);
     metrics::histogram!("penora_http_request_duration_seconds", "route" => route)

@@ -209,8 +209,8 @@ pub struct Args {
 /// Runs the tool with `args`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(64);
-    let pool = penora_common::db::pool_with(&args.services.database_url, max_conc + 4, 5000)
-        .context("pool")?;
+    let pool =
+        penora_store::pool_with(&args.services.database_url, max_conc + 4, 5000).context("pool")?;
     seed(&pool, args.users).await.context("seeding")?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(max_conc)
@@ -218,12 +218,12 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     // The flow's image: a real small artwork (a PNG header over filler
     // bytes was once enough; the API now decodes what it stores).
-    let image_bytes = penora_common::imaging::samples::photo_like_png(96, 96, 2);
+    let image_bytes = penora_workspace::imaging::samples::photo_like_png(96, 96, 2);
     let image = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(&image_bytes)
     };
-    let artwork_bytes = penora_common::imaging::samples::photo_like_png(1024, 1024, 1);
+    let artwork_bytes = penora_workspace::imaging::samples::photo_like_png(1024, 1024, 1);
     let artwork = {
         use base64::Engine as _;
         base64::engine::general_purpose::STANDARD.encode(&artwork_bytes)
@@ -244,9 +244,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         image_bytes,
         artwork,
         artwork_png_len: artwork_bytes.len(),
-        artwork_stored: penora_common::imaging::prepare(
+        artwork_stored: penora_workspace::imaging::prepare(
             artwork_bytes,
-            &penora_common::imaging::StoragePolicy {
+            &penora_workspace::imaging::StoragePolicy {
                 reencode: true,
                 quality: 85.0,
                 max_pixels: 1 << 24,

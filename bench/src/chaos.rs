@@ -35,7 +35,7 @@ use std::{
 };
 
 use clap::Parser;
-use penora_common::broker::{Publisher, Topology};
+use penora_platform::broker::{Publisher, Topology};
 use serde_json::{Value, json};
 
 use crate::{
@@ -276,7 +276,7 @@ impl Ctx {
     ) -> bool {
         let mut delay = Duration::from_millis(50);
         loop {
-            let now = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+            let now = penora_domain::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
             let event = events::failed(&self.topology, event_id, user, code, "chaos", &now, amount);
             match self.publisher.publish_all(vec![event]).await {
                 Ok(()) => return true,
@@ -320,7 +320,7 @@ pub async fn client(ctx: Arc<Ctx>, id: usize) {
                 let at = time::OffsetDateTime::now_utc()
                     + time::Duration::seconds(10 + rng.below(16) as i64);
                 body["category"] = json!("promotional");
-                body["expires_at"] = json!(penora_common::timefmt::rfc3339_millis(at));
+                body["expires_at"] = json!(penora_domain::timefmt::rfc3339_millis(at));
                 // Spent first (deductions and refunds meet it around its
                 // expiry) or last (it expires holding credits).
                 body["priority"] = json!(if rng.below(2) == 0 { 5 } else { 90 });

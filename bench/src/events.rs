@@ -1,10 +1,8 @@
 //! ImageGene's `generation.failed` events, as ImageGene publishes them.
 
 use lapin::BasicProperties;
-use penora_common::{
-    broker::{Outgoing, Topology},
-    messages::EVENTS_EXCHANGE,
-};
+use penora_domain::messages::EVENTS_EXCHANGE;
+use penora_platform::broker::{Outgoing, Topology};
 use serde_json::json;
 
 /// The `generation.failed` event `event_id` for `user`'s reservation `code`.

@@ -237,9 +237,9 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     }
     // No message lost: the work queues are empty (wait-idle) and nothing was dead-lettered.
     let connection =
-        penora_common::broker::connect(&ctx.args.services.amqp_url, "penora-chaos").await?;
+        penora_platform::broker::connect(&ctx.args.services.amqp_url, "penora-chaos").await?;
     let channel = connection.create_channel().await?;
-    let dead: u32 = penora_common::broker::queue_stats(&channel, &ctx.topology)
+    let dead: u32 = penora_platform::broker::queue_stats(&channel, &ctx.topology)
         .await?
         .iter()
         .filter(|q| q.name.ends_with(".dead"))

@@ -89,7 +89,7 @@ pub async fn raw_deduct(pool: &Pool, user: &str, code: &str) -> bool {
         let movement = tx.prepare_cached(RAW_MOVE_SQL).await?;
         tx.execute(&movement, &[&user, &lot_id, &id, &-1i64, &"benchraw", &code]).await?;
         let outbox = tx
-            .prepare_cached(penora_common::outbox::INSERT_SQL)
+            .prepare_cached(penora_store::outbox::INSERT_SQL)
             .await?;
         let payload = json!({"entry_id": id, "user_id": user, "kind": "deduct", "amount": -1, "balance_after": balance});
         let corr: Option<&str> = None;
@@ -142,7 +142,7 @@ pub async fn raw_user_info(pool: &Pool, user: &str) -> bool {
         return false;
     };
     let Ok(stmt) = client
-        .prepare_cached(&penora_common::ledger::ACCOUNT_SUMMARY_SQL)
+        .prepare_cached(&penora_ledger::ACCOUNT_SUMMARY_SQL)
         .await
     else {
         return false;
@@ -162,10 +162,10 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let tx = client.transaction().await?;
         let size = data.len() as i64;
         // The title `bench` counts its 5 bytes, as `projects::meta_bytes` says.
-        let meta = penora_common::projects::meta_bytes("bench", &json!({}));
+        let meta = penora_workspace::projects::meta_bytes("bench", &json!({}));
         let counted = size + meta;
         let reserve = tx
-            .prepare_cached(penora_common::projects::RESERVE_STORAGE_SQL)
+            .prepare_cached(penora_workspace::projects::RESERVE_STORAGE_SQL)
             .await?;
         if tx.query_opt(&reserve, &[&user, &counted, &1_048_576i64]).await?.is_none() {
             return Ok(false);
@@ -173,16 +173,16 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         let id = uuid::Uuid::now_v7();
         let code: Option<&str> = None;
         let insert = tx
-            .prepare_cached(penora_common::projects::INSERT_PROJECT_SQL)
+            .prepare_cached(penora_workspace::projects::INSERT_PROJECT_SQL)
             .await?;
         tx.query_opt(&insert, &[&user, &id, &"benchraw", &"ai_artwork", &"bench", &size, &json!({}), &code, &size, &meta])
             .await?;
         let content = tx
-            .prepare_cached(penora_common::projects::INSERT_CONTENT_SQL)
+            .prepare_cached(penora_workspace::projects::INSERT_CONTENT_SQL)
             .await?;
         let url: Option<&str> = None;
-        let info = penora_common::imaging::probe(data).ok();
-        let etag = penora_common::projects::etag_of(data);
+        let info = penora_workspace::imaging::probe(data).ok();
+        let etag = penora_workspace::projects::etag_of(data);
         tx.execute(
             &content,
             &[
@@ -198,7 +198,7 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
         )
         .await?;
         let outbox = tx
-            .prepare_cached(penora_common::outbox::INSERT_SQL)
+            .prepare_cached(penora_store::outbox::INSERT_SQL)
             .await?;
         let corr: Option<&str> = None;
         let payload = json!({"user_id": user, "project_id": id, "app_source": "benchraw", "project_code": null});
@@ -214,7 +214,7 @@ pub async fn raw_save(pool: &Pool, user: &str, data: &[u8]) -> bool {
 /// Raw RabbitMQ: N messages of the events' size published with confirms to a
 /// queue of our own and consumed with acks.
 pub async fn raw_broker(services: &Services, n: usize) -> anyhow::Result<Stats> {
-    let conn = penora_common::broker::connect(&services.amqp_url, "penora-bench-raw").await?;
+    let conn = penora_platform::broker::connect(&services.amqp_url, "penora-bench-raw").await?;
     let ch = conn.create_channel().await?;
     ch.confirm_select(ConfirmSelectOptions::default()).await?;
     let queue = format!("{}bench-raw-{}", services.prefix, run_tag());

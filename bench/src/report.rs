@@ -64,7 +64,7 @@ pub fn render(args: &Args, results: &Results) -> String {
         worker_rss,
     } = results;
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let date = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let date = penora_domain::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
     let mut s = String::new();
     s.push_str("# Benchmarks\n\n");
     s.push_str(&format!(

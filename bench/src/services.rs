@@ -1,7 +1,7 @@
 //! What both tools of this crate (`penora-bench`, `penora-chaos`) need to
 //! reach the services under test.
 
-use penora_common::config::Settings;
+use penora_config::Settings;
 
 /// The key, database and broker of the services under test, from the same
 /// environment the services read.

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::bail;
 use deadpool_postgres::Pool;
-use penora_common::broker::{Publisher, Topology};
+use penora_platform::broker::{Publisher, Topology};
 use serde_json::json;
 
 use crate::{
@@ -387,7 +387,7 @@ pub async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
         Topology::from_settings(&settings),
     );
     let topology = Topology::from_settings(&settings);
-    let now = penora_common::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
+    let now = penora_domain::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
     let events: Vec<_> = (0..n)
         .map(|i| {
             events::failed(

@@ -10,10 +10,8 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use penora_common::{
-    audit::{self, MacCheck, MacKey},
-    config::{MIN_AUDIT_KEY_LEN, Secret, Settings},
-};
+use penora_config::{MIN_AUDIT_KEY_LEN, Secret, Settings};
+use penora_ledger::audit::{self, MacCheck, MacKey};
 
 use crate::output;
 

@@ -3,12 +3,11 @@
 
 use crate::output;
 use clap::Subcommand;
-use penora_common::{
-    config::Settings,
-    domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId},
-    ledger::{self, LotCategory},
-    timefmt::rfc3339_millis,
-};
+use penora_config::Settings;
+use penora_domain::timefmt::rfc3339_millis;
+use penora_domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId};
+use penora_ledger as ledger;
+use penora_ledger::LotCategory;
 use time::OffsetDateTime;
 
 #[derive(Subcommand)]
@@ -83,7 +82,7 @@ pub async fn run(
             );
             let expires_at = expires_at
                 .map(|raw| {
-                    let at = penora_common::timefmt::parse_millis(&raw)
+                    let at = penora_domain::timefmt::parse_millis(&raw)
                         .ok_or_else(|| anyhow::anyhow!("--expires-at must be an RFC 3339 time"))?;
                     anyhow::ensure!(
                         at > OffsetDateTime::now_utc(),

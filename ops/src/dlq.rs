@@ -27,12 +27,11 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions},
     types::{AMQPValue, FieldTable},
 };
-use penora_common::{
-    broker::{self, Outgoing, Publisher, Topology},
-    config::Settings,
-    messages::{GENERATION_EVENTS, headers},
-    timefmt::rfc3339_millis,
-};
+use penora_config::Settings;
+use penora_domain::messages::GENERATION_EVENTS;
+use penora_domain::timefmt::rfc3339_millis;
+use penora_platform::broker::headers;
+use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::output::{self, Align};

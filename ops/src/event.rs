@@ -2,12 +2,10 @@
 //! does (for tests and repairs), or any raw body (to see how bad events are
 //! parked).
 
-use penora_common::{
-    broker::{Outgoing, Publisher, Topology},
-    config::Settings,
-    messages::{EVENTS_EXCHANGE, GenerationEvent},
-    timefmt::rfc3339_millis,
-};
+use penora_config::Settings;
+use penora_domain::messages::{EVENTS_EXCHANGE, GenerationEvent};
+use penora_domain::timefmt::rfc3339_millis;
+use penora_platform::broker::{Outgoing, Publisher, Topology};
 
 /// What to publish.
 #[derive(clap::Args)]

@@ -5,11 +5,9 @@ use std::collections::BTreeSet;
 
 use anyhow::bail;
 use clap::Subcommand;
-use penora_common::{
-    domain,
-    keys::{self, KeyApp, KeyRecord, Scope},
-    timefmt::rfc3339_millis,
-};
+use penora_domain as domain;
+use penora_domain::timefmt::rfc3339_millis;
+use penora_platform::keys::{self, KeyApp, KeyRecord, Scope};
 
 use crate::output::{self, Align};
 

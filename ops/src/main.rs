@@ -25,7 +25,8 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use penora_common::{config::Settings, db};
+use penora_config::Settings;
+use penora_store as db;
 
 #[derive(Parser)]
 #[command(name = "penora-ops", version, about = "Penora Credits operator CLI")]

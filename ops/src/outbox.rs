@@ -71,7 +71,7 @@ async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
     if json {
         return output::json(&rows);
     }
-    let backlog = penora_common::outbox::backlog(client).await?;
+    let backlog = penora_store::outbox::backlog(client).await?;
     let cells: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {

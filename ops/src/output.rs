@@ -10,7 +10,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use penora_common::domain::is_bidi_or_invisible_format;
+use penora_domain::is_bidi_or_invisible_format;
 use serde::Serialize;
 
 /// Whether `c` must not reach a terminal as it is.

@@ -2,10 +2,8 @@
 //! its bytes are freed in one transaction, logged as `operator`.
 
 use clap::Subcommand;
-use penora_common::{
-    domain::UserId,
-    projects::{self, Cause},
-};
+use penora_domain::UserId;
+use penora_workspace::projects::{self, Cause};
 
 #[derive(Subcommand)]
 pub enum ProjectsCommand {

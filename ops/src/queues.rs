@@ -1,10 +1,8 @@
 //! `penora-ops queues`: depth and consumers of every queue (from AMQP), and
 //! unacknowledged counts and rates where the RabbitMQ management API answers.
 
-use penora_common::{
-    broker::{self, QueueStat, Topology},
-    config::Settings,
-};
+use penora_config::Settings;
+use penora_platform::broker::{self, QueueStat, Topology};
 
 use crate::output::{self, Align};
 

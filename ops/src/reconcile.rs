@@ -3,7 +3,8 @@
 
 use std::process::ExitCode;
 
-use penora_common::{config::Settings, reconcile};
+use penora_config::Settings;
+use penora_ledger::reconcile;
 
 use crate::output;
 

@@ -5,10 +5,8 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use penora_common::{
-    broker::{self, Topology},
-    config::Settings,
-};
+use penora_config::Settings;
+use penora_platform::broker::{self, Topology};
 
 use crate::queues::management_rates;
 

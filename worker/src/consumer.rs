@@ -18,11 +18,10 @@ use lapin::{
     options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, ShortString},
 };
-use penora_common::{
-    broker::Outgoing,
-    messages::{LEDGER_AUDIT, headers},
-    timefmt::rfc3339_millis,
-};
+use penora_domain::messages::LEDGER_AUDIT;
+use penora_domain::timefmt::rfc3339_millis;
+use penora_platform::broker::Outgoing;
+use penora_platform::broker::headers;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;

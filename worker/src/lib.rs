@@ -25,13 +25,13 @@ use axum::{
 };
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_common::{
-    broker::{self, Publisher, Topology, WORK_QUEUES},
-    config::Settings,
-    db,
-    domain::{AppName, ProjectCode, UserId},
-    ledger, outbox,
-};
+use penora_config::Settings;
+use penora_domain::{AppName, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_platform::broker::{self, Publisher, Topology, WORK_QUEUES};
+use penora_platform::relay;
+use penora_store as db;
+use penora_store::outbox;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -55,9 +55,9 @@ pub struct Context {
     pub outbox_wake: Arc<tokio::sync::Notify>,
     /// Threads checking saved images and making their thumbnails, at the
     /// lowest CPU priority.
-    pub images: penora_common::cpu_pool::CpuPool,
+    pub images: penora_workspace::cpu_pool::CpuPool,
     /// The key of the audit records' MACs (`AUDIT_HMAC_KEY`), when set.
-    pub audit_mac: Option<penora_common::audit::MacKey>,
+    pub audit_mac: Option<penora_ledger::audit::MacKey>,
 }
 
 impl Context {
@@ -78,7 +78,7 @@ pub struct Worker {
 
 /// The process-wide Prometheus recorder.
 pub fn metrics_handle() -> PrometheusHandle {
-    penora_common::telemetry::metrics_handle()
+    penora_platform::telemetry::metrics_handle()
 }
 
 /// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
@@ -89,7 +89,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
     )?;
     let audit_mac =
-        penora_common::audit::MacKey::from_settings(&settings).context("Bad AUDIT_HMAC_KEY")?;
+        penora_ledger::audit::MacKey::from_settings(&settings).context("Bad AUDIT_HMAC_KEY")?;
     let listener = TcpListener::bind(settings.worker_metrics_addr)
         .await
         .with_context(|| {
@@ -109,7 +109,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
         Publisher::new(settings.amqp_url.clone(), "penora-worker", topology.clone())
             .with_confirm_timeout(settings.amqp_confirm_timeout),
     );
-    let images = penora_common::cpu_pool::CpuPool::start(
+    let images = penora_workspace::cpu_pool::CpuPool::start(
         "penora-images",
         settings.image_threads,
         settings.image_cpu_cgroup.as_deref(),
@@ -147,7 +147,7 @@ impl Worker {
         let relay = tokio::spawn(relay_loop(ctx.clone(), stop.clone()));
         let timers = tokio::spawn(timer_loop(ctx.clone(), stop.clone()));
         let gauges = tokio::spawn(queue_gauges(ctx.clone(), stop.clone()));
-        let lag = tokio::spawn(penora_common::backpressure::report_loop(
+        let lag = tokio::spawn(penora_ledger::backpressure::report_loop(
             ctx.pool.clone(),
             format!(
                 "{}:{}:{}",
@@ -218,10 +218,10 @@ async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
 /// second (rows the API could not publish). There is no `NOTIFY` on the
 /// outbox: a notifying commit takes a database-wide lock (see migration V3).
 async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
-    outbox::publish_loop(
+    relay::publish_loop(
         ctx.pool.clone(),
         ctx.publisher.clone(),
-        outbox::RelayPolicy::from_settings(&ctx.settings),
+        relay::RelayPolicy::from_settings(&ctx.settings),
         ctx.outbox_wake.clone(),
         stop,
     )
@@ -270,7 +270,7 @@ pub async fn delete_retired(
     };
     let cutoff = now - retention;
     let mut client = ctx.pool.get().await?;
-    Ok(penora_common::projects::delete_older_than(&mut client, cutoff, limit).await?)
+    Ok(penora_workspace::projects::delete_older_than(&mut client, cutoff, limit).await?)
 }
 
 /// Writes the `expire` entries of the lots past their expiry of up to
@@ -342,13 +342,13 @@ struct Health {
 /// second and shared by every caller: a flood of health checks costs one
 /// query a second.
 struct Probes {
-    pending: penora_common::refreshed::Refreshed<Option<i64>>,
-    ready: penora_common::refreshed::Refreshed<Result<i32, String>>,
+    pending: penora_platform::refreshed::Refreshed<Option<i64>>,
+    ready: penora_platform::refreshed::Refreshed<Result<i32, String>>,
 }
 
 impl Default for Probes {
     fn default() -> Self {
-        use penora_common::refreshed::{PROBE_INTERVAL, Refreshed};
+        use penora_platform::refreshed::{PROBE_INTERVAL, Refreshed};
         Self {
             pending: Refreshed::new(PROBE_INTERVAL),
             ready: Refreshed::new(PROBE_INTERVAL),
@@ -389,7 +389,7 @@ async fn health(
         },
         broker: if broker_ok { "ok" } else { "unavailable" },
         outbox_pending: pending,
-        version: penora_common::VERSION,
+        version: penora_platform::VERSION,
     };
     let status = if pending.is_some() {
         StatusCode::OK

@@ -1,17 +1,18 @@
 //! `penora-worker`: queues, events, outbox relay and timers.
 
 use anyhow::Context;
-use penora_common::{config::Settings, telemetry};
+use penora_config::Settings;
+use penora_platform::telemetry;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::from_env().context("Bad configuration")?;
     telemetry::init(settings.log_format);
-    penora_common::limits::raise_open_files_logged();
+    penora_platform::limits::raise_open_files_logged();
     tokio::spawn({
         let settings = settings.clone();
-        async move { penora_common::broker::log_broker_version(&settings).await }
+        async move { penora_platform::broker::log_broker_version(&settings).await }
     });
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");
@@ -19,7 +20,7 @@ async fn main() -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
-        penora_common::shutdown::signal().await;
+        penora_platform::shutdown::signal().await;
         tracing::info!("stopping: no new messages; finishing in-flight work");
         on_signal.cancel();
     });

@@ -3,7 +3,7 @@
 //! are the consumer's business).
 
 use lapin::{BasicProperties, message::Delivery, types::FieldTable};
-use penora_common::messages::headers;
+use penora_platform::broker::headers;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// Whether `d` came back through Penora's own path (a retry delay queue

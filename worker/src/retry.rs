@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use penora_common::{db::DbError, ledger::LedgerError};
+use penora_ledger::LedgerError;
+use penora_store::DbError;
 
 /// How a message failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -5,14 +5,13 @@ use axum::{
     http::{HeaderValue, StatusCode},
     response::{IntoResponse, Response},
 };
-use penora_common::{
-    domain::{
-        AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId, whole_number,
-    },
-    keys::Scope,
-    ledger::{self, Outcome},
-    timefmt::rfc3339_millis,
+use penora_domain::timefmt::rfc3339_millis;
+use penora_domain::{
+    AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId, whole_number,
 };
+use penora_ledger as ledger;
+use penora_ledger::Outcome;
+use penora_platform::keys::Scope;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -692,7 +691,7 @@ async fn add_credits(
 /// Parses an RFC 3339 instant for `field`, to the millisecond (what the
 /// service shows).
 pub fn instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
-    penora_common::timefmt::parse_millis(raw).ok_or_else(|| {
+    penora_domain::timefmt::parse_millis(raw).ok_or_else(|| {
         ApiError::InvalidRequest(format!(
             "{field}: must be an RFC 3339 time such as 2025-09-27T06:00:00Z"
         ))

@@ -4,7 +4,7 @@
 //! The fields that carry a domain value are documented by the domain type
 //! itself (`value_type = UserId`, `ProjectCode`, `AppName`, `Credits`, and the
 //! free-text types `Description`, `GrantReason`, `Reference`, `Title`,
-//! `ProjectType`: see `penora_common::domain::schema`), whose parser the
+//! `ProjectType`: see `penora_domain::schema`), whose parser the
 //! handler runs, so the two cannot drift. What is left here is what no
 //! domain type holds: the configured `MAX_DEDUCT_AMOUNT` (on the `Credits`
 //! component), the rules of fields particular to one route (content,
@@ -13,7 +13,7 @@
 //! stateful fuzzer can follow (grant → deduct → refund or save → content).
 //! `scripts/fuzz.sh` holds the service to this document.
 
-use penora_common::domain::APP_NAME_MAX_LEN;
+use penora_domain::APP_NAME_MAX_LEN;
 use serde_json::{Map, Value, json};
 use utoipa::openapi::OpenApi;
 
@@ -439,7 +439,7 @@ fn finish_operation(rules: &[Rule], path: &str, operation: &mut Map<String, Valu
 
 #[cfg(test)]
 mod tests {
-    use penora_common::domain::IDENTIFIER_PATTERN;
+    use penora_domain::IDENTIFIER_PATTERN;
     use serde_json::Value;
 
     fn document() -> Value {

@@ -7,12 +7,11 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use penora_common::{
-    domain::{AppName, Description, ProjectCode, Reference, UserId, whole_number},
-    keys::Scope,
-    ledger::{self, LotView, SettleReceipt, VoidReceipt},
-    timefmt::rfc3339_millis,
-};
+use penora_domain::timefmt::rfc3339_millis;
+use penora_domain::{AppName, Description, ProjectCode, Reference, UserId, whole_number};
+use penora_ledger as ledger;
+use penora_ledger::{LotView, SettleReceipt, VoidReceipt};
+use penora_platform::keys::Scope;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};

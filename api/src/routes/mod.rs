@@ -142,7 +142,7 @@ pub fn app(state: AppState) -> Router {
     let max_body = state
         .settings
         .max_body_bytes
-        .min(penora_common::config::SMALL_BODY_BYTES);
+        .min(penora_config::SMALL_BODY_BYTES);
     let (router, api) = api_router().split_for_parts();
     let api = doc::finish(api, state.settings.max_deduct_amount);
     let docs = SwaggerUi::new("/api/unified/docs")

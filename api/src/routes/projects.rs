@@ -12,12 +12,13 @@ use axum::{
 };
 use base64::Engine;
 use futures_util::StreamExt;
-use penora_common::{
-    domain::{self, AppName, ProjectCode, ProjectType, Title, UserId},
-    imaging::{self, PrepareError, StoragePolicy},
-    keys::Scope,
-    projects::{self, Cause, Content, NewProject, OnFull, Rendition, StoredContent},
-    timefmt::rfc3339_millis,
+use penora_domain as domain;
+use penora_domain::timefmt::rfc3339_millis;
+use penora_domain::{AppName, ProjectCode, ProjectType, Title, UserId};
+use penora_platform::keys::Scope;
+use penora_workspace::imaging::{self, PrepareError, StoragePolicy};
+use penora_workspace::projects::{
+    self, Cause, Content, NewProject, OnFull, Rendition, StoredContent,
 };
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -301,17 +302,17 @@ const SMALL_SAVE_BYTES: usize = 256 * 1024;
 
 /// Where a save's CPU work runs.
 struct Cpu {
-    images: penora_common::cpu_pool::CpuPool,
+    images: penora_workspace::cpu_pool::CpuPool,
     small: bool,
 }
 
 impl Cpu {
-    async fn run<T, F>(&self, f: F) -> Result<T, penora_common::cpu_pool::PoolError>
+    async fn run<T, F>(&self, f: F) -> Result<T, penora_workspace::cpu_pool::PoolError>
     where
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        use penora_common::cpu_pool::PoolError;
+        use penora_workspace::cpu_pool::PoolError;
         if self.small {
             tokio::task::spawn_blocking(f).await.map_err(|e| {
                 if e.is_panic() {
@@ -504,7 +505,7 @@ fn parse_save(
 }
 
 fn answer(
-    outcome: penora_common::ledger::Outcome<projects::SaveReceipt>,
+    outcome: penora_ledger::Outcome<projects::SaveReceipt>,
     project: &NewProject,
 ) -> Result<Response, ApiError> {
     let r = &outcome.value;
@@ -662,7 +663,7 @@ async fn list_projects(
         .map(decode_cursor)
         .transpose()?;
     let client = state.pool.get().await?;
-    if penora_common::ledger::account_summary(&client, &user)
+    if penora_ledger::account_summary(&client, &user)
         .await?
         .is_none()
     {
@@ -949,7 +950,7 @@ async fn delete_project(
         Some(&actor),
     )
     .await?;
-    let total_projects = penora_common::ledger::account_summary(&client, &user)
+    let total_projects = penora_ledger::account_summary(&client, &user)
         .await?
         .map_or(0, |s| s.total_projects);
     let body = DeleteProjectResponse {

@@ -4,7 +4,8 @@ use axum::{
     extract::State,
     response::{IntoResponse, Response},
 };
-use penora_common::{keys::Scope, pricing::Quality};
+use penora_domain::pricing::Quality;
+use penora_platform::keys::Scope;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::{router::OpenApiRouter, routes};

@@ -15,7 +15,7 @@ use axum::{
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use penora_common::refreshed::{PROBE_INTERVAL, Refreshed};
+use penora_platform::refreshed::{PROBE_INTERVAL, Refreshed};
 use serde::Serialize;
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -97,7 +97,7 @@ pub struct Health {
 
 /// Whether any node of `AMQP_URL` accepts TCP connections (within 1 s).
 async fn broker_reachable(amqp_url: &str) -> bool {
-    let probes = penora_common::broker::nodes(amqp_url)
+    let probes = penora_platform::broker::nodes(amqp_url)
         .into_iter()
         .map(|node| async move {
             // lapin's own URI type: host and port (5672 or 5671 by scheme when absent).
@@ -137,7 +137,7 @@ async fn health(State(state): State<AppState>) -> Response {
             probed("health");
             let pending = async {
                 let client = state.pool.get().await.ok()?;
-                penora_common::outbox::pending(&client).await.ok()
+                penora_store::outbox::pending(&client).await.ok()
             };
             let (pending, broker_ok) = tokio::join!(
                 tokio::time::timeout(Duration::from_secs(3), pending),
@@ -157,7 +157,7 @@ async fn health(State(state): State<AppState>) -> Response {
         database: if database_ok { "ok" } else { "unavailable" }.into(),
         broker: if broker_ok { "ok" } else { "unavailable" }.into(),
         outbox_pending: pending,
-        version: penora_common::VERSION.into(),
+        version: penora_platform::VERSION.into(),
     };
     let code = if database_ok {
         StatusCode::OK
@@ -193,12 +193,9 @@ async fn ready(State(state): State<AppState>) -> Response {
         .ready
         .get(|| async {
             probed("ready");
-            tokio::time::timeout(
-                Duration::from_secs(3),
-                penora_common::db::readiness(&state.pool),
-            )
-            .await
-            .unwrap_or_else(|_| Err("database did not answer within 3 s".into()))
+            tokio::time::timeout(Duration::from_secs(3), penora_store::readiness(&state.pool))
+                .await
+                .unwrap_or_else(|_| Err("database did not answer within 3 s".into()))
         })
         .await;
     match answer {
@@ -234,9 +231,9 @@ fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
         return false;
     };
     scheme.eq_ignore_ascii_case("bearer")
-        && penora_common::keys::digests_equal(
-            &penora_common::keys::digest(presented.trim()),
-            &penora_common::keys::digest(token),
+        && penora_platform::keys::digests_equal(
+            &penora_platform::keys::digest(presented.trim()),
+            &penora_platform::keys::digest(token),
         )
 }
 
@@ -272,10 +269,10 @@ async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Resp
             probed("backlog");
             let backlog = async {
                 let client = state.pool.get().await.ok()?;
-                penora_common::outbox::backlog(&client).await.ok()
+                penora_store::outbox::backlog(&client).await.ok()
             };
             if let Ok(Some(b)) = tokio::time::timeout(Duration::from_secs(2), backlog).await {
-                penora_common::outbox::record_backlog(b);
+                penora_store::outbox::record_backlog(b);
             }
         })
         .await;

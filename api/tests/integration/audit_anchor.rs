@@ -6,10 +6,8 @@
 
 use std::process::Output;
 
-use penora_common::{
-    audit::{self, MacKey},
-    config::Secret,
-};
+use penora_config::Secret;
+use penora_ledger::audit::{self, MacKey};
 
 use crate::support::{TestApp, spawn_app};
 

@@ -12,14 +12,13 @@
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use penora_common::{
-    audit::{self, Appended},
-    db,
-    domain::{AppName, Credits, ProjectCode, UserId},
-    ledger::{self, Deduct, Grant, LedgerError, LotCategory, Queued, QueuedRefund, Refund},
-    reconcile,
-    testing::TestDb,
-};
+use penora_domain::{AppName, Credits, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_ledger::audit::{self, Appended};
+use penora_ledger::reconcile;
+use penora_ledger::{Deduct, Grant, LedgerError, LotCategory, Queued, QueuedRefund, Refund};
+use penora_store as db;
+use penora_testing::TestDb;
 
 /// xorshift64*: enough to vary batches, and the same on every run.
 struct Rng(u64);

@@ -16,7 +16,7 @@ use crate::support::{PNG_1X1, expect_error, spawn_app};
 async fn a_database_refusing_connections_is_unavailable_not_an_internal_error() {
     let app = spawn_app().await;
     app.grant("u1", 10).await;
-    let admin = penora_common::testing::admin_client().await;
+    let admin = penora_testing::admin_client().await;
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{0}\" ALLOW_CONNECTIONS false; \
@@ -79,8 +79,8 @@ async fn a_database_refusing_connections_is_unavailable_not_an_internal_error() 
 /// and parking: a connection the pool could not open is transient.
 #[tokio::test]
 async fn a_refused_connection_is_transient_for_the_worker() {
-    let db = penora_common::testing::TestDb::new().await;
-    let admin = penora_common::testing::admin_client().await;
+    let db = penora_testing::TestDb::new().await;
+    let admin = penora_testing::admin_client().await;
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS false",
@@ -88,8 +88,8 @@ async fn a_refused_connection_is_transient_for_the_worker() {
         ))
         .await
         .expect("database away");
-    let pool = penora_common::db::pool_for(&db.url, 1).expect("pool");
-    let err = penora_common::db::DbError::from(pool.get().await.expect_err("refused"));
+    let pool = penora_store::pool_for(&db.url, 1).expect("pool");
+    let err = penora_store::DbError::from(pool.get().await.expect_err("refused"));
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{}\" ALLOW_CONNECTIONS true",

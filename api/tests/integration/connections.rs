@@ -42,7 +42,7 @@ async fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_thousand_idle_connections_are_closed_after_the_idle_timeout() {
-    penora_common::limits::raise_open_files().expect("the test may open 2,000 sockets");
+    penora_platform::limits::raise_open_files().expect("the test may open 2,000 sockets");
     let api = ApiProcess::start(&[("HTTP_IDLE_TIMEOUT_SECS", "2")]).await;
     let before = open_fds(&api);
     let target = addr(&api);

@@ -2,10 +2,9 @@
 
 use std::sync::Arc;
 
-use penora_common::{
-    domain::{AppName, ProjectCode, UserId},
-    ledger::{self, SettleResult},
-};
+use penora_domain::{AppName, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_ledger::SettleResult;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

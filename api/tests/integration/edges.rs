@@ -262,10 +262,9 @@ async fn a_full_deduction_queue_answers_busy_at_once_and_moves_nothing() {
 // ------------------------------------------------------- event time
 
 mod event_time {
-    use penora_common::{
-        domain::{AppName, ProjectCode, UserId},
-        ledger::{self, LedgerError, QueuedRefund, Refund, SettledBy},
-    };
+    use penora_domain::{AppName, ProjectCode, UserId};
+    use penora_ledger as ledger;
+    use penora_ledger::{LedgerError, QueuedRefund, Refund, SettledBy};
     use reqwest::StatusCode;
     use serde_json::json;
     use time::{Duration, OffsetDateTime};

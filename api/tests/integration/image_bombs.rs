@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use image::ImageFormat;
-use penora_common::imaging::samples;
+use penora_workspace::imaging::samples;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -2,7 +2,7 @@
 
 use std::{process::Stdio, time::Duration};
 
-use penora_common::keys::Scope;
+use penora_platform::keys::Scope;
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -129,7 +129,7 @@ async fn a_revoked_key_stops_working_on_the_next_request() {
         .expect("one key")
         .get(0);
     assert!(
-        penora_common::keys::revoke(&client, id)
+        penora_platform::keys::revoke(&client, id)
             .await
             .expect("revoked")
     );
@@ -157,7 +157,7 @@ async fn keys_are_stored_only_as_sha256_digests() {
     let digest: Vec<u8> = row.get(0);
     let prefix: String = row.get(1);
     let whole_row: String = row.get(2);
-    assert_eq!(digest, penora_common::keys::digest(&key).to_vec());
+    assert_eq!(digest, penora_platform::keys::digest(&key).to_vec());
     assert!(key.starts_with(&prefix) && prefix.len() < 16);
     assert!(
         !whole_row.contains(&key),

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use penora_common::{keys::Scope, testing::travel};
+use penora_platform::keys::Scope;
+use penora_testing::travel;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -24,7 +25,7 @@ async fn grant_lot(app: &TestApp, user: &str, amount: i64, reference: &str, extr
 
 /// An RFC 3339 time `secs` from now.
 fn in_secs(secs: i64) -> String {
-    penora_common::timefmt::rfc3339_millis(
+    penora_domain::timefmt::rfc3339_millis(
         time::OffsetDateTime::now_utc() + time::Duration::seconds(secs),
     )
 }
@@ -588,7 +589,7 @@ async fn the_balance_at_a_past_instant_comes_from_the_ledger() {
     let balance_at = |t: time::OffsetDateTime| {
         let app = &app;
         async move {
-            let t = penora_common::timefmt::rfc3339_millis(t - time::Duration::seconds(31));
+            let t = penora_domain::timefmt::rfc3339_millis(t - time::Duration::seconds(31));
             get_json(app, &format!("/api/unified/balance?user_id={u}&at={t}")).await["credits"]
                 .as_i64()
                 .unwrap()

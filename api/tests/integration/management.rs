@@ -7,7 +7,8 @@
 use std::time::Duration;
 
 use base64::Engine;
-use penora_common::{broker::Management, testing::TestDb};
+use penora_platform::broker::Management;
+use penora_testing::TestDb;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,

@@ -2,7 +2,7 @@
 
 use std::process::Output;
 
-use penora_common::testing::TestDb;
+use penora_testing::TestDb;
 use reqwest::StatusCode;
 
 use crate::support::{expect_error, spawn_app};
@@ -231,10 +231,7 @@ async fn migrations_started_at_once_by_several_processes_all_succeed() {
         .await
         .expect("history")
         .get(0);
-    assert_eq!(
-        applied,
-        i64::from(penora_common::db::latest_migration_version())
-    );
+    assert_eq!(applied, i64::from(penora_store::latest_migration_version()));
     drop(fresh);
     client
         .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
@@ -276,7 +273,7 @@ async fn only_migrate_changes_the_schema() {
 /// An empty database beside `db`'s (no schema): the admin connection, its
 /// name and its URL. The caller drops it.
 async fn bare_database(db: &TestDb, suffix: &str) -> (tokio_postgres::Client, String, String) {
-    let admin = penora_common::testing::admin_url();
+    let admin = penora_testing::admin_url();
     let name = format!("{}_{suffix}", db.name);
     let (client, conn) = tokio_postgres::connect(&admin, tokio_postgres::NoTls)
         .await
@@ -411,10 +408,10 @@ async fn audit_verify_streams_a_million_records_in_flat_memory() {
 async fn balances_from_before_lots_become_one_paid_lot_each() {
     let db = TestDb::new().await;
     let (_admin, _name, url) = bare_database(&db, "lots").await;
-    penora_common::db::migrate_to(&url, Some(8))
+    penora_store::migrate_to(&url, Some(8))
         .await
         .expect("migrated to V8");
-    let pool = penora_common::db::pool_for(&url, 2).expect("pool");
+    let pool = penora_store::pool_for(&url, 2).expect("pool");
     let client = pool.get().await.expect("db");
     // What the service before lots wrote: alice got 20, reserved 5 (still
     // held), 3 (refunded) and 6 (settled); carol got 7; bob has an account
@@ -438,12 +435,10 @@ async fn balances_from_before_lots_become_one_paid_lot_each() {
         client.batch_execute(sql).await.expect("V8 data");
     }
     drop(client);
-    penora_common::db::migrate(&url)
-        .await
-        .expect("migrated to V9");
+    penora_store::migrate(&url).await.expect("migrated to V9");
 
     let mut client = pool.get().await.expect("db");
-    let report = penora_common::reconcile::run(&mut client, 1_048_576)
+    let report = penora_ledger::reconcile::run(&mut client, 1_048_576)
         .await
         .expect("reconcile");
     assert!(report.violations.is_empty(), "{:#?}", report.violations);
@@ -491,15 +486,15 @@ async fn balances_from_before_lots_become_one_paid_lot_each() {
     );
 
     // The old reservation still refunds, into the lot it was drawn from.
-    let refund = penora_common::ledger::Refund {
-        user_id: penora_common::domain::UserId::parse("alice").expect("user"),
-        project_code: penora_common::domain::ProjectCode::parse("p1").expect("code"),
+    let refund = penora_ledger::Refund {
+        user_id: penora_domain::UserId::parse("alice").expect("user"),
+        project_code: penora_domain::ProjectCode::parse("p1").expect("code"),
         app_name: None,
         reason: None,
         amount: None,
         reference: None,
     };
-    let back = penora_common::ledger::refund(&mut client, &refund, None)
+    let back = penora_ledger::refund(&mut client, &refund, None)
         .await
         .expect("refunded");
     assert_eq!(back.value.new_balance, 14);
@@ -512,7 +507,7 @@ async fn balances_from_before_lots_become_one_paid_lot_each() {
         .expect("lot")
         .get(0);
     assert_eq!(remaining, 14);
-    let report = penora_common::reconcile::run(&mut client, 1_048_576)
+    let report = penora_ledger::reconcile::run(&mut client, 1_048_576)
         .await
         .expect("reconcile");
     assert!(report.violations.is_empty(), "{:#?}", report.violations);

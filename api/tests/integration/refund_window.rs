@@ -10,12 +10,11 @@
 
 use std::time::Duration;
 
-use penora_common::{
-    domain::{AppName, ProjectCode, UserId},
-    keys::Scope,
-    ledger::{self, EventTime, LedgerError, Settle, SettledBy},
-    testing::travel,
-};
+use penora_domain::{AppName, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_ledger::{EventTime, LedgerError, Settle, SettledBy};
+use penora_platform::keys::Scope;
+use penora_testing::travel;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use time::OffsetDateTime;

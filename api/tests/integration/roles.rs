@@ -6,7 +6,7 @@
 
 use std::process::Output;
 
-use penora_common::testing::TestDb;
+use penora_testing::TestDb;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio_postgres::error::SqlState;
@@ -30,7 +30,7 @@ async fn spawn_app_as(db: TestDb, url: &str) -> TestApp {
     TestApp {
         base,
         // Checks behind the API's back, as the superuser.
-        pool: penora_common::db::pool_for(&db.url, 4).expect("test pool"),
+        pool: penora_store::pool_for(&db.url, 4).expect("test pool"),
         http: reqwest::Client::new(),
         db,
     }
@@ -261,7 +261,7 @@ async fn the_application_role_cannot_take_the_append_only_guards_away() {
             err.code(),
             Some(&SqlState::INSUFFICIENT_PRIVILEGE),
             "{sql}: {}",
-            penora_common::db::error_chain(&err)
+            penora_store::error_chain(&err)
         );
     }
     // Everything is as it was: the guards, the rows, the schema.
@@ -293,7 +293,7 @@ async fn the_application_role_cannot_take_the_append_only_guards_away() {
 #[tokio::test]
 async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_nothing() {
     let db = TestDb::new().await;
-    let admin = penora_common::testing::admin_client().await;
+    let admin = penora_testing::admin_client().await;
     let bare = format!("{}_bare", db.name);
     admin
         .batch_execute(&format!("CREATE DATABASE {bare}"))
@@ -329,7 +329,7 @@ async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_
     assert_eq!(n, 0, "a service that does not migrate created tables");
 
     // One migration behind.
-    penora_common::db::migrate_to(&bare_url, Some(11))
+    penora_store::migrate_to(&bare_url, Some(11))
         .await
         .expect("migrated to V11");
     let why = refused(penora_api::build(settings(&bare_url)).await);
@@ -345,9 +345,7 @@ async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_
     assert_eq!(latest, 11, "a service that does not migrate migrated");
 
     // Migrated by the owner, it starts.
-    penora_common::db::migrate(&bare_url)
-        .await
-        .expect("migrated");
+    penora_store::migrate(&bare_url).await.expect("migrated");
     let app = penora_api::build(settings(&bare_url))
         .await
         .expect("the API starts on a current schema");

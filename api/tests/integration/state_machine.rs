@@ -9,15 +9,14 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use penora_common::{
-    db,
-    domain::{AppName, Credits, ProjectCode, ReservationState, UserId},
-    ledger::{
-        self, Deduct, Grant, LedgerError, LotCategory, Refund, Settle, SettleResult, SettledBy,
-    },
-    reconcile,
-    testing::{TestDb, travel},
+use penora_domain::{AppName, Credits, ProjectCode, ReservationState, UserId};
+use penora_ledger as ledger;
+use penora_ledger::reconcile;
+use penora_ledger::{
+    Deduct, Grant, LedgerError, LotCategory, Refund, Settle, SettleResult, SettledBy,
 };
+use penora_store as db;
+use penora_testing::{TestDb, travel};
 use proptest::prelude::*;
 use time::OffsetDateTime;
 

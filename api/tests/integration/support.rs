@@ -3,10 +3,8 @@
 use std::collections::BTreeSet;
 
 use deadpool_postgres::Pool;
-use penora_common::{
-    keys::{self, KeyApp, Scope},
-    testing::TestDb,
-};
+use penora_platform::keys::{self, KeyApp, Scope};
+use penora_testing::TestDb;
 use reqwest::{Response, StatusCode};
 use serde_json::{Value, json};
 
@@ -51,7 +49,7 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     let settings = db.settings(&vars);
     let app = penora_api::build(settings).await.expect("the API builds");
     let base = format!("http://{}", app.addr);
-    let pool = penora_common::db::pool_for(&db.url, 4).expect("test pool");
+    let pool = penora_store::pool_for(&db.url, 4).expect("test pool");
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     TestApp {
         base,
@@ -203,7 +201,7 @@ impl TestApp {
     /// Runs `penora-ops reconcile`'s checks and asserts there is no violation.
     pub async fn assert_reconciled(&self) {
         let mut client = self.pool.get().await.expect("db");
-        let report = penora_common::reconcile::run(&mut client, 1_048_576)
+        let report = penora_ledger::reconcile::run(&mut client, 1_048_576)
             .await
             .expect("reconcile runs");
         assert!(

@@ -31,14 +31,15 @@ async fn health_reports_the_database_the_broker_and_the_outbox() {
 
 #[tokio::test]
 async fn without_a_database_requests_get_503_unavailable_and_health_says_so() {
-    let settings = penora_common::testing::TestDb::new().await.settings(&[
+    let settings = penora_testing::TestDb::new().await.settings(&[
         ("PENORA_API_KEY", BOOT_KEY),
         // Nothing listens on port 1.
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/penora"),
         ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
     ]);
-    let pool = penora_common::db::pool(&settings).expect("pool");
-    let images = penora_common::cpu_pool::CpuPool::start("test-images", 1, None).expect("threads");
+    let pool = penora_store::pool(&settings).expect("pool");
+    let images =
+        penora_workspace::cpu_pool::CpuPool::start("test-images", 1, None).expect("threads");
     let state =
         penora_api::state::AppState::new(settings, pool, penora_api::metrics_handle(), images);
     let router = penora_api::routes::app(state);

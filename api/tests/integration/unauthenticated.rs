@@ -17,7 +17,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use penora_common::keys::{self, Scope};
+use penora_platform::keys::{self, Scope};
 use reqwest::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;

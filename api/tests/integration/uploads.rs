@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use penora_common::imaging::samples;
+use penora_workspace::imaging::samples;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::{
@@ -628,7 +628,7 @@ async fn title_and_metadata_bytes_count_in_the_quota_until_the_project_is_delete
     // and metadata are still stored, listed and counted.
     let id = saved["project_id"].as_str().expect("id");
     let mut client = app.pool.get().await.expect("db");
-    let finished = penora_common::projects::finish_save(
+    let finished = penora_workspace::projects::finish_save(
         &mut client,
         "u1",
         id.parse().expect("uuid"),
@@ -638,7 +638,7 @@ async fn title_and_metadata_bytes_count_in_the_quota_until_the_project_is_delete
     .expect("failed");
     assert!(matches!(
         finished,
-        penora_common::projects::Finished::Failed(_)
+        penora_workspace::projects::Finished::Failed(_)
     ));
     assert_eq!(used_bytes(&app, "u1").await, meta);
     app.assert_reconciled().await;
@@ -745,7 +745,7 @@ async fn forty_concurrent_saves_under_a_cap_of_twenty_projects_accept_exactly_tw
     // A failed project still counts: its row, title and metadata are kept.
     let failed = accepted[1].1["project_id"].as_str().expect("id").to_owned();
     let mut client = app.pool.get().await.expect("db");
-    penora_common::projects::finish_save(
+    penora_workspace::projects::finish_save(
         &mut client,
         "u1",
         failed.parse().expect("uuid"),

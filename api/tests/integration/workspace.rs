@@ -6,10 +6,8 @@
 use std::{sync::Arc, time::Duration};
 
 use base64::Engine;
-use penora_common::{
-    imaging::{self, StoragePolicy, StoredAs, samples},
-    keys::Scope,
-};
+use penora_platform::keys::Scope;
+use penora_workspace::imaging::{self, StoragePolicy, StoredAs, samples};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -563,7 +561,7 @@ async fn concurrent_deletes_and_saves_never_exceed_the_quota_nor_count_a_byte_tw
         "one log row per deletion"
     );
     let mut client = app.pool.get().await.expect("db");
-    let report = penora_common::reconcile::run(&mut client, 200_000)
+    let report = penora_ledger::reconcile::run(&mut client, 200_000)
         .await
         .expect("reconcile");
     assert!(report.violations.is_empty(), "{:#?}", report.violations);

@@ -14,15 +14,15 @@
 
 use std::collections::HashSet;
 
-use penora_common::{
-    db::DbError,
-    domain::{self, AppName, ProjectCode, UserId},
-    ledger::{
-        self, Answer, EventTime, LedgerError, OnBusy, QueuedRefund, Refund, RefundReceipt,
-        SettleResult, SettledBy,
-    },
-    messages::GenerationEvent,
+use penora_domain as domain;
+use penora_domain::messages::GenerationEvent;
+use penora_domain::{AppName, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_ledger::{
+    Answer, EventTime, LedgerError, OnBusy, QueuedRefund, Refund, RefundReceipt, SettleResult,
+    SettledBy,
 };
+use penora_store::DbError;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use super::JobResult;

@@ -1,14 +1,12 @@
 //! `penora.ledger-audit`: a ledger entry's record is appended to its user's
-//! hash chain, once (see `penora_common::audit` for the chain's rules).
+//! hash chain, once (see `penora_ledger::audit` for the chain's rules).
 //! Deliveries that arrive together are recorded in one transaction; a chain
 //! another transaction holds is skipped by it, and its entries are then
 //! appended alone.
 
-use penora_common::{
-    audit::{self, Appended},
-    db::DbError,
-    messages::LedgerAuditJob,
-};
+use penora_domain::messages::LedgerAuditJob;
+use penora_ledger::audit::{self, Appended};
+use penora_store::DbError;
 
 use super::JobResult;
 use crate::{Context, message::Message, retry::JobError};

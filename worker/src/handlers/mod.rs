@@ -13,7 +13,7 @@ mod ledger_audit;
 mod save_project;
 
 use futures_util::future::BoxFuture;
-use penora_common::messages::{GENERATION_EVENTS, LEDGER_AUDIT, SAVE_PROJECT};
+use penora_domain::messages::{GENERATION_EVENTS, LEDGER_AUDIT, SAVE_PROJECT};
 
 use crate::{Context, message::Message, retry::JobError};
 
@@ -66,13 +66,13 @@ pub fn for_queue(queue: &str) -> Option<&'static Handler> {
 mod tests {
     #[test]
     fn every_work_queue_has_exactly_one_handler() {
-        for queue in penora_common::broker::WORK_QUEUES {
+        for queue in penora_platform::broker::WORK_QUEUES {
             let n = super::HANDLERS.iter().filter(|h| h.queue == queue).count();
             assert_eq!(n, 1, "{queue}");
         }
         assert_eq!(
             super::HANDLERS.len(),
-            penora_common::broker::WORK_QUEUES.len()
+            penora_platform::broker::WORK_QUEUES.len()
         );
     }
 }

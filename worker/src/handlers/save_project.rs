@@ -3,15 +3,14 @@
 //! `failed`, releasing its bytes), then the reservation it names is settled.
 //! A project deleted before its job ran is left deleted.
 
-use penora_common::{
-    cpu_pool::PoolError,
-    db::DbError,
-    domain::{AppName, ProjectCode, UserId},
-    imaging,
-    ledger::{self, LedgerError, SettledBy},
-    messages::SaveProjectJob,
-    projects::{self, Finished, Pending},
-};
+use penora_domain::messages::SaveProjectJob;
+use penora_domain::{AppName, ProjectCode, UserId};
+use penora_ledger as ledger;
+use penora_ledger::{LedgerError, SettledBy};
+use penora_store::DbError;
+use penora_workspace::cpu_pool::PoolError;
+use penora_workspace::imaging;
+use penora_workspace::projects::{self, Finished, Pending};
 
 use super::JobResult;
 use crate::{Context, message::Message, retry::JobError};

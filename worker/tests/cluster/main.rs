@@ -21,11 +21,9 @@ use lapin::{
     BasicProperties,
     options::{BasicAckOptions, BasicGetOptions},
 };
-use penora_common::{
-    broker::{self, Outgoing, Publisher, Topology},
-    config::Settings,
-    messages::{JOBS_EXCHANGE, SAVE_PROJECT},
-};
+use penora_config::Settings;
+use penora_domain::messages::{JOBS_EXCHANGE, SAVE_PROJECT};
+use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 
 /// The running cluster: its environment file and its script.
 struct Cluster {

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use penora_common::imaging::{self, samples};
+use penora_workspace::imaging::{self, samples};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -391,7 +391,7 @@ async fn a_project_deleted_while_queued_stays_deleted_and_its_job_does_nothing()
         0
     );
     assert_eq!(
-        s.depth(&s.topology.dead_queue(penora_common::messages::SAVE_PROJECT))
+        s.depth(&s.topology.dead_queue(penora_domain::messages::SAVE_PROJECT))
             .await,
         0
     );

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use penora_common::timefmt::rfc3339_millis;
+use penora_domain::timefmt::rfc3339_millis;
 use serde_json::json;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 

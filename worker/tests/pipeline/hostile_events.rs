@@ -7,11 +7,9 @@
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, FieldTable};
-use penora_common::{
-    broker::{Outgoing, Publisher},
-    messages::headers,
-    timefmt::rfc3339_millis,
-};
+use penora_domain::timefmt::rfc3339_millis;
+use penora_platform::broker::headers;
+use penora_platform::broker::{Outgoing, Publisher};
 use serde_json::json;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -54,7 +52,7 @@ async fn publish_as_imagegene(
     headers: FieldTable,
 ) -> Result<(), String> {
     let publisher = Publisher::new(
-        penora_common::config::Secret::new(amqp_url()),
+        penora_config::Secret::new(amqp_url()),
         "imagegene-test",
         s.topology.clone(),
     );
@@ -272,7 +270,7 @@ async fn an_events_reason_is_cleaned_and_bounded_like_an_http_one() {
     assert!(
         !stored
             .chars()
-            .any(|c| c.is_control() || penora_common::domain::is_bidi_or_invisible_format(c))
+            .any(|c| c.is_control() || penora_domain::is_bidi_or_invisible_format(c))
     );
     s.stop_worker().await;
 }
@@ -339,7 +337,7 @@ async fn a_message_the_broker_dead_lettered_keeps_none_of_the_headers_it_was_pub
         .await
         .expect("published");
     let (work, dead) = (s.topology.queue(EVENTS), s.topology.dead_queue(EVENTS));
-    let connection = penora_common::broker::connect(&amqp_url(), "penora-tests")
+    let connection = penora_platform::broker::connect(&amqp_url(), "penora-tests")
         .await
         .expect("broker");
     let ch = connection.create_channel().await.expect("channel");
@@ -370,7 +368,7 @@ async fn a_message_the_broker_dead_lettered_keeps_none_of_the_headers_it_was_pub
         )),
     );
     let publisher = Publisher::new(
-        penora_common::config::Secret::new(amqp_url()),
+        penora_config::Secret::new(amqp_url()),
         "imagegene-test",
         s.topology.clone(),
     );

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use base64::Engine;
-use penora_common::imaging::samples;
+use penora_workspace::imaging::samples;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use penora_common::testing::travel;
+use penora_testing::travel;
 use serde_json::json;
 
 use crate::support::{Stack, stack, wait_for};
@@ -24,7 +24,7 @@ async fn reconciled(s: &Stack) {
 }
 
 fn in_secs(secs: i64) -> String {
-    penora_common::timefmt::rfc3339_millis(
+    penora_domain::timefmt::rfc3339_millis(
         time::OffsetDateTime::now_utc() + time::Duration::seconds(secs),
     )
 }

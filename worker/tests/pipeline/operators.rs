@@ -382,7 +382,7 @@ async fn looking_at_dead_letters_never_counts_as_a_delivery() {
             types::{AMQPValue, FieldTable},
         };
         let connection =
-            penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+            penora_platform::broker::connect(&crate::support::amqp_url(), "penora-tests")
                 .await
                 .expect("broker");
         let ch = connection.create_channel().await.expect("channel");
@@ -428,7 +428,7 @@ async fn looking_at_dead_letters_never_counts_as_a_delivery() {
     assert_eq!(s.depth(&dead).await, 1, "still parked, once");
     // A quorum queue counts every unacknowledged return as a delivery and
     // says so in `x-delivery-count`; the looks above returned nothing.
-    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+    let connection = penora_platform::broker::connect(&crate::support::amqp_url(), "penora-tests")
         .await
         .expect("broker");
     let ch = connection.create_channel().await.expect("channel");
@@ -440,7 +440,7 @@ async fn looking_at_dead_letters_never_counts_as_a_delivery() {
         .await
         .expect("get")
         .expect("the parked message");
-    let count = penora_common::messages::headers::int(&got.delivery.properties, "x-delivery-count");
+    let count = penora_platform::broker::headers::int(&got.delivery.properties, "x-delivery-count");
     assert!(count.unwrap_or(0) == 0, "delivery count {count:?}");
     assert_eq!(got.delivery.data, b"{broken", "the body is the one parked");
     let _ = connection.close(200, "bye".into()).await;
@@ -454,7 +454,7 @@ async fn every_queue_states_its_delivery_limit_and_dead_letter_target() {
         types::{AMQPValue, FieldTable},
     };
     let s = stack(&[], &[]).await;
-    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+    let connection = penora_platform::broker::connect(&crate::support::amqp_url(), "penora-tests")
         .await
         .expect("broker");
     let durable = QueueDeclareOptions {
@@ -490,13 +490,13 @@ async fn every_queue_states_its_delivery_limit_and_dead_letter_target() {
         }
         args
     };
-    for work in penora_common::broker::WORK_QUEUES {
+    for work in penora_platform::broker::WORK_QUEUES {
         let (name, dead) = (s.topology.queue(work), s.topology.dead_queue(work));
         let mut work_args = same(
-            penora_common::broker::WORK_DELIVERY_LIMIT,
+            penora_platform::broker::WORK_DELIVERY_LIMIT,
             Some(dead.clone()),
         );
-        if work == penora_common::messages::GENERATION_EVENTS {
+        if work == penora_domain::messages::GENERATION_EVENTS {
             // What ImageGene publishes is bounded (EVENTS_QUEUE_MAX_LENGTH,
             // new events refused past it).
             work_args.insert("x-max-length".into(), AMQPValue::LongLongInt(1_000_000));
@@ -505,7 +505,7 @@ async fn every_queue_states_its_delivery_limit_and_dead_letter_target() {
             (name.clone(), work_args),
             (
                 dead.clone(),
-                same(penora_common::broker::DEAD_DELIVERY_LIMIT, None),
+                same(penora_platform::broker::DEAD_DELIVERY_LIMIT, None),
             ),
         ] {
             let ch = connection.create_channel().await.expect("channel");
@@ -558,7 +558,7 @@ async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
         s.topology.queue("penora.generation-events"),
         s.topology.dead_queue("penora.generation-events"),
     );
-    let connection = penora_common::broker::connect(&crate::support::amqp_url(), "penora-tests")
+    let connection = penora_platform::broker::connect(&crate::support::amqp_url(), "penora-tests")
         .await
         .expect("broker");
     let ch = connection.create_channel().await.expect("channel");
@@ -580,7 +580,7 @@ async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
     }
     let _ = connection.close(200, "bye".into()).await;
     assert!(
-        returns > penora_common::broker::WORK_DELIVERY_LIMIT as usize,
+        returns > penora_platform::broker::WORK_DELIVERY_LIMIT as usize,
         "{returns} returns"
     );
     wait_for("parked by the broker", Duration::from_secs(10), || async {
@@ -616,14 +616,14 @@ async fn a_message_past_its_delivery_limit_is_parked_and_replays() {
 
 #[tokio::test]
 async fn the_broker_version_is_read_for_the_start_up_log() {
-    let db = penora_common::testing::TestDb::new().await;
+    let db = penora_testing::TestDb::new().await;
     let amqp = crate::support::amqp_url();
     let management = crate::support::management_url();
     let settings = db.settings(&[
         ("AMQP_URL", amqp.as_str()),
         ("RABBITMQ_MANAGEMENT_URL", management.as_str()),
     ]);
-    let version = penora_common::broker::Management::from_settings(&settings)
+    let version = penora_platform::broker::Management::from_settings(&settings)
         .expect("configured")
         .broker_version()
         .await

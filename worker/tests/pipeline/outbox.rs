@@ -8,7 +8,7 @@ use lapin::{
     options::{QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
 };
-use penora_common::broker;
+use penora_platform::broker;
 use serde_json::{Value, json};
 
 use crate::support::{Stack, amqp_url, stack, wait_for};

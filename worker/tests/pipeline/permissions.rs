@@ -10,11 +10,9 @@ use lapin::{
     options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use penora_common::{
-    broker::{self, Outgoing, Publisher, Topology},
-    config::{Secret, Settings},
-    messages::{EVENTS_EXCHANGE, JOBS_EXCHANGE, SAVE_PROJECT},
-};
+use penora_config::{Secret, Settings};
+use penora_domain::messages::{EVENTS_EXCHANGE, JOBS_EXCHANGE, SAVE_PROJECT};
+use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 use serde_json::{Value, json};
 
 const MANAGEMENT: &str = "http://127.0.0.1:15672/api";

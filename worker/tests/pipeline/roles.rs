@@ -6,7 +6,8 @@
 
 use std::time::Duration;
 
-use penora_common::{config::Secret, testing::TestDb};
+use penora_config::Secret;
+use penora_testing::TestDb;
 use serde_json::{Value, json};
 
 use crate::support::{PNG_1X1, sibling_binary, stack, wait_for};
@@ -14,7 +15,7 @@ use crate::support::{PNG_1X1, sibling_binary, stack, wait_for};
 const KEY: &str = "pipeline-audit-key-0123456789abcdef0123";
 
 fn in_secs(secs: i64) -> String {
-    penora_common::timefmt::rfc3339_millis(
+    penora_domain::timefmt::rfc3339_millis(
         time::OffsetDateTime::now_utc() + time::Duration::seconds(secs),
     )
 }
@@ -178,7 +179,7 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
 #[tokio::test]
 async fn a_worker_that_does_not_migrate_refuses_a_schema_behind_it() {
     let db = TestDb::new().await;
-    let admin = penora_common::testing::admin_client().await;
+    let admin = penora_testing::admin_client().await;
     let bare = format!("{}_bare", db.name);
     admin
         .batch_execute(&format!("CREATE DATABASE {bare}"))

@@ -7,11 +7,9 @@ use std::{future::Future, path::PathBuf, time::Duration};
 
 use deadpool_postgres::Pool;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use penora_common::{
-    broker::{self, Outgoing, Publisher, Topology},
-    config::Settings,
-    testing::TestDb,
-};
+use penora_config::Settings;
+use penora_platform::broker::{self, Outgoing, Publisher, Topology};
+use penora_testing::TestDb;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -95,7 +93,7 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     Stack {
         base,
-        pool: penora_common::db::pool_for(&db.url, 4).expect("pool"),
+        pool: penora_store::pool_for(&db.url, 4).expect("pool"),
         http: reqwest::Client::new(),
         settings,
         topology,
@@ -201,7 +199,7 @@ impl Stack {
     /// Publishes a generation event as ImageGene does.
     pub async fn publish_event(&self, kind: &str, body: &str) {
         let publisher = Publisher::new(
-            penora_common::config::Secret::new(amqp_url()),
+            penora_config::Secret::new(amqp_url()),
             "imagegene-test",
             self.topology.clone(),
         );

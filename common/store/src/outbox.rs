@@ -1,0 +1,104 @@
+//! The transactional outbox: its rows, written and read.
+//!
+//! Rule: a job is inserted here inside the transaction that makes the change it
+//! describes, so a committed change always has its job, whatever happens to the
+//! broker or the process afterwards. Publishing happens after the commit
+//! (`penora_platform::relay`).
+
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+use uuid::Uuid;
+
+use penora_domain::messages::JOBS_EXCHANGE;
+
+use crate::DbError;
+
+/// SQL writing one outbox row (also driven raw by the benchmark).
+pub const INSERT_SQL: &str = "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
+     VALUES ($1, $2, $3, $4, $5, $6)";
+
+/// Writes a job for `routing_key` on the jobs exchange, in the caller's
+/// transaction. Returns the message id that the published message will carry.
+pub async fn enqueue_job(
+    tx: &impl GenericClient,
+    user_id: &str,
+    routing_key: &str,
+    payload: &impl Serialize,
+    correlation_id: Option<&str>,
+) -> Result<Uuid, DbError> {
+    let message_id = Uuid::now_v7();
+    let payload =
+        serde_json::to_value(payload).map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
+    let stmt = tx.prepare_cached(INSERT_SQL).await?;
+    tx.execute(
+        &stmt,
+        &[
+            &user_id,
+            &JOBS_EXCHANGE,
+            &routing_key,
+            &message_id,
+            &correlation_id,
+            &payload,
+        ],
+    )
+    .await?;
+    Ok(message_id)
+}
+
+/// How many outbox rows wait to be published (set-aside ones included).
+pub async fn pending(client: &impl GenericClient) -> Result<i64, DbError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The outbox's backlog.
+#[derive(Debug, Clone, Copy)]
+pub struct Backlog {
+    /// Rows waiting to be published (set-aside ones not counted).
+    pub waiting: i64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_secs: f64,
+    /// Rows set aside after repeated refusals.
+    pub set_aside: i64,
+}
+
+/// The outbox's backlog, and its set-aside rows.
+pub async fn backlog(client: &impl GenericClient) -> Result<Backlog, DbError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE set_aside_at IS NULL) AS waiting, \
+                    coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE set_aside_at IS NULL)), 0)::float8 AS oldest_secs, \
+                    count(*) FILTER (WHERE set_aside_at IS NOT NULL) AS set_aside \
+             FROM outbox WHERE published_at IS NULL",
+            &[],
+        )
+        .await?;
+    Ok(Backlog {
+        waiting: row.get("waiting"),
+        oldest_secs: row.get("oldest_secs"),
+        set_aside: row.get("set_aside"),
+    })
+}
+
+/// Sets the backlog gauges.
+pub fn record_backlog(b: Backlog) {
+    metrics::gauge!("penora_outbox_pending_rows").set(b.waiting as f64);
+    metrics::gauge!("penora_outbox_oldest_age_seconds").set(b.oldest_secs);
+    metrics::gauge!("penora_outbox_set_aside_rows").set(b.set_aside as f64);
+}
+
+/// Deletes rows marked published more than `days` days ago (by versions
+/// before published rows were deleted at once); returns how many.
+pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "DELETE FROM outbox WHERE published_at < now() - make_interval(days => $1)",
+            &[&days],
+        )
+        .await?)
+}
