@@ -5,10 +5,15 @@
 //! these types first; the error says which field is wrong and why, and the rest
 //! of the code never sees an unchecked value.
 
+#[cfg(feature = "sql")]
+pub mod codec;
 pub mod labels;
 pub mod messages;
 pub mod pricing;
+mod states;
 pub mod timefmt;
+
+pub use states::{EntryKind, LotCategory, LotStatus, ProjectStatus, ReservationState, SettledBy};
 
 mod schema;
 
@@ -350,77 +355,6 @@ pub const REFERENCE_MAX_LEN: usize = 128;
 /// Longest project type.
 pub const PROJECT_TYPE_MAX_LEN: usize = 64;
 
-/// What a ledger entry records.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EntryKind {
-    /// Credits granted (purchase, bonus).
-    Grant,
-    /// Credits reserved and taken out of the balance.
-    Deduct,
-    /// A reservation's credits returned.
-    Refund,
-    /// A reservation made final (moves nothing).
-    Settle,
-    /// A lot's credits that passed their expiry (or the part of a refund
-    /// given back to an expired lot).
-    Expire,
-    /// A voided lot's credits (or the part of a refund given back to it).
-    Void,
-}
-
-impl EntryKind {
-    /// The kind as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Grant => "grant",
-            Self::Deduct => "deduct",
-            Self::Refund => "refund",
-            Self::Settle => "settle",
-            Self::Expire => "expire",
-            Self::Void => "void",
-        }
-    }
-}
-
-/// The state of a reservation: `reserved` until it is settled or refunded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReservationState {
-    /// Credits held; can still be refunded inside the window.
-    Reserved,
-    /// Part of the credits went back; the rest is held, and can still be
-    /// refunded inside the window.
-    PartiallyRefunded,
-    /// Final: the credits are spent.
-    Settled,
-    /// Final: the credits went back to the balance.
-    Refunded,
-}
-
-impl ReservationState {
-    /// Parses the stored state.
-    pub fn from_db(raw: &str) -> Option<Self> {
-        match raw {
-            "reserved" => Some(Self::Reserved),
-            "partially_refunded" => Some(Self::PartiallyRefunded),
-            "settled" => Some(Self::Settled),
-            "refunded" => Some(Self::Refunded),
-            _ => None,
-        }
-    }
-
-    /// The state as stored and shown.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Reserved => "reserved",
-            Self::PartiallyRefunded => "partially_refunded",
-            Self::Settled => "settled",
-            Self::Refunded => "refunded",
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -516,3 +450,14 @@ mod tests {
         }
     }
 }
+
+text_column!(UserId, |v: &UserId| v.as_str(), |raw: &str| UserId::parse(
+    raw
+)
+.ok());
+text_column!(AppName, |v: &AppName| v.as_str(), |raw: &str| {
+    AppName::parse("app_name", raw).ok()
+});
+text_column!(ProjectCode, |v: &ProjectCode| v.as_str(), |raw: &str| {
+    ProjectCode::parse(raw).ok()
+});

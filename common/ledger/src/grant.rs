@@ -9,6 +9,7 @@
 //! amount differs.
 
 use deadpool_postgres::{Client, GenericClient};
+use penora_domain::LotCategory;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -19,44 +20,6 @@ use super::{
 use penora_domain::messages::LedgerAuditJob;
 use penora_domain::{AppName, Credits, EntryKind, UserId};
 use penora_store::DbError;
-
-/// A lot's category (contract §12).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum LotCategory {
-    /// Bought: spent after promotional credits of the same priority and expiry.
-    Paid,
-    /// Given (a signup bonus, a goodwill gesture).
-    Promotional,
-}
-
-impl LotCategory {
-    /// The category as stored.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Paid => "paid",
-            Self::Promotional => "promotional",
-        }
-    }
-
-    /// Parses the stored category.
-    pub fn from_db(raw: &str) -> Option<Self> {
-        match raw {
-            "paid" => Some(Self::Paid),
-            "promotional" => Some(Self::Promotional),
-            _ => None,
-        }
-    }
-
-    /// The priority a lot of this category gets when the grant names none:
-    /// promotional credits are spent first.
-    pub fn default_priority(self) -> i32 {
-        match self {
-            Self::Paid => 50,
-            Self::Promotional => 10,
-        }
-    }
-}
 
 /// A grant.
 #[derive(Debug, Clone)]

@@ -51,18 +51,19 @@ use tokio_postgres::{
 use uuid::Uuid;
 
 pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
-pub use grant::{Grant, GrantReceipt, LotCategory, grant};
+pub use grant::{Grant, GrantReceipt, grant};
 pub use lot_ops::{
     LOT_STATUSES, LotView, VoidReceipt, balance_at, expire_lots, lots, users_with_due_lots,
     void_lot,
 };
 pub use lots::{Allocation, SPENDABLE_ORDER};
+pub use penora_domain::{LotCategory, SettledBy};
 pub use reads::{
     ACCOUNT_SUMMARIES_SQL, ACCOUNT_SUMMARY_SQL, AccountSummary, LedgerRow, account_summaries,
     account_summary, transactions,
 };
 pub use refund::{QueuedRefund, Refund, RefundReceipt, refund, refund_all, refund_one};
-pub use settle::{Settle, SettleReceipt, SettleResult, SettledBy, settle, settle_for};
+pub use settle::{Settle, SettleReceipt, SettleResult, settle, settle_for};
 pub use window::EventTime;
 
 use penora_domain::messages::{JOBS_EXCHANGE, LEDGER_AUDIT, LedgerAuditJob};

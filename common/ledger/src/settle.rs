@@ -10,6 +10,7 @@
 //! settled in full; a request without `app_name` names the user's only
 //! reservation with its code, as a refund does.
 
+use penora_domain::SettledBy;
 use std::borrow::Cow;
 
 use deadpool_postgres::Client;
@@ -23,25 +24,6 @@ use super::{
     window::{self, EventTime, Verdict},
 };
 use penora_domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
-
-/// Why a reservation is settled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SettledBy {
-    /// Its refund window passed (the timer): a failure event from inside
-    /// the window may still refund it (CONTRACT §11).
-    Window,
-    /// A success event, a save naming it, an explicit settlement: final.
-    Final,
-}
-
-impl SettledBy {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Window => "window",
-            Self::Final => "final",
-        }
-    }
-}
 
 /// How a settle request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
