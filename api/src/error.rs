@@ -264,6 +264,10 @@ impl From<DbError> for ApiError {
                 Self::Unavailable(d)
             }
             DbError::Other(d) => Self::Internal(d),
+            DbError::Invariant(d) => {
+                metrics::counter!("penora_invariant_breaches_total").increment(1);
+                Self::Internal(format!("invariant broken: {d}"))
+            }
         }
     }
 }

@@ -11,6 +11,7 @@
 //! migrate, and start only on a current schema ([`prepare_schema`]);
 //! `penora-ops migrate` runs as the schema's owner.
 
+pub mod accounts;
 pub mod outbox;
 
 use std::time::Duration;
@@ -38,6 +39,12 @@ pub enum DbError {
     /// holds it): the rows are busy; trying again at once would wait again.
     #[error("row lock wait timed out: {0}")]
     LockTimeout(String),
+    /// What the rows hold breaks a rule the code relies on (lots holding
+    /// more or less than the balance, a change that did not apply to the
+    /// rows it was decided on): the transaction must not commit; a bug, or
+    /// rows changed behind the service's back.
+    #[error("invariant broken: {0}")]
+    Invariant(String),
     /// Anything else: a bug or a broken schema.
     #[error("database error: {0}")]
     Other(String),

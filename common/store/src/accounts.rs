@@ -1,0 +1,147 @@
+//! The `accounts` table: the lock every writer of a user's rows takes first,
+//! and the guarded balance change.
+//!
+//! Rules:
+//! * one lock, spelled once: `FOR NO KEY UPDATE` on the account row, taken
+//!   by every movement of credits and every change to the workspace, in
+//!   `user_id` order when a transaction takes several (so two transactions
+//!   queue instead of deadlocking). It is the lock an `UPDATE` of the
+//!   balance takes anyway; it still lets the foreign-key checks of rows
+//!   inserted for the account elsewhere (the worker's audit records) through;
+//! * the balance changes only through [`move_balances`]: one guarded
+//!   `UPDATE` per transaction (a debit applies only where the balance
+//!   covers it), backed by the `accounts_balance_non_negative` constraint.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use deadpool_postgres::Transaction;
+
+use crate::DbError;
+
+/// What a transaction does about an account row that another transaction
+/// holds (a long operator transaction, another batch of the same user).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnBusy {
+    /// Wait for the lock, at most `DB_LOCK_TIMEOUT_MS` (then
+    /// [`DbError::LockTimeout`]). For a lone request, or a batch of one
+    /// user's requests.
+    Wait,
+    /// Lock what is free (`SKIP LOCKED`) and report the held accounts, so
+    /// that one held account never holds up the other users of a batch.
+    Skip,
+}
+
+/// The accounts a transaction locked.
+#[derive(Debug, Default, Clone)]
+pub struct Locked {
+    /// Balances of the locked accounts, by user.
+    pub balances: BTreeMap<String, i64>,
+    /// Accounts that exist but another transaction holds ([`OnBusy::Skip`]).
+    pub busy: BTreeSet<String>,
+}
+
+/// Locks the accounts of `users` (in `user_id` order, `FOR NO KEY UPDATE`)
+/// and returns their balances. With [`OnBusy::Skip`], an account another
+/// transaction holds is not waited for but returned in `busy`; a user in
+/// neither has no account.
+pub async fn lock<'a>(
+    tx: &Transaction<'_>,
+    users: impl IntoIterator<Item = &'a str>,
+    on_busy: OnBusy,
+) -> Result<Locked, DbError> {
+    let mut users: Vec<&str> = users.into_iter().collect();
+    users.sort_unstable();
+    users.dedup();
+    if users.is_empty() {
+        return Ok(Locked::default());
+    }
+    let stmt = tx
+        .prepare_cached(match on_busy {
+            OnBusy::Wait => {
+                "SELECT user_id, balance FROM accounts \
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE"
+            }
+            OnBusy::Skip => {
+                "SELECT user_id, balance FROM accounts \
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE SKIP LOCKED"
+            }
+        })
+        .await?;
+    let mut balances = BTreeMap::new();
+    for r in tx.query(&stmt, &[&users]).await? {
+        balances.insert(r.try_get("user_id")?, r.try_get("balance")?);
+    }
+    let mut busy = BTreeSet::new();
+    if on_busy == OnBusy::Skip && balances.len() < users.len() {
+        // Missing: no account, or a held one. A plain read never waits.
+        let missing: Vec<&str> = users
+            .into_iter()
+            .filter(|u| !balances.contains_key(*u))
+            .collect();
+        let exists = tx
+            .prepare_cached("SELECT user_id FROM accounts WHERE user_id = ANY($1::text[])")
+            .await?;
+        for r in tx.query(&exists, &[&missing]).await? {
+            busy.insert(r.try_get("user_id")?);
+        }
+    }
+    Ok(Locked { balances, busy })
+}
+
+/// Locks one user's account ([`lock`], waiting); its balance, or `None`
+/// without an account.
+pub async fn lock_one(tx: &Transaction<'_>, user: &str) -> Result<Option<i64>, DbError> {
+    Ok(lock(tx, [user], OnBusy::Wait)
+        .await?
+        .balances
+        .remove(user))
+}
+
+/// Makes `user`'s account (balance 0) when there is none, then locks it
+/// ([`lock`]); its balance. Two transactions making the same new account
+/// queue on its row like any other.
+pub async fn create_and_lock(tx: &Transaction<'_>, user: &str) -> Result<i64, DbError> {
+    let create = tx
+        .prepare_cached(
+            "INSERT INTO accounts (user_id, balance) VALUES ($1, 0) ON CONFLICT (user_id) DO NOTHING",
+        )
+        .await?;
+    tx.execute(&create, &[&user]).await?;
+    lock_one(tx, user)
+        .await?
+        .ok_or_else(|| DbError::Invariant(format!("account {user:?} made but not found")))
+}
+
+/// Moves each user's balance by the sum of that user's `deltas`, with one
+/// guarded `UPDATE` (a debit applies only where the balance covers it).
+/// Every account must exist and be locked by the caller; anything else is
+/// an invariant breach, and the caller's transaction must not commit.
+pub async fn move_balances(tx: &Transaction<'_>, deltas: &[(&str, i64)]) -> Result<(), DbError> {
+    let mut totals: HashMap<&str, i64> = HashMap::new();
+    for &(user, delta) in deltas {
+        let total = totals.entry(user).or_default();
+        *total = total
+            .checked_add(delta)
+            .ok_or_else(|| DbError::Invariant(format!("{user}: a batch total overflows")))?;
+    }
+    totals.retain(|_, d| *d != 0);
+    if totals.is_empty() {
+        return Ok(());
+    }
+    let (users, totals): (Vec<&str>, Vec<i64>) = totals.into_iter().unzip();
+    let update = tx
+        .prepare_cached(
+            "UPDATE accounts a SET balance = a.balance + v.delta, updated_at = now() \
+             FROM unnest($1::text[], $2::int8[]) AS v(user_id, delta) \
+             WHERE a.user_id = v.user_id AND a.user_id = ANY($1) AND a.balance + v.delta >= 0 \
+               AND a.balance <= 9223372036854775807 - greatest(v.delta, 0)",
+        )
+        .await?;
+    if tx.execute(&update, &[&users, &totals]).await? != users.len() as u64 {
+        return Err(DbError::Invariant(
+            "a balance change did not apply to every account (short, or past the largest balance)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
