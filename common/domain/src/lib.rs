@@ -50,9 +50,15 @@ impl ValidationError {
 pub const USER_ID_MAX_LEN: usize = 128;
 
 /// A user id: 1–128 characters of `[A-Za-z0-9_.:@-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct UserId(String);
+
+impl std::borrow::Borrow<str> for UserId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 impl UserId {
     /// Parses a user id; the empty string is refused (callers that must map it
@@ -185,9 +191,15 @@ pub const APP_NAME_MAX_LEN: usize = 32;
 
 /// The name of a client app (`penora`, `imagegene`, …): lowercase letters,
 /// digits, `_` and `-`, 1–32 characters.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct AppName(String);
+
+impl std::borrow::Borrow<str> for AppName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 /// The writing app.
 pub const PENORA: &str = "penora";
@@ -242,9 +254,15 @@ pub const PROJECT_CODE_MAX_LEN: usize = 128;
 
 /// A client's idempotency key for a deduction: 1–128 characters of
 /// `[A-Za-z0-9_.:@-]`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(transparent)]
 pub struct ProjectCode(String);
+
+impl std::borrow::Borrow<str> for ProjectCode {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
 
 impl ProjectCode {
     /// Parses a project code.

@@ -7,6 +7,11 @@
 //! commit; a lone request ([`deduct`]) is a batch of one. On one hot account
 //! this turns a queue of row-lock waits into one guarded `UPDATE` per batch.
 //!
+//! Three steps ([`load`] → [`decide`] → `plan::apply`): `load` locks the
+//! batch's accounts and reads their lots and the stored reservations of its
+//! keys into a [`Snapshot`]; `decide` (pure) answers each request and
+//! builds the [`Plan`]; `apply` writes it.
+//!
 //! Rules, for each request of a batch:
 //! * the account rows are locked first (in `user_id` order, so two batches
 //!   cannot deadlock), then the reservations are claimed in key order;
@@ -26,43 +31,22 @@
 //!   should never fire).
 
 use std::{
-    borrow::Cow,
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     time::Duration,
 };
 
 use deadpool_postgres::Client;
+use penora_domain::{AppName, Credits, EntryKind, ProjectCode, ReservationState, UserId};
+use penora_store::DbError;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{
-    Answer, LedgerError, Locked, NewEntry, OnBusy, Outcome, ReservationKey, Slots, answer_all,
-    by_reservation, count_moved, key_of, lock_accounts,
-    lots::{Allocation, Plan, active_lots, draw, drawn_from},
-    only, reservation_key, state_of,
+use crate::{
+    Answer, LedgerError, OnBusy, Outcome, Slots, answer_all, count_moved, only,
+    plan::{self, Allocation, NewEntry, NewReservation, Plan, draw},
+    snapshot::{ResKey, Snapshot, res_key},
+    tables,
 };
-use penora_domain::{AppName, Credits, EntryKind, ProjectCode, ReservationState, UserId};
-use penora_store::DbError;
-
-/// The stored reservations of a batch's keys, one index probe per key: the
-/// `LIMIT 1` keeps the planner from turning the look-up into a join that
-/// reads each user's every reservation (a hot account has many thousands,
-/// and a cached generic plan did exactly that: 13–30 ms per batch).
-const STORED_BY_KEYS_SQL: &str = "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
-            r.refundable_until, r.created_at, r.app_name, r.project_code \
-     FROM unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
-     CROSS JOIN LATERAL (SELECT * FROM reservations r \
-        WHERE r.user_id = k.user_id AND r.app_name = k.app_name AND r.project_code = k.project_code \
-        LIMIT 1) r";
-
-/// [`STORED_BY_KEYS_SQL`] on Citus, as verified there: the keys' users
-/// route the query to their shards and the join picks the keys out.
-const STORED_BY_USERS_SQL: &str = "SELECT r.user_id, r.amount, r.balance_after_deduct, r.state, \
-            r.refundable_until, r.created_at, r.app_name, r.project_code \
-     FROM reservations r \
-     JOIN unnest($1::text[], $2::text[], $3::text[]) AS k(user_id, app_name, project_code) \
-       ON r.user_id = k.user_id AND r.app_name = k.app_name AND r.project_code = k.project_code \
-     WHERE r.user_id = ANY($1)";
 
 /// A deduction.
 #[derive(Debug, Clone)]
@@ -115,6 +99,221 @@ pub struct Queued {
     pub correlation_id: Option<String>,
 }
 
+/// The requests of `batch` that share its transaction: up to the first key
+/// met twice (the repeat, and what follows it, go in the next batch).
+pub fn live(batch: &[Queued]) -> &[Queued] {
+    let mut keys = HashSet::new();
+    let n = batch
+        .iter()
+        .take_while(|q| {
+            let d = &q.deduct;
+            keys.insert((
+                d.user_id.as_str(),
+                d.app_name.as_str(),
+                d.project_code.as_str(),
+            ))
+        })
+        .count();
+    &batch[..n]
+}
+
+/// Locks the accounts of `live` and reads what deciding it needs: their
+/// lots, the stored reservations of its keys and, for those, the lots they
+/// drew from (a replay answers its allocations).
+pub async fn load(
+    tx: &deadpool_postgres::Transaction<'_>,
+    live: &[Queued],
+    on_busy: OnBusy,
+) -> Result<Snapshot, LedgerError> {
+    let users: Vec<&str> = live.iter().map(|q| q.deduct.user_id.as_str()).collect();
+    let mut s = tables::locked_accounts(tx, &users, on_busy).await?;
+    let keys: Vec<ResKey> = live
+        .iter()
+        .map(|q| {
+            res_key(
+                &q.deduct.user_id,
+                &q.deduct.app_name,
+                &q.deduct.project_code,
+            )
+        })
+        .collect();
+    s.reservations = tables::reservations::by_keys(tx, &keys, false).await?;
+    let replayed: Vec<ResKey> = keys
+        .into_iter()
+        .filter(|k| s.reservations.contains_key(k))
+        .collect();
+    s.drawn = tables::lots::drawn_from(tx, &replayed, s.now).await?;
+    Ok(s)
+}
+
+/// Decides `live` (no key twice) against `s`, in arrival order, each as if
+/// it ran alone: its answer, and what the batch writes. Pure.
+pub fn decide(
+    s: &Snapshot,
+    live: &[Queued],
+) -> Result<(Vec<Answer<DeductReceipt>>, Plan), LedgerError> {
+    let mut plan = Plan::default();
+    // Each user's lots: the due ones expire first (their entries lead the
+    // batch), the rest is what the user can spend.
+    let mut accounts: BTreeMap<&UserId, (i64, Vec<crate::snapshot::Lot>)> = BTreeMap::new();
+    for q in live {
+        let user = &q.deduct.user_id;
+        if accounts.contains_key(user) {
+            continue;
+        }
+        let Some(account) = s.accounts.get(user) else {
+            continue;
+        };
+        let mut balance = account.balance;
+        let mut lots = account.lots.clone();
+        plan.expire_due(
+            user,
+            &mut lots,
+            &mut balance,
+            s.now,
+            q.correlation_id.as_deref(),
+        )?;
+        let left: i64 = lots.iter().map(|l| l.remaining).sum();
+        if left != balance {
+            return Err(DbError::Invariant(format!(
+                "{user}: lots hold {left} credits, the balance is {balance}"
+            ))
+            .into());
+        }
+        accounts.insert(user, (balance, lots));
+    }
+    let mut answers = Vec::with_capacity(live.len());
+    for q in live {
+        let d = &q.deduct;
+        let key = res_key(&d.user_id, &d.app_name, &d.project_code);
+        if let Some(stored) = s.reservations.get(&key) {
+            answers.push(replay(stored, d, s.drawn.get(&key)));
+            continue;
+        }
+        let amount = d.amount.get();
+        let answer = match accounts.get_mut(&d.user_id) {
+            None if s.busy.contains(&d.user_id) => Err(LedgerError::AccountBusy),
+            None => Err(LedgerError::UserNotFound),
+            Some((balance, _)) if *balance < amount => Err(LedgerError::InsufficientCredits {
+                balance: *balance,
+                requested: amount,
+            }),
+            Some((balance, lots)) => {
+                *balance -= amount;
+                let allocations = draw(lots, amount, s.now);
+                let refundable_until = s.now + d.refund_window;
+                let at = plan.entry(NewEntry {
+                    user_id: d.user_id.clone(),
+                    kind: EntryKind::Deduct,
+                    amount: -amount,
+                    balance_after: *balance,
+                    app_name: d.app_name.clone(),
+                    description: d.description.clone(),
+                    project_code: Some(d.project_code.clone()),
+                    reference: None,
+                    correlation_id: q.correlation_id.clone(),
+                });
+                for al in &allocations {
+                    plan.moves(
+                        at,
+                        &d.user_id,
+                        al.lot_id,
+                        EntryKind::Deduct,
+                        -al.amount,
+                        -al.amount,
+                        Some((&d.app_name, &d.project_code)),
+                    );
+                }
+                plan.reservations.push(NewReservation {
+                    user_id: d.user_id.clone(),
+                    app_name: d.app_name.clone(),
+                    project_code: d.project_code.clone(),
+                    amount,
+                    description: d.description.clone(),
+                    balance_after: *balance,
+                    refundable_until,
+                });
+                Ok(Outcome::fresh(DeductReceipt {
+                    user_id: d.user_id.to_string(),
+                    credits_deducted: amount,
+                    new_balance: *balance,
+                    app_name: d.app_name.to_string(),
+                    project_code: d.project_code.to_string(),
+                    reservation_status: ReservationState::Reserved,
+                    refundable_until,
+                    timestamp: s.now,
+                    allocations,
+                }))
+            }
+        };
+        answers.push(answer);
+    }
+    Ok((answers, plan))
+}
+
+/// The answer a deduction gets from its key's stored reservation (the same
+/// user's): the first result again, with the lots it drew from, or a
+/// conflict when the amount differs.
+fn replay(
+    stored: &crate::snapshot::Reservation,
+    d: &Deduct,
+    drawn: Option<&Vec<crate::snapshot::Drawn>>,
+) -> Answer<DeductReceipt> {
+    if stored.amount != d.amount.get() {
+        return Err(LedgerError::IdempotencyConflict(format!(
+            "project_code {:?} of app {:?} was already used with an amount of {}; use a new project_code for a new deduction",
+            d.project_code.as_str(),
+            d.app_name.as_str(),
+            stored.amount
+        )));
+    }
+    Ok(Outcome::replay(DeductReceipt {
+        user_id: d.user_id.to_string(),
+        credits_deducted: stored.amount,
+        new_balance: stored.balance_after_deduct,
+        app_name: d.app_name.to_string(),
+        project_code: d.project_code.to_string(),
+        reservation_status: stored.state,
+        refundable_until: stored.refundable_until,
+        timestamp: stored.created_at,
+        // A deduction drew each of its lots once, in burn-down order.
+        allocations: drawn
+            .map(|lots| {
+                lots.iter()
+                    .map(|l| Allocation {
+                        lot_id: l.lot_id,
+                        amount: l.drawn,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }))
+}
+
+/// One transaction of deductions (see [`crate::Slots`]).
+async fn deduct_once(
+    client: &mut Client,
+    batch: &[Queued],
+    on_busy: OnBusy,
+) -> Slots<DeductReceipt> {
+    let live = live(batch);
+    let tx = client.transaction().await?;
+    let snapshot = load(&tx, live, on_busy).await?;
+    let (answers, plan) = decide(&snapshot, live)?;
+    if plan.is_empty() {
+        tx.rollback().await?;
+    } else {
+        plan::apply(&tx, &plan).await?;
+        tx.commit().await?;
+        for a in answers.iter().flatten().filter(|a| !a.replayed) {
+            count_moved("reserved", &a.value.app_name, a.value.credits_deducted);
+        }
+    }
+    let mut slots: Vec<Option<Answer<DeductReceipt>>> = answers.into_iter().map(Some).collect();
+    slots.resize_with(batch.len(), || None);
+    Ok(slots)
+}
+
 /// Reserves and deducts credits for one request.
 pub async fn deduct(
     client: &mut Client,
@@ -146,304 +345,4 @@ pub async fn deduct_all(
         deduct_once,
     )
     .await
-}
-
-/// A request accepted in a batch, the balance it leaves and the lots it
-/// draws from.
-struct Accepted<'a> {
-    q: &'a Queued,
-    slot: usize,
-    balance_after: i64,
-    allocations: Vec<Allocation>,
-}
-
-/// One transaction of deductions (see [`super::Slots`]).
-async fn deduct_once(
-    client: &mut Client,
-    batch: &[Queued],
-    on_busy: OnBusy,
-) -> Slots<DeductReceipt> {
-    let mut answers: Vec<Option<Answer<DeductReceipt>>> = batch.iter().map(|_| None).collect();
-    let mut keys = HashSet::new();
-    let live: Vec<&Deduct> = batch
-        .iter()
-        .map(|q| &q.deduct)
-        .take_while(|d| {
-            keys.insert((
-                d.user_id.as_str(),
-                d.app_name.as_str(),
-                d.project_code.as_str(),
-            ))
-        })
-        .collect();
-
-    let tx = client.transaction().await?;
-    let Locked { mut balances, busy } =
-        lock_accounts(&tx, live.iter().map(|d| d.user_id.as_str()), on_busy).await?;
-    let users: Vec<&str> = live.iter().map(|d| d.user_id.as_str()).collect();
-    let apps: Vec<&str> = live.iter().map(|d| d.app_name.as_str()).collect();
-    let codes: Vec<&str> = live.iter().map(|d| d.project_code.as_str()).collect();
-    let find = tx
-        .prepare_cached(if penora_store::distributed() {
-            STORED_BY_USERS_SQL
-        } else {
-            STORED_BY_KEYS_SQL
-        })
-        .await?;
-    let stored: HashMap<ReservationKey, tokio_postgres::Row> = tx
-        .query(&find, &[&users, &apps, &codes])
-        .await?
-        .into_iter()
-        .map(|r| (reservation_key(&r), r))
-        .collect();
-
-    // The users' lots: due ones expire first (their entries lead the
-    // batch), the rest is what each user can spend.
-    let locked: Vec<&str> = balances.keys().map(String::as_str).collect();
-    let mut lots = active_lots(&tx, &locked).await?;
-    let mut plan = Plan::default();
-    let mut spendable: HashMap<&str, i64> = HashMap::with_capacity(balances.len());
-    for (q, d) in batch.iter().zip(&live) {
-        let user = d.user_id.as_str();
-        let Some(balance) = balances.get_mut(user) else {
-            continue;
-        };
-        if spendable.contains_key(user) {
-            continue;
-        }
-        let user_lots = lots.get(user).map(Vec::as_slice).unwrap_or_default();
-        plan.expire_due(user, user_lots, balance, q.correlation_id.as_deref())?;
-        let left: i64 = user_lots
-            .iter()
-            .filter(|l| !l.due)
-            .map(|l| l.remaining)
-            .sum();
-        if left != *balance {
-            return Err(DbError::Other(format!(
-                "{user}: lots hold {left} credits, the balance is {balance}"
-            ))
-            .into());
-        }
-        spendable.insert(user, *balance);
-    }
-
-    // Decide each request in arrival order, as if it ran alone.
-    let mut accepted: Vec<Accepted<'_>> = Vec::new();
-    let mut replays: Vec<usize> = Vec::new();
-    for (slot, (q, d)) in batch.iter().zip(&live).enumerate() {
-        let key = key_of(
-            d.user_id.as_str(),
-            d.app_name.as_str(),
-            d.project_code.as_str(),
-        );
-        if let Some(row) = stored.get(&key) {
-            answers[slot] = Some(answer_from_reservation(row, d));
-            replays.push(slot);
-            continue;
-        }
-        let amount = d.amount.get();
-        match spendable.get_mut(d.user_id.as_str()) {
-            None if busy.contains(d.user_id.as_str()) => {
-                answers[slot] = Some(Err(LedgerError::AccountBusy));
-            }
-            None => answers[slot] = Some(Err(LedgerError::UserNotFound)),
-            Some(balance) if *balance < amount => {
-                answers[slot] = Some(Err(LedgerError::InsufficientCredits {
-                    balance: *balance,
-                    requested: amount,
-                }));
-            }
-            Some(balance) => {
-                *balance -= amount;
-                let user_lots = lots
-                    .get_mut(d.user_id.as_str())
-                    .map(Vec::as_mut_slice)
-                    .unwrap_or_default();
-                accepted.push(Accepted {
-                    q,
-                    slot,
-                    balance_after: *balance,
-                    allocations: draw(user_lots, amount),
-                });
-            }
-        }
-    }
-    add_allocations(&tx, &live, &replays, &mut answers).await?;
-    if accepted.is_empty() && plan.entries.is_empty() {
-        tx.rollback().await?;
-        return Ok(answers);
-    }
-
-    let claimed = claim_reservations(&tx, &accepted).await?;
-    if claimed.len() != accepted.len() {
-        // A concurrent batch took one of these keys since we looked.
-        tx.rollback().await?;
-        return Err(DbError::Conflict("a key of the batch was claimed concurrently".into()).into());
-    }
-    for a in &accepted {
-        let d = &a.q.deduct;
-        let at = plan.entry(NewEntry {
-            user_id: d.user_id.as_str(),
-            kind: EntryKind::Deduct,
-            amount: -d.amount.get(),
-            balance_after: a.balance_after,
-            app_name: Cow::Borrowed(d.app_name.as_str()),
-            description: d.description.as_deref(),
-            project_code: Some(d.project_code.as_str()),
-            reference: None,
-            correlation_id: a.q.correlation_id.as_deref(),
-        });
-        for al in &a.allocations {
-            plan.moves(
-                at,
-                d.user_id.as_str(),
-                al.lot_id,
-                EntryKind::Deduct,
-                -al.amount,
-                -al.amount,
-                Some((d.app_name.as_str(), d.project_code.as_str())),
-            );
-        }
-    }
-    plan.apply(&tx).await?;
-    tx.commit().await?;
-
-    for a in &accepted {
-        let d = &a.q.deduct;
-        let key = key_of(
-            d.user_id.as_str(),
-            d.app_name.as_str(),
-            d.project_code.as_str(),
-        );
-        let Some(&(created_at, refundable_until)) = claimed.get(&key) else {
-            // Committed but not reported: the next batch replays it.
-            continue;
-        };
-        count_moved("reserved", d.app_name.as_str(), d.amount.get());
-        answers[a.slot] = Some(Ok(Outcome::fresh(DeductReceipt {
-            user_id: d.user_id.to_string(),
-            credits_deducted: d.amount.get(),
-            new_balance: a.balance_after,
-            app_name: d.app_name.to_string(),
-            project_code: d.project_code.to_string(),
-            reservation_status: ReservationState::Reserved,
-            refundable_until,
-            timestamp: created_at,
-            allocations: a.allocations.clone(),
-        })));
-    }
-    Ok(answers)
-}
-
-/// Adds the allocations of the replayed deductions at `slots` (read from
-/// the ledger's lot movements) to their answers.
-async fn add_allocations(
-    tx: &deadpool_postgres::Transaction<'_>,
-    live: &[&Deduct],
-    slots: &[usize],
-    answers: &mut [Option<Answer<DeductReceipt>>],
-) -> Result<(), DbError> {
-    if slots.is_empty() {
-        return Ok(());
-    }
-    let keys: Vec<(&str, &str, &str)> = slots
-        .iter()
-        .map(|&i| {
-            let d = live[i];
-            (
-                d.user_id.as_str(),
-                d.app_name.as_str(),
-                d.project_code.as_str(),
-            )
-        })
-        .collect();
-    // A deduction drew each of its lots once, in burn-down order.
-    let mut found = drawn_from(tx, &keys).await?;
-    for (&slot, key) in slots.iter().zip(&keys) {
-        if let Some(Some(Ok(outcome))) = answers.get_mut(slot) {
-            outcome.value.allocations = found
-                .remove(&key_of(key.0, key.1, key.2))
-                .unwrap_or_default()
-                .into_iter()
-                .map(|d| Allocation {
-                    lot_id: d.lot_id,
-                    amount: d.drawn,
-                })
-                .collect();
-        }
-    }
-    Ok(())
-}
-
-/// Claims the accepted requests' keys (in key order, so two batches claiming
-/// overlapping keys wait for each other instead of deadlocking). Returns the
-/// claimed keys with their reservation's times.
-async fn claim_reservations(
-    tx: &deadpool_postgres::Transaction<'_>,
-    accepted: &[Accepted<'_>],
-) -> Result<std::collections::HashMap<ReservationKey, (OffsetDateTime, OffsetDateTime)>, DbError> {
-    let column =
-        |f: fn(&Deduct) -> &str| -> Vec<&str> { accepted.iter().map(|a| f(&a.q.deduct)).collect() };
-    let apps = column(|d| d.app_name.as_str());
-    let codes = column(|d| d.project_code.as_str());
-    let users = column(|d| d.user_id.as_str());
-    let amounts: Vec<i64> = accepted.iter().map(|a| a.q.deduct.amount.get()).collect();
-    let descriptions: Vec<Option<&str>> = accepted
-        .iter()
-        .map(|a| a.q.deduct.description.as_deref())
-        .collect();
-    let after: Vec<i64> = accepted.iter().map(|a| a.balance_after).collect();
-    let windows: Vec<f64> = accepted
-        .iter()
-        .map(|a| a.q.deduct.refund_window.as_secs_f64())
-        .collect();
-    let claim = tx
-        .prepare_cached(
-            "INSERT INTO reservations \
-               (app_name, project_code, user_id, amount, description, balance_after_deduct, refundable_until) \
-             SELECT v.app_name, v.project_code, v.user_id, v.amount, v.description, v.balance_after, \
-                    now() + make_interval(secs => v.window_secs) \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[], $6::int8[], $7::float8[]) \
-               AS v(app_name, project_code, user_id, amount, description, balance_after, window_secs) \
-             ORDER BY v.user_id, v.app_name, v.project_code \
-             ON CONFLICT (user_id, app_name, project_code) DO NOTHING \
-             RETURNING user_id, app_name, project_code, created_at, refundable_until",
-        )
-        .await?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] = [
-        &apps,
-        &codes,
-        &users,
-        &amounts,
-        &descriptions,
-        &after,
-        &windows,
-    ];
-    let rows = tx.query(&claim, &params).await?;
-    Ok(by_reservation(&rows, "created_at", "refundable_until"))
-}
-
-/// The answer a deduction gets from its key's stored reservation (the same
-/// user's): the first result again, or a conflict when the amount differs.
-fn answer_from_reservation(row: &tokio_postgres::Row, d: &Deduct) -> Answer<DeductReceipt> {
-    let user_id: String = row.get("user_id");
-    let amount: i64 = row.get("amount");
-    if amount != d.amount.get() {
-        return Err(LedgerError::IdempotencyConflict(format!(
-            "project_code {:?} of app {:?} was already used with an amount of {amount}; use a new project_code for a new deduction",
-            d.project_code.as_str(),
-            d.app_name.as_str()
-        )));
-    }
-    Ok(Outcome::replay(DeductReceipt {
-        user_id,
-        credits_deducted: amount,
-        new_balance: row.get("balance_after_deduct"),
-        app_name: d.app_name.to_string(),
-        project_code: d.project_code.to_string(),
-        reservation_status: state_of(row.get("state"))?,
-        refundable_until: row.get("refundable_until"),
-        timestamp: row.get("created_at"),
-        allocations: Vec::new(),
-    }))
 }

@@ -2,24 +2,29 @@
 //! `(user_id, reference)` (contract §15: another user's grant with the same
 //! reference is a grant of its own).
 //!
-//! Rules: the account is created on a user's first grant; the balance never
-//! passes `i64::MAX` (the upsert refuses instead); the reference is claimed
-//! by the ledger row itself (a unique index on grant references), so a repeat
-//! rolls back and answers from the first grant, or with a conflict when its
-//! amount differs.
+//! Three steps ([`load`] → [`decide`] → `plan::apply`), as every movement.
+//!
+//! Rules: the account is created on a user's first grant (and locked, as
+//! every movement locks it); lots past their expiry are expired first, so
+//! the grant's `balance_after` is what the user can spend; the balance never
+//! passes `i64::MAX` (refused as an invalid amount, nothing written); the
+//! reference is looked up under the account's lock, so a repeat answers from
+//! the first grant, or with a conflict when its amount, category, priority
+//! or expiry differs (the unique index on grant references stays as the
+//! guard behind it).
 
-use deadpool_postgres::{Client, GenericClient};
-use penora_domain::LotCategory;
+use deadpool_postgres::{Client, Transaction};
+use penora_domain::{AppName, Credits, EntryKind, LotCategory, UserId};
+use penora_store::{DbError, accounts};
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::{
-    Answer, LedgerError, Outcome, count_moved, insert_audit_jobs, lock_account,
-    lots::{Plan, due_lots},
+use crate::{
+    Answer, LedgerError, Outcome, count_moved,
+    plan::{self, NewEntry, NewLot, Plan},
+    snapshot::{Account, PastGrant, Snapshot},
+    tables,
 };
-use penora_domain::messages::LedgerAuditJob;
-use penora_domain::{AppName, Credits, EntryKind, UserId};
-use penora_store::DbError;
 
 /// A grant.
 #[derive(Debug, Clone)]
@@ -69,6 +74,120 @@ pub struct GrantReceipt {
     pub expires_at: Option<OffsetDateTime>,
 }
 
+/// Makes the account when it is new, locks it, and reads its lots and the
+/// grant made before under `g.reference`.
+pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerError> {
+    let user = &g.user_id;
+    let locked = accounts::create_and_lock(tx, user.as_str()).await?;
+    let mut snap = Snapshot::at(locked.now);
+    let balance = locked.balances.get(user).copied().unwrap_or(0);
+    let lots = tables::lots::active(tx, &[user.as_str()])
+        .await?
+        .remove(user)
+        .unwrap_or_default();
+    snap.accounts
+        .insert(user.clone(), Account { balance, lots });
+    if let Some(first) = tables::entries::grant_by_reference(tx, user, &g.reference).await? {
+        snap.grants
+            .insert((user.clone(), g.reference.clone()), first);
+    }
+    Ok(snap)
+}
+
+/// Decides grant `g` against `snap`: a replay of the grant made under its
+/// reference (the plan writes nothing), a conflict, or a new grant. The
+/// receipt of a new grant has its `entry_id` and `lot_id` at 0 until
+/// [`grant`] fills them in from what `apply` wrote. Pure.
+pub fn decide(
+    snap: &Snapshot,
+    g: &Grant,
+    correlation_id: Option<&str>,
+) -> Result<(Outcome<GrantReceipt>, Plan), LedgerError> {
+    let user = &g.user_id;
+    let mut plan = Plan::default();
+    if let Some(first) = snap.grants.get(&(user.clone(), g.reference.clone())) {
+        return Ok((replay(first, g)?, plan));
+    }
+    let account = snap.accounts.get(user).ok_or_else(|| {
+        DbError::Invariant(format!("{user}: the account of a grant is not locked"))
+    })?;
+    let mut balance = account.balance;
+    let mut lots = account.lots.clone();
+    plan.expire_due(user, &mut lots, &mut balance, snap.now, correlation_id)?;
+    let amount = g.amount.get();
+    let Some(new_balance) = balance.checked_add(amount) else {
+        return Err(LedgerError::Invalid {
+            field: "amount",
+            reason: "would take the balance past the largest possible balance".into(),
+        });
+    };
+    let entry = plan.entry(NewEntry {
+        user_id: user.clone(),
+        kind: EntryKind::Grant,
+        amount,
+        balance_after: new_balance,
+        app_name: g.app_name.clone(),
+        description: Some(g.reason.clone()),
+        project_code: None,
+        reference: Some(g.reference.clone()),
+        correlation_id: correlation_id.map(str::to_owned),
+    });
+    plan.new_lots.push(NewLot {
+        entry,
+        user_id: user.clone(),
+        category: g.category,
+        priority: g.priority,
+        amount,
+        expires_at: g.expires_at,
+        app_name: g.app_name.clone(),
+        reference: g.reference.clone(),
+    });
+    Ok((
+        Outcome::fresh(GrantReceipt {
+            user_id: user.to_string(),
+            credits_added: amount,
+            new_balance,
+            reference: g.reference.clone(),
+            entry_id: 0,
+            timestamp: snap.now,
+            lot_id: 0,
+            category: g.category,
+            priority: g.priority,
+            expires_at: g.expires_at,
+        }),
+        plan,
+    ))
+}
+
+/// The answer a grant gets from the grant made before under its reference:
+/// the first result again, or a conflict when it asks for another grant.
+fn replay(first: &PastGrant, g: &Grant) -> Result<Outcome<GrantReceipt>, LedgerError> {
+    if first.amount != g.amount.get()
+        || first.category != g.category
+        || first.priority != g.priority
+        || first.expires_at != g.expires_at
+    {
+        return Err(LedgerError::IdempotencyConflict(format!(
+            "reference {:?} was already used for a grant of {} {} credits to this user; use a new reference for a new grant",
+            g.reference,
+            first.amount,
+            first.category.as_str()
+        )));
+    }
+    Ok(Outcome::replay(GrantReceipt {
+        user_id: g.user_id.to_string(),
+        credits_added: first.amount,
+        new_balance: first.balance_after,
+        reference: g.reference.clone(),
+        entry_id: first.entry_id,
+        timestamp: first.at,
+        lot_id: first.lot_id,
+        category: first.category,
+        priority: first.priority,
+        expires_at: first.expires_at,
+    }))
+}
+
 /// Grants credits, once per user and `reference`.
 pub async fn grant(
     client: &mut Client,
@@ -76,158 +195,27 @@ pub async fn grant(
     correlation_id: Option<&str>,
 ) -> Answer<GrantReceipt> {
     let tx = client.transaction().await?;
-    // Lots past their expiry first (an existing account, locked as every
-    // movement does), so that the grant's balance is what the user can spend.
-    let user = g.user_id.as_str();
-    if let Some(mut balance) = lock_account(&tx, user).await?
-        && let Some(due) = due_lots(&tx, &[user]).await?.get(user)
-    {
-        let mut plan = Plan::default();
-        plan.expire_due(user, due, &mut balance, correlation_id)?;
-        plan.apply(&tx).await?;
-    }
-    let upsert = tx
-        .prepare_cached(
-            "INSERT INTO accounts (user_id, balance) VALUES ($1, $2) \
-             ON CONFLICT (user_id) DO UPDATE \
-               SET balance = accounts.balance + EXCLUDED.balance, updated_at = EXCLUDED.updated_at \
-               WHERE accounts.balance <= 9223372036854775807 - EXCLUDED.balance \
-             RETURNING balance",
-        )
-        .await?;
-    let Some(row) = tx
-        .query_opt(&upsert, &[&g.user_id.as_str(), &g.amount.get()])
-        .await?
-    else {
-        return Err(LedgerError::Invalid {
-            field: "amount",
-            reason: "would take the balance past the largest possible balance".into(),
-        });
-    };
-    let new_balance: i64 = row.get("balance");
-    let claim = tx
-        .prepare_cached(
-            "INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
-             VALUES ($1, 'grant', $2, $3, $4, $5, $6) \
-             ON CONFLICT (user_id, reference) WHERE kind = 'grant' DO NOTHING \
-             RETURNING id, created_at",
-        )
-        .await?;
-    let claimed = tx
-        .query_opt(
-            &claim,
-            &[
-                &g.user_id.as_str(),
-                &g.amount.get(),
-                &new_balance,
-                &g.app_name.as_str(),
-                &g.reason,
-                &g.reference,
-            ],
-        )
-        .await?;
-    let Some(row) = claimed else {
-        // The reference was used before: undo this attempt and answer from the first.
+    let snap = load(&tx, g).await?;
+    let (mut answer, plan) = decide(&snap, g, correlation_id)?;
+    if answer.replayed {
+        // Nothing to write (the account existed: its grant made it).
         tx.rollback().await?;
-        return replay_grant(client, g).await;
-    };
-    let entry_id: i64 = row.get("id");
-    let lot = tx
-        .prepare_cached(
-            "WITH lot AS ( \
-               INSERT INTO credit_lots \
-                 (user_id, category, priority, granted, remaining, expires_at, app_name, reference) \
-               VALUES ($1, $2, $3, $4, $4, $5, $6, $7) RETURNING user_id, lot_id) \
-             INSERT INTO lot_movements (user_id, lot_id, entry_id, kind, amount) \
-             SELECT user_id, lot_id, $8, 'grant', $4 FROM lot RETURNING lot_id",
-        )
-        .await?;
-    let lot_id: i64 = tx
-        .query_one(
-            &lot,
-            &[
-                &g.user_id.as_str(),
-                &g.category.as_str(),
-                &g.priority,
-                &g.amount.get(),
-                &g.expires_at,
-                &g.app_name.as_str(),
-                &g.reference,
-                &entry_id,
-            ],
-        )
-        .await?
-        .get("lot_id");
-    let job = LedgerAuditJob {
-        entry_id,
-        user_id: g.user_id.to_string(),
-        kind: EntryKind::Grant.as_str().into(),
-        amount: g.amount.get(),
-        balance_after: new_balance,
-    };
-    let payload =
-        serde_json::to_value(&job).map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
-    insert_audit_jobs(&tx, &[g.user_id.as_str()], &[correlation_id], &[payload]).await?;
+        return Ok(answer);
+    }
+    let applied = plan::apply(&tx, &plan).await?;
+    let (entry_id, timestamp) = plan
+        .new_lots
+        .first()
+        .and_then(|l| applied.entries.get(l.entry).copied())
+        .ok_or_else(|| DbError::Invariant("a grant wrote no ledger entry".into()))?;
+    answer.value.entry_id = entry_id;
+    answer.value.timestamp = timestamp;
+    answer.value.lot_id = applied
+        .lots
+        .first()
+        .copied()
+        .ok_or_else(|| DbError::Invariant("a grant made no lot".into()))?;
     tx.commit().await?;
     count_moved("granted", g.app_name.as_str(), g.amount.get());
-    Ok(Outcome::fresh(GrantReceipt {
-        user_id: g.user_id.to_string(),
-        credits_added: g.amount.get(),
-        new_balance,
-        reference: g.reference.clone(),
-        entry_id,
-        timestamp: row.get("created_at"),
-        lot_id,
-        category: g.category,
-        priority: g.priority,
-        expires_at: g.expires_at,
-    }))
-}
-
-async fn replay_grant(client: &impl GenericClient, g: &Grant) -> Answer<GrantReceipt> {
-    let row = client
-        .query_opt(
-            "SELECT e.user_id, e.amount, e.balance_after, e.id, e.created_at, \
-                    l.lot_id, l.category, l.priority, l.expires_at \
-             FROM ledger_entries e \
-             JOIN credit_lots l ON l.user_id = e.user_id AND l.reference = e.reference \
-             WHERE e.kind = 'grant' AND e.user_id = $1 AND e.reference = $2 AND l.user_id = $1",
-            &[&g.user_id.as_str(), &g.reference],
-        )
-        .await?
-        .ok_or_else(|| {
-            DbError::Other(format!(
-                "grant reference {:?} claimed but not found",
-                g.reference
-            ))
-        })?;
-    let user_id: String = row.get("user_id");
-    let amount: i64 = row.get("amount");
-    let category = LotCategory::from_db(row.get("category"))
-        .ok_or_else(|| DbError::Other("a lot of unknown category".into()))?;
-    let priority: i32 = row.get("priority");
-    let expires_at: Option<OffsetDateTime> = row.get("expires_at");
-    if amount != g.amount.get()
-        || category != g.category
-        || priority != g.priority
-        || expires_at != g.expires_at
-    {
-        return Err(LedgerError::IdempotencyConflict(format!(
-            "reference {:?} was already used for a grant of {amount} {} credits to this user; use a new reference for a new grant",
-            g.reference,
-            category.as_str()
-        )));
-    }
-    Ok(Outcome::replay(GrantReceipt {
-        user_id,
-        credits_added: amount,
-        new_balance: row.get("balance_after"),
-        reference: g.reference.clone(),
-        entry_id: row.get("id"),
-        timestamp: row.get("created_at"),
-        lot_id: row.get("lot_id"),
-        category,
-        priority,
-        expires_at,
-    }))
+    Ok(answer)
 }

@@ -1,24 +1,27 @@
 //! What is done to lots themselves (contract §12): the timer's expiry,
 //! voids, the listing and the balance at a past instant.
 //!
+//! Expiry and voids are movements like the others, in three steps (`load`
+//! → pure `decide` → `plan::apply`).
+//!
 //! Rules: like every movement, expiry and voids lock the user's account
 //! first; an expiry or a void writes its ledger entry, lot movements and
 //! audit job in one transaction; a void is idempotent (a voided lot answers
 //! the first void again); reads never lock.
 
-use std::borrow::Cow;
-
-use deadpool_postgres::{Client, GenericClient};
+use deadpool_postgres::{Client, GenericClient, Transaction};
+use penora_domain::{EntryKind, LotStatus, UserId};
+use penora_store::DbError;
 use serde::Serialize;
 use time::OffsetDateTime;
 use utoipa::ToSchema;
 
-use super::{
-    Answer, LedgerError, NewEntry, Outcome, count_moved, lock_account,
-    lots::{Plan, due_lots},
+use crate::{
+    Answer, LedgerError, OnBusy, Outcome, count_moved,
+    plan::{self, NewEntry, Plan},
+    snapshot::Snapshot,
+    tables::{self, lots::NOT_DUE_L},
 };
-use penora_domain::{EntryKind, UserId};
-use penora_store::DbError;
 
 /// Users with lots past their expiry whose `expire` entry is not written,
 /// soonest first, at most `limit`.
@@ -26,38 +29,45 @@ pub async fn users_with_due_lots(
     client: &impl GenericClient,
     limit: i64,
 ) -> Result<Vec<String>, DbError> {
-    let stmt = client
-        .prepare_cached(
-            "SELECT user_id FROM credit_lots \
-             WHERE status = 'active' AND remaining > 0 AND expires_at <= now() \
-             GROUP BY user_id ORDER BY min(expires_at) LIMIT $1",
-        )
-        .await?;
-    Ok(client
-        .query(&stmt, &[&limit])
-        .await?
-        .into_iter()
-        .map(|r| r.get("user_id"))
-        .collect())
+    tables::lots::users_with_due(client, limit).await
+}
+
+/// Decides the expiry of `user`'s lots past their expiry: how many credits
+/// expire, and what it writes (nothing without an account or a due lot).
+/// Pure.
+pub fn decide_expiry(snap: &Snapshot, user: &UserId) -> Result<(i64, Plan), LedgerError> {
+    let mut plan = Plan::default();
+    let Some(account) = snap.accounts.get(user) else {
+        return Ok((0, plan));
+    };
+    let mut balance = account.balance;
+    let mut lots = account.lots.clone();
+    let expired = plan.expire_due(user, &mut lots, &mut balance, snap.now, None)?;
+    Ok((expired, plan))
 }
 
 /// Writes the `expire` entries of `user`'s lots past their expiry. Returns
 /// how many credits expired (0 when another movement did it first).
 pub async fn expire_lots(client: &mut Client, user: &str) -> Result<i64, LedgerError> {
+    let user = UserId::parse(user).map_err(|e| DbError::Invariant(e.to_string()))?;
     let tx = client.transaction().await?;
-    let Some(mut balance) = lock_account(&tx, user).await? else {
+    let snap = tables::locked_accounts(&tx, &[user.as_str()], OnBusy::Wait).await?;
+    let (expired, plan) = decide_expiry(&snap, &user)?;
+    if plan.is_empty() {
+        tx.rollback().await?;
         return Ok(0);
-    };
-    let due = due_lots(&tx, &[user]).await?;
-    let Some(lots) = due.get(user) else {
-        return Ok(0);
-    };
-    let mut plan = Plan::default();
-    let expired = plan.expire_due(user, lots, &mut balance, None)?;
-    plan.apply(&tx).await?;
+    }
+    plan::apply(&tx, &plan).await?;
     tx.commit().await?;
-    count_moved("expired", "penora", expired);
+    count_entries(&plan, EntryKind::Expire, "expired");
     Ok(expired)
+}
+
+/// Counts the credits `plan`'s entries of `kind` took away, by app.
+fn count_entries(plan: &Plan, kind: EntryKind, label: &'static str) {
+    for e in plan.entries.iter().filter(|e| e.kind == kind) {
+        count_moved(label, e.app_name.as_str(), e.amount);
+    }
 }
 
 /// The answer to a void.
@@ -76,88 +86,100 @@ pub struct VoidReceipt {
     pub new_balance: i64,
 }
 
-/// Voids lot `lot_id` of `user`: its remaining credits go, with a `void`
-/// entry; credits refunded into it later are voided at once. Idempotent.
-/// With `only_app` (a key bound to an app), a lot another app granted is
-/// refused ([`LedgerError::AppMismatch`]) and nothing changes.
-pub async fn void_lot(
-    client: &mut Client,
-    user: &UserId,
-    lot_id: i64,
-    (reason, only_app): (&str, Option<&str>),
-    correlation_id: Option<&str>,
-) -> Answer<VoidReceipt> {
-    let user = user.as_str();
-    let tx = client.transaction().await?;
-    let Some(mut balance) = lock_account(&tx, user).await? else {
-        return Err(LedgerError::UserNotFound);
-    };
-    let lot = tx
-        .query_opt(
-            "SELECT status, remaining, app_name, coalesce(expires_at <= now(), false) AS past_expiry \
-             FROM credit_lots WHERE user_id = $1 AND lot_id = $2 FOR UPDATE",
-            &[&user, &lot_id],
-        )
-        .await?
+/// A void: lot `lot_id` of `user_id`, why, and (for a key bound to an app)
+/// the only app whose lots it may void.
+#[derive(Debug, Clone)]
+pub struct Void<'a> {
+    /// Whose lot.
+    pub user_id: &'a UserId,
+    /// The lot.
+    pub lot_id: i64,
+    /// Why, for people.
+    pub reason: &'a str,
+    /// A key bound to an app voids only the lots that app granted.
+    pub only_app: Option<&'a str>,
+    /// The request id, carried to the audit jobs.
+    pub correlation_id: Option<&'a str>,
+}
+
+/// Locks the account, then the lot, and reads the account's lots and the
+/// lot with what an earlier void of it took.
+pub async fn load_void(tx: &Transaction<'_>, v: &Void<'_>) -> Result<Snapshot, LedgerError> {
+    let mut snap = tables::locked_accounts(tx, &[v.user_id.as_str()], OnBusy::Wait).await?;
+    if snap.accounts.contains_key(v.user_id)
+        && let Some(lot) = tables::lots::one_for_change(tx, v.user_id, v.lot_id).await?
+    {
+        snap.lots.insert((v.user_id.clone(), v.lot_id), lot);
+    }
+    Ok(snap)
+}
+
+/// Decides void `v` against `snap`: its answer, and what it writes (the due
+/// expiries of the account first, even when the lot has nothing to void).
+/// Pure.
+pub fn decide_void(
+    snap: &Snapshot,
+    v: &Void<'_>,
+) -> Result<(Outcome<VoidReceipt>, Plan), LedgerError> {
+    let user = v.user_id;
+    let lot_id = v.lot_id;
+    let account = snap.accounts.get(user).ok_or(LedgerError::UserNotFound)?;
+    let record = snap
+        .lots
+        .get(&(user.clone(), lot_id))
         .ok_or_else(|| LedgerError::NotFound(format!("no lot {lot_id} for this user")))?;
-    // A key bound to an app voids only the lots that app granted.
-    let lot_app: String = lot.try_get("app_name")?;
-    if let Some(own) = only_app.filter(|own| *own != lot_app) {
+    let lot_app = record.lot.app_name.as_str();
+    if let Some(own) = v.only_app.filter(|own| *own != lot_app) {
         return Err(LedgerError::AppMismatch(format!(
             "This API key acts for app `{own}` only; lot {lot_id} was granted by app `{lot_app}`"
         )));
     }
     let mut plan = Plan::default();
-    let due = due_lots(&tx, &[user]).await?;
-    // A lot past its expiry (with credits left or not) has nothing to void.
-    let expired_now: bool = lot.get("past_expiry");
-    if let Some(lots) = due.get(user) {
-        plan.expire_due(user, lots, &mut balance, correlation_id)?;
-    }
-    let status: String = lot.get("status");
-    let receipt = |status: &str, credits_voided, new_balance| VoidReceipt {
-        user_id: user.to_owned(),
+    let mut balance = account.balance;
+    let mut lots = account.lots.clone();
+    plan.expire_due(user, &mut lots, &mut balance, snap.now, v.correlation_id)?;
+    let receipt = |status: LotStatus, credits_voided, new_balance| VoidReceipt {
+        user_id: user.to_string(),
         lot_id,
-        status: status.to_owned(),
+        status: status.as_str().to_owned(),
         credits_voided,
         new_balance,
     };
-    let replay = match status.as_str() {
-        "voided" => {
-            let voided: i64 = tx
-                .query_one(
-                    "SELECT coalesce(sum(-amount), 0)::bigint AS voided FROM lot_movements \
-                     WHERE user_id = $1 AND lot_id = $2 AND kind = 'void' AND project_code IS NULL",
-                    &[&user, &lot_id],
-                )
-                .await?
-                .get("voided");
-            Some(receipt("voided", voided, balance))
+    match record.status {
+        LotStatus::Voided => {
+            return Ok((
+                Outcome::replay(receipt(LotStatus::Voided, record.voided, balance)),
+                plan,
+            ));
         }
-        "expired" => Some(receipt("expired", 0, balance)),
-        _ if expired_now => Some(receipt("expired", 0, balance)),
-        _ => None,
-    };
-    if let Some(answer) = replay {
-        if !plan.entries.is_empty() {
-            plan.apply(&tx).await?;
-            tx.commit().await?;
+        // A lot past its expiry (with credits left or not) has nothing to void.
+        LotStatus::Expired => {
+            return Ok((
+                Outcome::replay(receipt(LotStatus::Expired, 0, balance)),
+                plan,
+            ));
         }
-        return Ok(Outcome::replay(answer));
+        LotStatus::Active if record.lot.due_at(snap.now) => {
+            return Ok((
+                Outcome::replay(receipt(LotStatus::Expired, 0, balance)),
+                plan,
+            ));
+        }
+        LotStatus::Active => {}
     }
-    let remaining: i64 = lot.get("remaining");
+    let remaining = record.lot.remaining;
     if remaining > 0 {
         balance -= remaining;
         let at = plan.entry(NewEntry {
-            user_id: user,
+            user_id: user.clone(),
             kind: EntryKind::Void,
             amount: -remaining,
             balance_after: balance,
-            app_name: Cow::Owned(lot.get("app_name")),
-            description: Some(reason),
+            app_name: record.lot.app_name.clone(),
+            description: Some(v.reason.to_owned()),
             project_code: None,
             reference: None,
-            correlation_id,
+            correlation_id: v.correlation_id.map(str::to_owned),
         });
         plan.moves(
             at,
@@ -169,11 +191,43 @@ pub async fn void_lot(
             None,
         );
     }
-    plan.close(user, lot_id, "voided");
-    plan.apply(&tx).await?;
+    plan.close(user, lot_id, LotStatus::Voided);
+    Ok((
+        Outcome::fresh(receipt(LotStatus::Voided, remaining, balance)),
+        plan,
+    ))
+}
+
+/// Voids lot `lot_id` of `user`: its remaining credits go, with a `void`
+/// entry; credits refunded into it later are voided at once. Idempotent.
+/// With `only_app` (a key bound to an app), a lot another app granted is
+/// refused ([`LedgerError::AppMismatch`]) and nothing changes.
+pub async fn void_lot(
+    client: &mut Client,
+    user: &UserId,
+    lot_id: i64,
+    (reason, only_app): (&str, Option<&str>),
+    correlation_id: Option<&str>,
+) -> Answer<VoidReceipt> {
+    let v = Void {
+        user_id: user,
+        lot_id,
+        reason,
+        only_app,
+        correlation_id,
+    };
+    let tx = client.transaction().await?;
+    let snap = load_void(&tx, &v).await?;
+    let (answer, plan) = decide_void(&snap, &v)?;
+    if plan.is_empty() {
+        tx.rollback().await?;
+        return Ok(answer);
+    }
+    plan::apply(&tx, &plan).await?;
     tx.commit().await?;
-    count_moved("voided", "penora", remaining);
-    Ok(Outcome::fresh(receipt("voided", remaining, balance)))
+    count_entries(&plan, EntryKind::Expire, "expired");
+    count_entries(&plan, EntryKind::Void, "voided");
+    Ok(answer)
 }
 
 /// A lot as `GET /credit-lots` shows it.
@@ -216,18 +270,17 @@ pub async fn lots(
     before: Option<i64>,
 ) -> Result<Vec<LotView>, DbError> {
     let stmt = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT * FROM ( \
-               SELECT lot_id, category, priority, granted, expires_at, reference, created_at, \
-                      CASE WHEN status = 'voided' THEN 'voided' \
-                           WHEN status = 'expired' OR expires_at <= now() THEN 'expired' \
-                           WHEN remaining = 0 THEN 'depleted' ELSE 'active' END AS shown, \
-                      CASE WHEN status = 'active' AND (expires_at IS NULL OR expires_at > now()) \
-                           THEN remaining ELSE 0 END AS spendable \
-               FROM credit_lots WHERE user_id = $1 AND ($2::bigint IS NULL OR lot_id < $2)) l \
+               SELECT l.lot_id, l.category, l.priority, l.granted, l.expires_at, l.reference, l.created_at, \
+                      CASE WHEN l.status = 'voided' THEN 'voided' \
+                           WHEN l.status = 'expired' OR NOT {NOT_DUE_L} THEN 'expired' \
+                           WHEN l.remaining = 0 THEN 'depleted' ELSE 'active' END AS shown, \
+                      CASE WHEN l.status = 'active' AND {NOT_DUE_L} THEN l.remaining ELSE 0 END AS spendable \
+               FROM credit_lots l WHERE l.user_id = $1 AND ($2::bigint IS NULL OR l.lot_id < $2)) l \
              WHERE $3::text IS NULL OR shown = $3 \
-             ORDER BY lot_id DESC LIMIT $4",
-        )
+             ORDER BY lot_id DESC LIMIT $4"
+        ))
         .await?;
     Ok(client
         .query(&stmt, &[&user.as_str(), &before, &status, &limit])

@@ -1,5 +1,7 @@
 //! Settlements: a reservation becomes final, its credits spent.
 //!
+//! Three steps ([`load`] → [`decide`] → `plan::apply`), as every movement.
+//!
 //! Rules: idempotent (settling a settled reservation changes nothing, and a
 //! refunded one stays refunded); the account row is locked before the
 //! reservation, as every movement does; the `settle` ledger row (amount 0)
@@ -10,20 +12,18 @@
 //! settled in full; a request without `app_name` names the user's only
 //! reservation with its code, as a refund does.
 
-use penora_domain::SettledBy;
-use std::borrow::Cow;
-
-use deadpool_postgres::Client;
+use deadpool_postgres::{Client, Transaction};
+use penora_domain::{EntryKind, ReservationState, SettledBy};
 use serde::Serialize;
 
-use super::{
-    LedgerError, NewEntry, count_moved, key_of, lock_account,
-    lots::{Plan, drawn_from, due_lots},
-    refund::{Returned, give_back_to_lots},
-    state_of,
+use crate::{
+    LedgerError, OnBusy, count_moved,
+    plan::{self, HandledEvent, NewEntry, Plan, ReservationChange, Returned},
+    snapshot::{ResKey, Snapshot, res_key},
+    tables,
     window::{self, EventTime, Verdict},
 };
-use penora_domain::{AppName, EntryKind, ProjectCode, ReservationState, UserId};
+use penora_domain::{AppName, ProjectCode, UserId};
 
 /// How a settle request ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,115 +118,161 @@ pub struct SettleReceipt {
     pub new_balance: i64,
 }
 
-/// Settles a reservation, charging `charge` of what it still holds and
-/// refunding the rest to the lots it came from, in one transaction.
-pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleReceipt, LedgerError> {
-    let user = s.user_id.as_str();
-    let code = s.project_code.as_str();
-    let tx = client.transaction().await?;
-    let Some(mut balance) = lock_account(&tx, user).await? else {
+/// Locks the account, then the reservation `s` names (its app's, or the
+/// user's only one with its code), and reads what deciding needs: the
+/// account's lots, the reservation, the lots it drew from, whether its event
+/// was seen.
+pub async fn load(tx: &Transaction<'_>, s: &Settle<'_>) -> Result<(Snapshot, ResKey), LedgerError> {
+    let user = s.user_id;
+    let mut snap = tables::locked_accounts(tx, &[user.as_str()], OnBusy::Wait).await?;
+    if !snap.accounts.contains_key(user) {
         return Err(LedgerError::NotFound(format!(
-            "no account for user {user:?}"
+            "no account for user {:?}",
+            user.as_str()
         )));
-    };
+    }
     let app = match s.app_name {
-        Some(app) => app.to_string(),
-        None => only_app(&tx, user, code).await?,
+        Some(app) => app.clone(),
+        None => {
+            let apps = tables::reservations::apps_of(tx, &[(user, s.project_code)])
+                .await?
+                .remove(&(user.clone(), s.project_code.clone()))
+                .unwrap_or_default();
+            match apps.as_slice() {
+                [] => {
+                    return Err(LedgerError::NotFound(format!(
+                        "no reservation with project_code {:?} for this user",
+                        s.project_code.as_str()
+                    )));
+                }
+                [one] => one.clone(),
+                _ => {
+                    return Err(LedgerError::Invalid {
+                        field: "app_name",
+                        reason: format!(
+                            "project_code {:?} names reservations of several apps; say which with app_name",
+                            s.project_code.as_str()
+                        ),
+                    });
+                }
+            }
+        }
     };
-    let app = app.as_str();
-    let select = tx
-        .prepare_cached(
-            "SELECT state, amount, refunded_amount, settled_by, created_at, refundable_until, \
-                    now() AS now \
-             FROM reservations \
-             WHERE app_name = $1 AND project_code = $2 AND user_id = $3 FOR UPDATE",
-        )
-        .await?;
-    let Some(row) = tx.query_opt(&select, &[&app, &code, &user]).await? else {
+    let key = res_key(user, &app, s.project_code);
+    snap.reservations = tables::reservations::by_keys(tx, std::slice::from_ref(&key), true).await?;
+    snap.drawn = tables::lots::drawn_from(tx, std::slice::from_ref(&key), snap.now).await?;
+    if let Some(event_id) = s.event_id {
+        snap.events = tables::events::seen(tx, &[(user, event_id)]).await?;
+    }
+    Ok((snap, key))
+}
+
+/// Decides settlement `s` of reservation `key` against `snap`: its
+/// answer, and what it writes. Pure.
+pub fn decide(
+    snap: &Snapshot,
+    key: &ResKey,
+    s: &Settle<'_>,
+) -> Result<(SettleReceipt, Plan), LedgerError> {
+    let (user, app, code) = (&key.0, &key.1, &key.2);
+    let mut plan = Plan::default();
+    if let Some(first) = s
+        .event_id
+        .and_then(|e| snap.events.get(&(user.clone(), e.to_owned())))
+    {
+        return Err(LedgerError::EventSeen {
+            first_outcome: first.clone(),
+        });
+    }
+    let account = snap
+        .accounts
+        .get(user)
+        .ok_or_else(|| LedgerError::NotFound(format!("no account for user {:?}", user.as_str())))?;
+    let Some(row) = snap.reservations.get(key) else {
         return Err(LedgerError::NotFound(format!(
-            "no reservation with project_code {code:?} of app {app:?} for this user"
+            "no reservation with project_code {:?} of app {:?} for this user",
+            code.as_str(),
+            app.as_str()
         )));
     };
-    let reserved: i64 = row.get("amount");
-    let refunded: i64 = row.get("refunded_amount");
-    let state = state_of(row.get("state"))?;
-    let window_only = row.get::<_, Option<&str>>("settled_by") == Some("window");
-    let left = reserved - refunded;
+    let record = |plan: &mut Plan, outcome: &str| {
+        if let Some(event_id) = s.event_id {
+            plan.events.push(HandledEvent {
+                user_id: user.clone(),
+                event_id: event_id.to_owned(),
+                kind: "succeeded",
+                outcome: outcome.to_owned(),
+            });
+        }
+    };
+    let left = row.amount - row.refunded;
     let mut receipt = SettleReceipt {
         result: SettleResult::AlreadySettled,
-        user_id: user.to_owned(),
-        app_name: app.to_owned(),
-        project_code: code.to_owned(),
-        reservation_status: state,
+        user_id: user.to_string(),
+        app_name: app.to_string(),
+        project_code: code.to_string(),
+        reservation_status: row.state,
         credits_charged: left,
         credits_refunded: 0,
-        refunded_total: refunded,
-        new_balance: balance,
+        refunded_total: row.refunded,
+        new_balance: account.balance,
     };
-    if state == ReservationState::Refunded {
+    if row.state == ReservationState::Refunded {
         receipt.result = SettleResult::AlreadyRefunded;
         receipt.credits_charged = 0;
-        return Ok(receipt);
+        return Ok((receipt, plan));
     }
     let charge = s.charge.unwrap_or(left);
     if charge > left {
         return Err(LedgerError::Invalid {
             field: "amount",
             reason: format!(
-                "the reservation holds {left} credits (of {reserved}); it cannot be settled for {charge}"
+                "the reservation holds {left} credits (of {}); it cannot be settled for {charge}",
+                row.amount
             ),
         });
     }
-    if state == ReservationState::Settled && !(window_only && s.by == SettledBy::Final) {
+    let window_only = row.settled_by_window();
+    if row.state == ReservationState::Settled && !(window_only && s.by == SettledBy::Final) {
         if s.charge.is_some_and(|c| c != left) {
             return Err(LedgerError::IdempotencyConflict(format!(
-                "reservation {code:?} was already settled for {left} credits"
+                "reservation {:?} was already settled for {left} credits",
+                code.as_str()
             )));
         }
-        record_event(&tx, user, s.event_id, "already settled").await?;
-        tx.commit().await?;
-        return Ok(receipt);
+        record(&mut plan, "already settled");
+        return Ok((receipt, plan));
     }
-
     let rest = left - charge;
     if rest > 0 {
         // Giving back is a refund: only inside the window.
         let verdict = window::judge(
             s.event_time.as_ref(),
-            row.get("created_at"),
-            row.get("refundable_until"),
-            row.get("now"),
+            row.created_at,
+            row.refundable_until,
+            snap.now,
         );
         if verdict != Verdict::Open {
             return Err(match verdict {
                 Verdict::Closed => LedgerError::NotRefundable(format!(
-                    "the refund window of reservation {code:?} closed at {}; it can only be settled in full ({left} credits)",
-                    penora_domain::timefmt::rfc3339_millis(row.get("refundable_until"))
+                    "the refund window of reservation {:?} closed at {}; it can only be settled in full ({left} credits)",
+                    code.as_str(),
+                    penora_domain::timefmt::rfc3339_millis(row.refundable_until)
                 )),
-                other => window::refused(
-                    other,
-                    code,
-                    row.get("created_at"),
-                    row.get("refundable_until"),
-                ),
+                other => {
+                    window::refused(other, code.as_str(), row.created_at, row.refundable_until)
+                }
             });
         }
     }
-
     // Lots past their expiry first, so that the balances below are what the
     // user can spend; then what is not charged goes back to its lots.
-    let mut plan = Plan::default();
-    if let Some(lots) = due_lots(&tx, &[user]).await?.get(user) {
-        plan.expire_due(user, lots, &mut balance, s.correlation_id)?;
-    }
+    let mut balance = account.balance;
+    let mut lots = account.lots.clone();
+    plan.expire_due(user, &mut lots, &mut balance, snap.now, s.correlation_id)?;
     if rest > 0 {
-        let drawn = drawn_from(&tx, &[(user, app, code)]).await?;
-        let lots = drawn
-            .get(&key_of(user, app, code))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        give_back_to_lots(
-            &mut plan,
+        let mut drawn = snap.drawn.get(key).cloned().unwrap_or_default();
+        plan.give_back(
             Returned {
                 user,
                 app,
@@ -236,82 +282,73 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
                 reference: None,
                 correlation_id: s.correlation_id,
             },
-            lots,
+            &mut drawn,
             &mut balance,
         )?;
     }
-    let refunded_total = refunded + rest;
-    let fully_refunded = refunded_total == reserved;
+    let refunded_total = row.refunded + rest;
+    let fully_refunded = refunded_total == row.amount;
     let new_state = if fully_refunded {
         ReservationState::Refunded
     } else {
         ReservationState::Settled
     };
-    if state != ReservationState::Settled && !fully_refunded {
+    let was_settled = row.state == ReservationState::Settled;
+    if !was_settled && !fully_refunded {
         plan.entry(NewEntry {
-            user_id: user,
+            user_id: user.clone(),
             kind: EntryKind::Settle,
             amount: 0,
             balance_after: balance,
-            app_name: Cow::Borrowed(app),
-            description: Some(s.reason),
-            project_code: Some(code),
-            reference: s.reference,
-            correlation_id: s.correlation_id,
+            app_name: app.clone(),
+            description: Some(s.reason.to_owned()),
+            project_code: Some(code.clone()),
+            reference: s.reference.map(str::to_owned),
+            correlation_id: s.correlation_id.map(str::to_owned),
         });
     }
-    let written = plan.apply(&tx).await?;
-    let at = written
-        .last()
-        .map(|&(_, at)| at)
-        .unwrap_or_else(time::OffsetDateTime::now_utc);
-    let settled_by = if state == ReservationState::Settled {
-        // A window settlement made final: it keeps its time.
-        "final"
-    } else {
-        s.by.as_str()
-    };
-    tx.execute(
-        "UPDATE reservations SET state = $4, refunded_amount = $5, \
-                settled_at = CASE WHEN state = 'settled' THEN settled_at \
-                                  WHEN $4 = 'settled' THEN $6::timestamptz END, \
-                settle_reason = CASE WHEN state = 'settled' THEN settle_reason \
-                                     WHEN $4 = 'settled' THEN $7 END, \
-                settled_by = CASE WHEN state = 'settled' AND $4 = 'settled' THEN $8 \
-                                  WHEN state = 'settled' THEN settled_by \
-                                  WHEN $4 = 'settled' THEN $8 END, \
-                refunded_at = CASE WHEN $4 = 'refunded' THEN $6 END, \
-                refund_reason = CASE WHEN $4 = 'refunded' THEN $7 END, \
-                balance_after_refund = CASE WHEN $4 = 'refunded' THEN $9::bigint END \
-         WHERE app_name = $1 AND project_code = $2 AND user_id = $3",
-        &[
-            &app,
-            &code,
-            &user,
-            &new_state.as_str(),
-            &refunded_total,
-            &at,
-            &s.reason,
-            &settled_by,
-            &balance,
-        ],
-    )
-    .await?;
-    let was_settled = state == ReservationState::Settled;
-    let outcome = if was_settled && rest == 0 {
-        "already settled"
-    } else {
-        "settled"
-    };
-    record_event(&tx, user, s.event_id, outcome).await?;
-    tx.commit().await?;
-    if !was_settled {
-        count_moved("settled", app, charge);
-    }
-    if rest > 0 {
-        count_moved("refunded", app, rest);
-    }
-    receipt.result = if was_settled && rest == 0 {
+    let settled = new_state == ReservationState::Settled;
+    plan.changes.push(ReservationChange {
+        user_id: user.clone(),
+        app_name: app.clone(),
+        project_code: code.clone(),
+        state: new_state,
+        refunded: refunded_total,
+        // A window settlement made final keeps its time and reason.
+        settled_at: if was_settled {
+            row.settled_at
+        } else if settled {
+            Some(snap.now)
+        } else {
+            None
+        },
+        settle_reason: if was_settled {
+            row.settle_reason.clone()
+        } else if settled {
+            Some(s.reason.to_owned())
+        } else {
+            None
+        },
+        settled_by: match (was_settled, settled) {
+            (true, true) => Some(SettledBy::Final),
+            (true, false) => row.settled_by,
+            (false, true) => Some(s.by),
+            (false, false) => None,
+        },
+        refunded_at: fully_refunded.then_some(snap.now),
+        refund_reason: fully_refunded.then(|| s.reason.to_owned()),
+        balance_after_refund: fully_refunded.then_some(balance),
+    });
+    let already = was_settled && rest == 0;
+    record(
+        &mut plan,
+        if already {
+            "already settled"
+        } else {
+            "settled"
+        },
+    );
+    receipt.result = if already {
         SettleResult::AlreadySettled
     } else {
         SettleResult::Settled
@@ -321,51 +358,28 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
     receipt.credits_refunded = rest;
     receipt.refunded_total = refunded_total;
     receipt.new_balance = balance;
+    Ok((receipt, plan))
+}
+
+/// Settles a reservation, charging `charge` of what it still holds and
+/// refunding the rest to the lots it came from, in one transaction.
+pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleReceipt, LedgerError> {
+    let tx = client.transaction().await?;
+    let (snap, key) = load(&tx, s).await?;
+    let (receipt, plan) = decide(&snap, &key, s)?;
+    if plan.is_empty() {
+        tx.rollback().await?;
+        return Ok(receipt);
+    }
+    plan::apply(&tx, &plan).await?;
+    tx.commit().await?;
+    if receipt.result == SettleResult::Settled {
+        if receipt.credits_charged > 0 && receipt.reservation_status == ReservationState::Settled {
+            count_moved("settled", &receipt.app_name, receipt.credits_charged);
+        }
+        if receipt.credits_refunded > 0 {
+            count_moved("refunded", &receipt.app_name, receipt.credits_refunded);
+        }
+    }
     Ok(receipt)
-}
-
-/// The app of the user's only reservation with `code`; several apps are
-/// an error that asks for `app_name` (as for a refund).
-async fn only_app(
-    tx: &deadpool_postgres::Transaction<'_>,
-    user: &str,
-    code: &str,
-) -> Result<String, LedgerError> {
-    let rows = tx
-        .query(
-            "SELECT app_name FROM reservations WHERE user_id = $1 AND project_code = $2",
-            &[&user, &code],
-        )
-        .await?;
-    match rows.as_slice() {
-        [] => Err(LedgerError::NotFound(format!(
-            "no reservation with project_code {code:?} for this user"
-        ))),
-        [row] => Ok(row.try_get("app_name")?),
-        _ => Err(LedgerError::Invalid {
-            field: "app_name",
-            reason: format!(
-                "project_code {code:?} names reservations of several apps; say which with app_name"
-            ),
-        }),
-    }
-}
-
-/// Records a `generation.succeeded` event as handled, with what it did, in
-/// the settlement's own transaction.
-async fn record_event(
-    tx: &deadpool_postgres::Transaction<'_>,
-    user: &str,
-    event_id: Option<&str>,
-    outcome: &str,
-) -> Result<(), LedgerError> {
-    if let Some(event_id) = event_id {
-        tx.execute(
-            "INSERT INTO processed_events (user_id, event_id, kind, outcome) \
-             VALUES ($1, $2, 'succeeded', $3) ON CONFLICT DO NOTHING",
-            &[&user, &event_id, &outcome],
-        )
-        .await?;
-    }
-    Ok(())
 }

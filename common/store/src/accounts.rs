@@ -15,6 +15,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use deadpool_postgres::Transaction;
+use penora_domain::UserId;
 
 use crate::DbError;
 
@@ -32,45 +33,55 @@ pub enum OnBusy {
 }
 
 /// The accounts a transaction locked.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Clone)]
 pub struct Locked {
     /// Balances of the locked accounts, by user.
-    pub balances: BTreeMap<String, i64>,
+    pub balances: BTreeMap<UserId, i64>,
     /// Accounts that exist but another transaction holds ([`OnBusy::Skip`]).
-    pub busy: BTreeSet<String>,
+    pub busy: BTreeSet<UserId>,
+    /// The transaction's `now()` (read with the lock, no round trip of its
+    /// own): the instant its rules are judged at and its rows are stamped.
+    pub now: time::OffsetDateTime,
 }
 
 /// Locks the accounts of `users` (in `user_id` order, `FOR NO KEY UPDATE`)
 /// and returns their balances. With [`OnBusy::Skip`], an account another
 /// transaction holds is not waited for but returned in `busy`; a user in
 /// neither has no account.
-pub async fn lock<'a>(
+pub async fn lock(
     tx: &Transaction<'_>,
-    users: impl IntoIterator<Item = &'a str>,
+    users: &[&str],
     on_busy: OnBusy,
 ) -> Result<Locked, DbError> {
-    let mut users: Vec<&str> = users.into_iter().collect();
+    let mut users: Vec<&str> = users.to_vec();
     users.sort_unstable();
     users.dedup();
-    if users.is_empty() {
-        return Ok(Locked::default());
-    }
     let stmt = tx
         .prepare_cached(match on_busy {
             OnBusy::Wait => {
-                "SELECT user_id, balance FROM accounts \
+                "SELECT user_id, balance, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE"
             }
             OnBusy::Skip => {
-                "SELECT user_id, balance FROM accounts \
+                "SELECT user_id, balance, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE SKIP LOCKED"
             }
         })
         .await?;
     let mut balances = BTreeMap::new();
-    for r in tx.query(&stmt, &[&users]).await? {
-        balances.insert(r.try_get("user_id")?, r.try_get("balance")?);
+    let mut now = None;
+    if !users.is_empty() {
+        for r in tx.query(&stmt, &[&users]).await? {
+            balances.insert(r.try_get("user_id")?, r.try_get("balance")?);
+            now = Some(r.try_get("now")?);
+        }
     }
+    let now = match now {
+        Some(now) => now,
+        // No account locked: the instant still matters (a grant's new
+        // account, the answers' times).
+        None => tx.query_one("SELECT now()", &[]).await?.try_get(0)?,
+    };
     let mut busy = BTreeSet::new();
     if on_busy == OnBusy::Skip && balances.len() < users.len() {
         // Missing: no account, or a held one. A plain read never waits.
@@ -85,31 +96,36 @@ pub async fn lock<'a>(
             busy.insert(r.try_get("user_id")?);
         }
     }
-    Ok(Locked { balances, busy })
+    Ok(Locked {
+        balances,
+        busy,
+        now,
+    })
 }
 
 /// Locks one user's account ([`lock`], waiting); its balance, or `None`
 /// without an account.
 pub async fn lock_one(tx: &Transaction<'_>, user: &str) -> Result<Option<i64>, DbError> {
-    Ok(lock(tx, [user], OnBusy::Wait)
-        .await?
-        .balances
-        .remove(user))
+    Ok(lock(tx, &[user], OnBusy::Wait).await?.balances.remove(user))
 }
 
 /// Makes `user`'s account (balance 0) when there is none, then locks it
-/// ([`lock`]); its balance. Two transactions making the same new account
+/// ([`lock`]). Two transactions making the same new account
 /// queue on its row like any other.
-pub async fn create_and_lock(tx: &Transaction<'_>, user: &str) -> Result<i64, DbError> {
+pub async fn create_and_lock(tx: &Transaction<'_>, user: &str) -> Result<Locked, DbError> {
     let create = tx
         .prepare_cached(
             "INSERT INTO accounts (user_id, balance) VALUES ($1, 0) ON CONFLICT (user_id) DO NOTHING",
         )
         .await?;
     tx.execute(&create, &[&user]).await?;
-    lock_one(tx, user)
-        .await?
-        .ok_or_else(|| DbError::Invariant(format!("account {user:?} made but not found")))
+    let locked = lock(tx, &[user], OnBusy::Wait).await?;
+    if !locked.balances.contains_key(user) {
+        return Err(DbError::Invariant(format!(
+            "account {user:?} made but not found"
+        )));
+    }
+    Ok(locked)
 }
 
 /// Moves each user's balance by the sum of that user's `deltas`, with one

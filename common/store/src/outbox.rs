@@ -17,6 +17,54 @@ use crate::DbError;
 pub const INSERT_SQL: &str = "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
      VALUES ($1, $2, $3, $4, $5, $6)";
 
+/// A job to write on the jobs exchange.
+#[derive(Debug, Clone)]
+pub struct Job<'a> {
+    /// Whose change it describes.
+    pub user_id: &'a str,
+    /// Its queue's routing key.
+    pub routing_key: &'a str,
+    /// Its body.
+    pub payload: serde_json::Value,
+    /// The request id, carried as the message's correlation id.
+    pub correlation_id: Option<&'a str>,
+}
+
+/// Writes `jobs` on the jobs exchange in one statement of the caller's
+/// transaction (the only place outbox rows are written). Returns the
+/// message ids the published messages will carry, in order.
+pub async fn enqueue_jobs(tx: &impl GenericClient, jobs: &[Job<'_>]) -> Result<Vec<Uuid>, DbError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = jobs.iter().map(|_| Uuid::now_v7()).collect();
+    let users: Vec<&str> = jobs.iter().map(|j| j.user_id).collect();
+    let keys: Vec<&str> = jobs.iter().map(|j| j.routing_key).collect();
+    let correlations: Vec<Option<&str>> = jobs.iter().map(|j| j.correlation_id).collect();
+    let payloads: Vec<&serde_json::Value> = jobs.iter().map(|j| &j.payload).collect();
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
+             SELECT v.user_id, $2, v.routing_key, v.message_id, v.correlation_id, v.payload \
+             FROM unnest($1::text[], $3::text[], $4::uuid[], $5::text[], $6::jsonb[]) \
+               AS v(user_id, routing_key, message_id, correlation_id, payload)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &users,
+            &JOBS_EXCHANGE,
+            &keys,
+            &ids,
+            &correlations,
+            &payloads,
+        ],
+    )
+    .await?;
+    Ok(ids)
+}
+
 /// Writes a job for `routing_key` on the jobs exchange, in the caller's
 /// transaction. Returns the message id that the published message will carry.
 pub async fn enqueue_job(
@@ -26,23 +74,21 @@ pub async fn enqueue_job(
     payload: &impl Serialize,
     correlation_id: Option<&str>,
 ) -> Result<Uuid, DbError> {
-    let message_id = Uuid::now_v7();
     let payload =
         serde_json::to_value(payload).map_err(|e| DbError::Other(format!("job encoding: {e}")))?;
-    let stmt = tx.prepare_cached(INSERT_SQL).await?;
-    tx.execute(
-        &stmt,
-        &[
-            &user_id,
-            &JOBS_EXCHANGE,
-            &routing_key,
-            &message_id,
-            &correlation_id,
-            &payload,
-        ],
+    let ids = enqueue_jobs(
+        tx,
+        &[Job {
+            user_id,
+            routing_key,
+            payload,
+            correlation_id,
+        }],
     )
     .await?;
-    Ok(message_id)
+    ids.into_iter()
+        .next()
+        .ok_or_else(|| DbError::Invariant("a job was not written".into()))
 }
 
 /// How many outbox rows wait to be published (set-aside ones included).

@@ -63,22 +63,8 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         let refund = failed_refund(event, user, code, time, m.correlation_id.clone());
         return refund_result(ledger::refund_one(&mut client, refund).await, occurred);
     }
-    // Decide: seen before?
-    let seen = client
-        .query_opt(
-            "SELECT outcome FROM processed_events WHERE user_id = $1 AND event_id = $2",
-            &[&user.as_str(), &event.event_id],
-        )
-        .await
-        .map_err(DbError::from)?;
-    if let Some(row) = seen {
-        return Ok(format!(
-            "duplicate event (first outcome: {})",
-            row.get::<_, String>("outcome")
-        ));
-    }
-    // Commit: the settlement (with the refund of what is not charged) and
-    // the event's record, in one transaction.
+    // The settlement (with the refund of what is not charged) checks the
+    // event against `processed_events` and records it, in its own commit.
     let imagegene = AppName::imagegene();
     let settle = ledger::Settle {
         user_id: &user,
@@ -92,7 +78,11 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         event_id: Some(&event.event_id),
         event_time: Some(time),
     };
-    let outcome = match ledger::settle_for(&mut client, &settle).await?.result {
+    let settled = match ledger::settle_for(&mut client, &settle).await {
+        Err(seen @ LedgerError::EventSeen { .. }) => return Ok(seen.to_string()),
+        other => other?,
+    };
+    let outcome = match settled.result {
         SettleResult::Settled => "settled",
         SettleResult::AlreadySettled => "already settled",
         SettleResult::AlreadyRefunded => {

@@ -1,0 +1,40 @@
+//! The ledger's tables, one module each: its queries and its typed rows
+//! (read with `try_get`, never a panicking `get`). The account lock is the
+//! store's (`penora_store::accounts`), shared with the workspace.
+
+pub mod entries;
+pub mod events;
+pub mod lots;
+pub mod reservations;
+
+use penora_store::DbError;
+
+/// A column of `row`, or an invariant breach naming it.
+pub(crate) fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    name: &str,
+) -> Result<T, DbError> {
+    row.try_get(name)
+        .map_err(|e| DbError::Invariant(format!("column {name}: {e}")))
+}
+
+/// Locks the accounts of `users` (`penora_store::accounts::lock`) and reads
+/// their lots: a snapshot at the transaction's `now()` holding the locked
+/// accounts and the busy ones, for a movement's `load` to fill in.
+pub async fn locked_accounts(
+    tx: &deadpool_postgres::Transaction<'_>,
+    users: &[&str],
+    on_busy: penora_store::accounts::OnBusy,
+) -> Result<crate::snapshot::Snapshot, DbError> {
+    let locked = penora_store::accounts::lock(tx, users, on_busy).await?;
+    let mut snap = crate::snapshot::Snapshot::at(locked.now);
+    let names: Vec<&str> = locked.balances.keys().map(|u| u.as_str()).collect();
+    let mut lots = lots::active(tx, &names).await?;
+    for (user, balance) in locked.balances {
+        let lots = lots.remove(&user).unwrap_or_default();
+        snap.accounts
+            .insert(user, crate::snapshot::Account { balance, lots });
+    }
+    snap.busy = locked.busy;
+    Ok(snap)
+}
