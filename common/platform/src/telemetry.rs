@@ -3,13 +3,13 @@
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use penora_config::LogFormat;
+use penora_config::{Log, LogFormat};
 
 /// Installs the global subscriber; call once, first thing in `main`.
-pub fn init(format: LogFormat) {
+pub fn init(log: &Log) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
+    let result = match log.format {
         LogFormat::Json => registry
             .with(
                 fmt::layer()
