@@ -1,4 +1,4 @@
-//! `Log`: how a service writes its log lines.
+//! `Log`: what a service logs and how it writes its log lines.
 
 use crate::{ConfigError, read::Vars};
 
@@ -16,6 +16,11 @@ pub enum LogFormat {
 pub struct Log {
     /// `LOG_FORMAT`: `json` or `pretty`.
     pub format: LogFormat,
+    /// `RUST_LOG`: which events are logged, in `tracing`'s filter syntax
+    /// (`info`, `penora_api=debug,warn`); unset, or one that does not
+    /// parse: `info` (the subscriber parses it, and never refuses to start
+    /// over it).
+    pub filter: Option<String>,
 }
 
 impl Log {
@@ -35,6 +40,9 @@ impl Log {
                 });
             }
         };
-        Ok(Self { format })
+        Ok(Self {
+            format,
+            filter: vars.get("RUST_LOG"),
+        })
     }
 }

@@ -246,3 +246,10 @@ fn the_audit_key_is_optional_and_does_not_print() {
     assert_eq!(s.audit.hmac_key.as_ref().map(Secret::expose), Some(key));
     assert!(!format!("{s:?}").contains(key));
 }
+
+#[test]
+fn the_log_filter_is_read_with_the_format() {
+    assert_eq!(load(&[]).expect("defaults").log.filter, None);
+    let s = load(&[("RUST_LOG", "penora_api=debug,warn")]).expect("loads");
+    assert_eq!(s.log.filter.as_deref(), Some("penora_api=debug,warn"));
+}
