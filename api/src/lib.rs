@@ -18,7 +18,7 @@ use std::{future::Future, net::SocketAddr};
 
 use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_config::Settings;
+use penora_config::ApiSettings;
 use penora_store as db;
 use tokio::net::TcpListener;
 
@@ -42,35 +42,35 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Migrates the database (see [`db::prepare_schema`]), binds `BIND_ADDR`
 /// and builds the router.
-pub async fn build(settings: Settings) -> anyhow::Result<App> {
-    let pool = db::pool(&settings).context("Failed to create the database pool")?;
-    db::prepare_schema(&settings, &pool).await.context(
+pub async fn build(settings: ApiSettings) -> anyhow::Result<App> {
+    let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
+    db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
     )?;
-    let listener = TcpListener::bind(settings.bind_addr)
+    let listener = TcpListener::bind(settings.http.bind_addr)
         .await
-        .with_context(|| format!("Failed to bind BIND_ADDR {}", settings.bind_addr))?;
+        .with_context(|| format!("Failed to bind BIND_ADDR {}", settings.http.bind_addr))?;
     let addr = listener
         .local_addr()
         .context("Failed to read the bound address")?;
     let publisher = penora_platform::broker::Publisher::new(
-        settings.amqp_url.clone(),
+        settings.broker.url.clone(),
         "penora-api",
-        penora_platform::broker::Topology::from_settings(&settings),
+        penora_platform::broker::Topology::from_settings(&settings.broker),
     )
-    .with_confirm_timeout(settings.amqp_confirm_timeout);
-    let relay = penora_platform::relay::RelayPolicy::from_settings(&settings);
+    .with_confirm_timeout(settings.broker.confirm_timeout);
+    let relay = penora_platform::relay::RelayPolicy::from_settings(&settings.broker);
     let images = penora_workspace::cpu_pool::CpuPool::start(
         "penora-images",
-        settings.image_threads,
-        settings.image_cpu_cgroup.as_deref(),
+        settings.images.threads,
+        settings.images.cpu_cgroup.as_deref(),
     )
     .context("Failed to start the image threads")?;
     let limits = serve::Limits {
-        idle: settings.http_idle_timeout,
-        header: settings.http_header_timeout,
-        max_connections: settings.http_max_connections,
-        keepalive: settings.http_tcp_keepalive,
+        idle: settings.http.idle_timeout,
+        header: settings.http.header_timeout,
+        max_connections: settings.http.max_connections,
+        keepalive: settings.http.tcp_keepalive,
     };
     let state = AppState::new(settings, pool.clone(), metrics_handle(), images);
     // Committed jobs are published right after their commit, off the
@@ -90,7 +90,7 @@ pub async fn build(settings: Settings) -> anyhow::Result<App> {
     ));
     // How far the audit runs behind, for the backpressure on deductions
     // (not read at all when AUDIT_LAG_LIMIT_MS is 0).
-    if !state.settings.audit_lag_limit.is_zero() {
+    if !state.settings.ledger.audit_lag_limit.is_zero() {
         tokio::spawn(penora_ledger::backpressure::watch_loop(
             pool.clone(),
             state.audit_lag.clone(),

@@ -1,22 +1,22 @@
 //! `penora-api`: the HTTP service.
 
 use anyhow::Context;
-use penora_config::Settings;
+use penora_config::ApiSettings;
 use penora_platform::telemetry;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::from_env().context("Bad configuration")?;
-    telemetry::init(settings.log_format);
+    let settings = ApiSettings::from_env().context("Bad configuration")?;
+    telemetry::init(&settings.log);
     penora_platform::limits::raise_open_files_logged();
-    if settings.bootstrap_api_key.is_none() {
+    if settings.http.bootstrap_api_key.is_none() {
         tracing::warn!(
             "PENORA_API_KEY is not set: only keys created with `penora-ops keys create` work"
         );
     }
     tokio::spawn({
-        let settings = settings.clone();
-        async move { penora_platform::broker::log_broker_version(&settings).await }
+        let broker = settings.broker.clone();
+        async move { penora_platform::broker::log_broker_version(&broker).await }
     });
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);

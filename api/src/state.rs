@@ -6,7 +6,7 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_config::Settings;
+use penora_config::ApiSettings;
 use penora_workspace::cpu_pool::CpuPool;
 
 use crate::coalesce::{Coalescer, Summaries};
@@ -24,7 +24,7 @@ pub struct AppState {
     /// PostgreSQL connections.
     pub pool: Pool,
     /// The settings the service started with.
-    pub settings: Arc<Settings>,
+    pub settings: Arc<ApiSettings>,
     /// SHA-256 of the bootstrap key, if one is configured.
     pub bootstrap_digest: Option<[u8; 32]>,
     /// Token buckets, one per key id.
@@ -60,20 +60,26 @@ impl AppState {
     }
 
     /// Builds the state from settings, a pool and the metrics handle.
-    pub fn new(settings: Settings, pool: Pool, metrics: PrometheusHandle, images: CpuPool) -> Self {
-        let per_sec = std::num::NonZeroU32::new(settings.rate_limit_per_sec)
+    pub fn new(
+        settings: ApiSettings,
+        pool: Pool,
+        metrics: PrometheusHandle,
+        images: CpuPool,
+    ) -> Self {
+        let per_sec = std::num::NonZeroU32::new(settings.http.rate_limit_per_sec)
             .unwrap_or(std::num::NonZeroU32::MIN);
-        let burst = std::num::NonZeroU32::new(settings.rate_limit_burst)
+        let burst = std::num::NonZeroU32::new(settings.http.rate_limit_burst)
             .unwrap_or(std::num::NonZeroU32::MIN);
         let quota = Quota::per_second(per_sec).allow_burst(burst);
         Self {
             auth_guard: Arc::new(crate::auth::guard::AuthGuard::new(
-                settings.auth_failures_per_sec,
-                settings.auth_failure_burst,
-                settings.auth_negative_cache,
+                settings.http.auth_failures_per_sec,
+                settings.http.auth_failure_burst,
+                settings.http.auth_negative_cache,
             )),
             probes: Arc::default(),
             bootstrap_digest: settings
+                .http
                 .bootstrap_api_key
                 .as_ref()
                 .map(|k| penora_platform::keys::digest(k.expose())),
@@ -85,12 +91,14 @@ impl AppState {
             ),
             deducts: Coalescer::start(
                 pool.clone(),
-                settings.deduct_queue_max,
-                settings.deduct_batch_max,
-                settings.deduct_batches_in_flight,
+                settings.ledger.deduct_queue_max,
+                settings.ledger.deduct_batch_max,
+                settings.ledger.deduct_batches_in_flight,
             ),
             pool,
-            save_slots: Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_saves)),
+            save_slots: Arc::new(tokio::sync::Semaphore::new(
+                settings.images.max_concurrent_saves,
+            )),
             images,
             settings: Arc::new(settings),
             limiter: Arc::new(governor::RateLimiter::keyed(quota)),

@@ -485,7 +485,7 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
 /// Runs the tool with `args`.
 pub async fn run(args: Args) -> anyhow::Result<()> {
     let settings = args.services.settings()?;
-    let topology = Topology::from_settings(&settings);
+    let topology = Topology::from_settings(&settings.broker);
     let mut services = match (&args.cluster_script, &args.api_bin, &args.worker_bin) {
         (None, Some(api_bin), Some(worker_bin)) => {
             let mut api = Service {
@@ -523,7 +523,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         record: Mutex::new(Record::default()),
         attempts: AtomicU64::new(0),
         stop: AtomicBool::new(false),
-        publisher: Publisher::new(settings.amqp_url.clone(), "penora-chaos", topology.clone()),
+        publisher: Publisher::new(
+            settings.broker.url.clone(),
+            "penora-chaos",
+            topology.clone(),
+        ),
         topology,
         give_up_at: Instant::now() + Duration::from_secs_f64(secs + 180.0),
         args,

@@ -51,7 +51,7 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     );
 
     // Lots past their expiry: the timer empties them within its interval.
-    let settle_interval = ctx.args.services.settings()?.settle_interval;
+    let settle_interval = ctx.args.services.settings()?.worker.settle_interval;
     let deadline =
         std::time::Instant::now() + settle_interval * 2 + std::time::Duration::from_secs(10);
     let still_due = loop {

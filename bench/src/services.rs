@@ -1,7 +1,7 @@
 //! What both tools of this crate (`penora-bench`, `penora-chaos`) need to
 //! reach the services under test.
 
-use penora_config::Settings;
+use penora_config::BenchSettings;
 
 /// The key, database and broker of the services under test, from the same
 /// environment the services read.
@@ -23,12 +23,12 @@ pub struct Services {
 
 impl Services {
     /// The services' settings for these (everything else at its default),
-    /// for the broker topology and publisher the tools share with them.
-    pub fn settings(&self) -> anyhow::Result<Settings> {
-        Ok(Settings::from_lookup(|k| match k {
+    /// for the broker topology and publisher the tools share with them and
+    /// the worker's settle interval the invariant checks wait on.
+    pub fn settings(&self) -> anyhow::Result<BenchSettings> {
+        Ok(BenchSettings::from_lookup(|k| match k {
             "AMQP_URL" => Some(self.amqp_url.clone()),
             "AMQP_PREFIX" => Some(self.prefix.clone()),
-            "DATABASE_URL" => Some(self.database_url.clone()),
             _ => None,
         })?)
     }

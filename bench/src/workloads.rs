@@ -382,11 +382,11 @@ pub async fn refunds(ctx: &Arc<Ctx>) -> anyhow::Result<Stats> {
     }
     let settings = ctx.args.services.settings()?;
     let publisher = Publisher::new(
-        settings.amqp_url.clone(),
+        settings.broker.url.clone(),
         "penora-bench",
-        Topology::from_settings(&settings),
+        Topology::from_settings(&settings.broker),
     );
-    let topology = Topology::from_settings(&settings);
+    let topology = Topology::from_settings(&settings.broker);
     let now = penora_domain::timefmt::rfc3339_millis(time::OffsetDateTime::now_utc());
     let events: Vec<_> = (0..n)
         .map(|i| {

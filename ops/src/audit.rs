@@ -10,7 +10,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use anyhow::Context as _;
 use clap::Subcommand;
-use penora_config::{MIN_AUDIT_KEY_LEN, Secret, Settings};
+use penora_config::{Audit, MIN_AUDIT_KEY_LEN, Secret};
 use penora_ledger::audit::{self, MacCheck, MacKey};
 
 use crate::output;
@@ -41,7 +41,7 @@ pub enum AuditCommand {
 }
 
 pub async fn run(
-    settings: &Settings,
+    audit_settings: &Audit,
     client: &mut deadpool_postgres::Client,
     command: AuditCommand,
 ) -> anyhow::Result<ExitCode> {
@@ -51,7 +51,7 @@ pub async fn run(
         require_mac,
         max_records_without_mac,
     } = command;
-    let macs = mac_check(settings, previous_keys.as_deref(), require_mac)?;
+    let macs = mac_check(audit_settings, previous_keys.as_deref(), require_mac)?;
     let mut v = audit::verify_with_progress(client, &macs, &output::progress_bar).await?;
     if let Some(max) = max_records_without_mac
         && v.records_without_mac > max
@@ -101,12 +101,12 @@ pub async fn run(
 /// `previous_keys` (which needs the current key: without it nothing is
 /// checked, and a partial check would pass records it never looked at).
 fn mac_check(
-    settings: &Settings,
+    audit_settings: &Audit,
     previous_keys: Option<&std::path::Path>,
     require: bool,
 ) -> anyhow::Result<MacCheck> {
     let mut keys = Vec::new();
-    if let Some(current) = MacKey::from_settings(settings)? {
+    if let Some(current) = MacKey::from_settings(audit_settings)? {
         keys.push(current);
     }
     if let Some(path) = previous_keys {

@@ -3,7 +3,7 @@
 
 use crate::output;
 use clap::Subcommand;
-use penora_config::Settings;
+use penora_config::Ledger;
 use penora_domain::timefmt::rfc3339_millis;
 use penora_domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId};
 use penora_ledger as ledger;
@@ -58,7 +58,7 @@ pub enum CreditsCommand {
 }
 
 pub async fn run(
-    settings: &Settings,
+    ledger_settings: &Ledger,
     client: &mut deadpool_postgres::Client,
     command: CreditsCommand,
 ) -> anyhow::Result<()> {
@@ -93,7 +93,7 @@ pub async fn run(
                 .transpose()?;
             let grant = ledger::Grant {
                 user_id: UserId::parse(&user)?,
-                amount: Credits::new("amount", amount, settings.max_deduct_amount)?,
+                amount: Credits::new("amount", amount, ledger_settings.max_deduct_amount)?,
                 app_name: AppName::parse("app", &app)?,
                 reason: GrantReason::parse("reason", Some(&reason))?,
                 reference: Reference::parse("reference", Some(&reference))?,

@@ -27,7 +27,7 @@ use lapin::{
     options::{BasicAckOptions, BasicGetOptions, QueuePurgeOptions},
     types::{AMQPValue, FieldTable},
 };
-use penora_config::Settings;
+use penora_config::Broker;
 use penora_domain::messages::GENERATION_EVENTS;
 use penora_domain::timefmt::rfc3339_millis;
 use penora_platform::broker::headers;
@@ -90,14 +90,14 @@ pub enum DlqCommand {
     },
 }
 
-pub async fn run(settings: &Settings, command: DlqCommand) -> anyhow::Result<ExitCode> {
-    let topology = Topology::from_settings(settings);
-    let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+pub async fn run(broker_settings: &Broker, command: DlqCommand) -> anyhow::Result<ExitCode> {
+    let topology = Topology::from_settings(broker_settings);
+    let connection = broker::connect(broker_settings.url.expose(), "penora-ops").await?;
     topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
     // One publisher (its connection is opened on first use) for the copies
     // put back and the replays.
-    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    let publisher = Publisher::new(broker_settings.url.clone(), "penora-ops", topology.clone());
     let code = match command {
         DlqCommand::List {
             queue,

@@ -2,7 +2,7 @@
 //! does (for tests and repairs), or any raw body (to see how bad events are
 //! parked).
 
-use penora_config::Settings;
+use penora_config::Broker;
 use penora_domain::messages::{EVENTS_EXCHANGE, GenerationEvent};
 use penora_domain::timefmt::rfc3339_millis;
 use penora_platform::broker::{Outgoing, Publisher, Topology};
@@ -31,7 +31,7 @@ pub struct Event {
     raw: Option<String>,
 }
 
-pub async fn run(settings: &Settings, e: Event) -> anyhow::Result<()> {
+pub async fn run(broker_settings: &Broker, e: Event) -> anyhow::Result<()> {
     let event_id = e
         .event_id
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -46,8 +46,8 @@ pub async fn run(settings: &Settings, e: Event) -> anyhow::Result<()> {
             amount: e.amount,
         })?,
     };
-    let topology = Topology::from_settings(settings);
-    let publisher = Publisher::new(settings.amqp_url.clone(), "penora-ops", topology.clone());
+    let topology = Topology::from_settings(broker_settings);
+    let publisher = Publisher::new(broker_settings.url.clone(), "penora-ops", topology.clone());
     publisher
         .publish_all(vec![Outgoing {
             exchange: topology.exchange(EVENTS_EXCHANGE),

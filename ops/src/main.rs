@@ -2,7 +2,9 @@
 //! module (tables for people, JSON for scripts).
 //!
 //! Settings come from the same environment as the services (`DATABASE_URL`,
-//! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …). Only
+//! `AMQP_URL`, `STORAGE_QUOTA_BYTES`, `MAX_DEDUCT_AMOUNT`, …), of the
+//! sections the CLI uses only ([`penora_config::OpsSettings`]): an HTTP,
+//! image or worker setting, whatever its value, never stops it. Only
 //! `migrate` changes the schema; every other command refuses to run on a
 //! schema older than this build (the services migrate at start unless
 //! `DB_MIGRATE_ON_START=false`). Exit status: 0 on success, 1 when a
@@ -25,7 +27,7 @@ use std::{process::ExitCode, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use penora_config::Settings;
+use penora_config::OpsSettings;
 use penora_store as db;
 
 #[derive(Parser)]
@@ -105,8 +107,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let settings = Settings::from_env().context("Bad configuration")?;
-    let url = settings.database_url.expose().to_owned();
+    let settings = OpsSettings::from_env().context("Bad configuration")?;
+    let url = settings.db.url.expose().to_owned();
     let pool = db::pool_for(&url, 2).context("Failed to create the database pool")?;
     if matches!(cli.command, Command::Migrate) {
         db::migrate(&url)
@@ -137,20 +139,22 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             done
         }
         Command::Keys { command } => keys::run(&client, command).await.map(|()| done)?,
-        Command::Credits { command } => credits::run(&settings, &mut client, command)
+        Command::Credits { command } => credits::run(&settings.ledger, &mut client, command)
             .await
             .map(|()| done)?,
         Command::Projects { command } => {
             projects::run(&mut client, command).await.map(|()| done)?
         }
-        Command::Reconcile { json } => reconcile::run(&settings, &mut client, json).await?,
-        Command::Audit { command } => audit::run(&settings, &mut client, command).await?,
-        Command::Queues { json } => queues::run(&settings, json).await.map(|()| done)?,
-        Command::Dlq { command } => dlq::run(&settings, command).await?,
-        Command::WaitIdle { timeout_secs } => {
-            wait_idle::run(&settings, &client, Duration::from_secs(timeout_secs)).await?
+        Command::Reconcile { json } => {
+            reconcile::run(&settings.workspace, &mut client, json).await?
         }
-        Command::Event(e) => event::run(&settings, e).await.map(|()| done)?,
+        Command::Audit { command } => audit::run(&settings.audit, &mut client, command).await?,
+        Command::Queues { json } => queues::run(&settings.broker, json).await.map(|()| done)?,
+        Command::Dlq { command } => dlq::run(&settings.broker, command).await?,
+        Command::WaitIdle { timeout_secs } => {
+            wait_idle::run(&settings.broker, &client, Duration::from_secs(timeout_secs)).await?
+        }
+        Command::Event(e) => event::run(&settings.broker, e).await.map(|()| done)?,
         Command::Outbox { command } => outbox::run(&client, command).await.map(|()| done)?,
     })
 }

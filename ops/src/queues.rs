@@ -1,7 +1,7 @@
 //! `penora-ops queues`: depth and consumers of every queue (from AMQP), and
 //! unacknowledged counts and rates where the RabbitMQ management API answers.
 
-use penora_config::Settings;
+use penora_config::Broker;
 use penora_platform::broker::{self, QueueStat, Topology};
 
 use crate::output::{self, Align};
@@ -17,14 +17,14 @@ struct QueueRow {
     out_per_sec: Option<f64>,
 }
 
-pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
-    let topology = Topology::from_settings(settings);
-    let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+pub async fn run(broker_settings: &Broker, json: bool) -> anyhow::Result<()> {
+    let topology = Topology::from_settings(broker_settings);
+    let connection = broker::connect(broker_settings.url.expose(), "penora-ops").await?;
     topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
     let stats = broker::queue_stats(&ch, &topology).await?;
     let _ = connection.close(200, "bye".into()).await;
-    let mgmt = management_rates(settings, &stats).await;
+    let mgmt = management_rates(broker_settings, &stats).await;
     let rows: Vec<QueueRow> = stats
         .iter()
         .zip(mgmt.iter())
@@ -67,7 +67,7 @@ pub async fn run(settings: &Settings, json: bool) -> anyhow::Result<()> {
         &cells,
     );
     if mgmt.iter().all(Option::is_none) {
-        match broker::Management::from_settings(settings) {
+        match broker::Management::from_settings(broker_settings) {
             Some(m) => eprintln!(
                 "(the RabbitMQ management API at {} did not answer: rabbitmq-plugins enable rabbitmq_management)",
                 m.url()
@@ -93,8 +93,8 @@ pub struct Rates {
 
 /// The management API's figures per queue, `None` where they cannot be had
 /// (none configured, or it does not answer).
-pub async fn management_rates(settings: &Settings, stats: &[QueueStat]) -> Vec<Option<Rates>> {
-    let Some(management) = broker::Management::from_settings(settings) else {
+pub async fn management_rates(broker_settings: &Broker, stats: &[QueueStat]) -> Vec<Option<Rates>> {
+    let Some(management) = broker::Management::from_settings(broker_settings) else {
         return vec![None; stats.len()];
     };
     let mut out = Vec::with_capacity(stats.len());

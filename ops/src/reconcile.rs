@@ -3,18 +3,18 @@
 
 use std::process::ExitCode;
 
-use penora_config::Settings;
+use penora_config::Workspace;
 use penora_ledger::reconcile;
 
 use crate::output;
 
 pub async fn run(
-    settings: &Settings,
+    workspace: &Workspace,
     client: &mut deadpool_postgres::Client,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
     let report =
-        reconcile::run_with_progress(client, settings.storage_quota_bytes, &output::progress_bar)
+        reconcile::run_with_progress(client, workspace.storage_quota_bytes, &output::progress_bar)
             .await?;
     if json {
         output::json(&report)?;

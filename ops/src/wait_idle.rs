@@ -5,21 +5,21 @@
 
 use std::{process::ExitCode, time::Duration};
 
-use penora_config::Settings;
+use penora_config::Broker;
 use penora_platform::broker::{self, Topology};
 
 use crate::queues::management_rates;
 
 pub async fn run(
-    settings: &Settings,
+    broker_settings: &Broker,
     client: &tokio_postgres::Client,
     timeout: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let topology = Topology::from_settings(settings);
-    let connection = broker::connect(settings.amqp_url.expose(), "penora-ops").await?;
+    let topology = Topology::from_settings(broker_settings);
+    let connection = broker::connect(broker_settings.url.expose(), "penora-ops").await?;
     topology.declare(&connection).await?;
     let ch = connection.create_channel().await?;
-    if broker::Management::from_settings(settings).is_none() {
+    if broker::Management::from_settings(broker_settings).is_none() {
         eprintln!(
             "note: RABBITMQ_MANAGEMENT_URL is not set, so messages a worker holds unacknowledged are not seen; only queued ones are"
         );
@@ -30,7 +30,7 @@ pub async fn run(
     // Two idle looks in a row, half a second apart: a job between its
     // handler's commit and its publish shows in neither place for an instant.
     while idle_looks < 2 {
-        match in_flight(settings, client, &topology, &ch).await? {
+        match in_flight(broker_settings, client, &topology, &ch).await? {
             None => idle_looks += 1,
             Some(what) => {
                 idle_looks = 0;
@@ -53,7 +53,7 @@ pub async fn run(
 
 /// What is still in flight: `None` when idle, else a description.
 async fn in_flight(
-    settings: &Settings,
+    broker_settings: &Broker,
     client: &tokio_postgres::Client,
     topology: &Topology,
     ch: &lapin::Channel,
@@ -73,7 +73,7 @@ async fn in_flight(
         row.get("queued"),
     );
     let stats = broker::queue_stats(ch, topology).await?;
-    let rates = management_rates(settings, &stats).await;
+    let rates = management_rates(broker_settings, &stats).await;
     let busy: Vec<String> = stats
         .iter()
         .zip(rates)

@@ -244,7 +244,7 @@ pub async fn consume(
 ) -> Result<(), lapin::Error> {
     let channel: Channel = connection.create_channel().await?;
     channel
-        .basic_qos(ctx.settings.worker_prefetch, BasicQosOptions::default())
+        .basic_qos(ctx.settings.worker.prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("penora-worker-{}-{}", work, uuid::Uuid::now_v7().simple());
     let mut consumer = channel
@@ -258,7 +258,7 @@ pub async fn consume(
         .await?;
     let mut inflight = JoinSet::new();
     let batching = handlers::for_queue(work).is_some_and(|h| h.many.is_some())
-        && ctx.settings.worker_batch_max > 1;
+        && ctx.settings.worker.batch_max > 1;
     let mut failure = None;
     loop {
         tokio::select! {
@@ -267,12 +267,12 @@ pub async fn consume(
             // On batch queues, at most `WORKER_BATCHES_IN_FLIGHT` batches run
             // at once; what arrives meanwhile waits in the channel and makes
             // the next batch bigger instead of queueing on the same row locks.
-            next = consumer.next(), if !batching || inflight.len() < ctx.settings.worker_batches_in_flight => match next {
+            next = consumer.next(), if !batching || inflight.len() < ctx.settings.worker.batches_in_flight => match next {
                 Some(Ok(delivery)) => {
                     // Whatever else has arrived goes with it (group commit),
                     // on the queues whose handlers have a batch form.
                     let mut batch = vec![delivery];
-                    let most = if batching { ctx.settings.worker_batch_max } else { 1 };
+                    let most = if batching { ctx.settings.worker.batch_max } else { 1 };
                     while batch.len() < most {
                         match consumer.next().now_or_never() {
                             Some(Some(Ok(next))) => batch.push(next),
@@ -303,7 +303,7 @@ pub async fn consume(
     let _ = channel
         .basic_cancel(tag.into(), BasicCancelOptions::default())
         .await;
-    let drained = tokio::time::timeout(ctx.settings.shutdown_deadline, async {
+    let drained = tokio::time::timeout(ctx.settings.worker.shutdown_deadline, async {
         while inflight.join_next().await.is_some() {}
     })
     .await;

@@ -25,7 +25,7 @@ use axum::{
 };
 use deadpool_postgres::Pool;
 use metrics_exporter_prometheus::PrometheusHandle;
-use penora_config::Settings;
+use penora_config::WorkerSettings;
 use penora_domain::{AppName, ProjectCode, UserId};
 use penora_ledger as ledger;
 use penora_platform::broker::{self, Publisher, Topology, WORK_QUEUES};
@@ -40,7 +40,7 @@ use crate::retry::RetryPolicy;
 /// What every handler and loop shares.
 pub struct Context {
     /// The settings the worker started with.
-    pub settings: Settings,
+    pub settings: WorkerSettings,
     /// PostgreSQL.
     pub pool: Pool,
     /// Queue names.
@@ -83,36 +83,40 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 /// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
 /// metrics address.
-pub async fn build(settings: Settings) -> anyhow::Result<Worker> {
-    let pool = db::pool(&settings).context("Failed to create the database pool")?;
-    db::prepare_schema(&settings, &pool).await.context(
+pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker> {
+    let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
+    db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
     )?;
-    let audit_mac =
-        penora_ledger::audit::MacKey::from_settings(&settings).context("Bad AUDIT_HMAC_KEY")?;
-    let listener = TcpListener::bind(settings.worker_metrics_addr)
+    let audit_mac = penora_ledger::audit::MacKey::from_settings(&settings.audit)
+        .context("Bad AUDIT_HMAC_KEY")?;
+    let listener = TcpListener::bind(settings.worker.metrics_addr)
         .await
         .with_context(|| {
             format!(
                 "Failed to bind WORKER_METRICS_ADDR {}",
-                settings.worker_metrics_addr
+                settings.worker.metrics_addr
             )
         })?;
     let metrics_addr = listener.local_addr()?;
-    let topology = Topology::from_settings(&settings);
+    let topology = Topology::from_settings(&settings.broker);
     let policy = RetryPolicy {
-        max_attempts: settings.retry_max_attempts,
-        initial: settings.retry_base,
-        max: settings.retry_max,
+        max_attempts: settings.broker.retry_max_attempts,
+        initial: settings.worker.retry_base,
+        max: settings.worker.retry_max,
     };
     let publisher = Arc::new(
-        Publisher::new(settings.amqp_url.clone(), "penora-worker", topology.clone())
-            .with_confirm_timeout(settings.amqp_confirm_timeout),
+        Publisher::new(
+            settings.broker.url.clone(),
+            "penora-worker",
+            topology.clone(),
+        )
+        .with_confirm_timeout(settings.broker.confirm_timeout),
     );
     let images = penora_workspace::cpu_pool::CpuPool::start(
         "penora-images",
-        settings.image_threads,
-        settings.image_cpu_cgroup.as_deref(),
+        settings.images.threads,
+        settings.images.cpu_cgroup.as_deref(),
     )
     .context("Failed to start the image threads")?;
     Ok(Worker {
@@ -151,7 +155,7 @@ impl Worker {
             ctx.pool.clone(),
             format!(
                 "{}:{}:{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "worker".into()),
+                ctx.settings.worker.host_name,
                 std::process::id(),
                 &uuid::Uuid::new_v4().simple().to_string()[..8]
             ),
@@ -169,7 +173,7 @@ impl Worker {
 async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
     while !stop.is_cancelled() {
         let Some(connection) =
-            broker::connect_until(ctx.settings.amqp_url.expose(), "penora-worker", &stop).await
+            broker::connect_until(ctx.settings.broker.url.expose(), "penora-worker", &stop).await
         else {
             break;
         };
@@ -221,7 +225,7 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
     relay::publish_loop(
         ctx.pool.clone(),
         ctx.publisher.clone(),
-        relay::RelayPolicy::from_settings(&ctx.settings),
+        relay::RelayPolicy::from_settings(&ctx.settings.broker),
         ctx.outbox_wake.clone(),
         stop,
     )
@@ -253,7 +257,7 @@ async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(ctx.settings.settle_interval) => {},
+            () = tokio::time::sleep(ctx.settings.worker.settle_interval) => {},
         }
     }
 }
@@ -265,7 +269,7 @@ pub async fn delete_retired(
     now: time::OffsetDateTime,
     limit: i64,
 ) -> Result<usize, anyhow::Error> {
-    let Some(retention) = ctx.settings.project_retention else {
+    let Some(retention) = ctx.settings.worker.project_retention else {
         return Ok(0);
     };
     let cutoff = now - retention;
@@ -430,7 +434,7 @@ async fn queue_gauges(ctx: Arc<Context>, stop: CancellationToken) {
         if link.as_ref().is_none_or(|(_, ch)| !ch.status().connected()) {
             link = None;
             if let Ok(conn) =
-                broker::connect(ctx.settings.amqp_url.expose(), "penora-worker-gauges").await
+                broker::connect(ctx.settings.broker.url.expose(), "penora-worker-gauges").await
                 && let Ok(ch) = conn.create_channel().await
             {
                 link = Some((conn, ch));

@@ -1,18 +1,18 @@
 //! `penora-worker`: queues, events, outbox relay and timers.
 
 use anyhow::Context;
-use penora_config::Settings;
+use penora_config::WorkerSettings;
 use penora_platform::telemetry;
 use tokio_util::sync::CancellationToken;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let settings = Settings::from_env().context("Bad configuration")?;
-    telemetry::init(settings.log_format);
+    let settings = WorkerSettings::from_env().context("Bad configuration")?;
+    telemetry::init(&settings.log);
     penora_platform::limits::raise_open_files_logged();
     tokio::spawn({
-        let settings = settings.clone();
-        async move { penora_platform::broker::log_broker_version(&settings).await }
+        let broker = settings.broker.clone();
+        async move { penora_platform::broker::log_broker_version(&broker).await }
     });
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");

@@ -169,7 +169,7 @@ async fn user_info(
         .get(user.clone())
         .await?
         .ok_or(ApiError::UserNotFound)?;
-    let quota = state.settings.storage_quota_bytes;
+    let quota = state.settings.workspace.storage_quota_bytes;
     let used = summary.storage_used_bytes;
     let body = UserInfo {
         user_id: user.to_string(),
@@ -295,7 +295,7 @@ async fn deduct_credits(
     let amount = Credits::from_json(
         "amount",
         body.amount.as_ref(),
-        state.settings.max_deduct_amount,
+        state.settings.ledger.max_deduct_amount,
     )?;
     let app_name = acting_app(&auth, "app_name", body.app_name.as_deref())?;
     let description = Description::parse("description", body.description.as_deref())?;
@@ -318,7 +318,7 @@ async fn deduct_credits(
         app_name,
         description,
         project_code,
-        refund_window: state.settings.refund_window,
+        refund_window: state.settings.ledger.refund_window,
     };
     hold_back_for_audit(&state).await?;
     let outcome = state
@@ -353,7 +353,8 @@ const AUDIT_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// hard clients push: what they cannot be given at once they are told to
 /// bring back later, instead of a backlog that grows without end.
 async fn hold_back_for_audit(state: &AppState) -> Result<(), ApiError> {
-    let limit = u64::try_from(state.settings.audit_lag_limit.as_millis()).unwrap_or(u64::MAX);
+    let limit =
+        u64::try_from(state.settings.ledger.audit_lag_limit.as_millis()).unwrap_or(u64::MAX);
     if limit == 0 || state.audit_lag.millis() <= limit {
         return Ok(());
     }
@@ -474,7 +475,7 @@ async fn refund_credits(
             Credits::from_json(
                 "amount",
                 body.amount.as_ref(),
-                state.settings.max_deduct_amount,
+                state.settings.ledger.max_deduct_amount,
             )?
             .get(),
         ),
@@ -624,7 +625,7 @@ async fn add_credits(
     let amount = Credits::from_json(
         "amount",
         body.amount.as_ref(),
-        state.settings.max_deduct_amount,
+        state.settings.ledger.max_deduct_amount,
     )?;
     let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
         (None, None) => AppName::penora(),

@@ -302,7 +302,7 @@ async fn settle_credits(
         (None, None) => None,
         (raw, _) => Some(acting_app(&auth, "app_name", raw)?),
     };
-    let max = state.settings.max_deduct_amount;
+    let max = state.settings.ledger.max_deduct_amount;
     let charge = match &body.amount {
         None | Some(serde_json::Value::Null) => None,
         // 0 charges nothing: all that is held is refunded.

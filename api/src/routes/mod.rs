@@ -141,10 +141,11 @@ pub fn app(state: AppState) -> Router {
     // save slot; every other body is small.
     let max_body = state
         .settings
+        .http
         .max_body_bytes
         .min(penora_config::SMALL_BODY_BYTES);
     let (router, api) = api_router().split_for_parts();
-    let api = doc::finish(api, state.settings.max_deduct_amount);
+    let api = doc::finish(api, state.settings.ledger.max_deduct_amount);
     let docs = SwaggerUi::new("/api/unified/docs")
         .url("/api/unified/openapi.json", api)
         .config(
@@ -152,10 +153,10 @@ pub fn app(state: AppState) -> Router {
                 .validator_url("none")
                 .try_it_out_enabled(true),
         );
-    let cors = cors(&state.settings.cors_allowed_origins);
+    let cors = cors(&state.settings.http.cors_allowed_origins);
     let deadlines = Deadlines {
-        body: state.settings.http_body_timeout,
-        request: state.settings.http_request_timeout,
+        body: state.settings.http.body_timeout,
+        request: state.settings.http.request_timeout,
     };
     let mut app = router
         .with_state(state)

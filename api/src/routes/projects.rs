@@ -180,7 +180,7 @@ async fn save_project(
     auth.require(Scope::Write)?;
     require_json(&headers)?;
     let key = IdempotencyKey::from_headers(&headers)?;
-    let max_body = state.settings.max_body_bytes;
+    let max_body = state.settings.http.max_body_bytes;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -197,7 +197,7 @@ async fn save_project(
         .map_err(|_| deadline.passed())??;
     // A slot before more than the first bytes are held: memory stays bounded
     // whatever clients send at once.
-    let wait = state.settings.save_queue_wait;
+    let wait = state.settings.images.save_queue_wait;
     let Ok(Ok(slot)) = tokio::time::timeout(wait, state.save_slots.clone().acquire_owned()).await
     else {
         metrics::counter!("penora_saves_busy_total").increment(1);
@@ -228,7 +228,7 @@ async fn save_project(
     };
     let policy_of = {
         let settings = state.settings.clone();
-        move |store_original| StoragePolicy::from_settings(&settings, store_original)
+        move |store_original| StoragePolicy::from_settings(&settings.images, store_original)
     };
     let caller = Auth(auth.0.clone());
     let held = slot.clone();
@@ -253,7 +253,7 @@ async fn save_project(
     if let Some(code) = &project.project_code {
         span.record("project_code", code.as_str());
     }
-    let quota = state.settings.storage_quota_bytes;
+    let quota = state.settings.workspace.storage_quota_bytes;
     // A retry of a save that was recorded answers at once, without the
     // image work.
     if project.project_code.is_some() {
@@ -285,7 +285,7 @@ async fn save_project(
         &mut client,
         &project,
         quota,
-        state.settings.max_projects_per_user,
+        state.settings.workspace.max_projects_per_user,
         correlation.as_deref(),
     )
     .await?;
@@ -957,7 +957,7 @@ async fn delete_project(
         project_id,
         freed_bytes: deleted.freed_bytes,
         storage: Storage::new(
-            state.settings.storage_quota_bytes,
+            state.settings.workspace.storage_quota_bytes,
             deleted.storage_used_bytes,
             total_projects,
         ),

@@ -101,11 +101,12 @@ async fn quote(
         }
     };
     // The ranges above make these conversions lossless.
-    let price =
-        state
-            .settings
-            .price_table
-            .quote(width as u32, height as u32, quality, variations as u32);
+    let price = state.settings.ledger.price_table.quote(
+        width as u32,
+        height as u32,
+        quality,
+        variations as u32,
+    );
     let body = QuoteResponse {
         credits: price.total,
         width,

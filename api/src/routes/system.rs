@@ -141,7 +141,7 @@ async fn health(State(state): State<AppState>) -> Response {
             };
             let (pending, broker_ok) = tokio::join!(
                 tokio::time::timeout(Duration::from_secs(3), pending),
-                broker_reachable(state.settings.amqp_url.expose())
+                broker_reachable(state.settings.broker.url.expose())
             );
             (pending.ok().flatten(), broker_ok)
         })
@@ -247,7 +247,7 @@ fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
     )
 )]
 async fn metrics_text(State(state): State<AppState>, headers: HeaderMap) -> Response {
-    if let Some(token) = &state.settings.metrics_token
+    if let Some(token) = &state.settings.http.metrics_token
         && !bearer_matches(&headers, token.expose())
     {
         let mut refused = ApiError::InvalidMetricsToken.into_response();

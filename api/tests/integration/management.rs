@@ -58,7 +58,7 @@ async fn nothing_is_derived_from_an_amqp_url() {
     for amqp in [AMQPS, "amqp://probeuser:probepass@127.0.0.1:5672/%2f"] {
         let settings = db.settings(&[("AMQP_URL", amqp)]);
         assert!(
-            Management::from_settings(&settings).is_none(),
+            Management::from_settings(&settings.broker).is_none(),
             "{amqp}: a management API was made up"
         );
     }
@@ -70,7 +70,7 @@ async fn the_configured_url_alone_gets_the_request_and_its_credentials() {
     let (port, served) = fake_management().await;
     let url = format!("http://127.0.0.1:{port}/");
     let settings = db.settings(&[("AMQP_URL", AMQPS), ("RABBITMQ_MANAGEMENT_URL", &url)]);
-    let management = Management::from_settings(&settings).expect("configured");
+    let management = Management::from_settings(&settings.broker).expect("configured");
     assert_eq!(management.broker_version().await.as_deref(), Some("9.9.9"));
     let got = String::from_utf8(served.await.expect("served")).expect("text");
     assert!(got.starts_with("GET /api/overview HTTP/1.1\r\n"), "{got}");
@@ -90,7 +90,7 @@ async fn an_https_url_gets_nothing_but_a_tls_handshake_from_a_server_it_cannot_v
     let (port, served) = fake_management().await;
     let url = format!("https://127.0.0.1:{port}");
     let settings = db.settings(&[("AMQP_URL", AMQPS), ("RABBITMQ_MANAGEMENT_URL", &url)]);
-    let management = Management::from_settings(&settings).expect("configured");
+    let management = Management::from_settings(&settings.broker).expect("configured");
     assert_eq!(management.broker_version().await, None);
     let got = served.await.expect("served");
     assert_eq!(got.first(), Some(&0x16), "a TLS handshake record first");

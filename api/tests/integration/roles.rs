@@ -22,7 +22,7 @@ async fn spawn_app_as(db: TestDb, url: &str) -> TestApp {
         ("RATE_LIMIT_PER_SEC", "100000"),
         ("RATE_LIMIT_BURST", "100000"),
     ]);
-    let app = penora_api::build(settings)
+    let app = penora_api::build(settings.api())
         .await
         .expect("the API builds as the application role");
     let base = format!("http://{}", app.addr);
@@ -314,7 +314,7 @@ async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_
         Ok(_) => panic!("the API started on a schema behind it"),
         Err(e) => format!("{e:#}"),
     };
-    let why = refused(penora_api::build(settings(&bare_url)).await);
+    let why = refused(penora_api::build(settings(&bare_url).api()).await);
     assert!(
         why.contains("penora-ops migrate") && why.contains("version 0"),
         "{why}"
@@ -332,7 +332,7 @@ async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_
     penora_store::migrate_to(&bare_url, Some(11))
         .await
         .expect("migrated to V11");
-    let why = refused(penora_api::build(settings(&bare_url)).await);
+    let why = refused(penora_api::build(settings(&bare_url).api()).await);
     assert!(
         why.contains("version 11") && why.contains("penora-ops migrate"),
         "{why}"
@@ -346,7 +346,7 @@ async fn a_service_that_does_not_migrate_refuses_a_schema_behind_it_and_changes_
 
     // Migrated by the owner, it starts.
     penora_store::migrate(&bare_url).await.expect("migrated");
-    let app = penora_api::build(settings(&bare_url))
+    let app = penora_api::build(settings(&bare_url).api())
         .await
         .expect("the API starts on a current schema");
     drop(app);
@@ -365,7 +365,7 @@ async fn a_service_connected_as_the_application_role_that_would_migrate_says_wha
     // schema, migrating starts with a CREATE TABLE IF NOT EXISTS that the
     // role may not run.
     let settings = db.settings(&[("DATABASE_URL", &url), ("PENORA_API_KEY", BOOT_KEY)]);
-    let why = match penora_api::build(settings).await {
+    let why = match penora_api::build(settings.api()).await {
         Ok(_) => panic!("penora_app migrated"),
         Err(e) => format!("{e:#}"),
     };

@@ -47,7 +47,9 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     ];
     vars.extend_from_slice(overrides);
     let settings = db.settings(&vars);
-    let app = penora_api::build(settings).await.expect("the API builds");
+    let app = penora_api::build(settings.api())
+        .await
+        .expect("the API builds");
     let base = format!("http://{}", app.addr);
     let pool = penora_store::pool_for(&db.url, 4).expect("test pool");
     tokio::spawn(app.run_until_stopped(std::future::pending()));

@@ -37,11 +37,15 @@ async fn without_a_database_requests_get_503_unavailable_and_health_says_so() {
         ("DATABASE_URL", "postgres://postgres@127.0.0.1:1/penora"),
         ("AMQP_URL", "amqp://guest:guest@127.0.0.1:1/%2f"),
     ]);
-    let pool = penora_store::pool(&settings).expect("pool");
+    let pool = penora_store::pool(&settings.db).expect("pool");
     let images =
         penora_workspace::cpu_pool::CpuPool::start("test-images", 1, None).expect("threads");
-    let state =
-        penora_api::state::AppState::new(settings, pool, penora_api::metrics_handle(), images);
+    let state = penora_api::state::AppState::new(
+        settings.api(),
+        pool,
+        penora_api::metrics_handle(),
+        images,
+    );
     let router = penora_api::routes::app(state);
     let request = Request::get("/api/unified/user-info?user_id=u1")
         .header("X-API-Key", BOOT_KEY)

@@ -603,7 +603,7 @@ async fn every_live_key_is_exempt_from_its_addresss_failures_from_the_start() {
         ("AUTH_FAILURES_PER_SEC", "1"),
         ("AUTH_FAILURE_BURST", "3"),
     ]);
-    let app = penora_api::build(settings).await.expect("builds");
+    let app = penora_api::build(settings.api()).await.expect("builds");
     let base = format!("http://{}", app.addr);
     tokio::spawn(app.run_until_stopped(std::future::pending()));
     let http = reqwest::Client::new();

@@ -106,8 +106,8 @@ impl MacKey {
     }
 
     /// The key of `AUDIT_HMAC_KEY`, when it is set.
-    pub fn from_settings(settings: &penora_config::Settings) -> Result<Option<Self>, BadMacKey> {
-        settings.audit_hmac_key.as_ref().map(Self::new).transpose()
+    pub fn from_settings(audit: &penora_config::Audit) -> Result<Option<Self>, BadMacKey> {
+        audit.hmac_key.as_ref().map(Self::new).transpose()
     }
 
     /// The MAC of a record whose hash is `hash`.

@@ -28,7 +28,7 @@ use lapin::{
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use penora_config::{QueueType, Secret, Settings};
+use penora_config::{Broker, QueueType, Secret};
 use penora_domain::messages::{
     EVENTS_EXCHANGE, GENERATION_EVENTS, JOBS_EXCHANGE, LEDGER_AUDIT, SAVE_PROJECT,
 };
@@ -64,13 +64,13 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// The topology the settings describe.
-    pub fn from_settings(settings: &Settings) -> Self {
+    /// The topology the broker settings describe.
+    pub fn from_settings(broker: &Broker) -> Self {
         Self {
-            prefix: settings.amqp_prefix.clone(),
-            queue_type: settings.queue_type,
-            retry_levels: settings.retry_max_attempts.saturating_sub(1),
-            events_max_length: settings.events_queue_max_length,
+            prefix: broker.prefix.clone(),
+            queue_type: broker.queue_type,
+            retry_levels: broker.retry_max_attempts.saturating_sub(1),
+            events_max_length: broker.events_queue_max_length,
         }
     }
 
@@ -590,11 +590,12 @@ pub struct Management {
 }
 
 impl Management {
-    /// The management API of `settings`, or `None` when none is configured.
-    pub fn from_settings(settings: &Settings) -> Option<Self> {
-        let base = settings.rabbitmq_management_url.as_ref()?;
+    /// The management API of the broker settings, or `None` when none is
+    /// configured.
+    pub fn from_settings(broker: &Broker) -> Option<Self> {
+        let base = broker.management_url.as_ref()?;
         let base = url::Url::parse(base.expose()).ok()?;
-        let uri: lapin::uri::AMQPUri = nodes(settings.amqp_url.expose())[0].parse().ok()?;
+        let uri: lapin::uri::AMQPUri = nodes(broker.url.expose())[0].parse().ok()?;
         Some(Self {
             base,
             user: uri.authority.userinfo.username,
@@ -646,8 +647,8 @@ impl Management {
 /// Logs the broker's version when the management API is configured and
 /// answers; says why not otherwise. The services work the same on RabbitMQ
 /// 3.10 to 4.x: the version is only logged.
-pub async fn log_broker_version(settings: &Settings) {
-    let Some(management) = Management::from_settings(settings) else {
+pub async fn log_broker_version(broker: &Broker) {
+    let Some(management) = Management::from_settings(broker) else {
         tracing::info!(
             "RabbitMQ version not read: RABBITMQ_MANAGEMENT_URL is not set (queues are declared the same on 3.10 to 4.x)"
         );

@@ -26,11 +26,11 @@ pub struct RelayPolicy {
 pub const RETRY_CEILING_SECS: f64 = 300.0;
 
 impl RelayPolicy {
-    /// The policy the settings ask for.
-    pub fn from_settings(settings: &penora_config::Settings) -> Self {
+    /// The policy the broker settings ask for.
+    pub fn from_settings(broker: &penora_config::Broker) -> Self {
         Self {
-            max_attempts: settings.outbox_max_attempts,
-            retry_base: settings.outbox_retry_base,
+            max_attempts: broker.outbox_max_attempts,
+            retry_base: broker.outbox_retry_base,
         }
     }
 }

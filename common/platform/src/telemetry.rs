@@ -1,15 +1,19 @@
 //! Logging set-up: JSON lines in production, readable lines in development,
-//! level from `RUST_LOG` (default `info`).
+//! level from `RUST_LOG` (default `info`), both read by `penora-config`.
 
 use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
-use penora_config::LogFormat;
+use penora_config::{Log, LogFormat};
 
 /// Installs the global subscriber; call once, first thing in `main`.
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init(log: &Log) {
+    let filter = log
+        .filter
+        .as_deref()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let result = match format {
+    let result = match log.format {
         LogFormat::Json => registry
             .with(
                 fmt::layer()

@@ -19,7 +19,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Timeouts};
 use tokio_postgres::{NoTls, error::SqlState};
 
-use penora_config::Settings;
+use penora_config::Db;
 
 refinery::embed_migrations!("../../migrations");
 
@@ -142,11 +142,11 @@ pub fn is_check_violation(err: &tokio_postgres::Error, constraint: &str) -> bool
 /// are closed (it stopped), the pool drops them as they come back (a closed
 /// connection is never handed out again) and opens new ones, which find the
 /// new primary; the requests caught in the switch answer `503`.
-pub fn pool(settings: &Settings) -> Result<Pool, DbError> {
+pub fn pool(db: &Db) -> Result<Pool, DbError> {
     pool_with(
-        settings.database_url.expose(),
-        settings.db_pool_size,
-        settings.db_lock_timeout.as_millis() as u64,
+        db.url.expose(),
+        db.pool_size,
+        db.lock_timeout.as_millis() as u64,
     )
 }
 
@@ -317,9 +317,9 @@ pub async fn migrate_to(database_url: &str, version: Option<u32>) -> Result<(), 
 /// (the default) applies pending migrations; without, changes nothing and
 /// fails, naming `penora-ops migrate`, unless the schema has every migration
 /// this build knows. Either way learns whether the database is distributed.
-pub async fn prepare_schema(settings: &Settings, pool: &Pool) -> Result<(), DbError> {
-    if settings.db_migrate_on_start {
-        let why = match migrate(settings.database_url.expose()).await {
+pub async fn prepare_schema(db: &Db, pool: &Pool) -> Result<(), DbError> {
+    if db.migrate_on_start {
+        let why = match migrate(db.url.expose()).await {
             Ok(()) => return Ok(()),
             // A migration that failed (not a database that is away).
             Err(DbError::Other(why)) => why,

@@ -12,7 +12,10 @@ use std::collections::HashMap;
 use sha2::{Digest, Sha256};
 use tokio_postgres::NoTls;
 
-use penora_config::Settings;
+use penora_config::{
+    ApiSettings, Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Worker, WorkerSettings,
+    Workspace,
+};
 
 /// Where the test harness connects to create databases.
 pub fn admin_url() -> String {
@@ -186,8 +189,10 @@ impl TestDb {
     }
 
     /// Settings pointing at this database, with `overrides` applied
-    /// (environment variable names as keys).
-    pub fn settings(&self, overrides: &[(&str, &str)]) -> Settings {
+    /// (environment variable names as keys): every section, from which
+    /// [`TestSettings::api`] and [`TestSettings::worker`] make each
+    /// binary's.
+    pub fn settings(&self, overrides: &[(&str, &str)]) -> TestSettings {
         let mut vars: HashMap<String, String> = HashMap::new();
         vars.insert("DATABASE_URL".into(), self.url.clone());
         vars.insert("BIND_ADDR".into(), "127.0.0.1:0".into());
@@ -201,9 +206,76 @@ impl TestDb {
         for (k, v) in overrides {
             vars.insert((*k).into(), (*v).into());
         }
-        match Settings::from_lookup(|k| vars.get(k).cloned()) {
+        match TestSettings::from_lookup(|k| vars.get(k).cloned()) {
             Ok(s) => s,
             Err(e) => panic!("test settings: {e}"),
+        }
+    }
+}
+
+/// Every section of the settings, for tests (no binary loads them all): a
+/// test sets any variable, or changes a field (the database URL of a role)
+/// once for the API and the worker it builds from the same value.
+#[derive(Debug, Clone)]
+pub struct TestSettings {
+    /// `LOG_FORMAT`.
+    pub log: Log,
+    /// PostgreSQL.
+    pub db: Db,
+    /// The API's HTTP side.
+    pub http: Http,
+    /// RabbitMQ.
+    pub broker: Broker,
+    /// The worker's own.
+    pub worker: Worker,
+    /// Images and saves.
+    pub images: Images,
+    /// Money rules and the batching of deductions.
+    pub ledger: Ledger,
+    /// Storage quota and projects cap.
+    pub workspace: Workspace,
+    /// The audit MAC key.
+    pub audit: Audit,
+}
+
+impl TestSettings {
+    /// Reads every section through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        Ok(Self {
+            log: Log::from_lookup(&lookup)?,
+            db: Db::from_lookup(&lookup)?,
+            http: Http::from_lookup(&lookup)?,
+            broker: Broker::from_lookup(&lookup)?,
+            worker: Worker::from_lookup(&lookup)?,
+            images: Images::from_lookup(&lookup)?,
+            ledger: Ledger::from_lookup(&lookup)?,
+            workspace: Workspace::from_lookup(&lookup)?,
+            audit: Audit::from_lookup(&lookup)?,
+        })
+    }
+
+    /// The API's settings.
+    pub fn api(&self) -> ApiSettings {
+        ApiSettings {
+            log: self.log.clone(),
+            db: self.db.clone(),
+            http: self.http.clone(),
+            broker: self.broker.clone(),
+            images: self.images.clone(),
+            ledger: self.ledger.clone(),
+            workspace: self.workspace.clone(),
+        }
+    }
+
+    /// The worker's settings.
+    pub fn worker(&self) -> WorkerSettings {
+        WorkerSettings {
+            log: self.log.clone(),
+            db: self.db.clone(),
+            broker: self.broker.clone(),
+            worker: self.worker.clone(),
+            images: self.images.clone(),
+            audit: self.audit.clone(),
         }
     }
 }

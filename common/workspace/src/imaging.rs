@@ -204,14 +204,14 @@ pub struct StoragePolicy {
 }
 
 impl StoragePolicy {
-    /// The policy the settings give; `store_original` is the save's own
-    /// request to keep its bytes as sent.
-    pub fn from_settings(settings: &penora_config::Settings, store_original: bool) -> Self {
+    /// The policy the image settings give; `store_original` is the save's
+    /// own request to keep its bytes as sent.
+    pub fn from_settings(images: &penora_config::Images, store_original: bool) -> Self {
         Self {
             reencode: !store_original
-                && settings.image_storage_format == penora_config::ImageStorageFormat::Webp,
-            quality: f32::from(settings.image_quality),
-            max_pixels: settings.max_image_pixels,
+                && images.storage_format == penora_config::ImageStorageFormat::Webp,
+            quality: f32::from(images.quality),
+            max_pixels: images.max_pixels,
         }
     }
 }

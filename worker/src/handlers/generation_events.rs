@@ -165,8 +165,8 @@ fn parse(ctx: &Context, m: &Message) -> Result<Checked, JobError> {
     let time = EventTime::believed(
         occurred,
         m.received_at,
-        ctx.settings.max_event_lateness,
-        ctx.settings.event_clock_skew,
+        ctx.settings.worker.max_event_lateness,
+        ctx.settings.worker.event_clock_skew,
     );
     Ok(Checked {
         event,

@@ -32,7 +32,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         Pending::Done | Pending::Queued(None) => Ok(None),
         Pending::Empty => Err("the project has no content".to_owned()),
         Pending::Queued(Some(bytes)) => {
-            let max_pixels = ctx.settings.max_image_pixels;
+            let max_pixels = ctx.settings.images.max_pixels;
             match ctx
                 .images
                 .run(move || imaging::thumbnail(&bytes, max_pixels))

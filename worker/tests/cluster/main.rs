@@ -21,7 +21,7 @@ use lapin::{
     BasicProperties,
     options::{BasicAckOptions, BasicGetOptions},
 };
-use penora_config::Settings;
+use penora_config::Broker;
 use penora_domain::messages::{JOBS_EXCHANGE, SAVE_PROJECT};
 use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 
@@ -95,7 +95,7 @@ async fn a_publish_confirmed_just_before_a_rabbitmq_node_dies_is_consumed_after_
         broker::nodes(&amqp_url).len() == 3,
         "AMQP_URL names the cluster's 3 nodes"
     );
-    let settings = Settings::from_lookup(|k| match k {
+    let settings = Broker::from_lookup(|k| match k {
         "AMQP_URL" => Some(amqp_url.clone()),
         "AMQP_PREFIX" => Some(format!("{prefix}_")),
         "AMQP_QUEUE_TYPE" => Some("quorum".into()),
@@ -103,7 +103,7 @@ async fn a_publish_confirmed_just_before_a_rabbitmq_node_dies_is_consumed_after_
     })
     .expect("settings");
     let topology = Topology::from_settings(&settings);
-    let publisher = Publisher::new(settings.amqp_url.clone(), "cluster-test", topology.clone());
+    let publisher = Publisher::new(settings.url.clone(), "cluster-test", topology.clone());
     let ids: Vec<String> = (0..200).map(|i| format!("{prefix}-m{i}")).collect();
     let messages = ids
         .iter()

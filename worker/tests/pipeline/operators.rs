@@ -623,7 +623,7 @@ async fn the_broker_version_is_read_for_the_start_up_log() {
         ("AMQP_URL", amqp.as_str()),
         ("RABBITMQ_MANAGEMENT_URL", management.as_str()),
     ]);
-    let version = penora_platform::broker::Management::from_settings(&settings)
+    let version = penora_platform::broker::Management::from_settings(&settings.broker)
         .expect("configured")
         .broker_version()
         .await

@@ -10,7 +10,7 @@ use lapin::{
     options::{BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions},
     types::FieldTable,
 };
-use penora_config::{Secret, Settings};
+use penora_config::Secret;
 use penora_domain::messages::{EVENTS_EXCHANGE, JOBS_EXCHANGE, SAVE_PROJECT};
 use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 use serde_json::{Value, json};
@@ -135,9 +135,8 @@ async fn imagegene_may_only_publish_events_and_the_services_can_do_their_work() 
 
 async fn check_permissions(service: String, imagegene: String) {
     // The services: declare the topology, publish a job, take it back.
-    let settings = Settings::from_lookup(|k| match k {
+    let settings = penora_config::Broker::from_lookup(|k| match k {
         "AMQP_URL" => Some(service.clone()),
-        "DATABASE_URL" => Some("postgres://unused@127.0.0.1/unused".into()),
         _ => None,
     })
     .expect("settings");

@@ -25,15 +25,15 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
     let mut s = stack(&[("REFUND_WINDOW_SECS", "3")], &[]).await;
     let url = s.db.app_role_url().await;
     let mut settings = s.settings.clone();
-    settings.database_url = Secret::new(url.clone());
-    settings.db_migrate_on_start = false;
+    settings.db.url = Secret::new(url.clone());
+    settings.db.migrate_on_start = false;
     // An API of its own as penora_app, in place of the stack's.
-    let api = penora_api::build(settings.clone())
+    let api = penora_api::build(settings.api())
         .await
         .expect("the API builds as penora_app");
     s.base = format!("http://{}", api.addr);
     tokio::spawn(api.run_until_stopped(std::future::pending()));
-    settings.audit_hmac_key = Some(Secret::new(KEY));
+    settings.audit.hmac_key = Some(Secret::new(KEY));
     s.settings = settings;
     s.start_worker().await;
 
@@ -194,7 +194,7 @@ async fn a_worker_that_does_not_migrate_refuses_a_schema_behind_it() {
         ("DB_MIGRATE_ON_START", "false"),
         ("WORKER_METRICS_ADDR", "127.0.0.1:0"),
     ]);
-    let why = match penora_worker::build(settings).await {
+    let why = match penora_worker::build(settings.worker()).await {
         Ok(_) => panic!("the worker started on an empty database"),
         Err(e) => format!("{e:#}"),
     };

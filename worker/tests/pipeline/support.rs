@@ -7,9 +7,9 @@ use std::{future::Future, path::PathBuf, time::Duration};
 
 use deadpool_postgres::Pool;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-use penora_config::Settings;
 use penora_platform::broker::{self, Outgoing, Publisher, Topology};
 use penora_testing::TestDb;
+use penora_testing::TestSettings;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
@@ -40,7 +40,7 @@ pub struct Stack {
     /// HTTP client.
     pub http: reqwest::Client,
     /// The settings the worker runs with.
-    pub settings: Settings,
+    pub settings: TestSettings,
     /// Queue names of this test.
     pub topology: Topology,
     worker_stop: Option<CancellationToken>,
@@ -74,7 +74,7 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
     ];
     vars.extend_from_slice(overrides);
     let settings = db.settings(&vars);
-    let topology = Topology::from_settings(&settings);
+    let topology = Topology::from_settings(&settings.broker);
     let connection = broker::connect(&amqp, "penora-tests").await.unwrap_or_else(|e| {
         panic!("RabbitMQ is not reachable at {amqp} ({e}). Start it with `scripts/services.sh` (or set TEST_AMQP_URL).")
     });
@@ -86,7 +86,7 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
 
     let mut api_vars = vars.clone();
     api_vars.extend_from_slice(api_overrides);
-    let app = penora_api::build(db.settings(&api_vars))
+    let app = penora_api::build(db.settings(&api_vars).api())
         .await
         .expect("API builds");
     let base = format!("http://{}", app.addr);
@@ -107,7 +107,7 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
 impl Stack {
     /// Starts the worker in this process.
     pub async fn start_worker(&mut self) {
-        let worker = penora_worker::build(self.settings.clone())
+        let worker = penora_worker::build(self.settings.worker())
             .await
             .expect("worker builds");
         self.worker_metrics = Some(format!("http://{}/metrics", worker.metrics_addr));
@@ -137,7 +137,7 @@ impl Stack {
         vec![
             ("DATABASE_URL".into(), self.db.url.clone()),
             ("AMQP_URL".into(), amqp_url()),
-            ("AMQP_PREFIX".into(), self.settings.amqp_prefix.clone()),
+            ("AMQP_PREFIX".into(), self.settings.broker.prefix.clone()),
             ("WORKER_METRICS_ADDR".into(), "127.0.0.1:0".into()),
             ("RETRY_BASE_MS".into(), "100".into()),
             ("RETRY_MAX_MS".into(), "400".into()),
