@@ -18,7 +18,6 @@ mod management;
 mod ops;
 mod refund_window;
 mod roles;
-mod state_machine;
 mod storage;
 mod support;
 mod system;

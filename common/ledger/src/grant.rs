@@ -21,7 +21,7 @@ use time::OffsetDateTime;
 
 use crate::{
     Answer, LedgerError, Outcome, count_moved,
-    plan::{self, NewEntry, NewLot, Plan},
+    plan::{self, Applied, NewEntry, NewLot, Plan},
     snapshot::{Account, PastGrant, Snapshot},
     tables,
 };
@@ -188,6 +188,24 @@ fn replay(first: &PastGrant, g: &Grant) -> Result<Outcome<GrantReceipt>, LedgerE
     }))
 }
 
+/// Fills in what the database chose for a new grant's `receipt` (its
+/// entry's id and time, its lot's id) from what `apply` wrote of `plan`.
+pub fn complete(receipt: &mut GrantReceipt, plan: &Plan, applied: &Applied) -> Result<(), DbError> {
+    let (entry_id, timestamp) = plan
+        .new_lots
+        .first()
+        .and_then(|l| applied.entries.get(l.entry).copied())
+        .ok_or_else(|| DbError::Invariant("a grant wrote no ledger entry".into()))?;
+    receipt.entry_id = entry_id;
+    receipt.timestamp = timestamp;
+    receipt.lot_id = applied
+        .lots
+        .first()
+        .copied()
+        .ok_or_else(|| DbError::Invariant("a grant made no lot".into()))?;
+    Ok(())
+}
+
 /// Grants credits, once per user and `reference`.
 pub async fn grant(
     client: &mut Client,
@@ -203,18 +221,7 @@ pub async fn grant(
         return Ok(answer);
     }
     let applied = plan::apply(&tx, &plan).await?;
-    let (entry_id, timestamp) = plan
-        .new_lots
-        .first()
-        .and_then(|l| applied.entries.get(l.entry).copied())
-        .ok_or_else(|| DbError::Invariant("a grant wrote no ledger entry".into()))?;
-    answer.value.entry_id = entry_id;
-    answer.value.timestamp = timestamp;
-    answer.value.lot_id = applied
-        .lots
-        .first()
-        .copied()
-        .ok_or_else(|| DbError::Invariant("a grant made no lot".into()))?;
+    complete(&mut answer.value, &plan, &applied)?;
     tx.commit().await?;
     count_moved("granted", g.app_name.as_str(), g.amount.get());
     Ok(answer)

@@ -42,8 +42,8 @@ mod window;
 pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
 pub use grant::{Grant, GrantReceipt, grant};
 pub use lot_ops::{
-    LOT_STATUSES, LotView, Void, VoidReceipt, balance_at, decide_expiry, decide_void, expire_lots,
-    lots, users_with_due_lots, void_lot,
+    LOT_STATUSES, LotView, Void, VoidReceipt, balance_at, expire_lots, lots, users_with_due_lots,
+    void_lot,
 };
 pub use penora_domain::{LotCategory, SettledBy};
 pub use penora_store::accounts::OnBusy;
@@ -60,7 +60,10 @@ pub use window::EventTime;
 /// benchmarks: each `load` reads a snapshot, each `decide` is pure.
 pub mod steps {
     pub use crate::deduct::{decide as decide_deducts, live as live_deducts, load as load_deducts};
-    pub use crate::grant::{decide as decide_grant, load as load_grant};
+    pub use crate::grant::{
+        complete as complete_grant, decide as decide_grant, load as load_grant,
+    };
+    pub use crate::lot_ops::{decide_expiry, decide_void, load_void};
     pub use crate::refund::{decide as decide_refunds, live as live_refunds, load as load_refunds};
     pub use crate::settle::{decide as decide_settle, load as load_settle};
 }

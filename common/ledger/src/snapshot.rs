@@ -254,3 +254,55 @@ impl Snapshot {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    fn lot(
+        id: i64,
+        category: LotCategory,
+        priority: i32,
+        expires_at: Option<OffsetDateTime>,
+    ) -> Lot {
+        Lot {
+            lot_id: id,
+            remaining: 5,
+            app_name: AppName::penora(),
+            category,
+            priority,
+            expires_at,
+            created_at: datetime!(2026-12-01 00:00 UTC),
+        }
+    }
+
+    #[test]
+    fn a_lot_is_due_from_its_expiry_instant_on() {
+        let at = datetime!(2026-12-06 12:00 UTC);
+        let l = lot(1, LotCategory::Paid, 50, Some(at));
+        let just_before = at - time::Duration::nanoseconds(1);
+        assert_eq!(l.spendable_at(just_before), 5);
+        assert!(!l.due_at(just_before));
+        assert!(l.due_at(at));
+        assert_eq!(l.spendable_at(at), 0);
+        assert_eq!(lot(2, LotCategory::Paid, 50, None).spendable_at(at), 5);
+    }
+
+    #[test]
+    fn the_burn_order_is_priority_then_soonest_expiry_then_promotional_then_oldest() {
+        let soon = Some(datetime!(2026-12-07 00:00 UTC));
+        let later = Some(datetime!(2026-12-08 00:00 UTC));
+        let mut lots = vec![
+            lot(1, LotCategory::Paid, 50, None),
+            lot(2, LotCategory::Paid, 50, later),
+            lot(3, LotCategory::Promotional, 50, later),
+            lot(4, LotCategory::Paid, 10, None),
+            lot(5, LotCategory::Paid, 50, soon),
+            lot(6, LotCategory::Paid, 50, None),
+        ];
+        burn_order(&mut lots);
+        let ids: Vec<i64> = lots.iter().map(|l| l.lot_id).collect();
+        assert_eq!(ids, [4, 5, 3, 2, 1, 6]);
+    }
+}
