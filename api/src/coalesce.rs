@@ -237,20 +237,20 @@ async fn run_deducts(pool: Pool, lanes: Lanes, batch: Vec<WaitingDeduct>) {
 /// shard's transaction neither waits for another's locks nor for its turn
 /// on a shared connection. Answers in the batch's order.
 async fn deduct_per_shard(pool: &Pool, queued: &[Queued]) -> Vec<Answer<DeductReceipt>> {
-    let users: Vec<&str> = queued.iter().map(|q| q.deduct.user_id.as_str()).collect();
-    let groups = match pool.get().await {
-        Ok(client) => penora_store::shard_groups(&client, &users).await,
+    let split = match pool.get().await {
+        Ok(client) => {
+            penora_store::shard_parts(&client, queued, |q| q.deduct.user_id.as_str()).await
+        }
         Err(e) => Err(DbError::from(e)),
     };
-    let groups = match groups {
-        Ok(groups) => groups,
+    let (groups, parts) = match split {
+        Ok(split) => split,
         Err(e) => return queued.iter().map(|_| Err(e.clone().into())).collect(),
     };
-    let parts = groups.iter().map(|group| async move {
-        let part: Vec<Queued> = group.iter().map(|&i| queued[i].clone()).collect();
-        deduct_on(pool, &part, OnBusy::Skip).await
-    });
-    let answers = futures_util::future::join_all(parts).await;
+    let answers = futures_util::future::join_all(
+        parts.iter().map(|part| deduct_on(pool, part, OnBusy::Skip)),
+    )
+    .await;
     penora_store::in_places(queued.len(), &groups, answers, || {
         Err(DbError::Other("a deduction went unanswered".into()).into())
     })

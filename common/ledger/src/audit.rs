@@ -283,16 +283,14 @@ async fn append_many_with(
     if !penora_store::distributed() {
         return append_in_shard(client, key, items, held).await;
     }
-    let users: Vec<&str> = items.iter().map(|(u, _)| u.as_str()).collect();
-    let groups = penora_store::shard_groups(&*client, &users).await?;
-    if groups.len() <= 1 {
+    let (groups, parts) = penora_store::shard_parts(&*client, items, |(u, _)| u.as_str()).await?;
+    if parts.len() <= 1 {
         return append_in_shard(client, key, items, held).await;
     }
-    let mut answers = Vec::with_capacity(groups.len());
-    for group in &groups {
-        let part: Vec<(String, i64)> = group.iter().map(|&i| items[i].clone()).collect();
+    let mut answers = Vec::with_capacity(parts.len());
+    for part in &parts {
         answers.push(
-            append_in_shard(client, key, &part, held)
+            append_in_shard(client, key, part, held)
                 .await?
                 .into_iter()
                 .map(Ok)

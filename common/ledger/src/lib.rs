@@ -188,7 +188,7 @@ const CONFLICT_RETRIES: u32 = 3;
 /// batch with it: running the requests again would only wait again.
 ///
 /// On a distributed database (Citus) the batch is first split per shard
-/// ([`penora_store::shard_groups`]), each part in its own transactions, so no
+/// ([`penora_store::shard_parts`]), each part in its own transactions, so no
 /// transaction holds locks on two shards; each user's requests keep their
 /// order.
 async fn answer_all<Q, T, F>(
@@ -206,18 +206,16 @@ where
     if !penora_store::distributed() {
         return answer_in_order(client, requests, rule, on_busy, &once).await;
     }
-    let users: Vec<&str> = requests.iter().map(user_of).collect();
-    let groups = match penora_store::shard_groups(&*client, &users).await {
-        Ok(groups) => groups,
+    let (groups, parts) = match penora_store::shard_parts(&*client, requests, user_of).await {
+        Ok(split) => split,
         Err(e) => return requests.iter().map(|_| Err(e.clone().into())).collect(),
     };
-    if groups.len() <= 1 {
+    if parts.len() <= 1 {
         return answer_in_order(client, requests, rule, on_busy, &once).await;
     }
-    let mut answers = Vec::with_capacity(groups.len());
-    for group in &groups {
-        let part: Vec<Q> = group.iter().map(|&i| requests[i].clone()).collect();
-        answers.push(answer_in_order(client, &part, rule, on_busy, &once).await);
+    let mut answers = Vec::with_capacity(parts.len());
+    for part in &parts {
+        answers.push(answer_in_order(client, part, rule, on_busy, &once).await);
     }
     penora_store::in_places(requests.len(), &groups, answers, || {
         Err(DbError::Other("a request went unanswered".into()).into())

@@ -252,6 +252,23 @@ pub async fn shard_groups(
     Ok(groups.into_iter().map(|(_, members)| members).collect())
 }
 
+/// `items` split per shard ([`shard_groups`]): the groups (indexes into
+/// `items`) and each group's items, in order. One part of all of them on a
+/// plain PostgreSQL (no query).
+pub async fn shard_parts<Q: Clone>(
+    client: &impl deadpool_postgres::GenericClient,
+    items: &[Q],
+    user_of: impl Fn(&Q) -> &str,
+) -> Result<(Vec<Vec<usize>>, Vec<Vec<Q>>), DbError> {
+    let users: Vec<&str> = items.iter().map(user_of).collect();
+    let groups = shard_groups(client, &users).await?;
+    let parts = groups
+        .iter()
+        .map(|group| group.iter().map(|&i| items[i].clone()).collect())
+        .collect();
+    Ok((groups, parts))
+}
+
 /// The answers of each group of [`shard_groups`] (in its members' order), put
 /// back in the places its members came from; a place no group answered gets
 /// `missing()`.
