@@ -18,6 +18,7 @@ mod management;
 mod ops;
 mod refund_window;
 mod roles;
+mod shutdown;
 mod state_machine;
 mod storage;
 mod support;

@@ -12,6 +12,7 @@ mod operators;
 mod outbox;
 mod permissions;
 mod roles;
+mod supervision;
 mod support;
 
 use std::{process::Stdio, time::Duration};
