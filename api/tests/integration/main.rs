@@ -15,7 +15,7 @@ mod image_bombs;
 mod keys;
 mod lots;
 mod management;
-mod ops;
+mod migrations;
 mod refund_window;
 mod roles;
 mod shutdown;
