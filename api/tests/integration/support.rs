@@ -376,10 +376,14 @@ impl ApiProcess {
         &mut self,
         limit: std::time::Duration,
     ) -> (std::process::ExitStatus, std::time::Duration) {
-        use nix::sys::signal::{Signal, kill};
-        let pid = i32::try_from(self.pid()).expect("a pid fits i32");
+        // kill(1): a signal without a dependency (nix's `signal` feature in
+        // the tests would build every crate above penora-platform twice).
         let sent = std::time::Instant::now();
-        kill(nix::unistd::Pid::from_raw(pid), Signal::SIGTERM).expect("SIGTERM sent");
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success(), "SIGTERM sent");
         let status = tokio::time::timeout(limit, self.child.wait())
             .await
             .expect("penora-api exits after SIGTERM")

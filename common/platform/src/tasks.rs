@@ -6,8 +6,8 @@
 //! carries undone until the next restart of the process (a relay that died
 //! leaves every job in the outbox; a timer that died settles nothing): the
 //! panic is counted in `penora_task_panics_total{task}`, logged, and the
-//! loop is started again after a pause (1 s, doubling while it keeps
-//! panicking, at most [`MOST_PAUSE`]) until the process stops, as crates.io's
+//! loop is started again after a pause ([`FIRST_PAUSE`], doubling while it
+//! keeps panicking, at most [`MOST_PAUSE`]) until the process stops, as crates.io's
 //! worker contains a job's panic. On shutdown every loop is told to stop by
 //! one token and waited for until the process's deadline ([`join_until`]);
 //! what still runs then is aborted.
@@ -17,6 +17,9 @@ use std::{any::Any, future::Future, panic::AssertUnwindSafe, time::Duration};
 use futures_util::FutureExt;
 use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
+
+/// First pause before a loop that panicked is started again.
+pub const FIRST_PAUSE: Duration = Duration::from_secs(1);
 
 /// Longest pause before a loop that keeps panicking is started again.
 pub const MOST_PAUSE: Duration = Duration::from_secs(30);
@@ -33,12 +36,26 @@ pub fn panic_message(panic: &(dyn Any + Send)) -> &str {
 /// Runs the loop `start` makes until it returns (it should return once
 /// `stop` fires); when it panics, counts and logs the panic and starts a new
 /// one after a pause, unless `stop` fired meanwhile.
-pub async fn supervised<F, Fut>(task: &'static str, stop: CancellationToken, mut start: F)
+pub async fn supervised<F, Fut>(task: &'static str, stop: CancellationToken, start: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = ()>,
 {
-    let mut pause = Duration::from_secs(1);
+    supervised_with(task, stop, (FIRST_PAUSE, MOST_PAUSE), start).await;
+}
+
+/// [`supervised`] with its pauses: `first` after a panic, doubling up to
+/// `most` while the loop keeps panicking within `most` of its start.
+async fn supervised_with<F, Fut>(
+    task: &'static str,
+    stop: CancellationToken,
+    (first, most): (Duration, Duration),
+    mut start: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut pause = first;
     loop {
         let started = Instant::now();
         // Unwind safety: a loop keeps no state across a restart but what it
@@ -49,8 +66,8 @@ where
         metrics::counter!("penora_task_panics_total", "task" => task).increment(1);
         // A loop that ran a while before panicking starts with the short
         // pause again; one that panics at once waits longer each time.
-        if started.elapsed() >= MOST_PAUSE {
-            pause = Duration::from_secs(1);
+        if started.elapsed() >= most {
+            pause = first;
         }
         tracing::error!(
             task,
@@ -62,7 +79,7 @@ where
             () = stop.cancelled() => return,
             () = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(MOST_PAUSE);
+        pause = (pause * 2).min(most);
     }
 }
 
@@ -96,12 +113,15 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test(start_paused = true)]
+    /// Pauses short enough for a test.
+    const QUICK: (Duration, Duration) = (Duration::from_millis(1), Duration::from_millis(8));
+
+    #[tokio::test]
     async fn a_loop_that_panics_is_started_again_until_it_returns() {
         let runs = Arc::new(AtomicU32::new(0));
         let stop = CancellationToken::new();
         let counted = runs.clone();
-        supervised("test", stop, move || {
+        supervised_with("test", stop, QUICK, move || {
             let counted = counted.clone();
             async move {
                 if counted.fetch_add(1, Ordering::SeqCst) < 3 {
@@ -113,19 +133,26 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 4, "three panics, then a run");
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_loop_that_panics_is_not_started_again_once_stop_fired() {
         let runs = Arc::new(AtomicU32::new(0));
         let stop = CancellationToken::new();
         let counted = runs.clone();
-        let supervisor = tokio::spawn(supervised("test", stop.clone(), move || {
-            let counted = counted.clone();
-            async move {
+        let (first_run, ran) = tokio::sync::oneshot::channel();
+        let first_run = std::sync::Mutex::new(Some(first_run));
+        let supervisor = tokio::spawn(supervised_with(
+            "test",
+            stop.clone(),
+            (Duration::from_secs(3600), Duration::from_secs(3600)),
+            move || {
                 counted.fetch_add(1, Ordering::SeqCst);
-                panic!("always")
-            }
-        }));
-        tokio::time::sleep(Duration::from_millis(500)).await;
+                if let Some(tx) = first_run.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(());
+                }
+                async move { panic!("always") }
+            },
+        ));
+        ran.await.expect("the loop ran");
         stop.cancel();
         supervisor
             .await
@@ -133,12 +160,12 @@ mod tests {
         assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn tasks_still_running_at_the_deadline_are_aborted() {
         let mut set = JoinSet::new();
         set.spawn(async {});
         set.spawn(std::future::pending());
-        let by = Instant::now() + Duration::from_secs(2);
+        let by = Instant::now() + Duration::from_millis(50);
         assert_eq!(join_until(&mut set, by).await, 1);
         assert!(Instant::now() >= by);
     }
