@@ -109,15 +109,15 @@ status() {
 # reconcile and audit verify, the worker's refunds by event, credit lots and
 # partial refunds (API and worker), the refund window on every way back, the
 # quota with titles and metadata and the projects cap.
-money_tests='test(/^(credits|batching|storage|lots|refund_window)::|^workspace::concurrent_deletes|^ops::(reconcile|credits_grant)|^uploads::(forty_concurrent|title_and_metadata)|^hostile_events::no_event_gives|^a_failure_event_refunds_once|^a_success_event_settles|^a_worker_killed/) | binary_id(penora-ledger::batching)'
+money_tests='test(/^(credits|batching|storage|lots|refund_window)::|^workspace::concurrent_deletes|^reconcile::|^uploads::(forty_concurrent|title_and_metadata)|^hostile_events::no_event_gives|^a_failure_event_refunds_once|^a_success_event_settles|^a_worker_killed/) | binary_id(penora-ledger::batching)'
 
 # Each test's database is made on every node (testing.rs, TEST_CITUS_WORKERS).
 money() {
   log "money tests on Citus (a database per test on all three nodes)"
   TEST_DATABASE_URL=postgres://postgres@127.0.0.1:$(port_of c)/postgres \
   TEST_CITUS_WORKERS=127.0.0.1:$(port_of w1),127.0.0.1:$(port_of w2) \
-    cargo nextest run --locked -p penora-api -p penora-worker -p penora-ledger \
-      --test integration --test pipeline --test batching \
+    cargo nextest run --locked -p penora-api -p penora-worker -p penora-ops -p penora-ledger \
+      --test integration --test pipeline --test cli --test batching \
       -j 3 --no-fail-fast -E "$money_tests"
 }
 

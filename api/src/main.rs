@@ -18,30 +18,20 @@ async fn main() -> anyhow::Result<()> {
         let broker = settings.broker.clone();
         async move { penora_platform::broker::log_broker_version(&broker).await }
     });
+    // The API's one shutdown deadline (`SHUTDOWN_DEADLINE_SECS`), read here
+    // and passed to every part of its shutdown: the requests in progress,
+    // then the background loops (the outbox relay).
+    let deadline = settings.http.shutdown_deadline;
     let app = penora_api::build(settings).await?;
     let url = format!("http://{}", app.addr);
     tracing::info!(%url, "penora-api listening");
     println!("penora-api listening on {url}");
-    let stopping = std::sync::Arc::new(tokio::sync::Notify::new());
-    let signal = {
-        let stopping = stopping.clone();
-        async move {
-            penora_platform::shutdown::signal().await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            stopping.notify_one();
-        }
+    let signal = async move {
+        penora_platform::shutdown::signal().await;
+        tracing::info!(
+            deadline_secs = deadline.as_secs_f64(),
+            "shutting down: finishing in-flight requests"
+        );
     };
-    tokio::select! {
-        result = app.run_until_stopped(signal) => result,
-        () = async {
-            stopping.notified().await;
-            tokio::time::sleep(SHUTDOWN_DEADLINE).await;
-        } => {
-            tracing::warn!(deadline_secs = SHUTDOWN_DEADLINE.as_secs(), "requests still in flight at the shutdown deadline; exiting");
-            Ok(())
-        }
-    }
+    app.run_until_stopped(signal, deadline).await
 }
-
-/// How long in-flight requests may take to finish after SIGTERM.
-const SHUTDOWN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(20);

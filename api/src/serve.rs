@@ -77,17 +77,17 @@ pub fn set_keepalive(stream: &TcpStream, idle: Duration) -> io::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClientAddr(pub std::net::SocketAddr);
 
-/// How long in-flight requests may take to finish after shutdown begins.
-const DRAIN: Duration = Duration::from_secs(30);
-
 /// Serves `router` on `listener` until `shutdown` resolves, then lets the
-/// requests in progress finish (at most [`DRAIN`]).
+/// requests in progress finish within `deadline` (the process's one
+/// shutdown deadline). Returns the instant the deadline ends at, for the
+/// rest of the shutdown to end by.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     limits: Limits,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) {
+    deadline: Duration,
+) -> Instant {
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
@@ -144,13 +144,18 @@ pub async fn serve(
             drop(slot);
         });
     }
+    let by = Instant::now() + deadline;
     drop(listener);
-    if tokio::time::timeout(DRAIN, graceful.shutdown())
+    if tokio::time::timeout_at(by, graceful.shutdown())
         .await
         .is_err()
     {
-        tracing::warn!("requests still in progress after {DRAIN:?}; stopping anyway");
+        tracing::warn!(
+            deadline_secs = deadline.as_secs_f64(),
+            "requests still in progress at the shutdown deadline; stopping anyway"
+        );
     }
+    by
 }
 
 /// Requests of one connection in progress (headers complete, answer not yet

@@ -144,7 +144,9 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
             ));
         }
     }
-    // Every reservation ended as the client left it, charged once, refunded at most once.
+    // Every reservation ended as the client left it, charged once, refunded
+    // at most once (this client sends one refund, whole or part, per
+    // reservation; the service takes several parts).
     let codes: Vec<String> = record.reservations.keys().cloned().collect();
     let rows = db
         .query(

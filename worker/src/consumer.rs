@@ -9,7 +9,7 @@
 //! copy cannot be published, the channel is abandoned: the broker returns
 //! every unacknowledged message to the queue and the worker reconnects.
 
-use std::{sync::Arc, time::Instant};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
@@ -22,7 +22,7 @@ use penora_domain::messages::LEDGER_AUDIT;
 use penora_domain::timefmt::rfc3339_millis;
 use penora_platform::broker::Outgoing;
 use penora_platform::broker::headers;
-use tokio::task::JoinSet;
+use tokio::{task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -233,14 +233,15 @@ fn dead_copy(ctx: &Context, work: &str, d: &Delivery, attempt: u32, error: &str)
     }
 }
 
-/// Consumes `work` on a channel of `connection` until `stop` fires (then
-/// drains in-flight messages within the deadline) or the channel fails.
+/// Consumes `work` on a channel of `connection` until `stop` fires or the
+/// channel fails, then drains in-flight messages within `deadline`.
 pub async fn consume(
     ctx: Arc<Context>,
     connection: &Connection,
     work: &'static str,
     stop: CancellationToken,
     broken: CancellationToken,
+    deadline: Duration,
 ) -> Result<(), lapin::Error> {
     let channel: Channel = connection.create_channel().await?;
     channel
@@ -284,7 +285,26 @@ pub async fn consume(
                     let broken = broken.clone();
                     let span = tracing::info_span!("deliveries", queue = work, count = batch.len());
                     inflight.spawn(async move {
-                        if !handle(&ctx, work, batch).await {
+                        // `handle` contains its handlers' panics; a panic
+                        // of its own (acknowledging, publishing a copy)
+                        // would leave the batch unacknowledged and holding
+                        // prefetch slots: the channel is abandoned instead,
+                        // so the broker returns the batch (each return
+                        // counts toward the queue's delivery limit).
+                        let healthy = AssertUnwindSafe(handle(&ctx, work, batch))
+                            .catch_unwind()
+                            .await
+                            .unwrap_or_else(|panic| {
+                                metrics::counter!("penora_task_panics_total", "task" => "deliveries")
+                                    .increment(1);
+                                tracing::error!(
+                                    queue = work,
+                                    panic = penora_platform::tasks::panic_message(panic.as_ref()),
+                                    "handling deliveries panicked outside their handler (a bug); returning them"
+                                );
+                                false
+                            });
+                        if !healthy {
                             broken.cancel();
                         }
                     }.instrument(span));
@@ -303,17 +323,13 @@ pub async fn consume(
     let _ = channel
         .basic_cancel(tag.into(), BasicCancelOptions::default())
         .await;
-    let drained = tokio::time::timeout(ctx.settings.worker.shutdown_deadline, async {
-        while inflight.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    let left = penora_platform::tasks::join_until(&mut inflight, Instant::now() + deadline).await;
+    if left > 0 {
         tracing::warn!(
             queue = work,
-            left = inflight.len(),
+            left,
             "shutdown deadline: returning unfinished messages"
         );
-        inflight.abort_all();
     }
     let _ = channel.close(200, "bye".into()).await;
     match failure {

@@ -11,29 +11,36 @@
 //! * the timers: reservations past their refund window are settled, old
 //!   outbox rows an earlier version kept after publishing pruned;
 //! * `/metrics` and `/health` on `WORKER_METRICS_ADDR`.
+//!
+//! A loop that panics (a bug) is counted in `penora_task_panics_total{task}`
+//! and started again (`penora_platform::tasks`); a handler's panic parks its
+//! message ([`consumer::handle`]). On stop, every loop ends within the one
+//! shutdown deadline [`Worker::run`] is given.
 
 pub mod consumer;
 pub mod handlers;
 pub mod message;
 pub mod retry;
 
-use std::{sync::Arc, time::Duration};
+use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
 use anyhow::Context as _;
 use axum::{
     Extension, Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get,
 };
 use deadpool_postgres::Pool;
+use futures_util::FutureExt;
 use metrics_exporter_prometheus::PrometheusHandle;
 use penora_config::WorkerSettings;
 use penora_domain::{AppName, ProjectCode, UserId};
 use penora_ledger as ledger;
 use penora_platform::broker::{self, Publisher, Topology, WORK_QUEUES};
-use penora_platform::relay;
+use penora_platform::{relay, tasks};
 use penora_store as db;
 use penora_store::outbox;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, task::JoinSet, time::Instant};
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 
 use crate::retry::RetryPolicy;
 
@@ -138,39 +145,78 @@ pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker> {
 }
 
 impl Worker {
-    /// Runs until `stop` fires, then finishes in-flight work within the
-    /// shutdown deadline and returns.
-    pub async fn run(self, stop: CancellationToken) -> anyhow::Result<()> {
+    /// Runs until `stop` fires, then finishes in-flight work within
+    /// `deadline` (the process's one shutdown deadline, counted from `stop`:
+    /// the consumers' drain, the relay, the timers and `/metrics` all end by
+    /// then) and returns.
+    pub async fn run(self, stop: CancellationToken, deadline: Duration) -> anyhow::Result<()> {
         let ctx = self.ctx;
-        let http = tokio::spawn(serve_http(
+        let mut loops = JoinSet::new();
+        // The metrics server is not restarted: axum serves each connection
+        // in a task of its own, so a panicking handler ends its connection
+        // only, and `CatchPanicLayer` answers it with a 500 and counts it.
+        loops.spawn(serve_http(
             self.listener,
             ctx.clone(),
             self.metrics,
             stop.clone(),
         ));
-        let relay = tokio::spawn(relay_loop(ctx.clone(), stop.clone()));
-        let timers = tokio::spawn(timer_loop(ctx.clone(), stop.clone()));
-        let gauges = tokio::spawn(queue_gauges(ctx.clone(), stop.clone()));
-        let lag = tokio::spawn(penora_ledger::backpressure::report_loop(
-            ctx.pool.clone(),
-            format!(
-                "{}:{}:{}",
-                ctx.settings.worker.host_name,
-                std::process::id(),
-                &uuid::Uuid::new_v4().simple().to_string()[..8]
-            ),
-            stop.clone(),
-        ));
-        consume_loop(ctx.clone(), stop.clone()).await;
-        let _ = tokio::join!(relay, timers, gauges, http, lag);
+        loops.spawn(tasks::supervised("relay", stop.clone(), {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            move || relay_loop(ctx.clone(), stop.clone())
+        }));
+        loops.spawn(tasks::supervised("timers", stop.clone(), {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            move || timer_loop(ctx.clone(), stop.clone())
+        }));
+        loops.spawn(tasks::supervised("queue_gauges", stop.clone(), {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            move || queue_gauges(ctx.clone(), stop.clone())
+        }));
+        let reporter = format!(
+            "{}:{}:{}",
+            ctx.settings.worker.host_name,
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..8]
+        );
+        loops.spawn(tasks::supervised("audit_lag", stop.clone(), {
+            let (pool, stop) = (ctx.pool.clone(), stop.clone());
+            move || {
+                penora_ledger::backpressure::report_loop(
+                    pool.clone(),
+                    reporter.clone(),
+                    stop.clone(),
+                )
+            }
+        }));
+        let consumers = tasks::supervised("consumers", stop.clone(), {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            move || consume_loop(ctx.clone(), stop.clone(), deadline)
+        });
+        // The deadline runs from the stop: the consumers drain within it
+        // (each from the moment it sees the stop), and the other loops,
+        // stopping meanwhile, are waited for until it passes.
+        let ((), by) = tokio::join!(consumers, async {
+            stop.cancelled().await;
+            Instant::now() + deadline
+        });
+        let left = tasks::join_until(&mut loops, by).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                deadline_secs = deadline.as_secs_f64(),
+                "loops still running at the shutdown deadline; stopped"
+            );
+        }
         tracing::info!("penora-worker stopped");
         Ok(())
     }
 }
 
 /// Connects, declares the topology, consumes every queue; reconnects when the
-/// connection fails; returns when `stop` fires.
-async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
+/// connection fails; returns when `stop` fires, each consumer having drained
+/// its in-flight messages within `deadline`.
+async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken, deadline: Duration) {
     while !stop.is_cancelled() {
         let Some(connection) =
             broker::connect_until(ctx.settings.broker.url.expose(), "penora-worker", &stop).await
@@ -197,7 +243,24 @@ async fn consume_loop(ctx: Arc<Context>, stop: CancellationToken) {
             let (ctx, stop, broken) = (ctx.clone(), stop.clone(), broken.clone());
             let conn = &connection;
             consumers.push(async move {
-                let result = consumer::consume(ctx, conn, work, stop, broken.clone()).await;
+                let consuming = consumer::consume(ctx, conn, work, stop, broken.clone(), deadline);
+                // A consumer that panicked (a bug outside any handler, which
+                // `consumer::handle` contains) leaves its deliveries
+                // unacknowledged: the connection is closed below, so the
+                // broker returns them, and everything starts again.
+                let result = match AssertUnwindSafe(consuming).catch_unwind().await {
+                    Ok(result) => result,
+                    Err(panic) => {
+                        metrics::counter!("penora_task_panics_total", "task" => "consumer")
+                            .increment(1);
+                        tracing::error!(
+                            queue = work,
+                            panic = tasks::panic_message(panic.as_ref()),
+                            "a consumer panicked (a bug); reconnecting"
+                        );
+                        Ok(())
+                    }
+                };
                 if let Err(e) = &result {
                     tracing::warn!(queue = work, error = %e, "consumer stopped");
                 }
@@ -490,6 +553,10 @@ async fn serve_http(
             }),
         )
         .layer(Extension(Arc::new(Probes::default())))
+        .layer(CatchPanicLayer::custom(|_| {
+            metrics::counter!("penora_task_panics_total", "task" => "metrics_server").increment(1);
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }))
         .with_state(ctx);
     let _ = axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })

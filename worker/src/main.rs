@@ -14,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
         let broker = settings.broker.clone();
         async move { penora_platform::broker::log_broker_version(&broker).await }
     });
+    // The worker's one shutdown deadline (`SHUTDOWN_DEADLINE_SECS`), read
+    // here and passed to every part of its shutdown.
+    let deadline = settings.worker.shutdown_deadline;
     let worker = penora_worker::build(settings).await?;
     tracing::info!(metrics = %worker.metrics_addr, "penora-worker started");
     println!("penora-worker metrics on http://{}", worker.metrics_addr);
@@ -24,5 +27,5 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("stopping: no new messages; finishing in-flight work");
         on_signal.cancel();
     });
-    worker.run(stop).await
+    worker.run(stop, deadline).await
 }

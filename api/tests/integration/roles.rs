@@ -26,7 +26,7 @@ async fn spawn_app_as(db: TestDb, url: &str) -> TestApp {
         .await
         .expect("the API builds as the application role");
     let base = format!("http://{}", app.addr);
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    tokio::spawn(app.run_until_stopped(std::future::pending(), std::time::Duration::from_secs(5)));
     TestApp {
         base,
         // Checks behind the API's back, as the superuser.

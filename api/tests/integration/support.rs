@@ -39,6 +39,74 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts an API with `overrides` (environment variable names as keys).
 pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
+    let (app, built) = build_app(overrides).await;
+    tokio::spawn(
+        built.run_until_stopped(std::future::pending(), std::time::Duration::from_secs(5)),
+    );
+    app
+}
+
+/// An API that stops when told: its shutdown is the returned sender, and
+/// the returned handle ends when `run_until_stopped` returns, with how long
+/// it took from the stop (the stop is sent by [`Stoppable::stop`]).
+pub struct Stoppable {
+    /// The API and its database.
+    pub app: TestApp,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    stopped_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    run: tokio::task::JoinHandle<std::time::Duration>,
+}
+
+impl Stoppable {
+    /// Starts an API with `overrides` and a shutdown `deadline`.
+    pub async fn start(overrides: &[(&str, &str)], deadline: std::time::Duration) -> Self {
+        let (app, built) = build_app(overrides).await;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let stopped_at = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let seen = stopped_at.clone();
+        let run = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            built
+                .run_until_stopped(shutdown, deadline)
+                .await
+                .expect("the API ran");
+            let at = seen.lock().ok().and_then(|at| *at);
+            at.map_or_else(std::time::Duration::default, |at: std::time::Instant| {
+                at.elapsed()
+            })
+        });
+        Self {
+            app,
+            stop: Some(stop),
+            stopped_at,
+            run,
+        }
+    }
+
+    /// Tells the API to stop (as SIGTERM does).
+    pub fn stop(&mut self) {
+        if let Ok(mut at) = self.stopped_at.lock() {
+            *at = Some(std::time::Instant::now());
+        }
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Waits (at most `limit`) for `run_until_stopped` to return; how long
+    /// it took from [`Stoppable::stop`].
+    pub async fn stopped(&mut self, limit: std::time::Duration) -> std::time::Duration {
+        tokio::time::timeout(limit, &mut self.run)
+            .await
+            .expect("run_until_stopped returned")
+            .expect("the run task")
+    }
+}
+
+/// A test database and an API built on it (not yet running).
+async fn build_app(overrides: &[(&str, &str)]) -> (TestApp, penora_api::App) {
     let db = TestDb::new().await;
     let mut vars = vec![
         ("PENORA_API_KEY", BOOT_KEY),
@@ -47,13 +115,12 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
     ];
     vars.extend_from_slice(overrides);
     let settings = db.settings(&vars);
-    let app = penora_api::build(settings.api())
+    let built = penora_api::build(settings.api())
         .await
         .expect("the API builds");
-    let base = format!("http://{}", app.addr);
+    let base = format!("http://{}", built.addr);
     let pool = penora_store::pool_for(&db.url, 4).expect("test pool");
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
-    TestApp {
+    let app = TestApp {
         base,
         pool,
         http: reqwest::Client::builder()
@@ -61,7 +128,8 @@ pub async fn spawn_app_with(overrides: &[(&str, &str)]) -> TestApp {
             .build()
             .expect("http client"),
         db,
-    }
+    };
+    (app, built)
 }
 
 impl TestApp {
@@ -301,6 +369,28 @@ impl ApiProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("running")
+    }
+
+    /// Sends SIGTERM (what Docker, Kubernetes and systemd send) and waits
+    /// at most `limit` for the process to exit: its status, and how long it
+    /// took from the signal.
+    pub async fn terminate(
+        &mut self,
+        limit: std::time::Duration,
+    ) -> (std::process::ExitStatus, std::time::Duration) {
+        // kill(1): a signal without a dependency (nix's `signal` feature in
+        // the tests would build every crate above penora-platform twice).
+        let sent = std::time::Instant::now();
+        let killed = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success(), "SIGTERM sent");
+        let status = tokio::time::timeout(limit, self.child.wait())
+            .await
+            .expect("penora-api exits after SIGTERM")
+            .expect("exit status");
+        (status, sent.elapsed())
     }
 
     fn status_kb(&self, field: &str) -> u64 {

@@ -605,7 +605,7 @@ async fn every_live_key_is_exempt_from_its_addresss_failures_from_the_start() {
     ]);
     let app = penora_api::build(settings.api()).await.expect("builds");
     let base = format!("http://{}", app.addr);
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    tokio::spawn(app.run_until_stopped(std::future::pending(), std::time::Duration::from_secs(5)));
     let http = reqwest::Client::new();
     let get = |key: String| {
         let http = http.clone();

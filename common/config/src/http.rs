@@ -47,6 +47,10 @@ pub struct Http {
     /// `HTTP_REQUEST_TIMEOUT_SECS`: longest a request may take from its
     /// headers to its answer (`503 timeout`).
     pub request_timeout: Duration,
+    /// `SHUTDOWN_DEADLINE_SECS`: how long requests in flight (and the
+    /// background loops) may take after SIGTERM (the worker reads the same
+    /// variable into its own section).
+    pub shutdown_deadline: Duration,
     /// `HTTP_TCP_KEEPALIVE_SECS`: idle time before TCP keepalive probes on
     /// the API's connections (a peer that vanished is found and dropped).
     pub tcp_keepalive: Duration,
@@ -83,6 +87,7 @@ impl Http {
             max_connections: vars.positive("HTTP_MAX_CONNECTIONS", 10_000)?,
             body_timeout: Duration::from_secs(vars.positive("HTTP_BODY_TIMEOUT_SECS", 60)?),
             request_timeout: Duration::from_secs(vars.positive("HTTP_REQUEST_TIMEOUT_SECS", 120)?),
+            shutdown_deadline: Duration::from_secs(vars.positive("SHUTDOWN_DEADLINE_SECS", 20)?),
             tcp_keepalive: Duration::from_secs(vars.positive("HTTP_TCP_KEEPALIVE_SECS", 60)?),
             auth_failures_per_sec: vars.positive("AUTH_FAILURES_PER_SEC", 10)?,
             auth_failure_burst: vars.positive("AUTH_FAILURE_BURST", 50)?,

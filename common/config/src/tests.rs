@@ -180,6 +180,8 @@ fn each_binary_refuses_only_the_bad_values_of_its_own_sections() {
             [true, true, true],
         ),
         ("WORKER_METRICS_ADDR", "nowhere", [false, true, false]),
+        // Each service owns its shutdown deadline; the CLI has none.
+        ("SHUTDOWN_DEADLINE_SECS", "0", [true, true, false]),
         ("RETRY_BASE_MS", "120000", [false, true, false]),
         ("MAX_EVENT_LATENESS_SECS", "-5", [false, true, false]),
         ("IMAGE_QUALITY", "0", [true, true, false]),

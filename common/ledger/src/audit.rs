@@ -55,7 +55,7 @@ const ENTRY_COLUMNS: &str = "id, user_id, kind, amount, balance_after, app_name,
 
 /// The canonical content of a row holding the ledger columns
 /// (`ENTRY_COLUMNS`, by name).
-fn content_of(row: &tokio_postgres::Row) -> String {
+fn content_of(row: &tokio_postgres::Row) -> Result<String, DbError> {
     let created_at: OffsetDateTime = row.get("created_at");
     let content = Content {
         entry_id: row.get("id"),
@@ -69,7 +69,19 @@ fn content_of(row: &tokio_postgres::Row) -> String {
         reference: row.get("reference"),
         created_at: rfc3339_millis(created_at),
     };
-    serde_json::to_string(&content).unwrap_or_default()
+    canonical(&content)
+}
+
+/// `content` as the audit log's JSON. A content that cannot be serialised
+/// is an error, never an empty string: a record hashed over nothing would
+/// chain and verify as if it held its entry. (With today's `Content`,
+/// strings and integers only, serialising cannot fail.)
+fn canonical(content: &impl Serialize) -> Result<String, DbError> {
+    serde_json::to_string(content).map_err(|e| {
+        DbError::Other(format!(
+            "the ledger entry cannot be serialised for its audit record: {e}"
+        ))
+    })
 }
 
 /// Tells the backpressure how far behind the ledger this commit of records
@@ -215,7 +227,7 @@ pub async fn append(
         return Ok(Appended::AlreadyRecorded);
     }
     let (seq, prev): (i64, Vec<u8>) = (head.get("seq"), head.get("hash"));
-    let content = content_of(&entry);
+    let content = content_of(&entry)?;
     let hash = link(&prev, &content);
     let seq = seq + 1;
     let mac = key.map(|k| k.mac(&hash));
@@ -410,7 +422,7 @@ async fn append_in_shard(
             // The head exists (inserted above): another transaction holds it.
             continue;
         };
-        let content = content_of(entry);
+        let content = content_of(entry)?;
         let hash = link(prev, &content);
         *seq += 1;
         r_users.push(user);
@@ -637,7 +649,7 @@ pub async fn verify_with_progress(
                     "record {seq} names ledger entry {entry_id}, which is not in this user's ledger"
                 ));
             } else {
-                let expected = content_of(r);
+                let expected = content_of(r)?;
                 if expected != content {
                     problem(format!(
                         "record {seq} does not match ledger entry {entry_id}"
@@ -737,13 +749,14 @@ pub async fn entry_content(
     client: &impl GenericClient,
     entry_id: i64,
 ) -> Result<Option<String>, DbError> {
-    Ok(client
+    client
         .query_opt(
             &format!("SELECT {ENTRY_COLUMNS} FROM ledger_entries WHERE id = $1"),
             &[&entry_id],
         )
         .await?
-        .map(|r| content_of(&r)))
+        .map(|r| content_of(&r))
+        .transpose()
 }
 
 #[cfg(test)]
@@ -776,6 +789,52 @@ mod tests {
         assert!(!other.verifies(&hash, &mac));
         assert!(!key.verifies(&link(&GENESIS, "{ }"), &mac));
         assert!(!key.verifies(&hash, &mac[..31]));
+    }
+
+    /// A content whose serialisation fails, as a map with a non-string key
+    /// or a failing `Serialize` would.
+    struct Unserialisable;
+
+    impl Serialize for Unserialisable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("no canonical form"))
+        }
+    }
+
+    #[test]
+    fn a_content_that_cannot_be_serialised_is_an_error_not_the_hash_of_nothing() {
+        let e = canonical(&Unserialisable).expect_err("an error, not an empty content");
+        assert!(
+            matches!(&e, DbError::Other(m) if m.contains("no canonical form")),
+            "{e}"
+        );
+        // Not transient: the job is parked with the reason, not retried forever.
+        assert!(!e.is_transient());
+        let map: std::collections::BTreeMap<(i32, i32), i32> = [((1, 2), 3)].into();
+        assert!(
+            canonical(&map).is_err(),
+            "serde_json refuses non-string keys"
+        );
+    }
+
+    #[test]
+    fn an_entry_serialises_to_its_canonical_json_in_field_order() {
+        let content = Content {
+            entry_id: 7,
+            user_id: "u1",
+            kind: "deduct",
+            amount: -5,
+            balance_after: 45,
+            app_name: "imagegene",
+            description: None,
+            project_code: Some("p1"),
+            reference: None,
+            created_at: "2026-01-02T03:04:05.678Z".into(),
+        };
+        assert_eq!(
+            canonical(&content).expect("serialised"),
+            r#"{"entry_id":7,"user_id":"u1","kind":"deduct","amount":-5,"balance_after":45,"app_name":"imagegene","description":null,"project_code":"p1","reference":null,"created_at":"2026-01-02T03:04:05.678Z"}"#
+        );
     }
 
     #[test]

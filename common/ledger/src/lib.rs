@@ -1,4 +1,18 @@
-//! Credit movements: grant, deduct (reserve), refund and settle.
+//! Credit movements: grant, deduct (reserve), refund, settle, void and
+//! expire; the audit chain, reconcile and backpressure.
+//!
+//! Every movement is three steps, as TigerBeetle's state machine is
+//! (prefetch → execute → commit):
+//! * `load` locks the accounts (`penora_store::accounts`, the one lock) and
+//!   reads everything the batch needs into a typed [`snapshot::Snapshot`]
+//!   (the tables' queries live in [`tables`], one module per table);
+//! * `decide` is pure: from the snapshot and the requests it makes each
+//!   answer and the [`plan::Plan`] of what to write, with no I/O, so a rule
+//!   is a change to a function of plain data, checked against the model in
+//!   `tests/decide.rs` without a database;
+//! * [`plan::apply`] writes the plan with set-based statements: balances,
+//!   entries and their `ledger-audit` outbox rows, lots and their
+//!   movements, reservations, handled events.
 //!
 //! Rules every movement keeps:
 //! * one movement is one transaction: the guarded balance update, its ledger
@@ -13,16 +27,21 @@
 //!   account still go one at a time, but the foreign-key checks of rows
 //!   inserted for that account elsewhere (the worker's audit records, say)
 //!   do not wait for them;
-//! * idempotency keys (`(app_name, project_code)` for deducts, `reference` for
-//!   grants, the event id for `generation.failed` refunds) are claimed inside
-//!   the movement's transaction; a request that finds its key used answers
-//!   from the stored first result, or with a conflict when its parameters
-//!   differ.
+//! * idempotency keys, all per user (contract §15: `(user_id, app_name,
+//!   project_code)` for deductions, `(user_id, reference)` for grants,
+//!   `(user_id, reservation, reference)` for partial refunds, `(user_id,
+//!   event_id)` for ImageGene's events), are read under the account's lock
+//!   inside the movement's transaction; a request that finds its key used
+//!   answers from the stored first result, or with a conflict when its
+//!   parameters differ;
+//! * a broken rule found on the way (lots holding more than the balance, a
+//!   lot change that does not apply) is [`DbError::Invariant`]: the
+//!   transaction rolls back.
 //!
-//! Deductions and refunds have one implementation each, written for a batch
-//! ([`deduct`], [`refund`]): a lone request is a batch of one, and group
-//! commit changes how many commits the work takes, never an answer. Grants
-//! and settlements come one at a time and are written once for one.
+//! Deductions and refunds are written for a batch ([`deduct_all`],
+//! [`refund_all`]): a lone request is a batch of one, and group commit
+//! changes how many commits the work takes, never an answer. Grants,
+//! settlements, voids and expiries come one at a time.
 
 pub mod audit;
 pub mod backpressure;

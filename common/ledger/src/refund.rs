@@ -1,5 +1,5 @@
 //! Refunds (`refund-credits` and `generation.failed` events): a reservation's
-//! credits come back, once.
+//! credits come back, all that is left at once or in parts, each part once.
 //!
 //! One implementation for any number of requests: the worker hands the
 //! events that arrived together to [`refund_all`]; a lone request

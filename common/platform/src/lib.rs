@@ -10,6 +10,7 @@ pub mod limits;
 pub mod refreshed;
 pub mod relay;
 pub mod shutdown;
+pub mod tasks;
 pub mod telemetry;
 
 /// The version of this build, as `/health` reports it.

@@ -54,7 +54,7 @@ const TAKE_SQL: &str = "SELECT id, exchange, routing_key, message_id, correlatio
 /// The advisory lock a relay holds on a distributed database ("relay" in ASCII).
 const RELAY_LOCK_KEY: i64 = 0x72_65_6c_61_79;
 
-/// Publishes up to `batch` waiting outbox rows and marks them sent, each only
+/// Publishes up to `batch` waiting outbox rows and deletes them, each only
 /// after the broker confirmed it. Rows are locked with `FOR UPDATE SKIP
 /// LOCKED`, so any number of API and worker processes can relay at once
 /// without publishing a row twice concurrently (on Citus, where rows of

@@ -1,6 +1,6 @@
 //! Prints what the test artworks weigh as PNG and as the WebP the service
 //! stores, and how long preparing each took:
-//! `cargo run --release -p penora-common --features testing --example artwork_sizes`.
+//! `cargo run --release -p penora-workspace --features testing --example artwork_sizes`.
 
 use std::time::Instant;
 

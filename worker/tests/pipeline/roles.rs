@@ -32,7 +32,7 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
         .await
         .expect("the API builds as penora_app");
     s.base = format!("http://{}", api.addr);
-    tokio::spawn(api.run_until_stopped(std::future::pending()));
+    tokio::spawn(api.run_until_stopped(std::future::pending(), std::time::Duration::from_secs(5)));
     settings.audit.hmac_key = Some(Secret::new(KEY));
     s.settings = settings;
     s.start_worker().await;

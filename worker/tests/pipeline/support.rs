@@ -90,7 +90,7 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
         .await
         .expect("API builds");
     let base = format!("http://{}", app.addr);
-    tokio::spawn(app.run_until_stopped(std::future::pending()));
+    tokio::spawn(app.run_until_stopped(std::future::pending(), std::time::Duration::from_secs(5)));
     Stack {
         base,
         pool: penora_store::pool_for(&db.url, 4).expect("pool"),
@@ -112,7 +112,7 @@ impl Stack {
             .expect("worker builds");
         self.worker_metrics = Some(format!("http://{}/metrics", worker.metrics_addr));
         let stop = CancellationToken::new();
-        let run = worker.run(stop.clone());
+        let run = worker.run(stop.clone(), self.settings.worker.shutdown_deadline);
         self.worker_done = Some(tokio::spawn(async move {
             run.await.expect("worker ran");
         }));
