@@ -197,6 +197,9 @@ impl Plan {
     /// Whether it writes nothing.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+            && self.moves.is_empty()
+            && self.lots.is_empty()
+            && self.new_lots.is_empty()
             && self.reservations.is_empty()
             && self.changes.is_empty()
             && self.events.is_empty()
@@ -869,6 +872,18 @@ mod tests {
             lots.iter().map(|l| l.remaining).collect::<Vec<_>>(),
             [0, 5, 0, 7]
         );
+    }
+
+    #[test]
+    fn a_plan_that_only_closes_a_lot_is_not_empty() {
+        // A void of a lot with nothing left writes no entry, but the lot
+        // must still be closed (found by the model: the void was answered
+        // and rolled back).
+        let user = UserId::parse("u1").expect("a valid user id");
+        let mut plan = Plan::default();
+        assert!(plan.is_empty());
+        plan.close(&user, 7, LotStatus::Voided);
+        assert!(!plan.is_empty());
     }
 
     #[test]
