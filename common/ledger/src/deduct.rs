@@ -30,14 +30,10 @@
 //!   every writer locks the user's account first, so this is a guard that
 //!   should never fire).
 
-use std::{
-    collections::{BTreeMap, HashSet},
-    time::Duration,
-};
+use std::{collections::HashSet, time::Duration};
 
 use deadpool_postgres::Client;
 use penora_domain::{AppName, Credits, EntryKind, ProjectCode, ReservationState, UserId};
-use penora_store::DbError;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -155,33 +151,11 @@ pub fn decide(
     let mut plan = Plan::default();
     // Each user's lots: the due ones expire first (their entries lead the
     // batch), the rest is what the user can spend.
-    let mut accounts: BTreeMap<&UserId, (i64, Vec<crate::snapshot::Lot>)> = BTreeMap::new();
-    for q in live {
-        let user = &q.deduct.user_id;
-        if accounts.contains_key(user) {
-            continue;
-        }
-        let Some(account) = s.accounts.get(user) else {
-            continue;
-        };
-        let mut balance = account.balance;
-        let mut lots = account.lots.clone();
-        plan.expire_due(
-            user,
-            &mut lots,
-            &mut balance,
-            s.now,
-            q.correlation_id.as_deref(),
-        )?;
-        let left: i64 = lots.iter().map(|l| l.remaining).sum();
-        if left != balance {
-            return Err(DbError::Invariant(format!(
-                "{user}: lots hold {left} credits, the balance is {balance}"
-            ))
-            .into());
-        }
-        accounts.insert(user, (balance, lots));
-    }
+    let mut accounts = plan.expire_all(
+        s,
+        live.iter()
+            .map(|q| (&q.deduct.user_id, q.correlation_id.as_deref())),
+    )?;
     let mut answers = Vec::with_capacity(live.len());
     for q in live {
         let d = &q.deduct;

@@ -31,7 +31,7 @@ use time::OffsetDateTime;
 use tokio_postgres::types::ToSql;
 use utoipa::ToSchema;
 
-use crate::snapshot::{Drawn, Lot, LotFate};
+use crate::snapshot::{Drawn, Lot, LotFate, Snapshot};
 
 /// Where a deduction took its credits from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -306,6 +306,39 @@ impl Plan {
             }
         }
         Ok(expired)
+    }
+
+    /// Expires the lots past their expiry of every account `users` names (in
+    /// the order first named, each once, `correlation_id` of the request that
+    /// names it first) before anything else of the plan, and checks that the
+    /// lots hold the balance. Returns what each account can spend then, with
+    /// its spendable lots in burn-down order; a user without an account is
+    /// left out.
+    pub fn expire_all<'s>(
+        &mut self,
+        snap: &'s Snapshot,
+        users: impl IntoIterator<Item = (&'s UserId, Option<&'s str>)>,
+    ) -> Result<BTreeMap<&'s UserId, (i64, Vec<Lot>)>, DbError> {
+        let mut out = BTreeMap::new();
+        for (user, correlation_id) in users {
+            if out.contains_key(user) {
+                continue;
+            }
+            let Some(account) = snap.accounts.get(user) else {
+                continue;
+            };
+            let mut balance = account.balance;
+            let mut lots = account.lots.clone();
+            self.expire_due(user, &mut lots, &mut balance, snap.now, correlation_id)?;
+            let held: i64 = lots.iter().map(|l| l.remaining).sum();
+            if held != balance {
+                return Err(DbError::Invariant(format!(
+                    "{user}: lots hold {held} credits, the balance is {balance}"
+                )));
+            }
+            out.insert(user, (balance, lots));
+        }
+        Ok(out)
     }
 
     /// Gives `ret.amount` of a reservation back to the lots it drew from

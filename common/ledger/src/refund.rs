@@ -31,10 +31,11 @@
 //!   same event, are never in one transaction: the second starts the next
 //!   batch, and is decided after the first commits.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use deadpool_postgres::{Client, Transaction};
 use penora_domain::{AppName, ProjectCode, ReservationState, UserId};
+use penora_store::DbError;
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -267,7 +268,7 @@ fn not_found(r: &Refund) -> LedgerError {
 
 /// Decides `live` (no user and code, nor event, twice) against `s`, in
 /// arrival order, each as if it ran alone: its answer, and what the batch
-/// writes. Pure.
+/// writes. Pure. An `Err` is a broken rule: the whole batch fails.
 pub fn decide(
     s: &Snapshot,
     live: &[QueuedRefund],
@@ -275,244 +276,258 @@ pub fn decide(
     let mut plan = Plan::default();
     // Lots past their expiry go first, so that every balance below is what
     // the user can spend.
-    let mut balances: std::collections::BTreeMap<&UserId, i64> = Default::default();
-    for q in live {
-        let user = &q.refund.user_id;
-        if balances.contains_key(user) {
-            continue;
-        }
-        if let Some(account) = s.accounts.get(user) {
-            let mut balance = account.balance;
-            let mut lots = account.lots.clone();
-            plan.expire_due(
-                user,
-                &mut lots,
-                &mut balance,
-                s.now,
-                q.correlation_id.as_deref(),
-            )?;
-            balances.insert(user, balance);
-        }
-    }
+    let mut balances: BTreeMap<&UserId, i64> = plan
+        .expire_all(
+            s,
+            live.iter()
+                .map(|q| (&q.refund.user_id, q.correlation_id.as_deref())),
+        )?
+        .into_iter()
+        .map(|(user, (balance, _))| (user, balance))
+        .collect();
     let mut drawn = s.drawn.clone();
     let mut answers = Vec::with_capacity(live.len());
     for q in live {
-        let r = &q.refund;
-        let replayed_event = |plan: &mut Plan| {
-            if let Some(event_id) = &q.event_id {
-                plan.events.push(HandledEvent {
-                    user_id: r.user_id.clone(),
-                    event_id: event_id.clone(),
-                    kind: "failed",
-                    outcome: "already refunded".into(),
-                });
-            }
-        };
-        if let Some(first) = q
-            .event_id
-            .as_ref()
-            .and_then(|e| s.events.get(&(r.user_id.clone(), e.clone())))
-        {
-            answers.push(Err(LedgerError::EventSeen {
-                first_outcome: first.clone(),
-            }));
-            continue;
-        }
-        if s.busy.contains(&r.user_id) {
-            answers.push(Err(LedgerError::AccountBusy));
-            continue;
-        }
-        let Some(balance) = balances.get_mut(&r.user_id) else {
-            answers.push(Err(not_found(r)));
-            continue;
-        };
-        let (key, row) = match candidates(s, r).as_slice() {
-            [] => {
-                answers.push(Err(not_found(r)));
-                continue;
-            }
-            [one] => *one,
-            _ => {
-                answers.push(Err(LedgerError::Invalid {
-                    field: "app_name",
-                    reason: format!(
-                        "project_code {:?} names reservations of several apps; say which with app_name",
-                        r.project_code.as_str()
-                    ),
-                }));
-                continue;
-            }
-        };
-        let held = row.held();
-        if let Some(first) = r
-            .reference
-            .as_ref()
-            .and_then(|reference| s.refunds.get(&(key.clone(), reference.clone())))
-        {
-            if r.amount.is_some_and(|a| a != first.amount) {
-                answers.push(Err(LedgerError::IdempotencyConflict(format!(
-                    "reference {:?} was already used for a refund of {} credits of reservation {:?}; use a new reference for a new refund",
-                    r.reference.as_deref().unwrap_or_default(),
-                    first.amount,
-                    r.project_code.as_str()
-                ))));
-                continue;
-            }
-            replayed_event(&mut plan);
-            answers.push(Ok(Outcome::replay(RefundReceipt {
-                user_id: r.user_id.to_string(),
-                credits_refunded: first.amount,
-                new_balance: first.balance_after,
-                app_name: key.1.to_string(),
-                project_code: r.project_code.to_string(),
-                reservation_status: row.state,
-                refunded_total: row.refunded,
-                remaining_reserved: held,
-                reference: r.reference.clone(),
-                reason: first.description.clone(),
-                timestamp: first.at,
-            })));
-            continue;
-        }
-        if r.amount.is_some() && r.reference.is_none() {
-            answers.push(Err(LedgerError::Invalid {
-                field: "reference",
-                reason: "is required with amount, so that a retried partial refund refunds once"
-                    .into(),
-            }));
-            continue;
-        }
-        let verdict = window::judge(
-            q.event_time.as_ref(),
-            row.created_at,
-            row.refundable_until,
-            s.now,
-        );
-        match row.state {
-            ReservationState::Refunded if r.amount.is_none() && r.reference.is_none() => {
-                replayed_event(&mut plan);
-                answers.push(Ok(Outcome::replay(RefundReceipt {
-                    user_id: r.user_id.to_string(),
-                    credits_refunded: s.completing_refund.get(key).copied().unwrap_or(0),
-                    new_balance: row.balance_after_refund.unwrap_or(0),
-                    app_name: key.1.to_string(),
-                    project_code: r.project_code.to_string(),
-                    reservation_status: ReservationState::Refunded,
-                    refunded_total: row.amount,
-                    remaining_reserved: 0,
-                    reference: None,
-                    reason: row.refund_reason.clone(),
-                    timestamp: row.refunded_at.unwrap_or(s.now),
-                })));
-                continue;
-            }
-            ReservationState::Refunded => {
-                answers.push(Err(LedgerError::NotRefundable(format!(
-                    "reservation {:?} is fully refunded; nothing is left to refund",
-                    r.project_code.as_str()
-                ))));
-                continue;
-            }
-            ReservationState::Settled if !row.settled_by_window() => {
-                answers.push(Err(LedgerError::NotRefundable(format!(
-                    "reservation {:?} is already settled; its credits are spent",
-                    r.project_code.as_str()
-                ))));
-                continue;
-            }
-            // Reserved, or settled only because its window passed: the
-            // time the refund is judged at decides.
-            _ if verdict != Verdict::Open => {
-                answers.push(Err(window::refused(
-                    verdict,
-                    r.project_code.as_str(),
-                    row.created_at,
-                    row.refundable_until,
-                )));
-                continue;
-            }
-            _ => {}
-        }
-        let left = row.amount - row.refunded;
-        let amount = r.amount.unwrap_or(left);
-        if amount > left {
-            answers.push(Err(LedgerError::Invalid {
-                field: "amount",
-                reason: format!(
-                    "only {left} of the reservation's {} credits can still be refunded",
-                    row.amount
-                ),
-            }));
-            continue;
-        }
-        let refunded_total = row.refunded + amount;
-        let state = if refunded_total == row.amount {
-            ReservationState::Refunded
-        } else if row.state == ReservationState::Settled {
-            ReservationState::Settled
-        } else {
-            ReservationState::PartiallyRefunded
-        };
-        let lots = drawn.entry(key.clone()).or_default();
-        plan.give_back(
-            Returned {
-                user: &r.user_id,
-                app: &key.1,
-                code: &r.project_code,
-                amount,
-                reason: r.reason.as_deref(),
-                reference: r.reference.as_deref(),
-                correlation_id: q.correlation_id.as_deref(),
+        let answer = match found(s, q, &balances) {
+            Err(refused) => Err(refused),
+            Ok((key, row)) => match earlier(s, q, key, row, &mut plan) {
+                Some(answer) => answer,
+                None => {
+                    let balance = balances.get_mut(&q.refund.user_id).ok_or_else(|| {
+                        DbError::Invariant("a refund of an account not locked".into())
+                    })?;
+                    let lots = drawn.entry(key.clone()).or_default();
+                    give_back(s.now, q, (key, row), lots, balance, &mut plan)?
+                }
             },
-            lots,
-            balance,
-        )?;
-        let done = state == ReservationState::Refunded;
-        plan.changes.push(ReservationChange {
-            user_id: r.user_id.clone(),
-            app_name: key.1.clone(),
-            project_code: r.project_code.clone(),
-            state,
-            refunded: refunded_total,
-            settled_at: row.settled_at,
-            settle_reason: row.settle_reason.clone(),
-            settled_by: row.settled_by,
-            refunded_at: done.then_some(s.now),
-            refund_reason: if done { r.reason.clone() } else { None },
-            balance_after_refund: done.then_some(*balance),
+        };
+        answers.push(answer);
+    }
+    Ok((answers, plan))
+}
+
+/// The reservation `q` names, or why there is none to refund: its event
+/// was handled before, its account is held or missing, no reservation or
+/// several (of several apps, without `app_name`) have its code.
+fn found<'s>(
+    s: &'s Snapshot,
+    q: &QueuedRefund,
+    balances: &BTreeMap<&UserId, i64>,
+) -> Result<(&'s ResKey, &'s Reservation), LedgerError> {
+    let r = &q.refund;
+    if let Some(first) = q
+        .event_id
+        .as_ref()
+        .and_then(|e| s.events.get(&(r.user_id.clone(), e.clone())))
+    {
+        return Err(LedgerError::EventSeen {
+            first_outcome: first.clone(),
         });
+    }
+    if s.busy.contains(&r.user_id) {
+        return Err(LedgerError::AccountBusy);
+    }
+    if !balances.contains_key(&r.user_id) {
+        return Err(not_found(r));
+    }
+    match candidates(s, r).as_slice() {
+        [] => Err(not_found(r)),
+        [one] => Ok(*one),
+        _ => Err(LedgerError::Invalid {
+            field: "app_name",
+            reason: format!(
+                "project_code {:?} names reservations of several apps; say which with app_name",
+                r.project_code.as_str()
+            ),
+        }),
+    }
+}
+
+/// The answer of a refund that moves nothing: a replay of the refund made
+/// before under its reference (or of the whole refund that completed the
+/// reservation), a conflict, or a refusal (no reference with an amount; a
+/// settled reservation; the window closed). `None`: credits come back.
+fn earlier(
+    s: &Snapshot,
+    q: &QueuedRefund,
+    key: &ResKey,
+    row: &Reservation,
+    plan: &mut Plan,
+) -> Option<Answer<RefundReceipt>> {
+    let r = &q.refund;
+    let code = r.project_code.as_str();
+    // A replay records its event as handled, with what the first did.
+    let mut replayed = |receipt: RefundReceipt| {
         if let Some(event_id) = &q.event_id {
             plan.events.push(HandledEvent {
                 user_id: r.user_id.clone(),
                 event_id: event_id.clone(),
                 kind: "failed",
-                outcome: if amount == row.amount {
-                    "refunded"
-                } else {
-                    "partially refunded"
-                }
-                .into(),
+                outcome: "already refunded".into(),
             });
         }
-        answers.push(Ok(Outcome::fresh(RefundReceipt {
-            user_id: r.user_id.to_string(),
-            credits_refunded: amount,
-            new_balance: *balance,
-            app_name: key.1.to_string(),
-            project_code: r.project_code.to_string(),
-            reservation_status: state,
-            refunded_total,
-            remaining_reserved: if state == ReservationState::PartiallyRefunded {
-                row.amount - refunded_total
-            } else {
-                0
-            },
-            reference: r.reference.clone(),
-            reason: r.reason.clone(),
-            timestamp: s.now,
-        })));
+        Some(Ok(Outcome::replay(receipt)))
+    };
+    let receipt = |credits_refunded, new_balance, reason, timestamp| RefundReceipt {
+        user_id: r.user_id.to_string(),
+        credits_refunded,
+        new_balance,
+        app_name: key.1.to_string(),
+        project_code: code.to_owned(),
+        reservation_status: row.state,
+        refunded_total: row.refunded,
+        remaining_reserved: row.held(),
+        reference: r.reference.clone(),
+        reason,
+        timestamp,
+    };
+    if let Some(reference) = &r.reference
+        && let Some(first) = s.refunds.get(&(key.clone(), reference.clone()))
+    {
+        if r.amount.is_some_and(|a| a != first.amount) {
+            return Some(Err(LedgerError::IdempotencyConflict(format!(
+                "reference {reference:?} was already used for a refund of {} credits of reservation {code:?}; use a new reference for a new refund",
+                first.amount
+            ))));
+        }
+        return replayed(receipt(
+            first.amount,
+            first.balance_after,
+            first.description.clone(),
+            first.at,
+        ));
     }
-    Ok((answers, plan))
+    if r.amount.is_some() && r.reference.is_none() {
+        return Some(Err(LedgerError::Invalid {
+            field: "reference",
+            reason: "is required with amount, so that a retried partial refund refunds once".into(),
+        }));
+    }
+    match row.state {
+        ReservationState::Refunded if r.amount.is_none() && r.reference.is_none() => {
+            replayed(receipt(
+                s.completing_refund.get(key).copied().unwrap_or(0),
+                row.balance_after_refund.unwrap_or(0),
+                row.refund_reason.clone(),
+                row.refunded_at.unwrap_or(s.now),
+            ))
+        }
+        ReservationState::Refunded => Some(Err(LedgerError::NotRefundable(format!(
+            "reservation {code:?} is fully refunded; nothing is left to refund"
+        )))),
+        ReservationState::Settled if !row.settled_by_window() => {
+            Some(Err(LedgerError::NotRefundable(format!(
+                "reservation {code:?} is already settled; its credits are spent"
+            ))))
+        }
+        // Reserved, or settled only because its window passed: the time the
+        // refund is judged at decides.
+        _ => match window::judge(
+            q.event_time.as_ref(),
+            row.created_at,
+            row.refundable_until,
+            s.now,
+        ) {
+            Verdict::Open => None,
+            verdict => Some(Err(window::refused(
+                verdict,
+                code,
+                row.created_at,
+                row.refundable_until,
+            ))),
+        },
+    }
+}
+
+/// Credits of reservation `key` come back to the lots it drew from: the
+/// amount asked (or all that is left), the reservation's new state, the
+/// event recorded. The outer `Err` is a broken rule (the lots took less
+/// than the refund): the whole batch fails, nothing of it is written.
+fn give_back(
+    now: time::OffsetDateTime,
+    q: &QueuedRefund,
+    (key, row): (&ResKey, &Reservation),
+    lots: &mut [crate::snapshot::Drawn],
+    balance: &mut i64,
+    plan: &mut Plan,
+) -> Result<Answer<RefundReceipt>, DbError> {
+    let r = &q.refund;
+    let left = row.amount - row.refunded;
+    let amount = r.amount.unwrap_or(left);
+    if amount > left {
+        return Ok(Err(LedgerError::Invalid {
+            field: "amount",
+            reason: format!(
+                "only {left} of the reservation's {} credits can still be refunded",
+                row.amount
+            ),
+        }));
+    }
+    let refunded_total = row.refunded + amount;
+    let state = if refunded_total == row.amount {
+        ReservationState::Refunded
+    } else if row.state == ReservationState::Settled {
+        ReservationState::Settled
+    } else {
+        ReservationState::PartiallyRefunded
+    };
+    plan.give_back(
+        Returned {
+            user: &r.user_id,
+            app: &key.1,
+            code: &r.project_code,
+            amount,
+            reason: r.reason.as_deref(),
+            reference: r.reference.as_deref(),
+            correlation_id: q.correlation_id.as_deref(),
+        },
+        lots,
+        balance,
+    )?;
+    let done = state == ReservationState::Refunded;
+    plan.changes.push(ReservationChange {
+        user_id: r.user_id.clone(),
+        app_name: key.1.clone(),
+        project_code: r.project_code.clone(),
+        state,
+        refunded: refunded_total,
+        settled_at: row.settled_at,
+        settle_reason: row.settle_reason.clone(),
+        settled_by: row.settled_by,
+        refunded_at: done.then_some(now),
+        refund_reason: if done { r.reason.clone() } else { None },
+        balance_after_refund: done.then_some(*balance),
+    });
+    if let Some(event_id) = &q.event_id {
+        plan.events.push(HandledEvent {
+            user_id: r.user_id.clone(),
+            event_id: event_id.clone(),
+            kind: "failed",
+            outcome: if amount == row.amount {
+                "refunded"
+            } else {
+                "partially refunded"
+            }
+            .into(),
+        });
+    }
+    Ok(Ok(Outcome::fresh(RefundReceipt {
+        user_id: r.user_id.to_string(),
+        credits_refunded: amount,
+        new_balance: *balance,
+        app_name: key.1.to_string(),
+        project_code: r.project_code.to_string(),
+        reservation_status: state,
+        refunded_total,
+        remaining_reserved: if state == ReservationState::PartiallyRefunded {
+            row.amount - refunded_total
+        } else {
+            0
+        },
+        reference: r.reference.clone(),
+        reason: r.reason.clone(),
+        timestamp: now,
+    })))
 }
 
 /// One transaction of refunds (see [`crate::Slots`]).

@@ -14,12 +14,13 @@
 
 use deadpool_postgres::{Client, Transaction};
 use penora_domain::{EntryKind, ReservationState, SettledBy};
+use penora_store::DbError;
 use serde::Serialize;
 
 use crate::{
     LedgerError, OnBusy, count_moved,
     plan::{self, HandledEvent, NewEntry, Plan, ReservationChange, Returned},
-    snapshot::{ResKey, Snapshot, res_key},
+    snapshot::{ResKey, Reservation, Snapshot, res_key},
     tables,
     window::{self, EventTime, Verdict},
 };
@@ -175,7 +176,6 @@ pub fn decide(
     s: &Settle<'_>,
 ) -> Result<(SettleReceipt, Plan), LedgerError> {
     let (user, app, code) = (&key.0, &key.1, &key.2);
-    let mut plan = Plan::default();
     if let Some(first) = s
         .event_id
         .and_then(|e| snap.events.get(&(user.clone(), e.to_owned())))
@@ -195,16 +195,7 @@ pub fn decide(
             app.as_str()
         )));
     };
-    let record = |plan: &mut Plan, outcome: &str| {
-        if let Some(event_id) = s.event_id {
-            plan.events.push(HandledEvent {
-                user_id: user.clone(),
-                event_id: event_id.to_owned(),
-                kind: "succeeded",
-                outcome: outcome.to_owned(),
-            });
-        }
-    };
+    let mut plan = Plan::default();
     let left = row.amount - row.refunded;
     let mut receipt = SettleReceipt {
         result: SettleResult::AlreadySettled,
@@ -217,59 +208,26 @@ pub fn decide(
         refunded_total: row.refunded,
         new_balance: account.balance,
     };
-    if row.state == ReservationState::Refunded {
-        receipt.result = SettleResult::AlreadyRefunded;
-        receipt.credits_charged = 0;
-        return Ok((receipt, plan));
+    match earlier(snap, row, s, code)? {
+        Some(SettleResult::AlreadyRefunded) => {
+            receipt.result = SettleResult::AlreadyRefunded;
+            receipt.credits_charged = 0;
+            return Ok((receipt, plan));
+        }
+        Some(_) => {
+            record(&mut plan, s, user, "already settled");
+            return Ok((receipt, plan));
+        }
+        None => {}
     }
     let charge = s.charge.unwrap_or(left);
-    if charge > left {
-        return Err(LedgerError::Invalid {
-            field: "amount",
-            reason: format!(
-                "the reservation holds {left} credits (of {}); it cannot be settled for {charge}",
-                row.amount
-            ),
-        });
-    }
-    let window_only = row.settled_by_window();
-    if row.state == ReservationState::Settled && !(window_only && s.by == SettledBy::Final) {
-        if s.charge.is_some_and(|c| c != left) {
-            return Err(LedgerError::IdempotencyConflict(format!(
-                "reservation {:?} was already settled for {left} credits",
-                code.as_str()
-            )));
-        }
-        record(&mut plan, "already settled");
-        return Ok((receipt, plan));
-    }
     let rest = left - charge;
-    if rest > 0 {
-        // Giving back is a refund: only inside the window.
-        let verdict = window::judge(
-            s.event_time.as_ref(),
-            row.created_at,
-            row.refundable_until,
-            snap.now,
-        );
-        if verdict != Verdict::Open {
-            return Err(match verdict {
-                Verdict::Closed => LedgerError::NotRefundable(format!(
-                    "the refund window of reservation {:?} closed at {}; it can only be settled in full ({left} credits)",
-                    code.as_str(),
-                    penora_domain::timefmt::rfc3339_millis(row.refundable_until)
-                )),
-                other => {
-                    window::refused(other, code.as_str(), row.created_at, row.refundable_until)
-                }
-            });
-        }
-    }
     // Lots past their expiry first, so that the balances below are what the
     // user can spend; then what is not charged goes back to its lots.
-    let mut balance = account.balance;
-    let mut lots = account.lots.clone();
-    plan.expire_due(user, &mut lots, &mut balance, snap.now, s.correlation_id)?;
+    let (mut balance, _) = plan
+        .expire_all(snap, [(user, s.correlation_id)])?
+        .remove(user)
+        .ok_or_else(|| DbError::Invariant("a settlement of an account not locked".into()))?;
     if rest > 0 {
         let mut drawn = snap.drawn.get(key).cloned().unwrap_or_default();
         plan.give_back(
@@ -286,15 +244,9 @@ pub fn decide(
             &mut balance,
         )?;
     }
-    let refunded_total = row.refunded + rest;
-    let fully_refunded = refunded_total == row.amount;
-    let new_state = if fully_refunded {
-        ReservationState::Refunded
-    } else {
-        ReservationState::Settled
-    };
+    let change = change(snap.now, key, row, s, rest, balance);
     let was_settled = row.state == ReservationState::Settled;
-    if !was_settled && !fully_refunded {
+    if !was_settled && change.state == ReservationState::Settled {
         plan.entry(NewEntry {
             user_id: user.clone(),
             kind: EntryKind::Settle,
@@ -307,41 +259,11 @@ pub fn decide(
             correlation_id: s.correlation_id.map(str::to_owned),
         });
     }
-    let settled = new_state == ReservationState::Settled;
-    plan.changes.push(ReservationChange {
-        user_id: user.clone(),
-        app_name: app.clone(),
-        project_code: code.clone(),
-        state: new_state,
-        refunded: refunded_total,
-        // A window settlement made final keeps its time and reason.
-        settled_at: if was_settled {
-            row.settled_at
-        } else if settled {
-            Some(snap.now)
-        } else {
-            None
-        },
-        settle_reason: if was_settled {
-            row.settle_reason.clone()
-        } else if settled {
-            Some(s.reason.to_owned())
-        } else {
-            None
-        },
-        settled_by: match (was_settled, settled) {
-            (true, true) => Some(SettledBy::Final),
-            (true, false) => row.settled_by,
-            (false, true) => Some(s.by),
-            (false, false) => None,
-        },
-        refunded_at: fully_refunded.then_some(snap.now),
-        refund_reason: fully_refunded.then(|| s.reason.to_owned()),
-        balance_after_refund: fully_refunded.then_some(balance),
-    });
     let already = was_settled && rest == 0;
     record(
         &mut plan,
+        s,
+        user,
         if already {
             "already settled"
         } else {
@@ -353,12 +275,133 @@ pub fn decide(
     } else {
         SettleResult::Settled
     };
-    receipt.reservation_status = new_state;
+    receipt.reservation_status = change.state;
     receipt.credits_charged = charge;
     receipt.credits_refunded = rest;
-    receipt.refunded_total = refunded_total;
+    receipt.refunded_total = change.refunded;
     receipt.new_balance = balance;
+    plan.changes.push(change);
     Ok((receipt, plan))
+}
+
+/// Records the success event that asked for the settlement as handled.
+fn record(plan: &mut Plan, s: &Settle<'_>, user: &UserId, outcome: &str) {
+    if let Some(event_id) = s.event_id {
+        plan.events.push(HandledEvent {
+            user_id: user.clone(),
+            event_id: event_id.to_owned(),
+            kind: "succeeded",
+            outcome: outcome.to_owned(),
+        });
+    }
+}
+
+/// Whether settlement `s` finds the reservation settled or refunded before
+/// (`Some`: nothing changes), or is refused: a charge above what it holds,
+/// another charge than the settlement before, or a charge below it (a
+/// refund of the rest) after the window. `None`: it settles now.
+fn earlier(
+    snap: &Snapshot,
+    row: &Reservation,
+    s: &Settle<'_>,
+    code: &ProjectCode,
+) -> Result<Option<SettleResult>, LedgerError> {
+    let left = row.amount - row.refunded;
+    if row.state == ReservationState::Refunded {
+        return Ok(Some(SettleResult::AlreadyRefunded));
+    }
+    let charge = s.charge.unwrap_or(left);
+    if charge > left {
+        return Err(LedgerError::Invalid {
+            field: "amount",
+            reason: format!(
+                "the reservation holds {left} credits (of {}); it cannot be settled for {charge}",
+                row.amount
+            ),
+        });
+    }
+    // A settlement by the window only is made final by a final one.
+    if row.state == ReservationState::Settled
+        && !(row.settled_by_window() && s.by == SettledBy::Final)
+    {
+        if charge != left {
+            return Err(LedgerError::IdempotencyConflict(format!(
+                "reservation {:?} was already settled for {left} credits",
+                code.as_str()
+            )));
+        }
+        return Ok(Some(SettleResult::AlreadySettled));
+    }
+    if charge == left {
+        return Ok(None);
+    }
+    // Giving back is a refund: only inside the window.
+    match window::judge(
+        s.event_time.as_ref(),
+        row.created_at,
+        row.refundable_until,
+        snap.now,
+    ) {
+        Verdict::Open => Ok(None),
+        Verdict::Closed => Err(LedgerError::NotRefundable(format!(
+            "the refund window of reservation {:?} closed at {}; it can only be settled in full ({left} credits)",
+            code.as_str(),
+            penora_domain::timefmt::rfc3339_millis(row.refundable_until)
+        ))),
+        other => Err(window::refused(
+            other,
+            code.as_str(),
+            row.created_at,
+            row.refundable_until,
+        )),
+    }
+}
+
+/// The reservation after a settlement that gives `rest` back: `settled`
+/// (or `refunded`, when nothing was charged); a window settlement made
+/// final keeps its time and reason.
+fn change(
+    now: time::OffsetDateTime,
+    key: &ResKey,
+    row: &Reservation,
+    s: &Settle<'_>,
+    rest: i64,
+    balance: i64,
+) -> ReservationChange {
+    let refunded = row.refunded + rest;
+    let fully_refunded = refunded == row.amount;
+    let was_settled = row.state == ReservationState::Settled;
+    let settled = !fully_refunded;
+    ReservationChange {
+        user_id: key.0.clone(),
+        app_name: key.1.clone(),
+        project_code: key.2.clone(),
+        state: if fully_refunded {
+            ReservationState::Refunded
+        } else {
+            ReservationState::Settled
+        },
+        refunded,
+        settled_at: if was_settled {
+            row.settled_at
+        } else {
+            settled.then_some(now)
+        },
+        settle_reason: if was_settled {
+            row.settle_reason.clone()
+        } else {
+            settled.then(|| s.reason.to_owned())
+        },
+        settled_by: match (was_settled, settled) {
+            (true, true) => Some(SettledBy::Final),
+            (true, false) => row.settled_by,
+            (false, true) => Some(s.by),
+            (false, false) => None,
+        },
+        refunded_at: fully_refunded.then_some(now),
+        refund_reason: fully_refunded.then(|| s.reason.to_owned()),
+        balance_after_refund: fully_refunded.then_some(balance),
+    }
 }
 
 /// Settles a reservation, charging `charge` of what it still holds and
