@@ -32,6 +32,7 @@ use tokio_postgres::types::ToSql;
 use utoipa::ToSchema;
 
 use crate::snapshot::{Drawn, Lot, LotFate, Snapshot};
+pub use crate::tables::events::HandledEvent;
 
 /// Where a deduction took its credits from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -138,19 +139,6 @@ pub struct ReservationChange {
     pub refund_reason: Option<String>,
     /// The balance right after that refund.
     pub balance_after_refund: Option<i64>,
-}
-
-/// An event recorded as handled (`processed_events`), with what it did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HandledEvent {
-    /// Whose.
-    pub user_id: UserId,
-    /// The event's id.
-    pub event_id: String,
-    /// `failed` or `succeeded`.
-    pub kind: &'static str,
-    /// What handling it did.
-    pub outcome: String,
 }
 
 /// A lot a grant makes.

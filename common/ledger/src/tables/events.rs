@@ -9,7 +9,19 @@ use penora_domain::UserId;
 use penora_store::DbError;
 
 use super::column;
-use crate::plan::HandledEvent;
+
+/// An event recorded as handled (`processed_events`), with what it did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandledEvent {
+    /// Whose.
+    pub user_id: UserId,
+    /// The event's id.
+    pub event_id: String,
+    /// `failed` or `succeeded`.
+    pub kind: &'static str,
+    /// What handling it did.
+    pub outcome: String,
+}
 
 /// The events of `wanted` handled before, with what each did.
 pub async fn seen(
