@@ -40,6 +40,7 @@ use time::OffsetDateTime;
 use crate::{
     Answer, LedgerError, OnBusy, Outcome, Slots, answer_all, count_moved, only,
     plan::{self, Allocation, NewEntry, NewReservation, Plan, draw},
+    slots,
     snapshot::{ResKey, Snapshot, res_key},
     tables,
 };
@@ -274,18 +275,12 @@ async fn deduct_once(
     let tx = client.transaction().await?;
     let snapshot = load(&tx, live, on_busy).await?;
     let (answers, plan) = decide(&snapshot, live)?;
-    if plan.is_empty() {
-        tx.rollback().await?;
-    } else {
-        plan::apply(&tx, &plan).await?;
-        tx.commit().await?;
+    if plan::commit(tx, &plan).await?.is_some() {
         for a in answers.iter().flatten().filter(|a| !a.replayed) {
             count_moved("reserved", &a.value.app_name, a.value.credits_deducted);
         }
     }
-    let mut slots: Vec<Option<Answer<DeductReceipt>>> = answers.into_iter().map(Some).collect();
-    slots.resize_with(batch.len(), || None);
-    Ok(slots)
+    Ok(slots(answers, batch.len()))
 }
 
 /// Reserves and deducts credits for one request.

@@ -290,6 +290,14 @@ where
     answers
 }
 
+/// The slots of a batch (see [`Slots`]) whose first `answers.len()`
+/// requests were decided: their answers, then `None` for the rest.
+fn slots<T>(answers: Vec<Answer<T>>, batch: usize) -> Vec<Option<Answer<T>>> {
+    let mut slots: Vec<Option<Answer<T>>> = answers.into_iter().map(Some).collect();
+    slots.resize_with(batch, || None);
+    slots
+}
+
 /// The answer of a batch of one.
 fn only<T>(mut answers: Vec<Answer<T>>) -> Answer<T> {
     answers

@@ -53,12 +53,9 @@ pub async fn expire_lots(client: &mut Client, user: &str) -> Result<i64, LedgerE
     let tx = client.transaction().await?;
     let snap = tables::locked_accounts(&tx, &[user.as_str()], OnBusy::Wait).await?;
     let (expired, plan) = decide_expiry(&snap, &user)?;
-    if plan.is_empty() {
-        tx.rollback().await?;
+    if plan::commit(tx, &plan).await?.is_none() {
         return Ok(0);
     }
-    plan::apply(&tx, &plan).await?;
-    tx.commit().await?;
     count_entries(&plan, EntryKind::Expire, "expired");
     Ok(expired)
 }
@@ -219,12 +216,9 @@ pub async fn void_lot(
     let tx = client.transaction().await?;
     let snap = load_void(&tx, &v).await?;
     let (answer, plan) = decide_void(&snap, &v)?;
-    if plan.is_empty() {
-        tx.rollback().await?;
+    if plan::commit(tx, &plan).await?.is_none() {
         return Ok(answer);
     }
-    plan::apply(&tx, &plan).await?;
-    tx.commit().await?;
     count_entries(&plan, EntryKind::Expire, "expired");
     count_entries(&plan, EntryKind::Void, "voided");
     Ok(answer)

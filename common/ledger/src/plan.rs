@@ -480,6 +480,22 @@ pub struct Applied {
     pub lots: Vec<i64>,
 }
 
+/// Writes `plan` ([`apply`]) and commits `tx`; an empty plan writes
+/// nothing, and `tx` (which only locked and read) is rolled back. Returns
+/// what was written, `None` for nothing.
+pub async fn commit(
+    tx: deadpool_postgres::Transaction<'_>,
+    plan: &Plan,
+) -> Result<Option<Applied>, DbError> {
+    if plan.is_empty() {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let applied = apply(&tx, plan).await?;
+    tx.commit().await?;
+    Ok(Some(applied))
+}
+
 /// Writes `plan` in the caller's transaction, where every account an entry
 /// names is locked: the balances, the entries with their audit jobs, the
 /// new lots, the lot movements and changes, the reservations claimed and

@@ -42,6 +42,7 @@ use time::OffsetDateTime;
 use crate::{
     Answer, LedgerError, OnBusy, Outcome, Slots, answer_all, count_moved, only,
     plan::{self, HandledEvent, Plan, ReservationChange, Returned},
+    slots,
     snapshot::{ResKey, Reservation, Snapshot, res_key},
     tables,
     window::{self, EventTime, Verdict},
@@ -540,16 +541,10 @@ async fn refund_once(
     let tx = client.transaction().await?;
     let snapshot = load(&tx, live, on_busy).await?;
     let (answers, plan) = decide(&snapshot, live)?;
-    if plan.is_empty() {
-        tx.rollback().await?;
-    } else {
-        plan::apply(&tx, &plan).await?;
-        tx.commit().await?;
+    if plan::commit(tx, &plan).await?.is_some() {
         for a in answers.iter().flatten().filter(|a| !a.replayed) {
             count_moved("refunded", &a.value.app_name, a.value.credits_refunded);
         }
     }
-    let mut slots: Vec<Option<Answer<RefundReceipt>>> = answers.into_iter().map(Some).collect();
-    slots.resize_with(batch.len(), || None);
-    Ok(slots)
+    Ok(slots(answers, batch.len()))
 }
