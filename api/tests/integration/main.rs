@@ -2,6 +2,7 @@
 //! its own database (cloned from a migrated template) and its own server on
 //! port 0, so the tests run in parallel.
 
+mod account_lock;
 mod audit_anchor;
 mod batching;
 mod chaos_findings;

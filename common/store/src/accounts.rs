@@ -8,6 +8,10 @@
 //!   queue instead of deadlocking). It is the lock an `UPDATE` of the
 //!   balance takes anyway; it still lets the foreign-key checks of rows
 //!   inserted for the account elsewhere (the worker's audit records) through;
+//!   the statements that take it are this module's ([`lock`], [`lock_one`],
+//!   [`create_and_lock`], [`lock_storage`]): no other module spells a lock
+//!   on `accounts` (an `UPDATE` of the row, such as the workspace's quota
+//!   reservation, takes this same lock by itself);
 //! * the balance changes only through [`move_balances`]: one guarded
 //!   `UPDATE` per transaction (a debit applies only where the balance
 //!   covers it), backed by the `accounts_balance_non_negative` constraint.
@@ -18,6 +22,14 @@ use deadpool_postgres::Transaction;
 use penora_domain::UserId;
 
 use crate::DbError;
+
+/// The lock on an account row, spelled once: every statement of this module
+/// that locks accounts ends with it.
+macro_rules! account_lock {
+    () => {
+        "FOR NO KEY UPDATE"
+    };
+}
 
 /// What a transaction does about an account row that another transaction
 /// holds (a long operator transaction, another batch of the same user).
@@ -58,14 +70,17 @@ pub async fn lock(
     users.dedup();
     let stmt = tx
         .prepare_cached(match on_busy {
-            OnBusy::Wait => {
+            OnBusy::Wait => concat!(
                 "SELECT user_id, balance, now() AS now FROM accounts \
-                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE"
-            }
-            OnBusy::Skip => {
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
+                account_lock!()
+            ),
+            OnBusy::Skip => concat!(
                 "SELECT user_id, balance, now() AS now FROM accounts \
-                 WHERE user_id = ANY($1::text[]) ORDER BY user_id FOR NO KEY UPDATE SKIP LOCKED"
-            }
+                 WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
+                account_lock!(),
+                " SKIP LOCKED"
+            ),
         })
         .await?;
     let mut balances = BTreeMap::new();
@@ -107,6 +122,24 @@ pub async fn lock(
 /// without an account.
 pub async fn lock_one(tx: &Transaction<'_>, user: &str) -> Result<Option<i64>, DbError> {
     Ok(lock(tx, &[user], OnBusy::Wait).await?.balances.remove(user))
+}
+
+/// Locks one user's account (the lock of [`lock`], waiting) and returns the
+/// bytes its workspace holds (`storage_used_bytes`), or `None` without an
+/// account: the workspace's writers (a save that must make room, a
+/// deletion) take the lock the movements of credits take, so one user's
+/// saves and movements queue on one row.
+pub async fn lock_storage(tx: &Transaction<'_>, user: &str) -> Result<Option<i64>, DbError> {
+    let stmt = tx
+        .prepare_cached(concat!(
+            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1 ",
+            account_lock!()
+        ))
+        .await?;
+    match tx.query_opt(&stmt, &[&user]).await? {
+        Some(row) => Ok(Some(row.try_get("storage_used_bytes")?)),
+        None => Ok(None),
+    }
 }
 
 /// Makes `user`'s account (balance 0) when there is none, then locks it

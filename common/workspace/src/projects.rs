@@ -26,7 +26,10 @@
 //! - a project the worker fails for good releases its content's bytes (its
 //!   title and metadata stay, and stay counted, until it is deleted).
 //!
-//! Every writer locks the account row first, then the projects.
+//! Every writer locks the account row first, then the projects: the account
+//! with `penora_store::accounts`' one lock (the lock the movements of
+//! credits take, so a user's saves and movements queue on one row), or with
+//! the quota's `UPDATE` of that row, which takes the same lock.
 
 use base64::Engine;
 use deadpool_postgres::{Client, GenericClient, Transaction};
@@ -39,7 +42,7 @@ use penora_domain::messages::{SAVE_PROJECT, SaveProjectJob};
 use penora_domain::{AppName, ProjectCode, UserId, ValidationError};
 use penora_ledger::{LedgerError, Outcome};
 use penora_store::DbError;
-use penora_store::outbox;
+use penora_store::{accounts, outbox};
 
 /// SQL reserving a save's bytes against the quota (also driven raw by the benchmark).
 pub const RESERVE_STORAGE_SQL: &str = "UPDATE accounts SET storage_used_bytes = storage_used_bytes + $2, updated_at = now() \
@@ -432,13 +435,7 @@ pub async fn save(
                 tx.rollback().await?;
                 return first;
             }
-            let Some(row) = tx
-                .query_opt(
-                    "SELECT storage_used_bytes FROM accounts WHERE user_id = $1 FOR UPDATE",
-                    &[&user],
-                )
-                .await?
-            else {
+            let Some(used) = accounts::lock_storage(&tx, user).await? else {
                 return Err(LedgerError::UserNotFound.into());
             };
             // The cap first: evicting makes room in bytes, not in projects.
@@ -446,7 +443,6 @@ pub async fn save(
                 tx.rollback().await?;
                 return answer;
             }
-            let used: i64 = row.get(0);
             let refused = |evictable| SaveError::StorageLimitExceeded {
                 needed: counted,
                 remaining: (quota - used).max(0),
@@ -726,13 +722,7 @@ pub async fn delete(
     actor: Option<&str>,
 ) -> Result<Deleted, DeleteError> {
     let tx = client.transaction().await?;
-    let Some(account) = tx
-        .query_opt(
-            "SELECT storage_used_bytes FROM accounts WHERE user_id = $1 FOR UPDATE",
-            &[&user_id],
-        )
-        .await?
-    else {
+    let Some(used) = accounts::lock_storage(&tx, user_id).await? else {
         return Err(DeleteError::NotFound(project_id));
     };
     let Some(row) = tx
@@ -767,7 +757,7 @@ pub async fn delete(
     tx.commit().await?;
     Ok(Deleted {
         freed_bytes: freed,
-        storage_used_bytes: account.get::<_, i64>(0) - freed,
+        storage_used_bytes: used - freed,
     })
 }
 
@@ -1102,11 +1092,7 @@ pub async fn finish_save(
 ) -> Result<Finished, DbError> {
     let tx = client.transaction().await?;
     // Account row first, as every other writer does.
-    tx.execute(
-        "SELECT 1 FROM accounts WHERE user_id = $1 FOR UPDATE",
-        &[&user_id],
-    )
-    .await?;
+    accounts::lock_one(&tx, user_id).await?;
     let row = tx
         .query_opt(
             "SELECT status, size_bytes, app_source, project_code FROM projects \
