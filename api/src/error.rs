@@ -309,7 +309,9 @@ impl From<SaveError> for ApiError {
         match e {
             e @ SaveError::StorageLimitExceeded { .. } => Self::StorageLimitExceeded(e.to_string()),
             e @ SaveError::ProjectLimitReached { .. } => Self::ProjectLimitReached(e.to_string()),
-            SaveError::Ledger(e) => e.into(),
+            SaveError::UserNotFound => Self::UserNotFound,
+            SaveError::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
+            SaveError::Db(e) => e.into(),
         }
     }
 }
@@ -340,6 +342,32 @@ mod tests {
         assert_eq!(
             ApiError::InsufficientCredits.to_string(),
             "Insufficient credits or deduction failed"
+        );
+    }
+
+    #[test]
+    fn a_save_is_refused_as_a_movement_of_credits_would_be() {
+        let answer = |e: ApiError| (e.status_and_code(), e.to_string());
+        assert_eq!(
+            answer(SaveError::UserNotFound.into()),
+            answer(LedgerError::UserNotFound.into())
+        );
+        let conflict = "project_code \"p\" was already saved with another title or content";
+        assert_eq!(
+            answer(SaveError::IdempotencyConflict(conflict.into()).into()),
+            answer(LedgerError::IdempotencyConflict(conflict.into()).into())
+        );
+        let down = || DbError::Unavailable("connection refused".into());
+        assert_eq!(
+            answer(SaveError::Db(down()).into()),
+            answer(LedgerError::Db(down()).into())
+        );
+        assert_eq!(
+            answer(SaveError::UserNotFound.into()),
+            (
+                (StatusCode::NOT_FOUND, "user_not_found"),
+                USER_NOT_FOUND.to_owned()
+            )
         );
     }
 

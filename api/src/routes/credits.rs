@@ -10,7 +10,6 @@ use penora_domain::{
     AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId, whole_number,
 };
 use penora_ledger as ledger;
-use penora_ledger::Outcome;
 use penora_platform::keys::Scope;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -35,13 +34,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// Marks a replayed answer with `Idempotent-Replayed: true`.
-pub fn with_replay_header<T: Serialize>(
-    status: StatusCode,
-    outcome: Outcome<T>,
-    body: impl Serialize,
-) -> Response {
+pub fn with_replay_header(status: StatusCode, replayed: bool, body: impl Serialize) -> Response {
     let mut response = (status, json_ok(body)).into_response();
-    if outcome.replayed {
+    if replayed {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
@@ -340,7 +335,7 @@ async fn deduct_credits(
         user_id: r.user_id.clone(),
         allocations: r.allocations.clone(),
     };
-    Ok(with_replay_header(StatusCode::OK, outcome, body))
+    Ok(with_replay_header(StatusCode::OK, outcome.replayed, body))
 }
 
 /// Longest a deduction waits for the audit to catch up before it is refused.
@@ -516,7 +511,7 @@ async fn refund_credits(
         reason: r.reason.clone(),
         timestamp: rfc3339_millis(r.timestamp),
     };
-    Ok(with_replay_header(StatusCode::OK, outcome, body))
+    Ok(with_replay_header(StatusCode::OK, outcome.replayed, body))
 }
 
 /// A refund's or settlement's own reference: the body's, else the
@@ -686,7 +681,7 @@ async fn add_credits(
         priority: r.priority,
         expires_at: r.expires_at.map(rfc3339_millis),
     };
-    Ok(with_replay_header(StatusCode::OK, outcome, body))
+    Ok(with_replay_header(StatusCode::OK, outcome.replayed, body))
 }
 
 /// Parses an RFC 3339 instant for `field`, to the millisecond (what the

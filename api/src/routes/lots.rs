@@ -162,8 +162,11 @@ async fn void_lot(
     if !outcome.replayed {
         state.jobs_committed();
     }
-    let body = outcome.value.clone();
-    Ok(with_replay_header(StatusCode::OK, outcome, body))
+    Ok(with_replay_header(
+        StatusCode::OK,
+        outcome.replayed,
+        outcome.value,
+    ))
 }
 
 /// Query of `GET /balance`.
@@ -336,9 +339,5 @@ async fn settle_credits(
     if !replayed {
         state.jobs_committed();
     }
-    let outcome = ledger::Outcome {
-        value: receipt.clone(),
-        replayed,
-    };
-    Ok(with_replay_header(StatusCode::OK, outcome, receipt))
+    Ok(with_replay_header(StatusCode::OK, replayed, receipt))
 }

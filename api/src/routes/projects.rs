@@ -281,7 +281,7 @@ async fn save_project(
     }
     metrics::histogram!("penora_save_prepare_seconds").record(started.elapsed().as_secs_f64());
     let mut client = state.pool.get().await?;
-    let outcome = projects::save(
+    let saved = projects::save(
         &mut client,
         &project,
         quota,
@@ -289,10 +289,10 @@ async fn save_project(
         correlation.as_deref(),
     )
     .await?;
-    if !outcome.replayed {
+    if !saved.replayed {
         state.jobs_committed();
     }
-    answer(outcome, &project)
+    answer(saved, &project)
 }
 
 /// Bodies up to this size are prepared on the runtime's blocking pool at
@@ -504,11 +504,8 @@ fn parse_save(
     ))
 }
 
-fn answer(
-    outcome: penora_ledger::Outcome<projects::SaveReceipt>,
-    project: &NewProject,
-) -> Result<Response, ApiError> {
-    let r = &outcome.value;
+fn answer(saved: projects::Saved, project: &NewProject) -> Result<Response, ApiError> {
+    let r = &saved.receipt;
     let user = project.user_id.as_str();
     let is_url = matches!(project.content, Content::Url(_));
     let body = SaveProjectResponse {
@@ -525,7 +522,11 @@ fn answer(
         thumbnail_url: (!is_url).then(|| thumbnail_url(user, r.project_id)),
         created_at: rfc3339_millis(r.created_at),
     };
-    Ok(with_replay_header(StatusCode::ACCEPTED, outcome, body))
+    Ok(with_replay_header(
+        StatusCode::ACCEPTED,
+        saved.replayed,
+        body,
+    ))
 }
 
 /// Query of `GET /projects`.

@@ -40,7 +40,6 @@ use uuid::Uuid;
 use crate::images::{ImageInfo, Thumbnail};
 use penora_domain::messages::{SAVE_PROJECT, SaveProjectJob};
 use penora_domain::{AppName, ProjectCode, UserId, ValidationError};
-use penora_ledger::{LedgerError, Outcome};
 use penora_store::DbError;
 use penora_store::{accounts, outbox};
 
@@ -333,21 +332,31 @@ pub enum SaveError {
         /// `MAX_PROJECTS_PER_USER`.
         limit: i64,
     },
-    /// A credit-style refusal (unknown user, idempotency conflict, database).
+    /// The user has no account.
+    #[error("user not found")]
+    UserNotFound,
+    /// The project code was saved before with another title or content.
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    /// The database failed.
     #[error(transparent)]
-    Ledger(#[from] LedgerError),
+    Db(#[from] DbError),
 }
 
 impl From<tokio_postgres::Error> for SaveError {
     fn from(e: tokio_postgres::Error) -> Self {
-        Self::Ledger(e.into())
+        Self::Db(e.into())
     }
 }
 
-impl From<DbError> for SaveError {
-    fn from(e: DbError) -> Self {
-        Self::Ledger(e.into())
-    }
+/// A save's answer, and whether it is the answer of an earlier save with the
+/// same project code (a replay: nothing was saved again).
+#[derive(Debug, Clone)]
+pub struct Saved {
+    /// The answer (the first one, for a replay).
+    pub receipt: SaveReceipt,
+    /// True when the project code had been saved before.
+    pub replayed: bool,
 }
 
 /// The `ETag` of stored bytes: a strong validator from their SHA-256.
@@ -363,7 +372,7 @@ pub async fn replay_of(
     client: &impl GenericClient,
     p: &NewProject,
     quota: i64,
-) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
+) -> Result<Option<Result<Saved, SaveError>>, SaveError> {
     let Some(code) = &p.project_code else {
         return Ok(None);
     };
@@ -381,14 +390,13 @@ pub async fn replay_of(
     let original: i64 = row.get("original_size_bytes");
     let title: String = row.get("title");
     if original != p.original_size || title != p.title {
-        return Ok(Some(Err(LedgerError::IdempotencyConflict(format!(
+        return Ok(Some(Err(SaveError::IdempotencyConflict(format!(
             "project_code {:?} was already saved with another title or content",
             code.as_str()
-        ))
-        .into())));
+        )))));
     }
-    Ok(Some(Ok(Outcome {
-        value: SaveReceipt {
+    Ok(Some(Ok(Saved {
+        receipt: SaveReceipt {
             project_id: row.get("id"),
             status: row.get("status"),
             size_bytes: row.get("size_bytes"),
@@ -413,7 +421,7 @@ pub async fn save(
     quota: i64,
     max_projects: i64,
     correlation_id: Option<&str>,
-) -> Result<Outcome<SaveReceipt>, SaveError> {
+) -> Result<Saved, SaveError> {
     let user = p.user_id.as_str();
     let size = p.content.size();
     let meta = p.meta_bytes();
@@ -436,7 +444,7 @@ pub async fn save(
                 return first;
             }
             let Some(used) = accounts::lock_storage(&tx, user).await? else {
-                return Err(LedgerError::UserNotFound.into());
+                return Err(SaveError::UserNotFound);
             };
             // The cap first: evicting makes room in bytes, not in projects.
             if let Some(answer) = at_project_limit(&tx, p, quota, max_projects).await? {
@@ -515,8 +523,8 @@ pub async fn save(
     tx.commit().await?;
     metrics::counter!("penora_storage_reserved_bytes_total").increment(counted.unsigned_abs());
     metrics::counter!("penora_projects_evicted_total").increment(evicted.len() as u64);
-    Ok(Outcome {
-        value: SaveReceipt {
+    Ok(Saved {
+        receipt: SaveReceipt {
             project_id: id,
             status: "queued".into(),
             size_bytes: size,
@@ -546,7 +554,7 @@ async fn at_project_limit(
     p: &NewProject,
     quota: i64,
     max_projects: i64,
-) -> Result<Option<Result<Outcome<SaveReceipt>, SaveError>>, SaveError> {
+) -> Result<Option<Result<Saved, SaveError>>, SaveError> {
     let stmt = tx.prepare_cached(LIVE_PROJECTS_SQL).await?;
     let live: i64 = tx
         .query_one(&stmt, &[&p.user_id.as_str(), &max_projects])
