@@ -25,7 +25,10 @@
 //! its requests `500`.
 //!
 //! `user-info` reads go through a queue of the same kind ([`Summaries`]): the
-//! users waiting at one moment are read with one statement.
+//! users waiting at one moment are read together, with one statement for
+//! their credits (the ledger's summaries) and one for their workspace (storage
+//! and projects), sent together on one connection: two statements a batch,
+//! whatever its size.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -38,6 +41,7 @@ use penora_domain::UserId;
 use penora_ledger as ledger;
 use penora_ledger::{AccountSummary, Answer, Deduct, DeductReceipt, LedgerError, OnBusy, Queued};
 use penora_store::DbError;
+use penora_workspace::projects::{self, Usage};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::error::ApiError;
@@ -391,11 +395,34 @@ async fn run_lane_batch(pool: Pool, batch: Vec<WaitingDeduct>) -> Option<DbError
     timed_out
 }
 
+/// What `user-info` shows of a user: the ledger's part and the workspace's.
+#[derive(Debug, Clone)]
+pub struct UserSummary {
+    /// Credits: spendable, by category, reserved, the next expiry.
+    pub credits: AccountSummary,
+    /// Storage in use and projects.
+    pub workspace: Usage,
+}
+
+impl UserSummary {
+    /// Puts a user's two parts together; `None` without an account (the
+    /// ledger's part says). The workspace's part is read by a statement of
+    /// its own: should it miss an account made between the two, that
+    /// account is new, and holds nothing.
+    fn of(credits: Option<AccountSummary>, workspace: Option<Usage>) -> Option<Self> {
+        credits.map(|credits| Self {
+            credits,
+            workspace: workspace.unwrap_or_default(),
+        })
+    }
+}
+
 /// Reads of account summaries (`user-info`), taken together under load: one
-/// statement answers every user waiting at that moment. Cheap to clone.
+/// statement per part answers every user waiting at that moment. Cheap to
+/// clone.
 #[derive(Clone)]
 pub struct Summaries {
-    batcher: Batcher<UserId, Result<Option<AccountSummary>, DbError>>,
+    batcher: Batcher<UserId, Result<Option<UserSummary>, DbError>>,
 }
 
 impl Summaries {
@@ -407,7 +434,7 @@ impl Summaries {
     }
 
     /// The user's summary; `None` when the user has no account.
-    pub async fn get(&self, user: UserId) -> Result<Option<AccountSummary>, ApiError> {
+    pub async fn get(&self, user: UserId) -> Result<Option<UserSummary>, ApiError> {
         match self.batcher.submit(user).await {
             Ok(found) => Ok(found?),
             Err(Unanswered::Full) => Err(ApiError::Busy {
@@ -424,17 +451,34 @@ impl Summaries {
 
 async fn run_summaries(
     pool: Pool,
-    batch: Vec<Waiting<UserId, Result<Option<AccountSummary>, DbError>>>,
+    batch: Vec<Waiting<UserId, Result<Option<UserSummary>, DbError>>>,
 ) {
     metrics::histogram!("penora_read_batch_size").record(batch.len() as f64);
     let found = async {
         let client = pool.get().await?;
+        // The two parts' statements go out together on the one connection
+        // (tokio-postgres pipelines them): one wait for both.
         if let [(user, _)] = batch.as_slice() {
-            let one = ledger::account_summary(&client, user).await?;
+            let (credits, workspace) = tokio::try_join!(
+                ledger::account_summary(&client, user),
+                projects::usage(&client, user),
+            )?;
+            let one = UserSummary::of(credits, workspace);
             return Ok(one.into_iter().map(|s| (user.to_string(), s)).collect());
         }
         let users: Vec<&str> = batch.iter().map(|(u, _)| u.as_str()).collect();
-        ledger::account_summaries(&client, &users).await
+        let (mut credits, mut workspaces) = tokio::try_join!(
+            ledger::account_summaries(&client, &users),
+            projects::usages(&client, &users),
+        )?;
+        let found: HashMap<String, UserSummary> = users
+            .iter()
+            .filter_map(|&user| {
+                let one = UserSummary::of(credits.remove(user), workspaces.remove(user))?;
+                Some((user.to_owned(), one))
+            })
+            .collect();
+        Ok::<_, DbError>(found)
     }
     .await;
     match found {

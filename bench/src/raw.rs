@@ -136,21 +136,26 @@ pub async fn raw_minimal_deduct(pool: &Pool, user: &str, code: &str) -> bool {
     result.unwrap_or(false)
 }
 
-/// The statement of `user-info` (`ledger::account_summary`).
+/// The statements of `user-info`: the ledger's part
+/// (`ledger::account_summary`) and the workspace's (`projects::usage`), sent
+/// together on one connection, as the API does.
 pub async fn raw_user_info(pool: &Pool, user: &str) -> bool {
     let Ok(client) = pool.get().await else {
         return false;
     };
-    let Ok(stmt) = client
-        .prepare_cached(&penora_ledger::ACCOUNT_SUMMARY_SQL)
-        .await
-    else {
+    let statements = tokio::try_join!(
+        client.prepare_cached(&penora_ledger::ACCOUNT_SUMMARY_SQL),
+        client.prepare_cached(&penora_workspace::projects::USAGE_SQL),
+    );
+    let Ok((credits, workspace)) = statements else {
         return false;
     };
-    client
-        .query_opt(&stmt, &[&user])
-        .await
-        .is_ok_and(|r| r.is_some())
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&user];
+    tokio::try_join!(
+        client.query_opt(&credits, &params),
+        client.query_opt(&workspace, &params),
+    )
+    .is_ok_and(|(credits, workspace)| credits.is_some() && workspace.is_some())
 }
 
 /// The statements of `projects::save` (quota update, project, content, outbox).

@@ -165,20 +165,24 @@ async fn user_info(
         .await?
         .ok_or(ApiError::UserNotFound)?;
     let quota = state.settings.workspace.storage_quota_bytes;
-    let used = summary.storage_used_bytes;
+    let (credits, workspace) = (&summary.credits, &summary.workspace);
     let body = UserInfo {
         user_id: user.to_string(),
-        credits: summary.balance,
-        reserved_credits: summary.reserved_credits,
+        credits: credits.balance,
+        reserved_credits: credits.reserved_credits,
         credits_breakdown: CreditsBreakdown {
-            paid: summary.paid,
-            promotional: summary.promotional,
+            paid: credits.paid,
+            promotional: credits.promotional,
         },
-        next_expiry: summary.next_expiry.map(|(amount, at)| NextExpiry {
+        next_expiry: credits.next_expiry.map(|(amount, at)| NextExpiry {
             amount,
             expires_at: rfc3339_millis(at),
         }),
-        storage: Storage::new(quota, used, summary.total_projects),
+        storage: Storage::new(
+            quota,
+            workspace.storage_used_bytes,
+            workspace.total_projects,
+        ),
         timestamp: rfc3339_millis(time::OffsetDateTime::now_utc()),
     };
     Ok(json_ok(body).into_response())

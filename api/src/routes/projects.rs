@@ -664,10 +664,7 @@ async fn list_projects(
         .map(decode_cursor)
         .transpose()?;
     let client = state.pool.get().await?;
-    if penora_ledger::account_summary(&client, &user)
-        .await?
-        .is_none()
-    {
+    if projects::usage(&client, &user).await?.is_none() {
         return Err(ApiError::UserNotFound);
     }
     let rows = projects::list(&client, &user, limit, after).await?;
@@ -951,9 +948,9 @@ async fn delete_project(
         Some(&actor),
     )
     .await?;
-    let total_projects = penora_ledger::account_summary(&client, &user)
+    let total_projects = projects::usage(&client, &user)
         .await?
-        .map_or(0, |s| s.total_projects);
+        .map_or(0, |u| u.total_projects);
     let body = DeleteProjectResponse {
         project_id,
         freed_bytes: deleted.freed_bytes,

@@ -40,6 +40,76 @@ async fn concurrent_user_info_reads_each_get_their_own_users_figures() {
     }
 }
 
+/// `user-info`'s batched read puts each user's two parts together, the
+/// ledger's (credits) and the workspace's (storage and projects), each read
+/// with one statement for the whole batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_user_info_reads_answers_each_users_credits_storage_and_projects() {
+    use futures_util::FutureExt;
+
+    let app = crate::support::spawn_app().await;
+    for n in 1..=4i64 {
+        let user = format!("reader{n}");
+        app.grant(&user, n * 10).await;
+        for p in 0..n {
+            app.saved_url_project(&user, &format!("https://cdn.example.com/{user}/{p}.png"))
+                .await;
+        }
+    }
+    // A deleted project is not counted (its bytes are freed).
+    let gone = app
+        .saved_url_project("reader4", "https://cdn.example.com/gone.png")
+        .await;
+    let r = app
+        .delete(&format!("/api/unified/projects/{gone}?user_id=reader4"))
+        .await;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+
+    // One connection, held by the test, and one batch at a time: the first
+    // read waits for the connection while every other one queues behind it,
+    // so they are read as one batch once it is free.
+    let pool = penora_store::pool_for(&app.db.url, 1).expect("pool");
+    let held = pool.get().await.expect("the only connection");
+    let summaries = penora_api::coalesce::Summaries::start(pool.clone(), 1024, 256, 1);
+    let users: Vec<String> = (0..3)
+        .flat_map(|_| (1..=5).map(|n| format!("reader{n}")))
+        .collect();
+    let mut reads =
+        Box::pin(futures_util::future::join_all(users.iter().map(|u| {
+            summaries.get(penora_domain::UserId::parse(u).expect("user id"))
+        })));
+    assert!(
+        (&mut reads).now_or_never().is_none(),
+        "waiting for the connection"
+    );
+    drop(held);
+    let answers = reads.await;
+    for (user, answer) in users.iter().zip(answers) {
+        let n: i64 = user["reader".len()..].parse().expect("n");
+        let found = answer.expect("read");
+        if n == 5 {
+            assert!(found.is_none(), "reader5 has no account");
+            continue;
+        }
+        let found = found.expect("an account");
+        assert_eq!(found.credits.balance, n * 10, "{user}");
+        assert_eq!(found.workspace.total_projects, n, "{user}");
+        let stored: i64 = (0..n)
+            .map(|p| format!("https://cdn.example.com/{user}/{p}.png").len() as i64 + 1)
+            .sum();
+        assert_eq!(found.workspace.storage_used_bytes, stored, "{user}");
+    }
+    // The HTTP route shows the same figures.
+    let r: serde_json::Value = app
+        .get("/api/unified/user-info?user_id=reader4")
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(r["storage"]["total_projects"], 4, "{r}");
+    assert_eq!(r["credits"], 40, "{r}");
+}
+
 /// With group commit off (`DEDUCT_BATCH_MAX=1`) every deduction is a batch of
 /// one; over HTTP, the answers a client sees are those of group commit on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

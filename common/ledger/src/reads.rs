@@ -1,7 +1,10 @@
 //! What the ledger shows: a user's entries, and account summaries.
 //!
-//! Rule: reads never lock and never write; a summary counts the credits held
-//! by reservations that are not final yet, and projects that are not deleted.
+//! Rules: reads never lock and never write; a summary counts the credits
+//! held by reservations that are not final yet; a summary is the ledger's
+//! part of `user-info` only (credits): the workspace's part (storage,
+//! projects) is `penora_workspace::projects::usage`, and the API puts the two
+//! together.
 
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
@@ -13,12 +16,11 @@ use penora_store::DbError;
 /// Columns of a summary, over `accounts a`: spendable credits by category
 /// and the next expiry come from the lots (contract §12: a lot past its
 /// `expires_at` is not spendable, even before its `expire` entry).
-const SUMMARY_COLUMNS: &str = "a.user_id, a.storage_used_bytes, \
+const SUMMARY_COLUMNS: &str = "a.user_id, \
        coalesce(s.paid, 0)::bigint AS paid_credits, coalesce(s.promotional, 0)::bigint AS promotional_credits, \
        s.next_expiry_at, \
        (SELECT coalesce(sum(n.remaining), 0)::bigint FROM credit_lots n \
           WHERE n.user_id = a.user_id AND n.status = 'active' AND n.expires_at = s.next_expiry_at) AS next_expiry_amount, \
-       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted') AS total_projects, \
        (SELECT coalesce(sum(r.amount - r.refunded_amount), 0)::bigint FROM reservations r \
           WHERE r.user_id = a.user_id AND r.state IN ('reserved', 'partially_refunded')) AS reserved_credits \
      FROM accounts a \
@@ -29,11 +31,11 @@ const SUMMARY_COLUMNS: &str = "a.user_id, a.storage_used_bytes, \
        FROM credit_lots l WHERE l.user_id = a.user_id AND l.status = 'active' AND l.remaining > 0 \
          AND (l.expires_at IS NULL OR l.expires_at > now())) s ON true";
 
-/// SQL of `user-info`'s summary.
+/// SQL of `user-info`'s credit part (one user).
 pub static ACCOUNT_SUMMARY_SQL: std::sync::LazyLock<String> =
     std::sync::LazyLock::new(|| format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = $1"));
 
-/// SQL of many users' summaries at once (the API's batched `user-info`).
+/// SQL of many users' credit parts at once (the API's batched `user-info`).
 pub static ACCOUNT_SUMMARIES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = ANY($1::text[])")
 });
@@ -92,7 +94,7 @@ pub async fn transactions(
         .collect())
 }
 
-/// A user's balance and storage, as `user-info` shows them.
+/// A user's credits, as `user-info` shows them.
 #[derive(Debug, Clone)]
 pub struct AccountSummary {
     /// Spendable credits (paid and promotional).
@@ -105,10 +107,6 @@ pub struct AccountSummary {
     pub next_expiry: Option<(i64, OffsetDateTime)>,
     /// Credits held by reservations that are not final yet.
     pub reserved_credits: i64,
-    /// Bytes held by queued and saved projects.
-    pub storage_used_bytes: i64,
-    /// Projects, any status.
-    pub total_projects: i64,
 }
 
 impl AccountSummary {
@@ -121,8 +119,6 @@ impl AccountSummary {
             paid,
             promotional,
             next_expiry: next.map(|at| (r.get("next_expiry_amount"), at)),
-            storage_used_bytes: r.get("storage_used_bytes"),
-            total_projects: r.get("total_projects"),
             reserved_credits: r.get("reserved_credits"),
         }
     }

@@ -895,6 +895,69 @@ fn raw_json(text: String) -> Box<serde_json::value::RawValue> {
         .unwrap_or_else(|_| RawValue::NULL.to_owned())
 }
 
+/// Columns of a user's workspace usage, over `accounts a`: the bytes the
+/// quota counts and the projects that are not deleted.
+const USAGE_COLUMNS: &str = "a.user_id, a.storage_used_bytes, \
+       (SELECT count(*) FROM projects p WHERE p.user_id = a.user_id AND p.status <> 'deleted') AS total_projects \
+     FROM accounts a";
+
+/// SQL of one user's workspace usage (`user-info`'s storage).
+pub static USAGE_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {USAGE_COLUMNS} WHERE a.user_id = $1"));
+
+/// SQL of many users' workspace usage at once (the API's batched `user-info`).
+pub static USAGES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!("SELECT {USAGE_COLUMNS} WHERE a.user_id = ANY($1::text[])")
+});
+
+/// What a user's workspace holds, as `user-info` shows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Bytes counted against the quota (queued, saved and failed projects'
+    /// titles and metadata, and the content of the first two).
+    pub storage_used_bytes: i64,
+    /// Projects that are not deleted (queued, saved or failed).
+    pub total_projects: i64,
+}
+
+impl TryFrom<&tokio_postgres::Row> for Usage {
+    type Error = tokio_postgres::Error;
+
+    fn try_from(r: &tokio_postgres::Row) -> Result<Self, Self::Error> {
+        Ok(Self {
+            storage_used_bytes: r.try_get("storage_used_bytes")?,
+            total_projects: r.try_get("total_projects")?,
+        })
+    }
+}
+
+/// The user's workspace usage; `None` when the user has no account. Reads
+/// without locks.
+pub async fn usage(
+    client: &impl GenericClient,
+    user_id: &UserId,
+) -> Result<Option<Usage>, DbError> {
+    let stmt = client.prepare_cached(&USAGE_SQL).await?;
+    match client.query_opt(&stmt, &[&user_id.as_str()]).await? {
+        Some(row) => Ok(Some(Usage::try_from(&row)?)),
+        None => Ok(None),
+    }
+}
+
+/// The workspace usage of `users` who have an account, by user id, in one
+/// statement. Reads without locks.
+pub async fn usages(
+    client: &impl GenericClient,
+    users: &[&str],
+) -> Result<std::collections::HashMap<String, Usage>, DbError> {
+    let stmt = client.prepare_cached(&USAGES_SQL).await?;
+    let mut found = std::collections::HashMap::new();
+    for row in client.query(&stmt, &[&users]).await? {
+        found.insert(row.try_get("user_id")?, Usage::try_from(&row)?);
+    }
+    Ok(found)
+}
+
 /// How many projects (deleted ones left out) the user has, per app.
 pub async fn counts(
     client: &impl GenericClient,
