@@ -1,13 +1,15 @@
-//! `penora-ops credits`: grants, with the ledger's rules (once per
-//! reference; a repeat moves nothing and says so), and a user's lots.
+//! `penora-ops credits`: grants, with the ledger's rules (a grant's fields
+//! checked by `penora_ledger::grant_rules`, as `add-credits` checks them;
+//! once per reference; a repeat moves nothing and says so), and a user's
+//! lots.
 
 use crate::output;
 use clap::Subcommand;
 use penora_config::Ledger;
 use penora_domain::timefmt::rfc3339_millis;
-use penora_domain::{AppName, Credits, GrantReason, PENORA, Reference, UserId};
+use penora_domain::{AppName, PENORA, UserId};
 use penora_ledger as ledger;
-use penora_ledger::LotCategory;
+use penora_ledger::grant_rules::GrantRequest;
 use time::OffsetDateTime;
 
 #[derive(Subcommand)]
@@ -27,12 +29,12 @@ pub enum CreditsCommand {
         /// The app granting.
         #[arg(long, default_value = PENORA)]
         app: String,
-        /// `paid` or `promotional`.
-        #[arg(long, default_value = "paid")]
-        category: String,
+        /// `paid` (the default) or `promotional`.
+        #[arg(long)]
+        category: Option<String>,
         /// 0–100, lower spent first (default 10 for promotional, 50 for paid).
         #[arg(long)]
-        priority: Option<i32>,
+        priority: Option<i64>,
         /// When the credits expire (RFC 3339, in the future); never when absent.
         #[arg(long)]
         expires_at: Option<String>,
@@ -73,34 +75,23 @@ pub async fn run(
             priority,
             expires_at,
         } => {
-            let category = LotCategory::from_db(&category)
-                .ok_or_else(|| anyhow::anyhow!("--category must be paid or promotional"))?;
-            let priority = priority.unwrap_or(category.default_priority());
-            anyhow::ensure!(
-                (0..=100).contains(&priority),
-                "--priority must be from 0 to 100"
+            let user_id = UserId::parse(&user)?;
+            let app_name = AppName::parse("app", &app)?;
+            let (amount, priority) = (
+                serde_json::Value::from(amount),
+                priority.map(serde_json::Value::from),
             );
-            let expires_at = expires_at
-                .map(|raw| {
-                    let at = penora_domain::timefmt::parse_millis(&raw)
-                        .ok_or_else(|| anyhow::anyhow!("--expires-at must be an RFC 3339 time"))?;
-                    anyhow::ensure!(
-                        at > OffsetDateTime::now_utc(),
-                        "--expires-at must be in the future"
-                    );
-                    Ok(at)
-                })
-                .transpose()?;
-            let grant = ledger::Grant {
-                user_id: UserId::parse(&user)?,
-                amount: Credits::new("amount", amount, ledger_settings.max_deduct_amount)?,
-                app_name: AppName::parse("app", &app)?,
-                reason: GrantReason::parse("reason", Some(&reason))?,
-                reference: Reference::parse("reference", Some(&reference))?,
-                category,
-                priority,
-                expires_at,
-            };
+            let grant = GrantRequest {
+                user_id: &user_id,
+                app_name: &app_name,
+                amount: Some(&amount),
+                reason: Some(&reason),
+                reference: Some(&reference),
+                category: category.as_deref(),
+                priority: priority.as_ref(),
+                expires_at: expires_at.as_deref(),
+            }
+            .validate(ledger_settings.max_deduct_amount, OffsetDateTime::now_utc())?;
             let outcome = ledger::grant(client, &grant, None).await?;
             let r = outcome.value;
             let replay = if outcome.replayed {

@@ -6,10 +6,9 @@ use axum::{
     response::{IntoResponse, Response},
 };
 use penora_domain::timefmt::rfc3339_millis;
-use penora_domain::{
-    AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId, whole_number,
-};
+use penora_domain::{AppName, Credits, Description, GrantReason, ProjectCode, Reference, UserId};
 use penora_ledger as ledger;
+use penora_ledger::grant_rules::LotTerms;
 use penora_platform::keys::Scope;
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -635,28 +634,12 @@ async fn add_credits(
         Reference::parse("reference", Some(k)).is_ok()
     })?;
     let reference = Reference::parse("reference", reference.as_deref())?;
-    let category = match body.category.as_deref() {
-        None => ledger::LotCategory::Paid,
-        Some(raw) => ledger::LotCategory::from_db(raw).ok_or_else(|| {
-            ApiError::InvalidRequest("category: must be \"paid\" or \"promotional\"".into())
-        })?,
-    };
-    let priority = match &body.priority {
-        None | Some(serde_json::Value::Null) => category.default_priority(),
-        Some(v) => {
-            let range = || "must be a whole number from 0 to 100".to_owned();
-            let p = whole_number("priority", v, &range)?;
-            i32::try_from(p)
-                .ok()
-                .filter(|p| (0..=100).contains(p))
-                .ok_or_else(|| ApiError::InvalidRequest(format!("priority: {}", range())))?
-        }
-    };
-    let expires_at = body
-        .expires_at
-        .as_deref()
-        .map(|raw| future_instant("expires_at", raw))
-        .transpose()?;
+    let terms = LotTerms::parse(
+        body.category.as_deref(),
+        body.priority.as_ref(),
+        body.expires_at.as_deref(),
+        time::OffsetDateTime::now_utc(),
+    )?;
     tracing::Span::current().record("user_id", user.as_str());
     let grant = ledger::Grant {
         user_id: user,
@@ -664,9 +647,9 @@ async fn add_credits(
         app_name,
         reason,
         reference,
-        category,
-        priority,
-        expires_at,
+        category: terms.category,
+        priority: terms.priority,
+        expires_at: terms.expires_at,
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::grant(&mut client, &grant, correlation.as_deref()).await?;
@@ -690,23 +673,8 @@ async fn add_credits(
 
 /// Parses an RFC 3339 instant for `field`, to the millisecond (what the
 /// service shows).
-pub fn instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
-    penora_domain::timefmt::parse_millis(raw).ok_or_else(|| {
-        ApiError::InvalidRequest(format!(
-            "{field}: must be an RFC 3339 time such as 2025-09-27T06:00:00Z"
-        ))
-    })
-}
-
-/// [`instant`], which must lie in the future.
-fn future_instant(field: &str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
-    let at = instant(field, raw)?;
-    if at <= time::OffsetDateTime::now_utc() {
-        return Err(ApiError::InvalidRequest(format!(
-            "{field}: must be in the future"
-        )));
-    }
-    Ok(at)
+pub fn instant(field: &'static str, raw: &str) -> Result<time::OffsetDateTime, ApiError> {
+    Ok(penora_domain::timefmt::parse_field(field, raw)?)
 }
 
 /// Query of `GET /transactions`.

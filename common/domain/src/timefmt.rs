@@ -20,6 +20,20 @@ pub fn parse_millis(raw: &str) -> Option<OffsetDateTime> {
         .ok()
 }
 
+/// [`parse_millis`] for the input `field`: refused naming the field, with an
+/// example of the form.
+pub fn parse_field(
+    field: &'static str,
+    raw: &str,
+) -> Result<OffsetDateTime, crate::ValidationError> {
+    parse_millis(raw).ok_or_else(|| {
+        crate::ValidationError::new(
+            field,
+            "must be an RFC 3339 time such as 2025-09-27T06:00:00Z",
+        )
+    })
+}
+
 /// Serde helper: serialize an `OffsetDateTime` with [`rfc3339_millis`].
 pub mod serde_millis {
     use time::OffsetDateTime;

@@ -45,6 +45,7 @@
 
 pub mod audit;
 pub mod backpressure;
+pub mod grant_rules;
 pub mod plan;
 pub mod reconcile;
 pub mod snapshot;

@@ -173,3 +173,65 @@ async fn a_users_lots_are_listed_and_a_voided_lot_takes_its_credits_once() {
     let clean = s.ops(&["reconcile"]).await;
     assert!(clean.status.success(), "{}", stdout(&clean));
 }
+
+/// A grant's fields have one set of rules (`penora_ledger::grant_rules`):
+/// `penora-ops credits grant` refuses what `add-credits` refuses, in its
+/// words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_grant_refuses_what_add_credits_refuses_in_the_same_words() {
+    let s = stack().await;
+    for (flags, fields, words) in [
+        (
+            &["--priority", "101"][..],
+            serde_json::json!({"priority": 101}),
+            "priority: must be a whole number from 0 to 100",
+        ),
+        (
+            &["--category", "gift"][..],
+            serde_json::json!({"category": "gift"}),
+            "category: must be \"paid\" or \"promotional\"",
+        ),
+        (
+            &["--expires-at", "2020-01-01T00:00:00Z"][..],
+            serde_json::json!({"expires_at": "2020-01-01T00:00:00Z"}),
+            "expires_at: must be in the future",
+        ),
+        (
+            &["--expires-at", "soon"][..],
+            serde_json::json!({"expires_at": "soon"}),
+            "expires_at: must be an RFC 3339 time such as 2025-09-27T06:00:00Z",
+        ),
+    ] {
+        let mut args = vec![
+            "credits",
+            "grant",
+            "buyer",
+            "5",
+            "--reason",
+            "purchase",
+            "--reference",
+            "pay_1",
+        ];
+        args.extend_from_slice(flags);
+        let o = s.ops(&args).await;
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {o:?}");
+        assert!(stderr(&o).contains(words), "{flags:?}: {}", stderr(&o));
+
+        let mut body = serde_json::json!({"user_id": "buyer", "amount": 5,
+                                          "reason": "purchase", "reference": "pay_1"});
+        if let (Some(body), Some(fields)) = (body.as_object_mut(), fields.as_object()) {
+            body.extend(fields.clone());
+        }
+        let r = s.post("/api/unified/add-credits", &body).await;
+        assert_eq!(r.status(), reqwest::StatusCode::BAD_REQUEST, "{fields}");
+        let answer: serde_json::Value = r.json().await.expect("json");
+        assert_eq!(answer["code"], "invalid_request", "{answer}");
+        assert_eq!(answer["error"], words, "{answer}");
+    }
+    assert_eq!(
+        s.scalar("SELECT count(*) FROM accounts WHERE user_id = $1", "buyer")
+            .await,
+        0,
+        "nothing was granted"
+    );
+}
