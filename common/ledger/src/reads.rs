@@ -13,10 +13,14 @@ use time::OffsetDateTime;
 use penora_domain::UserId;
 use penora_store::DbError;
 
+use crate::tables::lots::SPENDABLE_L;
+
 /// Columns of a summary, over `accounts a`: spendable credits by category
 /// and the next expiry come from the lots (contract §12: a lot past its
 /// `expires_at` is not spendable, even before its `expire` entry).
-const SUMMARY_COLUMNS: &str = "a.user_id, \
+static SUMMARY_COLUMNS: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "a.user_id, \
        coalesce(s.paid, 0)::bigint AS paid_credits, coalesce(s.promotional, 0)::bigint AS promotional_credits, \
        s.next_expiry_at, \
        (SELECT coalesce(sum(n.remaining), 0)::bigint FROM credit_lots n \
@@ -28,16 +32,20 @@ const SUMMARY_COLUMNS: &str = "a.user_id, \
        SELECT sum(l.remaining) FILTER (WHERE l.category = 'paid') AS paid, \
               sum(l.remaining) FILTER (WHERE l.category = 'promotional') AS promotional, \
               min(l.expires_at) AS next_expiry_at \
-       FROM credit_lots l WHERE l.user_id = a.user_id AND l.status = 'active' AND l.remaining > 0 \
-         AND (l.expires_at IS NULL OR l.expires_at > now())) s ON true";
+       FROM credit_lots l WHERE l.user_id = a.user_id AND {SPENDABLE_L}) s ON true"
+    )
+});
 
 /// SQL of `user-info`'s credit part (one user).
 pub static ACCOUNT_SUMMARY_SQL: std::sync::LazyLock<String> =
-    std::sync::LazyLock::new(|| format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = $1"));
+    std::sync::LazyLock::new(|| format!("SELECT {} WHERE a.user_id = $1", *SUMMARY_COLUMNS));
 
 /// SQL of many users' credit parts at once (the API's batched `user-info`).
 pub static ACCOUNT_SUMMARIES_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!("SELECT {SUMMARY_COLUMNS} WHERE a.user_id = ANY($1::text[])")
+    format!(
+        "SELECT {} WHERE a.user_id = ANY($1::text[])",
+        *SUMMARY_COLUMNS
+    )
 });
 
 /// One ledger row as `GET /transactions` shows it.
