@@ -58,7 +58,7 @@ need python3 python3
 python3 - <<'PY'
 import json, pathlib, re, subprocess, sys
 exported = set()
-for src in pathlib.Path(".").glob("*/src/**/*.rs"):
+for src in [*pathlib.Path(".").glob("*/src/**/*.rs"), *pathlib.Path(".").glob("common/*/src/**/*.rs")]:
     exported.update(re.findall(r'metrics::(?:counter|gauge|histogram)!\(\s*"([a-z_]+)"', src.read_text()))
 bad = 0
 for f in pathlib.Path("deploy/grafana").rglob("*.json"):
@@ -114,6 +114,8 @@ build_context() { # build_context DOCKERFILE DIR
   [ -n "${cmd:-}" ] || { echo "$dockerfile: no cargo build in the build stage"; return 1; }
   echo "building the image's context as the Dockerfile does: $cmd --offline"
   started=$(date +%s)
+  # Offline needs the registry cache: a fresh machine fetches it first.
+  (cd "$repo" && cargo fetch --locked -q) || return 1
   (cd "$ctx/${workdir#/}" && CARGO_TARGET_DIR="$repo/target" eval "$cmd --offline") || return 1
   echo "the image's build context builds ($(( $(date +%s) - started )) s)"
 }
