@@ -7,6 +7,7 @@
 
 #[cfg(feature = "sql")]
 pub mod codec;
+pub mod events;
 pub mod labels;
 pub mod messages;
 pub mod pricing;

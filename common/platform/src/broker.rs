@@ -29,6 +29,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use penora_config::{Broker, QueueType, Secret};
+use penora_domain::events;
 use penora_domain::messages::{
     EVENTS_EXCHANGE, GENERATION_EVENTS, JOBS_EXCHANGE, LEDGER_AUDIT, SAVE_PROJECT,
 };
@@ -118,7 +119,11 @@ impl Topology {
 
     /// Every exchange.
     pub fn all_exchanges(&self) -> Vec<String> {
-        vec![self.exchange(JOBS_EXCHANGE), self.exchange(EVENTS_EXCHANGE)]
+        vec![
+            self.exchange(JOBS_EXCHANGE),
+            self.exchange(EVENTS_EXCHANGE),
+            self.exchange(events::EXCHANGE),
+        ]
     }
 
     fn queue_args(&self) -> FieldTable {
@@ -197,6 +202,14 @@ impl Topology {
         // ImageGene publishes `generation.<outcome>` here.
         ch.exchange_declare(
             self.exchange(EVENTS_EXCHANGE).into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+        // Our own events (contract §14), their type as routing key.
+        ch.exchange_declare(
+            self.exchange(events::EXCHANGE).into(),
             ExchangeKind::Topic,
             durable_exchange,
             FieldTable::default(),

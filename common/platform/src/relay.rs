@@ -147,6 +147,12 @@ pub async fn relay_once(
                 sent.push(*id);
                 metrics::histogram!("penora_outbox_relay_lag_seconds")
                     .record(row.get::<_, f64>("waited_secs"));
+                if row.get::<_, &str>("exchange") == penora_domain::events::EXCHANGE {
+                    // The type is one of §14's eleven: a bounded label.
+                    let kind = penora_domain::events::EventType::from_db(row.get("routing_key"))
+                        .map_or("other", |t| t.as_str());
+                    metrics::counter!("penora_events_published_total", "type" => kind).increment(1);
+                }
             }
             Err(e) => {
                 refused.push(*id);

@@ -9,7 +9,9 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use uuid::Uuid;
 
+use penora_domain::events::{self, Envelope, EventType};
 use penora_domain::messages::JOBS_EXCHANGE;
+use time::OffsetDateTime;
 
 use crate::DbError;
 
@@ -89,6 +91,76 @@ pub async fn enqueue_job(
     ids.into_iter()
         .next()
         .ok_or_else(|| DbError::Invariant("a job was not written".into()))
+}
+
+/// An event to publish on `penora.events` (contract §14).
+#[derive(Debug, Clone)]
+pub struct Event<'a> {
+    /// Whose change it reports (`data.user_id` is set from it).
+    pub user_id: &'a str,
+    /// Its type, the routing key.
+    pub kind: EventType,
+    /// What it concerns besides the user (an object; `user_id` is added).
+    pub data: serde_json::Value,
+    /// The request id, carried as the message's correlation id.
+    pub correlation_id: Option<&'a str>,
+}
+
+/// Writes `events` for `penora.events` in one statement of the caller's
+/// transaction (the transaction of the change they report), each in §14's
+/// envelope with its `evt_` id made from its message id, stamped `at`.
+/// Returns their event ids, in order.
+pub async fn enqueue_events(
+    tx: &impl GenericClient,
+    events: &[Event<'_>],
+    at: OffsetDateTime,
+) -> Result<Vec<String>, DbError> {
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let users: Vec<&str> = events.iter().map(|e| e.user_id).collect();
+    let keys: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let correlations: Vec<Option<&str>> = events.iter().map(|e| e.correlation_id).collect();
+    let mut payloads = Vec::with_capacity(events.len());
+    for (e, id) in events.iter().zip(&ids) {
+        let mut data = match &e.data {
+            serde_json::Value::Object(m) => m.clone(),
+            serde_json::Value::Null => serde_json::Map::new(),
+            other => {
+                return Err(DbError::Invariant(format!(
+                    "an event's data must be an object, not {other}"
+                )));
+            }
+        };
+        data.insert("user_id".into(), e.user_id.into());
+        let envelope = Envelope::new(*id, e.kind, at, serde_json::Value::Object(data));
+        payloads.push(
+            serde_json::to_value(&envelope)
+                .map_err(|err| DbError::Other(format!("event encoding: {err}")))?,
+        );
+    }
+    let stmt = tx
+        .prepare_cached(
+            "INSERT INTO outbox (user_id, exchange, routing_key, message_id, correlation_id, payload) \
+             SELECT v.user_id, $2, v.routing_key, v.message_id, v.correlation_id, v.payload \
+             FROM unnest($1::text[], $3::text[], $4::uuid[], $5::text[], $6::jsonb[]) \
+               AS v(user_id, routing_key, message_id, correlation_id, payload)",
+        )
+        .await?;
+    tx.execute(
+        &stmt,
+        &[
+            &users,
+            &events::EXCHANGE,
+            &keys,
+            &ids,
+            &correlations,
+            &payloads,
+        ],
+    )
+    .await?;
+    Ok(ids.into_iter().map(events::event_id).collect())
 }
 
 /// How many outbox rows wait to be published (set-aside ones included).
