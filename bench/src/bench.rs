@@ -172,7 +172,7 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "deduct,hot,user-info,flow,save,refunds"
+        default_value = "deduct,hot,user-info,flow,save,refunds,events"
     )]
     pub workloads: Vec<String>,
     /// Concurrencies of the `save` workload (each with 16 deducting
@@ -260,11 +260,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut audit_lag: Option<(f64, i64)> = None;
     let mut movements = Vec::new();
     let mut refund_row = None;
+    let mut events_row = None;
     for w in &workloads {
         if w == "save" {
             for &c in &ctx.args.save_concurrency.clone() {
                 save_rows.push(save_workload(&ctx, c, secs).await?);
             }
+            continue;
+        }
+        if w == "events" {
+            events_row = Some(crate::webhooks::events_workload(&ctx, secs).await?);
             continue;
         }
         if w == "refunds" {
@@ -340,6 +345,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         rows,
         saves: save_rows,
         refunds: refund_row,
+        events: events_row,
         movements,
         sustained,
         audit_lag,

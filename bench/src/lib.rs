@@ -15,4 +15,5 @@ pub mod measure;
 pub mod raw;
 pub mod report;
 pub mod services;
+pub mod webhooks;
 pub mod workloads;
