@@ -533,6 +533,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         args,
     });
     wait_for_api(&ctx).await;
+    // Subscribed before the first grant: every movement's event is owed to it.
+    let receiver = crate::chaos_events::Receiver::subscribe(&ctx).await?;
     for u in 0..ctx.args.users {
         let body = json!({"user_id": format!("chaos_{u}"), "amount": SEED_CREDITS, "reason": "chaos seed", "reference": format!("seed_{u}")});
         match ctx
@@ -579,7 +581,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         api.signal("-CONT");
         worker.signal("-CONT");
     }
-    let violations = check(&ctx).await?;
+    let mut violations = check(&ctx).await?;
+    let (db, connection) =
+        tokio_postgres::connect(&ctx.args.services.database_url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    violations.extend(receiver.check(&db).await?);
 
     let record = ctx.record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     println!(

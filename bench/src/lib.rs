@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod chaos_events;
 pub mod dbwork;
 pub mod events;
 pub mod faults;
