@@ -210,21 +210,22 @@ mod tests {
         assert!(g.admit("we_a").is_ok(), "a slot given back is free again");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_circuit_opens_after_consecutive_failures_then_lets_one_try() {
-        let g = gates(4, 3, 1000);
+    #[test]
+    fn the_circuit_opens_after_consecutive_failures_then_lets_one_try() {
+        // A 30 ms cooldown, waited out for real (no paused clock here).
+        let g = gates(4, 3, 30);
         for _ in 0..3 {
             g.admit("we_a").expect("closed").record(false);
         }
         assert_eq!(g.open_circuits(), 1);
         assert!(g.admit("we_a").is_err(), "open: deferred");
-        tokio::time::advance(Duration::from_millis(1001)).await;
+        std::thread::sleep(Duration::from_millis(40));
         let mut probe = g.admit("we_a").expect("half-open: one try");
         assert!(g.admit("we_a").is_err(), "only one try while half-open");
         probe.record(false);
         drop(probe);
         assert!(g.admit("we_a").is_err(), "a failed try opens it again");
-        tokio::time::advance(Duration::from_millis(1001)).await;
+        std::thread::sleep(Duration::from_millis(40));
         g.admit("we_a").expect("half-open").record(true);
         assert_eq!(g.open_circuits(), 0);
         let _x = g.admit("we_a").expect("closed");

@@ -107,7 +107,19 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
 impl Stack {
     /// Starts the worker in this process.
     pub async fn start_worker(&mut self) {
-        let worker = penora_worker::build(self.settings.worker())
+        self.start_worker_resolving(std::sync::Arc::new(
+            penora_platform::webhooks::client::SystemResolver,
+        ))
+        .await;
+    }
+
+    /// Starts the worker in this process, resolving webhook endpoints' names
+    /// through `resolver`.
+    pub async fn start_worker_resolving(
+        &mut self,
+        resolver: std::sync::Arc<dyn penora_platform::webhooks::client::Resolve>,
+    ) {
+        let worker = penora_worker::build_with_resolver(self.settings.worker(), resolver)
             .await
             .expect("worker builds");
         self.worker_metrics = Some(format!("http://{}/metrics", worker.metrics_addr));
@@ -145,6 +157,20 @@ impl Stack {
             ("LOG_FORMAT".into(), "json".into()),
             // wait-idle sees unacknowledged messages through it.
             ("RABBITMQ_MANAGEMENT_URL".into(), management_url()),
+            // The API's key, so a worker process opens the secrets it sealed.
+            (
+                "WEBHOOK_SECRET_KEY".into(),
+                self.settings
+                    .webhooks
+                    .secret_key
+                    .as_ref()
+                    .map(|k| k.expose().to_owned())
+                    .unwrap_or_default(),
+            ),
+            (
+                "WEBHOOK_ALLOW_PRIVATE".into(),
+                self.settings.webhooks.allow_private.to_string(),
+            ),
         ]
     }
 
