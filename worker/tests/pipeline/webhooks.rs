@@ -484,17 +484,36 @@ async fn an_event_is_fanned_out_once_however_often_the_fan_out_gets_it() {
     let mut s = stack(HOOKS, &[]).await;
     let rx = Receiver::start(Mode::Ok).await;
     let (endpoint, _) = register(&s, &rx.url, json!(["*"]), None).await;
-    let event = emit(&s, "u1", EventType::CreditsExpired, json!({"amount": 3})).await;
-    // The same envelope published twice to penora.events (a relay that
-    // crashed between the confirm and its commit publishes again).
-    let body = {
-        let client = s.pool.get().await.expect("db");
-        let row = client
-            .query_one("SELECT payload::text AS p FROM outbox WHERE routing_key = 'credits.expired'", &[])
+    // The envelope's bytes as the relay publishes them (`payload::text`),
+    // read in the transaction that writes it, before any relay can take it.
+    let (event, body) = {
+        let mut client = s.pool.get().await.expect("db");
+        let tx = client.transaction().await.expect("tx");
+        let ids = enqueue_events(
+            &tx,
+            &[Event {
+                user_id: "u1",
+                kind: EventType::CreditsExpired,
+                data: json!({"amount": 3}),
+                correlation_id: None,
+            }],
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .expect("event written");
+        let row = tx
+            .query_one(
+                "SELECT payload::text AS p FROM outbox WHERE routing_key = 'credits.expired'",
+                &[],
+            )
             .await
             .expect("outbox row");
-        row.get::<_, String>("p")
+        let body: String = row.get("p");
+        tx.commit().await.expect("commit");
+        (ids.into_iter().next().expect("id"), body)
     };
+    // The same envelope published a second time to penora.events (a relay
+    // that crashed between the confirm and its commit publishes again).
     let publisher = penora_platform::broker::Publisher::new(
         penora_config::Secret::new(crate::support::amqp_url()),
         "test",
@@ -509,12 +528,22 @@ async fn an_event_is_fanned_out_once_however_often_the_fan_out_gets_it() {
         }])
         .await
         .expect("published");
+    let fanout = s.topology.queue(penora_domain::events::WEBHOOK_FANOUT);
+    wait_for("both copies queued for the fan-out", Duration::from_secs(20), || async {
+        s.depth(&fanout).await == 2
+    })
+    .await;
     s.start_worker().await;
     wait_for("delivered", Duration::from_secs(20), || async {
         state(&s, &event, &endpoint).await == "delivered"
     })
     .await;
     s.wait_idle().await;
+    assert_eq!(s.depth(&fanout).await, 0, "both copies fanned out");
+    let rows = s
+        .scalar("SELECT count(*) FROM webhook_deliveries WHERE event_id = $1", &event)
+        .await;
+    assert_eq!(rows, 1, "one delivery row");
     assert_eq!(rx.count(), 1, "one delivery for two copies of the event");
     assert_eq!(rx.hits()[0].body, body.as_bytes(), "the bytes published, exactly");
 }
