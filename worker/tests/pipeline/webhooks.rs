@@ -159,6 +159,28 @@ fn signed_by(secret: &str, hit: &Hit) -> bool {
     })
 }
 
+/// What `api/tests/js/verify_webhook.mjs` (the README's receiver code, run
+/// by Node) says of `hit` under `secret`: "valid" or "invalid".
+async fn node_verifies(secret: &str, hit: &Hit) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/tests/js/verify_webhook.mjs");
+    let body = std::env::temp_dir().join(format!("penora-hook-{}.json", uuid::Uuid::new_v4()));
+    std::fs::write(&body, &hit.body).expect("body written");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("WEBHOOK_SECRET", secret)
+        .env("WEBHOOK_ID", &hit.id)
+        .env("WEBHOOK_TIMESTAMP", &hit.timestamp)
+        .env("WEBHOOK_SIGNATURE", &hit.signature)
+        .env("WEBHOOK_BODY_FILE", &body)
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("node is needed for this test ({e}); scripts/services.sh installs it"));
+    let _ = std::fs::remove_file(&body);
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_ne!(out.status.code(), Some(2), "the published test vector: {said}");
+    said
+}
+
 /// Registers an endpoint through the API; returns its id and secret.
 async fn register(s: &Stack, url: &str, events: Value, app: Option<&str>) -> (String, String) {
     let mut body = json!({"url": url, "events": events, "description": "test receiver"});
@@ -266,6 +288,11 @@ async fn an_event_is_delivered_once_with_its_exact_envelope_and_a_valid_signatur
                "data": {"user_id": "u1", "amount": 5, "lot_id": 7}})
     );
     assert_eq!(attempts(&s, &event, &endpoint).await, vec![(Some(200), None)]);
+    // The README's JavaScript receiver accepts it too (and refuses it with
+    // another secret).
+    assert_eq!(node_verifies(&secret, hit).await, "valid");
+    let other = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([9u8; 32]));
+    assert_eq!(node_verifies(&other, hit).await, "invalid");
     // The operator sees it.
     let out = s.ops(&["webhooks", "deliveries", &endpoint]).await;
     let text = String::from_utf8_lossy(&out.stdout);
