@@ -18,22 +18,57 @@ async fn registration_refuses_bad_targets_and_types_naming_the_field() {
     let cases = [
         (json!({"events": ["*"]}), "url:"),
         (json!({"url": "https://hooks.example.com/x"}), "events:"),
-        (json!({"url": "https://hooks.example.com/x", "events": []}), "events:"),
-        (json!({"url": "https://hooks.example.com/x", "events": ["balance.lower"]}), "events:"),
-        (json!({"url": "http://hooks.example.com/x", "events": ["*"]}), "url:"),
-        (json!({"url": "ftp://hooks.example.com/x", "events": ["*"]}), "url:"),
-        (json!({"url": "https://u:p@hooks.example.com/x", "events": ["*"]}), "url:"),
-        (json!({"url": "https://127.0.0.1/x", "events": ["*"]}), "url:"),
-        (json!({"url": "https://2130706433/x", "events": ["*"]}), "url:"),
+        (
+            json!({"url": "https://hooks.example.com/x", "events": []}),
+            "events:",
+        ),
+        (
+            json!({"url": "https://hooks.example.com/x", "events": ["balance.lower"]}),
+            "events:",
+        ),
+        (
+            json!({"url": "http://hooks.example.com/x", "events": ["*"]}),
+            "url:",
+        ),
+        (
+            json!({"url": "ftp://hooks.example.com/x", "events": ["*"]}),
+            "url:",
+        ),
+        (
+            json!({"url": "https://u:p@hooks.example.com/x", "events": ["*"]}),
+            "url:",
+        ),
+        (
+            json!({"url": "https://127.0.0.1/x", "events": ["*"]}),
+            "url:",
+        ),
+        (
+            json!({"url": "https://2130706433/x", "events": ["*"]}),
+            "url:",
+        ),
         (json!({"url": "https://0x7f.1/x", "events": ["*"]}), "url:"),
         (json!({"url": "https://[::1]/x", "events": ["*"]}), "url:"),
-        (json!({"url": "https://[::ffff:169.254.169.254]/x", "events": ["*"]}), "url:"),
-        (json!({"url": "https://localhost/x", "events": ["*"]}), "url:"),
+        (
+            json!({"url": "https://[::ffff:169.254.169.254]/x", "events": ["*"]}),
+            "url:",
+        ),
+        (
+            json!({"url": "https://localhost/x", "events": ["*"]}),
+            "url:",
+        ),
         (json!({"url": "not a url", "events": ["*"]}), "url:"),
-        (json!({"url": "https://hooks.example.com/x", "events": ["*"], "app": "Not An App"}), "app:"),
+        (
+            json!({"url": "https://hooks.example.com/x", "events": ["*"], "app": "Not An App"}),
+            "app:",
+        ),
     ];
     for (body, field) in cases {
-        let error = expect_error(app.post(PATH, &body).await, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let error = expect_error(
+            app.post(PATH, &body).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
         assert!(error.starts_with(field), "{body}: {error}");
     }
     let client = app.pool.get().await.expect("db");
@@ -77,7 +112,10 @@ async fn the_secret_is_shown_once_never_listed_and_not_stored_in_plaintext() {
     assert_eq!(listed.status(), StatusCode::OK);
     let text = listed.text().await.expect("text");
     assert!(text.contains(&id), "{text}");
-    assert!(!text.contains("secret") && !text.contains(&secret[6..]), "{text}");
+    assert!(
+        !text.contains("secret") && !text.contains(&secret[6..]),
+        "{text}"
+    );
 
     let client = app.pool.get().await.expect("db");
     let row = client
@@ -92,15 +130,24 @@ async fn the_secret_is_shown_once_never_listed_and_not_stored_in_plaintext() {
     let all: String = row.get("all_columns");
     let sealed: Vec<u8> = row.get("secret_sealed");
     let at: i32 = row.get("at");
-    assert!(!all.contains(&secret[6..]) && !all.contains("whsec_"), "{all}");
+    assert!(
+        !all.contains(&secret[6..]) && !all.contains("whsec_"),
+        "{all}"
+    );
     assert_eq!(at, 0, "the secret's bytes are not in the sealed column");
     assert_eq!(sealed.len(), key_bytes.len() + 16, "ciphertext and tag");
 }
 
 #[tokio::test]
-async fn deleting_and_testing_unknown_endpoints_answer_404_and_a_test_writes_its_delivery_and_job() {
+async fn deleting_and_testing_unknown_endpoints_answer_404_and_a_test_writes_its_delivery_and_job()
+{
     let app = spawn_app().await;
-    expect_error(app.delete(&format!("{PATH}/we_nope")).await, StatusCode::NOT_FOUND, "not_found").await;
+    expect_error(
+        app.delete(&format!("{PATH}/we_nope")).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
     expect_error(
         app.post(&format!("{PATH}/we_nope/test"), &json!({})).await,
         StatusCode::NOT_FOUND,
@@ -108,7 +155,10 @@ async fn deleting_and_testing_unknown_endpoints_answer_404_and_a_test_writes_its
     )
     .await;
     let created: Value = app
-        .post(PATH, &json!({"url": "https://hooks.penora.invalid/in", "events": ["*"]}))
+        .post(
+            PATH,
+            &json!({"url": "https://hooks.penora.invalid/in", "events": ["*"]}),
+        )
         .await
         .json()
         .await
@@ -143,7 +193,12 @@ async fn deleting_and_testing_unknown_endpoints_answer_404_and_a_test_writes_its
     assert_eq!(r.status(), StatusCode::OK);
     let listed: Value = app.get(PATH).await.json().await.expect("json");
     assert_eq!(listed["webhooks"], json!([]));
-    expect_error(app.delete(&format!("{PATH}/{id}")).await, StatusCode::NOT_FOUND, "not_found").await;
+    expect_error(
+        app.delete(&format!("{PATH}/{id}")).await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
     expect_error(
         app.post(&format!("{PATH}/{id}/test"), &json!({})).await,
         StatusCode::NOT_FOUND,
@@ -155,15 +210,26 @@ async fn deleting_and_testing_unknown_endpoints_answer_404_and_a_test_writes_its
 #[tokio::test]
 async fn only_admin_keys_manage_webhooks_and_a_bound_key_only_its_apps() {
     let app = spawn_app().await;
-    let reader = app.key("*", &[Scope::Read, Scope::Spend, Scope::Write]).await;
+    let reader = app
+        .key("*", &[Scope::Read, Scope::Spend, Scope::Write])
+        .await;
     expect_error(
-        app.post_with_key(PATH, &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}), &reader)
-            .await,
+        app.post_with_key(
+            PATH,
+            &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}),
+            &reader,
+        )
+        .await,
         StatusCode::FORBIDDEN,
         "forbidden",
     )
     .await;
-    expect_error(app.get_with_key(PATH, &reader).await, StatusCode::FORBIDDEN, "forbidden").await;
+    expect_error(
+        app.get_with_key(PATH, &reader).await,
+        StatusCode::FORBIDDEN,
+        "forbidden",
+    )
+    .await;
     let bound = app.key("imagegene", &[Scope::Admin]).await;
     expect_error(
         app.post_with_key(
@@ -177,19 +243,29 @@ async fn only_admin_keys_manage_webhooks_and_a_bound_key_only_its_apps() {
     )
     .await;
     let r = app
-        .post_with_key(PATH, &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}), &bound)
+        .post_with_key(
+            PATH,
+            &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}),
+            &bound,
+        )
         .await;
     assert_eq!(r.status(), StatusCode::CREATED);
     let created: Value = r.json().await.expect("json");
-    assert_eq!(created["app"], "imagegene", "a bound key's endpoint is bound to its app");
+    assert_eq!(
+        created["app"], "imagegene",
+        "a bound key's endpoint is bound to its app"
+    );
 }
 
 #[tokio::test]
 async fn without_a_secrets_key_no_endpoint_is_registered() {
     let app = spawn_app_with(&[("WEBHOOK_SECRET_KEY", "")]).await;
     expect_error(
-        app.post(PATH, &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}))
-            .await,
+        app.post(
+            PATH,
+            &json!({"url": "https://hooks.penora.invalid/", "events": ["*"]}),
+        )
+        .await,
         StatusCode::SERVICE_UNAVAILABLE,
         "webhooks_not_configured",
     )

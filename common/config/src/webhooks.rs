@@ -68,9 +68,10 @@ impl Webhooks {
         };
         let retry_window = match vars.get("WEBHOOK_RETRY_SECS") {
             Some(_) => Duration::from_secs(vars.positive("WEBHOOK_RETRY_SECS", 1u64)?),
-            None => {
-                Duration::from_secs(vars.positive("WEBHOOK_RETRY_HOURS", 24u64)?.saturating_mul(3600))
-            }
+            None => Duration::from_secs(
+                vars.positive("WEBHOOK_RETRY_HOURS", 24u64)?
+                    .saturating_mul(3600),
+            ),
         };
         let retry_base = Duration::from_millis(vars.positive("WEBHOOK_RETRY_BASE_MS", 10_000u64)?);
         let retry_max = Duration::from_millis(vars.positive("WEBHOOK_RETRY_MAX_MS", 3_600_000u64)?);

@@ -226,7 +226,12 @@ pub async fn enqueue_deliveries(
             "INSERT INTO webhook_deliveries (event_id, endpoint_id, user_id, event_type) \
              SELECT $1, e, $3, $4 FROM unnest($2::text[]) AS e \
              ON CONFLICT DO NOTHING RETURNING endpoint_id",
-            &[&event.event_id, &endpoints, &event.user_id, &event.event_type],
+            &[
+                &event.event_id,
+                &endpoints,
+                &event.user_id,
+                &event.event_type,
+            ],
         )
         .await?;
     let mut fresh = Vec::with_capacity(rows.len());

@@ -14,8 +14,7 @@ use tokio_postgres::NoTls;
 
 use penora_config::{
     ApiSettings, Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Webhooks, Worker,
-    WorkerSettings,
-    Workspace,
+    WorkerSettings, Workspace,
 };
 
 /// Where the test harness connects to create databases.

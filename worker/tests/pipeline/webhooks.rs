@@ -162,7 +162,10 @@ fn signed_by(secret: &str, hit: &Hit) -> bool {
 /// What `api/tests/js/verify_webhook.mjs` (the README's receiver code, run
 /// by Node) says of `hit` under `secret`: "valid" or "invalid".
 async fn node_verifies(secret: &str, hit: &Hit) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../api/tests/js/verify_webhook.mjs");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../api/tests/js/verify_webhook.mjs"
+    );
     let body = std::env::temp_dir().join(format!("penora-hook-{}.json", uuid::Uuid::new_v4()));
     std::fs::write(&body, &hit.body).expect("body written");
     let out = tokio::process::Command::new("node")
@@ -174,10 +177,16 @@ async fn node_verifies(secret: &str, hit: &Hit) -> String {
         .env("WEBHOOK_BODY_FILE", &body)
         .output()
         .await
-        .unwrap_or_else(|e| panic!("node is needed for this test ({e}); scripts/services.sh installs it"));
+        .unwrap_or_else(|e| {
+            panic!("node is needed for this test ({e}); scripts/services.sh installs it")
+        });
     let _ = std::fs::remove_file(&body);
     let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-    assert_ne!(out.status.code(), Some(2), "the published test vector: {said}");
+    assert_ne!(
+        out.status.code(),
+        Some(2),
+        "the published test vector: {said}"
+    );
     said
 }
 
@@ -221,7 +230,10 @@ async fn emit(s: &Stack, user: &str, kind: EventType, data: Value) -> String {
 /// Sends `webhook.test` to an endpoint through the API; returns its event id.
 async fn send_test(s: &Stack, endpoint: &str) -> String {
     let r = s
-        .post(&format!("/api/unified/webhooks/{endpoint}/test"), &json!({}))
+        .post(
+            &format!("/api/unified/webhooks/{endpoint}/test"),
+            &json!({}),
+        )
         .await;
     assert_eq!(r.status(), 202);
     let v: Value = r.json().await.expect("json");
@@ -264,7 +276,13 @@ async fn an_event_is_delivered_once_with_its_exact_envelope_and_a_valid_signatur
     let rx = Receiver::start(Mode::Ok).await;
     let (endpoint, secret) = register(&s, &rx.url, json!(["credits.granted"]), None).await;
     let before = time::OffsetDateTime::now_utc().unix_timestamp();
-    let event = emit(&s, "u1", EventType::CreditsGranted, json!({"amount": 5, "lot_id": 7})).await;
+    let event = emit(
+        &s,
+        "u1",
+        EventType::CreditsGranted,
+        json!({"amount": 5, "lot_id": 7}),
+    )
+    .await;
     wait_for("delivered", Duration::from_secs(20), || async {
         state(&s, &event, &endpoint).await == "delivered"
     })
@@ -281,26 +299,41 @@ async fn an_event_is_delivered_once_with_its_exact_envelope_and_a_valid_signatur
     tampered.body.push(b' ');
     assert!(!signed_by(&secret, &tampered), "and refuses another body");
     let envelope: Value = serde_json::from_slice(&hit.body).expect("JSON body");
-    let created_at = envelope["created_at"].as_str().expect("created_at").to_owned();
+    let created_at = envelope["created_at"]
+        .as_str()
+        .expect("created_at")
+        .to_owned();
     assert_eq!(
         envelope,
         json!({"id": event, "type": "credits.granted", "created_at": created_at,
                "data": {"user_id": "u1", "amount": 5, "lot_id": 7}})
     );
-    assert_eq!(attempts(&s, &event, &endpoint).await, vec![(Some(200), None)]);
+    assert_eq!(
+        attempts(&s, &event, &endpoint).await,
+        vec![(Some(200), None)]
+    );
     // The README's JavaScript receiver accepts it too (and refuses it with
     // another secret).
     assert_eq!(node_verifies(&secret, hit).await, "valid");
-    let other = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode([9u8; 32]));
+    let other = format!(
+        "whsec_{}",
+        base64::engine::general_purpose::STANDARD.encode([9u8; 32])
+    );
     assert_eq!(node_verifies(&other, hit).await, "invalid");
     // The operator sees it.
     let out = s.ops(&["webhooks", "deliveries", &endpoint]).await;
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
-    assert!(text.contains(&event) && text.contains("delivered") && text.contains("200"), "{text}");
+    assert!(
+        text.contains(&event) && text.contains("delivered") && text.contains("200"),
+        "{text}"
+    );
     let list = s.ops(&["webhooks", "list"]).await;
     let text = String::from_utf8_lossy(&list.stdout);
-    assert!(text.contains(&endpoint) && !text.contains(&secret[6..]), "{text}");
+    assert!(
+        text.contains(&endpoint) && !text.contains(&secret[6..]),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -317,8 +350,15 @@ async fn a_receiver_failing_twice_gets_the_third_attempt_with_the_same_id_and_no
     s.wait_idle().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let hits = rx.hits();
-    assert_eq!(hits.len(), 3, "two failures, one success, and nothing after");
-    assert!(hits.iter().all(|h| h.id == event), "the same webhook-id every time");
+    assert_eq!(
+        hits.len(),
+        3,
+        "two failures, one success, and nothing after"
+    );
+    assert!(
+        hits.iter().all(|h| h.id == event),
+        "the same webhook-id every time"
+    );
     assert!(hits.iter().all(|h| signed_by(&secret, h)));
     let envelope: Value = serde_json::from_slice(&hits[2].body).expect("JSON");
     assert_eq!(envelope["type"], "webhook.test");
@@ -353,15 +393,22 @@ async fn a_receiver_that_never_answers_is_parked_after_the_window_then_replayed(
     assert!(tries.len() >= 2, "retried within the window: {tries:?}");
     assert!(
         tries.iter().all(|(status, e)| status.is_none()
-            && e.as_deref().is_some_and(|e| e.contains("no answer within 400 ms"))),
+            && e.as_deref()
+                .is_some_and(|e| e.contains("no answer within 400 ms"))),
         "{tries:?}"
     );
     rx.set(Mode::Ok);
     let replay = s.ops(&["dlq", "replay", "penora.webhooks"]).await;
-    assert!(replay.status.success(), "{}", String::from_utf8_lossy(&replay.stderr));
-    wait_for("delivered after the replay", Duration::from_secs(20), || async {
-        state(&s, &event, &endpoint).await == "delivered"
-    })
+    assert!(
+        replay.status.success(),
+        "{}",
+        String::from_utf8_lossy(&replay.stderr)
+    );
+    wait_for(
+        "delivered after the replay",
+        Duration::from_secs(20),
+        || async { state(&s, &event, &endpoint).await == "delivered" },
+    )
     .await;
     assert_eq!(s.depth(&dead).await, 0);
     assert!(rx.hits().iter().all(|h| h.id == event));
@@ -379,11 +426,19 @@ async fn a_hanging_endpoint_does_not_delay_another_endpoints_deliveries() {
     register(&s, &healthy.url, json!(["*"]), None).await;
     let started = Instant::now();
     for i in 0..8 {
-        emit(&s, "u1", EventType::BalanceLow, json!({"balance": i, "threshold": 10})).await;
+        emit(
+            &s,
+            "u1",
+            EventType::BalanceLow,
+            json!({"balance": i, "threshold": 10}),
+        )
+        .await;
     }
-    wait_for("the healthy endpoint got every event", Duration::from_secs(30), || async {
-        healthy.count() == 8
-    })
+    wait_for(
+        "the healthy endpoint got every event",
+        Duration::from_secs(30),
+        || async { healthy.count() == 8 },
+    )
     .await;
     let last = healthy.hits().iter().map(|h| h.at).max().expect("hits");
     let took = last - started;
@@ -393,7 +448,10 @@ async fn a_hanging_endpoint_does_not_delay_another_endpoints_deliveries() {
     );
     // The hanging endpoint has had its two slots, never more.
     let held = hanging.count();
-    assert!((1..=2).contains(&held), "hanging endpoint got {held} requests at once");
+    assert!(
+        (1..=2).contains(&held),
+        "hanging endpoint got {held} requests at once"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -404,9 +462,11 @@ async fn a_redirect_is_not_followed_and_counts_as_a_failure() {
     let redirecting = Receiver::start(Mode::Redirect(elsewhere.url.clone())).await;
     let (endpoint, _) = register(&s, &redirecting.url, json!(["*"]), None).await;
     let event = send_test(&s, &endpoint).await;
-    wait_for("two attempts answered 302", Duration::from_secs(20), || async {
-        attempts(&s, &event, &endpoint).await.len() >= 2
-    })
+    wait_for(
+        "two attempts answered 302",
+        Duration::from_secs(20),
+        || async { attempts(&s, &event, &endpoint).await.len() >= 2 },
+    )
     .await;
     for (status, error) in attempts(&s, &event, &endpoint).await {
         assert_eq!(status, Some(302));
@@ -420,7 +480,10 @@ async fn a_redirect_is_not_followed_and_counts_as_a_failure() {
 async fn loopback_is_refused_at_registration_and_when_a_name_later_resolves_to_it() {
     // No WEBHOOK_ALLOW_PRIVATE here.
     let mut s = stack(
-        &[("WEBHOOK_RETRY_BASE_MS", "200"), ("WEBHOOK_RETRY_MAX_MS", "400")],
+        &[
+            ("WEBHOOK_RETRY_BASE_MS", "200"),
+            ("WEBHOOK_RETRY_MAX_MS", "400"),
+        ],
         &[],
     )
     .await;
@@ -433,13 +496,19 @@ async fn loopback_is_refused_at_registration_and_when_a_name_later_resolves_to_i
         rx.url.clone(),
     ] {
         let r = s
-            .post("/api/unified/webhooks", &json!({"url": url, "events": ["*"]}))
+            .post(
+                "/api/unified/webhooks",
+                &json!({"url": url, "events": ["*"]}),
+            )
             .await;
         let status = r.status();
         let body: Value = r.json().await.expect("json");
         assert_eq!(status, 400, "{url}: {body}");
         assert_eq!(body["code"], "invalid_request");
-        assert!(body["error"].as_str().expect("error").starts_with("url:"), "{body}");
+        assert!(
+            body["error"].as_str().expect("error").starts_with("url:"),
+            "{body}"
+        );
     }
     // A name that does not resolve now is taken (delivery checks it on
     // every connection); the worker's resolver then answers 127.0.0.1.
@@ -457,18 +526,25 @@ async fn loopback_is_refused_at_registration_and_when_a_name_later_resolves_to_i
     for (status, error) in attempts(&s, &event, &endpoint).await {
         assert_eq!(status, None);
         assert!(
-            error.as_deref().is_some_and(|e| e.contains("non-public address (127.0.0.1)")),
+            error
+                .as_deref()
+                .is_some_and(|e| e.contains("non-public address (127.0.0.1)")),
             "{error:?}"
         );
     }
     // The IPv4-mapped form of loopback is refused the same way.
     resolver.set(name, "::ffff:127.0.0.1".parse().expect("ip"));
     let before = attempts(&s, &event, &endpoint).await.len();
-    wait_for("another refused attempt", Duration::from_secs(20), || async {
-        attempts(&s, &event, &endpoint).await.len() > before
-    })
+    wait_for(
+        "another refused attempt",
+        Duration::from_secs(20),
+        || async { attempts(&s, &event, &endpoint).await.len() > before },
+    )
     .await;
-    let last = attempts(&s, &event, &endpoint).await.pop().expect("attempt");
+    let last = attempts(&s, &event, &endpoint)
+        .await
+        .pop()
+        .expect("attempt");
     assert!(last.1.is_some_and(|e| e.contains("non-public")));
     assert_eq!(rx.count(), 0, "nothing reached the loopback receiver");
 }
@@ -480,7 +556,13 @@ async fn an_app_bound_endpoint_gets_its_apps_events_a_wildcard_all_and_a_deleted
     let bound = Receiver::start(Mode::Ok).await;
     let all = Receiver::start(Mode::Ok).await;
     let gone = Receiver::start(Mode::Ok).await;
-    register(&s, &bound.url, json!(["credits.granted"]), Some("imagegene")).await;
+    register(
+        &s,
+        &bound.url,
+        json!(["credits.granted"]),
+        Some("imagegene"),
+    )
+    .await;
     register(&s, &all.url, json!(["*"]), None).await;
     let (deleted, _) = register(&s, &gone.url, json!(["*"]), None).await;
     let r = s
@@ -491,13 +573,39 @@ async fn an_app_bound_endpoint_gets_its_apps_events_a_wildcard_all_and_a_deleted
         .await
         .expect("sent");
     assert_eq!(r.status(), 200);
-    let ig = emit(&s, "u1", EventType::CreditsGranted, json!({"app": "imagegene", "amount": 1})).await;
-    emit(&s, "u2", EventType::CreditsGranted, json!({"app": "penora", "amount": 1})).await;
-    emit(&s, "u1", EventType::BalanceLow, json!({"app": "imagegene", "balance": 1})).await;
-    emit(&s, "u3", EventType::ProjectSaved, json!({"project_id": "p1"})).await;
-    wait_for("the wildcard endpoint got all four", Duration::from_secs(20), || async {
-        all.count() == 4
-    })
+    let ig = emit(
+        &s,
+        "u1",
+        EventType::CreditsGranted,
+        json!({"app": "imagegene", "amount": 1}),
+    )
+    .await;
+    emit(
+        &s,
+        "u2",
+        EventType::CreditsGranted,
+        json!({"app": "penora", "amount": 1}),
+    )
+    .await;
+    emit(
+        &s,
+        "u1",
+        EventType::BalanceLow,
+        json!({"app": "imagegene", "balance": 1}),
+    )
+    .await;
+    emit(
+        &s,
+        "u3",
+        EventType::ProjectSaved,
+        json!({"project_id": "p1"}),
+    )
+    .await;
+    wait_for(
+        "the wildcard endpoint got all four",
+        Duration::from_secs(20),
+        || async { all.count() == 4 },
+    )
     .await;
     s.wait_idle().await;
     let got: Vec<String> = bound.hits().iter().map(|h| h.id.clone()).collect();
@@ -556,9 +664,11 @@ async fn an_event_is_fanned_out_once_however_often_the_fan_out_gets_it() {
         .await
         .expect("published");
     let fanout = s.topology.queue(penora_domain::events::WEBHOOK_FANOUT);
-    wait_for("both copies queued for the fan-out", Duration::from_secs(20), || async {
-        s.depth(&fanout).await == 2
-    })
+    wait_for(
+        "both copies queued for the fan-out",
+        Duration::from_secs(20),
+        || async { s.depth(&fanout).await == 2 },
+    )
     .await;
     s.start_worker().await;
     wait_for("delivered", Duration::from_secs(20), || async {
@@ -568,11 +678,18 @@ async fn an_event_is_fanned_out_once_however_often_the_fan_out_gets_it() {
     s.wait_idle().await;
     assert_eq!(s.depth(&fanout).await, 0, "both copies fanned out");
     let rows = s
-        .scalar("SELECT count(*) FROM webhook_deliveries WHERE event_id = $1", &event)
+        .scalar(
+            "SELECT count(*) FROM webhook_deliveries WHERE event_id = $1",
+            &event,
+        )
         .await;
     assert_eq!(rows, 1, "one delivery row");
     assert_eq!(rx.count(), 1, "one delivery for two copies of the event");
-    assert_eq!(rx.hits()[0].body, body.as_bytes(), "the bytes published, exactly");
+    assert_eq!(
+        rx.hits()[0].body,
+        body.as_bytes(),
+        "the bytes published, exactly"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -580,20 +697,30 @@ async fn a_worker_killed_between_fan_out_and_delivery_loses_nothing() {
     let mut s = stack(HOOKS, &[]).await;
     let rx = Receiver::start(Mode::Hang).await;
     let (endpoint, secret) = register(&s, &rx.url, json!(["*"]), None).await;
-    let event = emit(&s, "u1", EventType::ProjectDeleted, json!({"project_id": "p9"})).await;
+    let event = emit(
+        &s,
+        "u1",
+        EventType::ProjectDeleted,
+        json!({"project_id": "p9"}),
+    )
+    .await;
     let worker = s.spawn_worker_process().await;
     // Fanned out, and the delivery under way (the receiver holds it).
-    wait_for("the delivery reached the receiver", Duration::from_secs(20), || async {
-        rx.count() == 1
-    })
+    wait_for(
+        "the delivery reached the receiver",
+        Duration::from_secs(20),
+        || async { rx.count() == 1 },
+    )
     .await;
     assert_eq!(state(&s, &event, &endpoint).await, "pending");
     worker.kill().await;
     rx.set(Mode::Ok);
     s.start_worker().await;
-    wait_for("delivered by the next worker", Duration::from_secs(30), || async {
-        state(&s, &event, &endpoint).await == "delivered"
-    })
+    wait_for(
+        "delivered by the next worker",
+        Duration::from_secs(30),
+        || async { state(&s, &event, &endpoint).await == "delivered" },
+    )
     .await;
     let hits = rx.hits();
     assert!(hits.len() >= 2);

@@ -72,9 +72,9 @@ impl Resolve for MapResolver {
             .ok()
             .and_then(|m| m.get(&host.to_ascii_lowercase()).copied());
         Box::pin(async move {
-            found.map(|ip| vec![ip]).ok_or_else(|| {
-                std::io::Error::new(std::io::ErrorKind::NotFound, "no such host")
-            })
+            found
+                .map(|ip| vec![ip])
+                .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no such host"))
         })
     }
 }
@@ -172,10 +172,7 @@ impl Client {
         match tokio::time::timeout(self.timeout, self.post_now(url, headers, body)).await {
             Ok(Ok(answer)) => answer,
             Ok(Err(e)) => Answer::failed(e),
-            Err(_) => Answer::failed(format!(
-                "no answer within {} ms",
-                self.timeout.as_millis()
-            )),
+            Err(_) => Answer::failed(format!("no answer within {} ms", self.timeout.as_millis())),
         }
     }
 
@@ -225,7 +222,10 @@ impl Client {
         }
         let request = request.body(Full::new(body)).map_err(|e| e.to_string())?;
         if url.scheme() == "https" {
-            let bare = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+            let bare = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
             let name = rustls::pki_types::ServerName::try_from(bare)
                 .map_err(|_| "url: not a TLS server name")?;
             let stream = tokio_rustls::TlsConnector::from(self.tls.clone())
@@ -291,7 +291,10 @@ mod tests {
             checked_addresses(map.as_ref(), &url, false).await,
             Err(TargetError::Forbidden("127.0.0.1".parse().expect("ip")))
         );
-        map.set("hooks.example.test", "::ffff:127.0.0.1".parse().expect("ip"));
+        map.set(
+            "hooks.example.test",
+            "::ffff:127.0.0.1".parse().expect("ip"),
+        );
         assert!(checked_addresses(map.as_ref(), &url, false).await.is_err());
         let client = Client::new(map.clone(), false, Duration::from_secs(1)).expect("client");
         let answer = client.post(url.as_str(), &[], Bytes::new()).await;

@@ -38,9 +38,7 @@ impl SigningSecret {
     /// libraries read it); `None` when it is not one.
     pub fn parse(text: &str) -> Option<Self> {
         let b64 = text.strip_prefix(PREFIX)?;
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .ok()?;
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
         (!bytes.is_empty()).then_some(Self(bytes))
     }
 

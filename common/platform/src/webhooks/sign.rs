@@ -29,7 +29,9 @@ pub fn verify(secret: &SigningSecret, id: &str, timestamp: i64, body: &[u8], hea
         let Ok(given) = base64::engine::general_purpose::STANDARD.decode(b64) else {
             return false;
         };
-        mac(secret, id, timestamp, body).verify_slice(&given).is_ok()
+        mac(secret, id, timestamp, body)
+            .verify_slice(&given)
+            .is_ok()
     })
 }
 
@@ -53,12 +55,25 @@ mod tests {
     fn the_specifications_published_test_vector_is_reproduced() {
         // The Standard Webhooks reference libraries' vector (their sign
         // tests, and the specification's "Verifying" examples).
-        let secret = SigningSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
+        let secret =
+            SigningSecret::parse("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").expect("secret");
         let body = br#"{"test": 2432232314}"#;
         let sig = signature(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body);
         assert_eq!(sig, "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=");
-        assert!(verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body, &format!("v1,bm9wZQ== {sig}")));
-        assert!(!verify(&secret, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265331, body, &sig));
+        assert!(verify(
+            &secret,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265330,
+            body,
+            &format!("v1,bm9wZQ== {sig}")
+        ));
+        assert!(!verify(
+            &secret,
+            "msg_p5jXN8AQM9LWM0D4loKWxJek",
+            1614265331,
+            body,
+            &sig
+        ));
         assert!(!verify(&secret, "msg_other", 1614265330, body, &sig));
     }
 }

@@ -44,9 +44,7 @@ pub fn check_url(raw: &str, allow_private: bool) -> Result<Url, TargetError> {
     match (url.scheme(), allow_private) {
         ("https", _) | ("http", true) => {}
         _ => {
-            return Err(TargetError::BadUrl(
-                "must be an https:// URL".to_owned(),
-            ));
+            return Err(TargetError::BadUrl("must be an https:// URL".to_owned()));
         }
     }
     if !url.username().is_empty() || url.password().is_some() {
@@ -111,9 +109,8 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
 fn is_public_v6(ip: Ipv6Addr) -> bool {
     let s = ip.segments();
     // IPv4 inside IPv6: judged by the IPv4 address it carries.
-    let embedded = |hi: u16, lo: u16| {
-        Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
-    };
+    let embedded =
+        |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
     if s[..5] == [0, 0, 0, 0, 0] && (s[5] == 0xffff || s[5] == 0) {
         // ::ffff:a.b.c.d (mapped), ::a.b.c.d (compatible; also :: and ::1)
         return is_public_v4(embedded(s[6], s[7]));
@@ -147,26 +144,67 @@ mod tests {
     #[test]
     fn non_public_addresses_are_refused_in_every_form() {
         for bad in [
-            "127.0.0.1", "127.1.2.3", "0.0.0.0", "10.0.0.1", "172.16.0.1", "172.31.255.255",
-            "192.168.1.1", "169.254.169.254", "100.64.0.1", "100.127.255.254",
-            "255.255.255.255", "224.0.0.1", "240.0.0.1", "192.0.2.1", "198.18.0.1",
-            "::", "::1", "fc00::1", "fd12:3456::1", "fe80::1", "ff02::1", "fec0::1",
-            "::ffff:127.0.0.1", "::ffff:10.0.0.1", "::ffff:169.254.169.254",
-            "::127.0.0.1", "::10.0.0.1", "64:ff9b::7f00:1", "64:ff9b::a00:1",
-            "2002:7f00:1::", "2002:a9fe:a9fe::1", "2001:db8::1", "2001::1",
+            "127.0.0.1",
+            "127.1.2.3",
+            "0.0.0.0",
+            "10.0.0.1",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "100.127.255.254",
+            "255.255.255.255",
+            "224.0.0.1",
+            "240.0.0.1",
+            "192.0.2.1",
+            "198.18.0.1",
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "ff02::1",
+            "fec0::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "::ffff:169.254.169.254",
+            "::127.0.0.1",
+            "::10.0.0.1",
+            "64:ff9b::7f00:1",
+            "64:ff9b::a00:1",
+            "2002:7f00:1::",
+            "2002:a9fe:a9fe::1",
+            "2001:db8::1",
+            "2001::1",
         ] {
             assert!(!is_public(ip(bad)), "{bad} must be refused");
-            assert_eq!(check_address(ip(bad), false), Err(TargetError::Forbidden(ip(bad))));
-            assert_eq!(check_address(ip(bad), true), Ok(()), "{bad} allowed when private is");
+            assert_eq!(
+                check_address(ip(bad), false),
+                Err(TargetError::Forbidden(ip(bad)))
+            );
+            assert_eq!(
+                check_address(ip(bad), true),
+                Ok(()),
+                "{bad} allowed when private is"
+            );
         }
     }
 
     #[test]
     fn public_addresses_pass() {
         for good in [
-            "8.8.8.8", "1.1.1.1", "93.184.216.34", "172.32.0.1", "100.128.0.1", "11.0.0.1",
-            "2606:4700:4700::1111", "2a00:1450:4001:80b::200e", "::ffff:8.8.8.8",
-            "64:ff9b::808:808", "2002:808:808::1",
+            "8.8.8.8",
+            "1.1.1.1",
+            "93.184.216.34",
+            "172.32.0.1",
+            "100.128.0.1",
+            "11.0.0.1",
+            "2606:4700:4700::1111",
+            "2a00:1450:4001:80b::200e",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+            "2002:808:808::1",
         ] {
             assert!(is_public(ip(good)), "{good} must pass");
         }
@@ -205,7 +243,10 @@ mod tests {
             "not a url",
             "file:///etc/passwd",
         ] {
-            assert!(matches!(check_url(raw, false), Err(TargetError::BadUrl(_))), "{raw}");
+            assert!(
+                matches!(check_url(raw, false), Err(TargetError::BadUrl(_))),
+                "{raw}"
+            );
         }
         assert!(check_url("http://hooks.example.com/", true).is_ok());
         assert!(check_url(&format!("https://a.example/{}", "x".repeat(3000)), false).is_err());
