@@ -348,7 +348,13 @@ async fn send_test(
         event_type: envelope.kind.clone(),
         body,
     };
-    webhooks::enqueue_deliveries(&tx, &job, &[endpoint.id.clone()], correlation.as_deref()).await?;
+    webhooks::enqueue_deliveries(
+        &tx,
+        &job,
+        std::slice::from_ref(&endpoint.id),
+        correlation.as_deref(),
+    )
+    .await?;
     tx.commit().await.map_err(DbError::from)?;
     state.jobs_committed();
     Ok((

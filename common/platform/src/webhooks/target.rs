@@ -57,12 +57,9 @@ pub fn check_url(raw: &str, allow_private: bool) -> Result<Url, TargetError> {
     }
     match url.host() {
         None => return Err(TargetError::BadUrl("has no host".to_owned())),
-        Some(Host::Ipv4(ip)) if !allow_private => {
-            let _ = ip;
-            return Err(TargetError::IpLiteral);
-        }
+        Some(Host::Ipv4(_)) if !allow_private => return Err(TargetError::IpLiteral),
         Some(Host::Ipv6(_)) if !allow_private => return Err(TargetError::IpLiteral),
-        Some(Host::Domain(d)) if d.is_empty() => {
+        Some(Host::Domain("")) => {
             return Err(TargetError::BadUrl("has no host".to_owned()));
         }
         _ => {}
