@@ -268,17 +268,17 @@ pub struct DeliveryState {
     pub first_attempt_at: Option<OffsetDateTime>,
 }
 
-/// The state of the delivery of `event_id` to `endpoint_id`.
+/// The state of `job`'s delivery. (Every statement on a delivery names its
+/// user too: on Citus that routes it to one shard.)
 pub async fn delivery_state(
     client: &impl GenericClient,
-    event_id: &str,
-    endpoint_id: &str,
+    job: &DeliveryJob,
 ) -> Result<Option<DeliveryState>, DbError> {
     let Some(r) = client
         .query_opt(
             "SELECT state, attempts, first_attempt_at FROM webhook_deliveries \
-             WHERE event_id = $1 AND endpoint_id = $2",
-            &[&event_id, &endpoint_id],
+             WHERE event_id = $1 AND endpoint_id = $2 AND user_id = $3",
+            &[&job.event_id, &job.endpoint_id, &job.user_id],
         )
         .await?
     else {
@@ -295,8 +295,7 @@ pub async fn delivery_state(
 /// a parked one pending again with a fresh retry window (a replay).
 pub async fn set_state(
     client: &impl GenericClient,
-    event_id: &str,
-    endpoint_id: &str,
+    job: &DeliveryJob,
     state: &str,
     restart: bool,
 ) -> Result<(), DbError> {
@@ -304,8 +303,14 @@ pub async fn set_state(
         .execute(
             "UPDATE webhook_deliveries SET state = $3, \
                first_attempt_at = CASE WHEN $4 THEN NULL ELSE first_attempt_at END \
-             WHERE event_id = $1 AND endpoint_id = $2",
-            &[&event_id, &endpoint_id, &state, &restart],
+             WHERE event_id = $1 AND endpoint_id = $2 AND user_id = $5",
+            &[
+                &job.event_id,
+                &job.endpoint_id,
+                &state,
+                &restart,
+                &job.user_id,
+            ],
         )
         .await?;
     Ok(())
@@ -339,9 +344,14 @@ pub async fn record_attempt(
                first_attempt_at = coalesce(first_attempt_at, now()), last_attempt_at = now(), \
                state = CASE WHEN $3 THEN 'delivered' ELSE 'failing' END, \
                delivered_at = CASE WHEN $3 THEN now() ELSE delivered_at END \
-             WHERE event_id = $1 AND endpoint_id = $2 \
+             WHERE event_id = $1 AND endpoint_id = $2 AND user_id = $4 \
              RETURNING first_attempt_at, attempts",
-            &[&a.job.event_id, &a.job.endpoint_id, &a.delivered],
+            &[
+                &a.job.event_id,
+                &a.job.endpoint_id,
+                &a.delivered,
+                &a.job.user_id,
+            ],
         )
         .await?;
     let first: OffsetDateTime = row.try_get("first_attempt_at")?;

@@ -32,8 +32,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     let job: DeliveryJob = m.decode()?;
     let hooks = &ctx.webhooks;
     let client = ctx.pool.get().await.map_err(DbError::from)?;
-    let Some(state) = webhooks::delivery_state(&client, &job.event_id, &job.endpoint_id).await?
-    else {
+    let Some(state) = webhooks::delivery_state(&client, &job).await? else {
         return Err(JobError::Fatal(
             "a delivery job without its delivery row".into(),
         ));
@@ -43,7 +42,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         "dropped" => return Ok("its endpoint was deleted".into()),
         // Parked, and here again: an operator replayed it. A fresh window.
         "parked" => {
-            webhooks::set_state(&client, &job.event_id, &job.endpoint_id, "pending", true).await?;
+            webhooks::set_state(&client, &job, "pending", true).await?;
         }
         _ => {}
     }
@@ -51,7 +50,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         return Err(JobError::Fatal("unknown endpoint".into()));
     };
     if target.deleted {
-        webhooks::set_state(&client, &job.event_id, &job.endpoint_id, "dropped", false).await?;
+        webhooks::set_state(&client, &job, "dropped", false).await?;
         metrics::counter!("penora_webhook_deliveries_total", "outcome" => "dropped").increment(1);
         return Ok("its endpoint was deleted: dropped".into());
     }
@@ -116,7 +115,7 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     let error = answer.error.unwrap_or_else(|| "failed".into());
     let tried_for = time::OffsetDateTime::now_utc() - first;
     if tried_for >= hooks.settings.retry_window {
-        webhooks::set_state(&client, &job.event_id, &job.endpoint_id, "parked", false).await?;
+        webhooks::set_state(&client, &job, "parked", false).await?;
         metrics::counter!("penora_webhook_deliveries_total", "outcome" => "parked").increment(1);
         return Err(JobError::Fatal(format!(
             "gave up after {attempts} attempts over {} s: {error}",
