@@ -447,8 +447,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy to 127.0.0.1:5672.
+    /// Starts a proxy to the test broker (`TEST_AMQP_URL`'s port on
+    /// 127.0.0.1, 5672 by default).
     pub async fn start() -> Self {
+        let broker_port = amqp_url()
+            .parse::<lapin::uri::AMQPUri>()
+            .map_or(5672, |u| u.authority.port);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("proxy binds");
@@ -463,7 +467,8 @@ impl Proxy {
                 }
                 let mut cut = cuts2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
                     else {
                         return;
                     };
