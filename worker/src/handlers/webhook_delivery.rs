@@ -31,6 +31,16 @@ use crate::{
 pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     let job: DeliveryJob = m.decode()?;
     let hooks = &ctx.webhooks;
+    // The endpoint's slot first: a delivery deferred costs no query, so a
+    // hanging endpoint's waiting deliveries do not load the database.
+    let mut pass = match hooks.gates.admit(&job.endpoint_id) {
+        Ok(pass) => pass,
+        Err(wait) => {
+            metrics::counter!("penora_webhook_deliveries_total", "outcome" => "deferred")
+                .increment(1);
+            return Err(JobError::Defer(wait));
+        }
+    };
     let client = ctx.pool.get().await.map_err(DbError::from)?;
     let Some(state) = webhooks::delivery_state(&client, &job).await? else {
         return Err(JobError::Fatal(
@@ -71,14 +81,6 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
     };
     // The connection goes back to the pool while the endpoint answers.
     drop(client);
-    let mut pass = match hooks.gates.admit(&job.endpoint_id) {
-        Ok(pass) => pass,
-        Err(wait) => {
-            metrics::counter!("penora_webhook_deliveries_total", "outcome" => "deferred")
-                .increment(1);
-            return Err(JobError::Defer(wait));
-        }
-    };
     let timestamp = time::OffsetDateTime::now_utc().unix_timestamp();
     let signature = sign::signature(&secret, &job.event_id, timestamp, job.body.as_bytes());
     let headers = [

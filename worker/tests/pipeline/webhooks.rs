@@ -726,3 +726,47 @@ async fn a_worker_killed_between_fan_out_and_delivery_loses_nothing() {
     assert!(hits.len() >= 2);
     assert!(hits.iter().all(|h| h.id == event && signed_by(&secret, h)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_open_circuit_stops_attempts_for_its_cooldown_then_lets_one_try() {
+    let mut s = stack(
+        &[
+            ("WEBHOOK_ALLOW_PRIVATE", "true"),
+            ("WEBHOOK_RETRY_BASE_MS", "200"),
+            ("WEBHOOK_RETRY_MAX_MS", "400"),
+            ("WEBHOOK_CIRCUIT_FAILURES", "2"),
+            ("WEBHOOK_CIRCUIT_COOLDOWN_MS", "1500"),
+        ],
+        &[],
+    )
+    .await;
+    s.start_worker().await;
+    let rx = Receiver::start(Mode::Fail(3)).await;
+    let (endpoint, _) = register(&s, &rx.url, json!(["*"]), None).await;
+    let event = send_test(&s, &endpoint).await;
+    wait_for("delivered", Duration::from_secs(30), || async {
+        state(&s, &event, &endpoint).await == "delivered"
+    })
+    .await;
+    let at: Vec<Instant> = rx.hits().iter().map(|h| h.at).collect();
+    assert_eq!(at.len(), 4, "three failures and the success");
+    // Two failures open the circuit: the next attempts wait for the
+    // cooldown (deferred, not attempted), then one tries, fails and opens it
+    // again, and the one after the next cooldown succeeds.
+    assert!(
+        at[1] - at[0] < Duration::from_millis(1200),
+        "{:?}",
+        at[1] - at[0]
+    );
+    for gap in [at[2] - at[1], at[3] - at[2]] {
+        assert!(
+            gap >= Duration::from_millis(1400),
+            "tried again after {gap:?} with the circuit open"
+        );
+    }
+    assert_eq!(
+        attempts(&s, &event, &endpoint).await.len(),
+        4,
+        "deferrals are not attempts"
+    );
+}
