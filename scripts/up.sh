@@ -49,6 +49,17 @@ if [ -z "${PENORA_API_KEY:-}" ]; then
   PENORA_API_KEY=$(cat .penora-dev-key)
 fi
 export PENORA_API_KEY
+# The webhook secrets' key (kept in .penora-dev-webhook-key like the API key,
+# so endpoints registered before a restart still sign); local development
+# allows private targets and http (receivers on this machine).
+if [ -z "${WEBHOOK_SECRET_KEY:-}" ]; then
+  if [ ! -s .penora-dev-webhook-key ]; then
+    (umask 077; od -An -N32 -tx1 /dev/urandom | tr -d ' \n' > .penora-dev-webhook-key)
+  fi
+  WEBHOOK_SECRET_KEY=$(cat .penora-dev-webhook-key)
+fi
+export WEBHOOK_SECRET_KEY
+export WEBHOOK_ALLOW_PRIVATE=${WEBHOOK_ALLOW_PRIVATE:-true}
 
 export WORKER_METRICS_ADDR=${WORKER_METRICS_ADDR:-127.0.0.1:9091}
 cargo build --locked --bin penora-api --bin penora-worker --bin penora-ops

@@ -140,6 +140,10 @@ pub enum ApiError {
         /// Seconds until the address may try again.
         retry_after_secs: u64,
     },
+    /// 503 `webhooks_not_configured`: `WEBHOOK_SECRET_KEY` is not set, so
+    /// no secret can be stored.
+    #[error("Webhooks are not configured on this service (WEBHOOK_SECRET_KEY is not set)")]
+    WebhooksNotConfigured,
     /// 401 `invalid_metrics_token`: `/metrics` needs `Authorization: Bearer
     /// <METRICS_TOKEN>`.
     #[error("Missing or wrong metrics token. Send Authorization: Bearer <METRICS_TOKEN>.")]
@@ -202,6 +206,9 @@ impl ApiError {
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             Self::AuthFailuresLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             Self::InvalidMetricsToken => (StatusCode::UNAUTHORIZED, "invalid_metrics_token"),
+            Self::WebhooksNotConfigured => {
+                (StatusCode::SERVICE_UNAVAILABLE, "webhooks_not_configured")
+            }
         }
     }
 }

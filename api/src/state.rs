@@ -51,6 +51,17 @@ pub struct AppState {
     /// `/health`, `/ready` and the backlog behind `/metrics`, probed at most
     /// once a second.
     pub probes: Arc<crate::routes::system::Probes>,
+    /// Webhook registration: the secrets' key and the resolver targets are
+    /// checked with.
+    pub webhooks: Arc<Webhooks>,
+}
+
+/// What registering webhooks needs.
+pub struct Webhooks {
+    /// Seals secrets; `None` without `WEBHOOK_SECRET_KEY`.
+    pub secrets: Option<penora_platform::webhooks::secret::SecretBox>,
+    /// Resolves a target's name to check its addresses.
+    pub resolver: Arc<dyn penora_platform::webhooks::client::Resolve>,
 }
 
 impl AppState {
@@ -78,6 +89,18 @@ impl AppState {
                 settings.http.auth_negative_cache,
             )),
             probes: Arc::default(),
+            webhooks: Arc::new(Webhooks {
+                // The settings checked the key's form; a key that still
+                // does not load leaves registration refused (503).
+                secrets: penora_platform::webhooks::secret::SecretBox::from_settings(
+                    &settings.webhooks,
+                )
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "WEBHOOK_SECRET_KEY unusable: webhooks cannot be registered");
+                    None
+                }),
+                resolver: Arc::new(penora_platform::webhooks::client::SystemResolver),
+            }),
             bootstrap_digest: settings
                 .http
                 .bootstrap_api_key

@@ -568,10 +568,13 @@ fn deaths(p: &lapin::BasicProperties) -> Vec<Death> {
 }
 
 /// Whether work queue `work` takes messages published with `routing_key`
-/// (its binding: `generation.*` for ImageGene's events, the queue's own
-/// name for a job).
+/// (its binding: `generation.*` for ImageGene's events, any event type
+/// for the webhook fan-out, the queue's own name for a job).
 fn takes(work: &str, routing_key: &str) -> bool {
-    if work == GENERATION_EVENTS {
+    if work == penora_domain::events::WEBHOOK_FANOUT {
+        // Bound with `#`: every event's type.
+        !routing_key.is_empty()
+    } else if work == GENERATION_EVENTS {
         routing_key
             .strip_prefix("generation.")
             .is_some_and(|rest| !rest.is_empty() && !rest.contains('.'))

@@ -22,6 +22,7 @@ mod projects;
 mod queues;
 mod reconcile;
 mod wait_idle;
+mod webhooks;
 
 use std::{process::ExitCode, time::Duration};
 
@@ -93,6 +94,11 @@ enum Command {
         #[command(subcommand)]
         command: outbox::OutboxCommand,
     },
+    /// Webhook endpoints (never their secrets) and their deliveries' attempts.
+    Webhooks {
+        #[command(subcommand)]
+        command: webhooks::WebhooksCommand,
+    },
 }
 
 #[tokio::main]
@@ -156,5 +162,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Event(e) => event::run(&settings.broker, e).await.map(|()| done)?,
         Command::Outbox { command } => outbox::run(&client, command).await.map(|()| done)?,
+        Command::Webhooks { command } => webhooks::run(&client, command).await.map(|()| done)?,
     })
 }

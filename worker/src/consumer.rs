@@ -118,9 +118,13 @@ async fn finish(
         // Refunds and settlements committed ledger-audit jobs.
         ctx.jobs_committed();
     }
+    // Delay queues to send a webhook delivery's retry or deferral through.
+    let levels = ctx.topology.retry_levels();
     let outcome = match &result {
         Ok(_) => "ok",
         Err(JobError::Retryable(_)) if ctx.policy.may_retry(attempt) => "retried",
+        Err(JobError::RetryAfter(..)) if levels > 0 => "retried",
+        Err(JobError::Defer(_)) if levels > 0 => "deferred",
         Err(_) => "parked",
     };
     metrics::counter!("penora_worker_messages_total", "queue" => work, "outcome" => outcome)
@@ -130,6 +134,9 @@ async fn finish(
     match &result {
         Ok(what) => {
             tracing::info!(queue = work, %message_id, %correlation_id, attempt, outcome = %what, "message handled");
+        }
+        Err(e @ JobError::Defer(_)) => {
+            tracing::debug!(queue = work, %message_id, attempt, reason = %e, "message deferred");
         }
         Err(e) => {
             tracing::warn!(queue = work, %message_id, %correlation_id, attempt, error = %e, outcome, "message failed");
@@ -148,6 +155,35 @@ async fn finish(
             &format!("gave up after {attempt} attempts: {e}"),
         )),
         Err(JobError::Fatal(e)) => Some(dead_copy(ctx, work, &delivery, attempt, &e)),
+        // A webhook delivery: the handler chose the delay; delay queues
+        // are picked by attempt as for any retry (the last one for every
+        // attempt past it), so delays in one queue stay alike.
+        Err(JobError::RetryAfter(e, delay)) if levels > 0 => Some(delayed_copy(
+            ctx,
+            work,
+            &delivery,
+            (attempt + 1, attempt.min(levels)),
+            delay,
+            &e,
+        )),
+        // Not an attempt: the same attempt number comes back, through the
+        // first delay queue (deferrals are short, like first retries).
+        Err(JobError::Defer(delay)) if levels > 0 => Some(delayed_copy(
+            ctx,
+            work,
+            &delivery,
+            (attempt, 1),
+            delay,
+            "deferred: the endpoint is busy or its circuit is open",
+        )),
+        Err(JobError::RetryAfter(e, _)) => Some(dead_copy(ctx, work, &delivery, attempt, &e)),
+        Err(JobError::Defer(_)) => Some(dead_copy(
+            ctx,
+            work,
+            &delivery,
+            attempt,
+            "deferred, but RETRY_MAX_ATTEMPTS=1 leaves no delay queue",
+        )),
     };
     if let Some(copy) = copy
         && let Err(e) = ctx.publisher.publish_all(vec![copy]).await
@@ -209,11 +245,24 @@ fn base_copy(d: &Delivery, mut table: FieldTable, error: &str, attempt: u32) -> 
 
 fn retry_copy(ctx: &Context, work: &str, d: &Delivery, attempt: u32, error: &str) -> Outgoing {
     let delay = ctx.policy.delay(attempt, random_unit());
-    let props = base_copy(d, copy_headers(d), error, attempt + 1)
+    delayed_copy(ctx, work, d, (attempt + 1, attempt), delay, error)
+}
+
+/// A copy of `d` that comes back to `work` as attempt `next` after `delay`,
+/// through delay queue `level`.
+fn delayed_copy(
+    ctx: &Context,
+    work: &str,
+    d: &Delivery,
+    (next, level): (u32, u32),
+    delay: Duration,
+    error: &str,
+) -> Outgoing {
+    let props = base_copy(d, copy_headers(d), error, next)
         .with_expiration(ShortString::from(delay.as_millis().max(1).to_string()));
     Outgoing {
         exchange: String::new(),
-        routing_key: ctx.topology.retry_queue(work, attempt),
+        routing_key: ctx.topology.retry_queue(work, level),
         payload: d.data.clone(),
         properties: props,
     }
@@ -244,8 +293,15 @@ pub async fn consume(
     deadline: Duration,
 ) -> Result<(), lapin::Error> {
     let channel: Channel = connection.create_channel().await?;
+    // Webhook deliveries run one task each (no batch form): the channel's
+    // prefetch is their global bound (`WEBHOOK_CONCURRENCY`).
+    let prefetch = if work == penora_domain::events::WEBHOOKS {
+        ctx.settings.webhooks.concurrency
+    } else {
+        ctx.settings.worker.prefetch
+    };
     channel
-        .basic_qos(ctx.settings.worker.prefetch, BasicQosOptions::default())
+        .basic_qos(prefetch, BasicQosOptions::default())
         .await?;
     let tag = format!("penora-worker-{}-{}", work, uuid::Uuid::now_v7().simple());
     let mut consumer = channel

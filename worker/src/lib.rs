@@ -21,6 +21,7 @@ pub mod consumer;
 pub mod handlers;
 pub mod message;
 pub mod retry;
+pub mod webhooks;
 
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
 
@@ -65,6 +66,8 @@ pub struct Context {
     pub images: penora_workspace::cpu_pool::CpuPool,
     /// The key of the audit records' MACs (`AUDIT_HMAC_KEY`), when set.
     pub audit_mac: Option<penora_ledger::audit::MacKey>,
+    /// Webhook delivery: the client, the secrets' key, the endpoints' gates.
+    pub webhooks: webhooks::Runtime,
 }
 
 impl Context {
@@ -91,6 +94,22 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
 /// metrics address.
 pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker> {
+    build_with_resolver(
+        settings,
+        Arc::new(penora_platform::webhooks::client::SystemResolver),
+    )
+    .await
+}
+
+/// [`build`], resolving webhook endpoints' names through `resolver` (tests
+/// decide what a name resolves to, and change it).
+pub async fn build_with_resolver(
+    settings: WorkerSettings,
+    resolver: Arc<dyn penora_platform::webhooks::client::Resolve>,
+) -> anyhow::Result<Worker> {
+    let webhooks = webhooks::Runtime::new(&settings.webhooks, resolver)
+        .map_err(|e| anyhow::anyhow!(e))
+        .context("Failed to set up webhook delivery")?;
     let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
     db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
@@ -128,6 +147,7 @@ pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker> {
     .context("Failed to start the image threads")?;
     Ok(Worker {
         ctx: Arc::new(Context {
+            webhooks,
             images,
             audit_mac,
             settings,
@@ -168,6 +188,10 @@ impl Worker {
         loops.spawn(tasks::supervised("timers", stop.clone(), {
             let (ctx, stop) = (ctx.clone(), stop.clone());
             move || timer_loop(ctx.clone(), stop.clone())
+        }));
+        loops.spawn(tasks::supervised("webhook_gauges", stop.clone(), {
+            let (ctx, stop) = (ctx.clone(), stop.clone());
+            move || webhook_gauges(ctx.clone(), stop.clone())
         }));
         loops.spawn(tasks::supervised("queue_gauges", stop.clone(), {
             let (ctx, stop) = (ctx.clone(), stop.clone());
@@ -486,6 +510,25 @@ async fn ready(
             StatusCode::SERVICE_UNAVAILABLE,
             Json(serde_json::json!({"ready": false, "reason": reason})),
         ),
+    }
+}
+
+/// Every `SETTLE_INTERVAL_SECS`, counts the endpoints with a delivery
+/// failing for over an hour (the alert's gauge) and the open circuits.
+async fn webhook_gauges(ctx: Arc<Context>, stop: CancellationToken) {
+    loop {
+        if let Ok(client) = ctx.pool.get().await {
+            match db::webhooks::endpoints_failing_since(&client, 3600.0).await {
+                Ok(n) => metrics::gauge!("penora_webhook_endpoints_failing").set(n as f64),
+                Err(e) => tracing::warn!(error = %e, "counting failing webhook endpoints failed"),
+            }
+        }
+        metrics::gauge!("penora_webhook_circuits_open")
+            .set(ctx.webhooks.gates.open_circuits() as f64);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(ctx.settings.worker.settle_interval) => {},
+        }
     }
 }
 

@@ -21,6 +21,15 @@ pub enum JobError {
     /// Will never succeed as it is.
     #[error("{0}")]
     Fatal(String),
+    /// Tried and failed; try again after this delay, whatever the attempt
+    /// count (a webhook delivery, retried for a time rather than a number
+    /// of attempts: its handler decides when to give up, with `Fatal`).
+    #[error("{0}")]
+    RetryAfter(String, Duration),
+    /// Not tried (the endpoint's slots are busy or its circuit is open):
+    /// come back after this delay, without counting an attempt.
+    #[error("deferred for {} ms", .0.as_millis())]
+    Defer(Duration),
 }
 
 impl From<DbError> for JobError {

@@ -121,6 +121,20 @@ fn rules() -> Vec<Rule> {
             json!({ "type": "string", "enum": ["active", "depleted", "expired", "voided"] }),
         ),
         rule("credit_lots", "cursor", false, integer(1, i64::MAX)),
+        rule(
+            "WebhookRequest",
+            "url",
+            true,
+            json!({ "type": "string", "minLength": 1, "maxLength": penora_platform::webhooks::target::MAX_URL_LEN,
+                    "description": "https only (http too with WEBHOOK_ALLOW_PRIVATE=true); the host a name, not an IP address, resolving to public addresses only" }),
+        ),
+        rule(
+            "WebhookRequest",
+            "events",
+            true,
+            json!({ "type": "array", "minItems": 1, "maxItems": penora_domain::events::EventType::ALL.len() + 1,
+                    "items": { "type": "string", "enum": penora_domain::events::EventType::ALL.iter().map(|t| t.as_str()).chain(["*"]).collect::<Vec<_>>() } }),
+        ),
         rule("quote", "width", true, integer(1, MAX_SIDE)),
         rule("quote", "height", true, integer(1, MAX_SIDE)),
         rule("quote", "variations", false, integer(1, MAX_VARIATIONS)),
@@ -461,7 +475,8 @@ mod tests {
         let doc = document();
         let mut seen = 0;
         for (name, schema) in doc["components"]["schemas"].as_object().unwrap() {
-            if !name.ends_with("Request") {
+            // A webhook endpoint concerns no user.
+            if !name.ends_with("Request") || name == "WebhookRequest" {
                 continue;
             }
             let user_id = &schema["properties"]["user_id"];

@@ -7,6 +7,7 @@ pub mod lots;
 pub mod projects;
 pub mod quote;
 pub mod system;
+pub mod webhooks;
 
 use std::time::Duration;
 
@@ -96,6 +97,7 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestCorrelation {
         (name = "credits", description = "Balances, deductions, refunds, grants and the ledger"),
         (name = "projects", description = "The shared workspace"),
         (name = "pricing", description = "What an image costs"),
+        (name = "webhooks", description = "Signed event deliveries to registered endpoints"),
         (name = "system", description = "Health and metrics"),
     ),
     components(schemas(crate::error::ErrorBody))
@@ -129,7 +131,8 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(credits::router())
         .merge(lots::router())
         .merge(projects::router())
-        .merge(quote::router());
+        .merge(quote::router())
+        .merge(webhooks::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest("/api/unified", unified)
         .merge(system::router())

@@ -26,4 +26,5 @@ mod system;
 mod unauthenticated;
 mod uploads;
 mod validation;
+mod webhooks;
 mod workspace;

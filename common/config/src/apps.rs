@@ -3,7 +3,8 @@
 //! by it, so its value, however bad, cannot stop that binary.
 
 use crate::{
-    Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Worker, Workspace, read::Vars,
+    Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Webhooks, Worker, Workspace,
+    read::Vars,
 };
 
 /// The process environment as a lookup.
@@ -28,6 +29,8 @@ pub struct ApiSettings {
     pub ledger: Ledger,
     /// Storage quota and projects cap.
     pub workspace: Workspace,
+    /// Webhook registration: the secrets' key, which targets are allowed.
+    pub webhooks: Webhooks,
 }
 
 impl ApiSettings {
@@ -47,6 +50,7 @@ impl ApiSettings {
             images: Images::read(&vars)?,
             ledger: Ledger::read(&vars)?,
             workspace: Workspace::read(&vars)?,
+            webhooks: Webhooks::read(&vars)?,
         })
     }
 }
@@ -66,6 +70,8 @@ pub struct WorkerSettings {
     pub images: Images,
     /// The audit records' MAC key.
     pub audit: Audit,
+    /// Webhook delivery.
+    pub webhooks: Webhooks,
 }
 
 impl WorkerSettings {
@@ -84,6 +90,7 @@ impl WorkerSettings {
             worker: Worker::read(&vars)?,
             images: Images::read(&vars)?,
             audit: Audit::read(&vars)?,
+            webhooks: Webhooks::read(&vars)?,
         })
     }
 }

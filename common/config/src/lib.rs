@@ -2,7 +2,7 @@
 //!
 //! Rules:
 //! * one type per concern ([`Db`], [`Http`], [`Broker`], [`Worker`],
-//!   [`Images`], [`Ledger`], [`Workspace`], [`Audit`], [`Log`]), one file
+//!   [`Images`], [`Ledger`], [`Workspace`], [`Audit`], [`Webhooks`], [`Log`]), one file
 //!   each, each with its own loader that reads only its own variables;
 //! * each binary has a settings type of its own made of the sections it
 //!   uses ([`ApiSettings`], [`WorkerSettings`], [`OpsSettings`],
@@ -23,6 +23,7 @@ mod images;
 mod ledger;
 mod log;
 mod read;
+mod webhooks;
 mod worker;
 mod workspace;
 
@@ -36,6 +37,7 @@ pub use http::{Http, MIN_BOOTSTRAP_KEY_LEN, SMALL_BODY_BYTES};
 pub use images::{ImageStorageFormat, Images};
 pub use ledger::Ledger;
 pub use log::{Log, LogFormat};
+pub use webhooks::Webhooks;
 pub use worker::Worker;
 pub use workspace::Workspace;
 

@@ -255,3 +255,39 @@ fn the_log_filter_is_read_with_the_format() {
     let s = load(&[("RUST_LOG", "penora_api=debug,warn")]).expect("loads");
     assert_eq!(s.log.filter.as_deref(), Some("penora_api=debug,warn"));
 }
+
+#[test]
+fn webhook_settings_default_to_the_contract_and_refuse_bad_values_by_name() {
+    let w = Webhooks::from_lookup(lookup(&[])).expect("defaults");
+    assert!(w.secret_key.is_none());
+    assert!(!w.allow_private);
+    assert_eq!(w.retry_window, Duration::from_secs(24 * 3600));
+    assert_eq!(w.timeout, Duration::from_secs(10));
+    let key = "ab".repeat(32);
+    let w = Webhooks::from_lookup(lookup(&[
+        ("WEBHOOK_SECRET_KEY", &key),
+        ("WEBHOOK_RETRY_HOURS", "2"),
+        ("WEBHOOK_ALLOW_PRIVATE", "true"),
+    ]))
+    .expect("set");
+    assert_eq!(w.retry_window, Duration::from_secs(7200));
+    assert!(w.allow_private);
+    assert_eq!(format!("{:?}", w.secret_key), "Some([redacted])");
+    let w = Webhooks::from_lookup(lookup(&[
+        ("WEBHOOK_RETRY_SECS", "3"),
+        ("WEBHOOK_RETRY_HOURS", "2"),
+    ]))
+    .expect("seconds win");
+    assert_eq!(w.retry_window, Duration::from_secs(3));
+    for (variable, value) in [
+        ("WEBHOOK_SECRET_KEY", "short"),
+        ("WEBHOOK_SECRET_KEY", &"zz".repeat(32)),
+        ("WEBHOOK_TIMEOUT_MS", "10001"),
+        ("WEBHOOK_RETRY_HOURS", "0"),
+        ("WEBHOOK_ALLOW_PRIVATE", "yes"),
+        ("WEBHOOK_ENDPOINT_CONCURRENCY", "0"),
+    ] {
+        let e = Webhooks::from_lookup(lookup(&[(variable, value)])).expect_err(variable);
+        assert_eq!(e.variable, variable);
+    }
+}

@@ -2,7 +2,8 @@
 //! publisher with confirms.
 //!
 //! Topology, for each work queue `Q` (`penora.save-project`,
-//! `penora.ledger-audit`, `penora.generation-events`):
+//! `penora.ledger-audit`, `penora.generation-events`,
+//! `penora.webhooks.fanout`, `penora.webhooks`):
 //! * `Q` — the work queue, bound to its exchange;
 //! * `Q.retry.N` (N = 1 … max attempts − 1) — delay queues without consumers:
 //!   a failed message is published there with a per-message expiration, and
@@ -51,8 +52,14 @@ pub enum BrokerError {
     Unconfirmed(std::time::Duration),
 }
 
-/// The three queues this service consumes.
-pub const WORK_QUEUES: [&str; 3] = [SAVE_PROJECT, LEDGER_AUDIT, GENERATION_EVENTS];
+/// The queues this service consumes.
+pub const WORK_QUEUES: [&str; 5] = [
+    SAVE_PROJECT,
+    LEDGER_AUDIT,
+    GENERATION_EVENTS,
+    events::WEBHOOK_FANOUT,
+    events::WEBHOOKS,
+];
 
 /// Names and shape of the topology.
 #[derive(Debug, Clone)]
@@ -238,6 +245,10 @@ impl Topology {
             ch = declare_queue(connection, ch, &name, args).await?;
             let (exchange, key) = if work == GENERATION_EVENTS {
                 (EVENTS_EXCHANGE, "generation.*")
+            } else if work == events::WEBHOOK_FANOUT {
+                // Every event of ours, whatever its type: the relay
+                // publishes mandatory, so each one must have a queue.
+                (events::EXCHANGE, "#")
             } else {
                 (JOBS_EXCHANGE, work)
             };
@@ -725,7 +736,7 @@ mod tests {
             t.retry_queue(LEDGER_AUDIT, 2),
             "penora.ledger-audit.retry.2"
         );
-        assert_eq!(t.all_queues().len(), 3 * 4);
+        assert_eq!(t.all_queues().len(), 5 * 4);
         let p = Topology {
             prefix: "t1_".into(),
             ..t

@@ -48,7 +48,7 @@ pub struct Answer {
 /// exchange; aws-lc-rs has it, but needs cmake and minutes of C build on
 /// every machine, for a call to an operator's own management API.)
 #[allow(deprecated)]
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, HttpError> {
+pub(crate) fn tls_config() -> Result<Arc<rustls::ClientConfig>, HttpError> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };

@@ -12,6 +12,7 @@ pub mod relay;
 pub mod shutdown;
 pub mod tasks;
 pub mod telemetry;
+pub mod webhooks;
 
 /// The version of this build, as `/health` reports it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -13,6 +13,7 @@
 
 pub mod accounts;
 pub mod outbox;
+pub mod webhooks;
 
 use std::time::Duration;
 

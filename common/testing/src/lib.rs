@@ -13,8 +13,8 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::NoTls;
 
 use penora_config::{
-    ApiSettings, Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Worker, WorkerSettings,
-    Workspace,
+    ApiSettings, Audit, Broker, ConfigError, Db, Http, Images, Ledger, Log, Webhooks, Worker,
+    WorkerSettings, Workspace,
 };
 
 /// Where the test harness connects to create databases.
@@ -203,6 +203,9 @@ impl TestDb {
             "AMQP_URL".into(),
             "amqp://guest:guest@127.0.0.1:1/%2f".into(),
         );
+        // Every test database gets a webhook secrets key of its own (a
+        // process-wide one: the API and worker of one test must agree).
+        vars.insert("WEBHOOK_SECRET_KEY".into(), test_webhook_key().to_owned());
         for (k, v) in overrides {
             vars.insert((*k).into(), (*v).into());
         }
@@ -236,6 +239,8 @@ pub struct TestSettings {
     pub workspace: Workspace,
     /// The audit MAC key.
     pub audit: Audit,
+    /// Webhook registration and delivery.
+    pub webhooks: Webhooks,
 }
 
 impl TestSettings {
@@ -251,6 +256,7 @@ impl TestSettings {
             ledger: Ledger::from_lookup(&lookup)?,
             workspace: Workspace::from_lookup(&lookup)?,
             audit: Audit::from_lookup(&lookup)?,
+            webhooks: Webhooks::from_lookup(&lookup)?,
         })
     }
 
@@ -264,6 +270,7 @@ impl TestSettings {
             images: self.images.clone(),
             ledger: self.ledger.clone(),
             workspace: self.workspace.clone(),
+            webhooks: self.webhooks.clone(),
         }
     }
 
@@ -276,6 +283,7 @@ impl TestSettings {
             worker: self.worker.clone(),
             images: self.images.clone(),
             audit: self.audit.clone(),
+            webhooks: self.webhooks.clone(),
         }
     }
 }
@@ -508,4 +516,17 @@ impl TestDb {
         let host = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
         format!("{scheme}://penora_app:penora_app@{host}")
     }
+}
+
+/// A random `WEBHOOK_SECRET_KEY` made once per test process.
+pub fn test_webhook_key() -> &'static str {
+    static KEY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        // Two v4 UUIDs: 64 hex characters, 244 random bits (tests only).
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+    })
 }

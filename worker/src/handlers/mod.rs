@@ -11,8 +11,11 @@
 mod generation_events;
 mod ledger_audit;
 mod save_project;
+mod webhook_delivery;
+mod webhook_fanout;
 
 use futures_util::future::BoxFuture;
+use penora_domain::events::{WEBHOOK_FANOUT, WEBHOOKS};
 use penora_domain::messages::{GENERATION_EVENTS, LEDGER_AUDIT, SAVE_PROJECT};
 
 use crate::{Context, message::Message, retry::JobError};
@@ -39,7 +42,7 @@ pub struct Handler {
 }
 
 /// Every queue the worker consumes, and its handler.
-pub static HANDLERS: [Handler; 3] = [
+pub static HANDLERS: [Handler; 5] = [
     Handler {
         queue: SAVE_PROJECT,
         one: |ctx, m| Box::pin(save_project::handle(ctx, m)),
@@ -54,6 +57,18 @@ pub static HANDLERS: [Handler; 3] = [
         queue: GENERATION_EVENTS,
         one: |ctx, m| Box::pin(generation_events::handle(ctx, m)),
         many: Some(|ctx, ms| Box::pin(generation_events::handle_many(ctx, ms))),
+    },
+    Handler {
+        queue: WEBHOOK_FANOUT,
+        one: |ctx, m| Box::pin(webhook_fanout::handle(ctx, m)),
+        many: None,
+    },
+    // No batch form: each delivery is a task of its own, so one endpoint's
+    // slow answer never holds another's.
+    Handler {
+        queue: WEBHOOKS,
+        one: |ctx, m| Box::pin(webhook_delivery::handle(ctx, m)),
+        many: None,
     },
 ];
 

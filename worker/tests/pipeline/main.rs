@@ -14,6 +14,7 @@ mod permissions;
 mod roles;
 mod supervision;
 mod support;
+mod webhooks;
 
 use std::{process::Stdio, time::Duration};
 

@@ -107,7 +107,19 @@ pub async fn stack(overrides: &[(&str, &str)], api_overrides: &[(&str, &str)]) -
 impl Stack {
     /// Starts the worker in this process.
     pub async fn start_worker(&mut self) {
-        let worker = penora_worker::build(self.settings.worker())
+        self.start_worker_resolving(std::sync::Arc::new(
+            penora_platform::webhooks::client::SystemResolver,
+        ))
+        .await;
+    }
+
+    /// Starts the worker in this process, resolving webhook endpoints' names
+    /// through `resolver`.
+    pub async fn start_worker_resolving(
+        &mut self,
+        resolver: std::sync::Arc<dyn penora_platform::webhooks::client::Resolve>,
+    ) {
+        let worker = penora_worker::build_with_resolver(self.settings.worker(), resolver)
             .await
             .expect("worker builds");
         self.worker_metrics = Some(format!("http://{}/metrics", worker.metrics_addr));
@@ -145,6 +157,20 @@ impl Stack {
             ("LOG_FORMAT".into(), "json".into()),
             // wait-idle sees unacknowledged messages through it.
             ("RABBITMQ_MANAGEMENT_URL".into(), management_url()),
+            // The API's key, so a worker process opens the secrets it sealed.
+            (
+                "WEBHOOK_SECRET_KEY".into(),
+                self.settings
+                    .webhooks
+                    .secret_key
+                    .as_ref()
+                    .map(|k| k.expose().to_owned())
+                    .unwrap_or_default(),
+            ),
+            (
+                "WEBHOOK_ALLOW_PRIVATE".into(),
+                self.settings.webhooks.allow_private.to_string(),
+            ),
         ]
     }
 
@@ -421,8 +447,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy to 127.0.0.1:5672.
+    /// Starts a proxy to the test broker (`TEST_AMQP_URL`'s port on
+    /// 127.0.0.1, 5672 by default).
     pub async fn start() -> Self {
+        let broker_port = amqp_url()
+            .parse::<lapin::uri::AMQPUri>()
+            .map_or(5672, |u| u.authority.port);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("proxy binds");
@@ -437,7 +467,8 @@ impl Proxy {
                 }
                 let mut cut = cuts2.subscribe();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
+                    let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", broker_port)).await
                     else {
                         return;
                     };
