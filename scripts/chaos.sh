@@ -7,7 +7,9 @@
 # pipeline to drain and checks every invariant: balances = ledger sums = the
 # client's own record, each reservation charged once and ended as the client
 # left it, no refund twice, every event processed once, every save stored,
-# every ledger entry audited, nothing dead-lettered, reconcile clean.
+# every ledger entry audited, nothing dead-lettered, reconcile clean, and
+# every event the ledger implies delivered to a subscribed webhook receiver
+# (none for a change that did not commit).
 #
 #   scripts/chaos.sh           full run (3 minutes of traffic, a fault every 8 s)
 #   scripts/chaos.sh --quick   CI run (42 s, a fault every 4 s: each kind at least once)
@@ -42,6 +44,10 @@ export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
 export SETTLE_INTERVAL_SECS=2
 export LOG_FORMAT=json RUST_LOG=warn
 export BIND_ADDR=127.0.0.1:$port WORKER_METRICS_ADDR=127.0.0.1:0
+# Webhooks: penora-chaos subscribes a local receiver to every event and
+# checks them against the ledger; its refusals are retried within a second.
+export WEBHOOK_SECRET_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+export WEBHOOK_ALLOW_PRIVATE=true WEBHOOK_RETRY_BASE_MS=500 WEBHOOK_RETRY_MAX_MS=2000
 
 cleanup() {
   pkill -CONT -f "target/debug/penora-(api|worker)" 2>/dev/null || true

@@ -206,6 +206,10 @@ export RATE_LIMIT_PER_SEC=1000000 RATE_LIMIT_BURST=1000000
 export SETTLE_INTERVAL_SECS=2
 export LOG_FORMAT=json RUST_LOG=warn
 export DB_POOL_SIZE=16
+# Webhooks: the chaos run subscribes a local receiver to every event; its
+# refusals are retried within a second.
+export WEBHOOK_SECRET_KEY='$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')'
+export WEBHOOK_ALLOW_PRIVATE=true WEBHOOK_RETRY_BASE_MS=500 WEBHOOK_RETRY_MAX_MS=2000
 EOF
 }
 

@@ -4,7 +4,8 @@
 #   new_run NAME [PORT]            set db, prefix and admin for a run of its
 #                                  own and export the services' environment
 #                                  for it (random bootstrap key, no rate limit
-#                                  to speak of, JSON logs, ports chosen by the OS);
+#                                  to speak of, JSON logs, ports chosen by the OS,
+#                                  a webhook key, local receivers allowed);
 #                                  PostgreSQL on 127.0.0.1:PORT (default 5432)
 #   drop_run ADMIN_URL DB PREFIX   drop the run's database and every queue and
 #                                  exchange named with its prefix
@@ -30,6 +31,10 @@ new_run() {
   export AUTH_FAILURES_PER_SEC=10000000 AUTH_FAILURE_BURST=10000000
   export LOG_FORMAT=json RUST_LOG=warn
   export BIND_ADDR=127.0.0.1:0 WORKER_METRICS_ADDR=127.0.0.1:0
+  # Webhooks: a key of the run's own for the endpoints' secrets, and local
+  # receivers (127.0.0.1, http) allowed: the runs subscribe their own.
+  export WEBHOOK_SECRET_KEY=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
+  export WEBHOOK_ALLOW_PRIVATE=true
 }
 
 drop_run() {
