@@ -91,6 +91,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Migrates (see [`db::prepare_schema`]), connects the pool and binds the
 /// metrics address.
 pub async fn build(settings: WorkerSettings) -> anyhow::Result<Worker> {
+    penora_ledger::events_out::set_default_threshold(settings.worker.low_balance_threshold);
     let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
     db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",

@@ -45,6 +45,7 @@
 
 pub mod audit;
 pub mod backpressure;
+pub mod events_out;
 pub mod grant_rules;
 pub mod plan;
 pub mod reconcile;

@@ -53,7 +53,7 @@ pub async fn expire_lots(client: &mut Client, user: &str) -> Result<i64, LedgerE
     let tx = client.transaction().await?;
     let snap = tables::locked_accounts(&tx, &[user.as_str()], OnBusy::Wait).await?;
     let (expired, plan) = decide_expiry(&snap, &user)?;
-    if plan::commit(tx, &plan).await?.is_none() {
+    if plan::commit(tx, &plan, &snap).await?.is_none() {
         return Ok(0);
     }
     count_entries(&plan, EntryKind::Expire, "expired");
@@ -216,7 +216,7 @@ pub async fn void_lot(
     let tx = client.transaction().await?;
     let snap = load_void(&tx, &v).await?;
     let (answer, plan) = decide_void(&snap, &v)?;
-    if plan::commit(tx, &plan).await?.is_none() {
+    if plan::commit(tx, &plan, &snap).await?.is_none() {
         return Ok(answer);
     }
     count_entries(&plan, EntryKind::Expire, "expired");
