@@ -201,3 +201,35 @@ pub async fn move_balances(tx: &Transaction<'_>, deltas: &[(&str, i64)]) -> Resu
     }
     Ok(())
 }
+
+/// Sets `user`'s own low-balance threshold (`None`: back to the service's
+/// default) in one `UPDATE`, which takes the account's row lock, so a
+/// movement decides each crossing with one threshold. Returns whether the
+/// account exists (nothing changes when it does not).
+pub async fn set_low_balance_threshold(
+    client: &impl deadpool_postgres::GenericClient,
+    user: &str,
+    threshold: Option<i64>,
+) -> Result<bool, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE accounts SET low_balance_threshold = $2, updated_at = now() WHERE user_id = $1",
+        )
+        .await?;
+    Ok(client.execute(&stmt, &[&user, &threshold]).await? == 1)
+}
+
+/// `user`'s own low-balance threshold: `None` without an account,
+/// `Some(None)` when the account uses the service's default.
+pub async fn low_balance_threshold(
+    client: &impl deadpool_postgres::GenericClient,
+    user: &str,
+) -> Result<Option<Option<i64>>, DbError> {
+    let stmt = client
+        .prepare_cached("SELECT low_balance_threshold FROM accounts WHERE user_id = $1")
+        .await?;
+    match client.query_opt(&stmt, &[&user]).await? {
+        Some(row) => Ok(Some(row.try_get("low_balance_threshold")?)),
+        None => Ok(None),
+    }
+}
