@@ -474,7 +474,8 @@ impl Publisher {
     }
 
     /// Publishes every message and waits for every confirm. Messages are
-    /// persistent and mandatory: an unroutable one is an error, not a loss.
+    /// persistent and, but for events, mandatory: an unroutable one is an
+    /// error, not a loss.
     pub async fn publish_all(&self, messages: Vec<Outgoing>) -> Result<(), BrokerError> {
         self.publish_each(messages)
             .await?
@@ -509,15 +510,20 @@ impl Publisher {
         messages: Vec<Outgoing>,
     ) -> Result<Vec<Result<(), BrokerError>>, BrokerError> {
         let channel = self.channel().await?;
+        let events = self.topology.exchange(events::EXCHANGE);
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
+            // mandatory: an unroutable job comes back instead of vanishing.
+            // An event (contract §14) is published to a topic exchange for
+            // whoever subscribes: with no queue bound for its type (no
+            // subscriber) it is no error, and is not retried or set aside.
+            let mandatory = m.exchange != events;
             let confirm = channel
                 .basic_publish(
                     ShortString::from(m.exchange),
                     ShortString::from(m.routing_key.clone()),
-                    // mandatory: an unroutable message comes back instead of vanishing.
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         ..Default::default()
                     },
                     &m.payload,

@@ -4,6 +4,7 @@
 mod artworks;
 mod backpressure;
 mod event_time;
+mod events;
 mod health;
 mod hostile_events;
 mod image_bombs;
