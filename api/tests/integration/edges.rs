@@ -352,7 +352,7 @@ mod event_time {
         // with its ledger entry and audit job.
         let made = reservation(&app, "u", "inside", Duration::minutes(90)).await;
         settle(&app, "u", "inside", SettledBy::Window).await;
-        let jobs = app.outbox_rows("u").await;
+        let jobs = app.job_rows("u").await;
         let got = failed_event(&app, "u", "inside", "e1", made + Duration::minutes(10))
             .await
             .expect("refunded");
@@ -360,7 +360,7 @@ mod event_time {
         assert_eq!(got.value.credits_refunded, 10);
         assert_eq!(app.balance("u").await, 100, "back to the grant");
         assert_eq!(
-            app.outbox_rows("u").await,
+            app.job_rows("u").await,
             jobs + 1,
             "the refund's audit job"
         );
