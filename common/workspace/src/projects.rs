@@ -668,14 +668,18 @@ async fn remove(
     let freed: Vec<i64> = victims.iter().map(|v| v.freed).collect();
     let apps: Vec<&str> = victims.iter().map(|v| v.app_source.as_str()).collect();
     let total: i64 = freed.iter().sum();
-    let now: OffsetDateTime = tx
-        .query_one(
-            "WITH gone AS (UPDATE projects SET status = 'deleted', deleted_at = now(), updated_at = now() \
-             WHERE user_id = $1 AND id = ANY($2) RETURNING id) SELECT now() AS now",
+    // (The transaction's now() rides on the update, for the events' time.)
+    let gone = tx
+        .query(
+            "UPDATE projects SET status = 'deleted', deleted_at = now(), updated_at = now() \
+             WHERE user_id = $1 AND id = ANY($2) RETURNING now() AS now",
             &[&user, &ids],
         )
-        .await?
-        .try_get("now")?;
+        .await?;
+    let now: OffsetDateTime = match gone.first() {
+        Some(row) => row.try_get("now")?,
+        None => return Err(DbError::Invariant("no project to delete was found".into())),
+    };
     // project.deleted for each, in the deletion's transaction (contract §14).
     let data: Vec<serde_json::Value> = victims
         .iter()
