@@ -359,11 +359,7 @@ mod event_time {
         assert!(!got.replayed);
         assert_eq!(got.value.credits_refunded, 10);
         assert_eq!(app.balance("u").await, 100, "back to the grant");
-        assert_eq!(
-            app.job_rows("u").await,
-            jobs + 1,
-            "the refund's audit job"
-        );
+        assert_eq!(app.job_rows("u").await, jobs + 1, "the refund's audit job");
         // Asked again (another event): the first refund's answer.
         let again = failed_event(&app, "u", "inside", "e1b", made)
             .await
