@@ -412,3 +412,63 @@ proptest! {
         prop_assert_eq!(out(&batched), out(&alone));
     }
 }
+
+/// The property above compares events only if batches make some: fixed
+/// batches that cross users' thresholds, one of them twice, with a refund
+/// between, early and late (the promotional lots past their expiry).
+#[test]
+fn a_batch_crossing_thresholds_emits_what_one_at_a_time_does() -> Result<(), TestCaseError> {
+    let d = |user, code, amount| Step::Deduct { user, code, amount };
+    let r = |user, code| Step::Refund {
+        user,
+        code,
+        amount: None,
+        reference: None,
+    };
+    // User 3 (23 paid + 5 promotional, threshold 10): 28 → 18 → 6 (low) →
+    // refunded to 18 → 6 (low again) → 0 (depleted); late, the promotional
+    // 5 expire first (23 → 13 → 1 …). User 1 (threshold 15): 26 → 14 (low).
+    for late in [false, true] {
+        let rest = if late { 1 } else { 6 };
+        let steps = [
+            d(3, 0, 10),
+            d(3, 1, 12),
+            d(1, 0, 12),
+            r(3, 1),
+            d(3, 2, 12),
+            d(3, 3, rest),
+        ];
+        let now = BASE + time::Duration::seconds(if late { 40 } else { 1 });
+        let (batched, alone) = differential(&steps, now)?;
+        for u in ["u1", "u3"] {
+            let of = |m: &Memory| -> Vec<(String, String)> {
+                m.out
+                    .iter()
+                    .filter(|(who, _, _)| who.as_str() == u)
+                    .map(|(_, k, data)| (k.clone(), data.clone()))
+                    .collect()
+            };
+            prop_assert_eq!(of(&batched), of(&alone));
+        }
+        let kinds: Vec<(&str, &str)> = batched
+            .out
+            .iter()
+            .map(|(u, k, _)| (u.as_str(), k.as_str()))
+            .collect();
+        let lows = kinds
+            .iter()
+            .filter(|k| **k == ("u3", "balance.low"))
+            .count();
+        prop_assert_eq!(lows, 2, "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u3", "balance.depleted")), "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u1", "balance.low")), "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u3", "credits.refunded")), "{:?}", kinds);
+        prop_assert_eq!(
+            kinds.contains(&("u3", "credits.expired")),
+            late,
+            "{:?}",
+            kinds
+        );
+    }
+    Ok(())
+}
