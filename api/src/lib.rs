@@ -49,6 +49,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 /// Migrates the database (see [`db::prepare_schema`]), binds `BIND_ADDR`
 /// and builds the router.
 pub async fn build(settings: ApiSettings) -> anyhow::Result<App> {
+    penora_ledger::events_out::set_default_threshold(settings.ledger.low_balance_threshold);
     let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
     db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",

@@ -114,6 +114,7 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let settings = OpsSettings::from_env().context("Bad configuration")?;
+    penora_ledger::events_out::set_default_threshold(settings.ledger.low_balance_threshold);
     let url = settings.db.url.expose().to_owned();
     let pool = db::pool_for(&url, 2).context("Failed to create the database pool")?;
     if matches!(cli.command, Command::Migrate) {

@@ -110,6 +110,7 @@ pub async fn build_with_resolver(
     let webhooks = webhooks::Runtime::new(&settings.webhooks, resolver)
         .map_err(|e| anyhow::anyhow!(e))
         .context("Failed to set up webhook delivery")?;
+    penora_ledger::events_out::set_default_threshold(settings.worker.low_balance_threshold);
     let pool = db::pool(&settings.db).context("Failed to create the database pool")?;
     db::prepare_schema(&settings.db, &pool).await.context(
         "Failed to prepare the database schema (is PostgreSQL running? see DATABASE_URL, DB_MIGRATE_ON_START)",
@@ -320,7 +321,8 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
 }
 
 /// Settles reservations past their refund window; writes the `expire`
-/// entries of lots past their expiry; deletes projects past
+/// entries of lots past their expiry and the `credits.expiring` events of
+/// lots expiring within `EXPIRY_NOTICE_SECS`; deletes projects past
 /// `PROJECT_RETENTION_DAYS`; prunes the outbox.
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
@@ -328,6 +330,11 @@ async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
             Ok(0) => {}
             Ok(n) => tracing::info!(credits = n, "expired credits of lots past their expiry"),
             Err(e) => tracing::warn!(error = %e, "expiring lots failed"),
+        }
+        match notice_expiring(&ctx, 500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(lots = n, "wrote credits.expiring for lots expiring soon"),
+            Err(e) => tracing::warn!(error = %e, "noticing lots expiring soon failed"),
         }
         match settle_expired(&ctx, 500).await {
             Ok(0) => {}
@@ -379,6 +386,18 @@ pub async fn expire_lots(ctx: &Context, limit: i64) -> Result<i64, anyhow::Error
         }
     }
     Ok(expired)
+}
+
+/// Writes `credits.expiring` for the lots with credits left that expire
+/// within `EXPIRY_NOTICE_SECS`, once per lot, for up to `limit` users.
+/// Returns how many lots were noticed.
+pub async fn notice_expiring(ctx: &Context, limit: i64) -> Result<usize, anyhow::Error> {
+    let mut client = ctx.pool.get().await?;
+    let n = ledger::notice_expiring(&mut client, ctx.settings.worker.expiry_notice, limit).await?;
+    if n > 0 {
+        ctx.jobs_committed();
+    }
+    Ok(n)
 }
 
 /// Settles up to `limit` reservations whose refund window has passed.

@@ -1,6 +1,7 @@
 //! Every route, merged in one place, and the OpenAPI document generated from
 //! the handlers' annotations.
 
+pub mod alerts;
 pub mod credits;
 mod doc;
 pub mod lots;
@@ -129,6 +130,7 @@ pub fn openapi(max_amount: i64) -> utoipa::openapi::OpenApi {
 fn api_router() -> OpenApiRouter<AppState> {
     let unified = OpenApiRouter::new()
         .merge(credits::router())
+        .merge(alerts::router())
         .merge(lots::router())
         .merge(projects::router())
         .merge(quote::router())

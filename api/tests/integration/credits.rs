@@ -438,9 +438,11 @@ async fn every_credit_movement_writes_its_ledger_audit_job_in_the_same_transacti
         app.scalar("SELECT count(*) FROM outbox WHERE user_id = $1 AND routing_key = 'penora.ledger-audit'", "u1").await,
         4
     );
+    // Besides the jobs, only events out (contract §14): the grant's and the
+    // refund's.
     assert_eq!(
         app.scalar(
-            "SELECT count(*) FROM outbox WHERE user_id = $1 AND exchange <> 'penora.jobs'",
+            "SELECT count(*) FROM outbox WHERE user_id = $1 AND exchange NOT IN ('penora.jobs', 'penora.events')",
             "u1"
         )
         .await,

@@ -352,18 +352,14 @@ mod event_time {
         // with its ledger entry and audit job.
         let made = reservation(&app, "u", "inside", Duration::minutes(90)).await;
         settle(&app, "u", "inside", SettledBy::Window).await;
-        let jobs = app.outbox_rows("u").await;
+        let jobs = app.job_rows("u").await;
         let got = failed_event(&app, "u", "inside", "e1", made + Duration::minutes(10))
             .await
             .expect("refunded");
         assert!(!got.replayed);
         assert_eq!(got.value.credits_refunded, 10);
         assert_eq!(app.balance("u").await, 100, "back to the grant");
-        assert_eq!(
-            app.outbox_rows("u").await,
-            jobs + 1,
-            "the refund's audit job"
-        );
+        assert_eq!(app.job_rows("u").await, jobs + 1, "the refund's audit job");
         // Asked again (another event): the first refund's answer.
         let again = failed_event(&app, "u", "inside", "e1b", made)
             .await

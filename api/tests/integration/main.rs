@@ -10,6 +10,7 @@ mod connections;
 mod cors;
 mod credits;
 mod edges;
+mod events;
 mod fuzz_findings;
 mod guide;
 mod image_bombs;

@@ -262,7 +262,16 @@ impl TestApp {
         .await
     }
 
-    /// Number of the user's outbox rows.
+    /// The user's outbox rows on the jobs exchange (events out left aside).
+    pub async fn job_rows(&self, user: &str) -> i64 {
+        self.scalar(
+            "SELECT count(*) FROM outbox WHERE user_id = $1 AND exchange = 'penora.jobs'",
+            user,
+        )
+        .await
+    }
+
+    /// Outbox rows (jobs and events out) written for `user`.
     pub async fn outbox_rows(&self, user: &str) -> i64 {
         self.scalar("SELECT count(*) FROM outbox WHERE user_id = $1", user)
             .await

@@ -22,8 +22,8 @@ async fn health_reports_the_database_the_broker_and_the_outbox() {
     assert_eq!(body["database"], json!("ok"));
     assert_eq!(
         body["outbox_pending"],
-        json!(1),
-        "the grant's audit job waits"
+        json!(2),
+        "the grant's audit job and its credits.granted event wait"
     );
     assert!(["ok", "degraded"].contains(&body["status"].as_str().unwrap_or_default()));
     assert_eq!(body["version"], json!(env!("CARGO_PKG_VERSION")));

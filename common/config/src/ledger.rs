@@ -34,6 +34,10 @@ pub struct Ledger {
     /// to half a second, then are answered `503 busy` with `Retry-After`;
     /// 0 turns the backpressure off.
     pub audit_lag_limit: Duration,
+    /// `LOW_BALANCE_THRESHOLD`: the spendable balance below which a movement
+    /// emits `balance.low`, for accounts without their own threshold
+    /// (`PUT /api/unified/alerts`).
+    pub low_balance_threshold: i64,
 }
 
 impl Ledger {
@@ -57,6 +61,7 @@ impl Ledger {
             deduct_batches_in_flight: vars.positive("DEDUCT_BATCHES_IN_FLIGHT", 2)?,
             deduct_queue_max: vars.positive("DEDUCT_QUEUE_MAX", 10_000)?,
             audit_lag_limit: Duration::from_millis(vars.parse("AUDIT_LAG_LIMIT_MS", "2000")?),
+            low_balance_threshold: low_balance_threshold(vars)?,
         })
     }
 }
@@ -67,4 +72,17 @@ pub(crate) fn refund_window(vars: &Vars<'_>) -> Result<Duration, ConfigError> {
     Ok(Duration::from_secs(
         vars.parse("REFUND_WINDOW_SECS", "3600")?,
     ))
+}
+
+/// `LOW_BALANCE_THRESHOLD` (default 10, at least 0); the worker reads it
+/// through here too.
+pub(crate) fn low_balance_threshold(vars: &Vars<'_>) -> Result<i64, ConfigError> {
+    let threshold: i64 = vars.parse("LOW_BALANCE_THRESHOLD", "10")?;
+    if threshold < 0 {
+        return Err(ConfigError {
+            variable: "LOW_BALANCE_THRESHOLD",
+            reason: "must be 0 or more".into(),
+        });
+    }
+    Ok(threshold)
 }

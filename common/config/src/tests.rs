@@ -88,6 +88,11 @@ fn defaults_match_the_contract() {
     assert_eq!(s.worker.max_event_lateness, s.ledger.refund_window);
     assert!(s.broker.management_url.is_none());
     assert!(s.db.migrate_on_start);
+    assert_eq!(s.ledger.low_balance_threshold, 10);
+    assert_eq!(s.worker.low_balance_threshold, 10);
+    assert_eq!(s.worker.expiry_notice, Duration::from_secs(259_200));
+    let s = load(&[("LOW_BALANCE_THRESHOLD", "0")]).expect("loads");
+    assert_eq!(s.ledger.low_balance_threshold, 0);
     let s = load(&[("REFUND_WINDOW_SECS", "600")]).expect("loads");
     assert_eq!(s.worker.max_event_lateness, Duration::from_secs(600));
     let s = load(&[("MAX_EVENT_LATENESS_SECS", "0")]).expect("loads");
@@ -126,6 +131,9 @@ fn a_bad_value_names_its_variable() {
         ("DB_MIGRATE_ON_START", "maybe"),
         ("AUDIT_HMAC_KEY", "short"),
         ("MAX_PROJECTS_PER_USER", "0"),
+        ("LOW_BALANCE_THRESHOLD", "-1"),
+        ("LOW_BALANCE_THRESHOLD", "ten"),
+        ("EXPIRY_NOTICE_SECS", "-1"),
     ] {
         let err = load(&[(var, val)]).unwrap_err();
         assert_eq!(err.variable, var);
@@ -199,6 +207,9 @@ fn each_binary_refuses_only_the_bad_values_of_its_own_sections() {
         ("STORAGE_QUOTA_BYTES", "-1", [true, false, true]),
         ("MAX_PROJECTS_PER_USER", "0", [true, false, true]),
         ("AUDIT_HMAC_KEY", "short", [false, true, true]),
+        // Every binary that moves credits judges the threshold.
+        ("LOW_BALANCE_THRESHOLD", "-1", [true, true, true]),
+        ("EXPIRY_NOTICE_SECS", "soon", [false, true, false]),
     ];
     for &(var, val, [api, worker, ops]) in cases {
         let get = lookup(&[(var, val)]);

@@ -40,6 +40,12 @@ pub struct Worker {
     /// `HOSTNAME` (set by the system or the container; default `worker`):
     /// the first part of this worker's name in the audit-lag report.
     pub host_name: String,
+    /// `EXPIRY_NOTICE_SECS`: how long before a lot's expiry the timer writes
+    /// its `credits.expiring` event (once per lot).
+    pub expiry_notice: Duration,
+    /// `LOW_BALANCE_THRESHOLD` (the ledger section's, read through it): the
+    /// threshold of accounts without their own, for the worker's movements.
+    pub low_balance_threshold: i64,
 }
 
 impl Worker {
@@ -80,6 +86,8 @@ impl Worker {
             },
             event_clock_skew: Duration::from_secs(vars.parse("EVENT_CLOCK_SKEW_SECS", "60")?),
             host_name: vars.get("HOSTNAME").unwrap_or_else(|| "worker".into()),
+            expiry_notice: Duration::from_secs(vars.parse("EXPIRY_NOTICE_SECS", "259200")?),
+            low_balance_threshold: ledger::low_balance_threshold(vars)?,
         })
     }
 }

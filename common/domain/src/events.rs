@@ -61,6 +61,14 @@ pub fn message_id(event_id: &str) -> Option<Uuid> {
     Uuid::try_parse(event_id.strip_prefix("evt_")?).ok()
 }
 
+/// The `topup_reference` of the `balance.low` event written under outbox
+/// message id `message_id`: derived from the event's id, so an automatic
+/// top-up that uses it as its grant's reference is made once however often
+/// the event is delivered.
+pub fn topup_reference(message_id: Uuid) -> String {
+    format!("topup_{}", message_id.simple())
+}
+
 /// The envelope every event travels in, on the exchange and in a webhook's
 /// body: `{"id", "type", "created_at", "data"}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

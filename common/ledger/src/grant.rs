@@ -85,8 +85,15 @@ pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerErr
         .await?
         .remove(user)
         .unwrap_or_default();
-    snap.accounts
-        .insert(user.clone(), Account { balance, lots });
+    let threshold = locked.thresholds.get(user).copied().flatten();
+    snap.accounts.insert(
+        user.clone(),
+        Account {
+            balance,
+            lots,
+            threshold,
+        },
+    );
     if let Some(first) = tables::entries::grant_by_reference(tx, user, &g.reference).await? {
         snap.grants
             .insert((user.clone(), g.reference.clone()), first);
@@ -220,7 +227,7 @@ pub async fn grant(
         tx.rollback().await?;
         return Ok(answer);
     }
-    let applied = plan::apply(&tx, &plan).await?;
+    let applied = plan::apply(&tx, &plan, &snap).await?;
     complete(&mut answer.value, &plan, &applied)?;
     tx.commit().await?;
     count_moved("granted", g.app_name.as_str(), g.amount.get());

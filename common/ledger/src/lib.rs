@@ -45,6 +45,7 @@
 
 pub mod audit;
 pub mod backpressure;
+pub mod events_out;
 pub mod grant_rules;
 pub mod plan;
 pub mod reconcile;
@@ -62,8 +63,8 @@ mod window;
 pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
 pub use grant::{Grant, GrantReceipt, grant};
 pub use lot_ops::{
-    LOT_STATUSES, LotView, Void, VoidReceipt, balance_at, expire_lots, lots, users_with_due_lots,
-    void_lot,
+    LOT_STATUSES, LotView, Void, VoidReceipt, balance_at, expire_lots, lots, notice_expiring,
+    users_with_due_lots, void_lot,
 };
 pub use penora_domain::{LotCategory, SettledBy};
 pub use penora_store::accounts::OnBusy;

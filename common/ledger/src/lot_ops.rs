@@ -53,7 +53,7 @@ pub async fn expire_lots(client: &mut Client, user: &str) -> Result<i64, LedgerE
     let tx = client.transaction().await?;
     let snap = tables::locked_accounts(&tx, &[user.as_str()], OnBusy::Wait).await?;
     let (expired, plan) = decide_expiry(&snap, &user)?;
-    if plan::commit(tx, &plan).await?.is_none() {
+    if plan::commit(tx, &plan, &snap).await?.is_none() {
         return Ok(0);
     }
     count_entries(&plan, EntryKind::Expire, "expired");
@@ -216,7 +216,7 @@ pub async fn void_lot(
     let tx = client.transaction().await?;
     let snap = load_void(&tx, &v).await?;
     let (answer, plan) = decide_void(&snap, &v)?;
-    if plan::commit(tx, &plan).await?.is_none() {
+    if plan::commit(tx, &plan, &snap).await?.is_none() {
         return Ok(answer);
     }
     count_entries(&plan, EntryKind::Expire, "expired");
@@ -318,4 +318,54 @@ pub async fn balance_at(
         .query_opt(&stmt, &[&user.as_str(), &at])
         .await?
         .map(|r| r.get("credits")))
+}
+
+/// Writes the `credits.expiring` event of each lot with credits left that
+/// expires within `notice` (`EXPIRY_NOTICE_SECS`), once per lot, for up to
+/// `limit` users: each user's in one transaction that locks the account
+/// (the one lock), marks the lots noticed (`credit_lots.expiry_noticed_at`)
+/// and writes their events. Returns how many lots were noticed.
+pub async fn notice_expiring(
+    client: &mut Client,
+    notice: std::time::Duration,
+    limit: i64,
+) -> Result<usize, LedgerError> {
+    let secs = notice.as_secs_f64();
+    let users = tables::lots::users_to_notice(&*client, secs, limit).await?;
+    let mut noticed = 0;
+    for user in users {
+        let user = UserId::parse(&user).map_err(|e| DbError::Invariant(e.to_string()))?;
+        let tx = client.transaction().await?;
+        if penora_store::accounts::lock_one(&tx, user.as_str())
+            .await?
+            .is_none()
+        {
+            tx.rollback().await?;
+            continue;
+        }
+        let lots = tables::lots::mark_noticed(&tx, user.as_str(), secs).await?;
+        let Some(now) = lots.first().map(|n| n.now) else {
+            tx.rollback().await?;
+            continue;
+        };
+        let events: Vec<crate::events_out::Derived> = lots
+            .iter()
+            .map(|n| crate::events_out::Derived {
+                user_id: user.clone(),
+                kind: penora_domain::events::EventType::CreditsExpiring,
+                data: serde_json::json!({
+                    "app": n.lot.app_name.as_str(),
+                    "lot_id": n.lot.lot_id,
+                    "amount": n.lot.remaining,
+                    "category": n.lot.category.as_str(),
+                    "expires_at": n.lot.expires_at.map(penora_domain::timefmt::rfc3339_millis),
+                }),
+                correlation_id: None,
+            })
+            .collect();
+        crate::events_out::write(&tx, &events, now).await?;
+        tx.commit().await?;
+        noticed += lots.len();
+    }
+    Ok(noticed)
 }

@@ -18,7 +18,7 @@
 //! * the shared steps of deciding ([`Plan::expire_due`], [`Plan::give_back`],
 //!   [`draw`]) are written once, here.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use deadpool_postgres::Transaction;
 use penora_domain::{
@@ -179,6 +179,12 @@ pub struct Plan {
     pub changes: Vec<ReservationChange>,
     /// Events recorded.
     pub events: Vec<HandledEvent>,
+    /// Entries that belong to the step of the entry before them (of the
+    /// same user): the `expire` or `void` entry that takes back at once what
+    /// a refund gave to a closed lot. A step is what the events out judge a
+    /// balance's crossing on (`crate::events_out`): its transient rise and
+    /// fall are not two moves.
+    pub joined: BTreeSet<usize>,
 }
 
 impl Plan {
@@ -403,6 +409,7 @@ impl Plan {
                 _ => "refund to an expired lot",
             };
             let at = self.entry(entry(kind, -total, *balance, Some(description)));
+            self.joined.insert(at);
             for &(i, part) in parts.iter().filter(|(i, _)| drawn[*i].fate == fate) {
                 self.moves(at, ret.user, drawn[i].lot_id, kind, -part, 0, reservation);
             }
@@ -486,21 +493,23 @@ pub struct Applied {
 pub async fn commit(
     tx: deadpool_postgres::Transaction<'_>,
     plan: &Plan,
+    snap: &Snapshot,
 ) -> Result<Option<Applied>, DbError> {
     if plan.is_empty() {
         tx.rollback().await?;
         return Ok(None);
     }
-    let applied = apply(&tx, plan).await?;
+    let applied = apply(&tx, plan, snap).await?;
     tx.commit().await?;
     Ok(Some(applied))
 }
 
-/// Writes `plan` in the caller's transaction, where every account an entry
-/// names is locked: the balances, the entries with their audit jobs, the
-/// new lots, the lot movements and changes, the reservations claimed and
-/// changed, the events recorded.
-pub async fn apply(tx: &Transaction<'_>, plan: &Plan) -> Result<Applied, DbError> {
+/// Writes `plan`, decided against `snap`, in the caller's transaction,
+/// where every account an entry names is locked: the balances, the entries
+/// with their audit jobs, the new lots, the lot movements and changes, the
+/// reservations claimed and changed, the events recorded, and the events
+/// out it implies (`crate::events_out`; no statement when there are none).
+pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result<Applied, DbError> {
     let deltas: Vec<(&str, i64)> = plan
         .entries
         .iter()
@@ -514,6 +523,8 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan) -> Result<Applied, DbError
     claim_reservations(tx, &plan.reservations).await?;
     change_reservations(tx, &plan.changes).await?;
     record_events(tx, &plan.events).await?;
+    let out = crate::events_out::derive(plan, snap, &lots, crate::events_out::default_threshold());
+    crate::events_out::write(tx, &out, snap.now).await?;
     Ok(Applied { entries, lots })
 }
 

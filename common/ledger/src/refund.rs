@@ -541,7 +541,7 @@ async fn refund_once(
     let tx = client.transaction().await?;
     let snapshot = load(&tx, live, on_busy).await?;
     let (answers, plan) = decide(&snapshot, live)?;
-    if plan::commit(tx, &plan).await?.is_some() {
+    if plan::commit(tx, &plan, &snapshot).await?.is_some() {
         for a in answers.iter().flatten().filter(|a| !a.replayed) {
             count_moved("refunded", &a.value.app_name, a.value.credits_refunded);
         }

@@ -410,7 +410,7 @@ pub async fn settle_for(client: &mut Client, s: &Settle<'_>) -> Result<SettleRec
     let tx = client.transaction().await?;
     let (snap, key) = load(&tx, s).await?;
     let (receipt, plan) = decide(&snap, &key, s)?;
-    if plan::commit(tx, &plan).await?.is_some() && receipt.result == SettleResult::Settled {
+    if plan::commit(tx, &plan, &snap).await?.is_some() && receipt.result == SettleResult::Settled {
         if receipt.credits_charged > 0 && receipt.reservation_status == ReservationState::Settled {
             count_moved("settled", &receipt.app_name, receipt.credits_charged);
         }

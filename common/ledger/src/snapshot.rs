@@ -83,6 +83,9 @@ pub struct Account {
     /// Its active lots with credits left, in burn-down order, due ones
     /// included.
     pub lots: Vec<Lot>,
+    /// Its own low-balance threshold (`accounts.low_balance_threshold`);
+    /// `None`: the service's default (`LOW_BALANCE_THRESHOLD`).
+    pub threshold: Option<i64>,
 }
 
 impl Account {

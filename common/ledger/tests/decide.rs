@@ -9,7 +9,9 @@
 //!
 //! Then batches: a batch of deductions or refunds of many users, decided
 //! at once, answers what the same requests decided one at a time answer,
-//! and leaves the same tables.
+//! leaves the same tables, and implies the same events out (each user's
+//! `balance.low`, `balance.depleted`, `credits.refunded`, `credits.expired`,
+//! in order, with the same data).
 //!
 //! 10,000 generated histories per property (`PROPTEST_CASES` does not
 //! lower it): the database-backed twin of the first is `state_machine.rs`.
@@ -152,6 +154,7 @@ fn deducts(
         let (got, plan) = steps::decide_deducts(&snap, live).map_err(fail)?;
         prop_assert_eq!(got.len(), live.len());
         write(m, &plan, now)?;
+        m.record_out(&plan, &snap);
         answers.extend(got);
     }
     Ok(answers)
@@ -180,6 +183,7 @@ fn refunds(
         let (got, plan) = steps::decide_refunds(&snap, live).map_err(fail)?;
         prop_assert_eq!(got.len(), live.len());
         write(m, &plan, now)?;
+        m.record_out(&plan, &snap);
         answers.extend(got);
     }
     Ok(answers)
@@ -267,9 +271,14 @@ fn code_n(n: u8) -> ProjectCode {
     ProjectCode::parse(&format!("c{n}")).expect("a valid code")
 }
 
-/// Users 0..7 with a paid lot and a promotional one expiring soon.
+/// Users 0..7 with a paid lot and a promotional one expiring soon; users 0
+/// to 2 have their own low-balance threshold (0, 15, 30), the others the
+/// default (10).
 fn seeded() -> Result<Memory, TestCaseError> {
     let mut m = Memory::default();
+    for (n, threshold) in [(0u8, 0i64), (1, 15), (2, 30)] {
+        m.thresholds.insert(user_n(n), threshold);
+    }
     for n in 0..7u8 {
         for (i, (category, amount, expires)) in [
             (LotCategory::Paid, 20 + i64::from(n), None),
@@ -391,5 +400,75 @@ proptest! {
             m.reservations.iter().map(|(k, r)| (format!("{k:?}"), (r.state, r.refunded))).collect()
         };
         prop_assert_eq!(states(&batched), states(&alone));
+        // The events out: each user's, in order, are the same (events of
+        // different users may interleave differently).
+        let out = |m: &Memory| -> std::collections::BTreeMap<String, Vec<String>> {
+            let mut by_user: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+            for (u, kind, data) in &m.out {
+                by_user.entry(u.to_string()).or_default().push(format!("{kind} {data}"));
+            }
+            by_user
+        };
+        prop_assert_eq!(out(&batched), out(&alone));
     }
+}
+
+/// The property above compares events only if batches make some: fixed
+/// batches that cross users' thresholds, one of them twice, with a refund
+/// between, early and late (the promotional lots past their expiry).
+#[test]
+fn a_batch_crossing_thresholds_emits_what_one_at_a_time_does() -> Result<(), TestCaseError> {
+    let d = |user, code, amount| Step::Deduct { user, code, amount };
+    let r = |user, code| Step::Refund {
+        user,
+        code,
+        amount: None,
+        reference: None,
+    };
+    // User 3 (23 paid + 5 promotional, threshold 10): 28 → 18 → 6 (low) →
+    // refunded to 18 → 6 (low again) → 0 (depleted); late, the promotional
+    // 5 expire first (23 → 13 → 1 …). User 1 (threshold 15): 26 → 14 (low).
+    for late in [false, true] {
+        let rest = if late { 1 } else { 6 };
+        let steps = [
+            d(3, 0, 10),
+            d(3, 1, 12),
+            d(1, 0, 12),
+            r(3, 1),
+            d(3, 2, 12),
+            d(3, 3, rest),
+        ];
+        let now = BASE + time::Duration::seconds(if late { 40 } else { 1 });
+        let (batched, alone) = differential(&steps, now)?;
+        for u in ["u1", "u3"] {
+            let of = |m: &Memory| -> Vec<(String, String)> {
+                m.out
+                    .iter()
+                    .filter(|(who, _, _)| who.as_str() == u)
+                    .map(|(_, k, data)| (k.clone(), data.clone()))
+                    .collect()
+            };
+            prop_assert_eq!(of(&batched), of(&alone));
+        }
+        let kinds: Vec<(&str, &str)> = batched
+            .out
+            .iter()
+            .map(|(u, k, _)| (u.as_str(), k.as_str()))
+            .collect();
+        let lows = kinds
+            .iter()
+            .filter(|k| **k == ("u3", "balance.low"))
+            .count();
+        prop_assert_eq!(lows, 2, "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u3", "balance.depleted")), "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u1", "balance.low")), "{:?}", kinds);
+        prop_assert!(kinds.contains(&("u3", "credits.refunded")), "{:?}", kinds);
+        prop_assert_eq!(
+            kinds.contains(&("u3", "credits.expired")),
+            late,
+            "{:?}",
+            kinds
+        );
+    }
+    Ok(())
 }

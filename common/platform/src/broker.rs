@@ -522,13 +522,17 @@ impl Publisher {
         let channel = self.channel().await?;
         let mut confirms = Vec::with_capacity(messages.len());
         for m in messages {
+            // mandatory: an unroutable message comes back instead of
+            // vanishing. Events (contract §14) are always routable: the
+            // webhook fan-out queue takes every one (`#`), so an event that
+            // comes back means that queue is gone, and it waits in the outbox.
+            let mandatory = true;
             let confirm = channel
                 .basic_publish(
                     ShortString::from(m.exchange),
                     ShortString::from(m.routing_key.clone()),
-                    // mandatory: an unroutable message comes back instead of vanishing.
                     BasicPublishOptions {
-                        mandatory: true,
+                        mandatory,
                         ..Default::default()
                     },
                     &m.payload,

@@ -49,6 +49,9 @@ pub enum OnBusy {
 pub struct Locked {
     /// Balances of the locked accounts, by user.
     pub balances: BTreeMap<UserId, i64>,
+    /// Each locked account's own low-balance threshold (`None`: the
+    /// service's default), read by the same statement as the balance.
+    pub thresholds: BTreeMap<UserId, Option<i64>>,
     /// Accounts that exist but another transaction holds ([`OnBusy::Skip`]).
     pub busy: BTreeSet<UserId>,
     /// The transaction's `now()` (read with the lock, no round trip of its
@@ -71,12 +74,12 @@ pub async fn lock(
     let stmt = tx
         .prepare_cached(match on_busy {
             OnBusy::Wait => concat!(
-                "SELECT user_id, balance, now() AS now FROM accounts \
+                "SELECT user_id, balance, low_balance_threshold, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
                 account_lock!()
             ),
             OnBusy::Skip => concat!(
-                "SELECT user_id, balance, now() AS now FROM accounts \
+                "SELECT user_id, balance, low_balance_threshold, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
                 account_lock!(),
                 " SKIP LOCKED"
@@ -84,10 +87,13 @@ pub async fn lock(
         })
         .await?;
     let mut balances = BTreeMap::new();
+    let mut thresholds = BTreeMap::new();
     let mut now = None;
     if !users.is_empty() {
         for r in tx.query(&stmt, &[&users]).await? {
-            balances.insert(r.try_get("user_id")?, r.try_get("balance")?);
+            let user: UserId = r.try_get("user_id")?;
+            thresholds.insert(user.clone(), r.try_get("low_balance_threshold")?);
+            balances.insert(user, r.try_get("balance")?);
             now = Some(r.try_get("now")?);
         }
     }
@@ -113,6 +119,7 @@ pub async fn lock(
     }
     Ok(Locked {
         balances,
+        thresholds,
         busy,
         now,
     })
@@ -193,4 +200,36 @@ pub async fn move_balances(tx: &Transaction<'_>, deltas: &[(&str, i64)]) -> Resu
         ));
     }
     Ok(())
+}
+
+/// Sets `user`'s own low-balance threshold (`None`: back to the service's
+/// default) in one `UPDATE`, which takes the account's row lock, so a
+/// movement decides each crossing with one threshold. Returns whether the
+/// account exists (nothing changes when it does not).
+pub async fn set_low_balance_threshold(
+    client: &impl deadpool_postgres::GenericClient,
+    user: &str,
+    threshold: Option<i64>,
+) -> Result<bool, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE accounts SET low_balance_threshold = $2, updated_at = now() WHERE user_id = $1",
+        )
+        .await?;
+    Ok(client.execute(&stmt, &[&user, &threshold]).await? == 1)
+}
+
+/// `user`'s own low-balance threshold: `None` without an account,
+/// `Some(None)` when the account uses the service's default.
+pub async fn low_balance_threshold(
+    client: &impl deadpool_postgres::GenericClient,
+    user: &str,
+) -> Result<Option<Option<i64>>, DbError> {
+    let stmt = client
+        .prepare_cached("SELECT low_balance_threshold FROM accounts WHERE user_id = $1")
+        .await?;
+    match client.query_opt(&stmt, &[&user]).await? {
+        Some(row) => Ok(Some(row.try_get("low_balance_threshold")?)),
+        None => Ok(None),
+    }
 }

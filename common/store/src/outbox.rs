@@ -108,7 +108,8 @@ pub struct Event<'a> {
 
 /// Writes `events` for `penora.events` in one statement of the caller's
 /// transaction (the transaction of the change they report), each in §14's
-/// envelope with its `evt_` id made from its message id, stamped `at`.
+/// envelope with its `evt_` id made from its message id, stamped `at`; a
+/// `balance.low` event gets its `topup_reference` from that id.
 /// Returns their event ids, in order.
 pub async fn enqueue_events(
     tx: &impl GenericClient,
@@ -134,6 +135,14 @@ pub async fn enqueue_events(
             }
         };
         data.insert("user_id".into(), e.user_id.into());
+        if e.kind == EventType::BalanceLow {
+            // Made from the event's own id, so an auto top-up keyed by it
+            // is idempotent however often the event is delivered.
+            data.insert(
+                "topup_reference".into(),
+                events::topup_reference(*id).into(),
+            );
+        }
         let envelope = Envelope::new(*id, e.kind, at, serde_json::Value::Object(data));
         payloads.push(
             serde_json::to_value(&envelope)

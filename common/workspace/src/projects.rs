@@ -24,7 +24,11 @@
 //!   and writes a `project.deleted` row to `project_log`, all in one
 //!   transaction;
 //! - a project the worker fails for good releases its content's bytes (its
-//!   title and metadata stay, and stay counted, until it is deleted).
+//!   title and metadata stay, and stay counted, until it is deleted);
+//! - each status change writes its event out (contract §14) in its own
+//!   transaction: `project.saved` and `project.failed` when the worker
+//!   finishes a save ([`finish_save`]), `project.deleted` for every deletion
+//!   (`reason`: `deleted`, `evicted`, `retention` or `operator`).
 //!
 //! Every writer locks the account row first, then the projects: the account
 //! with `penora_store::accounts`' one lock (the lock the movements of
@@ -38,6 +42,7 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::images::{ImageInfo, Thumbnail};
+use penora_domain::events::EventType;
 use penora_domain::messages::{SAVE_PROJECT, SaveProjectJob};
 use penora_domain::{AppName, ProjectCode, UserId, ValidationError};
 use penora_store::DbError;
@@ -628,6 +633,15 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// The `reason` of its `project.deleted` event: `deleted` (asked by
+    /// the user), `evicted`, `retention` or `operator`.
+    fn event_reason(self) -> &'static str {
+        match self {
+            Self::Request => "deleted",
+            other => other.as_str(),
+        }
+    }
+
     fn as_str(self) -> &'static str {
         match self {
             Self::Request => "request",
@@ -654,12 +668,39 @@ async fn remove(
     let freed: Vec<i64> = victims.iter().map(|v| v.freed).collect();
     let apps: Vec<&str> = victims.iter().map(|v| v.app_source.as_str()).collect();
     let total: i64 = freed.iter().sum();
-    tx.execute(
-        "UPDATE projects SET status = 'deleted', deleted_at = now(), updated_at = now() \
-         WHERE user_id = $1 AND id = ANY($2)",
-        &[&user, &ids],
-    )
-    .await?;
+    // (The transaction's now() rides on the update, for the events' time.)
+    let gone = tx
+        .query(
+            "UPDATE projects SET status = 'deleted', deleted_at = now(), updated_at = now() \
+             WHERE user_id = $1 AND id = ANY($2) RETURNING now() AS now",
+            &[&user, &ids],
+        )
+        .await?;
+    let now: OffsetDateTime = match gone.first() {
+        Some(row) => row.try_get("now")?,
+        None => return Err(DbError::Invariant("no project to delete was found".into())),
+    };
+    // project.deleted for each, in the deletion's transaction (contract §14).
+    let data: Vec<serde_json::Value> = victims
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "app": v.app_source,
+                "project_id": v.id,
+                "reason": cause.event_reason(),
+            })
+        })
+        .collect();
+    let events: Vec<outbox::Event<'_>> = data
+        .into_iter()
+        .map(|data| outbox::Event {
+            user_id: user,
+            kind: EventType::ProjectDeleted,
+            data,
+            correlation_id: None,
+        })
+        .collect();
+    outbox::enqueue_events(tx, &events, now).await?;
     tx.execute(
         "DELETE FROM project_contents WHERE user_id = $1 AND project_id = ANY($2)",
         &[&user, &ids],
@@ -1166,7 +1207,7 @@ pub async fn finish_save(
     accounts::lock_one(&tx, user_id).await?;
     let row = tx
         .query_opt(
-            "SELECT status, size_bytes, app_source, project_code FROM projects \
+            "SELECT status, size_bytes, app_source, project_code, title, now() AS now FROM projects \
              WHERE user_id = $1 AND id = $2 FOR UPDATE",
             &[&user_id, &project_id],
         )
@@ -1178,6 +1219,8 @@ pub async fn finish_save(
     let size: i64 = row.get("size_bytes");
     let app_source: String = row.get("app_source");
     let project_code: Option<String> = row.get("project_code");
+    let title: Option<String> = row.try_get("title")?;
+    let now: OffsetDateTime = row.try_get("now")?;
     if status != "queued" {
         return Ok(Finished::AlreadyDone {
             status,
@@ -1213,6 +1256,19 @@ pub async fn finish_save(
                 &[&user_id, &project_id],
             )
             .await?;
+            let event = outbox::Event {
+                user_id,
+                kind: EventType::ProjectSaved,
+                data: serde_json::json!({
+                    "app": app_source,
+                    "project_id": project_id,
+                    "project_code": project_code,
+                    "title": title,
+                    "size": size,
+                }),
+                correlation_id: None,
+            };
+            outbox::enqueue_events(&tx, &[event], now).await?;
             Finished::Saved {
                 app_source,
                 project_code,
@@ -1236,6 +1292,18 @@ pub async fn finish_save(
                 &[&user_id, &size],
             )
             .await?;
+            let event = outbox::Event {
+                user_id,
+                kind: EventType::ProjectFailed,
+                data: serde_json::json!({
+                    "app": app_source,
+                    "project_id": project_id,
+                    "project_code": project_code,
+                    "reason": reason,
+                }),
+                correlation_id: None,
+            };
+            outbox::enqueue_events(&tx, &[event], now).await?;
             Finished::Failed(reason)
         }
     };

@@ -4,6 +4,7 @@
 mod artworks;
 mod backpressure;
 mod event_time;
+mod events;
 mod health;
 mod hostile_events;
 mod image_bombs;
@@ -402,8 +403,8 @@ async fn with_the_broker_unreachable_deducts_succeed_and_every_entry_is_audited_
     assert_eq!(health["broker"], json!("unavailable"));
     assert_eq!(
         health["outbox_pending"],
-        json!(31),
-        "every movement's job waits in the outbox"
+        json!(32),
+        "every movement's job waits in the outbox, and the grant's credits.granted"
     );
     wait_for("the failed publish is recorded on the rows", Duration::from_secs(10), || async {
         s.scalar("SELECT count(*) FROM outbox WHERE last_error IS NOT NULL AND attempts > 0 AND $1 = $1", "").await > 0

@@ -174,3 +174,64 @@ pub async fn users_with_due(
         .map(|r| column(r, "user_id"))
         .collect()
 }
+
+/// Over `credit_lots`: active with credits left, expiring after now but
+/// within `$1` seconds, its `credits.expiring` not yet written.
+const TO_NOTICE: &str = "status = 'active' AND remaining > 0 AND expiry_noticed_at IS NULL \
+     AND expires_at > now() AND expires_at <= now() + make_interval(secs => $1)";
+
+/// Users with lots to notice (see [`TO_NOTICE`]) within `notice_secs`,
+/// soonest expiry first, at most `limit`.
+pub async fn users_to_notice(
+    client: &impl GenericClient,
+    notice_secs: f64,
+    limit: i64,
+) -> Result<Vec<String>, DbError> {
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT user_id FROM credit_lots WHERE {TO_NOTICE} \
+             GROUP BY user_id ORDER BY min(expires_at) LIMIT $2"
+        ))
+        .await?;
+    client
+        .query(&stmt, &[&notice_secs, &limit])
+        .await?
+        .iter()
+        .map(|r| column(r, "user_id"))
+        .collect()
+}
+
+/// A lot whose coming expiry was just noticed.
+#[derive(Debug, Clone)]
+pub struct Noticed {
+    /// The lot.
+    pub lot: Lot,
+    /// The transaction's `now()`.
+    pub now: OffsetDateTime,
+}
+
+/// Marks `user`'s lots to notice within `notice_secs` as noticed (the
+/// caller holds the account's lock) and returns them.
+pub async fn mark_noticed(
+    tx: &Transaction<'_>,
+    user: &str,
+    notice_secs: f64,
+) -> Result<Vec<Noticed>, DbError> {
+    let stmt = tx
+        .prepare_cached(&format!(
+            "UPDATE credit_lots SET expiry_noticed_at = now() \
+             WHERE user_id = $2 AND {TO_NOTICE} \
+             RETURNING lot_id, remaining, app_name, category, priority, expires_at, created_at, now() AS now"
+        ))
+        .await?;
+    tx.query(&stmt, &[&notice_secs, &user])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Noticed {
+                lot: Lot::try_from(r)?,
+                now: column(r, "now")?,
+            })
+        })
+        .collect()
+}

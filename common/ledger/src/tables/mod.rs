@@ -32,8 +32,15 @@ pub async fn locked_accounts(
     let mut lots = lots::active(tx, &names).await?;
     for (user, balance) in locked.balances {
         let lots = lots.remove(&user).unwrap_or_default();
-        snap.accounts
-            .insert(user, crate::snapshot::Account { balance, lots });
+        let threshold = locked.thresholds.get(&user).copied().flatten();
+        snap.accounts.insert(
+            user,
+            crate::snapshot::Account {
+                balance,
+                lots,
+                threshold,
+            },
+        );
     }
     snap.busy = locked.busy;
     Ok(snap)

@@ -66,6 +66,11 @@ pub struct Memory {
     pub moves: Vec<Movement>,
     pub reservations: HashMap<ResKey, Reservation>,
     pub events: HashMap<(UserId, String), String>,
+    /// Each account's own low-balance threshold (none: the default).
+    pub thresholds: BTreeMap<UserId, i64>,
+    /// The events out the plans written implied, in order
+    /// (`penora_ledger::events_out::derive`), as `(user, type, data)`.
+    pub out: Vec<(UserId, String, String)>,
 }
 
 impl Memory {
@@ -88,7 +93,14 @@ impl Memory {
                 .map(|r| r.lot.clone())
                 .collect();
             burn_order(&mut lots);
-            s.accounts.insert(user.clone(), Account { balance, lots });
+            s.accounts.insert(
+                user.clone(),
+                Account {
+                    balance,
+                    lots,
+                    threshold: self.thresholds.get(user).copied(),
+                },
+            );
             for (id, row) in self.lots.iter().filter(|(_, r)| &r.user == user) {
                 let voided = self
                     .moves
@@ -217,6 +229,16 @@ impl Memory {
 
     /// Writes `plan` at `now` as `plan::apply` does, or refuses it as the
     /// database would (nothing is then written: the caller's copy stands).
+    /// Records the events out `plan`, decided against `snap` and written,
+    /// implies (the default threshold 10; lot ids unknown, as before
+    /// `apply`).
+    pub fn record_out(&mut self, plan: &Plan, snap: &Snapshot) {
+        for d in penora_ledger::events_out::derive(plan, snap, &[], 10) {
+            self.out
+                .push((d.user_id, d.kind.as_str().to_owned(), d.data.to_string()));
+        }
+    }
+
     pub fn apply(&mut self, plan: &Plan, now: OffsetDateTime) -> Result<Applied, String> {
         let mut next = self.clone();
         let applied = next.write(plan, now)?;
