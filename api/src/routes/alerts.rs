@@ -37,7 +37,8 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Body of `PUT /alerts`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct AlertsRequest {
-    /// The user.
+    // The user (a plain comment: a doc comment would wrap the inlined
+    // schema, and the document would lose its type and pattern).
     #[schema(value_type = UserId, inline)]
     pub user_id: Option<String>,
     /// Below this many spendable credits a movement emits `balance.low`

@@ -496,7 +496,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 14, "6 request bodies and 8 queries name a user");
+        assert_eq!(seen, 16, "7 request bodies and 9 queries name a user");
     }
 
     #[test]
