@@ -116,7 +116,15 @@ build_context() { # build_context DOCKERFILE DIR
   started=$(date +%s)
   # Offline needs the registry cache: a fresh machine fetches it first.
   (cd "$repo" && cargo fetch --locked -q) || return 1
-  (cd "$ctx/${workdir#/}" && CARGO_TARGET_DIR="$repo/target" eval "$cmd --offline") || return 1
+  local built=0
+  (cd "$ctx/${workdir#/}" && CARGO_TARGET_DIR="$repo/target" eval "$cmd --offline") || built=$?
+  # The members' fingerprints now name the copies' sources (cargo gives a
+  # member the same unit hash wherever it lies): left there, a later build
+  # of the repository would take the copies' artifacts as fresh, even after
+  # its own sources changed. Forgotten, the members are rebuilt from the
+  # repository next time (the registry crates stay shared).
+  rm -rf "$repo"/target/release/.fingerprint/penora-*
+  [ "$built" -eq 0 ] || return "$built"
   echo "the image's build context builds ($(( $(date +%s) - started )) s)"
 }
 repo=$PWD
