@@ -45,7 +45,7 @@ pub struct AlertsRequest {
     /// (an integer of 0 or more); `null` goes back to the default
     /// (`LOW_BALANCE_THRESHOLD`). Required.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, minimum = 0, nullable = true)]
+    #[schema(value_type = Option<i64>, minimum = 0, nullable = true, required = true)]
     pub low_balance_threshold: Option<serde_json::Value>,
 }
 

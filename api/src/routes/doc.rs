@@ -460,6 +460,21 @@ mod tests {
         serde_json::to_value(super::super::openapi(777)).unwrap()
     }
 
+    #[test]
+    fn the_alerts_body_requires_the_threshold_as_the_handler_does() {
+        // The handler refuses a body without `low_balance_threshold` (null
+        // is a value: back to the default); the document must say so, or
+        // a client built from it sends what we refuse (found by fuzzing).
+        let doc = document();
+        let body = &doc["components"]["schemas"]["AlertsRequest"];
+        let required: Vec<&str> = body["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        assert!(required.contains(&"low_balance_threshold"), "{body}");
+        assert!(required.contains(&"user_id"), "{body}");
+    }
+
     fn operations(doc: &Value) -> Vec<(String, &Value)> {
         let mut out = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
