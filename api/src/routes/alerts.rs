@@ -45,7 +45,7 @@ pub struct AlertsRequest {
     /// (an integer of 0 or more); `null` goes back to the default
     /// (`LOW_BALANCE_THRESHOLD`). Required.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<i64>, minimum = 0, nullable = true, required = true)]
+    #[schema(value_type = Option<i64>, minimum = 0, maximum = 9_007_199_254_740_991_i64, nullable = true, required = true)]
     pub low_balance_threshold: Option<serde_json::Value>,
 }
 
@@ -76,16 +76,26 @@ fn answer(state: &AppState, user: &UserId, own: Option<i64>) -> Response {
     .into_response()
 }
 
+/// The largest threshold accepted (JavaScript's largest safe integer).
+pub const MAX_THRESHOLD: i64 = 9_007_199_254_740_991;
+
 /// The threshold asked for: `Some(n)`, or `None` for the default.
 fn threshold(raw: Option<&serde_json::Value>) -> Result<Option<i64>, ApiError> {
     let invalid = |why: &str| ApiError::InvalidRequest(format!("low_balance_threshold: {why}"));
     match raw {
         None => Err(invalid("is required (an integer of 0 or more, or null)")),
         Some(serde_json::Value::Null) => Ok(None),
-        Some(v) => match v.as_i64() {
-            Some(n) if n >= 0 => Ok(Some(n)),
-            _ => Err(invalid("must be an integer of 0 or more, or null")),
-        },
+        // A whole number as every amount is read (`5` or `5.0`, as JSON
+        // Schema's integer and JavaScript agree), up to JavaScript's largest
+        // safe integer.
+        Some(v) => {
+            let range = || format!("an integer from 0 to {MAX_THRESHOLD}, or null");
+            match penora_domain::whole_number("low_balance_threshold", v, &range) {
+                Ok(n) if (0..=MAX_THRESHOLD).contains(&n) => Ok(Some(n)),
+                Ok(_) => Err(invalid(&format!("must be {}", range()))),
+                Err(e) => Err(ApiError::InvalidRequest(e.to_string())),
+            }
+        }
     }
 }
 

@@ -410,6 +410,11 @@ async fn the_alerts_route_sets_reads_and_resets_the_threshold_and_refuses_bad_in
     assert_eq!(read_alerts(&app, "u1").await, default);
 
     let put = |body: Value| alerts(&app, reqwest::Method::PUT, Some(body), BOOT_KEY);
+    // A whole number written as a float is a whole number (JSON Schema's
+    // integer, and JavaScript's), as for every amount.
+    let r = put(json!({"user_id": "u1", "low_balance_threshold": 7.0})).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(read_alerts(&app, "u1").await["low_balance_threshold"], 7);
     let r = put(json!({"user_id": "u1", "low_balance_threshold": 50})).await;
     assert_eq!(r.status(), StatusCode::OK);
     let set =
