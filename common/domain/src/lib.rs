@@ -10,6 +10,7 @@ pub mod codec;
 pub mod events;
 pub mod labels;
 pub mod messages;
+pub mod period;
 pub mod pricing;
 mod states;
 pub mod timefmt;
