@@ -51,6 +51,25 @@ pub enum ApiError {
     /// 409 `idempotency_conflict`: the key was used with other parameters.
     #[error("{0}")]
     IdempotencyConflict(String),
+    /// 403 `spend_limit_exceeded`: the deduction would pass a spend limit
+    /// (contract §16); the body adds `limit`, `spent` and `resets_at`.
+    #[error(
+        "Spend limit exceeded: the {period} limit of {limit} credits for {} has {spent} spent; it resets at {}",
+        app_name.as_deref().unwrap_or("all apps"),
+        penora_domain::timefmt::rfc3339_millis(*resets_at)
+    )]
+    SpendLimitExceeded {
+        /// The app the limit holds; `None`: every app.
+        app_name: Option<String>,
+        /// The limit's period.
+        period: penora_domain::period::Period,
+        /// Its `max_credits`.
+        limit: i64,
+        /// Spent in the current period.
+        spent: i64,
+        /// When the next period starts.
+        resets_at: time::OffsetDateTime,
+    },
     /// 413 `storage_limit_exceeded`: says bytes needed and remaining.
     #[error("{0}")]
     StorageLimitExceeded(String),
@@ -166,6 +185,19 @@ pub struct ErrorBody {
     /// carried out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub project_code: Option<String>,
+    /// With `spend_limit_exceeded`: the limit's `max_credits`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<i64>,
+    /// With `spend_limit_exceeded`: what the limit counted in its current
+    /// period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spent: Option<i64>,
+    /// With `spend_limit_exceeded`: when the limit's next period starts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resets_at: Option<String>,
+    /// With `spend_limit_exceeded`: the limit's period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period: Option<String>,
 }
 
 /// The error code of a response, left in its extensions for the request log.
@@ -182,6 +214,7 @@ impl ApiError {
             Self::UserNotFound => (StatusCode::NOT_FOUND, "user_not_found"),
             Self::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             Self::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
+            Self::SpendLimitExceeded { .. } => (StatusCode::FORBIDDEN, "spend_limit_exceeded"),
             Self::StorageLimitExceeded(_) => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "storage_limit_exceeded")
             }
@@ -231,6 +264,26 @@ impl IntoResponse for ApiError {
                 Self::Timeout { project_code, .. } => project_code.clone(),
                 _ => None,
             },
+            limit: None,
+            spent: None,
+            resets_at: None,
+            period: None,
+        };
+        let body = match &self {
+            Self::SpendLimitExceeded {
+                period,
+                limit,
+                spent,
+                resets_at,
+                ..
+            } => ErrorBody {
+                limit: Some(*limit),
+                spent: Some(*spent),
+                resets_at: Some(penora_domain::timefmt::rfc3339_millis(*resets_at)),
+                period: Some(period.to_string()),
+                ..body
+            },
+            _ => body,
         };
         let mut response = (status, Json(body)).into_response();
         if let Self::RateLimited { retry_after_secs }
@@ -296,6 +349,19 @@ impl From<LedgerError> for ApiError {
         match e {
             LedgerError::UserNotFound => Self::UserNotFound,
             LedgerError::InsufficientCredits { .. } => Self::InsufficientCredits,
+            LedgerError::SpendLimitExceeded {
+                app_name,
+                period,
+                limit,
+                spent,
+                resets_at,
+            } => Self::SpendLimitExceeded {
+                app_name,
+                period,
+                limit,
+                spent,
+                resets_at,
+            },
             LedgerError::IdempotencyConflict(m) => Self::IdempotencyConflict(m),
             LedgerError::NotFound(m) => Self::NotFound(m),
             LedgerError::NotRefundable(m) => Self::NotRefundable(m),

@@ -94,6 +94,9 @@ pub struct UserInfo {
     pub next_expiry: Option<NextExpiry>,
     /// Storage use.
     pub storage: Storage,
+    /// The user's spend limits with their spending now (contract §16);
+    /// empty when none is set.
+    pub limits: Vec<penora_ledger::limits::LimitView>,
     /// When this answer was made.
     #[schema(example = "2025-08-28T06:00:00.000Z")]
     pub timestamp: String,
@@ -163,6 +166,7 @@ async fn user_info(
         .get(user.clone())
         .await?
         .ok_or(ApiError::UserNotFound)?;
+    let limits = penora_ledger::limits::limits_of(&state.pool.get().await?, &user).await?;
     let quota = state.settings.workspace.storage_quota_bytes;
     let (credits, workspace) = (&summary.credits, &summary.workspace);
     let body = UserInfo {
@@ -182,6 +186,7 @@ async fn user_info(
             workspace.storage_used_bytes,
             workspace.total_projects,
         ),
+        limits,
         timestamp: rfc3339_millis(time::OffsetDateTime::now_utc()),
     };
     Ok(json_ok(body).into_response())

@@ -4,6 +4,7 @@
 pub mod alerts;
 pub mod credits;
 mod doc;
+pub mod limits;
 pub mod lots;
 pub mod projects;
 pub mod quote;
@@ -131,6 +132,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     let unified = OpenApiRouter::new()
         .merge(credits::router())
         .merge(alerts::router())
+        .merge(limits::router())
         .merge(lots::router())
         .merge(projects::router())
         .merge(quote::router())

@@ -30,7 +30,10 @@
 //!   every writer locks the user's account first, so this is a guard that
 //!   should never fire).
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use deadpool_postgres::Client;
 use penora_domain::{AppName, Credits, EntryKind, ProjectCode, ReservationState, UserId};
@@ -38,7 +41,9 @@ use serde::Serialize;
 use time::OffsetDateTime;
 
 use crate::{
-    Answer, LedgerError, OnBusy, Outcome, Slots, answer_all, count_moved, only,
+    Answer, LedgerError, OnBusy, Outcome, Slots, answer_all, count_moved,
+    limits::{SpendDelta, Spending, day_of},
+    only,
     plan::{self, Allocation, NewEntry, NewReservation, Plan, draw},
     slots,
     snapshot::{ResKey, Snapshot, res_key},
@@ -157,6 +162,13 @@ pub fn decide(
         live.iter()
             .map(|q| (&q.deduct.user_id, q.correlation_id.as_deref())),
     )?;
+    // Each limited user's spending, counted on as the batch is decided.
+    let mut spending: BTreeMap<&UserId, Spending> = s
+        .accounts
+        .iter()
+        .filter_map(|(u, a)| Some((u, a.spending.clone()?)))
+        .collect();
+    let today = day_of(s.now);
     let mut answers = Vec::with_capacity(live.len());
     for q in live {
         let d = &q.deduct;
@@ -166,15 +178,31 @@ pub fn decide(
             continue;
         }
         let amount = d.amount.get();
-        let answer = match accounts.get_mut(&d.user_id) {
-            None if s.busy.contains(&d.user_id) => Err(LedgerError::AccountBusy),
-            None => Err(LedgerError::UserNotFound),
-            Some((balance, _)) if *balance < amount => Err(LedgerError::InsufficientCredits {
-                balance: *balance,
-                requested: amount,
-            }),
-            Some((balance, lots)) => {
+        // The limits are judged once the balance covers the deduction.
+        let over = spending
+            .get(&d.user_id)
+            .and_then(|sp| sp.check(&d.app_name, amount, s.now).err());
+        let answer = match (accounts.get_mut(&d.user_id), over) {
+            (None, _) if s.busy.contains(&d.user_id) => Err(LedgerError::AccountBusy),
+            (None, _) => Err(LedgerError::UserNotFound),
+            (Some((balance, _)), _) if *balance < amount => {
+                Err(LedgerError::InsufficientCredits {
+                    balance: *balance,
+                    requested: amount,
+                })
+            }
+            (Some(_), Some(refused)) => Err(refused),
+            (Some((balance, lots)), None) => {
                 *balance -= amount;
+                if let Some(sp) = spending.get_mut(&d.user_id) {
+                    sp.add(&d.app_name, today, amount);
+                }
+                plan.spend.push(SpendDelta {
+                    user_id: d.user_id.clone(),
+                    app_name: d.app_name.clone(),
+                    day: today,
+                    delta: amount,
+                });
                 let allocations = draw(lots, amount, s.now);
                 let refundable_until = s.now + d.refund_window;
                 let at = plan.entry(NewEntry {

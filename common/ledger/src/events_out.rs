@@ -260,6 +260,7 @@ mod tests {
                 balance: 0,
                 lots: Vec::new(),
                 threshold,
+                spending: None,
             },
         );
         s
@@ -347,6 +348,7 @@ mod tests {
                 reason: Some("failed"),
                 reference: None,
                 correlation_id: None,
+                made_at: OffsetDateTime::UNIX_EPOCH,
             },
             &mut drawn,
             &mut balance,

@@ -92,6 +92,7 @@ pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerErr
             balance,
             lots,
             threshold,
+            spending: None,
         },
     );
     if let Some(first) = tables::entries::grant_by_reference(tx, user, &g.reference).await? {

@@ -47,6 +47,7 @@ pub mod audit;
 pub mod backpressure;
 pub mod events_out;
 pub mod grant_rules;
+pub mod limits;
 pub mod plan;
 pub mod reconcile;
 pub mod snapshot;
@@ -109,6 +110,23 @@ pub enum LedgerError {
         balance: i64,
         /// Amount asked for.
         requested: i64,
+    },
+    /// The deduction would take spending past a spend limit (contract §16).
+    #[error(
+        "spend limit exceeded: the {period} limit of {limit} credits for {} has {spent} spent",
+        app_name.as_deref().unwrap_or("all apps")
+    )]
+    SpendLimitExceeded {
+        /// The app the limit holds; `None`: every app.
+        app_name: Option<String>,
+        /// Its period.
+        period: penora_domain::period::Period,
+        /// Its `max_credits`.
+        limit: i64,
+        /// What it counted in the current period before this deduction.
+        spent: i64,
+        /// When the next period starts.
+        resets_at: time::OffsetDateTime,
     },
     /// The idempotency key was used before with other parameters.
     #[error("{0}")]

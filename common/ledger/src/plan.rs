@@ -179,6 +179,9 @@ pub struct Plan {
     pub changes: Vec<ReservationChange>,
     /// Events recorded.
     pub events: Vec<HandledEvent>,
+    /// Spending changes (deductions, what is given back), written for the
+    /// users with a spend limit (`crate::limits`).
+    pub spend: Vec<crate::limits::SpendDelta>,
     /// Entries that belong to the step of the entry before them (of the
     /// same user): the `expire` or `void` entry that takes back at once what
     /// a refund gave to a closed lot. A step is what the events out judge a
@@ -197,6 +200,7 @@ impl Plan {
             && self.reservations.is_empty()
             && self.changes.is_empty()
             && self.events.is_empty()
+            && self.spend.is_empty()
     }
 
     /// Adds `entry`; returns its place.
@@ -366,6 +370,12 @@ impl Plan {
             correlation_id: ret.correlation_id.map(str::to_owned),
         };
         let refund_at = self.entry(entry(EntryKind::Refund, ret.amount, *balance, ret.reason));
+        self.spend.push(crate::limits::SpendDelta {
+            user_id: ret.user.clone(),
+            app_name: ret.app.clone(),
+            day: crate::limits::day_of(ret.made_at),
+            delta: -ret.amount,
+        });
         let parts = split_back(drawn, ret.amount);
         let given: i64 = parts.iter().map(|(_, p)| p).sum();
         if given != ret.amount {
@@ -435,6 +445,9 @@ pub struct Returned<'a> {
     pub reference: Option<&'a str>,
     /// The request id.
     pub correlation_id: Option<&'a str>,
+    /// When the reservation was made: what is given back frees room in
+    /// the spend limits' periods of that instant.
+    pub made_at: OffsetDateTime,
 }
 
 /// Takes `amount` from `lots` (in burn-down order, due ones at `now`
@@ -523,6 +536,17 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result
     claim_reservations(tx, &plan.reservations).await?;
     change_reservations(tx, &plan.changes).await?;
     record_events(tx, &plan.events).await?;
+    let limited: Vec<crate::limits::SpendDelta> = plan
+        .spend
+        .iter()
+        .filter(|d| {
+            snap.accounts
+                .get(&d.user_id)
+                .is_some_and(|a| a.spending.is_some())
+        })
+        .cloned()
+        .collect();
+    crate::tables::limits::record(tx, &limited).await?;
     let out = crate::events_out::derive(plan, snap, &lots, crate::events_out::default_threshold());
     crate::events_out::write(tx, &out, snap.now).await?;
     Ok(Applied { entries, lots })
@@ -1007,6 +1031,7 @@ mod tests {
                 reason: Some("failed"),
                 reference: Some("r1"),
                 correlation_id: None,
+                made_at: OffsetDateTime::UNIX_EPOCH,
             },
             &mut drawn,
             &mut balance,

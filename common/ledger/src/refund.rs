@@ -481,6 +481,7 @@ fn give_back(
             reason: r.reason.as_deref(),
             reference: r.reference.as_deref(),
             correlation_id: q.correlation_id.as_deref(),
+            made_at: row.created_at,
         },
         lots,
         balance,

@@ -239,6 +239,7 @@ pub fn decide(
                 reason: Some(s.reason),
                 reference: None,
                 correlation_id: s.correlation_id,
+                made_at: row.created_at,
             },
             &mut drawn,
             &mut balance,

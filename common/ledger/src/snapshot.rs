@@ -86,6 +86,9 @@ pub struct Account {
     /// Its own low-balance threshold (`accounts.low_balance_threshold`);
     /// `None`: the service's default (`LOW_BALANCE_THRESHOLD`).
     pub threshold: Option<i64>,
+    /// Its spend limits and what it spent in their periods; `None` when it
+    /// has no limit (contract §16).
+    pub spending: Option<crate::limits::Spending>,
 }
 
 impl Account {

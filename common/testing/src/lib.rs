@@ -412,7 +412,8 @@ async fn drop_on_workers(name: &str) {
 /// reservations of the test's database hold back by `by`, which is the same
 /// as moving the database's clock `by` forward (a lot that expires in 60 s
 /// expires 1 ms ago after `travel(60.001 s)`; a reservation's window
-/// passes). The guard triggers that refuse such edits are switched off for
+/// passes; the spending of a spend limit moves to the days its
+/// reservations moved to). The guard triggers that refuse such edits are switched off for
 /// the one transaction that makes them; only a test's own database may be
 /// moved. The audit records of entries written before a travel no longer
 /// match them (their times moved): `audit verify` is for tests that do not
@@ -465,6 +466,16 @@ pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Durat
             .await
             .expect("travel: times moved");
     }
+    // Spending per day is what the reservations made that day hold (V16):
+    // their days moved with them, so it is counted again from them.
+    tx.batch_execute(
+        "DELETE FROM spend_days; \
+         INSERT INTO spend_days (user_id, app_name, day, spent) \
+         SELECT r.user_id, r.app_name, (r.created_at AT TIME ZONE 'UTC')::date, sum(r.amount - r.refunded_amount) \
+         FROM reservations r WHERE r.user_id IN (SELECT user_id FROM spend_limits) GROUP BY 1, 2, 3",
+    )
+    .await
+    .expect("travel: spending counted again");
     for t in tables {
         tx.batch_execute(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
             .await

@@ -4,6 +4,7 @@
 
 pub mod entries;
 pub mod events;
+pub mod limits;
 pub mod lots;
 pub mod reservations;
 
@@ -30,15 +31,18 @@ pub async fn locked_accounts(
     let mut snap = crate::snapshot::Snapshot::at(locked.now);
     let names: Vec<&str> = locked.balances.keys().map(|u| u.as_str()).collect();
     let mut lots = lots::active(tx, &names).await?;
+    let mut spending = limits::spending(tx, &names, locked.now).await?;
     for (user, balance) in locked.balances {
         let lots = lots.remove(&user).unwrap_or_default();
         let threshold = locked.thresholds.get(&user).copied().flatten();
+        let spending = spending.remove(&user);
         snap.accounts.insert(
             user,
             crate::snapshot::Account {
                 balance,
                 lots,
                 threshold,
+                spending,
             },
         );
     }

@@ -99,6 +99,7 @@ impl Memory {
                     balance,
                     lots,
                     threshold: self.thresholds.get(user).copied(),
+                    spending: None,
                 },
             );
             for (id, row) in self.lots.iter().filter(|(_, r)| &r.user == user) {
