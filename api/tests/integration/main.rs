@@ -15,6 +15,7 @@ mod fuzz_findings;
 mod guide;
 mod image_bombs;
 mod keys;
+mod limits;
 mod lots;
 mod management;
 mod migrations;
