@@ -511,7 +511,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 16, "7 request bodies and 9 queries name a user");
+        assert_eq!(seen, 19, "8 request bodies and 11 queries name a user");
     }
 
     #[test]
