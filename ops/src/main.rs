@@ -16,6 +16,7 @@ mod credits;
 mod dlq;
 mod event;
 mod keys;
+mod limits;
 mod outbox;
 mod output;
 mod projects;
@@ -99,6 +100,11 @@ enum Command {
         #[command(subcommand)]
         command: webhooks::WebhooksCommand,
     },
+    /// Spend limits: list, set and delete a user's; a summary of all.
+    Limits {
+        #[command(subcommand)]
+        command: limits::LimitsCommand,
+    },
 }
 
 #[tokio::main]
@@ -164,5 +170,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Event(e) => event::run(&settings.broker, e).await.map(|()| done)?,
         Command::Outbox { command } => outbox::run(&client, command).await.map(|()| done)?,
         Command::Webhooks { command } => webhooks::run(&client, command).await.map(|()| done)?,
+        Command::Limits { command } => limits::run(&mut client, command).await.map(|()| done)?,
     })
 }

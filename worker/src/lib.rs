@@ -323,7 +323,8 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
 /// Settles reservations past their refund window; writes the `expire`
 /// entries of lots past their expiry and the `credits.expiring` events of
 /// lots expiring within `EXPIRY_NOTICE_SECS`; deletes projects past
-/// `PROJECT_RETENTION_DAYS`; prunes the outbox.
+/// `PROJECT_RETENTION_DAYS`; prunes the outbox and the spending no spend
+/// limit counts any more.
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
         match expire_lots(&ctx, 500).await {
@@ -348,6 +349,8 @@ async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
         }
         if let Ok(client) = ctx.pool.get().await {
             let _ = outbox::prune(&client, 7).await;
+            // Spending older than any limit's period counts for nothing.
+            let _ = ledger::tables::limits::prune(&client, time::OffsetDateTime::now_utc()).await;
         }
         tokio::select! {
             () = stop.cancelled() => return,

@@ -25,7 +25,13 @@ async fn set(app: &TestApp, body: Value) -> Value {
     r.json().await.expect("json")
 }
 
-async fn deduct_in(app: &TestApp, user: &str, which: &str, amount: i64, code: &str) -> (StatusCode, Value) {
+async fn deduct_in(
+    app: &TestApp,
+    user: &str,
+    which: &str,
+    amount: i64,
+    code: &str,
+) -> (StatusCode, Value) {
     let r = app
         .post(
             "/api/unified/deduct-credits",
@@ -40,7 +46,11 @@ async fn deduct_in(app: &TestApp, user: &str, which: &str, amount: i64, code: &s
 /// through, 150 are refused `spend_limit_exceeded`, and the ledger shows 50.
 async fn exactly_fifty_of_two_hundred(app: TestApp) {
     app.grant("u1", 1_000).await;
-    set(&app, json!({"user_id": "u1", "period": "day", "max_credits": 50})).await;
+    set(
+        &app,
+        json!({"user_id": "u1", "period": "day", "max_credits": 50}),
+    )
+    .await;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let http = app.http.clone();
@@ -72,7 +82,8 @@ async fn exactly_fifty_of_two_hundred(app: TestApp) {
     assert_eq!((ok, refused), (50, 150));
     assert_eq!(app.balance("u1").await, 950);
     assert_eq!(
-        app.scalar("SELECT count(*) FROM reservations WHERE user_id = $1", "u1").await,
+        app.scalar("SELECT count(*) FROM reservations WHERE user_id = $1", "u1")
+            .await,
         50
     );
     app.assert_reconciled().await;
@@ -92,22 +103,49 @@ async fn the_limit_is_exact_with_group_commit_off_too() {
 async fn an_app_limit_holds_its_app_an_all_apps_limit_both_and_a_refund_gives_room_back() {
     let app = spawn_app().await;
     app.grant("u1", 1_000).await;
-    set(&app, json!({"user_id": "u1", "app_name": "imagegene", "period": "day", "max_credits": 10})).await;
-    let all = set(&app, json!({"user_id": "u1", "period": "month", "max_credits": 30})).await;
+    set(
+        &app,
+        json!({"user_id": "u1", "app_name": "imagegene", "period": "day", "max_credits": 10}),
+    )
+    .await;
+    let all = set(
+        &app,
+        json!({"user_id": "u1", "period": "month", "max_credits": 30}),
+    )
+    .await;
     assert_eq!(all["limits"].as_array().map(Vec::len), Some(2), "{all}");
 
-    assert_eq!(deduct_in(&app, "u1", "imagegene", 10, "a").await.0, StatusCode::OK);
+    assert_eq!(
+        deduct_in(&app, "u1", "imagegene", 10, "a").await.0,
+        StatusCode::OK
+    );
     let (status, body) = deduct_in(&app, "u1", "imagegene", 1, "b").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
     assert_eq!(body["code"], "spend_limit_exceeded");
     assert_eq!(body["period"], "day");
-    assert!(body["error"].as_str().is_some_and(|e| e.contains("imagegene")), "{body}");
-    assert!(body["resets_at"].as_str().is_some_and(|t| t.ends_with("T00:00:00.000Z")), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("imagegene")),
+        "{body}"
+    );
+    assert!(
+        body["resets_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with("T00:00:00.000Z")),
+        "{body}"
+    );
     // Penora is held by the all-apps monthly limit only.
-    assert_eq!(deduct_in(&app, "u1", "penora", 20, "p1").await.0, StatusCode::OK);
+    assert_eq!(
+        deduct_in(&app, "u1", "penora", 20, "p1").await.0,
+        StatusCode::OK
+    );
     let (status, body) = deduct_in(&app, "u1", "penora", 1, "p2").await;
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
-    assert_eq!((body["limit"].clone(), body["spent"].clone()), (json!(30), json!(30)));
+    assert_eq!(
+        (body["limit"].clone(), body["spent"].clone()),
+        (json!(30), json!(30))
+    );
     // A refund gives its room back, in both limits.
     let r = app
         .post(
@@ -116,29 +154,75 @@ async fn an_app_limit_holds_its_app_an_all_apps_limit_both_and_a_refund_gives_ro
         )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(deduct_in(&app, "u1", "imagegene", 4, "c").await.0, StatusCode::OK);
-    assert_eq!(deduct_in(&app, "u1", "penora", 1, "p3").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(
+        deduct_in(&app, "u1", "imagegene", 4, "c").await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        deduct_in(&app, "u1", "penora", 1, "p3").await.0,
+        StatusCode::FORBIDDEN
+    );
 
     // user-info and GET show the spending.
-    let info: Value = app.get("/api/unified/user-info?user_id=u1").await.json().await.expect("json");
+    let info: Value = app
+        .get("/api/unified/user-info?user_id=u1")
+        .await
+        .json()
+        .await
+        .expect("json");
     let limits = info["limits"].as_array().expect("limits").clone();
     let day = limits.iter().find(|l| l["period"] == "day").expect("daily");
-    assert_eq!((day["spent"].clone(), day["remaining"].clone()), (json!(10), json!(0)));
+    assert_eq!(
+        (day["spent"].clone(), day["remaining"].clone()),
+        (json!(10), json!(0))
+    );
     assert_eq!(day["app_name"], "imagegene");
-    let month = limits.iter().find(|l| l["period"] == "month").expect("monthly");
-    assert_eq!((month["spent"].clone(), month["remaining"].clone(), month["app_name"].clone()), (json!(30), json!(0), Value::Null));
-    let listed: Value = app.get("/api/unified/limits?user_id=u1").await.json().await.expect("json");
+    let month = limits
+        .iter()
+        .find(|l| l["period"] == "month")
+        .expect("monthly");
+    assert_eq!(
+        (
+            month["spent"].clone(),
+            month["remaining"].clone(),
+            month["app_name"].clone()
+        ),
+        (json!(30), json!(0), Value::Null)
+    );
+    let listed: Value = app
+        .get("/api/unified/limits?user_id=u1")
+        .await
+        .json()
+        .await
+        .expect("json");
     assert_eq!(listed["limits"], json!(limits));
 
     // Removed (the key in the query), the app's spending is free again.
-    let r = app.delete("/api/unified/limits?user_id=u1&app_name=imagegene&period=day").await;
+    let r = app
+        .delete("/api/unified/limits?user_id=u1&app_name=imagegene&period=day")
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let r = send(&app, Method::DELETE, &json!({"user_id": "u1", "period": "month"}), BOOT_KEY).await;
+    let r = send(
+        &app,
+        Method::DELETE,
+        &json!({"user_id": "u1", "period": "month"}),
+        BOOT_KEY,
+    )
+    .await;
     assert_eq!(r.status(), StatusCode::OK);
     let left: Value = r.json().await.expect("json");
     assert_eq!(left["limits"], json!([]));
-    assert_eq!(deduct_in(&app, "u1", "imagegene", 100, "free").await.0, StatusCode::OK);
-    expect_error(app.delete("/api/unified/limits?user_id=u1&period=day").await, StatusCode::NOT_FOUND, "not_found").await;
+    assert_eq!(
+        deduct_in(&app, "u1", "imagegene", 100, "free").await.0,
+        StatusCode::OK
+    );
+    expect_error(
+        app.delete("/api/unified/limits?user_id=u1&period=day")
+            .await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+    )
+    .await;
     app.assert_reconciled().await;
 }
 
@@ -147,46 +231,102 @@ async fn bad_limits_are_refused_naming_the_field_and_change_nothing() {
     let app = spawn_app().await;
     app.grant("u1", 100).await;
     for (body, field) in [
-        (json!({"user_id": "u1", "period": "year", "max_credits": 5}), "period"),
+        (
+            json!({"user_id": "u1", "period": "year", "max_credits": 5}),
+            "period",
+        ),
         (json!({"user_id": "u1", "max_credits": 5}), "period"),
         (json!({"user_id": "u1", "period": "day"}), "max_credits"),
-        (json!({"user_id": "u1", "period": "day", "max_credits": -1}), "max_credits"),
-        (json!({"user_id": "u1", "period": "day", "max_credits": 1.5}), "max_credits"),
-        (json!({"user_id": "u1", "period": "day", "max_credits": "5"}), "max_credits"),
-        (json!({"user_id": "u1", "period": "day", "max_credits": 9_007_199_254_740_992_i64}), "max_credits"),
-        (json!({"user_id": "u1", "app_name": "no spaces", "period": "day", "max_credits": 5}), "app_name"),
+        (
+            json!({"user_id": "u1", "period": "day", "max_credits": -1}),
+            "max_credits",
+        ),
+        (
+            json!({"user_id": "u1", "period": "day", "max_credits": 1.5}),
+            "max_credits",
+        ),
+        (
+            json!({"user_id": "u1", "period": "day", "max_credits": "5"}),
+            "max_credits",
+        ),
+        (
+            json!({"user_id": "u1", "period": "day", "max_credits": 9_007_199_254_740_992_i64}),
+            "max_credits",
+        ),
+        (
+            json!({"user_id": "u1", "app_name": "no spaces", "period": "day", "max_credits": 5}),
+            "app_name",
+        ),
     ] {
-        let error = expect_error(send(&app, Method::PUT, &body, BOOT_KEY).await, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let error = expect_error(
+            send(&app, Method::PUT, &body, BOOT_KEY).await,
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+        )
+        .await;
         assert!(error.contains(field), "{body}: {error}");
     }
     expect_error(
-        send(&app, Method::PUT, &json!({"period": "day", "max_credits": 5}), BOOT_KEY).await,
+        send(
+            &app,
+            Method::PUT,
+            &json!({"period": "day", "max_credits": 5}),
+            BOOT_KEY,
+        )
+        .await,
         StatusCode::BAD_REQUEST,
         "user_id_required",
     )
     .await;
     expect_error(
-        send(&app, Method::PUT, &json!({"user_id": "nobody", "period": "day", "max_credits": 5}), BOOT_KEY).await,
+        send(
+            &app,
+            Method::PUT,
+            &json!({"user_id": "nobody", "period": "day", "max_credits": 5}),
+            BOOT_KEY,
+        )
+        .await,
         StatusCode::NOT_FOUND,
         "user_not_found",
     )
     .await;
     // A key without `admin` may read, not set.
-    let reader = app.key("imagegene", &[penora_platform::keys::Scope::Read]).await;
+    let reader = app
+        .key("imagegene", &[penora_platform::keys::Scope::Read])
+        .await;
     expect_error(
-        send(&app, Method::PUT, &json!({"user_id": "u1", "period": "day", "max_credits": 5}), &reader).await,
+        send(
+            &app,
+            Method::PUT,
+            &json!({"user_id": "u1", "period": "day", "max_credits": 5}),
+            &reader,
+        )
+        .await,
         StatusCode::FORBIDDEN,
         "forbidden",
     )
     .await;
-    let r = app.get_with_key("/api/unified/limits?user_id=u1", &reader).await;
+    let r = app
+        .get_with_key("/api/unified/limits?user_id=u1", &reader)
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let listed: Value = r.json().await.expect("json");
     assert_eq!(listed["limits"], json!([]), "nothing was set");
-    assert_eq!(app.scalar("SELECT count(*) FROM spend_limits WHERE user_id = $1", "u1").await, 0);
+    assert_eq!(
+        app.scalar("SELECT count(*) FROM spend_limits WHERE user_id = $1", "u1")
+            .await,
+        0
+    );
     // A limit of 0 stops all spending.
-    set(&app, json!({"user_id": "u1", "period": "week", "max_credits": 0})).await;
+    set(
+        &app,
+        json!({"user_id": "u1", "period": "week", "max_credits": 0}),
+    )
+    .await;
     let (status, body) = deduct_in(&app, "u1", "imagegene", 1, "z").await;
-    assert_eq!((status, body["code"].clone()), (StatusCode::FORBIDDEN, json!("spend_limit_exceeded")));
+    assert_eq!(
+        (status, body["code"].clone()),
+        (StatusCode::FORBIDDEN, json!("spend_limit_exceeded"))
+    );
     assert_eq!(app.balance("u1").await, 100);
 }

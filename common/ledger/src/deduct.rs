@@ -185,12 +185,10 @@ pub fn decide(
         let answer = match (accounts.get_mut(&d.user_id), over) {
             (None, _) if s.busy.contains(&d.user_id) => Err(LedgerError::AccountBusy),
             (None, _) => Err(LedgerError::UserNotFound),
-            (Some((balance, _)), _) if *balance < amount => {
-                Err(LedgerError::InsufficientCredits {
-                    balance: *balance,
-                    requested: amount,
-                })
-            }
+            (Some((balance, _)), _) if *balance < amount => Err(LedgerError::InsufficientCredits {
+                balance: *balance,
+                requested: amount,
+            }),
             (Some(_), Some(refused)) => Err(refused),
             (Some((balance, lots)), None) => {
                 *balance -= amount;

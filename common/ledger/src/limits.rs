@@ -131,7 +131,12 @@ impl Spending {
 
     /// Whether `amount` more of `app` at `now` stays within every limit;
     /// the first limit it would pass, refused, otherwise.
-    pub fn check(&self, app: &AppName, amount: i64, now: OffsetDateTime) -> Result<(), LedgerError> {
+    pub fn check(
+        &self,
+        app: &AppName,
+        amount: i64,
+        now: OffsetDateTime,
+    ) -> Result<(), LedgerError> {
         for limit in self.limits.iter().filter(|l| l.scope.holds(app)) {
             let spent = self.spent(limit, now);
             if spent.saturating_add(amount) > limit.max_credits {
@@ -300,7 +305,11 @@ mod tests {
         assert!(s.check(&app("imagegene"), 2, now).is_ok());
         assert!(matches!(
             s.check(&app("imagegene"), 3, now),
-            Err(LedgerError::SpendLimitExceeded { limit: 10, spent: 8, .. })
+            Err(LedgerError::SpendLimitExceeded {
+                limit: 10,
+                spent: 8,
+                ..
+            })
         ));
         // Penora is held by the weekly all-apps limit only.
         assert!(s.check(&app("penora"), 17, now).is_ok());
@@ -308,7 +317,10 @@ mod tests {
         s.add(&app("penora"), datetime!(2026-12-07 00:00 UTC).date(), 15);
         assert!(s.check(&app("imagegene"), 2, now).is_ok());
         let Err(LedgerError::SpendLimitExceeded {
-            period, spent, resets_at, ..
+            period,
+            spent,
+            resets_at,
+            ..
         }) = s.check(&app("penora"), 3, now)
         else {
             panic!("the weekly limit holds");
@@ -316,7 +328,11 @@ mod tests {
         assert_eq!((period, spent), (Period::Week, 23));
         assert_eq!(resets_at, datetime!(2026-12-14 00:00 UTC));
         // Last week's spending counts for nothing.
-        s.add(&app("penora"), datetime!(2026-12-06 00:00 UTC).date(), 1_000);
+        s.add(
+            &app("penora"),
+            datetime!(2026-12-06 00:00 UTC).date(),
+            1_000,
+        );
         assert_eq!(s.spent(&s.limits[1], now), 23);
     }
 

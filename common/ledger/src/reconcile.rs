@@ -11,7 +11,9 @@
 //!    allocations sum to what it reserved);
 //! 4. a reservation has exactly one deduct of its amount; its refunds sum to
 //!    its `refunded_amount`, never more than it reserved (§13), and it is
-//!    `refunded` exactly when they sum to all of it;
+//!    `refunded` exactly when they sum to all of it; a user with a spend
+//!    limit (§16) has, for each app and day a limit can count now, the
+//!    spending its reservations of that day still hold;
 //! 6. no user's stored bytes exceed the quota, and the counter equals what the
 //!    user's projects count: content (`size_bytes`) of the queued and saved
 //!    ones, title and metadata (`meta_bytes`) of every one not deleted (a
@@ -246,6 +248,44 @@ pub async fn run_with_progress(
                 r.get::<_, String>("app_name"),
                 r.get::<_, Option<String>>("project_code")
                     .unwrap_or_default()
+            ),
+        );
+    }
+
+    progress("spending", 5, 6);
+    // Spend limits (§16): a limited user's spending per app and day, over
+    // the days a limit can count now, is what the reservations made that
+    // day still hold.
+    for r in tx
+        .query(
+            "WITH since AS (SELECT least(date_trunc('week', now() AT TIME ZONE 'UTC'), \
+                                         date_trunc('month', now() AT TIME ZONE 'UTC'))::date AS d), \
+             held AS (SELECT user_id, app_name, (created_at AT TIME ZONE 'UTC')::date AS day, \
+                             sum(amount - refunded_amount)::bigint AS held \
+                        FROM reservations \
+                       WHERE user_id IN (SELECT user_id FROM spend_limits) \
+                         AND created_at >= (SELECT d FROM since) AT TIME ZONE 'UTC' \
+                       GROUP BY 1, 2, 3), \
+             counted AS (SELECT user_id, app_name, day, spent FROM spend_days \
+                          WHERE user_id IN (SELECT user_id FROM spend_limits) \
+                            AND day >= (SELECT d FROM since)) \
+             SELECT user_id, app_name, day::text AS day, \
+                    coalesce(c.spent, 0) AS spent, coalesce(h.held, 0) AS held \
+               FROM held h FULL JOIN counted c USING (user_id, app_name, day) \
+              WHERE coalesce(c.spent, 0) <> coalesce(h.held, 0)",
+            &[],
+        )
+        .await?
+    {
+        push(
+            r.get("user_id"),
+            4,
+            format!(
+                "spending of {} on {} is counted {}, its reservations hold {}",
+                r.get::<_, String>("app_name"),
+                r.get::<_, String>("day"),
+                r.get::<_, i64>("spent"),
+                r.get::<_, i64>("held")
             ),
         );
     }

@@ -149,12 +149,16 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 m.limits.insert((app, period), max);
                 prop_assert_eq!(views.len(), m.limits.len());
                 for v in &views {
-                    let app = v.app_name.as_deref().map(|a| APPS.iter().position(|x| *x == a).expect("app"));
+                    let app = v
+                        .app_name
+                        .as_deref()
+                        .map(|a| APPS.iter().position(|x| *x == a).expect("app"));
                     prop_assert_eq!(v.spent, m.spent(app, v.period, at), "spent of {:?}", v);
                 }
             }
             Op::DeleteLimit { app, period } => {
-                let got = limits::delete_limit(&mut c, &user, &scope(app), Period::ALL[period]).await;
+                let got =
+                    limits::delete_limit(&mut c, &user, &scope(app), Period::ALL[period]).await;
                 match m.limits.remove(&(app, period)) {
                     Some(_) => prop_assert!(got.is_ok(), "{:?}", got),
                     None => prop_assert!(matches!(got, Err(LedgerError::NotFound(_))), "{:?}", got),
@@ -171,7 +175,8 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 amount: Credits::new("amount", amount, i64::MAX).expect("amount"),
                                 app_name: AppName::parse("app_name", APPS[app]).expect("app"),
                                 description: None,
-                                project_code: ProjectCode::parse(&format!("d{serial}")).expect("code"),
+                                project_code: ProjectCode::parse(&format!("d{serial}"))
+                                    .expect("code"),
                                 refund_window: WINDOW,
                             },
                             correlation_id: None,
@@ -193,14 +198,27 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                             });
                         }
                         Err(LedgerError::InsufficientCredits { .. }) if m.balance < amount => {}
-                        Err(LedgerError::SpendLimitExceeded { limit, spent, .. }) if !expect_ok && m.balance >= amount => {
+                        Err(LedgerError::SpendLimitExceeded { limit, spent, .. })
+                            if !expect_ok && m.balance >= amount =>
+                        {
                             prop_assert!(spent + amount > limit);
                         }
-                        other => prop_assert!(false, "deduct {} of {}: {:?} (model: {})", amount, APPS[app], other.map(|o| o.value.new_balance), expect_ok),
+                        other => prop_assert!(
+                            false,
+                            "deduct {} of {}: {:?} (model: {})",
+                            amount,
+                            APPS[app],
+                            other.map(|o| o.value.new_balance),
+                            expect_ok
+                        ),
                     }
                 }
             }
-            Op::Refund { pick, amount, by_event } => {
+            Op::Refund {
+                pick,
+                amount,
+                by_event,
+            } => {
                 if m.res.is_empty() {
                     continue;
                 }
@@ -233,12 +251,20 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let got = ledger::refund_one(&mut c, q).await;
                 let give = amount.unwrap_or(left);
                 if left > 0 && give <= left {
-                    let done = got.map_err(|e| TestCaseError::fail(format!("refund of {give} ({left} left): {e}")))?;
+                    let done = got.map_err(|e| {
+                        TestCaseError::fail(format!("refund of {give} ({left} left): {e}"))
+                    })?;
                     prop_assert_eq!(done.value.credits_refunded, give);
                     m.balance += give;
                     m.res[i].refunded += give;
                 } else if amount.is_some() {
-                    prop_assert!(got.is_err(), "refund of {} with {} left: {:?}", give, left, got.map(|o| o.value.credits_refunded));
+                    prop_assert!(
+                        got.is_err(),
+                        "refund of {} with {} left: {:?}",
+                        give,
+                        left,
+                        got.map(|o| o.value.credits_refunded)
+                    );
                 }
                 // (A whole refund of a reservation refunded in full answers
                 // the refund that completed it, and moves nothing: the
@@ -253,11 +279,18 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         // No limit in force is passed by what the ledger counts, unless it
         // was set below what was already spent (a limit never claws back).
-        let balance = ledger::account_summary(&c, &user).await.expect("summary").expect("account").balance;
+        let balance = ledger::account_summary(&c, &user)
+            .await
+            .expect("summary")
+            .expect("account")
+            .balance;
         prop_assert_eq!(balance, m.balance);
         let at = now(&c).await;
         for v in limits::limits_of(&c, &user).await.expect("limits") {
-            let app = v.app_name.as_deref().map(|a| APPS.iter().position(|x| *x == a).expect("app"));
+            let app = v
+                .app_name
+                .as_deref()
+                .map(|a| APPS.iter().position(|x| *x == a).expect("app"));
             prop_assert_eq!(v.spent, m.spent(app, v.period, at), "spent of {:?}", v);
         }
     }
@@ -281,7 +314,12 @@ proptest! {
     }
 }
 
-async fn deduct(c: &mut deadpool_postgres::Client, app: &str, amount: i64, code: &str) -> ledger::Answer<ledger::DeductReceipt> {
+async fn deduct(
+    c: &mut deadpool_postgres::Client,
+    app: &str,
+    amount: i64,
+    code: &str,
+) -> ledger::Answer<ledger::DeductReceipt> {
     let d = Deduct {
         user_id: user(),
         amount: Credits::new("amount", amount, i64::MAX).expect("amount"),
@@ -327,8 +365,12 @@ async fn a_daily_limit_resets_at_the_utc_boundary_and_names_itself_when_refused(
         period: Period::Day,
         max_credits: 50,
     };
-    limits::set_limit(&mut c, &user(), &daily).await.expect("set");
-    deduct(&mut c, "imagegene", 30, "a").await.expect("30 of 50");
+    limits::set_limit(&mut c, &user(), &daily)
+        .await
+        .expect("set");
+    deduct(&mut c, "imagegene", 30, "a")
+        .await
+        .expect("30 of 50");
     deduct(&mut c, "penora", 20, "b").await.expect("50 of 50");
     let before = now(&c).await;
     let Err(LedgerError::SpendLimitExceeded {
@@ -341,16 +383,28 @@ async fn a_daily_limit_resets_at_the_utc_boundary_and_names_itself_when_refused(
     else {
         panic!("the 51st credit of the day is refused");
     };
-    assert_eq!((app_name, period, limit, spent), (None, Period::Day, 50, 50));
+    assert_eq!(
+        (app_name, period, limit, spent),
+        (None, Period::Day, 50, 50)
+    );
     assert_eq!(resets_at, Period::Day.next_start(before));
     // Refused: nothing moved.
-    assert_eq!(ledger::account_summary(&c, &user()).await.expect("s").expect("a").balance, 950);
+    assert_eq!(
+        ledger::account_summary(&c, &user())
+            .await
+            .expect("s")
+            .expect("a")
+            .balance,
+        950
+    );
     // The clock passes midnight: a new day, nothing spent in it.
     let by = past_midnight(&c).await;
     travel(&mut c, by).await;
     let views = limits::limits_of(&c, &user()).await.expect("limits");
     assert_eq!((views[0].spent, views[0].remaining), (0, 50));
-    deduct(&mut c, "imagegene", 50, "d").await.expect("a new day's 50");
+    deduct(&mut c, "imagegene", 50, "d")
+        .await
+        .expect("a new day's 50");
     assert!(matches!(
         deduct(&mut c, "imagegene", 1, "e").await,
         Err(LedgerError::SpendLimitExceeded { spent: 50, .. })
@@ -371,12 +425,20 @@ async fn a_refund_after_a_reset_gives_room_to_the_period_its_reservation_was_mad
         period: Period::Month,
         max_credits: 1_000,
     };
-    limits::set_limit(&mut c, &user(), &daily).await.expect("set");
-    limits::set_limit(&mut c, &user(), &monthly).await.expect("set");
-    deduct(&mut c, "imagegene", 30, "yesterday").await.expect("30");
+    limits::set_limit(&mut c, &user(), &daily)
+        .await
+        .expect("set");
+    limits::set_limit(&mut c, &user(), &monthly)
+        .await
+        .expect("set");
+    deduct(&mut c, "imagegene", 30, "yesterday")
+        .await
+        .expect("30");
     let by = past_midnight(&c).await;
     travel(&mut c, by).await;
-    deduct(&mut c, "imagegene", 40, "today").await.expect("40 of today's 40");
+    deduct(&mut c, "imagegene", 40, "today")
+        .await
+        .expect("40 of today's 40");
     // Yesterday's reservation refunded today: yesterday's room, not today's.
     let refund = Refund {
         user_id: user(),
@@ -389,7 +451,11 @@ async fn a_refund_after_a_reset_gives_room_to_the_period_its_reservation_was_mad
     ledger::refund(&mut c, &refund, None).await.expect("refund");
     assert!(matches!(
         deduct(&mut c, "imagegene", 1, "more").await,
-        Err(LedgerError::SpendLimitExceeded { spent: 40, limit: 40, .. })
+        Err(LedgerError::SpendLimitExceeded {
+            spent: 40,
+            limit: 40,
+            ..
+        })
     ));
     // Today's refunded: today's room comes back, once (a repeat gives
     // nothing twice).
@@ -400,14 +466,23 @@ async fn a_refund_after_a_reset_gives_room_to_the_period_its_reservation_was_mad
         ..refund
     };
     ledger::refund(&mut c, &today, None).await.expect("refund");
-    ledger::refund(&mut c, &today, None).await.expect("replayed");
+    ledger::refund(&mut c, &today, None)
+        .await
+        .expect("replayed");
     let views = limits::limits_of(&c, &user()).await.expect("limits");
-    let day = views.iter().find(|v| v.period == Period::Day).expect("daily");
+    let day = views
+        .iter()
+        .find(|v| v.period == Period::Day)
+        .expect("daily");
     assert_eq!((day.spent, day.remaining), (25, 15));
-    deduct(&mut c, "imagegene", 15, "again").await.expect("15 of the room back");
+    deduct(&mut c, "imagegene", 15, "again")
+        .await
+        .expect("15 of the room back");
     assert!(deduct(&mut c, "imagegene", 1, "over").await.is_err());
     // A penora deduction is held by the all-apps limit only.
-    deduct(&mut c, "penora", 100, "other_app").await.expect("penora");
+    deduct(&mut c, "penora", 100, "other_app")
+        .await
+        .expect("penora");
     let report = reconcile::run(&mut c, 1 << 40).await.expect("reconcile");
     assert!(report.violations.is_empty(), "{:?}", report.violations);
 }
@@ -422,7 +497,9 @@ async fn a_new_limit_counts_what_was_spent_before_it_in_its_period() {
         period: Period::Week,
         max_credits: 50,
     };
-    let views = limits::set_limit(&mut c, &user(), &limit).await.expect("set");
+    let views = limits::set_limit(&mut c, &user(), &limit)
+        .await
+        .expect("set");
     assert_eq!((views[0].spent, views[0].remaining), (45, 5));
     assert!(deduct(&mut c, "imagegene", 6, "over").await.is_err());
     deduct(&mut c, "imagegene", 5, "within").await.expect("5");
@@ -430,11 +507,64 @@ async fn a_new_limit_counts_what_was_spent_before_it_in_its_period() {
     limits::delete_limit(&mut c, &user(), &Scope::All, Period::Week)
         .await
         .expect("deleted");
-    deduct(&mut c, "imagegene", 7, "free").await.expect("no limit");
-    let views = limits::set_limit(&mut c, &user(), &limit).await.expect("set");
+    deduct(&mut c, "imagegene", 7, "free")
+        .await
+        .expect("no limit");
+    let views = limits::set_limit(&mut c, &user(), &limit)
+        .await
+        .expect("set");
     assert_eq!(views[0].spent, 57);
     assert!(matches!(
         limits::delete_limit(&mut c, &user(), &Scope::All, Period::Day).await,
         Err(LedgerError::NotFound(_))
     ));
+    // A settlement for less gives back what it does not charge, and its
+    // room with it.
+    let wider = Limit {
+        max_credits: 100,
+        ..limit
+    };
+    limits::set_limit(&mut c, &user(), &wider)
+        .await
+        .expect("set");
+    deduct(&mut c, "imagegene", 10, "settled")
+        .await
+        .expect("10");
+    let (u, app, code) = (
+        user(),
+        AppName::imagegene(),
+        ProjectCode::parse("settled").expect("code"),
+    );
+    let settle = ledger::Settle {
+        user_id: &u,
+        app_name: Some(&app),
+        project_code: &code,
+        by: ledger::SettledBy::Final,
+        reason: "done",
+        charge: Some(4),
+        reference: None,
+        correlation_id: None,
+        event_id: None,
+        event_time: None,
+    };
+    ledger::settle_for(&mut c, &settle)
+        .await
+        .expect("settled for 4");
+    let views = limits::limits_of(&c, &u).await.expect("limits");
+    assert_eq!(views[0].spent, 61);
+    let report = reconcile::run(&mut c, 1 << 40).await.expect("reconcile");
+    assert!(report.violations.is_empty(), "{:?}", report.violations);
+    // Reconcile sees spending counted wrong.
+    c.execute("UPDATE spend_days SET spent = spent + 1", &[])
+        .await
+        .expect("corrupted");
+    let report = reconcile::run(&mut c, 1 << 40).await.expect("reconcile");
+    assert!(
+        report
+            .violations
+            .iter()
+            .any(|v| v.detail.contains("spending of imagegene")),
+        "{:?}",
+        report.violations
+    );
 }

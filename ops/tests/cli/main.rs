@@ -8,6 +8,7 @@ mod credits;
 mod dlq;
 mod event;
 mod keys;
+mod limits;
 mod migrate;
 mod outbox;
 mod projects;

@@ -80,7 +80,8 @@ pub async fn spending(
             )));
         };
         if let Some(s) = out.get_mut(&user) {
-            s.days.insert((app, column(&r, "day")?), column(&r, "spent")?);
+            s.days
+                .insert((app, column(&r, "day")?), column(&r, "spent")?);
         }
     }
     Ok(out)
@@ -191,7 +192,9 @@ pub async fn prune(client: &impl GenericClient, now: OffsetDateTime) -> Result<u
 
 /// How many limits there are, by period and scope kind (`app` or `all`),
 /// and how many users have one.
-pub async fn summary(client: &impl GenericClient) -> Result<(Vec<(String, String, i64)>, i64), DbError> {
+pub async fn summary(
+    client: &impl GenericClient,
+) -> Result<(Vec<(String, String, i64)>, i64), DbError> {
     let rows = client
         .query(
             "SELECT period, CASE WHEN scope = '*' THEN 'all apps' ELSE 'one app' END AS kind, count(*) AS n \
