@@ -53,13 +53,51 @@ ensure_postgres() {
   log "PostgreSQL is up on 127.0.0.1:5432"
 }
 
+# Whether the broker on 5672 answers an AMQP 0-9-1 protocol header with its
+# connection.start frame within 10 s (an open port alone is not enough: a
+# wedged RabbitMQ 3.10 node was seen accepting TCP and answering nothing).
+amqp_answers() {
+  (
+    exec 3<>/dev/tcp/127.0.0.1/5672 || exit 1
+    printf 'AMQP\x00\x00\x09\x01' >&3
+    [ -n "$(timeout 10 head -c 1 <&3 | od -An -tx1)" ]
+  ) 2>/dev/null
+}
+
+start_rabbitmq() {
+  log "starting RabbitMQ"
+  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  wait_for 120 "RabbitMQ" port_open 5672
+  as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+}
+
+# The default node only (its pid file), never a node of scripts/cluster.sh.
+kill_default_rabbitmq() {
+  local pidfile
+  for pidfile in /var/lib/rabbitmq/mnesia/*.pid; do
+    [ -f "$pidfile" ] && as_root kill -9 "$(cat "$pidfile")" 2>/dev/null || true
+  done
+  wait_for 30 "RabbitMQ's end" sh -c '! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null' || true
+}
+
 ensure_rabbitmq() {
   if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
-  if ! port_open 5672; then
-    log "starting RabbitMQ"
-    as_root rabbitmq-server -detached >/dev/null 2>&1 || true
-    wait_for 120 "RabbitMQ" port_open 5672
-    as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+  if ! port_open 5672; then start_rabbitmq; fi
+  if ! amqp_answers; then
+    log "RabbitMQ accepts connections on 5672 but answers no AMQP handshake: restarting it"
+    kill_default_rabbitmq
+    start_rabbitmq
+    if ! amqp_answers; then
+      # Seen twice on 3.10.8: the node's database wedged; only a fresh one
+      # cured it. Its old data is kept beside it.
+      local aside
+      aside=/var/lib/rabbitmq/mnesia.wedged-$(date +%s)
+      log "RabbitMQ still answers no handshake: moving its data aside to $aside and starting afresh"
+      kill_default_rabbitmq
+      as_root mv /var/lib/rabbitmq/mnesia "$aside"
+      start_rabbitmq
+      amqp_answers || { log "RabbitMQ answers no AMQP handshake on 5672"; exit 1; }
+    fi
   fi
   # The management API gives `penora-ops queues` its message rates (and the UI on :15672).
   if ! port_open 15672; then
