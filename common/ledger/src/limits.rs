@@ -10,8 +10,8 @@
 //! * a limit of scope `app` counts that app's spending; `*` counts every
 //!   app's;
 //! * a deduction of `n` is refused when, for any limit that applies,
-//!   spending + `n` > `max_credits` (the first such limit in (period, scope)
-//!   order is the one named), and moves nothing; checked after the
+//!   spending + `n` > `max_credits` (the first such limit, days before
+//!   weeks before months, is the one named), and moves nothing; checked after the
 //!   balance, so a deduction the balance cannot cover answers
 //!   `insufficient_credits` as before;
 //! * decided in the deduction's transaction, under the account's lock, in
@@ -94,7 +94,7 @@ pub struct Limit {
 /// first day any of them counts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Spending {
-    /// The limits, in (period, scope) order.
+    /// The limits: days, weeks, months, each by scope.
     pub limits: Vec<Limit>,
     /// Credits spent, by app and day.
     pub days: BTreeMap<(AppName, Date), i64>,

@@ -54,7 +54,8 @@ pub async fn spending(
     let limits = tx
         .prepare_cached(
             "SELECT user_id, scope, period, max_credits FROM spend_limits \
-             WHERE user_id = ANY($1) ORDER BY user_id, period, scope",
+             WHERE user_id = ANY($1) \
+             ORDER BY user_id, array_position(ARRAY['day', 'week', 'month'], period), scope",
         )
         .await?;
     for r in tx.query(&limits, &[&users]).await? {
