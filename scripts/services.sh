@@ -64,16 +64,42 @@ amqp_answers() {
   ) 2>/dev/null
 }
 
+# Open files the node gets. RabbitMQ keeps ~90 % of its limit for sockets
+# and blocks a new connection's handshake, TCP already accepted, while none
+# is free: with Debian's 1024 (what `su rabbitmq` leaves it) the tests'
+# connections ran out (832 sockets) and every client hung.
+RABBITMQ_NOFILE=65536
+
+# The default node's open-files limit, or nothing when it is not running.
+rabbitmq_nofile() {
+  local pidfile pid
+  for pidfile in /var/lib/rabbitmq/mnesia/*.pid; do
+    [ -f "$pidfile" ] || continue
+    pid=$(cat "$pidfile")
+    awk '/^Max open files/ {print $4}' "/proc/$pid/limits" 2>/dev/null && return
+  done
+}
+
 start_rabbitmq() {
   log "starting RabbitMQ"
-  as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  if [ -d /usr/lib/rabbitmq/bin ] && id rabbitmq >/dev/null 2>&1; then
+    # As the Debian wrapper does, with the limit raised first.
+    as_root su rabbitmq -s /bin/sh -c \
+      "ulimit -n $RABBITMQ_NOFILE 2>/dev/null || ulimit -n \$(ulimit -Hn); cd /var/lib/rabbitmq && /usr/lib/rabbitmq/bin/rabbitmq-server -detached" \
+      >/dev/null 2>&1 || true
+  else
+    as_root rabbitmq-server -detached >/dev/null 2>&1 || true
+  fi
   wait_for 120 "RabbitMQ" port_open 5672
   as_root rabbitmqctl await_startup >/dev/null 2>&1 || true
+  # Queues left by killed runs are recovered before the first handshake.
+  wait_for 180 "RabbitMQ's AMQP handshake" amqp_answers || true
 }
 
 # The default node only (its pid file), never a node of scripts/cluster.sh.
 kill_default_rabbitmq() {
   local pidfile
+  as_root timeout 60 rabbitmqctl stop >/dev/null 2>&1 || true
   for pidfile in /var/lib/rabbitmq/mnesia/*.pid; do
     [ -f "$pidfile" ] && as_root kill -9 "$(cat "$pidfile")" 2>/dev/null || true
   done
@@ -83,6 +109,13 @@ kill_default_rabbitmq() {
 ensure_rabbitmq() {
   if ! command -v rabbitmq-server >/dev/null; then apt_install rabbitmq-server; fi
   if ! port_open 5672; then start_rabbitmq; fi
+  local nofile
+  nofile=$(rabbitmq_nofile)
+  if [ -n "$nofile" ] && [ "$nofile" != unlimited ] && [ "$nofile" -lt 8192 ]; then
+    log "RabbitMQ runs with $nofile open files (too few for the tests' connections): restarting it with more"
+    kill_default_rabbitmq
+    start_rabbitmq
+  fi
   if ! amqp_answers; then
     log "RabbitMQ accepts connections on 5672 but answers no AMQP handshake: restarting it"
     kill_default_rabbitmq
