@@ -475,6 +475,33 @@ mod tests {
         assert!(required.contains(&"user_id"), "{body}");
     }
 
+    #[test]
+    fn the_allowances_routes_are_documented_with_their_required_fields() {
+        let doc = document();
+        let item = &doc["paths"]["/api/unified/allowances"];
+        for method in ["get", "put", "delete"] {
+            assert!(item[method].is_object(), "{method} /allowances");
+        }
+        let body = &doc["components"]["schemas"]["AllowanceRequest"];
+        let required: Vec<&str> = body["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for field in ["user_id", "allowance_id", "amount", "period"] {
+            assert!(required.contains(&field), "{field}: {body}");
+        }
+        for field in ["category", "max_rollover", "starts_at", "app_name"] {
+            assert!(!required.contains(&field), "{field}: {body}");
+        }
+        let params: Vec<(&str, bool)> = item["delete"]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["name"].as_str().unwrap(), p["required"] == true))
+            .collect();
+        assert_eq!(params, vec![("user_id", true), ("allowance_id", true)]);
+    }
+
     fn operations(doc: &Value) -> Vec<(String, &Value)> {
         let mut out = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
@@ -511,7 +538,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 16, "7 request bodies and 9 queries name a user");
+        assert_eq!(seen, 19, "8 request bodies and 11 queries name a user");
     }
 
     #[test]
@@ -521,7 +548,7 @@ mod tests {
         let credits = &doc["components"]["schemas"]["Credits"];
         assert_eq!(credits["minimum"], 1);
         assert_eq!(credits["maximum"], 777);
-        for name in ["DeductRequest", "AddCreditsRequest"] {
+        for name in ["DeductRequest", "AddCreditsRequest", "AllowanceRequest"] {
             let amount = &doc["components"]["schemas"][name]["properties"]["amount"];
             assert_eq!(amount["$ref"], "#/components/schemas/Credits", "{name}");
         }

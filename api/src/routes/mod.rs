@@ -2,6 +2,7 @@
 //! the handlers' annotations.
 
 pub mod alerts;
+pub mod allowances;
 pub mod credits;
 mod doc;
 pub mod lots;
@@ -131,6 +132,7 @@ fn api_router() -> OpenApiRouter<AppState> {
     let unified = OpenApiRouter::new()
         .merge(credits::router())
         .merge(alerts::router())
+        .merge(allowances::router())
         .merge(lots::router())
         .merge(projects::router())
         .merge(quote::router())
