@@ -24,8 +24,8 @@ use axum::{
     http::StatusCode,
     response::{IntoResponse, Response},
 };
-use penora_domain::{AppName, Credits, LotCategory, UserId, period::Period, whole_number};
-use penora_ledger::allowances::{self, Allowance, AllowanceView, SetReceipt};
+use penora_domain::{AppName, Credits, LotCategory, UserId, period::Period};
+use penora_ledger::allowances::{self, AllowanceView, SetReceipt};
 use penora_platform::keys::Scope;
 use penora_store::accounts;
 use serde::{Deserialize, Serialize};
@@ -39,7 +39,7 @@ use crate::{
     extract::{ApiJson, ApiQuery, user_id},
     routes::{
         RequestCorrelation, Success,
-        credits::{UserQuery, acting_app, instant, with_replay_header},
+        credits::{UserQuery, acting_app, with_replay_header},
         json_ok,
     },
     state::AppState,
@@ -114,25 +114,6 @@ pub struct AllowanceDeleted {
     pub allowance: AllowanceView,
 }
 
-/// A whole number from `min` to `max` for `field`, absent: `default`.
-fn bounded(
-    field: &'static str,
-    raw: Option<&serde_json::Value>,
-    min: i64,
-    max: i64,
-    default: i64,
-) -> Result<i64, ApiError> {
-    let range = || format!("must be a whole number from {min} to {max}");
-    match raw {
-        None | Some(serde_json::Value::Null) => Ok(default),
-        Some(v) => match whole_number(field, v, &range) {
-            Ok(n) if (min..=max).contains(&n) => Ok(n),
-            Ok(_) => Err(ApiError::InvalidRequest(format!("{field}: {}", range()))),
-            Err(e) => Err(e.into()),
-        },
-    }
-}
-
 /// A user's recurring allowances, with when each next grants.
 #[utoipa::path(
     get, path = "/allowances", tag = "credits",
@@ -199,45 +180,23 @@ async fn put_allowance(
     ApiJson(body): ApiJson<AllowanceRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
-    let max = state.settings.ledger.max_deduct_amount;
     let user = user_id(body.user_id.as_deref())?;
-    let allowance_id = allowances::allowance_id(body.allowance_id.as_deref())?;
-    let amount = Credits::from_json("amount", body.amount.as_ref(), max)?;
-    let period = match body.period.as_deref() {
-        Some(raw) => Period::parse(raw)?,
-        None => {
-            return Err(ApiError::InvalidRequest(
-                "period: is required (`day`, `week` or `month`)".into(),
-            ));
-        }
-    };
-    let category = match body.category.as_deref() {
-        None => LotCategory::Promotional,
-        Some(raw) => LotCategory::from_db(raw).ok_or_else(|| {
-            ApiError::InvalidRequest("category: must be `promotional` or `paid`".into())
-        })?,
-    };
-    let max_rollover = bounded("max_rollover", body.max_rollover.as_ref(), 0, max, 0)?;
-    let starts_at = body
-        .starts_at
-        .as_deref()
-        .map(|raw| instant("starts_at", raw))
-        .transpose()?;
     let app_name = match (body.app_name.as_deref(), auth.bound_app()) {
         (None, None) => AppName::penora(),
         (raw, _) => acting_app(&auth, "app_name", raw)?,
     };
+    let a = allowances::AllowanceRequest {
+        user_id: &user,
+        app_name: &app_name,
+        allowance_id: body.allowance_id.as_deref(),
+        amount: body.amount.as_ref(),
+        period: body.period.as_deref(),
+        category: body.category.as_deref(),
+        max_rollover: body.max_rollover.as_ref(),
+        starts_at: body.starts_at.as_deref(),
+    }
+    .validate(state.settings.ledger.max_deduct_amount)?;
     tracing::Span::current().record("user_id", user.as_str());
-    let a = Allowance {
-        user_id: user,
-        allowance_id,
-        amount,
-        period,
-        category,
-        max_rollover,
-        app_name,
-        starts_at,
-    };
     let mut client = state.pool.get().await?;
     let receipt = allowances::set(&mut client, &a, None, correlation.as_deref()).await?;
     let granted = receipt.current_grant.as_ref().is_some_and(|g| !g.replayed);

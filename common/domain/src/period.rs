@@ -44,7 +44,9 @@ impl Period {
         let day = at.date();
         let first = match self {
             Period::Day => day,
-            Period::Week => day - Duration::days(i64::from(day.weekday().number_days_from_monday())),
+            Period::Week => {
+                day - Duration::days(i64::from(day.weekday().number_days_from_monday()))
+            }
             Period::Month => day.replace_day(1).unwrap_or(day),
         };
         first.with_time(Time::MIDNIGHT).assume_utc()
@@ -98,23 +100,44 @@ mod tests {
         assert_eq!(Period::Month.start_of(t), t);
         assert_eq!(Period::Day.start_of(t), t);
         let just_before = t - Duration::nanoseconds(1);
-        assert_eq!(Period::Month.start_of(just_before), datetime!(2026-12-01 00:00 UTC));
+        assert_eq!(
+            Period::Month.start_of(just_before),
+            datetime!(2026-12-01 00:00 UTC)
+        );
         assert_eq!(Period::Month.next_start(just_before), t);
     }
 
     #[test]
     fn months_end_on_the_first_whatever_their_length() {
         let jan31 = datetime!(2028-01-31 23:59 UTC);
-        assert_eq!(Period::Month.next_start(jan31), datetime!(2028-02-01 00:00 UTC));
+        assert_eq!(
+            Period::Month.next_start(jan31),
+            datetime!(2028-02-01 00:00 UTC)
+        );
         // A leap February runs 29 days.
         let feb29 = datetime!(2028-02-29 12:00 UTC);
-        assert_eq!(Period::Month.start_of(feb29), datetime!(2028-02-01 00:00 UTC));
-        assert_eq!(Period::Month.next_start(feb29), datetime!(2028-03-01 00:00 UTC));
-        assert_eq!(Period::Day.next_start(feb29), datetime!(2028-03-01 00:00 UTC));
+        assert_eq!(
+            Period::Month.start_of(feb29),
+            datetime!(2028-02-01 00:00 UTC)
+        );
+        assert_eq!(
+            Period::Month.next_start(feb29),
+            datetime!(2028-03-01 00:00 UTC)
+        );
+        assert_eq!(
+            Period::Day.next_start(feb29),
+            datetime!(2028-03-01 00:00 UTC)
+        );
         let feb28 = datetime!(2027-02-28 12:00 UTC);
-        assert_eq!(Period::Day.next_start(feb28), datetime!(2027-03-01 00:00 UTC));
+        assert_eq!(
+            Period::Day.next_start(feb28),
+            datetime!(2027-03-01 00:00 UTC)
+        );
         let apr30 = datetime!(2027-04-30 23:00 UTC);
-        assert_eq!(Period::Month.next_start(apr30), datetime!(2027-05-01 00:00 UTC));
+        assert_eq!(
+            Period::Month.next_start(apr30),
+            datetime!(2027-05-01 00:00 UTC)
+        );
     }
 
     #[test]

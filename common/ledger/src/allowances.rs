@@ -99,6 +99,76 @@ pub struct Allowance {
     pub starts_at: Option<OffsetDateTime>,
 }
 
+/// An allowance as asked for (`PUT /allowances`, `penora-ops allowances
+/// set`): the fields as sent (numbers as JSON values, as the API receives
+/// them), but whom and for which app, checked. [`AllowanceRequest::validate`]
+/// is the one spelling of the fields' rules.
+#[derive(Debug, Clone, Copy)]
+pub struct AllowanceRequest<'a> {
+    /// Whose.
+    pub user_id: &'a UserId,
+    /// The app the grants are written for.
+    pub app_name: &'a AppName,
+    /// 1–64 characters of `[A-Za-z0-9_.-]`.
+    pub allowance_id: Option<&'a str>,
+    /// 1 to `MAX_DEDUCT_AMOUNT`.
+    pub amount: Option<&'a serde_json::Value>,
+    /// `day`, `week` or `month`.
+    pub period: Option<&'a str>,
+    /// `promotional` (the default) or `paid`.
+    pub category: Option<&'a str>,
+    /// 0 (the default) to `MAX_DEDUCT_AMOUNT`.
+    pub max_rollover: Option<&'a serde_json::Value>,
+    /// RFC 3339 (default: now).
+    pub starts_at: Option<&'a str>,
+}
+
+impl AllowanceRequest<'_> {
+    /// The allowance, every field checked, in the order of the struct;
+    /// `max_amount` is `MAX_DEDUCT_AMOUNT`.
+    pub fn validate(&self, max_amount: i64) -> Result<Allowance, ValidationError> {
+        let allowance_id = allowance_id(self.allowance_id)?;
+        let amount = Credits::from_json("amount", self.amount, max_amount)?;
+        let period = match self.period {
+            Some(raw) => Period::parse(raw)?,
+            None => {
+                return Err(ValidationError::new(
+                    "period",
+                    "is required (`day`, `week` or `month`)",
+                ));
+            }
+        };
+        let category = match self.category {
+            None => LotCategory::Promotional,
+            Some(raw) => LotCategory::from_db(raw).ok_or_else(|| {
+                ValidationError::new("category", "must be `promotional` or `paid`")
+            })?,
+        };
+        let range = || format!("must be a whole number from 0 to {max_amount}");
+        let max_rollover = match self.max_rollover {
+            None | Some(serde_json::Value::Null) => 0,
+            Some(v) => match penora_domain::whole_number("max_rollover", v, &range)? {
+                n if (0..=max_amount).contains(&n) => n,
+                _ => return Err(ValidationError::new("max_rollover", range())),
+            },
+        };
+        let starts_at = self
+            .starts_at
+            .map(|raw| penora_domain::timefmt::parse_field("starts_at", raw))
+            .transpose()?;
+        Ok(Allowance {
+            user_id: self.user_id.clone(),
+            allowance_id,
+            amount,
+            period,
+            category,
+            max_rollover,
+            app_name: self.app_name.clone(),
+            starts_at,
+        })
+    }
+}
+
 /// An allowance as shown.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AllowanceView {
