@@ -49,7 +49,8 @@ async fn the_timer_grants_an_allowance_whose_first_period_starts_later_once() {
         35
     );
     s.wait_idle().await;
-    // Once: the timer rounds since (wait_idle outlasts one) grant nothing more.
+    // One grant of the allowance (the timer run twice at one instant grants
+    // once: the ledger's tests).
     assert_eq!(
         s.scalar(
             "SELECT count(*) FROM ledger_entries WHERE user_id = $1 AND kind = 'grant'",
