@@ -452,6 +452,7 @@ pub async fn set(
     accounts::create_and_lock(&tx, a.user_id.as_str()).await?;
     let existing = table::one_for_update(&tx, &a.user_id, &a.allowance_id).await?;
     let created = existing.is_none();
+    let mut moved = false;
     let mut row = match existing {
         None => {
             let starts_at = millis(a.starts_at.unwrap_or(now));
@@ -472,6 +473,7 @@ pub async fn set(
         }
         Some(mut row) => {
             if let Some(s) = a.starts_at.map(millis).filter(|s| *s != row.starts_at) {
+                moved = true;
                 if row.period_start.is_some() {
                     return Err(LedgerError::Invalid {
                         field: "starts_at",
@@ -506,7 +508,10 @@ pub async fn set(
     row.category = a.category;
     row.max_rollover = a.max_rollover;
     row.app_name = a.app_name.clone();
-    table::upsert(&tx, &row).await?;
+    // The same values again write nothing (not even `updated_at`).
+    if created || changed || moved {
+        table::upsert(&tx, &row).await?;
+    }
     let granted = grant_due_period(&tx, &mut row, now, correlation_id).await?;
     let current = match granted {
         Some(g) => Some(g),
@@ -520,7 +525,7 @@ pub async fn set(
     Ok(SetReceipt {
         allowance: AllowanceView::from(&row),
         created,
-        changed,
+        changed: changed || moved,
         current_grant: current,
     })
 }

@@ -355,6 +355,10 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
     // The same PUT again: nothing changes, nothing is granted again.
     let again = set(&mut c, &weekly, datetime!(2028-03-01 12:05 UTC)).await;
     assert!(!again.created && !again.changed);
+    assert_eq!(
+        again.allowance.updated_at, r.allowance.updated_at,
+        "nothing written"
+    );
     let replay = again.current_grant.expect("the current period's grant");
     assert!(replay.replayed);
     assert_eq!(replay.lot_id, first.lot_id);
@@ -416,6 +420,43 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
             .await
             .expect("delete")
             .is_none()
+    );
+    drop(c);
+    reconciled_and_audited(&pool).await;
+}
+
+#[tokio::test]
+async fn a_lot_the_expiry_timer_expired_first_carries_what_its_expire_entry_took() {
+    // Instants in the past of the database's clock: the allowance's lot is
+    // past its expiry for the expiry timer (`expire_lots`, which judges by
+    // the database's now()) before the allowance's next period is granted.
+    let (_t, pool) = database().await;
+    let mut c = pool.get().await.expect("client");
+    let daily = allowance("dee", "daily", 30, Period::Day, 20);
+    let r = set(&mut c, &daily, datetime!(2020-02-28 10:00 UTC)).await;
+    assert_eq!(
+        r.current_grant.expect("granted").period_end,
+        datetime!(2020-02-29 00:00 UTC)
+    );
+    assert_eq!(
+        ledger::expire_lots(&mut c, "dee").await.expect("expire"),
+        30
+    );
+    let next = tick(&mut c, datetime!(2020-02-29 00:00 UTC)).await;
+    assert_eq!((next[0].credits_added, next[0].carried), (50, 20));
+    assert_eq!(next[0].period_end, datetime!(2020-03-01 00:00 UTC));
+    assert_eq!(
+        ledger::expire_lots(&mut c, "dee").await.expect("expire"),
+        50
+    );
+    assert_eq!(
+        entries(&c, "dee").await,
+        vec![
+            ("grant".into(), 30, 30),
+            ("expire".into(), -30, 0),
+            ("grant".into(), 50, 50),
+            ("expire".into(), -50, 0),
+        ]
     );
     drop(c);
     reconciled_and_audited(&pool).await;

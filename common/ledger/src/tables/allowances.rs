@@ -218,7 +218,7 @@ pub async fn lot_by_reference(
         .query_opt(
             "SELECT l.lot_id, l.granted, l.status, l.remaining, l.expires_at, \
                     coalesce((SELECT -sum(m.amount) FROM lot_movements m \
-                              WHERE m.user_id = l.user_id AND m.lot_id = l.lot_id \
+                              WHERE m.user_id = $1 AND m.lot_id = l.lot_id \
                                 AND m.kind = 'expire' AND m.project_code IS NULL), 0)::int8 AS expired \
              FROM credit_lots l WHERE l.user_id = $1 AND l.reference = $2",
             &[user, &reference],
