@@ -136,7 +136,7 @@ pub async fn run(
                 starts_at: starts_at.as_deref(),
             }
             .validate(ledger_settings.max_deduct_amount)?;
-            let r = allowances::set(client, &a, None, None).await?;
+            let r = allowances::set(client, &a, None, None, None).await?;
             let what = match (r.created, r.changed) {
                 (true, _) => "made",
                 (false, true) => "changed (from its next period)",
@@ -170,7 +170,7 @@ pub async fn run(
         }
         AllowancesCommand::Delete { user, id } => {
             let user = UserId::parse(&user)?;
-            match allowances::delete(client, &user, &id).await? {
+            match allowances::delete(client, &user, &id, None).await? {
                 Some(a) => println!(
                     "allowance {} of {} deleted; its lots stay as granted",
                     output::text(&a.allowance_id),

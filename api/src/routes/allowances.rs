@@ -198,7 +198,14 @@ async fn put_allowance(
     .validate(state.settings.ledger.max_deduct_amount)?;
     tracing::Span::current().record("user_id", user.as_str());
     let mut client = state.pool.get().await?;
-    let receipt = allowances::set(&mut client, &a, None, correlation.as_deref()).await?;
+    let receipt = allowances::set(
+        &mut client,
+        &a,
+        None,
+        auth.bound_app(),
+        correlation.as_deref(),
+    )
+    .await?;
     let granted = receipt.current_grant.as_ref().is_some_and(|g| !g.replayed);
     if granted {
         state.jobs_committed();
@@ -230,7 +237,7 @@ async fn delete_allowance(
     let user = user_id(q.user_id.as_deref())?;
     let id = allowances::allowance_id(q.allowance_id.as_deref())?;
     let mut client = state.pool.get().await?;
-    match allowances::delete(&mut client, &user, &id).await? {
+    match allowances::delete(&mut client, &user, &id, auth.bound_app()).await? {
         Some(allowance) => {
             tracing::info!(user_id = %user, allowance_id = %id, "allowance deleted");
             Ok(json_ok(AllowanceDeleted {

@@ -202,6 +202,17 @@ async fn bad_allowances_are_refused_naming_the_field_and_change_nothing() {
         )
         .await;
     expect_error(r, StatusCode::FORBIDDEN, "forbidden").await;
+    // A key bound to another app may neither change nor delete it.
+    let imagegene = app.key("imagegene", &[Scope::Read, Scope::Admin]).await;
+    let r = put(&app, &base, &imagegene).await;
+    expect_error(r, StatusCode::FORBIDDEN, "app_mismatch").await;
+    let r = app
+        .delete_with_key(
+            "/api/unified/allowances?user_id=noor&allowance_id=daily",
+            &imagegene,
+        )
+        .await;
+    expect_error(r, StatusCode::FORBIDDEN, "app_mismatch").await;
     // A grant may not take an allowance's reference.
     let r = app
         .post(

@@ -441,16 +441,23 @@ async fn current_grant(
 /// granted yet, in one transaction. `now` judges the periods (`None`: the
 /// transaction's time). Setting the same values again changes and grants
 /// nothing.
+///
+/// With `only_app` (a key bound to an app), an allowance another app set is
+/// refused ([`LedgerError::AppMismatch`]).
 pub async fn set(
     client: &mut Client,
     a: &Allowance,
     now: Option<OffsetDateTime>,
+    only_app: Option<&str>,
     correlation_id: Option<&str>,
 ) -> Result<SetReceipt, LedgerError> {
     let tx = client.transaction().await?;
     let now = instant(&tx, now).await?;
     accounts::create_and_lock(&tx, a.user_id.as_str()).await?;
     let existing = table::one_for_update(&tx, &a.user_id, &a.allowance_id).await?;
+    if let Some(row) = &existing {
+        same_app(row, only_app)?;
+    }
     let created = existing.is_none();
     let mut moved = false;
     let mut row = match existing {
@@ -544,10 +551,13 @@ pub async fn list(
 
 /// Deletes `user`'s allowance `id`: no more grants; its lots stay. Returns
 /// the allowance deleted, `None` when there was none.
+/// With `only_app` (a key bound to an app), an allowance another app set is
+/// refused ([`LedgerError::AppMismatch`]).
 pub async fn delete(
     client: &mut Client,
     user: &UserId,
     id: &str,
+    only_app: Option<&str>,
 ) -> Result<Option<AllowanceView>, LedgerError> {
     let tx = client.transaction().await?;
     let locked =
@@ -558,9 +568,22 @@ pub async fn delete(
     let Some(row) = table::one_for_update(&tx, user, id).await? else {
         return Ok(None);
     };
+    same_app(&row, only_app)?;
     table::delete(&tx, user, id).await?;
     tx.commit().await?;
     Ok(Some(AllowanceView::from(&row)))
+}
+
+/// Refuses a key bound to app `only_app` acting on `row` of another app.
+fn same_app(row: &AllowanceRow, only_app: Option<&str>) -> Result<(), LedgerError> {
+    match only_app {
+        Some(own) if own != row.app_name.as_str() => Err(LedgerError::AppMismatch(format!(
+            "This API key acts for app `{own}` only; allowance {:?} was set by app `{}`",
+            row.allowance_id,
+            row.app_name.as_str()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Grants the periods started at `now` of up to `limit` allowances (the

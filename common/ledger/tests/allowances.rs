@@ -38,7 +38,9 @@ fn allowance(u: &str, id: &str, amount: i64, period: Period, max_rollover: i64) 
 }
 
 async fn set(c: &mut Client, a: &Allowance, now: OffsetDateTime) -> SetReceipt {
-    allowances::set(c, a, Some(now), None).await.expect("set")
+    allowances::set(c, a, Some(now), None, None)
+        .await
+        .expect("set")
 }
 
 /// The timer's step at `now`.
@@ -373,8 +375,14 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
     // A started allowance cannot move its start.
     let mut moved = bigger.clone();
     moved.starts_at = Some(datetime!(2028-03-03 00:00 UTC));
-    let refused =
-        allowances::set(&mut c, &moved, Some(datetime!(2028-03-02 10:00 UTC)), None).await;
+    let refused = allowances::set(
+        &mut c,
+        &moved,
+        Some(datetime!(2028-03-02 10:00 UTC)),
+        None,
+        None,
+    )
+    .await;
     assert!(
         matches!(
             refused,
@@ -389,7 +397,7 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
     assert_eq!((week2[0].credits_added, week2[0].carried), (150, 0));
     assert_eq!(balance(&c, "cy").await, 150);
     // Delete: no more grants; the granted lot stays as it is.
-    let gone = allowances::delete(&mut c, &user("cy"), "team")
+    let gone = allowances::delete(&mut c, &user("cy"), "team", None)
         .await
         .expect("delete");
     assert_eq!(gone.map(|a| a.amount), Some(150));
@@ -416,7 +424,7 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
             .is_empty()
     );
     assert!(
-        allowances::delete(&mut c, &user("cy"), "team")
+        allowances::delete(&mut c, &user("cy"), "team", None)
             .await
             .expect("delete")
             .is_none()
