@@ -11,6 +11,7 @@
 //! check finds a problem (`reconcile`, `audit verify`, `wait-idle`, `dlq
 //! purge` without `--yes`), 2 on any error.
 
+mod allowances;
 mod audit;
 mod credits;
 mod dlq;
@@ -52,6 +53,11 @@ enum Command {
     Credits {
         #[command(subcommand)]
         command: credits::CreditsCommand,
+    },
+    /// Recurring allowances: list, set and delete a user's; a summary of all.
+    Allowances {
+        #[command(subcommand)]
+        command: allowances::AllowancesCommand,
     },
     /// Delete projects of the shared workspace.
     Projects {
@@ -153,6 +159,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Keys { command } => keys::run(&client, command).await.map(|()| done)?,
         Command::Credits { command } => credits::run(&settings.ledger, &mut client, command)
+            .await
+            .map(|()| done)?,
+        Command::Allowances { command } => allowances::run(&settings.ledger, &mut client, command)
             .await
             .map(|()| done)?,
         Command::Projects { command } => {

@@ -320,13 +320,21 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
     .await;
 }
 
-/// Settles reservations past their refund window; writes the `expire`
+/// Grants the periods of recurring allowances started by `now`; settles
+/// reservations past their refund window; writes the `expire`
 /// entries of lots past their expiry and the `credits.expiring` events of
 /// lots expiring within `EXPIRY_NOTICE_SECS`; deletes projects past
 /// `PROJECT_RETENTION_DAYS`; prunes the outbox and the spending no spend
 /// limit counts any more.
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
+        // Before the expiry: a period's grant expires its ending lot itself,
+        // in the same transaction, and carries its rollover from it.
+        match grant_allowances(&ctx, time::OffsetDateTime::now_utc(), 500).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(grants = n, "granted the periods of recurring allowances"),
+            Err(e) => tracing::warn!(error = %e, "granting recurring allowances failed"),
+        }
         match expire_lots(&ctx, 500).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(credits = n, "expired credits of lots past their expiry"),
@@ -372,6 +380,24 @@ pub async fn delete_retired(
     let cutoff = now - retention;
     let mut client = ctx.pool.get().await?;
     Ok(penora_workspace::projects::delete_older_than(&mut client, cutoff, limit).await?)
+}
+
+/// Grants the periods of up to `limit` recurring allowances that have
+/// started by `now` (contract §16; each once, by its reference; a period
+/// that ended while the worker was down is not granted). Returns how many
+/// periods were granted.
+pub async fn grant_allowances(
+    ctx: &Context,
+    now: time::OffsetDateTime,
+    limit: i64,
+) -> Result<usize, anyhow::Error> {
+    let mut client = ctx.pool.get().await?;
+    let grants = ledger::allowances::grant_due(&mut client, now, limit).await?;
+    let made = grants.iter().filter(|g| !g.replayed).count();
+    if made > 0 {
+        ctx.jobs_committed();
+    }
+    Ok(made)
 }
 
 /// Writes the `expire` entries of the lots past their expiry of up to

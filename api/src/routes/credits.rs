@@ -639,6 +639,7 @@ async fn add_credits(
         Reference::parse("reference", Some(k)).is_ok()
     })?;
     let reference = Reference::parse("reference", reference.as_deref())?;
+    ledger::grant_rules::reserved_reference(&reference)?;
     let terms = LotTerms::parse(
         body.category.as_deref(),
         body.priority.as_ref(),

@@ -135,6 +135,20 @@ fn rules() -> Vec<Rule> {
             json!({ "type": "array", "minItems": 1, "maxItems": penora_domain::events::EventType::ALL.len() + 1,
                     "items": { "type": "string", "enum": penora_domain::events::EventType::ALL.iter().map(|t| t.as_str()).chain(["*"]).collect::<Vec<_>>() } }),
         ),
+        // Any RFC 3339 time is taken; the document offers future ones only,
+        // so a generated start never falls in a period already granted.
+        rule(
+            "AllowanceRequest",
+            "starts_at",
+            false,
+            json!({ "type": "string", "pattern": FUTURE_TIME }),
+        ),
+        rule(
+            "delete_allowance",
+            "allowance_id",
+            true,
+            json!({ "type": "string", "minLength": 1, "maxLength": 64, "pattern": "^[A-Za-z0-9_.-]{1,64}$" }),
+        ),
         rule("quote", "width", true, integer(1, MAX_SIDE)),
         rule("quote", "height", true, integer(1, MAX_SIDE)),
         rule("quote", "variations", false, integer(1, MAX_VARIATIONS)),
@@ -286,6 +300,14 @@ pub fn finish(api: OpenApi, max_amount: i64) -> OpenApi {
         {
             *amount = json!({ "type": ["integer", "null"], "format": "int64", "minimum": 0, "maximum": max_amount,
                               "description": "Ku coins to charge, 0 up to what the reservation still holds; the rest is refunded in the same transaction. All of it when absent." });
+        }
+        // A rollover is bounded as an amount is, but may be 0.
+        if let Some(rollover) = schemas
+            .get_mut("AllowanceRequest")
+            .and_then(|s| s.pointer_mut("/properties/max_rollover"))
+        {
+            *rollover = json!({ "type": ["integer", "null"], "format": "int64", "minimum": 0, "maximum": max_amount,
+                                "description": "At most this many unspent credits of a period's lot carry into the next period's (default 0)." });
         }
         for (name, schema) in schemas.iter_mut().filter(|(n, _)| n.ends_with("Request")) {
             finish_request_schema(&rules, name, schema);
@@ -475,6 +497,46 @@ mod tests {
         assert!(required.contains(&"user_id"), "{body}");
     }
 
+    #[test]
+    fn the_allowances_routes_are_documented_with_their_required_fields() {
+        let doc = document();
+        let item = &doc["paths"]["/api/unified/allowances"];
+        for method in ["get", "put", "delete"] {
+            assert!(item[method].is_object(), "{method} /allowances");
+        }
+        let body = &doc["components"]["schemas"]["AllowanceRequest"];
+        let required: Vec<&str> = body["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        for field in ["user_id", "allowance_id", "amount", "period"] {
+            assert!(required.contains(&field), "{field}: {body}");
+        }
+        for field in ["category", "max_rollover", "starts_at", "app_name"] {
+            assert!(!required.contains(&field), "{field}: {body}");
+        }
+        let params: Vec<(&str, bool)> = item["delete"]["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| (p["name"].as_str().unwrap(), p["required"] == true))
+            .collect();
+        assert_eq!(params, vec![("user_id", true), ("allowance_id", true)]);
+        assert_eq!(
+            item["delete"]["parameters"][1]["schema"]["pattern"],
+            "^[A-Za-z0-9_.-]{1,64}$"
+        );
+        assert_eq!(
+            body["properties"]["starts_at"]["pattern"],
+            super::FUTURE_TIME
+        );
+        let rollover = &body["properties"]["max_rollover"];
+        assert_eq!(
+            (&rollover["minimum"], &rollover["maximum"]),
+            (&0.into(), &777.into())
+        );
+    }
+
     fn operations(doc: &Value) -> Vec<(String, &Value)> {
         let mut out = Vec::new();
         for (path, item) in doc["paths"].as_object().unwrap() {
@@ -511,7 +573,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(seen, 19, "8 request bodies and 11 queries name a user");
+        assert_eq!(seen, 22, "9 request bodies and 13 queries name a user");
     }
 
     #[test]
@@ -521,7 +583,7 @@ mod tests {
         let credits = &doc["components"]["schemas"]["Credits"];
         assert_eq!(credits["minimum"], 1);
         assert_eq!(credits["maximum"], 777);
-        for name in ["DeductRequest", "AddCreditsRequest"] {
+        for name in ["DeductRequest", "AddCreditsRequest", "AllowanceRequest"] {
             let amount = &doc["components"]["schemas"][name]["properties"]["amount"];
             assert_eq!(amount["$ref"], "#/components/schemas/Credits", "{name}");
         }

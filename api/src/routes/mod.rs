@@ -2,6 +2,7 @@
 //! the handlers' annotations.
 
 pub mod alerts;
+pub mod allowances;
 pub mod credits;
 mod doc;
 pub mod limits;
@@ -133,6 +134,7 @@ fn api_router() -> OpenApiRouter<AppState> {
         .merge(credits::router())
         .merge(alerts::router())
         .merge(limits::router())
+        .merge(allowances::router())
         .merge(lots::router())
         .merge(projects::router())
         .merge(quote::router())

@@ -3,6 +3,7 @@
 //! port 0, so the tests run in parallel.
 
 mod account_lock;
+mod allowances;
 mod audit_anchor;
 mod batching;
 mod chaos_findings;

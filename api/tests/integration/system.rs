@@ -134,6 +134,9 @@ async fn the_openapi_document_is_generated_for_every_route() {
         ("/api/unified/add-credits", "post"),
         ("/api/unified/transactions", "get"),
         ("/api/unified/quote", "get"),
+        ("/api/unified/allowances", "put"),
+        ("/api/unified/allowances", "get"),
+        ("/api/unified/allowances", "delete"),
         ("/health", "get"),
         ("/metrics", "get"),
     ] {

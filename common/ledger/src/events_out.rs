@@ -145,18 +145,20 @@ fn fact(
                 .iter()
                 .enumerate()
                 .find(|(_, l)| l.entry == i)?;
-            Some((
-                EventType::CreditsGranted,
-                json!({
-                    "app": app,
-                    "amount": e.amount,
-                    "balance": balance,
-                    "lot_id": lot_ids.get(k),
-                    "category": lot.category.as_str(),
-                    "expires_at": lot.expires_at.map(timefmt::rfc3339_millis),
-                    "reference": e.reference,
-                }),
-            ))
+            let mut data = json!({
+                "app": app,
+                "amount": e.amount,
+                "balance": balance,
+                "lot_id": lot_ids.get(k),
+                "category": lot.category.as_str(),
+                "expires_at": lot.expires_at.map(timefmt::rfc3339_millis),
+                "reference": e.reference,
+            });
+            // A recurring allowance's grant names it (contract §16).
+            if let (Some(id), Some(map)) = (&lot.allowance_id, data.as_object_mut()) {
+                map.insert("allowance_id".into(), json!(id));
+            }
+            Some((EventType::CreditsGranted, data))
         }
         EntryKind::Refund => Some((
             EventType::CreditsRefunded,

@@ -149,6 +149,7 @@ pub fn decide(
         expires_at: g.expires_at,
         app_name: g.app_name.clone(),
         reference: g.reference.clone(),
+        allowance_id: None,
     });
     Ok((
         Outcome::fresh(GrantReceipt {

@@ -5,8 +5,9 @@
 //! first), each refusal a [`ValidationError`] naming its field:
 //! * `amount`: whole credits from 1 to `MAX_DEDUCT_AMOUNT` ([`Credits`]);
 //! * `reason`: required, not blank, at most 500 characters ([`GrantReason`]);
-//! * `reference`: required, at most 128 characters ([`Reference`]); it is the
-//!   grant's idempotency key;
+//! * `reference`: required, at most 128 characters ([`Reference`]), not
+//!   starting with `allowance:` (reserved for recurring allowances); it is
+//!   the grant's idempotency key;
 //! * `category`: `paid` (the default) or `promotional`;
 //! * `priority`: a whole number from 0 to 100, lower spent first; by default
 //!   the category's (50 for paid, 10 for promotional);
@@ -57,6 +58,7 @@ impl GrantRequest<'_> {
         let amount = Credits::from_json("amount", self.amount, max_amount)?;
         let reason = GrantReason::parse("reason", self.reason)?;
         let reference = Reference::parse("reference", self.reference)?;
+        reserved_reference(&reference)?;
         let terms = LotTerms::parse(self.category, self.priority, self.expires_at, now)?;
         Ok(Grant {
             user_id: self.user_id.clone(),
@@ -69,6 +71,18 @@ impl GrantRequest<'_> {
             expires_at: terms.expires_at,
         })
     }
+}
+
+/// Refuses a grant reference that only recurring allowances may use
+/// (`allowance:…`): a grant under it would stand in for a period's grant.
+pub fn reserved_reference(reference: &str) -> Result<(), ValidationError> {
+    if reference.starts_with(crate::allowances::ALLOWANCE_REFERENCE_PREFIX) {
+        return Err(ValidationError::new(
+            "reference",
+            "must not start with `allowance:` (the references of recurring allowances' grants)",
+        ));
+    }
+    Ok(())
 }
 
 /// The terms of the lot a grant makes: the last three rules of this module.

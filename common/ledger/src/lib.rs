@@ -43,6 +43,7 @@
 //! changes how many commits the work takes, never an answer. Grants,
 //! settlements, voids and expiries come one at a time.
 
+pub mod allowances;
 pub mod audit;
 pub mod backpressure;
 pub mod events_out;

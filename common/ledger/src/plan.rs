@@ -160,6 +160,9 @@ pub struct NewLot {
     pub app_name: AppName,
     /// The grant's reference.
     pub reference: String,
+    /// The recurring allowance it is a period's grant of (named by its
+    /// `credits.granted` event).
+    pub allowance_id: Option<String>,
 }
 
 /// Everything one transaction writes.

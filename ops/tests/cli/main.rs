@@ -3,6 +3,7 @@
 //! the real RabbitMQ under a queue prefix of the test's own; the API and the
 //! worker run in-process where a test needs their part of the flow.
 
+mod allowances;
 mod audit;
 mod credits;
 mod dlq;

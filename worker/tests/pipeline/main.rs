@@ -1,6 +1,7 @@
 //! The queue pipeline against the real PostgreSQL and RabbitMQ: each test has
 //! its own database and its own queue prefix.
 
+mod allowances;
 mod artworks;
 mod backpressure;
 mod event_time;

@@ -2,6 +2,7 @@
 //! (read with `try_get`, never a panicking `get`). The account lock is the
 //! store's (`penora_store::accounts`), shared with the workspace.
 
+pub mod allowances;
 pub mod entries;
 pub mod events;
 pub mod limits;
