@@ -8,6 +8,10 @@
 #   scripts/bench.sh --quick    every workload, 2 s per point, at 64 connections (saves at 1), < 2 minutes; writes target/bench/ only
 #   scripts/bench.sh --quick --workloads hot --concurrency 64   one point (extra arguments go to penora-bench)
 #
+# The `limits` workload (issue 27) sets two spend limits on each of 10,000
+# users of its own through the API, then runs `deduct` on them and on as many
+# users without a limit, in turns, and reports the limits' overhead.
+#
 # Not part of the test suite: the figures are printed, never asserted.
 #
 # Database work per movement (commits, WAL, statement time) needs
