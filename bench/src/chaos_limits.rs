@@ -220,9 +220,12 @@ impl Limits {
         refused: &BTreeMap<String, u64>,
     ) -> anyhow::Result<Checked> {
         let mut violations = Vec::new();
+        // Per period, what breaks its limits (kept unless the period
+        // changed during the run or the checks).
+        let mut breaches: Vec<(Period, String)> = Vec::new();
         let mut report = String::from(
-            "\n| limited user | limit | max | spent (reservations) | spent (GET /limits) | deductions refused 403 |\n\
-             |---|---|---:|---:|---:|---:|\n",
+            "\n| limited user | deductions refused 403 | limit | max | spent (reservations) | spent (GET /limits) |\n\
+             |---|---:|---|---:|---:|---:|\n",
         );
         let now = OffsetDateTime::now_utc();
         // The earlier of the week's and the month's first day: what any
@@ -253,8 +256,8 @@ impl Limits {
                     limits.len()
                 ));
             }
-            for l in limits {
-                let start = l.period.start_of(now);
+            for (i, l) in limits.iter().enumerate() {
+                let from = l.period.start_of(now).date();
                 let name = format!(
                     "{} per {}",
                     l.app.as_deref().unwrap_or("all apps"),
@@ -263,41 +266,82 @@ impl Limits {
                 let spent: i64 = days
                     .iter()
                     .filter(|((app, day), _)| {
-                        *day >= start.date() && l.app.as_ref().is_none_or(|a| a == app)
+                        *day >= from && l.app.as_ref().is_none_or(|a| a == app)
                     })
                     .map(|(_, n)| n)
                     .sum();
                 let via_api = shown
                     .get(&(l.app.clone(), l.period.as_str().to_owned()))
                     .copied();
+                let refusals = if i == 0 {
+                    refused.get(user).copied().unwrap_or(0).to_string()
+                } else {
+                    String::new()
+                };
                 report.push_str(&format!(
-                    "| {user} | {name} | {} | {spent} | {} | {} |\n",
+                    "| {user} | {refusals} | {name} | {} | {spent} | {} |\n",
                     l.max_credits,
                     via_api.map_or("missing".into(), |v| v.to_string()),
-                    refused.get(user).copied().unwrap_or(0)
                 ));
-                if l.period.start_of(self.set_at) != start
-                    || l.period.start_of(OffsetDateTime::now_utc()) != start
-                {
-                    report.push_str(&format!(
-                        "\n(the {} period changed during the run: the {name} limit of {user} is not checked)\n",
-                        l.period.as_str()
-                    ));
-                    continue;
-                }
                 if spent > l.max_credits {
-                    violations.push(format!(
-                        "{user}: {spent} spent in the current period past its {name} limit of {}",
-                        l.max_credits
+                    breaches.push((
+                        l.period,
+                        format!(
+                            "{user}: {spent} spent in the current period past its {name} limit of {}",
+                            l.max_credits
+                        ),
                     ));
                 }
                 if via_api != Some(spent) {
-                    violations.push(format!(
-                        "{user}: GET /limits shows {via_api:?} spent against {name}, the reservations {spent}"
+                    breaches.push((
+                        l.period,
+                        format!(
+                            "{user}: GET /limits shows {via_api:?} spent against {name}, the reservations {spent}"
+                        ),
                     ));
                 }
             }
         }
+        // A period that started after the limits were set, or during the
+        // checks, is not the same at both ends: its limits are not judged.
+        let after = OffsetDateTime::now_utc();
+        for period in [Period::Day, Period::Week, Period::Month] {
+            let start = period.start_of(now);
+            if period.start_of(self.set_at) != start || period.start_of(after) != start {
+                report.push_str(&format!(
+                    "\nThe run crossed the start of a {period} (UTC): the {period} limits are not checked.\n",
+                    period = period.as_str()
+                ));
+                breaches.retain(|(p, _)| *p != period);
+            }
+        }
+        violations.extend(breaches.into_iter().map(|(_, v)| v));
         Ok(Checked { violations, report })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_quarter_of_the_chaos_users_are_limited() {
+        let limited: Vec<bool> = (0..8).map(|n| is_limited(&format!("chaos_{n}"))).collect();
+        assert_eq!(limited, [true, false, false, false, true, false, false, false]);
+        assert!(!is_limited("bench_0"));
+        assert!(!is_limited("chaos_x"));
+    }
+
+    #[test]
+    fn a_refusal_is_legitimate_only_for_a_limited_user_past_the_limit() {
+        let answer = |spent: i64| {
+            json!({"code": "spend_limit_exceeded", "limit": 40, "spent": spent,
+                   "period": "day", "resets_at": "2026-12-08T00:00:00.000Z"})
+        };
+        assert!(judge_refusal("chaos_0", 3, &answer(38)).is_ok());
+        assert!(judge_refusal("chaos_0", 2, &answer(38)).is_err());
+        assert!(judge_refusal("chaos_1", 3, &answer(38)).is_err());
+        let other = json!({"code": "forbidden"});
+        assert!(judge_refusal("chaos_0", 3, &other).is_err());
     }
 }
