@@ -125,13 +125,18 @@ pub fn judge_refusal(user: &str, amount: i64, answer: &Value) -> Result<(), Stri
     let (Some(limit), Some(spent)) = (answer["limit"].as_i64(), answer["spent"].as_i64()) else {
         return Err("no `limit` or `spent`".into());
     };
-    if answer["period"].as_str().and_then(|p| Period::from_db(p)).is_none()
+    if answer["period"]
+        .as_str()
+        .and_then(|p| Period::from_db(p))
+        .is_none()
         || answer["resets_at"].as_str().is_none()
     {
         return Err("no `period` or `resets_at`".into());
     }
     if spent + amount <= limit {
-        return Err(format!("{spent} spent + {amount} is within the limit of {limit}"));
+        return Err(format!(
+            "{spent} spent + {amount} is within the limit of {limit}"
+        ));
     }
     Ok(())
 }
@@ -200,7 +205,9 @@ async fn shown(ctx: &Ctx, user: &str) -> Result<BTreeMap<(Option<String>, String
     let mut out = BTreeMap::new();
     for l in limits {
         let (Some(period), Some(spent)) = (l["period"].as_str(), l["spent"].as_i64()) else {
-            return Err(format!("GET /limits of {user}: a limit without period or spent: {l}"));
+            return Err(format!(
+                "GET /limits of {user}: a limit without period or spent: {l}"
+            ));
         };
         out.insert(
             (l["app_name"].as_str().map(str::to_owned), period.to_owned()),
@@ -327,7 +334,10 @@ mod tests {
     #[test]
     fn a_quarter_of_the_chaos_users_are_limited() {
         let limited: Vec<bool> = (0..8).map(|n| is_limited(&format!("chaos_{n}"))).collect();
-        assert_eq!(limited, [true, false, false, false, true, false, false, false]);
+        assert_eq!(
+            limited,
+            [true, false, false, false, true, false, false, false]
+        );
         assert!(!is_limited("bench_0"));
         assert!(!is_limited("chaos_x"));
     }

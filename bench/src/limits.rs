@@ -157,7 +157,12 @@ async fn turn(ctx: &Arc<Ctx>, limited: bool, c: usize, secs: f64) -> Stats {
             } else {
                 user
             };
-            post_ok(&ctx, "/api/unified/deduct-credits", &json!({"user_id": user, "amount": 1, "app_name": APP, "project_code": code})).await
+            post_ok(
+                &ctx,
+                "/api/unified/deduct-credits",
+                &json!({"user_id": user, "amount": 1, "app_name": APP, "project_code": code}),
+            )
+            .await
         }
     })
     .await
@@ -228,10 +233,7 @@ pub async fn limits_point(ctx: &Arc<Ctx>, c: usize, secs: f64) -> anyhow::Result
     let plain2 = turn(ctx, false, c, secs).await;
     quiesce(&ctx.pool).await?;
     let s3 = snapshot(&ctx.pool).await?;
-    let plain_work = both_work(
-        between(&s0, &s1, plain1.ops),
-        between(&s2, &s3, plain2.ops),
-    );
+    let plain_work = both_work(between(&s0, &s1, plain1.ops), between(&s2, &s3, plain2.ops));
     let limited = both(limited1, limited2);
     let point = LimitsPoint {
         concurrency: c,

@@ -3,8 +3,8 @@
 
 use crate::{
     bench::{Args, MovementPoint},
-    limits::{LimitsPoint, LimitsSetup},
     dbwork::one_line,
+    limits::{LimitsPoint, LimitsSetup},
     measure::Stats,
     workloads::DEDUCTS_BESIDE_SAVES,
 };
