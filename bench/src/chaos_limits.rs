@@ -43,7 +43,7 @@ pub const LOOSE: i64 = 400;
 pub fn is_limited(user: &str) -> bool {
     user.strip_prefix("chaos_")
         .and_then(|n| n.parse::<u64>().ok())
-        .is_some_and(|n| n % 4 == 0)
+        .is_some_and(|n| n.is_multiple_of(4))
 }
 
 /// One limit as set: its app (`None`: all apps), period and maximum.
@@ -63,7 +63,7 @@ pub struct Limits {
 /// The limits of the `k`-th limited user: an all-apps daily limit and an
 /// `imagegene` one (weekly or monthly), the tight one alternating.
 fn limits_of(k: usize) -> Vec<SetLimit> {
-    let (day, app_period, app_max) = if k % 2 == 0 {
+    let (day, app_period, app_max) = if k.is_multiple_of(2) {
         (TIGHT, Period::Month, LOOSE)
     } else {
         (LOOSE, Period::Week, TIGHT)
@@ -127,7 +127,7 @@ pub fn judge_refusal(user: &str, amount: i64, answer: &Value) -> Result<(), Stri
     };
     if answer["period"]
         .as_str()
-        .and_then(|p| Period::from_db(p))
+        .and_then(Period::from_db)
         .is_none()
         || answer["resets_at"].as_str().is_none()
     {
