@@ -9,7 +9,11 @@
 # left it, no refund twice, every event processed once, every save stored,
 # every ledger entry audited, nothing dead-lettered, reconcile clean, and
 # every event the ledger implies delivered to a subscribed webhook receiver
-# (none for a change that did not commit).
+# (none for a change that did not commit). A quarter of the users have spend
+# limits the traffic hits (403 spend_limit_exceeded is a final answer): no
+# limit's spending in its current period, counted from the reservations,
+# passes it, GET /limits shows the same, and spend_days agrees with the
+# reservations per app and day.
 #
 #   scripts/chaos.sh           full run (3 minutes of traffic, a fault every 8 s)
 #   scripts/chaos.sh --quick   CI run (42 s, a fault every 4 s: each kind at least once)

@@ -172,9 +172,13 @@ pub struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "deduct,hot,user-info,flow,save,refunds,events"
+        default_value = "deduct,limits,hot,user-info,flow,save,refunds,events"
     )]
     pub workloads: Vec<String>,
+    /// Users of the `limits` workload: as many with two spend limits each
+    /// (`bench_lim_*`), and as many without (`bench_*`).
+    #[arg(long, default_value_t = 10_000)]
+    pub limit_users: i64,
     /// Concurrencies of the `save` workload (each with 16 deducting
     /// connections beside it).
     #[arg(long, value_delimiter = ',', default_value = "1,16")]
@@ -211,7 +215,9 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(64);
     let pool =
         penora_store::pool_with(&args.services.database_url, max_conc + 4, 5000).context("pool")?;
-    seed(&pool, args.users).await.context("seeding")?;
+    seed(&pool, args.users, args.limit_users)
+        .await
+        .context("seeding")?;
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(max_conc)
         .timeout(Duration::from_secs(30))
@@ -261,7 +267,17 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let mut movements = Vec::new();
     let mut refund_row = None;
     let mut events_row = None;
+    let mut limits = None;
     for w in &workloads {
+        if w == "limits" {
+            let setup = crate::limits::set_limits(&ctx).await?;
+            let mut points = Vec::new();
+            for &c in &concurrency {
+                points.push(crate::limits::limits_point(&ctx, c, secs).await?);
+            }
+            limits = Some((setup, points));
+            continue;
+        }
         if w == "save" {
             for &c in &ctx.args.save_concurrency.clone() {
                 save_rows.push(save_workload(&ctx, c, secs).await?);
@@ -346,6 +362,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         saves: save_rows,
         refunds: refund_row,
         events: events_row,
+        limits,
         movements,
         sustained,
         audit_lag,

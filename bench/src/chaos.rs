@@ -9,7 +9,10 @@
 //! (all of it, or a part with `amount`), or settled by a save naming its
 //! `project_code`. A request that fails in transport, times out or answers
 //! 5xx/429 is sent again unchanged (same `project_code`, same `reference`,
-//! same event id), as a real client does, until it gets an answer.
+//! same event id), as a real client does, until it gets an answer. A
+//! quarter of the users have spend limits the traffic hits
+//! ([`crate::chaos_limits`]): `403 spend_limit_exceeded` is a final answer,
+//! like `402`.
 //!
 //! Faults, in turn: SIGKILL and restart the API, the same for the worker,
 //! close every broker connection of the run's vhost, take the database away
@@ -109,8 +112,11 @@ pub struct Record {
     /// future" (a retry that came after the expiry; nothing may be granted
     /// under them).
     pub late_grants: Vec<String>,
-    /// Deductions answered 402 (nothing may be reserved under them).
+    /// Deductions answered 402 or 403 `spend_limit_exceeded` (nothing may
+    /// be reserved under them).
     pub refused: Vec<String>,
+    /// Deductions answered 403 `spend_limit_exceeded`, by user.
+    pub limit_refusals: BTreeMap<String, u64>,
     /// Events published (and confirmed by the broker).
     pub events: Vec<String>,
     /// Client-visible errors by kind (each retried).
@@ -383,7 +389,13 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
     let what = format!("deduct {code}");
     let path = "/api/unified/deduct-credits";
     match ctx
-        .expect(&what, reqwest::Method::POST, path, Some(&body), &[200, 402])
+        .expect(
+            &what,
+            reqwest::Method::POST,
+            path,
+            Some(&body),
+            &[200, 402, 403],
+        )
         .await
     {
         Some((200, answer)) => {
@@ -398,6 +410,19 @@ pub async fn deduct_and_follow_up(ctx: &Ctx, rng: &mut Rng, id: usize, n: u64, u
             ctx.count("deduct answered 402 (not enough credits)");
             if let Ok(mut r) = ctx.record.lock() {
                 r.refused.push(code);
+            }
+            return;
+        }
+        // Refused by a spend limit: final, nothing charged.
+        Some((403, answer)) => {
+            if let Err(wrong) = crate::chaos_limits::judge_refusal(&user, amount, &answer) {
+                ctx.unexpected(format!("deduct {code}: 403 ({wrong}): {answer}"));
+                return;
+            }
+            ctx.count("deduct answered 403 (spend limit)");
+            if let Ok(mut r) = ctx.record.lock() {
+                r.refused.push(code);
+                *r.limit_refusals.entry(user).or_default() += 1;
             }
             return;
         }
@@ -549,6 +574,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             other => anyhow::bail!("seeding chaos_{u}: {other:?}"),
         }
     }
+    let limits = crate::chaos_limits::set(&ctx).await?;
     let started = Instant::now();
     eprintln!(
         "chaos: {} clients, {} users, {} API(s), {secs} s of traffic, a fault every {} s",
@@ -586,6 +612,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         tokio_postgres::connect(&ctx.args.services.database_url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     violations.extend(receiver.check(&db).await?);
+    let limit_refusals = ctx
+        .record
+        .lock()
+        .map_err(|_| anyhow::anyhow!("poisoned"))?
+        .limit_refusals
+        .clone();
+    let limits_checked = limits.check(&ctx, &db, &limit_refusals).await?;
+    violations.extend(limits_checked.violations);
 
     let record = ctx.record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     println!(
@@ -614,6 +648,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             println!("| {} | {:.2} | {:.2} | {} |", r.0, r.1, r.2, r.3);
         }
     }
+    print!("{}", limits_checked.report);
     println!("\n| client-visible error (each retried) | count |\n|---|---:|");
     for (kind, n) in &record.errors {
         println!("| {kind} | {n} |");

@@ -1,7 +1,8 @@
 //! The checks after a chaos run: the pipeline drains, `penora-ops
 //! reconcile` and `audit verify` pass, and the database agrees with the
 //! clients' own record (balances, every reservation's end state, charged
-//! once, refunded exactly what the client asked, nothing charged for a 402,
+//! once, refunded exactly what the client asked, nothing charged for a 402
+//! or a 403 `spend_limit_exceeded`,
 //! every event processed once, every accepted save stored, nothing
 //! dead-lettered), and the lots kept their rules (nothing drawn from a lot
 //! at or after its expiry, every lot past its expiry emptied by its `expire`
@@ -202,7 +203,7 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     .await?;
     if charged_anyway != 0 {
         violations.push(format!(
-            "{charged_anyway} deductions answered 402 left a reservation"
+            "{charged_anyway} deductions answered 402 or 403 left a reservation"
         ));
     }
     // Every event processed exactly once.

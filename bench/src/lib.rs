@@ -8,10 +8,12 @@
 pub mod bench;
 pub mod chaos;
 pub mod chaos_events;
+pub mod chaos_limits;
 pub mod dbwork;
 pub mod events;
 pub mod faults;
 pub mod invariants;
+pub mod limits;
 pub mod measure;
 pub mod raw;
 pub mod report;

@@ -4,6 +4,7 @@
 use crate::{
     bench::{Args, MovementPoint},
     dbwork::one_line,
+    limits::{LimitsPoint, LimitsSetup},
     measure::Stats,
     workloads::DEDUCTS_BESIDE_SAVES,
 };
@@ -46,6 +47,8 @@ pub struct Results {
     pub saves: Vec<SaveRow>,
     pub refunds: Option<Row>,
     pub events: Option<crate::webhooks::EventsPoint>,
+    /// The `limits` workload: the limits set, and one point per concurrency.
+    pub limits: Option<(LimitsSetup, Vec<LimitsPoint>)>,
     pub movements: Vec<MovementPoint>,
     pub sustained: Vec<MovementPoint>,
     pub audit_lag: Option<(f64, i64)>,
@@ -59,6 +62,7 @@ pub fn render(args: &Args, results: &Results) -> String {
         saves,
         refunds,
         events,
+        limits,
         movements,
         sustained,
         audit_lag,
@@ -163,6 +167,9 @@ pub fn render(args: &Args, results: &Results) -> String {
             e.granted
         ));
     }
+    if let Some((setup, points)) = limits {
+        s.push_str(&limits_section(setup, points));
+    }
     if let Some((p99, n)) = audit_lag {
         s.push_str(&format!(
             "\n**commit-to-audit lag** under the `deduct` load at the highest concurrency: p99 **{p99:.0} ms** over {n} ledger entries \
@@ -176,6 +183,82 @@ pub fn render(args: &Args, results: &Results) -> String {
         mb(*worker_rss)
     ));
     s.push_str("\n![throughput and p99 against concurrency](benchmarks.svg)\n");
+    s
+}
+
+/// The `limits` workload: limited against plain `deduct` per concurrency,
+/// the overhead against the issue's target, and the limited deductions' top
+/// statements at the highest concurrency.
+fn limits_section(setup: &LimitsSetup, points: &[LimitsPoint]) -> String {
+    let us = |v: Option<f64>| v.map_or_else(|| "n/a".to_owned(), |v| format!("{v:.0}"));
+    let Some(first) = points.first() else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\n**spend limits** (issue 27; target: limits cost deductions less than 10 %): `deduct` of 1 on {} users \
+         with two limits each (all apps per month, `imagegene` per day, far above what the run spends; {} limits \
+         set through `PUT /limits` in {:.1} s before), beside `deduct` on as many users without a limit, in turns \
+         plain, limited, limited, plain of {:.0} s each (figures: both turns). Overhead = plain ops/s ÷ limited \
+         ops/s − 1, the extra time a deduction takes with limits. Database work per deduction as in the table \
+         above (the worker's audit included).\n\n\
+         | conns | plain ops/s | plain p50 ms | plain p99 ms | limited ops/s | limited p50 ms | limited p99 ms | \
+         limited errors | **overhead** | statement µs plain | statement µs limited | commits plain / limited | \
+         WAL B plain / limited |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        first.users, setup.limits, setup.secs, first.secs
+    );
+    for p in points {
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | **{:+.1} %** | {} | {} | {:.2} / {:.2} | {:.0} / {:.0} |\n",
+            p.concurrency,
+            p.plain.per_sec,
+            p.plain.p50_ms,
+            p.plain.p99_ms,
+            p.limited.per_sec,
+            p.limited.p50_ms,
+            p.limited.p99_ms,
+            p.limited.errors,
+            p.overhead_pct(),
+            us(p.plain_work.statement_us),
+            us(p.limited_work.statement_us),
+            p.plain_work.commits,
+            p.limited_work.commits,
+            p.plain_work.wal_bytes,
+            p.limited_work.wal_bytes,
+        ));
+    }
+    if let Some(top) = points.iter().max_by_key(|p| p.concurrency) {
+        let met = if top.overhead_pct() < 10.0 {
+            "within"
+        } else {
+            "**over**"
+        };
+        s.push_str(&format!(
+            "\nLimit overhead at {} connections: **{:+.1} %** ({met} the 10 % target).\n",
+            top.concurrency,
+            top.overhead_pct()
+        ));
+        if !top.limited_work.top.is_empty() {
+            s.push_str(&format!(
+                "\nTop statements of the limited deductions at {} connections ({} acknowledged):\n\n\
+                 | statement | total ms | calls | µs per call | µs per deduction | WAL B per deduction |\n\
+                 |---|---:|---:|---:|---:|---:|\n",
+                top.concurrency, top.limited_work.ops
+            ));
+            for t in &top.limited_work.top {
+                s.push_str(&format!(
+                    "| {}`{}` | {:.0} | {} | {:.0} | {:.1} | {:.0} |\n",
+                    if t.toplevel { "" } else { "(inside another) " },
+                    one_line(&t.query, 110),
+                    t.total_ms,
+                    t.calls,
+                    t.total_ms * 1000.0 / t.calls.max(1) as f64,
+                    t.total_ms * 1000.0 / top.limited_work.ops.max(1) as f64,
+                    t.wal_bytes / top.limited_work.ops.max(1) as f64,
+                ));
+            }
+        }
+    }
     s
 }
 

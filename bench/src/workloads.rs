@@ -24,7 +24,10 @@ use crate::{
     report::SaveRow,
 };
 
-pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
+/// Seeds `users` users (`bench_*`), the hot account, the raw minimal
+/// baseline's own users, and `limited` users for the `limits` workload
+/// (`bench_lim_*`, limits set later through the API).
+pub async fn seed(pool: &Pool, users: i64, limited: i64) -> anyhow::Result<()> {
     let client = pool.get().await?;
     let have: i64 = client
         .query_one(
@@ -45,6 +48,8 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
                SELECT 'bench_' || i, 1000000000 FROM generate_series(0, {last}) i ON CONFLICT DO NOTHING; \
              INSERT INTO accounts (user_id, balance) VALUES ('bench_hot', 1000000000000) ON CONFLICT DO NOTHING; \
              INSERT INTO accounts (user_id, balance) \
+               SELECT '{limited_prefix}' || i, 1000000000 FROM generate_series(0, {limited_last}) i ON CONFLICT DO NOTHING; \
+             INSERT INTO accounts (user_id, balance) \
                SELECT 'benchmin_' || i, 1000000000 FROM generate_series(0, {last}) i ON CONFLICT DO NOTHING; \
              INSERT INTO accounts (user_id, balance) VALUES ('benchmin_hot', 1000000000000) ON CONFLICT DO NOTHING; \
              INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, description, reference) \
@@ -61,7 +66,9 @@ pub async fn seed(pool: &Pool, users: i64) -> anyhow::Result<()> {
                WHERE l.user_id LIKE 'bench\\_%' AND NOT EXISTS ( \
                  SELECT 1 FROM lot_movements m WHERE m.user_id = l.user_id AND m.lot_id = l.lot_id); \
              ANALYZE accounts; ANALYZE ledger_entries; ANALYZE credit_lots; ANALYZE lot_movements;",
-            last = users - 1
+            last = users - 1,
+            limited_prefix = crate::limits::LIMITED,
+            limited_last = limited - 1,
         ))
         .await?;
     eprintln!(
