@@ -30,7 +30,9 @@ CREATE TABLE spend_days (
     app_name text   NOT NULL,
     day      date   NOT NULL,
     spent    bigint NOT NULL,
-    PRIMARY KEY (user_id, app_name, day)
+    -- Day before app: a deduction reads a user's days from its limits'
+    -- earliest period start on, one range of the key.
+    PRIMARY KEY (user_id, day, app_name)
 );
 
 DO $$

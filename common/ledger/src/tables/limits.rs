@@ -108,7 +108,7 @@ pub async fn record(tx: &impl GenericClient, deltas: &[SpendDelta]) -> Result<()
         .prepare_cached(
             "INSERT INTO spend_days (user_id, app_name, day, spent) \
              SELECT * FROM unnest($1::text[], $2::text[], $3::date[], $4::int8[]) \
-             ON CONFLICT (user_id, app_name, day) \
+             ON CONFLICT (user_id, day, app_name) \
              DO UPDATE SET spent = spend_days.spent + excluded.spent",
         )
         .await?;
