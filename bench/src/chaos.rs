@@ -575,6 +575,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let limits = crate::chaos_limits::set(&ctx).await?;
+    let allowances = crate::chaos_allowances::set(&ctx).await?;
     let started = Instant::now();
     eprintln!(
         "chaos: {} clients, {} users, {} API(s), {secs} s of traffic, a fault every {} s",
@@ -620,6 +621,8 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .clone();
     let limits_checked = limits.check(&ctx, &db, &limit_refusals).await?;
     violations.extend(limits_checked.violations);
+    let allowances_checked = allowances.check(&db).await?;
+    violations.extend(allowances_checked.violations);
 
     let record = ctx.record.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     println!(
@@ -649,6 +652,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     print!("{}", limits_checked.report);
+    print!("{}", allowances_checked.report);
     println!("\n| client-visible error (each retried) | count |\n|---|---:|");
     for (kind, n) in &record.errors {
         println!("| {kind} | {n} |");

@@ -124,7 +124,8 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
     for row in db
         .query(
             "SELECT a.user_id, a.balance, coalesce(sum(l.amount), 0)::bigint AS ledger_sum, \
-                    coalesce(sum(l.amount) FILTER (WHERE l.kind IN ('expire', 'void')), 0)::bigint AS expired \
+                    coalesce(sum(l.amount) FILTER (WHERE l.kind IN ('expire', 'void')), 0)::bigint AS expired, \
+                    coalesce(sum(l.amount) FILTER (WHERE l.kind = 'grant' AND l.reference LIKE 'allowance:%'), 0)::bigint AS allowances \
              FROM accounts a \
              LEFT JOIN ledger_entries l ON l.user_id = a.user_id \
              WHERE a.user_id LIKE 'chaos\\_%' GROUP BY a.user_id, a.balance",
@@ -132,16 +133,19 @@ pub async fn check(ctx: &Ctx) -> anyhow::Result<Vec<String>> {
         )
         .await?
     {
-        let (user, balance, ledger, expired): (String, i64, i64, i64) = (
+        let (user, balance, ledger, expired, allowances): (String, i64, i64, i64, i64) = (
             row.get("user_id"),
             row.get("balance"),
             row.get("ledger_sum"),
             row.get("expired"),
+            row.get("allowances"),
         );
+        // What allowances granted the client did not ask for
+        // (`crate::chaos_allowances` checks each grant).
         let client = SEED_CREDITS + record.expected.get(&user).copied().unwrap_or(0);
-        if balance != ledger || balance != client + expired {
+        if balance != ledger || balance != client + expired + allowances {
             violations.push(format!(
-                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}, expired {expired}"
+                "{user}: balance {balance}, ledger sum {ledger}, client's record {client}, expired {expired}, granted by allowances {allowances}"
             ));
         }
     }

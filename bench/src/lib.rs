@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod chaos;
+pub mod chaos_allowances;
 pub mod chaos_events;
 pub mod chaos_limits;
 pub mod dbwork;
