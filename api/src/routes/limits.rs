@@ -12,7 +12,8 @@
 //!   so they are ordered with the deductions they judge; the spending a new
 //!   limit counts includes what was spent in its period before it;
 //! * `DELETE` takes the key from its query (`?user_id=&app_name=&period=`)
-//!   or, when it has one, from a JSON body with the same fields.
+//!   or, when it has one (not `null`), from a JSON body with the same
+//!   fields.
 
 use axum::{
     body::Bytes,
@@ -198,10 +199,17 @@ async fn delete_limit(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
-    let key = if body.iter().all(u8::is_ascii_whitespace) {
+    // No body, or `null`: the key is in the query.
+    let given: serde_json::Value = if body.iter().all(u8::is_ascii_whitespace) {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::InvalidRequest(format!("the body is not JSON: {e}")))?
+    };
+    let key = if given.is_null() {
         q
     } else {
-        serde_json::from_slice::<LimitKey>(&body)
+        serde_json::from_value::<LimitKey>(given)
             .map_err(|e| ApiError::InvalidRequest(format!("the body is not a limit's key: {e}")))?
     };
     let user = user_id(key.user_id.as_deref())?;

@@ -197,10 +197,20 @@ async fn an_app_limit_holds_its_app_an_all_apps_limit_both_and_a_refund_gives_ro
         .expect("json");
     assert_eq!(listed["limits"], json!(limits));
 
-    // Removed (the key in the query), the app's spending is free again.
+    // Removed (the key in the query; a JSON `null` body is no body), the
+    // app's spending is free again.
     let r = app
-        .delete("/api/unified/limits?user_id=u1&app_name=imagegene&period=day")
-        .await;
+        .http
+        .delete(format!(
+            "{}/api/unified/limits?user_id=u1&app_name=imagegene&period=day",
+            app.base
+        ))
+        .header("X-API-Key", BOOT_KEY)
+        .header("Content-Type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .expect("sent");
     assert_eq!(r.status(), StatusCode::OK);
     let r = send(
         &app,
