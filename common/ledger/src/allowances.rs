@@ -52,6 +52,15 @@ pub const ALLOWANCE_REFERENCE_PREFIX: &str = "allowance:";
 /// The longest `allowance_id`.
 pub const MAX_ALLOWANCE_ID_LEN: usize = 64;
 
+/// The period start a grant reference of allowance `id` names.
+fn period_start_of(reference: &str, id: &str) -> Option<OffsetDateTime> {
+    let at = reference
+        .strip_prefix(ALLOWANCE_REFERENCE_PREFIX)?
+        .strip_prefix(id)?
+        .strip_prefix(':')?;
+    OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+}
+
 /// The reference of allowance `id`'s grant for the period starting at `start`.
 pub fn reference(id: &str, start: OffsetDateTime) -> String {
     format!(
@@ -460,9 +469,19 @@ pub async fn set(
     }
     let created = existing.is_none();
     let mut moved = false;
+    let mut granted_before = None;
     let mut row = match existing {
         None => {
             let starts_at = millis(a.starts_at.unwrap_or(now));
+            // An allowance of this name deleted and set again within a
+            // period its lot still covers: that period is granted already,
+            // and is not granted twice.
+            if let Some((_, end)) = period_at(a.period, starts_at, now) {
+                granted_before = table::granted_until(&tx, &a.user_id, &a.allowance_id, end)
+                    .await?
+                    .and_then(|r| period_start_of(&r, &a.allowance_id))
+                    .map(|start| (start, end));
+            }
             AllowanceRow {
                 user_id: a.user_id.clone(),
                 allowance_id: a.allowance_id.clone(),
@@ -472,8 +491,8 @@ pub async fn set(
                 max_rollover: a.max_rollover,
                 app_name: a.app_name.clone(),
                 starts_at,
-                period_start: None,
-                next_grant_at: starts_at,
+                period_start: granted_before.map(|(start, _)| start),
+                next_grant_at: granted_before.map_or(starts_at, |(_, end)| end),
                 created_at: now,
                 updated_at: now,
             }

@@ -434,6 +434,47 @@ async fn a_change_takes_effect_at_the_next_period_and_a_delete_stops_grants_and_
 }
 
 #[tokio::test]
+async fn an_allowance_deleted_and_set_again_within_a_granted_period_is_not_granted_twice() {
+    let (_t, pool) = database().await;
+    let mut c = pool.get().await.expect("client");
+    let monthly = allowance("dz", "pro", 500, Period::Month, 0);
+    let first = set(&mut c, &monthly, datetime!(2028-03-10 08:00 UTC)).await;
+    let lot = first.current_grant.expect("granted").lot_id;
+    allowances::delete(&mut c, &user("dz"), "pro", None)
+        .await
+        .expect("delete")
+        .expect("it was there");
+    // Set again the same month: March is granted already.
+    let again = set(&mut c, &monthly, datetime!(2028-03-10 09:30 UTC)).await;
+    assert!(again.created);
+    let current = again.current_grant.expect("March's grant");
+    assert!(current.replayed);
+    assert_eq!(current.lot_id, lot);
+    assert_eq!(
+        again.allowance.next_grant_at,
+        datetime!(2028-04-01 00:00 UTC)
+    );
+    assert_eq!(balance(&c, "dz").await, 500);
+    assert_eq!(entries(&c, "dz").await.len(), 1, "one grant in March");
+    // April is granted at its start, once.
+    let april = tick(&mut c, datetime!(2028-04-01 00:00 UTC)).await;
+    assert_eq!(april.len(), 1);
+    assert!(
+        tick(&mut c, datetime!(2028-04-01 00:00 UTC))
+            .await
+            .is_empty()
+    );
+    // Set again after its period ended: a new first period is granted.
+    allowances::delete(&mut c, &user("dz"), "pro", None)
+        .await
+        .expect("delete");
+    let may = set(&mut c, &monthly, datetime!(2028-05-02 10:00 UTC)).await;
+    assert!(!may.current_grant.expect("granted").replayed);
+    drop(c);
+    reconciled_and_audited(&pool).await;
+}
+
+#[tokio::test]
 async fn a_lot_the_expiry_timer_expired_first_carries_what_its_expire_entry_took() {
     // Instants in the past of the database's clock: the allowance's lot is
     // past its expiry for the expiry timer (`expire_lots`, which judges by

@@ -208,6 +208,26 @@ pub struct GrantedLot {
     pub expired: i64,
 }
 
+/// The reference of a lot `user` was granted by an allowance named `id`
+/// (one deleted since, say) that expires at `end`: that period is granted.
+pub async fn granted_until(
+    client: &impl GenericClient,
+    user: &UserId,
+    id: &str,
+    end: OffsetDateTime,
+) -> Result<Option<String>, DbError> {
+    let prefix = format!("{}{id}:", crate::allowances::ALLOWANCE_REFERENCE_PREFIX);
+    let row = client
+        .query_opt(
+            "SELECT reference FROM credit_lots \
+             WHERE user_id = $1 AND starts_with(reference, $2) AND expires_at = $3 \
+             ORDER BY lot_id DESC LIMIT 1",
+            &[user, &prefix, &end],
+        )
+        .await?;
+    row.map(|r| column(&r, "reference")).transpose()
+}
+
 /// The lot `user` was granted under `reference`, if any.
 pub async fn lot_by_reference(
     client: &impl GenericClient,
