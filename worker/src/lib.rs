@@ -329,8 +329,10 @@ async fn relay_loop(ctx: Arc<Context>, stop: CancellationToken) {
 async fn timer_loop(ctx: Arc<Context>, stop: CancellationToken) {
     loop {
         // Before the expiry: a period's grant expires its ending lot itself,
-        // in the same transaction, and carries its rollover from it.
-        match grant_allowances(&ctx, time::OffsetDateTime::now_utc(), 500).await {
+        // in the same transaction, and carries its rollover from it. The
+        // periods are judged by the database's clock, which stamps the rows
+        // (and every other time rule), not by this host's.
+        match grant_allowances(&ctx, database_now(&ctx).await, 500).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(grants = n, "granted the periods of recurring allowances"),
             Err(e) => tracing::warn!(error = %e, "granting recurring allowances failed"),
@@ -380,6 +382,20 @@ pub async fn delete_retired(
     let cutoff = now - retention;
     let mut client = ctx.pool.get().await?;
     Ok(penora_workspace::projects::delete_older_than(&mut client, cutoff, limit).await?)
+}
+
+/// The database's `now()`, or this host's clock when it cannot be read.
+async fn database_now(ctx: &Context) -> time::OffsetDateTime {
+    let read = async {
+        let client = ctx.pool.get().await.ok()?;
+        client
+            .query_one("SELECT now()", &[])
+            .await
+            .ok()?
+            .try_get(0)
+            .ok()
+    };
+    read.await.unwrap_or_else(time::OffsetDateTime::now_utc)
 }
 
 /// Grants the periods of up to `limit` recurring allowances that have
