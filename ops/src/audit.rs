@@ -81,10 +81,20 @@ pub async fn run(
                 v.records_with_mac
             );
         }
+        if v.checkpoints_checked > 0 {
+            println!(
+                "checkpoints: {} ({} with a MAC{}); {} links await their ledger-audit job",
+                v.checkpoints_checked,
+                v.checkpoints_with_mac,
+                if v.macs_checked { ", checked" } else { ", NOT checked" },
+                v.links_awaiting_checkpoint
+            );
+        }
         if v.findings.is_empty() {
             println!(
-                "audit OK: {} records, {} ledger entries, every entry recorded, every chain intact",
-                v.records_checked, v.entries_checked
+                "audit OK: {} ledger entries, {} chain links in the ledger, {} older records, \
+                 every entry chained, every chain intact",
+                v.entries_checked, v.links_checked, v.records_checked
             );
         } else {
             println!("audit FAILED: {} problems", v.findings.len());

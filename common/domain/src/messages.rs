@@ -18,7 +18,28 @@ pub const LEDGER_AUDIT: &str = "penora.ledger-audit";
 /// Queue of ImageGene's generation events (bound with `generation.*`).
 pub const GENERATION_EVENTS: &str = "penora.generation-events";
 
-/// Audit one ledger entry (one job per credit movement).
+/// Check the audit chain links one committed transaction wrote, and move
+/// each chain's checkpoint on (one job per commit: contract §6 as amended).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerAuditCommit {
+    /// The chains the transaction extended, one per user.
+    pub chains: Vec<CommittedChain>,
+}
+
+/// A user's chain as a commit left it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedChain {
+    /// Whose chain.
+    pub user_id: String,
+    /// The entries the commit wrote, in chain order.
+    pub entry_ids: Vec<i64>,
+    /// The chain's seq after the commit (its last entry's).
+    pub seq: i64,
+}
+
+/// Audit one ledger entry: the job of an entry written before the chain
+/// moved into the ledger (V18), still handled for the jobs of such entries
+/// a queue may hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LedgerAuditJob {
     /// The ledger entry's id.

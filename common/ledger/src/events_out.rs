@@ -263,6 +263,7 @@ mod tests {
                 lots: Vec::new(),
                 threshold,
                 spending: None,
+                chain: Default::default(),
             },
         );
         s

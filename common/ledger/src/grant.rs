@@ -78,7 +78,7 @@ pub struct GrantReceipt {
 /// grant made before under `g.reference`.
 pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerError> {
     let user = &g.user_id;
-    let locked = accounts::create_and_lock(tx, user.as_str()).await?;
+    let mut locked = accounts::create_and_lock(tx, user.as_str()).await?;
     let mut snap = Snapshot::at(locked.now);
     let balance = locked.balances.get(user).copied().unwrap_or(0);
     let lots = tables::lots::active(tx, &[user.as_str()])
@@ -86,6 +86,7 @@ pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerErr
         .remove(user)
         .unwrap_or_default();
     let threshold = locked.thresholds.get(user).copied().flatten();
+    let chain = tables::head_of(&mut locked.heads, user);
     snap.accounts.insert(
         user.clone(),
         Account {
@@ -93,6 +94,7 @@ pub async fn load(tx: &Transaction<'_>, g: &Grant) -> Result<Snapshot, LedgerErr
             lots,
             threshold,
             spending: None,
+            chain,
         },
     );
     if let Some(first) = tables::entries::grant_by_reference(tx, user, &g.reference).await? {

@@ -45,6 +45,8 @@
 
 pub mod allowances;
 pub mod audit;
+pub mod chain;
+pub mod checkpoint;
 pub mod backpressure;
 pub mod events_out;
 pub mod grant_rules;

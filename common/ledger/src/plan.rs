@@ -18,12 +18,13 @@
 //! * the shared steps of deciding ([`Plan::expire_due`], [`Plan::give_back`],
 //!   [`draw`]) are written once, here.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
+use futures_util::TryFutureExt;
 use deadpool_postgres::Transaction;
 use penora_domain::{
     AppName, EntryKind, LotCategory, LotStatus, ProjectCode, ReservationState, SettledBy, UserId,
-    messages::{LEDGER_AUDIT, LedgerAuditJob},
+    messages::{CommittedChain, LEDGER_AUDIT, LedgerAuditCommit},
 };
 use penora_store::{DbError, accounts, outbox};
 use serde::Serialize;
@@ -526,19 +527,20 @@ pub async fn commit(
 /// reservations claimed and changed, the events recorded, and the events
 /// out it implies (`crate::events_out`; no statement when there are none).
 pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result<Applied, DbError> {
-    let deltas: Vec<(&str, i64)> = plan
-        .entries
+    let ids = next_entry_ids(tx, plan.entries.len()).await?;
+    let chained = chain_entries(plan, snap, &ids)?;
+    let entries: Vec<(i64, OffsetDateTime)> = ids.iter().map(|&id| (id, snap.stamp)).collect();
+    let moves: Vec<accounts::Move<'_>> = chained
+        .heads
         .iter()
-        .map(|e| (e.user_id.as_str(), e.amount))
+        .map(|(user, h)| accounts::Move {
+            user_id: user,
+            delta: h.delta,
+            from_seq: h.from_seq,
+            seq: h.seq,
+            hash: &h.hash,
+        })
         .collect();
-    accounts::move_balances(tx, &deltas).await?;
-    let entries = write_entries(tx, &plan.entries).await?;
-    let lots = write_new_lots(tx, &plan.new_lots, &entries).await?;
-    write_moves(tx, &plan.moves, &entries).await?;
-    write_lot_changes(tx, &plan.lots).await?;
-    claim_reservations(tx, &plan.reservations).await?;
-    change_reservations(tx, &plan.changes).await?;
-    record_events(tx, &plan.events).await?;
     let limited: Vec<crate::limits::SpendDelta> = plan
         .spend
         .iter()
@@ -549,20 +551,142 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result
         })
         .cloned()
         .collect();
-    crate::tables::limits::record(tx, &limited).await?;
+    // The statements are independent of each other (no foreign key between
+    // their rows; every id is known): they go to the server together, one
+    // round trip, in this order (tokio-postgres pipelines a connection's
+    // concurrent queries in the order they are first polled).
+    let (_, _, lots, _, _, _, _, _, _) = tokio::try_join!(
+        accounts::move_balances(tx, &moves),
+        write_entries(tx, &plan.entries, &ids, &chained, snap.stamp),
+        write_new_lots(tx, &plan.new_lots, &entries),
+        write_moves(tx, &plan.moves, &entries),
+        write_lot_changes(tx, &plan.lots),
+        claim_reservations(tx, &plan.reservations),
+        change_reservations(tx, &plan.changes),
+        record_events(tx, &plan.events),
+        crate::tables::limits::record(tx, &limited),
+    )?;
     let out = crate::events_out::derive(plan, snap, &lots, crate::events_out::default_threshold());
     crate::events_out::write(tx, &out, snap.now).await?;
     Ok(Applied { entries, lots })
 }
 
-/// Writes `entries` in order, and the `ledger-audit` job of each, in two
-/// statements. Returns each entry's id and time, in order.
+/// `n` ids from the ledger's identity sequence, ascending, taken under the
+/// accounts' locks (so a user's ids grow along its chain). No statement for
+/// none.
+async fn next_entry_ids(tx: &Transaction<'_>, n: usize) -> Result<Vec<i64>, DbError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT nextval(pg_get_serial_sequence('ledger_entries', 'id')) AS id \
+             FROM generate_series(1, $1::int4)",
+        )
+        .await?;
+    let count = i32::try_from(n)
+        .map_err(|_| DbError::Invariant("too many ledger entries in one plan".into()))?;
+    let mut ids = Vec::with_capacity(n);
+    for r in tx.query(&stmt, &[&count]).await? {
+        ids.push(r.try_get::<_, i64>("id")?);
+    }
+    if ids.len() != n {
+        return Err(DbError::Invariant(
+            "the ledger's sequence gave fewer ids than asked".into(),
+        ));
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// A user's chain as a plan leaves it.
+#[derive(Debug, Clone)]
+struct ChainEnd {
+    /// The sum of the user's entries' amounts.
+    delta: i64,
+    /// The head's seq under the lock.
+    from_seq: i64,
+    /// The last link's seq.
+    seq: i64,
+    /// The last link's hash.
+    hash: Vec<u8>,
+    /// The user's entries, in chain order.
+    entry_ids: Vec<i64>,
+}
+
+/// The plan's entries chained: each one's link, and each user's new head.
+#[derive(Debug, Clone, Default)]
+struct Chained {
+    links: Vec<crate::chain::Link>,
+    heads: BTreeMap<String, ChainEnd>,
+}
+
+/// Chains `plan`'s entries (ids `ids`, time `snap.stamp`) onto their users'
+/// heads in `snap`, in plan order. Pure.
+fn chain_entries(plan: &Plan, snap: &Snapshot, ids: &[i64]) -> Result<Chained, DbError> {
+    let stamp = penora_domain::timefmt::rfc3339_millis(snap.stamp);
+    let mut out = Chained::default();
+    for (e, &id) in plan.entries.iter().zip(ids) {
+        let end = match out.heads.get_mut(e.user_id.as_str()) {
+            Some(end) => end,
+            None => {
+                let head = snap
+                    .accounts
+                    .get(&e.user_id)
+                    .map(|a| a.chain.clone())
+                    .ok_or_else(|| {
+                        DbError::Invariant(format!("{}: an entry for an unlocked account", e.user_id))
+                    })?;
+                out.heads.entry(e.user_id.to_string()).or_insert(ChainEnd {
+                    delta: 0,
+                    from_seq: head.seq,
+                    seq: head.seq,
+                    hash: head.prev().to_vec(),
+                    entry_ids: Vec::new(),
+                })
+            }
+        };
+        let seq = end.seq + 1;
+        let content = crate::chain::Content {
+            entry_id: id,
+            seq,
+            user_id: e.user_id.as_str(),
+            kind: e.kind.as_str(),
+            amount: e.amount,
+            balance_after: e.balance_after,
+            app_name: e.app_name.as_str(),
+            description: e.description.as_deref(),
+            project_code: e.project_code.as_ref().map(ProjectCode::as_str),
+            reference: e.reference.as_deref(),
+            created_at: stamp.clone(),
+        };
+        let hash = content.hash_after(&end.hash)?.to_vec();
+        out.links.push(crate::chain::Link {
+            seq,
+            prev: std::mem::replace(&mut end.hash, hash.clone()),
+            hash,
+        });
+        end.seq = seq;
+        end.delta = end
+            .delta
+            .checked_add(e.amount)
+            .ok_or_else(|| DbError::Invariant(format!("{}: a batch total overflows", e.user_id)))?;
+        end.entry_ids.push(id);
+    }
+    Ok(out)
+}
+
+/// Writes `entries` in order, with their ids, time and chain links, and the
+/// commit's one `ledger-audit` job naming them all, in two statements.
 async fn write_entries(
     tx: &Transaction<'_>,
     entries: &[NewEntry],
-) -> Result<Vec<(i64, OffsetDateTime)>, DbError> {
+    ids: &[i64],
+    chained: &Chained,
+    stamp: OffsetDateTime,
+) -> Result<(), DbError> {
     if entries.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let users: Vec<&str> = entries.iter().map(|e| e.user_id.as_str()).collect();
     let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
@@ -576,18 +700,25 @@ async fn write_entries(
         .map(|e| e.project_code.as_ref().map(ProjectCode::as_str))
         .collect();
     let references: Vec<Option<&str>> = entries.iter().map(|e| e.reference.as_deref()).collect();
+    let seqs: Vec<i64> = chained.links.iter().map(|l| l.seq).collect();
+    let prevs: Vec<&[u8]> = chained.links.iter().map(|l| l.prev.as_slice()).collect();
+    let hashes: Vec<&[u8]> = chained.links.iter().map(|l| l.hash.as_slice()).collect();
     let insert = tx
         .prepare_cached(
             "INSERT INTO ledger_entries \
-               (user_id, kind, amount, balance_after, app_name, description, project_code, reference) \
-             SELECT v.user_id, v.kind, v.amount, v.balance_after, v.app_name, v.description, v.project_code, v.reference \
-             FROM unnest($1::text[], $2::text[], $3::int8[], $4::int8[], $5::text[], $6::text[], $7::text[], $8::text[]) \
-               WITH ORDINALITY AS v(user_id, kind, amount, balance_after, app_name, description, project_code, reference, n) \
-             ORDER BY v.n \
-             RETURNING id, user_id, kind, app_name, project_code, created_at",
+               (id, user_id, kind, amount, balance_after, app_name, description, project_code, reference, \
+                created_at, chain_seq, prev_hash, hash) \
+             OVERRIDING SYSTEM VALUE \
+             SELECT v.id, v.user_id, v.kind, v.amount, v.balance_after, v.app_name, v.description, \
+                    v.project_code, v.reference, $10, v.seq, v.prev, v.hash \
+             FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
+                         $7::text[], $8::text[], $9::text[], $11::int8[], $12::bytea[], $13::bytea[]) \
+               AS v(id, user_id, kind, amount, balance_after, app_name, description, project_code, \
+                    reference, seq, prev, hash)",
         )
         .await?;
-    let params: [&(dyn ToSql + Sync); 8] = [
+    let params: [&(dyn ToSql + Sync); 13] = [
+        &ids,
         &users,
         &kinds,
         &amounts,
@@ -596,55 +727,39 @@ async fn write_entries(
         &descriptions,
         &codes,
         &references,
+        &stamp,
+        &seqs,
+        &prevs,
+        &hashes,
     ];
-    type EntryKey = (String, String, String, Option<String>);
-    let mut written: HashMap<EntryKey, (i64, OffsetDateTime)> = HashMap::new();
-    for r in tx.query(&insert, &params).await? {
-        written.insert(
-            (
-                r.try_get("user_id")?,
-                r.try_get("kind")?,
-                r.try_get("app_name")?,
-                r.try_get("project_code")?,
-            ),
-            (r.try_get("id")?, r.try_get("created_at")?),
-        );
-    }
-    if written.len() != entries.len() {
+    let job = LedgerAuditCommit {
+        chains: chained
+            .heads
+            .iter()
+            .map(|(user, end)| CommittedChain {
+                user_id: user.clone(),
+                entry_ids: end.entry_ids.clone(),
+                seq: end.seq,
+            })
+            .collect(),
+    };
+    let jobs = [outbox::Job {
+        user_id: entries[0].user_id.as_str(),
+        routing_key: LEDGER_AUDIT,
+        payload: serde_json::to_value(&job)
+            .map_err(|err| DbError::Other(format!("job encoding: {err}")))?,
+        correlation_id: entries.iter().find_map(|e| e.correlation_id.as_deref()),
+    }];
+    let (written, _) = tokio::try_join!(
+        tx.execute(&insert, &params).map_err(DbError::from),
+        outbox::enqueue_jobs(tx, &jobs),
+    )?;
+    if written != entries.len() as u64 {
         return Err(DbError::Invariant(
-            "two ledger rows of one transaction share their key".into(),
+            "a ledger row of the batch was not written".into(),
         ));
     }
-    let mut out = Vec::with_capacity(entries.len());
-    let mut jobs = Vec::with_capacity(entries.len());
-    for e in entries {
-        let key = (
-            e.user_id.to_string(),
-            e.kind.as_str().to_owned(),
-            e.app_name.to_string(),
-            e.project_code.as_ref().map(ToString::to_string),
-        );
-        let &(id, at) = written
-            .get(&key)
-            .ok_or_else(|| DbError::Invariant("a ledger row of the batch is missing".into()))?;
-        out.push((id, at));
-        let job = LedgerAuditJob {
-            entry_id: id,
-            user_id: e.user_id.to_string(),
-            kind: e.kind.as_str().to_owned(),
-            amount: e.amount,
-            balance_after: e.balance_after,
-        };
-        jobs.push(outbox::Job {
-            user_id: e.user_id.as_str(),
-            routing_key: LEDGER_AUDIT,
-            payload: serde_json::to_value(&job)
-                .map_err(|err| DbError::Other(format!("job encoding: {err}")))?,
-            correlation_id: e.correlation_id.as_deref(),
-        });
-    }
-    outbox::enqueue_jobs(tx, &jobs).await?;
-    Ok(out)
+    Ok(())
 }
 
 /// Makes the lots of the grants, with the grant's lot movement. Returns

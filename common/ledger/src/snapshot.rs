@@ -89,6 +89,8 @@ pub struct Account {
     /// Its spend limits and what it spent in their periods; `None` when it
     /// has no limit (contract §16).
     pub spending: Option<crate::limits::Spending>,
+    /// Its audit chain's head (`accounts.chain_seq`, `chain_hash`).
+    pub chain: crate::chain::Head,
 }
 
 impl Account {
@@ -221,6 +223,10 @@ pub struct Snapshot {
     /// The transaction's `now()`: every time rule is judged at it, and the
     /// time of every row the transaction writes.
     pub now: OffsetDateTime,
+    /// The transaction's `now()` as read (a test's or the timer's instant
+    /// may move `now`, never this): the `created_at` of the entries it
+    /// writes, which their chain links hash.
+    pub stamp: OffsetDateTime,
     /// The locked accounts.
     pub accounts: BTreeMap<UserId, Account>,
     /// Accounts another transaction holds (a batch that does not wait).
@@ -248,6 +254,7 @@ impl Snapshot {
     pub fn at(now: OffsetDateTime) -> Self {
         Self {
             now,
+            stamp: now,
             accounts: BTreeMap::new(),
             busy: BTreeSet::new(),
             reservations: HashMap::new(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use penora_domain::{AppName, Credits, ProjectCode, UserId};
 use penora_ledger as ledger;
-use penora_ledger::audit::{self, Appended};
+use penora_ledger::audit;
 use penora_ledger::reconcile;
 use penora_ledger::{Deduct, Grant, LedgerError, LotCategory, Queued, QueuedRefund, Refund};
 use penora_store as db;
@@ -100,11 +100,14 @@ async fn state(pool: &Pool) -> Vec<String> {
         "SELECT app_name || ' ' || project_code || ' ' || user_id || ' ' || amount || ' ' || state || ' ' \
            || balance_after_deduct || ' ' || coalesce(balance_after_refund::text, '-') || ' ' \
            || coalesce(refund_reason, '-') FROM reservations ORDER BY app_name, project_code, user_id",
-        // Every ledger row has exactly one audit job naming it, with its figures.
-        "SELECT e.user_id || ' ' || e.kind || ' ' || (o.payload->>'amount') || ' ' || (o.payload->>'balance_after') \
-         FROM ledger_entries e JOIN outbox o ON o.user_id = e.user_id AND (o.payload->>'entry_id')::bigint = e.id \
-         WHERE o.routing_key = 'ledger-audit' ORDER BY e.user_id, e.id",
-        "SELECT count(*)::text FROM outbox",
+        // Every ledger row is named by exactly one commit's audit job, and
+        // has its place in its user's chain.
+        "SELECT e.user_id || ' ' || e.kind || ' ' || e.chain_seq FROM ledger_entries e \
+         JOIN (SELECT c->>'user_id' AS user_id, jsonb_array_elements_text(c->'entry_ids')::bigint AS id \
+               FROM outbox o, jsonb_array_elements(o.payload->'chains') c \
+               WHERE o.routing_key = 'penora.ledger-audit') j ON j.user_id = e.user_id AND j.id = e.id \
+         ORDER BY e.user_id, e.id",
+        "SELECT count(*)::text FROM outbox WHERE routing_key <> 'penora.ledger-audit'",
         "SELECT user_id || ' ' || event_id || ' ' || outcome FROM processed_events ORDER BY 1",
     ] {
         for row in c.query(sql, &[]).await.expect(sql) {
@@ -355,7 +358,7 @@ fn refund_seen(answer: Result<ledger::Outcome<ledger::RefundReceipt>, LedgerErro
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
+async fn chain_links_follow_each_users_order_and_commit_jobs_checkpoint_them_once() {
     let db = TestDb::new().await;
     let pool = db::pool_with(&db.url, 4, 5000).expect("pool");
     grant(&pool, "alice", 100).await;
@@ -371,67 +374,88 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
         .await
         .expect("deduct");
     }
-    let entries: Vec<(String, i64)> = c
-        .query("SELECT user_id, id FROM ledger_entries ORDER BY id", &[])
-        .await
-        .expect("entries")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
+    // And a batch of both users at once: one commit, one job.
+    let batch: Vec<Queued> = (0..4)
+        .map(|i| Queued {
+            deduct: deduct(
+                if i % 2 == 0 { "alice" } else { "bob" },
+                1,
+                "imagegene",
+                &format!("b{i}"),
+            ),
+            correlation_id: None,
+        })
         .collect();
-    assert_eq!(entries.len(), 8);
-    // The first record alone, the rest in one batch given out of order, with a
-    // repeat, an entry named under the wrong user and one that does not exist.
-    assert_eq!(
-        audit::append(&mut c, None, &entries[0].0, entries[0].1)
-            .await
-            .expect("append"),
-        Appended::Recorded(1)
-    );
-    let mut items: Vec<(String, i64)> = entries.iter().rev().cloned().collect();
-    items.push(entries[3].clone());
-    items.push(("alice".into(), entries[1].1)); // bob's entry
-    items.push(("alice".into(), 999_999));
-    let answers = audit::append_many(&mut c, None, &items)
-        .await
-        .expect("batch");
-    let recorded = answers
-        .iter()
-        .filter(|a| matches!(a, Appended::Recorded(_)))
-        .count();
-    assert_eq!(recorded, 7, "{answers:?}");
-    assert_eq!(
-        answers[7],
-        Appended::AlreadyRecorded,
-        "entry 0 was recorded alone"
-    );
-    assert_eq!(answers[8], Appended::AlreadyRecorded, "the repeat");
-    assert_eq!(answers[9], Appended::NoSuchEntry);
-    assert_eq!(answers[10], Appended::NoSuchEntry);
-    // Within each chain, records follow the ledger's order.
-    let out_of_order: i64 = c
-        .query_one(
-            "SELECT count(*) FROM audit_records a JOIN audit_records b \
-               ON a.user_id = b.user_id AND a.seq < b.seq AND a.entry_id > b.entry_id",
+    let answers = ledger::deduct_all(&mut c, &batch, ledger::OnBusy::Wait).await;
+    assert!(answers.iter().all(Result::is_ok), "{answers:?}");
+    // Each chain: links 1..n in id order, each linked to the one before.
+    let links = c
+        .query(
+            "SELECT user_id, chain_seq, prev_hash, hash FROM ledger_entries ORDER BY user_id, id",
             &[],
         )
         .await
-        .expect("order")
-        .get(0);
-    assert_eq!(out_of_order, 0);
-    // A single append afterwards extends the same chains.
-    ledger::deduct(&mut c, &deduct("bob", 1, "imagegene", "late"), None)
+        .expect("links");
+    assert_eq!(links.len(), 12);
+    let mut last: std::collections::HashMap<String, (i64, Vec<u8>)> = Default::default();
+    for r in &links {
+        let user: String = r.get(0);
+        let (seq, prev): (i64, Vec<u8>) = last
+            .get(&user)
+            .cloned()
+            .unwrap_or((0, penora_ledger::chain::GENESIS.to_vec()));
+        assert_eq!(r.get::<_, i64>(1), seq + 1, "{user}");
+        assert_eq!(r.get::<_, Vec<u8>>(2), prev, "{user}");
+        last.insert(user, (seq + 1, r.get(3)));
+    }
+    let jobs: Vec<penora_domain::messages::LedgerAuditCommit> = c
+        .query(
+            "SELECT payload FROM outbox WHERE routing_key = 'penora.ledger-audit' ORDER BY id",
+            &[],
+        )
         .await
-        .expect("deduct");
-    let late: i64 = c
-        .query_one("SELECT max(id) FROM ledger_entries", &[])
+        .expect("jobs")
+        .iter()
+        .map(|r| serde_json::from_value(r.get(0)).expect("a commit's job"))
+        .collect();
+    assert_eq!(jobs.len(), 2 + 6 + 1, "one job per commit");
+    // The jobs out of order, one twice: each chain checked once, up to its head.
+    let mut chains: Vec<_> = jobs.iter().rev().flat_map(|j| j.chains.clone()).collect();
+    chains.push(jobs[3].chains[0].clone());
+    let checked = penora_ledger::checkpoint::check_commits(&pool, None, &chains)
         .await
-        .expect("late")
-        .get(0);
+        .expect("check");
     assert_eq!(
-        audit::append(&mut c, None, "bob", late)
-            .await
-            .expect("append"),
-        Appended::Recorded(5)
+        checked.get("alice"),
+        Some(&penora_ledger::checkpoint::Checked::Checked { seq: 6, new: 6 })
+    );
+    assert_eq!(
+        checked.get("bob"),
+        Some(&penora_ledger::checkpoint::Checked::Checked { seq: 6, new: 6 })
+    );
+    // Again: nothing new.
+    let again = penora_ledger::checkpoint::check_commits(&pool, None, &jobs[4].chains)
+        .await
+        .expect("check");
+    assert!(
+        matches!(
+            again.values().next(),
+            Some(penora_ledger::checkpoint::Checked::Checked { new: 0, .. })
+        ),
+        "{again:?}"
+    );
+    // A job naming links the ledger does not have is a broken chain.
+    let forged = penora_domain::messages::CommittedChain {
+        user_id: "alice".into(),
+        entry_ids: vec![999_999],
+        seq: 99,
+    };
+    let broken = penora_ledger::checkpoint::check_commits(&pool, None, &[forged])
+        .await
+        .expect("check");
+    assert!(
+        matches!(broken.get("alice"), Some(penora_ledger::checkpoint::Checked::Broken(why)) if why.contains("deleted")),
+        "{broken:?}"
     );
     let verification = audit::verify(&mut c, &audit::MacCheck::default())
         .await
@@ -441,5 +465,7 @@ async fn batched_audit_records_chain_in_ledger_order_once_each_and_verify() {
         "{:?}",
         verification.findings
     );
-    assert_eq!(verification.records_checked, 9);
+    assert_eq!(verification.links_checked, 12);
+    assert_eq!(verification.checkpoints_checked, 2);
+    assert_eq!(verification.links_awaiting_checkpoint, 0);
 }

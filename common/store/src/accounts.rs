@@ -16,7 +16,7 @@
 //!   `UPDATE` per transaction (a debit applies only where the balance
 //!   covers it), backed by the `accounts_balance_non_negative` constraint.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use deadpool_postgres::Transaction;
 use penora_domain::UserId;
@@ -52,6 +52,9 @@ pub struct Locked {
     /// Each locked account's own low-balance threshold (`None`: the
     /// service's default), read by the same statement as the balance.
     pub thresholds: BTreeMap<UserId, Option<i64>>,
+    /// Each locked account's audit chain head (`chain_seq`, `chain_hash`;
+    /// `None`: no link yet), read by the same statement (V18).
+    pub heads: BTreeMap<UserId, (i64, Option<Vec<u8>>)>,
     /// Accounts that exist but another transaction holds ([`OnBusy::Skip`]).
     pub busy: BTreeSet<UserId>,
     /// The transaction's `now()` (read with the lock, no round trip of its
@@ -74,12 +77,12 @@ pub async fn lock(
     let stmt = tx
         .prepare_cached(match on_busy {
             OnBusy::Wait => concat!(
-                "SELECT user_id, balance, low_balance_threshold, now() AS now FROM accounts \
+                "SELECT user_id, balance, low_balance_threshold, chain_seq, chain_hash, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
                 account_lock!()
             ),
             OnBusy::Skip => concat!(
-                "SELECT user_id, balance, low_balance_threshold, now() AS now FROM accounts \
+                "SELECT user_id, balance, low_balance_threshold, chain_seq, chain_hash, now() AS now FROM accounts \
                  WHERE user_id = ANY($1::text[]) ORDER BY user_id ",
                 account_lock!(),
                 " SKIP LOCKED"
@@ -88,11 +91,16 @@ pub async fn lock(
         .await?;
     let mut balances = BTreeMap::new();
     let mut thresholds = BTreeMap::new();
+    let mut heads = BTreeMap::new();
     let mut now = None;
     if !users.is_empty() {
         for r in tx.query(&stmt, &[&users]).await? {
             let user: UserId = r.try_get("user_id")?;
             thresholds.insert(user.clone(), r.try_get("low_balance_threshold")?);
+            heads.insert(
+                user.clone(),
+                (r.try_get("chain_seq")?, r.try_get("chain_hash")?),
+            );
             balances.insert(user, r.try_get("balance")?);
             now = Some(r.try_get("now")?);
         }
@@ -120,6 +128,7 @@ pub async fn lock(
     Ok(Locked {
         balances,
         thresholds,
+        heads,
         busy,
         now,
     })
@@ -168,34 +177,65 @@ pub async fn create_and_lock(tx: &Transaction<'_>, user: &str) -> Result<Locked,
     Ok(locked)
 }
 
-/// Moves each user's balance by the sum of that user's `deltas`, with one
-/// guarded `UPDATE` (a debit applies only where the balance covers it).
-/// Every account must exist and be locked by the caller; anything else is
-/// an invariant breach, and the caller's transaction must not commit.
-pub async fn move_balances(tx: &Transaction<'_>, deltas: &[(&str, i64)]) -> Result<(), DbError> {
-    let mut totals: HashMap<&str, i64> = HashMap::new();
-    for &(user, delta) in deltas {
-        let total = totals.entry(user).or_default();
-        *total = total
-            .checked_add(delta)
-            .ok_or_else(|| DbError::Invariant(format!("{user}: a batch total overflows")))?;
-    }
-    totals.retain(|_, d| *d != 0);
-    if totals.is_empty() {
+/// One account's change in a movement: its balance moves by `delta`, and
+/// its audit chain head moves from `from_seq` to (`seq`, `hash`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move<'a> {
+    /// Whose.
+    pub user_id: &'a str,
+    /// The sum of the user's entries' amounts.
+    pub delta: i64,
+    /// The head's seq the movement read under the lock.
+    pub from_seq: i64,
+    /// The new head's seq.
+    pub seq: i64,
+    /// The new head's hash.
+    pub hash: &'a [u8],
+}
+
+/// Moves each user's balance and audit chain head ([`Move`], one per user),
+/// with one guarded `UPDATE` (a debit applies only where the balance covers
+/// it; the head moves only from the seq the movement read). Every account
+/// must exist and be locked by the caller; anything else is an invariant
+/// breach, and the caller's transaction must not commit.
+pub async fn move_balances(tx: &Transaction<'_>, moves: &[Move<'_>]) -> Result<(), DbError> {
+    if moves.is_empty() {
         return Ok(());
     }
-    let (users, totals): (Vec<&str>, Vec<i64>) = totals.into_iter().unzip();
+    let mut users = Vec::with_capacity(moves.len());
+    let mut seen: HashSet<&str> = HashSet::with_capacity(moves.len());
+    for m in moves {
+        if !seen.insert(m.user_id) {
+            return Err(DbError::Invariant(format!(
+                "{}: two balance moves in one statement",
+                m.user_id
+            )));
+        }
+        users.push(m.user_id);
+    }
+    let deltas: Vec<i64> = moves.iter().map(|m| m.delta).collect();
+    let from: Vec<i64> = moves.iter().map(|m| m.from_seq).collect();
+    let seqs: Vec<i64> = moves.iter().map(|m| m.seq).collect();
+    let hashes: Vec<&[u8]> = moves.iter().map(|m| m.hash).collect();
     let update = tx
         .prepare_cached(
-            "UPDATE accounts a SET balance = a.balance + v.delta, updated_at = now() \
-             FROM unnest($1::text[], $2::int8[]) AS v(user_id, delta) \
+            "UPDATE accounts a SET balance = a.balance + v.delta, updated_at = now(), \
+                    chain_seq = v.seq, chain_hash = v.hash \
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::bytea[]) \
+               AS v(user_id, delta, from_seq, seq, hash) \
              WHERE a.user_id = v.user_id AND a.user_id = ANY($1) AND a.balance + v.delta >= 0 \
-               AND a.balance <= 9223372036854775807 - greatest(v.delta, 0)",
+               AND a.balance <= 9223372036854775807 - greatest(v.delta, 0) \
+               AND a.chain_seq = v.from_seq",
         )
         .await?;
-    if tx.execute(&update, &[&users, &totals]).await? != users.len() as u64 {
+    if tx
+        .execute(&update, &[&users, &deltas, &from, &seqs, &hashes])
+        .await?
+        != users.len() as u64
+    {
         return Err(DbError::Invariant(
-            "a balance change did not apply to every account (short, or past the largest balance)"
+            "a balance change did not apply to every account (short, past the largest balance, \
+             or its audit chain moved under the lock)"
                 .into(),
         ));
     }

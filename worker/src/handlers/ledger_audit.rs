@@ -1,19 +1,125 @@
-//! `penora.ledger-audit`: a ledger entry's record is appended to its user's
-//! hash chain, once (see `penora_ledger::audit` for the chain's rules).
-//! Deliveries that arrive together are recorded in one transaction; a chain
-//! another transaction holds is skipped by it, and its entries are then
-//! appended alone.
+//! `penora.ledger-audit`, two kinds of job:
+//! * a commit's job (one per committed transaction): the chain links the
+//!   movement wrote are checked again and each chain's checkpoint moves on
+//!   (`penora_ledger::checkpoint`); the deliveries that arrive together are
+//!   checked together, each user's chain once;
+//! * an entry's job (written before V18, for an entry without a link): its
+//!   record is appended to the user's old hash chain, once
+//!   (`penora_ledger::audit`); such deliveries that arrive together are
+//!   recorded in one transaction, a chain another transaction holds is
+//!   skipped by it, and its entries are then appended alone.
 
-use penora_domain::messages::LedgerAuditJob;
+use std::collections::HashMap;
+
+use penora_domain::messages::{LedgerAuditCommit, LedgerAuditJob};
 use penora_ledger::audit::{self, Appended};
+use penora_ledger::checkpoint::{self, Checked};
 use penora_store::DbError;
+use serde::Deserialize;
 
 use super::JobResult;
 use crate::{Context, message::Message, retry::JobError};
 
-/// Appends one entry's record.
+/// A `ledger-audit` job of either kind.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum AuditJob {
+    Commit(LedgerAuditCommit),
+    Entry(LedgerAuditJob),
+}
+
+/// Handles one job.
 pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
-    let job: LedgerAuditJob = m.decode()?;
+    match m.decode::<AuditJob>()? {
+        AuditJob::Commit(commit) => {
+            let checked =
+                checkpoint::check_commits(&ctx.pool, ctx.audit_mac.as_ref(), &commit.chains)
+                    .await?;
+            commit_result(&commit, &checked)
+        }
+        AuditJob::Entry(job) => append_one(ctx, &job).await,
+    }
+}
+
+/// What checking a commit's chains found, as the job's result: a broken
+/// chain fails the job for good (it is parked with the reason).
+fn commit_result(commit: &LedgerAuditCommit, checked: &HashMap<String, Checked>) -> JobResult {
+    let mut new = 0;
+    for c in &commit.chains {
+        match checked.get(&c.user_id) {
+            Some(Checked::Checked { new: n, .. }) => new += n,
+            Some(Checked::Broken(why)) => {
+                return Err(JobError::Fatal(format!(
+                    "the audit chain of user {} is broken: {why}",
+                    c.user_id
+                )));
+            }
+            None if c.entry_ids.is_empty() => {}
+            None => {
+                return Err(JobError::Retryable(format!(
+                    "the chain of user {} went unchecked",
+                    c.user_id
+                )));
+            }
+        }
+    }
+    Ok(format!(
+        "{} chains checked, {new} links newly checked",
+        commit.chains.len()
+    ))
+}
+
+/// Handles many jobs: the commits' chains checked together; the entries'
+/// jobs appended together. `None` (one by one) when a batch as a whole
+/// fails.
+pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
+    let jobs: Vec<Result<AuditJob, JobError>> = ms.iter().map(Message::decode).collect();
+    let chains: Vec<_> = jobs
+        .iter()
+        .filter_map(|j| match j {
+            Ok(AuditJob::Commit(c)) => Some(c.chains.iter().cloned()),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    let checked = if chains.is_empty() {
+        HashMap::new()
+    } else {
+        match checkpoint::check_commits(&ctx.pool, ctx.audit_mac.as_ref(), &chains).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "audit check batch failed; one by one");
+                return None;
+            }
+        }
+    };
+    let entry_messages: Vec<Message> = ms
+        .iter()
+        .zip(&jobs)
+        .filter(|(_, j)| matches!(j, Ok(AuditJob::Entry(_))))
+        .map(|(m, _)| m.clone())
+        .collect();
+    let mut entry_results = if entry_messages.is_empty() {
+        Vec::new()
+    } else {
+        handle_entries(ctx, &entry_messages).await?
+    }
+    .into_iter();
+    Some(
+        jobs.into_iter()
+            .map(|j| match j {
+                Err(e) => Err(e),
+                Ok(AuditJob::Commit(c)) => commit_result(&c, &checked),
+                Ok(AuditJob::Entry(_)) => entry_results.next().unwrap_or_else(|| {
+                    Err(JobError::Retryable("no answer for this entry".into()))
+                }),
+            })
+            .collect(),
+    )
+}
+
+/// Appends one entry's record.
+async fn append_one(ctx: &Context, job: &LedgerAuditJob) -> JobResult {
     let mut client = ctx.pool.get().await.map_err(DbError::from)?;
     let appended = audit::append(
         &mut client,
@@ -22,12 +128,12 @@ pub async fn handle(ctx: &Context, m: &Message) -> JobResult {
         job.entry_id,
     )
     .await?;
-    result(&job, Some(appended))
+    result(job, Some(appended))
 }
 
-/// Appends the records of many entries in one transaction; `None` (one by
-/// one) when the transaction as a whole fails.
-pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
+/// Appends the records of many entries' jobs in one transaction; `None`
+/// (one by one) when the transaction as a whole fails.
+async fn handle_entries(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>> {
     let jobs: Vec<Result<LedgerAuditJob, JobError>> = ms.iter().map(Message::decode).collect();
     let items: Vec<(String, i64)> = jobs
         .iter()

@@ -30,6 +30,7 @@ pub async fn locked_accounts(
 ) -> Result<crate::snapshot::Snapshot, DbError> {
     let locked = penora_store::accounts::lock(tx, users, on_busy).await?;
     let mut snap = crate::snapshot::Snapshot::at(locked.now);
+    let mut locked_heads = locked.heads;
     let names: Vec<&str> = locked.balances.keys().map(|u| u.as_str()).collect();
     let mut lots = lots::active(tx, &names).await?;
     let mut spending = limits::spending(tx, &names, locked.now).await?;
@@ -37,6 +38,7 @@ pub async fn locked_accounts(
         let lots = lots.remove(&user).unwrap_or_default();
         let threshold = locked.thresholds.get(&user).copied().flatten();
         let spending = spending.remove(&user);
+        let chain = head_of(&mut locked_heads, &user);
         snap.accounts.insert(
             user,
             crate::snapshot::Account {
@@ -44,9 +46,21 @@ pub async fn locked_accounts(
                 lots,
                 threshold,
                 spending,
+                chain,
             },
         );
     }
     snap.busy = locked.busy;
     Ok(snap)
+}
+
+/// The chain head `lock` read for `user` (none: a chain not begun).
+pub(crate) fn head_of(
+    heads: &mut std::collections::BTreeMap<penora_domain::UserId, (i64, Option<Vec<u8>>)>,
+    user: &penora_domain::UserId,
+) -> crate::chain::Head {
+    heads
+        .remove(user)
+        .map(|(seq, hash)| crate::chain::Head { seq, hash })
+        .unwrap_or_default()
 }

@@ -100,6 +100,7 @@ impl Memory {
                     lots,
                     threshold: self.thresholds.get(user).copied(),
                     spending: None,
+                    chain: Default::default(),
                 },
             );
             for (id, row) in self.lots.iter().filter(|(_, r)| &r.user == user) {

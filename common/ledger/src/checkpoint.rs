@@ -1,0 +1,467 @@
+//! The `ledger-audit` job's side of the chain (`crate::chain`): one job per
+//! committed transaction names the chains it extended; the job re-reads
+//! each chain from its last checkpoint to the commit's last entry, checks
+//! every link again (seq without gap, predecessor's hash, own hash over the
+//! entry as stored), and moves the checkpoint on (`audit_checkpoints`: seq,
+//! entry id, hash, and with `AUDIT_HMAC_KEY` the MAC of the hash).
+//!
+//! Rules:
+//! * a checkpoint only moves forward (`ON CONFLICT … WHERE seq <`), so
+//!   jobs run twice, out of order or at once by two workers agree; a job
+//!   whose chain is checked past its entries already has nothing to do;
+//! * nothing is locked: the entries read are committed (the job is written
+//!   in their transaction), and a chain's links never change;
+//! * a broken link (an entry edited, deleted, inserted or reordered since
+//!   it was written, or a checkpoint edited) leaves that chain's checkpoint
+//!   where it was, counts `penora_audit_chain_breaks_total`, sets
+//!   `penora_audit_chain_broken` (the alert `PenoraAuditChainBroken`) and is
+//!   the job's failure (it is parked with the reason); the other chains of
+//!   the batch are checkpointed;
+//! * a chain's first link chains to 32 zero bytes or to the last record of
+//!   the user's old chain (`audit_records`, before V18).
+
+use std::collections::{BTreeMap, HashMap};
+
+use deadpool_postgres::{GenericClient, Pool};
+use penora_domain::messages::CommittedChain;
+use penora_store::DbError;
+use time::OffsetDateTime;
+
+use crate::audit::MacKey;
+use crate::chain::{Content, GENESIS};
+
+/// What checking a chain found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Checked {
+    /// Every link up to `seq` holds; the checkpoint is there now (`new`
+    /// links were checked for the first time).
+    Checked {
+        /// The checkpoint's seq.
+        seq: i64,
+        /// Links newly checked.
+        new: usize,
+    },
+    /// A link is broken: the checkpoint stays where it was.
+    Broken(String),
+}
+
+/// A chain to check, up to where.
+#[derive(Debug, Clone)]
+struct Wanted {
+    /// The last seq a job named.
+    seq: i64,
+    /// The last entry a job named.
+    entry_id: i64,
+}
+
+/// The columns a link is checked on.
+const LINK_COLUMNS: &str = "l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, \
+     l.description, l.project_code, l.reference, l.created_at, l.chain_seq, l.prev_hash, l.hash";
+
+/// Checks the chains `commits` name (the jobs of many commits at once: a
+/// user named twice is checked once, up to the later seq), and moves their
+/// checkpoints on. One answer per user. On a distributed database the
+/// chains are split per shard, the parts checked at once, each on a
+/// connection of its own.
+pub async fn check_commits(
+    pool: &Pool,
+    key: Option<&MacKey>,
+    commits: &[CommittedChain],
+) -> Result<HashMap<String, Checked>, DbError> {
+    let mut wanted: BTreeMap<String, Wanted> = BTreeMap::new();
+    for c in commits {
+        let Some(&last) = c.entry_ids.iter().max() else {
+            continue;
+        };
+        let w = wanted.entry(c.user_id.clone()).or_insert(Wanted {
+            seq: c.seq,
+            entry_id: last,
+        });
+        w.seq = w.seq.max(c.seq);
+        w.entry_id = w.entry_id.max(last);
+    }
+    let wanted: Vec<(String, Wanted)> = wanted.into_iter().collect();
+    if wanted.is_empty() {
+        return Ok(HashMap::new());
+    }
+    if !penora_store::distributed() {
+        let client = pool.get().await?;
+        return check_part(&client, key, &wanted).await;
+    }
+    let client = pool.get().await?;
+    let (_, parts) = penora_store::shard_parts(&client, &wanted, |(u, _)| u.as_str()).await?;
+    drop(client);
+    let checked = futures_util::future::try_join_all(parts.iter().map(|part| async move {
+        let client = pool.get().await?;
+        check_part(&client, key, part).await
+    }))
+    .await?;
+    Ok(checked.into_iter().flatten().collect())
+}
+
+/// A user's checkpoint, as stored.
+#[derive(Debug, Clone)]
+struct Checkpoint {
+    seq: i64,
+    entry_id: i64,
+    hash: Vec<u8>,
+    mac: Option<Vec<u8>>,
+}
+
+/// [`check_commits`] for chains that share a shard.
+async fn check_part(
+    client: &impl GenericClient,
+    key: Option<&MacKey>,
+    wanted: &[(String, Wanted)],
+) -> Result<HashMap<String, Checked>, DbError> {
+    let users: Vec<&str> = wanted.iter().map(|(u, _)| u.as_str()).collect();
+    let last_ids: Vec<i64> = wanted.iter().map(|(_, w)| w.entry_id).collect();
+    let (checkpoints, rows) = read(client, &users, &last_ids).await?;
+    let mut links: HashMap<&str, Vec<&tokio_postgres::Row>> = HashMap::new();
+    for r in &rows {
+        let user: &str = r.try_get("user_id")?;
+        links.entry(user).or_default().push(r);
+    }
+    // Chains that begin here and link to the old chain (V18's carry-over).
+    let mut carried: Vec<(&str, Vec<u8>)> = Vec::new();
+    for (user, _) in wanted {
+        if checkpoints.contains_key(user) {
+            continue;
+        }
+        if let Some(first) = links.get(user.as_str()).and_then(|l| l.first()) {
+            let prev: Vec<u8> = first.try_get("prev_hash")?;
+            if prev != GENESIS {
+                carried.push((user, prev));
+            }
+        }
+    }
+    let old_heads = old_chain_links(client, &carried).await?;
+
+    let mut answers = HashMap::new();
+    let mut advance: Vec<(&str, i64, i64, Vec<u8>)> = Vec::new();
+    let mut oldest: Option<OffsetDateTime> = None;
+    for (user, want) in wanted {
+        let cp = checkpoints.get(user);
+        if let Some(cp) = cp
+            && cp.seq >= want.seq
+        {
+            answers.insert(
+                user.clone(),
+                Checked::Checked {
+                    seq: cp.seq,
+                    new: 0,
+                },
+            );
+            continue;
+        }
+        let chain = links.get(user.as_str()).map(Vec::as_slice).unwrap_or(&[]);
+        match walk(user, cp, key, chain, &old_heads) {
+            Ok(end) if end.seq >= want.seq => {
+                if let Some(at) = end.oldest_new {
+                    oldest = Some(oldest.map_or(at, |o: OffsetDateTime| o.min(at)));
+                }
+                advance.push((user, end.seq, end.entry_id, end.hash));
+                answers.insert(
+                    user.clone(),
+                    Checked::Checked {
+                        seq: end.seq,
+                        new: end.new,
+                    },
+                );
+            }
+            Ok(end) => {
+                answers.insert(
+                    user.clone(),
+                    Checked::Broken(format!(
+                        "the chain ends at link {} (entry {}), but a commit wrote it up to link {} \
+                         (entry {}): entries were deleted",
+                        end.seq, end.entry_id, want.seq, want.entry_id
+                    )),
+                );
+            }
+            Err(broken) => {
+                answers.insert(user.clone(), Checked::Broken(broken));
+            }
+        }
+    }
+    if !advance.is_empty() {
+        let a_users: Vec<&str> = advance.iter().map(|a| a.0).collect();
+        let a_seqs: Vec<i64> = advance.iter().map(|a| a.1).collect();
+        let a_ids: Vec<i64> = advance.iter().map(|a| a.2).collect();
+        let a_hashes: Vec<&[u8]> = advance.iter().map(|a| a.3.as_slice()).collect();
+        let a_macs: Vec<Option<Vec<u8>>> = advance
+            .iter()
+            .map(|a| key.map(|k| k.mac(&a.3)))
+            .collect();
+        let upsert = client
+            .prepare_cached(
+                "INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash, mac) \
+                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[]) \
+                 ON CONFLICT (user_id) DO UPDATE SET seq = excluded.seq, entry_id = excluded.entry_id, \
+                    hash = excluded.hash, mac = excluded.mac, checked_at = now() \
+                 WHERE audit_checkpoints.seq < excluded.seq",
+            )
+            .await?;
+        client
+            .execute(&upsert, &[&a_users, &a_seqs, &a_ids, &a_hashes, &a_macs])
+            .await?;
+        crate::audit::log_heads(
+            advance.len(),
+            advance.iter().map(|a| (a.0, a.1, a.3.as_slice())),
+        );
+    }
+    if let Some(oldest) = oldest {
+        crate::audit::observe_lag(oldest);
+    }
+    let broken: Vec<(&String, &String)> = answers
+        .iter()
+        .filter_map(|(u, c)| match c {
+            Checked::Broken(why) => Some((u, why)),
+            Checked::Checked { .. } => None,
+        })
+        .collect();
+    for (user, why) in &broken {
+        tracing::error!(user_id = %user, problem = %why, "audit chain broken");
+    }
+    if !broken.is_empty() {
+        metrics::counter!("penora_audit_chain_breaks_total").increment(broken.len() as u64);
+        metrics::gauge!("penora_audit_chain_broken").set(1.0);
+    }
+    Ok(answers)
+}
+
+/// The checkpoints of `users`, and their chains' links from each
+/// checkpoint's entry (or the chain's start) up to `last_ids`, in id order.
+async fn read(
+    client: &impl GenericClient,
+    users: &[&str],
+    last_ids: &[i64],
+) -> Result<(HashMap<String, Checkpoint>, Vec<tokio_postgres::Row>), DbError> {
+    let mut checkpoints = HashMap::new();
+    let mut rows = Vec::new();
+    if penora_store::distributed() {
+        // On Citus: plain statements routed by the users' shard (a lateral
+        // join to a distributed table is not pushed down).
+        let cps = client
+            .prepare_cached(
+                "SELECT user_id, seq AS cp_seq, entry_id AS cp_entry_id, hash AS cp_hash, mac AS cp_mac \
+                 FROM audit_checkpoints \
+                 WHERE user_id = ANY($1::text[])",
+            )
+            .await?;
+        for r in client.query(&cps, &[&users]).await? {
+            checkpoints.insert(r.try_get("user_id")?, checkpoint_of(&r)?);
+        }
+        let from = users
+            .iter()
+            .map(|u| checkpoints.get(*u).map_or(0, |c: &Checkpoint| c.entry_id))
+            .min()
+            .unwrap_or(0);
+        let to = last_ids.iter().copied().max().unwrap_or(0);
+        let stmt = client
+            .prepare_cached(&format!(
+                "SELECT {LINK_COLUMNS} FROM ledger_entries l \
+                 WHERE l.user_id = ANY($1::text[]) AND l.id >= $2 AND l.id <= $3 AND l.hash IS NOT NULL \
+                 ORDER BY l.user_id, l.id"
+            ))
+            .await?;
+        let limits: HashMap<&str, (i64, i64)> = users
+            .iter()
+            .zip(last_ids)
+            .map(|(u, &to)| (*u, (checkpoints.get(*u).map_or(0, |c| c.entry_id), to)))
+            .collect();
+        for r in client.query(&stmt, &[&users, &from, &to]).await? {
+            let user: &str = r.try_get("user_id")?;
+            let id: i64 = r.try_get("id")?;
+            if limits
+                .get(user)
+                .is_some_and(|&(lo, hi)| id >= lo && id <= hi)
+            {
+                rows.push(r);
+            }
+        }
+        return Ok((checkpoints, rows));
+    }
+    // One statement: each chain's checkpoint, and its links from the
+    // checkpoint's entry on, by the primary key (user_id, id) (plans that
+    // need no statistics: an index range per user).
+    let stmt = client
+        .prepare_cached(&format!(
+            "SELECT k.user_id AS chain_user, c.seq AS cp_seq, c.entry_id AS cp_entry_id, \
+                    c.hash AS cp_hash, c.mac AS cp_mac, {LINK_COLUMNS} \
+             FROM unnest($1::text[], $2::int8[]) AS k(user_id, last_id) \
+             LEFT JOIN audit_checkpoints c ON c.user_id = k.user_id \
+             LEFT JOIN LATERAL (SELECT l.* FROM ledger_entries l \
+                 WHERE l.user_id = k.user_id AND l.id >= coalesce(c.entry_id, 0) AND l.id <= k.last_id \
+                   AND l.hash IS NOT NULL ORDER BY l.id) l ON true \
+             ORDER BY k.user_id, l.id"
+        ))
+        .await?;
+    for r in client.query(&stmt, &[&users, &last_ids]).await? {
+        let user: String = r.try_get("chain_user")?;
+        if r.try_get::<_, Option<i64>>("cp_seq")?.is_some() && !checkpoints.contains_key(&user) {
+            checkpoints.insert(user, checkpoint_of(&r)?);
+        }
+        if r.try_get::<_, Option<i64>>("id")?.is_some() {
+            rows.push(r);
+        }
+    }
+    Ok((checkpoints, rows))
+}
+
+fn checkpoint_of(r: &tokio_postgres::Row) -> Result<Checkpoint, DbError> {
+    Ok(Checkpoint {
+        seq: r.try_get("cp_seq")?,
+        entry_id: r.try_get("cp_entry_id")?,
+        hash: r.try_get("cp_hash")?,
+        mac: r.try_get("cp_mac")?,
+    })
+}
+
+/// Which of `carried` (user, first link's prev hash) name a record of the
+/// user's old chain.
+async fn old_chain_links(
+    client: &impl GenericClient,
+    carried: &[(&str, Vec<u8>)],
+) -> Result<std::collections::HashSet<(String, Vec<u8>)>, DbError> {
+    let mut found = std::collections::HashSet::new();
+    if carried.is_empty() {
+        return Ok(found);
+    }
+    let users: Vec<&str> = carried.iter().map(|c| c.0).collect();
+    let hashes: Vec<&[u8]> = carried.iter().map(|c| c.1.as_slice()).collect();
+    let rows = client
+        .query(
+            "SELECT a.user_id, a.hash FROM audit_records a \
+             WHERE a.user_id = ANY($1::text[]) AND (a.user_id, a.hash) IN \
+                   (SELECT * FROM unnest($1::text[], $2::bytea[]))",
+            &[&users, &hashes],
+        )
+        .await?;
+    for r in rows {
+        found.insert((r.try_get("user_id")?, r.try_get("hash")?));
+    }
+    Ok(found)
+}
+
+/// Where a walk of a chain ended.
+#[derive(Debug)]
+struct End {
+    seq: i64,
+    entry_id: i64,
+    hash: Vec<u8>,
+    /// Links checked that the checkpoint did not cover.
+    new: usize,
+    /// The time of the oldest of them.
+    oldest_new: Option<OffsetDateTime>,
+}
+
+/// Checks `chain` (links in id order, from the checkpoint's entry when
+/// there is a checkpoint, else from the chain's start) link by link.
+fn walk(
+    user: &str,
+    cp: Option<&Checkpoint>,
+    key: Option<&MacKey>,
+    chain: &[&tokio_postgres::Row],
+    old_heads: &std::collections::HashSet<(String, Vec<u8>)>,
+) -> Result<End, String> {
+    let db = |e: DbError| format!("a link could not be read: {e}");
+    let mut rows = chain.iter();
+    let mut end = match cp {
+        Some(cp) => {
+            if let (Some(key), Some(mac)) = (key, &cp.mac)
+                && !key.verifies(&cp.hash, mac)
+            {
+                return Err(format!(
+                    "the checkpoint at link {} has a MAC that AUDIT_HMAC_KEY did not make: \
+                     the checkpoint was edited",
+                    cp.seq
+                ));
+            }
+            let Some(first) = rows.next() else {
+                return Err(format!(
+                    "entry {} of the checkpoint (link {}) is missing",
+                    cp.entry_id, cp.seq
+                ));
+            };
+            let (id, seq, hash) = identity(first).map_err(db)?;
+            if id != cp.entry_id || seq != cp.seq || hash != cp.hash {
+                return Err(format!(
+                    "the checkpoint (link {}, entry {}) does not match the ledger's entry {id} \
+                     (link {seq}): the entry or the checkpoint was edited",
+                    cp.seq, cp.entry_id
+                ));
+            }
+            check_own_hash(first).map_err(|e| e.unwrap_or_else(|d| db(d)))?;
+            End {
+                seq,
+                entry_id: id,
+                hash,
+                new: 0,
+                oldest_new: None,
+            }
+        }
+        None => End {
+            seq: 0,
+            entry_id: 0,
+            hash: Vec::new(),
+            new: 0,
+            oldest_new: None,
+        },
+    };
+    for r in rows {
+        let (id, seq, hash) = identity(r).map_err(db)?;
+        let prev: Vec<u8> = r.try_get("prev_hash").map_err(|e| db(e.into()))?;
+        if seq != end.seq + 1 {
+            return Err(format!(
+                "entry {id} is link {seq} where link {} was expected: a link was deleted, \
+                 inserted or moved",
+                end.seq + 1
+            ));
+        }
+        if end.seq == 0 {
+            if prev != GENESIS && !old_heads.contains(&(user.to_owned(), prev.clone())) {
+                return Err(format!(
+                    "entry {id}, the chain's first link, links to neither the start nor a record \
+                     of the old chain"
+                ));
+            }
+        } else if prev != end.hash {
+            return Err(format!(
+                "entry {id} (link {seq}) does not link to the entry before it"
+            ));
+        }
+        check_own_hash(r).map_err(|e| e.unwrap_or_else(|d| db(d)))?;
+        let at: OffsetDateTime = r.try_get("created_at").map_err(|e| db(e.into()))?;
+        end.oldest_new = Some(end.oldest_new.map_or(at, |o| o.min(at)));
+        end.new += 1;
+        end.seq = seq;
+        end.entry_id = id;
+        end.hash = hash;
+    }
+    Ok(end)
+}
+
+fn identity(r: &tokio_postgres::Row) -> Result<(i64, i64, Vec<u8>), DbError> {
+    Ok((
+        r.try_get("id")?,
+        r.try_get("chain_seq")?,
+        r.try_get("hash")?,
+    ))
+}
+
+/// Whether a link's stored hash is the hash of its entry as stored:
+/// `Err(Ok(problem))` when not, `Err(Err(_))` when it cannot be read.
+fn check_own_hash(r: &tokio_postgres::Row) -> Result<(), Result<String, DbError>> {
+    let prev: Vec<u8> = r.try_get("prev_hash").map_err(|e| Err(e.into()))?;
+    let stored: Vec<u8> = r.try_get("hash").map_err(|e| Err(e.into()))?;
+    let content = Content::of_row(r).map_err(Err)?;
+    let hash = content.hash_after(&prev).map_err(Err)?;
+    if hash.as_slice() != stored.as_slice() {
+        return Err(Ok(format!(
+            "entry {} (link {}) was edited: its hash does not match its content",
+            content.entry_id, content.seq
+        )));
+    }
+    Ok(())
+}
