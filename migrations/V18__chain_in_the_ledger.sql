@@ -44,6 +44,17 @@ CREATE TABLE audit_checkpoints (
     checked_at timestamptz NOT NULL DEFAULT now()
 ) WITH (fillfactor = 70);
 
+-- The entries whose audit is still to come: an entry before V18 without
+-- its record, an entry of the chain past its user's checkpoint. (For the
+-- operators' `wait-idle`, the tests and the benchmark; a scan of the ledger.)
+CREATE VIEW audit_pending AS
+SELECT l.user_id, l.id, l.app_name, l.created_at
+FROM ledger_entries l
+WHERE CASE WHEN l.hash IS NULL
+      THEN NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)
+      ELSE l.chain_seq > coalesce((SELECT c.seq FROM audit_checkpoints c WHERE c.user_id = l.user_id), 0)
+      END;
+
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus') THEN

@@ -91,6 +91,7 @@ async fn movement_point(
     let before = snapshot(&ctx.pool).await?;
     let cpu_before = Cpu::now();
     let since = time::OffsetDateTime::now_utc();
+    let watch = crate::workloads::LagWatch::start(&ctx.pool);
     let started = std::time::Instant::now();
     let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag.clone());
     let service = drive(c, secs, move |task, i| {
@@ -100,7 +101,7 @@ async fn movement_point(
     .await;
     caught_up(&ctx.pool, first).await?;
     let end_to_end = service.ops as f64 / started.elapsed().as_secs_f64();
-    let lag = Some(audit_lag_p99(&ctx.pool, since).await?);
+    let lag = Some(audit_lag_p99(&ctx.pool, since, watch).await?);
     let after = snapshot(&ctx.pool).await?;
     let cpu_after = Cpu::now();
     let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag);

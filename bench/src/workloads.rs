@@ -255,9 +255,7 @@ pub async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
                 &format!(
                     "{MARK} SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
                         + (SELECT count(*) FROM projects WHERE status = 'queued') AS unpublished, \
-                        (SELECT count(*) FROM ledger_entries WHERE description IS DISTINCT FROM 'benchmark seed' \
-                           AND app_name <> 'benchmin') \
-                        - (SELECT count(*) FROM audit_records) AS unaudited"
+                        (SELECT count(*) FROM audit_pending WHERE app_name <> 'benchmin') AS unaudited"
                 ),
                 &[],
             )
@@ -311,9 +309,8 @@ pub async fn caught_up(pool: &Pool, after: i64) -> anyhow::Result<()> {
             .query_one(
                 &format!(
                     "{MARK} SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) AS unpublished, \
-                        (SELECT l.id FROM ledger_entries l WHERE l.id >= $1 AND l.app_name <> 'benchmin' \
-                           AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id) \
-                         ORDER BY l.id LIMIT 1) AS unaudited"
+                        (SELECT p.id FROM audit_pending p WHERE p.id >= $1 AND p.app_name <> 'benchmin' \
+                         ORDER BY p.id LIMIT 1) AS unaudited"
                 ),
                 &[&from],
             )
@@ -335,15 +332,14 @@ pub async fn caught_up(pool: &Pool, after: i64) -> anyhow::Result<()> {
     }
 }
 
-pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::Result<(f64, i64)> {
+pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime, watch: LagWatch) -> anyhow::Result<(f64, i64)> {
     let client = pool.get().await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let missing: i64 = client
             .query_one(
-                &format!("{MARK} SELECT count(*) FROM ledger_entries l WHERE l.created_at >= $1 \
-                 AND l.app_name <> 'benchmin' \
-                 AND NOT EXISTS (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)"),
+                &format!("{MARK} SELECT count(*) FROM audit_pending p WHERE p.created_at >= $1 \
+                 AND p.app_name <> 'benchmin'"),
                 &[&since],
             )
             .await?
@@ -353,14 +349,98 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime) -> anyhow::
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let row = client
-        .query_one(
-            &format!("{MARK} SELECT coalesce(percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM a.created_at - l.created_at)), 0)::float8 AS p99_secs, count(*) AS entries \
-             FROM ledger_entries l JOIN audit_records a ON a.user_id = l.user_id AND a.entry_id = l.id WHERE l.created_at >= $1"),
+    let moves = watch.finish().await?;
+    // Each link's lag: from its commit to the first checkpoint seen at or
+    // past it (checkpoints polled every 50 ms: a link checked in a move the
+    // poll missed is counted at the next one, up to 50 ms late).
+    let rows = client
+        .query(
+            &format!("{MARK} SELECT user_id, chain_seq, created_at FROM ledger_entries \
+             WHERE created_at >= $1 AND app_name <> 'benchmin' AND chain_seq IS NOT NULL"),
             &[&since],
         )
         .await?;
-    Ok((row.get::<_, f64>("p99_secs") * 1000.0, row.get("entries")))
+    let mut lags: Vec<f64> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let user: String = r.get(0);
+        let seq: i64 = r.get(1);
+        let at: time::OffsetDateTime = r.get(2);
+        if let Some(checked) = moves
+            .get(&user)
+            .and_then(|m| m.iter().find(|(s, _)| *s >= seq).map(|(_, t)| *t))
+        {
+            lags.push((checked - at).as_seconds_f64().max(0.0));
+        }
+    }
+    lags.sort_by(f64::total_cmp);
+    let p99 = if lags.is_empty() {
+        0.0
+    } else {
+        lags[((lags.len() as f64 * 0.99).ceil() as usize).clamp(1, lags.len()) - 1]
+    };
+    Ok((p99 * 1000.0, lags.len() as i64))
+}
+
+/// Watches the audit checkpoints move while a phase runs: every 50 ms, the
+/// checkpoints moved since the last look (their seq and `checked_at`), by
+/// user, for [`audit_lag_p99`].
+pub struct LagWatch {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>>>,
+}
+
+impl LagWatch {
+    /// Starts watching.
+    pub fn start(pool: &Pool) -> Self {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let pool = pool.clone();
+        let task = tokio::spawn(async move {
+            let client = pool.get().await?;
+            let mut moves: std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>> =
+                std::collections::HashMap::new();
+            let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
+            let mut done = false;
+            // Rows moved since a second before the latest move seen (a
+            // checkpoint's `checked_at` is its statement's start: it may
+            // commit after a later one).
+            let mut seen = time::OffsetDateTime::now_utc();
+            loop {
+                let from = seen - time::Duration::seconds(1);
+                for r in client
+                    .query(
+                        &format!("{MARK} SELECT user_id, seq, checked_at FROM audit_checkpoints WHERE checked_at >= $1"),
+                        &[&from],
+                    )
+                    .await?
+                {
+                    let user: String = r.get(0);
+                    let seq: i64 = r.get(1);
+                    let at: time::OffsetDateTime = r.get(2);
+                    seen = seen.max(at);
+                    if last.get(&user).is_none_or(|&l| l < seq) {
+                        last.insert(user.clone(), seq);
+                        moves.entry(user).or_default().push((seq, at));
+                    }
+                }
+                if done {
+                    return Ok(moves);
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    _ = stopped.changed() => { done = true; }
+                }
+            }
+        });
+        Self { stop, task }
+    }
+
+    /// Stops watching (after one last look); each user's checkpoint moves.
+    async fn finish(
+        self,
+    ) -> anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>> {
+        let _ = self.stop.send(true);
+        self.task.await?
+    }
 }
 
 /// Refunds: N reservations, N `generation.failed` events published at once,

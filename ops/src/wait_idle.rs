@@ -61,8 +61,7 @@ async fn in_flight(
     let row = client
         .query_one(
             "SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL AND set_aside_at IS NULL) AS unpublished, \
-                    (SELECT count(*) FROM ledger_entries l WHERE NOT EXISTS \
-                        (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)) AS unaudited, \
+                    (SELECT count(*) FROM audit_pending) AS unaudited, \
                     (SELECT count(*) FROM projects WHERE status = 'queued') AS queued",
             &[],
         )

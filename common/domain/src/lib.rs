@@ -6,6 +6,7 @@
 //! of the code never sees an unchecked value.
 
 #[cfg(feature = "sql")]
+pub mod chain;
 pub mod codec;
 pub mod events;
 pub mod labels;

@@ -784,7 +784,7 @@ async fn verify_chain(
                 progress("ledger chain links", counts.links as u64, 0);
             }
             counts.links += 1;
-            let content = crate::chain::Content::of_row(r)?;
+            let content = crate::chain::content_of_row(r)?;
             let user = content.user_id.to_owned();
             if current.as_deref() != Some(user.as_str()) {
                 current = Some(user.clone());
@@ -815,7 +815,7 @@ async fn verify_chain(
                     "entry {id} (link {seq}) does not link to the entry before it"
                 ));
             }
-            if content.hash_after(&stored_prev)?.as_slice() != stored_hash.as_slice() {
+            if crate::chain::hash_of(&content, &stored_prev)?.as_slice() != stored_hash.as_slice() {
                 problem(format!(
                     "entry {id} (link {seq}) was altered: its hash does not match its content"
                 ));

@@ -25,87 +25,50 @@
 //! entries from the user's last checkpoint, checks every link again, and
 //! moves the checkpoint on (`crate::audit::check_commit`).
 
-use serde::Serialize;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use penora_domain::timefmt::rfc3339_millis;
 use penora_store::DbError;
 
-/// The hash before a chain's first link.
-pub const GENESIS: [u8; 32] = [0; 32];
+pub use penora_domain::chain::{Content, GENESIS, link};
 
-/// A ledger entry as its chain link hashes it (field order is the format).
-#[derive(Debug, Serialize)]
-pub struct Content<'a> {
-    /// The entry's id.
-    pub entry_id: i64,
-    /// Its place in its user's chain.
-    pub seq: i64,
-    /// Whose.
-    pub user_id: &'a str,
-    /// Its kind.
-    pub kind: &'a str,
-    /// Signed amount.
-    pub amount: i64,
-    /// The balance after it.
-    pub balance_after: i64,
-    /// Its app.
-    pub app_name: &'a str,
-    /// Its description.
-    pub description: Option<&'a str>,
-    /// Its reservation's code.
-    pub project_code: Option<&'a str>,
-    /// Its reference.
-    pub reference: Option<&'a str>,
-    /// When it was written, to the millisecond.
-    pub created_at: String,
+/// The content of a row holding the ledger's columns (by name) and
+/// `chain_seq`.
+pub fn content_of_row(row: &tokio_postgres::Row) -> Result<Content<'_>, DbError> {
+    let at: OffsetDateTime = row.try_get("created_at")?;
+    Ok(Content {
+        entry_id: row.try_get("id")?,
+        seq: row.try_get("chain_seq")?,
+        user_id: row.try_get("user_id")?,
+        kind: row.try_get("kind")?,
+        amount: row.try_get("amount")?,
+        balance_after: row.try_get("balance_after")?,
+        app_name: row.try_get("app_name")?,
+        description: row.try_get("description")?,
+        project_code: row.try_get("project_code")?,
+        reference: row.try_get("reference")?,
+        created_at: rfc3339_millis(at),
+    })
 }
 
-impl<'a> Content<'a> {
-    /// The content of a row holding the ledger's columns (by name) and
-    /// `chain_seq`.
-    pub fn of_row(row: &'a tokio_postgres::Row) -> Result<Self, DbError> {
-        let at: OffsetDateTime = row.try_get("created_at")?;
-        Ok(Self {
-            entry_id: row.try_get("id")?,
-            seq: row.try_get("chain_seq")?,
-            user_id: row.try_get("user_id")?,
-            kind: row.try_get("kind")?,
-            amount: row.try_get("amount")?,
-            balance_after: row.try_get("balance_after")?,
-            app_name: row.try_get("app_name")?,
-            description: row.try_get("description")?,
-            project_code: row.try_get("project_code")?,
-            reference: row.try_get("reference")?,
-            created_at: rfc3339_millis(at),
-        })
-    }
-
-    /// The link's hash after `prev`.
-    pub fn hash_after(&self, prev: &[u8]) -> Result<[u8; 32], DbError> {
-        Ok(link(prev, &canonical(self)?))
-    }
-}
-
-/// `content` as canonical JSON. A content that cannot be serialised is an
-/// error, never an empty string: a link hashed over nothing would verify as
-/// if it held its entry. (Strings and integers only: serialising cannot
-/// fail.)
-pub fn canonical(content: &impl Serialize) -> Result<String, DbError> {
-    serde_json::to_string(content).map_err(|e| {
+/// The link's hash of `content` after `prev`.
+pub fn hash_of(content: &Content<'_>, prev: &[u8]) -> Result<[u8; 32], DbError> {
+    content.hash_after(prev).map_err(|e| {
         DbError::Other(format!(
             "the ledger entry cannot be serialised for its audit chain: {e}"
         ))
     })
 }
 
-/// SHA-256(prev ‖ content).
-pub fn link(prev: &[u8], content: &str) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prev);
-    h.update(content.as_bytes());
-    h.finalize().into()
+/// `content` as canonical JSON (the old chain's records, `crate::audit`).
+/// A content that cannot be serialised is an error, never an empty string:
+/// a record hashed over nothing would verify as if it held its entry.
+pub fn canonical(content: &impl serde::Serialize) -> Result<String, DbError> {
+    serde_json::to_string(content).map_err(|e| {
+        DbError::Other(format!(
+            "the ledger entry cannot be serialised for its audit record: {e}"
+        ))
+    })
 }
 
 /// A chain's head: the seq and hash of its last link (`hash` `None`: no

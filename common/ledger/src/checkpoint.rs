@@ -28,7 +28,7 @@ use penora_store::DbError;
 use time::OffsetDateTime;
 
 use crate::audit::MacKey;
-use crate::chain::{Content, GENESIS};
+use crate::chain::GENESIS;
 
 /// What checking a chain found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,9 @@ pub enum Checked {
     },
     /// A link is broken: the checkpoint stays where it was.
     Broken(String),
+    /// Every link holds, but another transaction held the checkpoint past
+    /// `DB_LOCK_TIMEOUT_MS`: to be checked again later.
+    Busy,
 }
 
 /// A chain to check, up to where.
@@ -185,29 +188,16 @@ async fn check_part(
         }
     }
     if !advance.is_empty() {
-        let a_users: Vec<&str> = advance.iter().map(|a| a.0).collect();
-        let a_seqs: Vec<i64> = advance.iter().map(|a| a.1).collect();
-        let a_ids: Vec<i64> = advance.iter().map(|a| a.2).collect();
-        let a_hashes: Vec<&[u8]> = advance.iter().map(|a| a.3.as_slice()).collect();
-        let a_macs: Vec<Option<Vec<u8>>> = advance
-            .iter()
-            .map(|a| key.map(|k| k.mac(&a.3)))
-            .collect();
-        let upsert = client
-            .prepare_cached(
-                "INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash, mac) \
-                 SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[]) \
-                 ON CONFLICT (user_id) DO UPDATE SET seq = excluded.seq, entry_id = excluded.entry_id, \
-                    hash = excluded.hash, mac = excluded.mac, checked_at = now() \
-                 WHERE audit_checkpoints.seq < excluded.seq",
-            )
-            .await?;
-        client
-            .execute(&upsert, &[&a_users, &a_seqs, &a_ids, &a_hashes, &a_macs])
-            .await?;
+        let busy = advance_checkpoints(client, key, &advance).await?;
+        for user in &busy {
+            answers.insert((*user).to_owned(), Checked::Busy);
+        }
         crate::audit::log_heads(
-            advance.len(),
-            advance.iter().map(|a| (a.0, a.1, a.3.as_slice())),
+            advance.len() - busy.len(),
+            advance
+                .iter()
+                .filter(|a| !busy.contains(a.0))
+                .map(|a| (a.0, a.1, a.3.as_slice())),
         );
     }
     if let Some(oldest) = oldest {
@@ -217,7 +207,7 @@ async fn check_part(
         .iter()
         .filter_map(|(u, c)| match c {
             Checked::Broken(why) => Some((u, why)),
-            Checked::Checked { .. } => None,
+            Checked::Checked { .. } | Checked::Busy => None,
         })
         .collect();
     for (user, why) in &broken {
@@ -455,8 +445,8 @@ fn identity(r: &tokio_postgres::Row) -> Result<(i64, i64, Vec<u8>), DbError> {
 fn check_own_hash(r: &tokio_postgres::Row) -> Result<(), Result<String, DbError>> {
     let prev: Vec<u8> = r.try_get("prev_hash").map_err(|e| Err(e.into()))?;
     let stored: Vec<u8> = r.try_get("hash").map_err(|e| Err(e.into()))?;
-    let content = Content::of_row(r).map_err(Err)?;
-    let hash = content.hash_after(&prev).map_err(Err)?;
+    let content = crate::chain::content_of_row(r).map_err(Err)?;
+    let hash = crate::chain::hash_of(&content, &prev).map_err(Err)?;
     if hash.as_slice() != stored.as_slice() {
         return Err(Ok(format!(
             "entry {} (link {}) was edited: its hash does not match its content",
@@ -464,4 +454,80 @@ fn check_own_hash(r: &tokio_postgres::Row) -> Result<(), Result<String, DbError>
         )));
     }
     Ok(())
+}
+
+/// A checkpoint to move: (user, seq, entry id, hash).
+type Advance<'a> = (&'a str, i64, i64, Vec<u8>);
+
+/// Moves the checkpoints of `advance` on (never back). A checkpoint another
+/// transaction holds is not waited for in the first statement (`SKIP
+/// LOCKED`), so that one held checkpoint never holds up the others; those
+/// are then waited for together, up to the lock timeout. Returns the users
+/// whose checkpoint stayed held.
+async fn advance_checkpoints<'a>(
+    client: &impl GenericClient,
+    key: Option<&MacKey>,
+    advance: &[Advance<'a>],
+) -> Result<std::collections::HashSet<&'a str>, DbError> {
+    let columns = |rows: &[&Advance<'a>]| {
+        (
+            rows.iter().map(|a| a.0).collect::<Vec<&str>>(),
+            rows.iter().map(|a| a.1).collect::<Vec<i64>>(),
+            rows.iter().map(|a| a.2).collect::<Vec<i64>>(),
+            rows.iter().map(|a| a.3.clone()).collect::<Vec<Vec<u8>>>(),
+            rows.iter()
+                .map(|a| key.map(|k| k.mac(&a.3)))
+                .collect::<Vec<Option<Vec<u8>>>>(),
+        )
+    };
+    let mut held: Vec<&Advance<'a>> = advance.iter().collect();
+    if !penora_store::distributed() {
+        let (users, seqs, ids, hashes, macs) = columns(&held);
+        let skip = client
+            .prepare_cached(
+                "WITH v AS (SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[]) \
+                              AS v(user_id, seq, entry_id, hash, mac)), \
+                 locked AS (SELECT c.user_id FROM audit_checkpoints c WHERE c.user_id = ANY($1::text[]) \
+                            ORDER BY c.user_id FOR UPDATE SKIP LOCKED), \
+                 moved AS (UPDATE audit_checkpoints c SET seq = v.seq, entry_id = v.entry_id, hash = v.hash, \
+                             mac = v.mac, checked_at = now() \
+                           FROM v WHERE c.user_id = v.user_id AND c.user_id IN (SELECT user_id FROM locked) \
+                             AND c.seq < v.seq RETURNING c.user_id), \
+                 made AS (INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash, mac) \
+                          SELECT v.user_id, v.seq, v.entry_id, v.hash, v.mac FROM v \
+                          WHERE NOT EXISTS (SELECT 1 FROM audit_checkpoints c WHERE c.user_id = v.user_id) \
+                          ON CONFLICT (user_id) DO NOTHING RETURNING user_id) \
+                 SELECT user_id FROM locked UNION SELECT user_id FROM made",
+            )
+            .await?;
+        let done: std::collections::HashSet<String> = client
+            .query(&skip, &[&users, &seqs, &ids, &hashes, &macs])
+            .await?
+            .into_iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        held.retain(|a| !done.contains(a.0));
+        if held.is_empty() {
+            return Ok(std::collections::HashSet::new());
+        }
+    }
+    let (users, seqs, ids, hashes, macs) = columns(&held);
+    let wait = client
+        .prepare_cached(
+            "INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash, mac) \
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $5::bytea[]) \
+             ON CONFLICT (user_id) DO UPDATE SET seq = excluded.seq, entry_id = excluded.entry_id, \
+                hash = excluded.hash, mac = excluded.mac, checked_at = now() \
+             WHERE audit_checkpoints.seq < excluded.seq",
+        )
+        .await?;
+    match client
+        .execute(&wait, &[&users, &seqs, &ids, &hashes, &macs])
+        .await
+        .map_err(DbError::from)
+    {
+        Ok(_) => Ok(std::collections::HashSet::new()),
+        Err(DbError::LockTimeout(_)) => Ok(held.iter().map(|a| a.0).collect()),
+        Err(e) => Err(e),
+    }
 }

@@ -660,7 +660,7 @@ fn chain_entries(plan: &Plan, snap: &Snapshot, ids: &[i64]) -> Result<Chained, D
             reference: e.reference.as_deref(),
             created_at: stamp.clone(),
         };
-        let hash = content.hash_after(&end.hash)?.to_vec();
+        let hash = crate::chain::hash_of(&content, &end.hash)?.to_vec();
         out.links.push(crate::chain::Link {
             seq,
             prev: std::mem::replace(&mut end.hash, hash.clone()),

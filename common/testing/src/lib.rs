@@ -415,9 +415,9 @@ async fn drop_on_workers(name: &str) {
 /// passes; the spending of a spend limit moves to the days its
 /// reservations moved to). The guard triggers that refuse such edits are switched off for
 /// the one transaction that makes them; only a test's own database may be
-/// moved. The audit records of entries written before a travel no longer
-/// match them (their times moved): `audit verify` is for tests that do not
-/// travel.
+/// moved. The audit chain in the ledger is hashed again ([`rechain`]); the
+/// old chain's records (before V18) of entries written before a travel no
+/// longer match them.
 pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Duration) {
     let secs = by.as_secs_f64();
     let tx = client.transaction().await.expect("travel: transaction");
@@ -476,12 +476,77 @@ pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Durat
     )
     .await
     .expect("travel: spending counted again");
+    rechain(&tx).await;
     for t in tables {
         tx.batch_execute(&format!("ALTER TABLE {t} ENABLE TRIGGER USER"))
             .await
             .expect("travel: triggers on");
     }
     tx.commit().await.expect("travel: committed");
+}
+
+/// The audit chain in the ledger hashed again after a travel moved its
+/// entries' times (each link's hash covers its time): every link, the heads
+/// on the accounts and the checkpoints' hashes, as if the history had
+/// happened that much earlier. (A checkpoint's MAC is left as it was: a test
+/// that travels with `AUDIT_HMAC_KEY` set finds it stale.)
+async fn rechain(tx: &deadpool_postgres::Transaction<'_>) {
+    use penora_domain::chain::Content;
+    let rows = tx
+        .query(
+            "SELECT id, user_id, kind, amount, balance_after, app_name, description, project_code, \
+                    reference, created_at, chain_seq, prev_hash FROM ledger_entries \
+             WHERE hash IS NOT NULL ORDER BY user_id, id",
+            &[],
+        )
+        .await
+        .expect("travel: the chain read");
+    let (mut ids, mut prevs, mut hashes): (Vec<i64>, Vec<Vec<u8>>, Vec<Vec<u8>>) =
+        (vec![], vec![], vec![]);
+    let mut heads: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    for r in &rows {
+        let user: String = r.get("user_id");
+        let prev = match heads.get(&user) {
+            Some(h) => h.clone(),
+            None => r.get("prev_hash"),
+        };
+        let content = Content {
+            entry_id: r.get("id"),
+            seq: r.get("chain_seq"),
+            user_id: r.get("user_id"),
+            kind: r.get("kind"),
+            amount: r.get("amount"),
+            balance_after: r.get("balance_after"),
+            app_name: r.get("app_name"),
+            description: r.get("description"),
+            project_code: r.get("project_code"),
+            reference: r.get("reference"),
+            created_at: penora_domain::timefmt::rfc3339_millis(r.get("created_at")),
+        };
+        let hash = content
+            .hash_after(&prev)
+            .expect("travel: a link hashed")
+            .to_vec();
+        ids.push(content.entry_id);
+        prevs.push(prev);
+        hashes.push(hash.clone());
+        heads.insert(user, hash);
+    }
+    tx.execute(
+        "UPDATE ledger_entries l SET prev_hash = v.prev, hash = v.hash \
+         FROM unnest($1::int8[], $2::bytea[], $3::bytea[]) AS v(id, prev, hash) WHERE l.id = v.id",
+        &[&ids, &prevs, &hashes],
+    )
+    .await
+    .expect("travel: links hashed again");
+    tx.batch_execute(
+        "UPDATE accounts a SET chain_hash = l.hash FROM ledger_entries l \
+           WHERE l.user_id = a.user_id AND l.chain_seq = a.chain_seq AND a.chain_seq > 0; \
+         UPDATE audit_checkpoints c SET hash = l.hash FROM ledger_entries l \
+           WHERE l.user_id = c.user_id AND l.id = c.entry_id",
+    )
+    .await
+    .expect("travel: heads and checkpoints hashed again");
 }
 
 /// Key of the advisory lock held while the test harness lets the

@@ -22,7 +22,7 @@ async fn wait_idle_names_the_work_left_and_returns_once_the_worker_did_it() {
     assert!(stdout(&idle).contains("idle after"), "{}", stdout(&idle));
     assert_eq!(
         s.scalar(
-            "SELECT count(*) FROM audit_records WHERE user_id = $1",
+            "SELECT coalesce(max(seq), 0) FROM audit_checkpoints WHERE user_id = $1",
             "u1"
         )
         .await,

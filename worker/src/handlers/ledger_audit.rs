@@ -48,6 +48,12 @@ fn commit_result(commit: &LedgerAuditCommit, checked: &HashMap<String, Checked>)
     for c in &commit.chains {
         match checked.get(&c.user_id) {
             Some(Checked::Checked { new: n, .. }) => new += n,
+            Some(Checked::Busy) => {
+                return Err(JobError::Retryable(format!(
+                    "the audit checkpoint of user {} stayed locked by another transaction past the lock timeout",
+                    c.user_id
+                )));
+            }
             Some(Checked::Broken(why)) => {
                 return Err(JobError::Fatal(format!(
                     "the audit chain of user {} is broken: {why}",

@@ -107,8 +107,7 @@ async fn deductions_are_held_back_while_the_audit_lags_and_flow_again_once_it_ca
     s.wait_idle().await;
     assert_eq!(
         s.scalar(
-            "SELECT count(*) FROM ledger_entries l WHERE user_id = $1 AND NOT EXISTS \
-             (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)",
+            "SELECT count(*) FROM audit_pending WHERE user_id = $1",
             "u1"
         )
         .await,

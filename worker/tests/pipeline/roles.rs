@@ -133,8 +133,7 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
     s.wait_idle().await;
     wait_for("every entry audited", Duration::from_secs(15), || async {
         s.scalar(
-            "SELECT count(*) FROM ledger_entries l WHERE user_id = $1 AND NOT EXISTS \
-             (SELECT 1 FROM audit_records a WHERE a.user_id = l.user_id AND a.entry_id = l.id)",
+            "SELECT count(*) FROM audit_pending WHERE user_id = $1",
             u,
         )
         .await
@@ -143,12 +142,12 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
     .await;
     assert_eq!(
         s.scalar(
-            "SELECT count(*) FROM audit_records WHERE user_id = $1 AND mac IS NULL",
+            "SELECT count(*) FROM audit_checkpoints WHERE user_id = $1 AND mac IS NULL",
             u
         )
         .await,
         0,
-        "every record carries its MAC"
+        "every checkpoint carries its MAC"
     );
     assert_eq!(
         s.scalar("SELECT count(*) FROM outbox WHERE $1 = $1", "")

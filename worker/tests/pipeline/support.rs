@@ -313,13 +313,13 @@ impl Stack {
     }
 
     /// Waits until `user`'s first ledger entry is audited, then holds the
-    /// lock on the user's audit chain in an open transaction on the returned
-    /// connection: audit jobs for that user fail with a lock timeout (a real
-    /// passing error) until `ROLLBACK` is sent on it.
+    /// lock on the user's audit checkpoint in an open transaction on the
+    /// returned connection: audit jobs for that user fail with a lock timeout
+    /// (a real passing error) until `ROLLBACK` is sent on it.
     pub async fn hold_audit_chain(&self, user: &str) -> deadpool_postgres::Object {
         wait_for("first entry audited", Duration::from_secs(10), || async {
             self.scalar(
-                "SELECT count(*) FROM audit_records WHERE user_id = $1",
+                "SELECT coalesce(max(seq), 0) FROM audit_checkpoints WHERE user_id = $1",
                 user,
             )
             .await
@@ -330,7 +330,7 @@ impl Stack {
         holder.batch_execute("BEGIN").await.expect("begin");
         holder
             .execute(
-                "SELECT 1 FROM audit_heads WHERE user_id = $1 FOR UPDATE",
+                "SELECT 1 FROM audit_checkpoints WHERE user_id = $1 FOR UPDATE",
                 &[&user],
             )
             .await
