@@ -332,14 +332,20 @@ pub async fn caught_up(pool: &Pool, after: i64) -> anyhow::Result<()> {
     }
 }
 
-pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime, watch: LagWatch) -> anyhow::Result<(f64, i64)> {
+pub async fn audit_lag_p99(
+    pool: &Pool,
+    since: time::OffsetDateTime,
+    watch: LagWatch,
+) -> anyhow::Result<(f64, i64)> {
     let client = pool.get().await?;
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let missing: i64 = client
             .query_one(
-                &format!("{MARK} SELECT count(*) FROM audit_pending p WHERE p.created_at >= $1 \
-                 AND p.app_name <> 'benchmin'"),
+                &format!(
+                    "{MARK} SELECT count(*) FROM audit_pending p WHERE p.created_at >= $1 \
+                 AND p.app_name <> 'benchmin'"
+                ),
                 &[&since],
             )
             .await?
@@ -355,8 +361,10 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime, watch: LagW
     // poll missed is counted at the next one, up to 50 ms late).
     let rows = client
         .query(
-            &format!("{MARK} SELECT user_id, chain_seq, created_at FROM ledger_entries \
-             WHERE created_at >= $1 AND app_name <> 'benchmin' AND chain_seq IS NOT NULL"),
+            &format!(
+                "{MARK} SELECT user_id, chain_seq, created_at FROM ledger_entries \
+             WHERE created_at >= $1 AND app_name <> 'benchmin' AND chain_seq IS NOT NULL"
+            ),
             &[&since],
         )
         .await?;
@@ -386,7 +394,9 @@ pub async fn audit_lag_p99(pool: &Pool, since: time::OffsetDateTime, watch: LagW
 /// user, for [`audit_lag_p99`].
 pub struct LagWatch {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>>>,
+    task: tokio::task::JoinHandle<
+        anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>>,
+    >,
 }
 
 impl LagWatch {

@@ -86,7 +86,11 @@ pub async fn run(
                 "checkpoints: {} ({} with a MAC{}); {} links await their ledger-audit job",
                 v.checkpoints_checked,
                 v.checkpoints_with_mac,
-                if v.macs_checked { ", checked" } else { ", NOT checked" },
+                if v.macs_checked {
+                    ", checked"
+                } else {
+                    ", NOT checked"
+                },
                 v.links_awaiting_checkpoint
             );
         }

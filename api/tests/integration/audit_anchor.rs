@@ -1,5 +1,6 @@
 //! The audit chain's anchor outside the database (issue 24): with
-//! `AUDIT_HMAC_KEY`, each record carries an HMAC of its hash, and
+//! `AUDIT_HMAC_KEY`, each checkpoint of the chain in the ledger (V18), and
+//! each record of the old chain, carries an HMAC of its hash, and
 //! `penora-ops audit verify` given the key finds a chain rewritten inside the
 //! database, which the hashes alone cannot (whoever rewrites the records
 //! recomputes them).
@@ -62,36 +63,46 @@ async fn record(app: &TestApp, key: Option<&str>, user: &str, ids: &[i64]) {
     );
 }
 
-/// Rewrites `user`'s chain as a superuser would: the ledger entry `entry`'s
-/// description and its record's content changed, then every hash of the
-/// chain recomputed and its head moved, the guards switched off meanwhile.
-/// The MACs stay: making new ones takes the key.
-async fn rewrite_chain(app: &TestApp, user: &str, entry: i64) {
-    let c = app.pool.get().await.expect("db");
-    c.batch_execute(&format!(
-        "BEGIN;
-         ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;
-         ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only;
-         UPDATE ledger_entries SET description = 'forged' WHERE id = {entry};
-         UPDATE audit_records SET content = replace(content, '\"description\":\"test\"', '\"description\":\"forged\"')
-          WHERE entry_id = {entry};
-         DO $$
-         DECLARE r record; prev bytea := '\\x{genesis}'::bytea; h bytea;
-         BEGIN
-           FOR r IN SELECT seq, content FROM audit_records WHERE user_id = '{user}' ORDER BY seq LOOP
-             h := sha256(prev || convert_to(r.content, 'UTF8'));
-             UPDATE audit_records SET prev_hash = prev, hash = h WHERE user_id = '{user}' AND seq = r.seq;
-             prev := h;
-           END LOOP;
-           UPDATE audit_heads SET hash = prev WHERE user_id = '{user}';
-         END $$;
-         ALTER TABLE audit_records ENABLE TRIGGER audit_records_append_only;
-         ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_append_only;
-         COMMIT;",
-        genesis = "00".repeat(32),
+/// Checks `user`'s chain up to its head as the worker's `ledger-audit` job
+/// does, with `key`'s MAC on the checkpoint.
+async fn check(app: &TestApp, key: Option<&str>, user: &str) {
+    let key = key.map(|k| MacKey::new(&Secret::new(k)).expect("key"));
+    let ids = entries(app, user).await;
+    let chain = penora_domain::messages::CommittedChain {
+        user_id: user.to_owned(),
+        seq: ids.len() as i64,
+        entry_ids: ids,
+    };
+    let checked = penora_ledger::checkpoint::check_commits(&app.pool, key.as_ref(), &[chain])
+        .await
+        .expect("checked");
+    assert!(
+        matches!(
+            checked.get(user),
+            Some(penora_ledger::checkpoint::Checked::Checked { .. })
+        ),
+        "{checked:?}"
+    );
+}
+
+/// Rewrites `user`'s chain in the ledger as a superuser would: entry
+/// `entry`'s description changed, then every link's hash, the head and the
+/// checkpoint's hash recomputed, the guard switched off meanwhile. The
+/// checkpoint's MAC stays: making a new one takes the key.
+async fn rewrite_ledger_chain(app: &TestApp, entry: i64) {
+    let mut c = app.pool.get().await.expect("db");
+    let tx = c.transaction().await.expect("tx");
+    tx.batch_execute(&format!(
+        "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only;
+         UPDATE ledger_entries SET description = 'forged' WHERE id = {entry};"
     ))
     .await
-    .expect("the chain rewritten");
+    .expect("edited");
+    penora_testing::rechain(&tx).await;
+    tx.batch_execute("ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_append_only")
+        .await
+        .expect("guard on");
+    tx.commit().await.expect("the chain rewritten");
 }
 
 #[tokio::test]
@@ -101,33 +112,31 @@ async fn a_chain_rewritten_inside_the_database_passes_without_the_key_and_fails_
     app.deduct("alice", 3, "gen-1").await;
     app.deduct("alice", 4, "gen-2").await;
     let ids = entries(&app, "alice").await;
-    record(&app, Some(KEY), "alice", &ids).await;
+    check(&app, Some(KEY), "alice").await;
     let with_key = [("AUDIT_HMAC_KEY", KEY)];
     let clean = ops(&app, &["audit", "verify"], &with_key).await;
     assert!(clean.status.success(), "{clean:?}");
     assert!(
-        stdout(&clean).contains("MACs: 3 records checked"),
+        stdout(&clean).contains("checkpoints: 1 (1 with a MAC, checked)"),
         "{}",
         stdout(&clean)
     );
 
-    rewrite_chain(&app, "alice", ids[0]).await;
+    rewrite_ledger_chain(&app, ids[0]).await;
     // The hole the key closes: the database alone vouches for the rewrite.
     let blind = ops(&app, &["audit", "verify"], &[]).await;
     assert!(blind.status.success(), "{blind:?}");
     let out = stdout(&blind);
     assert!(
-        out.contains("audit OK") && out.contains("3 records carry one, NOT checked"),
+        out.contains("audit OK") && out.contains("1 with a MAC, NOT checked"),
         "{out}"
     );
     let checked = ops(&app, &["audit", "verify"], &with_key).await;
     assert_eq!(checked.status.code(), Some(1), "{checked:?}");
     let out = stdout(&checked);
     assert!(
-        out.contains(&format!(
-            "record 1 (entry {}) has a MAC that AUDIT_HMAC_KEY did not make",
-            ids[0]
-        )) && out.contains("alice"),
+        out.contains("the checkpoint (link 3) has a MAC that AUDIT_HMAC_KEY did not make")
+            && out.contains("alice"),
         "{out}"
     );
     // Another key does not pass for this one.
@@ -140,6 +149,8 @@ async fn a_chain_rewritten_inside_the_database_passes_without_the_key_and_fails_
     assert_eq!(wrong.status.code(), Some(1), "{wrong:?}");
 }
 
+/// The old chain (records, before V18) keeps its own anchor: the tests below
+/// write records for entries as the old worker did.
 #[tokio::test]
 async fn records_from_before_the_key_are_counted_and_a_removed_mac_is_found() {
     let app = spawn_app().await;

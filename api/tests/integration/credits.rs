@@ -411,6 +411,8 @@ async fn grants_are_idempotent_by_user_and_reference_even_in_a_storm() {
 
 #[tokio::test]
 async fn every_credit_movement_writes_its_ledger_audit_job_in_the_same_transaction() {
+    // (One job per commit, naming its entries with the chain's seq after
+    // the commit: each movement here is a commit of its own.)
     let app = spawn_app().await;
     app.grant("u1", 30).await;
     app.deduct("u1", 5, "a").await;
@@ -421,8 +423,10 @@ async fn every_credit_movement_writes_its_ledger_audit_job_in_the_same_transacti
     let rows = client
         .query(
             "SELECT l.id, o.payload FROM ledger_entries l \
-             LEFT JOIN outbox o ON o.user_id = l.user_id AND o.routing_key = 'penora.ledger-audit' \
-               AND (o.payload->>'entry_id')::bigint = l.id \
+             LEFT JOIN LATERAL (SELECT o.payload FROM outbox o, jsonb_array_elements(o.payload->'chains') c \
+               WHERE o.user_id = l.user_id AND o.routing_key = 'penora.ledger-audit' \
+                 AND c->>'user_id' = l.user_id AND c->'entry_ids' @> to_jsonb(l.id) \
+                 AND (c->>'seq')::bigint = l.chain_seq) o ON true \
              WHERE l.user_id = 'u1' ORDER BY l.id",
             &[],
         )
@@ -432,7 +436,7 @@ async fn every_credit_movement_writes_its_ledger_audit_job_in_the_same_transacti
     for row in rows {
         let payload: Option<Value> = row.get(1);
         let payload = payload.expect("every ledger entry has its audit job");
-        assert_eq!(payload["user_id"], json!("u1"));
+        assert_eq!(payload["chains"][0]["user_id"], json!("u1"));
     }
     assert_eq!(
         app.scalar("SELECT count(*) FROM outbox WHERE user_id = $1 AND routing_key = 'penora.ledger-audit'", "u1").await,

@@ -33,7 +33,6 @@ use penora_store::DbError;
 
 use crate::chain::{GENESIS, canonical, link};
 
-
 /// Records `verify` reads at a time.
 const VERIFY_PAGE: i32 = 5000;
 
@@ -79,7 +78,6 @@ pub(crate) fn observe_lag(oldest: OffsetDateTime) {
     let lag = OffsetDateTime::now_utc() - oldest;
     crate::backpressure::observe(lag.try_into().unwrap_or_default());
 }
-
 
 /// The key of the audit records' MACs (`AUDIT_HMAC_KEY`, its UTF-8 bytes as
 /// given): a record's `mac` is HMAC-SHA256(key, record hash). Held keyed,
@@ -136,7 +134,10 @@ impl std::fmt::Debug for MacKey {
 /// user_id COLLATE "C")), 1, 8), 'hex') FROM audit_records WHERE (user_id,
 /// seq) IN (…)` must give `heads`; a chain cut short or rewritten since does
 /// not.
-pub(crate) fn log_heads<'a>(records: usize, heads: impl IntoIterator<Item = (&'a str, i64, &'a [u8])>) {
+pub(crate) fn log_heads<'a>(
+    records: usize,
+    heads: impl IntoIterator<Item = (&'a str, i64, &'a [u8])>,
+) {
     let mut heads: Vec<(&str, i64, &[u8])> = heads.into_iter().collect();
     heads.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
     let mut digest = Sha256::new();
@@ -825,7 +826,11 @@ async fn verify_chain(
         }
         page = tx.query_portal(&portal, VERIFY_PAGE).await?;
     }
-    progress("ledger chain links", counts.links as u64, counts.links as u64);
+    progress(
+        "ledger chain links",
+        counts.links as u64,
+        counts.links as u64,
+    );
     if !carried.is_empty() {
         let users: Vec<&str> = carried.iter().map(|c| c.0.as_str()).collect();
         let hashes: Vec<&[u8]> = carried.iter().map(|c| c.1.as_slice()).collect();

@@ -45,9 +45,9 @@
 
 pub mod allowances;
 pub mod audit;
+pub mod backpressure;
 pub mod chain;
 pub mod checkpoint;
-pub mod backpressure;
 pub mod events_out;
 pub mod grant_rules;
 pub mod limits;

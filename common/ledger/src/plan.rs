@@ -20,8 +20,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures_util::TryFutureExt;
 use deadpool_postgres::Transaction;
+use futures_util::TryFutureExt;
 use penora_domain::{
     AppName, EntryKind, LotCategory, LotStatus, ProjectCode, ReservationState, SettledBy, UserId,
     messages::{CommittedChain, LEDGER_AUDIT, LedgerAuditCommit},
@@ -635,7 +635,10 @@ fn chain_entries(plan: &Plan, snap: &Snapshot, ids: &[i64]) -> Result<Chained, D
                     .get(&e.user_id)
                     .map(|a| a.chain.clone())
                     .ok_or_else(|| {
-                        DbError::Invariant(format!("{}: an entry for an unlocked account", e.user_id))
+                        DbError::Invariant(format!(
+                            "{}: an entry for an unlocked account",
+                            e.user_id
+                        ))
                     })?;
                 out.heads.entry(e.user_id.to_string()).or_insert(ChainEnd {
                     delta: 0,

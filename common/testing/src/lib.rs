@@ -489,8 +489,9 @@ pub async fn travel(client: &mut deadpool_postgres::Client, by: std::time::Durat
 /// entries' times (each link's hash covers its time): every link, the heads
 /// on the accounts and the checkpoints' hashes, as if the history had
 /// happened that much earlier. (A checkpoint's MAC is left as it was: a test
-/// that travels with `AUDIT_HMAC_KEY` set finds it stale.)
-async fn rechain(tx: &deadpool_postgres::Transaction<'_>) {
+/// that travels with `AUDIT_HMAC_KEY` set finds it stale.) What a superuser
+/// who rewrites history would do; the tests of the MAC anchor do it too.
+pub async fn rechain(tx: &deadpool_postgres::Transaction<'_>) {
     use penora_domain::chain::Content;
     let rows = tx
         .query(

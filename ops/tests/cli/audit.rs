@@ -1,6 +1,6 @@
-//! `penora-ops audit verify`: passes on the chains the worker writes, names
-//! the user whose record was edited, and reads a million records in flat
-//! memory.
+//! `penora-ops audit verify`: passes on the chains the movements write and
+//! the worker checks, names the user whose ledger entry was edited, and
+//! reads a million records of the old chain in flat memory.
 
 use std::{process::Output, time::Duration};
 
@@ -9,7 +9,7 @@ use penora_testing::TestDb;
 use crate::support::{ops_binary, stack, stdout, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn an_audit_record_edited_in_the_database_fails_audit_verify() {
+async fn a_ledger_entry_edited_in_the_database_fails_audit_verify() {
     let mut s = stack().await;
     s.start_worker().await;
     s.grant("u1", 100).await;
@@ -30,16 +30,20 @@ async fn an_audit_record_edited_in_the_database_fails_audit_verify() {
     let client = s.pool.get().await.expect("db");
     client
         .batch_execute(
-            "ALTER TABLE audit_records DISABLE TRIGGER audit_records_append_only; \
-             UPDATE audit_records SET content = replace(content, '\"amount\":-7', '\"amount\":-1') \
-               WHERE content LIKE '%\"amount\":-7%'",
+            "ALTER TABLE ledger_entries DISABLE TRIGGER ledger_entries_append_only; \
+             UPDATE ledger_entries SET amount = -1 WHERE user_id = 'u1' AND amount = -7; \
+             ALTER TABLE ledger_entries ENABLE TRIGGER ledger_entries_append_only",
         )
         .await
         .expect("edited");
     assert_eq!(
-        s.scalar("SELECT count(*) FROM audit_records WHERE user_id = $1 AND content LIKE '%\"amount\":-1,%'", "u1").await,
+        s.scalar(
+            "SELECT count(*) FROM ledger_entries WHERE user_id = $1 AND amount = -1",
+            "u1"
+        )
+        .await,
         1,
-        "the deduct's record was edited"
+        "the deduct's entry was edited"
     );
     let verify = s.ops(&["audit", "verify"]).await;
     assert_eq!(verify.status.code(), Some(1));

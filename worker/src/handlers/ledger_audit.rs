@@ -116,9 +116,9 @@ pub async fn handle_many(ctx: &Context, ms: &[Message]) -> Option<Vec<JobResult>
             .map(|j| match j {
                 Err(e) => Err(e),
                 Ok(AuditJob::Commit(c)) => commit_result(&c, &checked),
-                Ok(AuditJob::Entry(_)) => entry_results.next().unwrap_or_else(|| {
-                    Err(JobError::Retryable("no answer for this entry".into()))
-                }),
+                Ok(AuditJob::Entry(_)) => entry_results
+                    .next()
+                    .unwrap_or_else(|| Err(JobError::Retryable("no answer for this entry".into()))),
             })
             .collect(),
     )

@@ -212,11 +212,15 @@ async fn a_worker_killed_between_commits_and_their_jobs_leaves_nothing_unchecked
     deduct_all(1).await;
     let worker = s.spawn_worker_process().await;
     s.wait_idle().await;
-    wait_for("nothing left unchecked", Duration::from_secs(30), || async {
-        s.scalar("SELECT count(*) FROM audit_pending WHERE $1 = $1", "")
-            .await
-            == 0
-    })
+    wait_for(
+        "nothing left unchecked",
+        Duration::from_secs(30),
+        || async {
+            s.scalar("SELECT count(*) FROM audit_pending WHERE $1 = $1", "")
+                .await
+                == 0
+        },
+    )
     .await;
     for u in &users {
         assert_eq!(

@@ -104,7 +104,10 @@ async fn a_refused_row_is_set_aside_while_the_others_flow_and_retry_puts_it_back
     .await;
     s.wait_idle().await;
     let audited = s
-        .scalar("SELECT coalesce(sum(seq), 0)::int8 FROM audit_checkpoints WHERE $1 = $1", "")
+        .scalar(
+            "SELECT coalesce(sum(seq), 0)::int8 FROM audit_checkpoints WHERE $1 = $1",
+            "",
+        )
         .await;
     let entries = s
         .scalar("SELECT count(*) FROM ledger_entries WHERE $1 = $1", "")

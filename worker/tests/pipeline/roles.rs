@@ -132,11 +132,8 @@ async fn the_api_and_the_worker_run_as_the_application_role_and_every_record_car
     );
     s.wait_idle().await;
     wait_for("every entry audited", Duration::from_secs(15), || async {
-        s.scalar(
-            "SELECT count(*) FROM audit_pending WHERE user_id = $1",
-            u,
-        )
-        .await
+        s.scalar("SELECT count(*) FROM audit_pending WHERE user_id = $1", u)
+            .await
             == 0
     })
     .await;
