@@ -389,14 +389,15 @@ pub async fn audit_lag_p99(
     Ok((p99 * 1000.0, lags.len() as i64))
 }
 
+/// Each user's checkpoint moves: (seq, `checked_at`), in order.
+type Moves = std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>;
+
 /// Watches the audit checkpoints move while a phase runs: every 50 ms, the
 /// checkpoints moved since the last look (their seq and `checked_at`), by
 /// user, for [`audit_lag_p99`].
 pub struct LagWatch {
     stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<
-        anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>>,
-    >,
+    task: tokio::task::JoinHandle<anyhow::Result<Moves>>,
 }
 
 impl LagWatch {
@@ -406,8 +407,7 @@ impl LagWatch {
         let pool = pool.clone();
         let task = tokio::spawn(async move {
             let client = pool.get().await?;
-            let mut moves: std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>> =
-                std::collections::HashMap::new();
+            let mut moves = Moves::new();
             let mut last: std::collections::HashMap<String, i64> = std::collections::HashMap::new();
             let mut done = false;
             // Rows moved since a second before the latest move seen (a
@@ -445,9 +445,7 @@ impl LagWatch {
     }
 
     /// Stops watching (after one last look); each user's checkpoint moves.
-    async fn finish(
-        self,
-    ) -> anyhow::Result<std::collections::HashMap<String, Vec<(i64, time::OffsetDateTime)>>> {
+    async fn finish(self) -> anyhow::Result<Moves> {
         let _ = self.stop.send(true);
         self.task.await?
     }

@@ -382,7 +382,7 @@ fn walk(
                     cp.seq, cp.entry_id
                 ));
             }
-            check_own_hash(first).map_err(|e| e.unwrap_or_else(|d| db(d)))?;
+            check_own_hash(first).map_err(|e| e.unwrap_or_else(&db))?;
             End {
                 seq,
                 entry_id: id,
@@ -421,7 +421,7 @@ fn walk(
                 "entry {id} (link {seq}) does not link to the entry before it"
             ));
         }
-        check_own_hash(r).map_err(|e| e.unwrap_or_else(|d| db(d)))?;
+        check_own_hash(r).map_err(|e| e.unwrap_or_else(&db))?;
         let at: OffsetDateTime = r.try_get("created_at").map_err(|e| db(e.into()))?;
         end.oldest_new = Some(end.oldest_new.map_or(at, |o| o.min(at)));
         end.new += 1;
