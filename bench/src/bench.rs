@@ -209,6 +209,10 @@ pub struct Args {
     /// concurrency, measured end to end); 0 runs none.
     #[arg(long, default_value_t = 0.0)]
     pub sustained_secs: f64,
+    /// No warm-up and no `ANALYZE` before the first phase: what a new
+    /// deployment's first seconds see (plans made on empty tables).
+    #[arg(long)]
+    pub no_warm_up: bool,
 }
 
 /// Runs the tool with `args`.
@@ -261,7 +265,11 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         )?
         .data,
     });
-    warm_up(&ctx, max_conc).await?;
+    if ctx.args.no_warm_up {
+        eprintln!("no warm-up: the first phase runs on a database without statistics");
+    } else {
+        warm_up(&ctx, max_conc).await?;
+    }
     let mut rows = Vec::new();
     let mut save_rows = Vec::new();
     let mut audit_lag: Option<(f64, i64)> = None;

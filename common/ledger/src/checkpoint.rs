@@ -273,17 +273,23 @@ async fn read(
         return Ok((checkpoints, rows));
     }
     // One statement: each chain's checkpoint, and its links from the
-    // checkpoint's entry on, by the primary key (user_id, id) (plans that
-    // need no statistics: an index range per user).
+    // checkpoint's entry on. Its plan needs no statistics (a fresh
+    // database's first minutes): each lateral is a parameterised probe, and
+    // the row comparisons on (user_id, id) only the primary key can serve,
+    // so the range is never read through the id index across other users'
+    // entries.
     let stmt = client
         .prepare_cached(&format!(
             "SELECT k.user_id AS chain_user, c.seq AS cp_seq, c.entry_id AS cp_entry_id, \
                     c.hash AS cp_hash, c.mac AS cp_mac, {LINK_COLUMNS} \
              FROM unnest($1::text[], $2::int8[]) AS k(user_id, last_id) \
-             LEFT JOIN audit_checkpoints c ON c.user_id = k.user_id \
+             LEFT JOIN LATERAL (SELECT c.seq, c.entry_id, c.hash, c.mac FROM audit_checkpoints c \
+                 WHERE c.user_id = k.user_id LIMIT 1) c ON true \
              LEFT JOIN LATERAL (SELECT l.* FROM ledger_entries l \
-                 WHERE l.user_id = k.user_id AND l.id >= coalesce(c.entry_id, 0) AND l.id <= k.last_id \
-                   AND l.hash IS NOT NULL ORDER BY l.id) l ON true \
+                 WHERE l.user_id = k.user_id \
+                   AND (l.user_id, l.id) >= (k.user_id, coalesce(c.entry_id, 0)) \
+                   AND (l.user_id, l.id) <= (k.user_id, k.last_id) \
+                   AND l.hash IS NOT NULL ORDER BY l.user_id, l.id) l ON true \
              ORDER BY k.user_id, l.id"
         ))
         .await?;
