@@ -255,7 +255,9 @@ pub async fn quiesce(pool: &Pool) -> anyhow::Result<()> {
                 &format!(
                     "{MARK} SELECT (SELECT count(*) FROM outbox WHERE published_at IS NULL) \
                         + (SELECT count(*) FROM projects WHERE status = 'queued') AS unpublished, \
-                        (SELECT count(*) FROM audit_pending WHERE app_name <> 'benchmin') AS unaudited"
+                        (SELECT coalesce(sum(a.chain_seq - coalesce(c.seq, 0)), 0)::int8 FROM accounts a \
+                           LEFT JOIN audit_checkpoints c ON c.user_id = a.user_id \
+                         WHERE a.chain_seq > coalesce(c.seq, 0)) AS unaudited"
                 ),
                 &[],
             )

@@ -128,7 +128,6 @@ pub async fn load(
     on_busy: OnBusy,
 ) -> Result<Snapshot, LedgerError> {
     let users: Vec<&str> = live.iter().map(|q| q.deduct.user_id.as_str()).collect();
-    let mut s = tables::locked_accounts(tx, &users, on_busy).await?;
     let keys: Vec<ResKey> = live
         .iter()
         .map(|q| {
@@ -139,7 +138,7 @@ pub async fn load(
             )
         })
         .collect();
-    s.reservations = tables::reservations::by_keys(tx, &keys, false).await?;
+    let mut s = tables::locked_accounts_reading(tx, &users, on_busy, &keys).await?;
     let replayed: Vec<ResKey> = keys
         .into_iter()
         .filter(|k| s.reservations.contains_key(k))
