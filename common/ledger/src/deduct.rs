@@ -138,7 +138,9 @@ pub async fn load(
             )
         })
         .collect();
-    let mut s = tables::locked_accounts_reading(tx, &users, on_busy, &keys).await?;
+    // Ids for every deduction and one expiry (more are taken if the plan
+    // needs them).
+    let mut s = tables::locked_accounts_reading(tx, &users, on_busy, &keys, live.len() + 1).await?;
     let replayed: Vec<ResKey> = keys
         .into_iter()
         .filter(|k| s.reservations.contains_key(k))

@@ -527,7 +527,13 @@ pub async fn commit(
 /// reservations claimed and changed, the events recorded, and the events
 /// out it implies (`crate::events_out`; no statement when there are none).
 pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result<Applied, DbError> {
-    let ids = next_entry_ids(tx, plan.entries.len()).await?;
+    // Ids taken with the snapshot's reads (one round trip fewer), and more
+    // when the plan needs more: all taken under the locks, so ascending.
+    let n = plan.entries.len();
+    let mut ids: Vec<i64> = snap.ids.iter().copied().take(n).collect();
+    if ids.len() < n {
+        ids.extend(crate::tables::entries::next_ids(tx, n - ids.len()).await?);
+    }
     let chained = chain_entries(plan, snap, &ids)?;
     let entries: Vec<(i64, OffsetDateTime)> = ids.iter().map(|&id| (id, snap.stamp)).collect();
     let moves: Vec<accounts::Move<'_>> = chained
@@ -569,34 +575,6 @@ pub async fn apply(tx: &Transaction<'_>, plan: &Plan, snap: &Snapshot) -> Result
     let out = crate::events_out::derive(plan, snap, &lots, crate::events_out::default_threshold());
     crate::events_out::write(tx, &out, snap.now).await?;
     Ok(Applied { entries, lots })
-}
-
-/// `n` ids from the ledger's identity sequence, ascending, taken under the
-/// accounts' locks (so a user's ids grow along its chain). No statement for
-/// none.
-async fn next_entry_ids(tx: &Transaction<'_>, n: usize) -> Result<Vec<i64>, DbError> {
-    if n == 0 {
-        return Ok(Vec::new());
-    }
-    let stmt = tx
-        .prepare_cached(
-            "SELECT nextval(pg_get_serial_sequence('ledger_entries', 'id')) AS id \
-             FROM generate_series(1, $1::int4)",
-        )
-        .await?;
-    let count = i32::try_from(n)
-        .map_err(|_| DbError::Invariant("too many ledger entries in one plan".into()))?;
-    let mut ids = Vec::with_capacity(n);
-    for r in tx.query(&stmt, &[&count]).await? {
-        ids.push(r.try_get::<_, i64>("id")?);
-    }
-    if ids.len() != n {
-        return Err(DbError::Invariant(
-            "the ledger's sequence gave fewer ids than asked".into(),
-        ));
-    }
-    ids.sort_unstable();
-    Ok(ids)
 }
 
 /// A user's chain as a plan leaves it.

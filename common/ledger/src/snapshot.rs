@@ -227,6 +227,9 @@ pub struct Snapshot {
     /// may move `now`, never this): the `created_at` of the entries it
     /// writes, which their chain links hash.
     pub stamp: OffsetDateTime,
+    /// Ledger ids taken with the reads, under the locks, ascending: the
+    /// first ones `plan::apply` gives its entries (unused ones are gaps).
+    pub ids: Vec<i64>,
     /// The locked accounts.
     pub accounts: BTreeMap<UserId, Account>,
     /// Accounts another transaction holds (a batch that does not wait).
@@ -255,6 +258,7 @@ impl Snapshot {
         Self {
             now,
             stamp: now,
+            ids: Vec::new(),
             accounts: BTreeMap::new(),
             busy: BTreeSet::new(),
             reservations: HashMap::new(),

@@ -121,3 +121,31 @@ pub async fn grant_by_reference(
     })
     .transpose()
 }
+
+/// `n` ids from the ledger's identity sequence, ascending. Taken under the
+/// accounts' locks, so a user's ids grow along its chain (`crate::chain`).
+/// No statement for none.
+pub async fn next_ids(tx: &Transaction<'_>, n: usize) -> Result<Vec<i64>, DbError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let stmt = tx
+        .prepare_cached(
+            "SELECT nextval(pg_get_serial_sequence('ledger_entries', 'id')) AS id \
+             FROM generate_series(1, $1::int4)",
+        )
+        .await?;
+    let count = i32::try_from(n)
+        .map_err(|_| DbError::Invariant("too many ledger entries in one plan".into()))?;
+    let mut ids = Vec::with_capacity(n);
+    for r in tx.query(&stmt, &[&count]).await? {
+        ids.push(column::<i64>(&r, "id")?);
+    }
+    if ids.len() != n {
+        return Err(DbError::Invariant(
+            "the ledger's sequence gave fewer ids than asked".into(),
+        ));
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}

@@ -28,23 +28,26 @@ pub async fn locked_accounts(
     users: &[&str],
     on_busy: penora_store::accounts::OnBusy,
 ) -> Result<crate::snapshot::Snapshot, DbError> {
-    locked_accounts_reading(tx, users, on_busy, &[]).await
+    locked_accounts_reading(tx, users, on_busy, &[], 0).await
 }
 
 /// [`locked_accounts`], with the stored reservations of `keys` (none: no
-/// statement). The reads after the lock (lots, spending, reservations) go
-/// to the server together, one round trip.
+/// statement) and `ids` ledger ids for the plan (`Snapshot::ids`). The
+/// statements after the lock (lots, spending, reservations, ids) go to the
+/// server together, one round trip.
 pub async fn locked_accounts_reading(
     tx: &deadpool_postgres::Transaction<'_>,
     users: &[&str],
     on_busy: penora_store::accounts::OnBusy,
     keys: &[crate::snapshot::ResKey],
+    ids: usize,
 ) -> Result<crate::snapshot::Snapshot, DbError> {
     let locked = penora_store::accounts::lock(tx, users, on_busy).await?;
     let mut snap = crate::snapshot::Snapshot::at(locked.now);
     let mut locked_heads = locked.heads;
     let names: Vec<&str> = locked.balances.keys().map(|u| u.as_str()).collect();
-    let (mut lots, mut spending, reservations) = tokio::try_join!(
+    let ids = if names.is_empty() { 0 } else { ids };
+    let (mut lots, mut spending, reservations, ids) = tokio::try_join!(
         lots::active(tx, &names),
         limits::spending(tx, &names, locked.now),
         async {
@@ -54,8 +57,10 @@ pub async fn locked_accounts_reading(
                 reservations::by_keys(tx, keys, false).await
             }
         },
+        entries::next_ids(tx, ids),
     )?;
     snap.reservations = reservations;
+    snap.ids = ids;
     for (user, balance) in locked.balances {
         let lots = lots.remove(&user).unwrap_or_default();
         let threshold = locked.thresholds.get(&user).copied().flatten();
