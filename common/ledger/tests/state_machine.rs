@@ -74,6 +74,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 for (t, _) in history_at.iter_mut() {
                     *t -= *by;
                 }
+                w.travelled(by.as_secs() as i64);
                 Got::Nothing
             }
         };

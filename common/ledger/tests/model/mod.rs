@@ -323,6 +323,16 @@ impl World {
         }
     }
 
+    /// The database's history was moved back `secs` (`travel`, which the
+    /// tests against PostgreSQL advance the clock with): every stored expiry
+    /// moved back as far, so a lot granted after it compares with them
+    /// moved. (The tests without a database move `now` instead.)
+    pub fn travelled(&mut self, secs: Secs) {
+        for l in &mut self.lots {
+            l.expires_at = l.expires_at.map(|t| t - time::Duration::seconds(secs));
+        }
+    }
+
     /// Checks the ledger's answer `got` to `op` (whose request was `req`)
     /// against the model, and moves the model on.
     pub fn check(&mut self, op: &Op, req: &Request, got: Got) -> Result<(), TestCaseError> {
@@ -403,14 +413,7 @@ impl World {
                     r.window_only = true;
                 }
             }
-            (&Op::Advance { secs }, _, Got::Nothing) => {
-                self.now += secs;
-                // The travel moved every stored expiry back as far (a lot
-                // granted after it compares with them moved).
-                for l in &mut self.lots {
-                    l.expires_at = l.expires_at.map(|t| t - time::Duration::seconds(secs));
-                }
-            }
+            (&Op::Advance { secs }, _, Got::Nothing) => self.now += secs,
             (op, req, got) => {
                 prop_assert!(false, "{op:?} asked {req:?} and got {got:?}")
             }
