@@ -34,6 +34,7 @@ use std::{
     collections::{HashMap, VecDeque},
     future::Future,
     sync::{Arc, Mutex},
+    time::Instant,
 };
 
 use deadpool_postgres::Pool;
@@ -65,7 +66,7 @@ enum Unanswered {
 /// to `batch_max`); requests whose caller has gone are left out. Cheap to
 /// clone.
 struct Batcher<T, R> {
-    queue: mpsc::Sender<Waiting<T, R>>,
+    queue: mpsc::Sender<(Waiting<T, R>, Instant)>,
 }
 
 impl<T, R> Clone for Batcher<T, R> {
@@ -77,7 +78,10 @@ impl<T, R> Clone for Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
+    /// `queued` names the histogram of how long a request waited in the
+    /// queue before a batch took it.
     fn start<F, Fut>(
+        queued: &'static str,
         pool: Pool,
         capacity: usize,
         batch_max: usize,
@@ -90,6 +94,7 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     {
         let (queue, waiting) = mpsc::channel(capacity.max(1));
         tokio::spawn(dispatch(
+            queued,
             pool,
             waiting,
             batch_max.max(1),
@@ -102,7 +107,9 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
     /// The request's answer.
     async fn submit(&self, request: T) -> Result<R, Unanswered> {
         let (reply, answer) = oneshot::channel();
-        self.queue.try_send((request, reply)).map_err(|e| match e {
+        self.queue
+            .try_send(((request, reply), Instant::now()))
+            .map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => Unanswered::Full,
             mpsc::error::TrySendError::Closed(_) => Unanswered::Stopped,
         })?;
@@ -111,8 +118,9 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
 }
 
 async fn dispatch<T, R, F, Fut>(
+    queued: &'static str,
     pool: Pool,
-    mut waiting: mpsc::Receiver<Waiting<T, R>>,
+    mut waiting: mpsc::Receiver<(Waiting<T, R>, Instant)>,
     batch_max: usize,
     slots: Arc<Semaphore>,
     run: F,
@@ -128,13 +136,17 @@ async fn dispatch<T, R, F, Fut>(
         };
         let mut batch = Vec::new();
         while batch.is_empty() {
-            let Some(first) = waiting.recv().await else {
+            let Some((first, at)) = waiting.recv().await else {
                 return;
             };
+            metrics::histogram!(queued).record(at.elapsed().as_secs_f64());
             batch.push(first);
             while batch.len() < batch_max {
                 match waiting.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok((next, at)) => {
+                        metrics::histogram!(queued).record(at.elapsed().as_secs_f64());
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
@@ -175,9 +187,14 @@ impl Coalescer {
     pub fn start(pool: Pool, capacity: usize, batch_max: usize, in_flight: usize) -> Self {
         let lanes = Lanes::new(&pool);
         Self {
-            batcher: Batcher::start(pool, capacity, batch_max, in_flight, move |pool, batch| {
-                run_deducts(pool, lanes.clone(), batch)
-            }),
+            batcher: Batcher::start(
+                "penora_deduct_queue_seconds",
+                pool,
+                capacity,
+                batch_max,
+                in_flight,
+                move |pool, batch| run_deducts(pool, lanes.clone(), batch),
+            ),
         }
     }
 
@@ -261,10 +278,22 @@ async fn deduct_per_shard(pool: &Pool, queued: &[Queued]) -> Vec<Answer<DeductRe
 }
 
 /// [`ledger::deduct_all`] on a connection of `pool`; without one, every
-/// request is answered with the pool's error.
+/// request is answered with the pool's error. The wait for the connection
+/// and the transaction are timed (`penora_deduct_pool_wait_seconds`,
+/// `penora_deduct_transaction_seconds`): with the queue's wait, where a
+/// deduction's time goes.
 async fn deduct_on(pool: &Pool, queued: &[Queued], on_busy: OnBusy) -> Vec<Answer<DeductReceipt>> {
-    match pool.get().await {
-        Ok(mut client) => ledger::deduct_all(&mut client, queued, on_busy).await,
+    let asked = Instant::now();
+    let client = pool.get().await;
+    metrics::histogram!("penora_deduct_pool_wait_seconds").record(asked.elapsed().as_secs_f64());
+    match client {
+        Ok(mut client) => {
+            let started = Instant::now();
+            let answers = ledger::deduct_all(&mut client, queued, on_busy).await;
+            metrics::histogram!("penora_deduct_transaction_seconds")
+                .record(started.elapsed().as_secs_f64());
+            answers
+        }
         Err(e) => {
             let e = DbError::from(e);
             queued.iter().map(|_| Err(e.clone().into())).collect()
@@ -429,7 +458,14 @@ impl Summaries {
     /// Starts the dispatcher on the current runtime.
     pub fn start(pool: Pool, capacity: usize, batch_max: usize, in_flight: usize) -> Self {
         Self {
-            batcher: Batcher::start(pool, capacity, batch_max, in_flight, run_summaries),
+            batcher: Batcher::start(
+                "penora_read_queue_seconds",
+                pool,
+                capacity,
+                batch_max,
+                in_flight,
+                run_summaries,
+            ),
         }
     }
 

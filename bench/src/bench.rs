@@ -44,6 +44,8 @@ pub struct MovementPoint {
     /// CPU µs per deduction of each program, service then raw minimal.
     pub cpu: Vec<(String, f64)>,
     pub minimal_cpu: Vec<(String, f64)>,
+    /// Where a deduction's time went inside penora-api (its histograms).
+    pub time: Vec<crate::apitime::Part>,
 }
 
 /// Gives the fresh database the history of one in service: a few seconds of
@@ -92,6 +94,7 @@ async fn movement_point(
     let cpu_before = Cpu::now();
     let since = time::OffsetDateTime::now_utc();
     let watch = crate::workloads::LagWatch::start(&ctx.pool);
+    let scraped = crate::apitime::scrape(ctx).await;
     let started = std::time::Instant::now();
     let (c2, w2, t2) = (ctx.clone(), workload.to_owned(), tag.clone());
     let service = drive(c, secs, move |task, i| {
@@ -99,6 +102,7 @@ async fn movement_point(
         async move { service_op(ctx, &w, &t, task, i).await }
     })
     .await;
+    let time = crate::apitime::between(&scraped, &crate::apitime::scrape(ctx).await);
     caught_up(&ctx.pool, first).await?;
     let end_to_end = service.ops as f64 / started.elapsed().as_secs_f64();
     let lag = Some(audit_lag_p99(&ctx.pool, since, watch).await?);
@@ -124,6 +128,7 @@ async fn movement_point(
         lag,
         cpu: cpu_before.per_op(&cpu_after, service.ops),
         minimal_cpu: cpu_after.per_op(&cpu_minimal, minimal.ops),
+        time,
     };
     eprintln!(
         "{workload:>9} x{c:<3} {secs:.0} s: service {:.0}/s, end to end {:.0}/s, raw minimal {:.0}/s | per movement: \
@@ -144,6 +149,21 @@ async fn movement_point(
             .map_or("n/a".into(), |v| format!("{v:.0}")),
         point.work.commits,
         point.minimal_work.commits,
+    );
+    eprintln!(
+        "{:>9} client p50 {:.1} ms, p99 {:.1} ms | in penora-api (mean / p99 ms): {}",
+        "",
+        service.p50_ms,
+        service.p99_ms,
+        point
+            .time
+            .iter()
+            .map(|p| format!(
+                "{} {:.1}/{:.1} ({:.0})",
+                p.short, p.mean_ms, p.p99_ms, p.count
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     Ok(point)
 }

@@ -5,6 +5,7 @@
 //! [`invariants`] check). Neither is part of the test suite; the scripts
 //! `scripts/bench.sh` and `scripts/chaos.sh` start everything and call them.
 
+pub mod apitime;
 pub mod bench;
 pub mod chaos;
 pub mod chaos_allowances;

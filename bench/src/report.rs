@@ -327,6 +327,23 @@ fn movement_tables(points: &[MovementPoint]) -> String {
     }
     for p in points
         .iter()
+        .filter(|p| p.concurrency == max_conc && !p.time.is_empty())
+    {
+        s.push_str(&format!(
+            "\nWhere a deduction's time goes, `{}` at {} connections: the client saw p50 {:.1} ms, p99 {:.1} ms; \
+             inside penora-api, from its histograms (`/metrics`, read before and after the phase; p99 interpolated \
+             within the histograms' buckets):\n\n| part | per | count | mean ms | p99 ms |\n|---|---|---:|---:|---:|\n",
+            p.workload, p.concurrency, p.service.p50_ms, p.service.p99_ms,
+        ));
+        for t in &p.time {
+            s.push_str(&format!(
+                "| {} | {} | {:.0} | {:.2} | {:.1} |\n",
+                t.what, t.per, t.count, t.mean_ms, t.p99_ms
+            ));
+        }
+    }
+    for p in points
+        .iter()
         .filter(|p| p.concurrency == max_conc && !p.work.top.is_empty())
     {
         s.push_str(&format!(

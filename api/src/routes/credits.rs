@@ -361,13 +361,20 @@ async fn hold_back_for_audit(state: &AppState) -> Result<(), ApiError> {
     if limit == 0 || state.audit_lag.millis() <= limit {
         return Ok(());
     }
-    let deadline = tokio::time::Instant::now() + AUDIT_WAIT;
+    let started = tokio::time::Instant::now();
+    let deadline = started + AUDIT_WAIT;
+    let waited = || {
+        metrics::histogram!("penora_deduct_held_back_seconds")
+            .record(started.elapsed().as_secs_f64());
+    };
     while tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         if state.audit_lag.millis() <= limit {
+            waited();
             return Ok(());
         }
     }
+    waited();
     metrics::counter!("penora_deductions_held_back_total").increment(1);
     Err(ApiError::Busy {
         what: "deductions while the audit catches up",
