@@ -110,9 +110,9 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         self.queue
             .try_send(((request, reply), Instant::now()))
             .map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => Unanswered::Full,
-            mpsc::error::TrySendError::Closed(_) => Unanswered::Stopped,
-        })?;
+                mpsc::error::TrySendError::Full(_) => Unanswered::Full,
+                mpsc::error::TrySendError::Closed(_) => Unanswered::Stopped,
+            })?;
         answer.await.map_err(|_| Unanswered::Dropped)
     }
 }

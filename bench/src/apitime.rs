@@ -125,7 +125,10 @@ fn parse(text: &str) -> Scrape {
                 Some(v) => v.parse().unwrap_or(f64::INFINITY),
                 None => continue,
             };
-            all.entry(key(base)).or_default().buckets.push((bound, value));
+            all.entry(key(base))
+                .or_default()
+                .buckets
+                .push((bound, value));
         } else if let Some(base) = name.strip_suffix("_sum") {
             all.entry(key(base)).or_default().sum = value;
         } else if let Some(base) = name.strip_suffix("_count") {

@@ -469,3 +469,53 @@ async fn chain_links_follow_each_users_order_and_commit_jobs_checkpoint_them_onc
     assert_eq!(verification.checkpoints_checked, 2);
     assert_eq!(verification.links_awaiting_checkpoint, 0);
 }
+
+/// A new deployment has no statistics, and the services keep a prepared
+/// statement's generic plan for as long as their connection lives: the
+/// audit job's statements must be planned on the primary keys from the
+/// first second, or they scan whole tables that grow under them (a
+/// sequential scan of `audit_checkpoints` cost 45 ms a call after 15 s of
+/// deductions on a fresh database).
+#[tokio::test]
+async fn the_audit_jobs_statements_use_the_primary_keys_on_a_database_without_statistics() {
+    let t = TestDb::new().await;
+    let pool = db::pool_with(&t.url, 1, 5000).expect("pool");
+    let c = pool.get().await.expect("client");
+    let never_analyzed: i64 = c
+        .query_one(
+            "SELECT count(*) FROM pg_class \
+             WHERE relname IN ('audit_checkpoints', 'ledger_entries') AND reltuples < 0",
+            &[],
+        )
+        .await
+        .expect("statistics")
+        .get(0);
+    assert_eq!(
+        never_analyzed, 2,
+        "a test database starts without statistics, as a new deployment does"
+    );
+    c.batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("generic plans");
+    for (name, sql, params) in ledger::checkpoint::statements() {
+        c.batch_execute(&format!("PREPARE s AS {sql}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let args = vec!["NULL"; params].join(", ");
+        let plan: Vec<String> = c
+            .query(&format!("EXPLAIN EXECUTE s({args})"), &[])
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let plan = plan.join("\n");
+        for table in ["audit_checkpoints", "ledger_entries"] {
+            assert!(
+                !plan.contains(&format!("Seq Scan on {table}")),
+                "{name} scans {table} whole on a database without statistics:\n{plan}"
+            );
+        }
+        c.batch_execute("DEALLOCATE s").await.expect("deallocate");
+    }
+}
