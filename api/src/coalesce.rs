@@ -542,6 +542,7 @@ mod tests {
         let pool =
             penora_store::pool_with("postgres://nobody@127.0.0.1:1/none", 1, 100).expect("pool");
         let batcher: Batcher<u32, u32> = Batcher::start(
+            "penora_test_queue_seconds",
             pool,
             16,
             8,
