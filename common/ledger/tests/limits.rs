@@ -349,11 +349,14 @@ async fn seeded() -> (TestDb, deadpool_postgres::Pool) {
     (db, pool)
 }
 
-/// How long until the next UTC midnight, and a second more.
+/// How far to travel for today's spending to become yesterday's: the time
+/// since the last UTC midnight, and a second more. ([`travel`] moves what is
+/// stored back, not the clock forward: a travel to the next midnight would
+/// keep a morning's spending in today whenever the test runs after noon.)
 async fn past_midnight(c: &deadpool_postgres::Client) -> Duration {
     let at = now(c).await;
-    let to = Period::Day.next_start(at) - at;
-    Duration::try_from(to).expect("positive") + Duration::from_secs(1)
+    let since = at - Period::Day.start_of(at);
+    Duration::try_from(since).expect("positive") + Duration::from_secs(1)
 }
 
 #[tokio::test]
