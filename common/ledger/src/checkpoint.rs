@@ -449,7 +449,11 @@ fn check_own_hash(r: &tokio_postgres::Row) -> Result<(), Result<String, DbError>
 /// fresh database's first minutes): each lateral is a parameterised probe,
 /// and the row comparisons on (user_id, id) only the primary key can serve,
 /// so the range is never read through the id index across other users'
-/// entries.
+/// entries. The same bounds stand again as `user_id =` and `id` between:
+/// a B-tree starts a scan from the equality on its first column, and with
+/// only the row comparison beside it, it started at the user's first entry
+/// and read the whole history up to the checkpoint (12.7 ms a call for
+/// three users of 50,000 entries each, 0.7 ms with the bounds on `id`).
 fn read_links() -> String {
     format!(
         "SELECT k.user_id AS chain_user, c.seq AS cp_seq, c.entry_id AS cp_entry_id, \
@@ -461,6 +465,7 @@ fn read_links() -> String {
              WHERE l.user_id = k.user_id \
                AND (l.user_id, l.id) >= (k.user_id, coalesce(c.entry_id, 0)) \
                AND (l.user_id, l.id) <= (k.user_id, k.last_id) \
+               AND l.id >= coalesce(c.entry_id, 0) AND l.id <= k.last_id \
                AND l.hash IS NOT NULL ORDER BY l.user_id, l.id) l ON true \
          ORDER BY k.user_id, l.id"
     )

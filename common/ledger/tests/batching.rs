@@ -519,3 +519,107 @@ async fn the_audit_jobs_statements_use_the_primary_keys_on_a_database_without_st
         c.batch_execute("DEALLOCATE s").await.expect("deallocate");
     }
 }
+
+/// Blocks the statement touched (`shared hit` + `read`), from its top plan
+/// node's `Buffers:` line.
+fn blocks_of(plan: &[String]) -> u64 {
+    let line = plan
+        .iter()
+        .find(|l| l.trim_start().starts_with("Buffers:"))
+        .unwrap_or_else(|| panic!("no Buffers line in:\n{}", plan.join("\n")));
+    line.split_whitespace()
+        .filter_map(|w| {
+            let (what, n) = w.split_once('=')?;
+            matches!(what, "hit" | "read").then(|| n.parse::<u64>().ok())?
+        })
+        .sum()
+}
+
+/// The audit job reads a chain from its checkpoint on: what that costs is
+/// the new links', not the user's history's. A hot account's history is
+/// long: a read that started at the user's first entry (a B-tree scan
+/// positioned by `user_id =` alone) cost 17 ms a call in the benchmark's
+/// 60 s `hot` run, and more every second.
+#[tokio::test]
+async fn the_audit_jobs_read_costs_the_new_links_not_the_users_history() {
+    let t = TestDb::new().await;
+    let pool = db::pool_with(&t.url, 1, 5000).expect("pool");
+    let c = pool.get().await.expect("client");
+    // Two chains: 30,000 links and 30, both checked up to their tenth link
+    // from the end (the hashes are not checked here: only the read is).
+    c.batch_execute(
+        "INSERT INTO accounts (user_id) VALUES ('long-history'), ('short-history');
+         INSERT INTO ledger_entries (user_id, kind, amount, balance_after, app_name, reference, \
+                                     chain_seq, prev_hash, hash)
+         SELECT h.u, 'grant', 1, s, 'penora', 'g' || s, s, \
+                decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex')
+         FROM (VALUES ('long-history', 30000), ('short-history', 30)) AS h(u, n), \
+              generate_series(1, h.n) AS s
+         ORDER BY s, h.u;
+         INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash)
+         SELECT l.user_id, l.chain_seq, l.id, l.hash FROM ledger_entries l
+         WHERE (l.user_id, l.chain_seq) IN (('long-history', 29990), ('short-history', 20));",
+    )
+    .await
+    .expect("two chains");
+    c.batch_execute("SET plan_cache_mode = force_generic_plan")
+        .await
+        .expect("generic plans");
+    let (_, read, _) = ledger::checkpoint::statements()
+        .into_iter()
+        .find(|s| s.0 == "read")
+        .expect("the read");
+    for statistics in ["none (a new deployment)", "after ANALYZE"] {
+        if statistics.starts_with("after") {
+            c.batch_execute("ANALYZE ledger_entries; ANALYZE audit_checkpoints")
+                .await
+                .expect("analyze");
+        }
+        c.batch_execute(&format!("PREPARE s AS {read}"))
+            .await
+            .expect("prepare");
+        let mut blocks = Vec::new();
+        for user in ["long-history", "short-history"] {
+            let last: i64 = c
+                .query_one(
+                    "SELECT max(id) FROM ledger_entries WHERE user_id = $1",
+                    &[&user],
+                )
+                .await
+                .expect("last")
+                .get(0);
+            let plan: Vec<String> = c
+                .query(
+                    &format!(
+                        "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE s('{{{user}}}', '{{{last}}}')"
+                    ),
+                    &[],
+                )
+                .await
+                .expect("plan")
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let links: i64 = c
+                .query(&format!("EXECUTE s('{{{user}}}', '{{{last}}}')"), &[])
+                .await
+                .expect("read")
+                .len() as i64;
+            assert_eq!(
+                links, 11,
+                "{user}: the checkpoint's link and the 10 after it"
+            );
+            blocks.push((blocks_of(&plan), plan.join("\n")));
+        }
+        let (long, short) = (&blocks[0], &blocks[1]);
+        assert!(
+            long.0 <= short.0 + 8,
+            "statistics {statistics}: the read of 11 links touched {} blocks for a user with \
+             30,000 entries and {} for one with 30:\n{}",
+            long.0,
+            short.0,
+            long.1
+        );
+        c.batch_execute("DEALLOCATE s").await.expect("deallocate");
+    }
+}
