@@ -20,8 +20,13 @@ RUN apt-get update \
  && useradd --system --uid 10001 --no-create-home penora
 COPY --from=build /src/target/release/penora-api /src/target/release/penora-worker /src/target/release/penora-ops /usr/local/bin/
 USER penora
+# A fixed mmap threshold (glibc): every block of 128 KiB or more (request
+# bodies, decoded images) goes back to the system when freed, instead of
+# staying in the heap of the thread that freed it once glibc has raised its
+# threshold (docs/operations.md, "Memory").
 ENV BIND_ADDR=0.0.0.0:5000 \
-    LOG_FORMAT=json
+    LOG_FORMAT=json \
+    MALLOC_MMAP_THRESHOLD_=131072
 EXPOSE 5000
 # Liveness only: a database outage must never restart the container
 # (/ready is the readiness check; the compose file waits on it).
