@@ -623,3 +623,101 @@ async fn the_audit_jobs_read_costs_the_new_links_not_the_users_history() {
         c.batch_execute("DEALLOCATE s").await.expect("deallocate");
     }
 }
+
+/// A connection plans a prepared statement once and keeps the plan. On a
+/// new deployment, or in the first minute after V18 on an old one,
+/// `audit_checkpoints` is empty or tiny when the audit job first runs; a
+/// plan made then scanned the table whole, and kept doing so while it grew
+/// to a row per user (13 ms a call, up to 2.5 s for a batch of 760 chains,
+/// in a benchmark without warm-up). Planned as the job plans them
+/// (`checkpoint::BY_INDEX`), the statements keep to the primary keys however
+/// small the table was; planned plainly, the same statement keeps its scan
+/// (the trap this test sets is real).
+#[tokio::test]
+async fn the_audit_jobs_plans_made_on_a_tiny_table_keep_to_the_primary_keys_once_it_grew() {
+    let t = TestDb::new().await;
+    let pool = db::pool_with(&t.url, 1, 5000).expect("pool");
+    let c = pool.get().await.expect("client");
+    // 30,020 users, 20 checkpoints, analyzed: the first seconds' statistics.
+    c.batch_execute(
+        "ALTER TABLE audit_checkpoints SET (autovacuum_enabled = off);
+         INSERT INTO accounts (user_id) SELECT 'u' || g FROM generate_series(1, 30020) g;
+         INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash)
+         SELECT 'u' || g, 1, g, decode(repeat('11', 32), 'hex') FROM generate_series(1, 20) g;
+         ANALYZE audit_checkpoints;
+         SET plan_cache_mode = force_generic_plan;",
+    )
+    .await
+    .expect("a tiny table");
+    let (on, off) = ledger::checkpoint::BY_INDEX;
+    let nulls = |n: usize| vec!["NULL"; n].join(", ");
+    let mut planned = Vec::new();
+    for (i, (name, sql, params)) in ledger::checkpoint::statements().into_iter().enumerate() {
+        for (as_job, setting) in [(true, on), (false, off)] {
+            let handle = format!("s{i}_{}", if as_job { "job" } else { "plain" });
+            // Prepared and run once on the tiny table: the plan is made and kept.
+            c.batch_execute(&format!(
+                "{setting}; PREPARE {handle} AS {sql}; EXECUTE {handle}({}); {off}",
+                nulls(params)
+            ))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            planned.push((name, as_job, setting, handle, params));
+        }
+    }
+    // The table grows to a row per user, as the first minute's audit jobs make it.
+    c.batch_execute(
+        "INSERT INTO audit_checkpoints (user_id, seq, entry_id, hash)
+         SELECT 'u' || g, 1, g, decode(repeat('11', 32), 'hex') FROM generate_series(21, 30020) g;",
+    )
+    .await
+    .expect("a grown table");
+    for (name, as_job, setting, handle, params) in planned {
+        c.batch_execute(setting).await.expect("setting");
+        let plan: Vec<String> = c
+            .query(&format!("EXPLAIN EXECUTE {handle}({})", nulls(params)), &[])
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        c.batch_execute(off).await.expect("reset");
+        let plan = plan.join("\n");
+        let scans = ["audit_checkpoints", "ledger_entries"]
+            .iter()
+            .any(|t| plan.contains(&format!("Seq Scan on {t}")));
+        if as_job {
+            assert!(
+                !scans,
+                "{name}, planned as the job plans it, kept a scan made on a tiny table:\n{plan}"
+            );
+        } else if name.starts_with("advance, skipping") {
+            assert!(
+                scans,
+                "{name}, planned plainly on a tiny table, was expected to keep a sequential scan (the trap this test sets):\n{plan}"
+            );
+        }
+    }
+}
+
+/// The setting, the statement and the reset go in one round trip, in that
+/// order, and the reset runs even when the statement fails.
+#[tokio::test]
+async fn a_statement_run_by_index_sees_sequential_scans_off_and_leaves_them_on() {
+    let t = TestDb::new().await;
+    let pool = db::pool_with(&t.url, 1, 5000).expect("pool");
+    let c = pool.get().await.expect("client");
+    let show = c.prepare("SHOW enable_seqscan").await.expect("prepare");
+    let setting = |rows: Vec<tokio_postgres::Row>| -> String { rows[0].get(0) };
+    let during = ledger::checkpoint::by_index(&c, &show, &[])
+        .await
+        .expect("show");
+    assert_eq!(setting(during), "off");
+    let after = c.query(&show, &[]).await.expect("show");
+    assert_eq!(setting(after), "on");
+    let divide = c.prepare("SELECT 1 / $1::int4").await.expect("prepare");
+    let failed = ledger::checkpoint::by_index(&c, &divide, &[&0_i32]).await;
+    assert!(failed.is_err(), "the statement's error is the answer");
+    let after = c.query(&show, &[]).await.expect("show");
+    assert_eq!(setting(after), "on", "reset after a failed statement");
+}
