@@ -23,10 +23,12 @@ USER penora
 # A fixed mmap threshold (glibc): every block of 128 KiB or more (request
 # bodies, decoded images) goes back to the system when freed, instead of
 # staying in the heap of the thread that freed it once glibc has raised its
-# threshold (docs/operations.md, "Memory").
+# threshold; and two heaps for all threads, not eight per core
+# (docs/operations.md, "Memory").
 ENV BIND_ADDR=0.0.0.0:5000 \
     LOG_FORMAT=json \
-    MALLOC_MMAP_THRESHOLD_=131072
+    MALLOC_MMAP_THRESHOLD_=131072 \
+    MALLOC_ARENA_MAX=2
 EXPOSE 5000
 # Liveness only: a database outage must never restart the container
 # (/ready is the readiness check; the compose file waits on it).

@@ -33,7 +33,7 @@ extra=("$@")
 scripts/services.sh
 # The services run as deployed (the Dockerfile's setting): glibc's mmap
 # threshold fixed, so freed request bodies and images leave the RSS.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072} MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 cargo build --release --locked --bin penora-api --bin penora-worker --bin penora-bench
 
 # A private PostgreSQL instance with pg_stat_statements, unless the shared

@@ -63,7 +63,7 @@ export WEBHOOK_ALLOW_PRIVATE=${WEBHOOK_ALLOW_PRIVATE:-true}
 
 export WORKER_METRICS_ADDR=${WORKER_METRICS_ADDR:-127.0.0.1:9091}
 # As the Dockerfile sets it: freed request bodies and images leave the RSS.
-export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072}
+export MALLOC_MMAP_THRESHOLD_=${MALLOC_MMAP_THRESHOLD_:-131072} MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
 cargo build --locked --bin penora-api --bin penora-worker --bin penora-ops
 stop
 ./target/debug/penora-ops migrate >/dev/null
