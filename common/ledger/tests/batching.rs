@@ -501,15 +501,9 @@ async fn the_audit_jobs_statements_use_the_primary_keys_on_a_database_without_st
         c.batch_execute(&format!("PREPARE s AS {sql}"))
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"));
-        let args = vec!["NULL"; params].join(", ");
-        let plan: Vec<String> = c
-            .query(&format!("EXPLAIN EXECUTE s({args})"), &[])
+        let plan = plan_of(&c, &format!("EXPLAIN EXECUTE s({})", nulls(params)))
             .await
-            .expect("plan")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let plan = plan.join("\n");
+            .join("\n");
         for table in ["audit_checkpoints", "ledger_entries"] {
             assert!(
                 !plan.contains(&format!("Seq Scan on {table}")),
@@ -518,6 +512,21 @@ async fn the_audit_jobs_statements_use_the_primary_keys_on_a_database_without_st
         }
         c.batch_execute("DEALLOCATE s").await.expect("deallocate");
     }
+}
+
+/// The lines of an `EXPLAIN`.
+async fn plan_of(c: &deadpool_postgres::Client, explain: &str) -> Vec<String> {
+    c.query(explain, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{explain}: {e}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `n` NULL arguments, for a prepared statement's `EXECUTE`.
+fn nulls(n: usize) -> String {
+    vec!["NULL"; n].join(", ")
 }
 
 /// Blocks the statement touched (`shared hit` + `read`), from its top plan
@@ -588,18 +597,13 @@ async fn the_audit_jobs_read_costs_the_new_links_not_the_users_history() {
                 .await
                 .expect("last")
                 .get(0);
-            let plan: Vec<String> = c
-                .query(
-                    &format!(
-                        "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE s('{{{user}}}', '{{{last}}}')"
-                    ),
-                    &[],
-                )
-                .await
-                .expect("plan")
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
+            let plan = plan_of(
+                &c,
+                &format!(
+                    "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) EXECUTE s('{{{user}}}', '{{{last}}}')"
+                ),
+            )
+            .await;
             let links: i64 = c
                 .query(&format!("EXECUTE s('{{{user}}}', '{{{last}}}')"), &[])
                 .await
@@ -650,7 +654,6 @@ async fn the_audit_jobs_plans_made_on_a_tiny_table_keep_to_the_primary_keys_once
     .await
     .expect("a tiny table");
     let (on, off) = ledger::checkpoint::BY_INDEX;
-    let nulls = |n: usize| vec!["NULL"; n].join(", ");
     let mut planned = Vec::new();
     for (i, (name, sql, params)) in ledger::checkpoint::statements().into_iter().enumerate() {
         for (as_job, setting) in [(true, on), (false, off)] {
@@ -674,15 +677,10 @@ async fn the_audit_jobs_plans_made_on_a_tiny_table_keep_to_the_primary_keys_once
     .expect("a grown table");
     for (name, as_job, setting, handle, params) in planned {
         c.batch_execute(setting).await.expect("setting");
-        let plan: Vec<String> = c
-            .query(&format!("EXPLAIN EXECUTE {handle}({})", nulls(params)), &[])
+        let plan = plan_of(&c, &format!("EXPLAIN EXECUTE {handle}({})", nulls(params)))
             .await
-            .expect("plan")
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
+            .join("\n");
         c.batch_execute(off).await.expect("reset");
-        let plan = plan.join("\n");
         let scans = ["audit_checkpoints", "ledger_entries"]
             .iter()
             .any(|t| plan.contains(&format!("Seq Scan on {t}")));
