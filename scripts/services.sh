@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Makes sure what Penora Credits needs runs on this machine: PostgreSQL and
-# RabbitMQ (and node, for the integration guide's JavaScript test; Python 3 with
+# RabbitMQ (and node with npm, for the integration guide's JavaScript test and the SDK; Python 3 with
 # venv, for scripts/fuzz.sh and scripts/chaos.sh). Starts a
 # service that is installed but stopped; installs one that is missing with
 # apt-get (Debian/Ubuntu, as root or with sudo). Safe to run again and again.
@@ -139,8 +139,14 @@ ensure_rabbitmq() {
   log "RabbitMQ is up on 127.0.0.1:5672"
 }
 
+# node 18 or newer with npm: the guide's JavaScript test and the TypeScript
+# SDK (scripts/sdk.sh installs the SDK's packages from the npm registry).
 ensure_node() {
   if ! command -v node >/dev/null; then apt_install nodejs; fi
+  if ! command -v npm >/dev/null; then apt_install npm; fi
+  local major
+  major=$(node -p 'process.versions.node.split(".")[0]')
+  if [ "$major" -lt 18 ]; then log "node $major is too old: the SDK needs node 18 or newer"; exit 1; fi
 }
 
 # scripts/fuzz.sh (schemathesis in a virtualenv) and scripts/chaos.sh need Python 3 with venv.
