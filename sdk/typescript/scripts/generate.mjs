@@ -1,7 +1,7 @@
 // Writes the SDK's types from the service's OpenAPI document, with
 // openapi-typescript: node scripts/generate.mjs OPENAPI.json OUT.ts
 //
-// One change to what the CLI would write: the document's JsonWithoutNul
+// What the CLI would write with --empty-objects-unknown, and one change: the document's JsonWithoutNul
 // (any JSON value, for project metadata) refers to itself at its top level,
 // which TypeScript cannot say as a property of `components`; it becomes
 // `unknown`, as the metadata's JSON is to a client.
@@ -16,6 +16,9 @@ if (!input || !output) {
 }
 const document = JSON.parse(readFileSync(input, "utf8"));
 const ast = await openapiTS(document, {
+  // An object the document leaves open (project metadata, the projects
+  // answer's `<app>_projects` of other apps) holds anything, not nothing.
+  emptyObjectsUnknown: true,
   transform(_schema, options) {
     if (options.path?.endsWith("/components/schemas/JsonWithoutNul")) {
       return ts.factory.createKeywordTypeNode(ts.SyntaxKind.UnknownKeyword);

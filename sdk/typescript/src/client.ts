@@ -216,20 +216,27 @@ export class PenoraClient {
       "/api/unified/deduct-credits",
       body,
       options,
-      body.project_code,
+      body.project_code ?? undefined,
     );
   }
 
   /**
    * `POST /refund-credits`: gives a reservation's credits back, all or
    * `amount` of them. The idempotency key is the refund's `reference`.
+   *
+   * A whole refund (no `amount`) without a `reference` or `idempotencyKey`
+   * is sent without a key, as the guide sends it: it is idempotent by the
+   * reservation itself (asking again answers the first refund, retries
+   * included), where a new key per call would make a second call a new
+   * refund of nothing left (`409 not_refundable`).
    */
   refundCredits(body: RequestBody<"/api/unified/refund-credits", "post">, options: CallOptions = {}) {
+    const whole = body.amount === undefined || body.amount === null;
     return this.post<Answer<"/api/unified/refund-credits", "post">>(
       "/api/unified/refund-credits",
       body,
       options,
-      body.reference,
+      body.reference ?? (whole ? null : undefined),
     );
   }
 
@@ -239,7 +246,7 @@ export class PenoraClient {
       "/api/unified/settle-credits",
       body,
       options,
-      body.reference,
+      body.reference ?? undefined,
     );
   }
 
@@ -249,7 +256,7 @@ export class PenoraClient {
       "/api/unified/add-credits",
       body,
       options,
-      body.reference,
+      body.reference ?? undefined,
     );
   }
 
@@ -274,7 +281,7 @@ export class PenoraClient {
       `/api/unified/credit-lots/${encodeURIComponent(String(lotId))}/void`,
       body,
       options,
-      null,
+      undefined,
     );
   }
 
@@ -295,7 +302,7 @@ export class PenoraClient {
       "/api/unified/save-project",
       body,
       options,
-      body.project_code,
+      body.project_code ?? undefined,
     );
   }
 
@@ -447,6 +454,11 @@ export class PenoraClient {
     return this.json<T>({ method: "PUT", path, body, repeatable: true, signal: options.signal });
   }
 
+  /**
+   * A POST with its `Idempotency-Key`: the caller's, else `bodyKey` (the
+   * body's own key), else a new UUID; `bodyKey` null (not undefined) sends
+   * none.
+   */
   private post<T extends object>(
     path: string,
     body: unknown,
@@ -457,7 +469,7 @@ export class PenoraClient {
       method: "POST",
       path,
       body,
-      idempotencyKey: options.idempotencyKey ?? bodyKey ?? randomUUID(),
+      idempotencyKey: options.idempotencyKey ?? (bodyKey === undefined ? randomUUID() : bodyKey),
       repeatable: true,
       signal: options.signal,
     });

@@ -912,7 +912,7 @@ export interface components {
             app_name?: components["schemas"]["AppName"] | null;
             /** @description `day`, `week` or `month`. */
             period: components["schemas"]["Period"];
-            user_id: string & Record<string, never>;
+            user_id: string & Record<string, unknown>;
         };
         /** @description Body of `PUT /limits`. */
         LimitRequest: {
@@ -1088,7 +1088,7 @@ export interface components {
              */
             id: string;
             /** @description Its metadata, as stored. */
-            metadata: Record<string, never>;
+            metadata: Record<string, unknown>;
             /**
              * Format: int64
              * @description Bytes sent.
@@ -1124,7 +1124,7 @@ export interface components {
          *     counts (`<app>_projects`, `<app>_count`) for `penora`, `imagegene` and any
          *     other app seen.
          */
-        ProjectsResponse: Record<string, never> & {
+        ProjectsResponse: Record<string, unknown> & {
             /** @description This page of projects, newest first. */
             all_projects: components["schemas"]["ProjectItem"][];
             /**
@@ -1659,7 +1659,7 @@ export interface components {
             success: boolean;
         };
         /** @description A successful answer: `{"success": true, …fields of T}`. */
-        Success_ProjectsResponse: (Record<string, never> & {
+        Success_ProjectsResponse: (Record<string, unknown> & {
             /** @description This page of projects, newest first. */
             all_projects: components["schemas"]["ProjectItem"][];
             /**
