@@ -9,7 +9,9 @@
 #                             generation from the running API's OpenAPI
 #                             document, type-checks the SDK and its tests
 #                             (tsc --noEmit, strict), builds it, runs its tests
-#                             (node --test) and packs it (npm pack)
+#                             (node --test), packs it (npm pack), and installs
+#                             the tarball in an app of its own (consumer/) that
+#                             type-checks against it and runs
 #   scripts/sdk.sh generate   writes src/openapi.ts from the running API's
 #                             document (after a change to the API)
 #
@@ -79,5 +81,18 @@ concurrency=()
 PENORA_BASE_URL=$api PENORA_CONSTRAINED_URL=$constrained PENORA_API_KEY=$PENORA_API_KEY \
   PENORA_OPS="$OLDPWD/target/debug/penora-ops" \
   node --test "${concurrency[@]}" --test-timeout=120000 build/test/*.test.js
+rm -f "$OLDPWD/$out"/penora-credits-*.tgz
 npm pack --pack-destination "$OLDPWD/$out" --loglevel=error >/dev/null
-echo "sdk: packed $(ls "$OLDPWD/$out"/penora-credits-*.tgz)"
+cd "$OLDPWD"
+tarball=$(ls "$out"/penora-credits-*.tgz)
+echo "sdk: packed $tarball"
+# An app that installs the tarball (and not amqplib) type-checks against its
+# declarations and runs.
+consumer=$out/consumer
+rm -rf "$consumer"
+mkdir -p "$consumer"
+cp "$sdk/consumer/index.ts" "$sdk/consumer/tsconfig.json" "$consumer/"
+echo '{"name": "consumer", "private": true, "type": "module"}' >"$consumer/package.json"
+(cd "$consumer" && npm install --no-audit --no-fund --loglevel=error "../$(basename "$tarball")" >/dev/null)
+"$sdk/node_modules/.bin/tsc" -p "$consumer/tsconfig.json"
+(cd "$consumer" && PENORA_BASE_URL=$api node index.js)
