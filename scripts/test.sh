@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Runs every test: unit tests and the integration tests against the real
-# PostgreSQL and RabbitMQ (each test with a database and a queue prefix of its
-# own). Starts the services first. Extra arguments go to nextest (e.g. a filter).
+# Runs every test: the TypeScript SDK's against the running service
+# (scripts/sdk.sh), then the workspace's unit tests and integration tests
+# against the real PostgreSQL and RabbitMQ (each test with a database and a
+# queue prefix of its own). Starts the services first. Extra arguments go to
+# nextest (e.g. a filter) and leave the SDK's tests out.
 #
 # nextest runs each test in its own process (the metrics tests compare
 # increases, so they hold either way); it is installed from crates.io when
@@ -14,6 +16,12 @@ if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi
 cargo build --workspace --all-targets --locked
+# The TypeScript SDK against the real service (scripts/sdk.sh: its types
+# against the API's document, tsc, node's test runner, the packed tarball);
+# left out when arguments pick tests, or with PENORA_SKIP_SDK=1.
+if [ "$#" -eq 0 ] && [ "${PENORA_SKIP_SDK:-0}" != 1 ]; then
+  scripts/sdk.sh test
+fi
 # The cluster tests (worker/tests/cluster) need the cluster of
 # scripts/cluster.sh; `scripts/cluster.sh chaos` runs them (CI does too).
 exec cargo nextest run --workspace --locked --no-fail-fast \
