@@ -228,6 +228,11 @@ impl IdempotencyKey {
         Ok(Self(Some(String::from_utf8_lossy(raw).into_owned())))
     }
 
+    /// The header's value, if it was sent.
+    pub fn value(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
     /// The value of the body field `field`: the body's, else the header's
     /// made to fit the field (`fits`: as it is when it does, else `ik_` and
     /// 40 hex digits of its SHA-256, the same for every retry). A header and

@@ -18,10 +18,14 @@ use axum::{
 };
 use penora_domain::events::{Envelope, EventType};
 use penora_domain::{AppName, Description};
-use penora_platform::keys::Scope;
-use penora_platform::webhooks::{client::checked_addresses, secret::SigningSecret, target};
+use penora_platform::keys::{self, Scope};
+use penora_platform::webhooks::{
+    client::checked_addresses,
+    secret::{Sealed, SecretBox, SigningSecret},
+    target,
+};
 use penora_store::DbError;
-use penora_store::webhooks::{self, ALL_EVENTS, DeliveryJob, Endpoint, NewEndpoint};
+use penora_store::webhooks::{self, ALL_EVENTS, DeliveryJob, Endpoint, NewEndpoint, Registration};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::{router::OpenApiRouter, routes};
@@ -29,8 +33,8 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 use crate::{
     auth::Auth,
     error::{ApiError, ErrorBody},
-    extract::ApiJson,
-    routes::{RequestCorrelation, Success, json_ok},
+    extract::{ApiJson, IdempotencyKey},
+    routes::{RequestCorrelation, Success, credits::with_replay_header, json_ok},
     state::AppState,
 };
 
@@ -160,12 +164,20 @@ fn event_types(raw: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
 
 /// Register an endpoint. The answer holds its signing secret, shown this
 /// once.
+///
+/// Header `Idempotency-Key` (1–255 visible ASCII characters) makes it
+/// idempotent: the same key from the same API key with the same parameters
+/// answers the endpoint it registered, secret included, with
+/// `Idempotent-Replayed: true` (while that endpoint is not deleted); with
+/// other parameters, or once it is deleted, it is `409
+/// idempotency_conflict`.
 #[utoipa::path(
     post, path = "/webhooks", tag = "webhooks",
     request_body = WebhookRequest,
     responses(
-        (status = 201, description = "Registered; keep the secret", body = Success<Registered>),
+        (status = 201, description = "Registered (or replayed, with header Idempotent-Replayed: true); keep the secret", body = Success<Registered>),
         (status = 400, description = "`invalid_request`: the field named is missing or wrong (a URL that is not https or resolves to a non-public address, an unknown event type)", body = ErrorBody),
+        (status = 409, description = "`idempotency_conflict`: the Idempotency-Key registered another endpoint, or one deleted since", body = ErrorBody),
         (status = 401, description = "`invalid_api_key`", body = ErrorBody),
         (status = 403, description = "`forbidden` (not an admin key) or `app_mismatch`", body = ErrorBody),
         (status = 503, description = "`webhooks_not_configured`: WEBHOOK_SECRET_KEY is not set", body = ErrorBody),
@@ -175,6 +187,7 @@ fn event_types(raw: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
 async fn register(
     State(state): State<AppState>,
     auth: Auth,
+    key: IdempotencyKey,
     ApiJson(body): ApiJson<WebhookRequest>,
 ) -> Result<Response, ApiError> {
     auth.require(Scope::Admin)?;
@@ -203,11 +216,30 @@ async fn register(
     let Some(secrets) = &hooks.secrets else {
         return Err(ApiError::WebhooksNotConfigured);
     };
+    // The registration's key: the caller's and the header's, so that one
+    // caller's Idempotency-Key never finds another caller's endpoint; and
+    // its parameters', so that the same key with others is a conflict.
+    let registration = key.value().map(|k| {
+        let caller = auth
+            .0
+            .key_id
+            .map_or_else(|| "bootstrap".to_owned(), |id| id.to_string());
+        let parameters = serde_json::json!([url.as_str(), &events, &app, &description]);
+        (
+            keys::digest(&format!("webhook registration\n{caller}\n{k}")),
+            keys::digest(&parameters.to_string()),
+        )
+    });
+    let client = state.pool.get().await?;
+    if let Some((k, parameters)) = &registration
+        && let Some(found) = webhooks::registered(&client, k).await?
+    {
+        return replay(secrets, found, parameters);
+    }
     let id = format!("we_{}", uuid::Uuid::new_v4().simple());
     let secret = SigningSecret::generate().map_err(ApiError::Internal)?;
     let sealed = secrets.seal(&secret, &id).map_err(ApiError::Internal)?;
-    let client = state.pool.get().await?;
-    let endpoint = webhooks::insert_endpoint(
+    let inserted = webhooks::insert_endpoint(
         &client,
         &NewEndpoint {
             id: &id,
@@ -217,18 +249,69 @@ async fn register(
             description: description.as_deref(),
             secret_nonce: &sealed.nonce,
             secret_sealed: &sealed.sealed,
+            registration: registration
+                .as_ref()
+                .map(|(k, p)| Registration { key: k, request: p }),
         },
     )
     .await?;
+    let Some(endpoint) = inserted else {
+        // A registration with the same key committed in between.
+        let Some((k, parameters)) = &registration else {
+            return Err(ApiError::Internal(
+                "an endpoint without a registration key was not inserted".into(),
+            ));
+        };
+        let found = webhooks::registered(&client, k).await?.ok_or_else(|| {
+            ApiError::Internal("the registration key's endpoint was not found".into())
+        })?;
+        return replay(secrets, found, parameters);
+    };
     tracing::info!(endpoint_id = %endpoint.id, events = ?endpoint.events, "webhook endpoint registered");
-    Ok((
+    Ok(with_replay_header(
         StatusCode::CREATED,
-        json_ok(Registered {
+        false,
+        Registered {
             endpoint: endpoint.into(),
             secret: secret.reveal(),
-        }),
-    )
-        .into_response())
+        },
+    ))
+}
+
+/// The answer of a registration made before with the same key: the endpoint
+/// and its secret again, unless the parameters differ or it was deleted.
+fn replay(
+    secrets: &SecretBox,
+    found: webhooks::Registered,
+    parameters: &[u8],
+) -> Result<Response, ApiError> {
+    if !keys::digests_equal(&found.request_digest, parameters) {
+        return Err(ApiError::IdempotencyConflict(
+            "Idempotency-Key: was used to register an endpoint with other parameters (url, events, app or description)"
+                .into(),
+        ));
+    }
+    if found.endpoint.deleted_at.is_some() {
+        return Err(ApiError::IdempotencyConflict(format!(
+            "Idempotency-Key: registered endpoint {}, which was deleted since",
+            found.endpoint.id
+        )));
+    }
+    let sealed = Sealed {
+        nonce: found.secret_nonce,
+        sealed: found.secret_sealed,
+    };
+    let secret = secrets.open(&sealed, &found.endpoint.id).ok_or_else(|| {
+        ApiError::Internal("the endpoint's secret does not open with WEBHOOK_SECRET_KEY".into())
+    })?;
+    Ok(with_replay_header(
+        StatusCode::CREATED,
+        true,
+        Registered {
+            endpoint: found.endpoint.into(),
+            secret: secret.reveal(),
+        },
+    ))
 }
 
 /// The endpoints (never their secrets).

@@ -271,3 +271,98 @@ async fn without_a_secrets_key_no_endpoint_is_registered() {
     )
     .await;
 }
+
+/// How many endpoints are stored, deleted ones included.
+async fn endpoints(client: &deadpool_postgres::Client) -> i64 {
+    client
+        .query_one("SELECT count(*) FROM webhook_endpoints", &[])
+        .await
+        .expect("count")
+        .get(0)
+}
+
+/// `POST /webhooks` with `Idempotency-Key: idem` and `key` in `X-API-Key`.
+async fn register_with(
+    app: &crate::support::TestApp,
+    body: &Value,
+    key: &str,
+    idem: &str,
+) -> (StatusCode, bool, Value) {
+    let r = app
+        .http
+        .post(format!("{}{PATH}", app.base))
+        .header("X-API-Key", key)
+        .header("Idempotency-Key", idem)
+        .json(body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = r.status();
+    let replayed = r.headers().get("idempotent-replayed").is_some();
+    (status, replayed, r.json().await.expect("json"))
+}
+
+#[tokio::test]
+async fn a_registration_sent_again_with_its_idempotency_key_makes_one_endpoint_and_answers_its_secret()
+ {
+    use crate::support::BOOT_KEY;
+    let app = spawn_app().await;
+    let body = json!({"url": "https://hooks.penora.invalid/in", "events": ["balance.low"],
+                      "description": "sent by a client that retries"});
+    // Eight at once with one key (a client retrying while the first is in
+    // flight): one endpoint, one secret, every answer the same.
+    let answers = futures_util::future::join_all(
+        (0..8).map(|_| register_with(&app, &body, BOOT_KEY, "register-7f3c")),
+    )
+    .await;
+    let first = &answers[0].2;
+    let (id, secret) = (first["id"].clone(), first["secret"].clone());
+    assert!(secret.as_str().is_some_and(|s| s.starts_with("whsec_")));
+    for (status, _, answer) in &answers {
+        assert_eq!(*status, StatusCode::CREATED, "{answer}");
+        assert_eq!((&answer["id"], &answer["secret"]), (&id, &secret));
+    }
+    assert_eq!(
+        answers.iter().filter(|(_, replayed, _)| !replayed).count(),
+        1,
+        "one made it, the others are replays"
+    );
+    let client = app.pool.get().await.expect("db");
+    assert_eq!(endpoints(&client).await, 1);
+
+    // The same key with other parameters: a conflict, nothing made.
+    let other = json!({"url": "https://hooks.penora.invalid/other", "events": ["balance.low"],
+                       "description": "sent by a client that retries"});
+    let (status, _, answer) = register_with(&app, &other, BOOT_KEY, "register-7f3c").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert_eq!(answer["code"], "idempotency_conflict");
+    // Another caller's same header is that caller's own registration.
+    let admin = app.key("*", &[Scope::Admin]).await;
+    let (status, replayed, theirs) = register_with(&app, &body, &admin, "register-7f3c").await;
+    assert_eq!((status, replayed), (StatusCode::CREATED, false));
+    assert_ne!(theirs["id"], id);
+    assert_ne!(theirs["secret"], secret);
+    assert_eq!(endpoints(&client).await, 2);
+
+    // Once deleted, the key answers a conflict, not a deleted endpoint.
+    let id = id.as_str().expect("id");
+    let r = app
+        .http
+        .delete(format!("{}{PATH}/{id}", app.base))
+        .header("X-API-Key", BOOT_KEY)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(r.status(), StatusCode::OK);
+    let (status, _, answer) = register_with(&app, &body, BOOT_KEY, "register-7f3c").await;
+    assert_eq!(status, StatusCode::CONFLICT, "{answer}");
+    assert!(
+        answer["error"].as_str().is_some_and(|e| e.contains(id)),
+        "{answer}"
+    );
+    // Without the header, each registration is a new endpoint, as before.
+    for _ in 0..2 {
+        assert_eq!(app.post(PATH, &body).await.status(), StatusCode::CREATED);
+    }
+    assert_eq!(endpoints(&client).await, 4);
+}

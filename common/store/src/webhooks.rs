@@ -70,18 +70,35 @@ pub struct NewEndpoint<'a> {
     pub secret_nonce: &'a [u8],
     /// The sealed secret.
     pub secret_sealed: &'a [u8],
+    /// What makes the registration idempotent, when it came with an
+    /// `Idempotency-Key` (V19).
+    pub registration: Option<Registration<'a>>,
 }
 
-/// Registers an endpoint.
+/// A registration's idempotency (V19): the digest of the caller's key id
+/// and `Idempotency-Key`, and the digest of its parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct Registration<'a> {
+    /// SHA-256 of the caller and the header (32 bytes).
+    pub key: &'a [u8],
+    /// SHA-256 of the parameters (32 bytes).
+    pub request: &'a [u8],
+}
+
+/// Registers an endpoint; `None` when its registration key is already taken
+/// (a concurrent or earlier registration with it: [`registered`] finds it).
 pub async fn insert_endpoint(
     client: &impl GenericClient,
     new: &NewEndpoint<'_>,
-) -> Result<Endpoint, DbError> {
+) -> Result<Option<Endpoint>, DbError> {
     let row = client
-        .query_one(
+        .query_opt(
             &format!(
-                "INSERT INTO webhook_endpoints (id, url, events, app, description, secret_nonce, secret_sealed) \
-                 VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {ENDPOINT_COLUMNS}"
+                "INSERT INTO webhook_endpoints \
+                   (id, url, events, app, description, secret_nonce, secret_sealed, idempotency_key, request_digest) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING \
+                 RETURNING {ENDPOINT_COLUMNS}"
             ),
             &[
                 &new.id,
@@ -91,10 +108,51 @@ pub async fn insert_endpoint(
                 &new.description,
                 &new.secret_nonce,
                 &new.secret_sealed,
+                &new.registration.map(|r| r.key),
+                &new.registration.map(|r| r.request),
             ],
         )
         .await?;
-    Endpoint::of(&row)
+    row.as_ref().map(Endpoint::of).transpose()
+}
+
+/// An endpoint found by its registration key, with what a replay of its
+/// registration needs.
+#[derive(Debug, Clone)]
+pub struct Registered {
+    /// The endpoint (deleted or not).
+    pub endpoint: Endpoint,
+    /// The digest of the parameters it was registered with.
+    pub request_digest: Vec<u8>,
+    /// Its secret, sealed: nonce and ciphertext.
+    pub secret_nonce: Vec<u8>,
+    /// See `secret_nonce`.
+    pub secret_sealed: Vec<u8>,
+}
+
+/// The endpoint registered with registration key `key`, if any.
+pub async fn registered(
+    client: &impl GenericClient,
+    key: &[u8],
+) -> Result<Option<Registered>, DbError> {
+    let Some(r) = client
+        .query_opt(
+            &format!(
+                "SELECT {ENDPOINT_COLUMNS}, request_digest, secret_nonce, secret_sealed \
+                 FROM webhook_endpoints WHERE idempotency_key = $1"
+            ),
+            &[&key],
+        )
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(Registered {
+        endpoint: Endpoint::of(&r)?,
+        request_digest: r.try_get("request_digest")?,
+        secret_nonce: r.try_get("secret_nonce")?,
+        secret_sealed: r.try_get("secret_sealed")?,
+    }))
 }
 
 /// The endpoints not deleted (with `deleted` also the deleted ones), oldest

@@ -98,12 +98,6 @@ interface Call {
   query?: Record<string, QueryValue> | undefined;
   body?: unknown;
   idempotencyKey?: string | null;
-  /**
-   * Whether sending it again can never do it twice (GET, PUT, DELETE and
-   * the POSTs the service makes idempotent). Otherwise it is retried only
-   * when it cannot have been carried out (`429`, a refused connection).
-   */
-  repeatable: boolean;
   signal?: AbortSignal | undefined;
   bytes?: boolean;
 }
@@ -200,7 +194,6 @@ export class PenoraClient {
       method: "GET",
       path: "/api/unified/user-info",
       query: { user_id: userId },
-      repeatable: true,
       signal: options.signal,
     });
   }
@@ -327,7 +320,6 @@ export class PenoraClient {
       method: "DELETE",
       path: `/api/unified/projects/${encodeURIComponent(projectId)}`,
       query: { user_id: userId },
-      repeatable: true,
       signal: options.signal,
     });
   }
@@ -360,7 +352,6 @@ export class PenoraClient {
       method: "DELETE",
       path: "/api/unified/limits",
       query,
-      repeatable: true,
       signal: options.signal,
     });
   }
@@ -381,7 +372,6 @@ export class PenoraClient {
       method: "DELETE",
       path: "/api/unified/allowances",
       query,
-      repeatable: true,
       signal: options.signal,
     });
   }
@@ -389,20 +379,12 @@ export class PenoraClient {
   // ---- webhooks ----
 
   /**
-   * `POST /webhooks` (admin): registers an endpoint; the answer's `secret`
-   * (`whsec_…`) is shown this once. Not idempotent on the service's side, so
-   * it is retried only when it cannot have been carried out (`429`, a
-   * refused connection, a `503` other than `timeout`).
+   * `POST /webhooks` (admin): registers an endpoint; keep the answer's
+   * `secret` (`whsec_…`): it is not listed. A retry with the same key
+   * answers the endpoint it made, secret included.
    */
   createWebhook(body: RequestBody<"/api/unified/webhooks", "post">, options: CallOptions = {}) {
-    return this.json<Answer<"/api/unified/webhooks", "post">>({
-      method: "POST",
-      path: "/api/unified/webhooks",
-      body,
-      idempotencyKey: options.idempotencyKey ?? randomUUID(),
-      repeatable: false,
-      signal: options.signal,
-    });
+    return this.post<Answer<"/api/unified/webhooks", "post">>("/api/unified/webhooks", body, options, undefined);
   }
 
   /** `GET /webhooks` (admin): the endpoints (never their secrets). */
@@ -415,20 +397,21 @@ export class PenoraClient {
     return this.json<Answer<"/api/unified/webhooks/{id}", "delete">>({
       method: "DELETE",
       path: `/api/unified/webhooks/${encodeURIComponent(id)}`,
-      repeatable: true,
       signal: options.signal,
     });
   }
 
-  /** `POST /webhooks/{id}/test` (admin): sends a `webhook.test` event to that endpoint. */
+  /**
+   * `POST /webhooks/{id}/test` (admin): sends a `webhook.test` event to that
+   * endpoint. (A retry after a lost answer may send a second test event.)
+   */
   testWebhook(id: string, options: CallOptions = {}) {
-    return this.json<Answer<"/api/unified/webhooks/{id}/test", "post">>({
-      method: "POST",
-      path: `/api/unified/webhooks/${encodeURIComponent(id)}/test`,
-      idempotencyKey: options.idempotencyKey ?? randomUUID(),
-      repeatable: false,
-      signal: options.signal,
-    });
+    return this.post<Answer<"/api/unified/webhooks/{id}/test", "post">>(
+      `/api/unified/webhooks/${encodeURIComponent(id)}/test`,
+      undefined,
+      options,
+      undefined,
+    );
   }
 
   // ---- system ----
@@ -445,13 +428,12 @@ export class PenoraClient {
       method: "GET",
       path,
       query: query as Record<string, QueryValue> | undefined,
-      repeatable: true,
       signal: options.signal,
     });
   }
 
   private put<T extends object>(path: string, body: unknown, options: CallOptions) {
-    return this.json<T>({ method: "PUT", path, body, repeatable: true, signal: options.signal });
+    return this.json<T>({ method: "PUT", path, body, signal: options.signal });
   }
 
   /**
@@ -470,7 +452,6 @@ export class PenoraClient {
       path,
       body,
       idempotencyKey: options.idempotencyKey ?? (bodyKey === undefined ? randomUUID() : bodyKey),
-      repeatable: true,
       signal: options.signal,
     });
   }
@@ -499,7 +480,6 @@ export class PenoraClient {
       method: "GET",
       path,
       query: { user_id: userId },
-      repeatable: true,
       signal: options.signal,
       bytes: true,
     });
@@ -600,8 +580,7 @@ export class PenoraClient {
           // not JSON: a proxy's page
         }
         const code = body?.code ?? `http_${response.status}`;
-        const retryable =
-          retryableStatus(response.status) && (call.repeatable || code !== "timeout");
+        const retryable = retryableStatus(response.status);
         failure = new PenoraError({
           status: response.status,
           code,
@@ -615,33 +594,27 @@ export class PenoraClient {
         if (!retryable) throw failure;
         waitMs = retryAfterMs(response.headers.get("retry-after"));
       } catch (error) {
-        if (error instanceof PenoraError && !error.retryable) throw error;
+        if (error instanceof PenoraError) throw error;
         if (call.signal?.aborted) throw call.signal.reason;
-        if (error instanceof PenoraError) {
-          failure = error;
-        } else {
-          const timedOut = timeout.signal.aborted && timeout.signal.reason instanceof PenoraTimeout;
-          const code = causeCode(error);
-          if (!timedOut && !(error instanceof TypeError) && !(code && NETWORK_CODES.has(code))) {
-            throw error;
-          }
-          // A request that never reached the service is safe to send again
-          // whatever it is; one that may have been carried out only when
-          // the service makes it idempotent.
-          const unsent = code === "ECONNREFUSED";
-          failure = new PenoraError({
-            status: 0,
-            code: timedOut ? "timeout" : "network_error",
-            error: timedOut
-              ? `No answer within ${this.timeoutMs} ms`
-              : `The connection failed (${code ?? (error as Error).message})`,
-            retryable: call.repeatable || unsent,
-            idempotencyKey: key,
-            attempts: attempt,
-            cause: error,
-          });
-          if (!failure.retryable) throw failure;
-        }
+        const timedOut = timeout.signal.aborted && timeout.signal.reason instanceof PenoraTimeout;
+        const code = causeCode(error);
+        // undici's network failures: "fetch failed" (connecting, sending),
+        // "terminated" (the answer cut off), with the socket's code as cause.
+        const network =
+          (code !== undefined && NETWORK_CODES.has(code)) ||
+          (error instanceof TypeError && ["fetch failed", "terminated"].includes(error.message));
+        if (!timedOut && !network) throw error;
+        failure = new PenoraError({
+          status: 0,
+          code: timedOut ? "timeout" : "network_error",
+          error: timedOut
+            ? `No answer within ${this.timeoutMs} ms`
+            : `The connection failed (${code ?? (error as Error).message})`,
+          retryable: true,
+          idempotencyKey: key,
+          attempts: attempt,
+          cause: error,
+        });
       } finally {
         clearTimeout(timer);
         call.signal?.removeEventListener("abort", onAbort);

@@ -436,6 +436,12 @@ export interface paths {
         /**
          * Register an endpoint. The answer holds its signing secret, shown this
          *     once.
+         * @description Header `Idempotency-Key` (1–255 visible ASCII characters) makes it
+         *     idempotent: the same key from the same API key with the same parameters
+         *     answers the endpoint it registered, secret included, with
+         *     `Idempotent-Replayed: true` (while that endpoint is not deleted); with
+         *     other parameters, or once it is deleted, it is `409
+         *     idempotency_conflict`.
          */
         post: operations["register"];
         delete?: never;
@@ -4589,7 +4595,7 @@ export interface operations {
             };
         };
         responses: {
-            /** @description Registered; keep the secret */
+            /** @description Registered (or replayed, with header Idempotent-Replayed: true); keep the secret */
             201: {
                 headers: {
                     [name: string]: unknown;
@@ -4627,6 +4633,15 @@ export interface operations {
             };
             /** @description `request_timeout`: the body did not arrive in full within `HTTP_BODY_TIMEOUT_SECS` of the headers; the connection is closed */
             408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description `idempotency_conflict`: the Idempotency-Key registered another endpoint, or one deleted since */
+            409: {
                 headers: {
                     [name: string]: unknown;
                 };

@@ -3,11 +3,12 @@
 // `429 rate_limited` answers with Retry-After, refused connections and
 // timeouts. Whatever happens on the way, credits move once.
 import assert from "node:assert/strict";
+import http from "node:http";
 import net from "node:net";
 import { test } from "node:test";
 
-import { PenoraClient, PenoraError } from "../src/index.js";
-import { client, createKey, env, newUser, photoLikePng } from "./support.js";
+import { PenoraClient, PenoraError, verifyWebhook } from "../src/index.js";
+import { client, createKey, env, eventually, newUser, photoLikePng } from "./support.js";
 
 /** One request as the proxy saw it. */
 interface Seen {
@@ -296,18 +297,43 @@ test("an attempt with no answer within timeoutMs is retried, and the call fails 
   assert.ok(Date.now() - started >= 600);
 });
 
-test("a registration whose answer is lost is not sent again (the service does not make it idempotent)", async (t) => {
-  const proxy = await cuttingProxy(env.baseUrl, (seen) => seen.requestLine.startsWith("POST /api/unified/webhooks"));
+test("a webhook registration whose answer is lost is retried and registers once, with the secret that signs", async (t) => {
+  const deliveries: Array<{ headers: http.IncomingHttpHeaders; body: Buffer }> = [];
+  const receiver = http.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
+      res.writeHead(204).end();
+    });
+  });
+  await new Promise<void>((resolve) => receiver.listen(0, "127.0.0.1", resolve));
+  t.after(() => new Promise<void>((resolve) => receiver.close(() => resolve())));
+  const { port } = receiver.address() as net.AddressInfo;
+
+  // The first registration's answer is dropped after the service committed it.
+  let cutOnce = false;
+  const proxy = await cuttingProxy(env.baseUrl, (seen) => {
+    if (cutOnce || !seen.requestLine.startsWith("POST /api/unified/webhooks ")) return false;
+    cutOnce = true;
+    return true;
+  });
   t.after(() => proxy.close());
   const penora = new PenoraClient({ baseUrl: proxy.url, apiKey: env.apiKey, maxRetries: 3, retryBaseMs: 20 });
   const description = `lost answer ${newUser()}`;
-  const error = await penora
-    .createWebhook({ url: "http://127.0.0.1:9/hook", events: ["balance.low"], description })
-    .catch((e: unknown) => e);
-  assert.ok(error instanceof PenoraError);
-  assert.deepEqual([error.code, error.retryable, error.attempts], ["network_error", false, 1]);
-  const hooks = await client().webhooks();
-  const made = hooks.webhooks.filter((w) => w.description === description);
-  assert.equal(made.length, 1, "registered once; the caller lists the endpoints to find it");
-  if (made[0]) await client().deleteWebhook(made[0].id);
+  const endpoint = await penora.createWebhook({ url: `http://127.0.0.1:${port}/hook`, events: ["balance.low"], description });
+  assert.deepEqual([endpoint.lastResponse.attempts, endpoint.lastResponse.replayed], [2, true]);
+  const sent = proxy.seen.filter((s) => s.requestLine.startsWith("POST /api/unified/webhooks "));
+  assert.equal(sent.length, 2);
+  assert.equal(sent[0]?.idempotencyKey, sent[1]?.idempotencyKey);
+  const made = (await client().webhooks()).webhooks.filter((w) => w.description === description);
+  assert.deepEqual(made.map((w) => w.id), [endpoint.id], "registered once");
+  // The secret the retry answered is the one the endpoint signs with.
+  const test = await client().testWebhook(endpoint.id);
+  const delivery = await eventually("the test delivery", async () =>
+    deliveries.find((d) => d.headers["webhook-id"] === test.event_id),
+  );
+  const event = verifyWebhook(endpoint.secret, delivery.headers, delivery.body);
+  assert.equal(event.type, "webhook.test");
+  await client().deleteWebhook(endpoint.id);
 });
