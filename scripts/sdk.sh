@@ -75,12 +75,13 @@ npx tsc --noEmit -p tsconfig.test.json
 rm -rf build dist
 npx tsc -p tsconfig.test.json
 npx tsc -p tsconfig.json
-# (node 18 has no --test-concurrency; its runner takes the files one by one anyway.)
-concurrency=()
-[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] && concurrency=(--test-concurrency=1)
+# One file at a time, each test within 2 minutes (node 18, Debian 12's, has
+# neither flag; its runner takes the files one by one anyway).
+runner=()
+[ "$(node -p 'process.versions.node.split(".")[0]')" -ge 20 ] && runner=(--test-concurrency=1 --test-timeout=120000)
 PENORA_BASE_URL=$api PENORA_CONSTRAINED_URL=$constrained PENORA_API_KEY=$PENORA_API_KEY \
   PENORA_OPS="$OLDPWD/target/debug/penora-ops" \
-  node --test "${concurrency[@]}" --test-timeout=120000 build/test/*.test.js
+  node --test "${runner[@]}" build/test/*.test.js
 rm -f "$OLDPWD/$out"/penora-credits-*.tgz
 npm pack --pack-destination "$OLDPWD/$out" --loglevel=error >/dev/null
 cd "$OLDPWD"

@@ -162,8 +162,8 @@ fn event_types(raw: Option<Vec<String>>) -> Result<Vec<String>, ApiError> {
     Ok(types)
 }
 
-/// Register an endpoint. The answer holds its signing secret, shown this
-/// once.
+/// Register an endpoint. The answer holds its signing secret, which is
+/// never listed: keep it.
 ///
 /// Header `Idempotency-Key` (1–255 visible ASCII characters) makes it
 /// idempotent: the same key from the same API key with the same parameters

@@ -434,8 +434,8 @@ export interface paths {
         get: operations["list"];
         put?: never;
         /**
-         * Register an endpoint. The answer holds its signing secret, shown this
-         *     once.
+         * Register an endpoint. The answer holds its signing secret, which is
+         *     never listed: keep it.
          * @description Header `Idempotency-Key` (1–255 visible ASCII characters) makes it
          *     idempotent: the same key from the same API key with the same parameters
          *     answers the endpoint it registered, secret included, with

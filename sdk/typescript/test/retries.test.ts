@@ -3,12 +3,11 @@
 // `429 rate_limited` answers with Retry-After, refused connections and
 // timeouts. Whatever happens on the way, credits move once.
 import assert from "node:assert/strict";
-import http from "node:http";
 import net from "node:net";
 import { test } from "node:test";
 
 import { PenoraClient, PenoraError, verifyWebhook } from "../src/index.js";
-import { client, createKey, env, eventually, newUser, photoLikePng } from "./support.js";
+import { client, createKey, env, eventually, newUser, photoLikePng, webhookReceiver } from "./support.js";
 
 /** One request as the proxy saw it. */
 interface Seen {
@@ -298,18 +297,8 @@ test("an attempt with no answer within timeoutMs is retried, and the call fails 
 });
 
 test("a webhook registration whose answer is lost is retried and registers once, with the secret that signs", async (t) => {
-  const deliveries: Array<{ headers: http.IncomingHttpHeaders; body: Buffer }> = [];
-  const receiver = http.createServer((req, res) => {
-    const chunks: Buffer[] = [];
-    req.on("data", (c: Buffer) => chunks.push(c));
-    req.on("end", () => {
-      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
-      res.writeHead(204).end();
-    });
-  });
-  await new Promise<void>((resolve) => receiver.listen(0, "127.0.0.1", resolve));
-  t.after(() => new Promise<void>((resolve) => receiver.close(() => resolve())));
-  const { port } = receiver.address() as net.AddressInfo;
+  const receiver = await webhookReceiver();
+  t.after(() => receiver.close());
 
   // The first registration's answer is dropped after the service committed it.
   let cutOnce = false;
@@ -321,7 +310,7 @@ test("a webhook registration whose answer is lost is retried and registers once,
   t.after(() => proxy.close());
   const penora = new PenoraClient({ baseUrl: proxy.url, apiKey: env.apiKey, maxRetries: 3, retryBaseMs: 20 });
   const description = `lost answer ${newUser()}`;
-  const endpoint = await penora.createWebhook({ url: `http://127.0.0.1:${port}/hook`, events: ["balance.low"], description });
+  const endpoint = await penora.createWebhook({ url: receiver.url, events: ["balance.low"], description });
   assert.deepEqual([endpoint.lastResponse.attempts, endpoint.lastResponse.replayed], [2, true]);
   const sent = proxy.seen.filter((s) => s.requestLine.startsWith("POST /api/unified/webhooks "));
   assert.equal(sent.length, 2);
@@ -331,7 +320,7 @@ test("a webhook registration whose answer is lost is retried and registers once,
   // The secret the retry answered is the one the endpoint signs with.
   const test = await client().testWebhook(endpoint.id);
   const delivery = await eventually("the test delivery", async () =>
-    deliveries.find((d) => d.headers["webhook-id"] === test.event_id),
+    receiver.deliveries.find((d) => d.headers["webhook-id"] === test.event_id),
   );
   const event = verifyWebhook(endpoint.secret, delivery.headers, delivery.body);
   assert.equal(event.type, "webhook.test");

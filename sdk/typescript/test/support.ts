@@ -3,6 +3,8 @@
 // artwork, and a check of answers against the service's OpenAPI document.
 import { execFile } from "node:child_process";
 import { randomUUID } from "node:crypto";
+import http from "node:http";
+import type { AddressInfo } from "node:net";
 import { promisify } from "node:util";
 import { deflateSync } from "node:zlib";
 
@@ -64,6 +66,35 @@ export async function eventually<T>(what: string, check: () => Promise<T | undef
     if (Date.now() > deadline) throw new Error(`${what}: not within ${ms} ms`);
     await new Promise((r) => setTimeout(r, 100));
   }
+}
+
+/** A webhook delivery as a receiver got it: the headers and the raw body. */
+export interface Delivery {
+  headers: http.IncomingHttpHeaders;
+  body: Buffer;
+}
+
+/**
+ * An HTTP receiver on 127.0.0.1 that answers every POST 204 and keeps what
+ * came; `close` it when done.
+ */
+export async function webhookReceiver() {
+  const deliveries: Delivery[] = [];
+  const server = http.createServer((req, res) => {
+    const chunks: Buffer[] = [];
+    req.on("data", (c: Buffer) => chunks.push(c));
+    req.on("end", () => {
+      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
+      res.writeHead(204).end();
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const { port } = server.address() as AddressInfo;
+  return {
+    url: `http://127.0.0.1:${port}/penora-events`,
+    deliveries,
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
 }
 
 // ---- a photo-like artwork, as a PNG ----

@@ -4,8 +4,6 @@
 // running worker to a receiver on this machine.
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import http from "node:http";
-import type { AddressInfo } from "node:net";
 import { test } from "node:test";
 
 import { Webhook } from "standardwebhooks";
@@ -16,7 +14,7 @@ import {
   WebhookVerificationError,
   verifyWebhook,
 } from "../src/index.js";
-import { client, eventually, newUser } from "./support.js";
+import { client, eventually, newUser, webhookReceiver } from "./support.js";
 
 // The specification's example (spec/standard-webhooks.md, "Signature scheme").
 const VECTOR = {
@@ -88,28 +86,14 @@ test("ours and the specification's reference library agree on 200 random deliver
   }
 });
 
-interface Delivery {
-  headers: http.IncomingHttpHeaders;
-  body: Buffer;
-}
-
 test("real deliveries from the worker verify, and give typed events", async (t) => {
-  const deliveries: Delivery[] = [];
-  const receiver = http.createServer((req, res) => {
-    const chunks: Buffer[] = [];
-    req.on("data", (c: Buffer) => chunks.push(c));
-    req.on("end", () => {
-      deliveries.push({ headers: req.headers, body: Buffer.concat(chunks) });
-      res.writeHead(204).end();
-    });
-  });
-  await new Promise<void>((resolve) => receiver.listen(0, "127.0.0.1", resolve));
-  t.after(() => new Promise<void>((resolve) => receiver.close(() => resolve())));
-  const { port } = receiver.address() as AddressInfo;
+  const receiver = await webhookReceiver();
+  t.after(() => receiver.close());
+  const { deliveries } = receiver;
 
   const penora = client();
   const endpoint = await penora.createWebhook({
-    url: `http://127.0.0.1:${port}/penora-events`,
+    url: receiver.url,
     events: ["credits.granted", "balance.low", "credits.refunded", "reservation.settled"],
     description: "SDK test receiver",
   });
