@@ -519,7 +519,9 @@ export class PenoraClient {
    * answer: its body read as text, or unread for `bytes` calls.
    */
   private async send(call: Call): Promise<{ response: Response; text: string; info: ResponseInfo }> {
-    const url = new URL(call.path, `${this.baseUrl}/`);
+    // Appended, not resolved: a base URL with a path (an API behind a
+    // gateway's prefix) keeps it.
+    const url = new URL(`${this.baseUrl}${call.path}`);
     for (const [name, value] of Object.entries(call.query ?? {})) {
       if (value !== undefined && value !== null) url.searchParams.set(name, String(value));
     }

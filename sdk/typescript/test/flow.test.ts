@@ -293,3 +293,18 @@ test("every route through the SDK answers what the OpenAPI document says", async
   ]);
   assert.deepEqual(paths.filter((p) => !called.has(p) && !notForClients.has(p)), []);
 });
+
+test("a base URL with a path (an API behind a gateway's prefix) keeps it", async () => {
+  // A gateway that serves the API under /credits: it strips the prefix and forwards.
+  const seen: string[] = [];
+  const gateway: typeof fetch = (input, init) => {
+    const url = new URL(String(input));
+    seen.push(url.pathname);
+    assert.ok(url.pathname.startsWith("/credits/"), `the prefix was kept: ${url.pathname}`);
+    return fetch(`${env.baseUrl}${url.pathname.slice("/credits".length)}${url.search}`, init);
+  };
+  const penora = client({ baseUrl: `${env.baseUrl}/credits/`, fetch: gateway });
+  const quote = await penora.quote({ width: 512, height: 512 });
+  assert.equal(quote.credits, 2);
+  assert.deepEqual(seen, ["/credits/api/unified/quote"]);
+});
