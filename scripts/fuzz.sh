@@ -36,21 +36,9 @@ fi
 
 # (The rate limit has its own tests; here it would only turn cases into 429s.)
 new_run fuzz
-
-psql "$admin" -qc "CREATE DATABASE $db"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  drop_run "$admin" "$db" "$prefix"
-}
-trap cleanup EXIT
-
-./target/debug/penora-ops migrate >/dev/null
-./target/debug/penora-api >"$out/api.log" 2>&1 &
-pids+=($!)
-./target/debug/penora-worker >"$out/worker.log" 2>&1 &
-pids+=($!)
+start_run
+spawn "$out/api.log" ./target/debug/penora-api
+spawn "$out/worker.log" ./target/debug/penora-worker
 api=$(api_address "$out/api.log") || { echo "fuzz: penora-api did not start:"; cat "$out/api.log"; exit 1; }
 
 # ImageGene's kind of key: bound to its app, with every scope so that grants

@@ -32,25 +32,13 @@ cargo build --locked --bin penora-api --bin penora-worker --bin penora-ops
 out=target/sdk
 mkdir -p "$out"
 new_run sdk
-psql "$admin" -qc "CREATE DATABASE $db"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  drop_run "$admin" "$db" "$prefix"
-}
-trap cleanup EXIT
-
 # The document must be the default configuration's (MAX_DEDUCT_AMOUNT is in it).
 unset MAX_DEDUCT_AMOUNT
-./target/debug/penora-ops migrate >/dev/null
-./target/debug/penora-api >"$out/api.log" 2>&1 &
-pids+=($!)
-./target/debug/penora-worker >"$out/worker.log" 2>&1 &
-pids+=($!)
-RATE_LIMIT_PER_SEC=2 RATE_LIMIT_BURST=3 MAX_CONCURRENT_SAVES=1 SAVE_QUEUE_WAIT_MS=200 \
-  ./target/debug/penora-api >"$out/api-constrained.log" 2>&1 &
-pids+=($!)
+start_run
+spawn "$out/api.log" ./target/debug/penora-api
+spawn "$out/worker.log" ./target/debug/penora-worker
+spawn "$out/api-constrained.log" env RATE_LIMIT_PER_SEC=2 RATE_LIMIT_BURST=3 \
+  MAX_CONCURRENT_SAVES=1 SAVE_QUEUE_WAIT_MS=200 ./target/debug/penora-api
 api=$(api_address "$out/api.log") || { echo "sdk: penora-api did not start:"; cat "$out/api.log"; exit 1; }
 constrained=$(api_address "$out/api-constrained.log") || {
   echo "sdk: the constrained penora-api did not start:"; cat "$out/api-constrained.log"; exit 1

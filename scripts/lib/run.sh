@@ -1,4 +1,4 @@
-# Shared by scripts/bench.sh and scripts/fuzz.sh, which each run the services
+# Shared by scripts/bench.sh, scripts/fuzz.sh and scripts/sdk.sh, which each run the services
 # on a database and a queue prefix of their own. Source it; it defines:
 #
 #   new_run NAME [PORT]            set db, prefix and admin for a run of its
@@ -9,6 +9,10 @@
 #                                  PostgreSQL on 127.0.0.1:PORT (default 5432)
 #   drop_run ADMIN_URL DB PREFIX   drop the run's database and every queue and
 #                                  exchange named with its prefix
+#   start_run                      create the run's database and migrate it;
+#                                  on exit, stop what `spawn` started and
+#                                  drop the run (drop_run)
+#   spawn LOG CMD...               start CMD in the background, its output in LOG
 #   api_address LOG                wait until penora-api logs its address in
 #                                  LOG and print it (exit status 1 if it never does)
 
@@ -47,6 +51,27 @@ drop_run() {
   for name in $(rabbitmqctl list_exchanges -q name 2>/dev/null | grep "^$3" || true); do
     rabbitmqadmin -q delete exchange name="$name" >/dev/null 2>&1 || true
   done
+}
+
+start_run() {
+  psql "$admin" -qc "CREATE DATABASE $db"
+  run_pids=()
+  trap stop_run EXIT
+  ./target/debug/penora-ops migrate >/dev/null
+}
+
+stop_run() {
+  local p
+  for p in "${run_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  drop_run "$admin" "$db" "$prefix"
+}
+
+spawn() {
+  local log=$1
+  shift
+  "$@" >"$log" 2>&1 &
+  run_pids+=($!)
 }
 
 api_address() {
