@@ -506,6 +506,7 @@ async fn refund_credits(
         reason,
         amount,
         reference,
+        acted_by: Some(auth.0.label()),
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::refund(&mut client, &request, correlation.as_deref()).await?;
@@ -663,6 +664,7 @@ async fn add_credits(
         category: terms.category,
         priority: terms.priority,
         expires_at: terms.expires_at,
+        acted_by: Some(auth.0.label()),
     };
     let mut client = state.pool.get().await?;
     let outcome = ledger::grant(&mut client, &grant, correlation.as_deref()).await?;

@@ -151,12 +151,14 @@ async fn void_lot(
     let reason = Description::parse("reason", body.reason.as_deref())?
         .unwrap_or_else(|| "lot voided".into());
     let mut client = state.pool.get().await?;
-    let outcome = ledger::void_lot(
+    let acted_by = auth.0.label();
+    let outcome = ledger::void_lot_as(
         &mut client,
         &user,
         lot_id,
         (&reason, auth.bound_app()),
         correlation.as_deref(),
+        Some(&acted_by),
     )
     .await?;
     if !outcome.replayed {

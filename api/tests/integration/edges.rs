@@ -322,6 +322,7 @@ mod event_time {
                     reason: Some("failed".into()),
                     amount: None,
                     reference: None,
+                    acted_by: None,
                 },
                 event_id: Some(event.into()),
                 correlation_id: None,

@@ -112,6 +112,7 @@ async fn balances_from_before_lots_become_one_paid_lot_each() {
         reason: None,
         amount: None,
         reference: None,
+        acted_by: None,
     };
     let back = penora_ledger::refund(&mut client, &refund, None)
         .await

@@ -35,6 +35,11 @@ pub struct Content<'a> {
     pub reference: Option<&'a str>,
     /// When it was written, RFC 3339 to the millisecond (`timefmt::rfc3339_millis`).
     pub created_at: String,
+    /// The id of the API key that acted (the console's and the admin
+    /// routes' entries, V20); left out of the JSON when `None`, so every
+    /// link written before it hashes as it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acted_by: Option<&'a str>,
 }
 
 impl Content<'_> {

@@ -382,6 +382,7 @@ async fn grant_due_period(
         category: row.category,
         priority: row.category.default_priority(),
         expires_at: Some(end),
+        acted_by: None,
     };
     let mut snap = grant::load(tx, &g).await?;
     // The rules are judged at the caller's instant (the timer's clock).

@@ -769,7 +769,7 @@ async fn verify_chain(
     let statement = tx
         .prepare(
             "SELECT id, user_id, kind, amount, balance_after, app_name, description, project_code, \
-                    reference, created_at, chain_seq, prev_hash, hash \
+                    reference, created_at, chain_seq, prev_hash, hash, acted_by \
              FROM ledger_entries WHERE hash IS NOT NULL ORDER BY user_id, id",
         )
         .await?;

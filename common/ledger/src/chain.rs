@@ -48,6 +48,7 @@ pub fn content_of_row(row: &tokio_postgres::Row) -> Result<Content<'_>, DbError>
         project_code: row.try_get("project_code")?,
         reference: row.try_get("reference")?,
         created_at: rfc3339_millis(at),
+        acted_by: row.try_get("acted_by")?,
     })
 }
 

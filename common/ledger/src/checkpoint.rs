@@ -59,7 +59,7 @@ struct Wanted {
 
 /// The columns a link is checked on.
 const LINK_COLUMNS: &str = "l.id, l.user_id, l.kind, l.amount, l.balance_after, l.app_name, \
-     l.description, l.project_code, l.reference, l.created_at, l.chain_seq, l.prev_hash, l.hash";
+     l.description, l.project_code, l.reference, l.created_at, l.chain_seq, l.prev_hash, l.hash, l.acted_by";
 
 /// Checks the chains `commits` name (the jobs of many commits at once: a
 /// user named twice is checked once, up to the later seq), and moves their

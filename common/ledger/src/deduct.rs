@@ -214,6 +214,7 @@ pub fn decide(
                     project_code: Some(d.project_code.clone()),
                     reference: None,
                     correlation_id: q.correlation_id.clone(),
+                    acted_by: None,
                 });
                 for al in &allocations {
                     plan.moves(

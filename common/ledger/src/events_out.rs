@@ -289,6 +289,7 @@ mod tests {
                 project_code: None,
                 reference: None,
                 correlation_id: None,
+                acted_by: None,
             });
         }
         plan
@@ -351,6 +352,7 @@ mod tests {
                 reason: Some("failed"),
                 reference: None,
                 correlation_id: None,
+                acted_by: None,
                 made_at: OffsetDateTime::UNIX_EPOCH,
             },
             &mut drawn,

@@ -45,6 +45,8 @@ pub struct Grant {
     pub priority: i32,
     /// When the lot's credits expire (`None`: never).
     pub expires_at: Option<OffsetDateTime>,
+    /// The id of the API key that asked for it, recorded on the entry.
+    pub acted_by: Option<String>,
 }
 
 /// The result of a grant.
@@ -141,6 +143,7 @@ pub fn decide(
         project_code: None,
         reference: Some(g.reference.clone()),
         correlation_id: correlation_id.map(str::to_owned),
+        acted_by: g.acted_by.clone(),
     });
     plan.new_lots.push(NewLot {
         entry,

@@ -69,6 +69,7 @@ impl GrantRequest<'_> {
             category: terms.category,
             priority: terms.priority,
             expires_at: terms.expires_at,
+            acted_by: None,
         })
     }
 }

@@ -68,7 +68,7 @@ pub use deduct::{Deduct, DeductReceipt, Queued, deduct, deduct_all};
 pub use grant::{Grant, GrantReceipt, grant};
 pub use lot_ops::{
     LOT_STATUSES, LotView, Void, VoidReceipt, balance_at, expire_lots, lots, notice_expiring,
-    users_with_due_lots, void_lot,
+    users_with_due_lots, void_lot, void_lot_as,
 };
 pub use penora_domain::{LotCategory, SettledBy};
 pub use penora_store::accounts::OnBusy;

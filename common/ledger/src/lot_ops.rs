@@ -97,6 +97,8 @@ pub struct Void<'a> {
     pub only_app: Option<&'a str>,
     /// The request id, carried to the audit jobs.
     pub correlation_id: Option<&'a str>,
+    /// The id of the API key that asked for it, recorded on the entry.
+    pub acted_by: Option<&'a str>,
 }
 
 /// Locks the account, then the lot, and reads the account's lots and the
@@ -177,6 +179,7 @@ pub fn decide_void(
             project_code: None,
             reference: None,
             correlation_id: v.correlation_id.map(str::to_owned),
+            acted_by: v.acted_by.map(str::to_owned),
         });
         plan.moves(
             at,
@@ -206,12 +209,34 @@ pub async fn void_lot(
     (reason, only_app): (&str, Option<&str>),
     correlation_id: Option<&str>,
 ) -> Answer<VoidReceipt> {
+    void_lot_as(
+        client,
+        user,
+        lot_id,
+        (reason, only_app),
+        correlation_id,
+        None,
+    )
+    .await
+}
+
+/// [`void_lot`], recording `acted_by` (the acting API key's id) on the
+/// entry.
+pub async fn void_lot_as(
+    client: &mut Client,
+    user: &UserId,
+    lot_id: i64,
+    (reason, only_app): (&str, Option<&str>),
+    correlation_id: Option<&str>,
+    acted_by: Option<&str>,
+) -> Answer<VoidReceipt> {
     let v = Void {
         user_id: user,
         lot_id,
         reason,
         only_app,
         correlation_id,
+        acted_by,
     };
     let tx = client.transaction().await?;
     let snap = load_void(&tx, &v).await?;

@@ -66,6 +66,9 @@ pub struct NewEntry {
     pub reference: Option<String>,
     /// The request id, carried to the entry's audit job.
     pub correlation_id: Option<String>,
+    /// The id of the API key that asked for it (admin routes, the
+    /// console), recorded on the entry and covered by its link.
+    pub acted_by: Option<String>,
 }
 
 /// One `lot_movements` row, naming its entry by its place in the plan.
@@ -293,6 +296,7 @@ impl Plan {
                 project_code: None,
                 reference: None,
                 correlation_id: correlation_id.map(str::to_owned),
+                acted_by: None,
             });
             for lot in app_lots {
                 self.moves(
@@ -372,6 +376,7 @@ impl Plan {
                 None
             },
             correlation_id: ret.correlation_id.map(str::to_owned),
+            acted_by: ret.acted_by.map(str::to_owned),
         };
         let refund_at = self.entry(entry(EntryKind::Refund, ret.amount, *balance, ret.reason));
         self.spend.push(crate::limits::SpendDelta {
@@ -449,6 +454,8 @@ pub struct Returned<'a> {
     pub reference: Option<&'a str>,
     /// The request id.
     pub correlation_id: Option<&'a str>,
+    /// The id of the API key that asked for it.
+    pub acted_by: Option<&'a str>,
     /// When the reservation was made: what is given back frees room in
     /// the spend limits' periods of that instant.
     pub made_at: OffsetDateTime,
@@ -640,6 +647,7 @@ fn chain_entries(plan: &Plan, snap: &Snapshot, ids: &[i64]) -> Result<Chained, D
             project_code: e.project_code.as_ref().map(ProjectCode::as_str),
             reference: e.reference.as_deref(),
             created_at: stamp.clone(),
+            acted_by: e.acted_by.as_deref(),
         };
         let hash = crate::chain::hash_of(&content, &end.hash)?.to_vec();
         out.links.push(crate::chain::Link {
@@ -681,6 +689,7 @@ async fn write_entries(
         .map(|e| e.project_code.as_ref().map(ProjectCode::as_str))
         .collect();
     let references: Vec<Option<&str>> = entries.iter().map(|e| e.reference.as_deref()).collect();
+    let actors: Vec<Option<&str>> = entries.iter().map(|e| e.acted_by.as_deref()).collect();
     let seqs: Vec<i64> = chained.links.iter().map(|l| l.seq).collect();
     let prevs: Vec<&[u8]> = chained.links.iter().map(|l| l.prev.as_slice()).collect();
     let hashes: Vec<&[u8]> = chained.links.iter().map(|l| l.hash.as_slice()).collect();
@@ -688,17 +697,18 @@ async fn write_entries(
         .prepare_cached(
             "INSERT INTO ledger_entries \
                (id, user_id, kind, amount, balance_after, app_name, description, project_code, reference, \
-                created_at, chain_seq, prev_hash, hash) \
+                created_at, chain_seq, prev_hash, hash, acted_by) \
              OVERRIDING SYSTEM VALUE \
              SELECT v.id, v.user_id, v.kind, v.amount, v.balance_after, v.app_name, v.description, \
-                    v.project_code, v.reference, $10, v.seq, v.prev, v.hash \
+                    v.project_code, v.reference, $10, v.seq, v.prev, v.hash, v.actor \
              FROM unnest($1::int8[], $2::text[], $3::text[], $4::int8[], $5::int8[], $6::text[], \
-                         $7::text[], $8::text[], $9::text[], $11::int8[], $12::bytea[], $13::bytea[]) \
+                         $7::text[], $8::text[], $9::text[], $11::int8[], $12::bytea[], $13::bytea[], \
+                         $14::text[]) \
                AS v(id, user_id, kind, amount, balance_after, app_name, description, project_code, \
-                    reference, seq, prev, hash)",
+                    reference, seq, prev, hash, actor)",
         )
         .await?;
-    let params: [&(dyn ToSql + Sync); 13] = [
+    let params: [&(dyn ToSql + Sync); 14] = [
         &ids,
         &users,
         &kinds,
@@ -712,6 +722,7 @@ async fn write_entries(
         &seqs,
         &prevs,
         &hashes,
+        &actors,
     ];
     let job = LedgerAuditCommit {
         chains: chained
@@ -1131,6 +1142,7 @@ mod tests {
                 reference: Some("r1"),
                 correlation_id: None,
                 made_at: OffsetDateTime::UNIX_EPOCH,
+                acted_by: None,
             },
             &mut drawn,
             &mut balance,

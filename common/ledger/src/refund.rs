@@ -65,6 +65,8 @@ pub struct Refund {
     /// What makes this refund idempotent: the same reference refunds once.
     /// `None`: the refund of whatever is left, once.
     pub reference: Option<String>,
+    /// The id of the API key that asked for it, recorded on the entries.
+    pub acted_by: Option<String>,
 }
 
 /// The answer to a refund.
@@ -481,6 +483,7 @@ fn give_back(
             reason: r.reason.as_deref(),
             reference: r.reference.as_deref(),
             correlation_id: q.correlation_id.as_deref(),
+            acted_by: r.acted_by.as_deref(),
             made_at: row.created_at,
         },
         lots,

@@ -239,6 +239,7 @@ pub fn decide(
                 reason: Some(s.reason),
                 reference: None,
                 correlation_id: s.correlation_id,
+                acted_by: None,
                 made_at: row.created_at,
             },
             &mut drawn,
@@ -258,6 +259,7 @@ pub fn decide(
             project_code: Some(code.clone()),
             reference: s.reference.map(str::to_owned),
             correlation_id: s.correlation_id.map(str::to_owned),
+            acted_by: None,
         });
     }
     let already = was_settled && rest == 0;

@@ -61,6 +61,7 @@ async fn buy(c: &mut Client, u: &str, amount: i64, reference: &str) {
             category: LotCategory::Paid,
             priority: 50,
             expires_at: None,
+            acted_by: None,
         },
         None,
     )

@@ -53,6 +53,7 @@ async fn grant(pool: &Pool, user: &str, amount: i64) {
             category: LotCategory::Paid,
             priority: 50,
             expires_at: None,
+            acted_by: None,
         },
         None,
     )
@@ -340,6 +341,7 @@ fn refund(user: &str, code: &str) -> Refund {
         reason: Some("generation failed".into()),
         amount: None,
         reference: None,
+        acted_by: None,
     }
 }
 

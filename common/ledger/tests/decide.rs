@@ -73,6 +73,7 @@ fn carry_out(m: &mut Memory, req: &Request, now: OffsetDateTime) -> Result<Got, 
                 reason: "test",
                 only_app: None,
                 correlation_id: None,
+                acted_by: None,
             };
             let snap = m.snapshot(&[&user], now);
             match steps::decide_void(&snap, &v) {
@@ -300,6 +301,7 @@ fn seeded() -> Result<Memory, TestCaseError> {
                 category,
                 priority: category.default_priority(),
                 expires_at: expires,
+                acted_by: None,
             };
             let got = carry_out(&mut m, &Request::Grant(g), BASE)?;
             prop_assert!(matches!(got, Got::Grant(Ok(_))), "{got:?}");
@@ -357,6 +359,7 @@ fn differential(steps: &[Step], now: OffsetDateTime) -> Result<(Memory, Memory),
                         reason: None,
                         amount,
                         reference: reference.map(|r| format!("r{r}")),
+                        acted_by: None,
                     }),
                     Step::Deduct { .. } => None,
                 })

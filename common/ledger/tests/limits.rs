@@ -128,6 +128,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         category: ledger::LotCategory::Paid,
         priority: 50,
         expires_at: None,
+        acted_by: None,
     };
     ledger::grant(&mut c, &grant, None).await.expect("seed");
     let mut m = Model {
@@ -240,6 +241,7 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                         reason: Some("failed".into()),
                         amount,
                         reference,
+                        acted_by: None,
                     },
                     event_id: by_event.then(|| format!("e{serial}")),
                     correlation_id: None,
@@ -344,6 +346,7 @@ async fn seeded() -> (TestDb, deadpool_postgres::Pool) {
         category: ledger::LotCategory::Paid,
         priority: 50,
         expires_at: None,
+        acted_by: None,
     };
     ledger::grant(&mut c, &grant, None).await.expect("seed");
     (db, pool)
@@ -450,6 +453,7 @@ async fn a_refund_after_a_reset_gives_room_to_the_period_its_reservation_was_mad
         reason: Some("failed".into()),
         amount: Some(10),
         reference: Some("r1".into()),
+        acted_by: None,
     };
     ledger::refund(&mut c, &refund, None).await.expect("refund");
     assert!(matches!(

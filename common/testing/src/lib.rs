@@ -496,7 +496,7 @@ pub async fn rechain(tx: &deadpool_postgres::Transaction<'_>) {
     let rows = tx
         .query(
             "SELECT id, user_id, kind, amount, balance_after, app_name, description, project_code, \
-                    reference, created_at, chain_seq, prev_hash FROM ledger_entries \
+                    reference, created_at, chain_seq, prev_hash, acted_by FROM ledger_entries \
              WHERE hash IS NOT NULL ORDER BY user_id, id",
             &[],
         )
@@ -523,6 +523,7 @@ pub async fn rechain(tx: &deadpool_postgres::Transaction<'_>) {
             project_code: r.get("project_code"),
             reference: r.get("reference"),
             created_at: penora_domain::timefmt::rfc3339_millis(r.get("created_at")),
+            acted_by: r.get("acted_by"),
         };
         let hash = content
             .hash_after(&prev)

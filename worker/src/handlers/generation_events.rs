@@ -203,6 +203,7 @@ fn failed_refund(
             ),
             amount: event.amount,
             reference,
+            acted_by: None,
         },
         event_id: Some(event.event_id),
         correlation_id,

@@ -281,6 +281,7 @@ impl World {
                     category,
                     priority: priority.unwrap_or(category.default_priority()),
                     expires_at: expires_in.map(|s| at + time::Duration::seconds(s)),
+                    acted_by: None,
                 })
             }
             Op::Deduct {
@@ -306,6 +307,7 @@ impl World {
                 reason: None,
                 amount,
                 reference: reference.map(|n| format!("r{n}")),
+                acted_by: None,
             }),
             Op::Settle { code, charge } => Request::Settle { code, charge },
             Op::Void { lot } => Request::Void(self.lots.get(lot as usize).map(|l| l.id)),

@@ -1,0 +1,23 @@
+-- The support console (contract §17, issue 30).
+--
+-- * ledger_entries.acted_by: the id of the API key that asked for the entry
+--   (`bootstrap` for PENORA_API_KEY) on grants, voids and refunds made
+--   through the admin routes or the console; NULL for the rest (deductions,
+--   events, timers, entries written before V20). It is part of the entry's
+--   chain link (left out of the hashed JSON when NULL, so every link written
+--   before hashes as it did): editing it breaks the chain like any column.
+-- * console_sessions: one row per signed-in console. The browser holds a
+--   random token in an HttpOnly cookie; the row holds its SHA-256, the
+--   SHA-256 of the API key that signed in (looked up again on every request,
+--   so a revoked key's sessions end at once), the CSRF token its forms carry,
+--   and when it ends. The key itself is never stored.
+ALTER TABLE ledger_entries ADD COLUMN acted_by text CHECK (length(acted_by) BETWEEN 1 AND 64);
+
+CREATE TABLE console_sessions (
+    token_digest bytea       PRIMARY KEY CHECK (length(token_digest) = 32),
+    key_digest   bytea       NOT NULL CHECK (length(key_digest) = 32),
+    csrf         text        NOT NULL CHECK (length(csrf) BETWEEN 32 AND 128),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL
+);
+CREATE INDEX console_sessions_expires_at ON console_sessions (expires_at);
