@@ -90,6 +90,7 @@ Penora Credits is up.
   API:      $base   (docs: $base/api/unified/docs, health: $base/health, metrics: $base/metrics)
   worker:   http://$WORKER_METRICS_ADDR/health, http://$WORKER_METRICS_ADDR/metrics
   API key:  $PENORA_API_KEY
+  console:  $base/console   (sign in with the API key above, or any key of scope read/admin)
   logs:     $run_dir/penora-api.log, $run_dir/penora-worker.log      stop with: scripts/up.sh stop
 
 The integration guide's curl example, against this API:

@@ -146,7 +146,7 @@ fn refused(reason: &'static str) {
 
 /// Authenticates a key stored in the database (or none), keeping failing
 /// clients away from it (see [`guard`]).
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     addr: Option<SocketAddr>,
     digest: Option<[u8; 32]>,

@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod coalesce;
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod routes;

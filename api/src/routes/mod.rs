@@ -167,9 +167,11 @@ pub fn app(state: AppState) -> Router {
         body: state.settings.http.body_timeout,
         request: state.settings.http.request_timeout,
     };
+    let console = crate::console::router().with_state(state.clone());
     let mut app = router
         .with_state(state)
         .merge(docs)
+        .merge(console)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))

@@ -8,6 +8,7 @@ mod audit_anchor;
 mod batching;
 mod chaos_findings;
 mod connections;
+mod console;
 mod cors;
 mod credits;
 mod edges;
