@@ -21,3 +21,17 @@ CREATE TABLE console_sessions (
     expires_at   timestamptz NOT NULL
 );
 CREATE INDEX console_sessions_expires_at ON console_sessions (expires_at);
+
+-- * ops_runs: the result of each `penora-ops reconcile` and `penora-ops
+--   audit verify` (ok or not, the line it printed, the report as JSON), so
+--   the console's operations page shows the last of each.
+CREATE TABLE ops_runs (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind        text        NOT NULL CHECK (kind IN ('reconcile', 'audit_verify')),
+    ok          boolean     NOT NULL,
+    summary     text        NOT NULL,
+    report      jsonb       NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX ops_runs_kind ON ops_runs (kind, id DESC);

@@ -52,6 +52,7 @@ pub async fn run(
         max_records_without_mac,
     } = command;
     let macs = mac_check(audit_settings, previous_keys.as_deref(), require_mac)?;
+    let started = time::OffsetDateTime::now_utc();
     let mut v = audit::verify_with_progress(client, &macs, &output::progress_bar).await?;
     if let Some(max) = max_records_without_mac
         && v.records_without_mac > max
@@ -64,6 +65,24 @@ pub async fn run(
             ),
         });
     }
+    let summary = if v.findings.is_empty() {
+        format!(
+            "audit OK: {} ledger entries, {} chain links in the ledger, {} older records, \
+             every entry chained, every chain intact",
+            v.entries_checked, v.links_checked, v.records_checked
+        )
+    } else {
+        format!("audit FAILED: {} problems", v.findings.len())
+    };
+    output::record_run(
+        &*client,
+        penora_store::ops_runs::AUDIT_VERIFY,
+        v.findings.is_empty(),
+        &summary,
+        &v,
+        started,
+    )
+    .await;
     if json {
         output::json(&v)?;
     } else {
@@ -94,15 +113,7 @@ pub async fn run(
                 v.links_awaiting_checkpoint
             );
         }
-        if v.findings.is_empty() {
-            println!(
-                "audit OK: {} ledger entries, {} chain links in the ledger, {} older records, \
-                 every entry chained, every chain intact",
-                v.entries_checked, v.links_checked, v.records_checked
-            );
-        } else {
-            println!("audit FAILED: {} problems", v.findings.len());
-        }
+        println!("{summary}");
     }
     Ok(if v.findings.is_empty() {
         ExitCode::SUCCESS

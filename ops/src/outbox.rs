@@ -24,20 +24,6 @@ pub enum OutboxCommand {
     },
 }
 
-/// One set-aside row.
-#[derive(serde::Serialize)]
-struct SetAside {
-    id: i64,
-    user_id: String,
-    exchange: String,
-    routing_key: String,
-    message_id: String,
-    refusals: i32,
-    last_error: Option<String>,
-    created_at: String,
-    set_aside_at: String,
-}
-
 pub async fn run(client: &Client, command: OutboxCommand) -> anyhow::Result<()> {
     match command {
         OutboxCommand::List { json } => list(client, json).await,
@@ -46,28 +32,7 @@ pub async fn run(client: &Client, command: OutboxCommand) -> anyhow::Result<()> 
 }
 
 async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
-    let rows: Vec<SetAside> = client
-        .query(
-            "SELECT id, user_id, exchange, routing_key, message_id::text, refusals, last_error, \
-                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at, \
-                    to_char(set_aside_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS set_aside_at \
-             FROM outbox WHERE set_aside_at IS NOT NULL AND published_at IS NULL ORDER BY id",
-            &[],
-        )
-        .await?
-        .into_iter()
-        .map(|r| SetAside {
-            id: r.get("id"),
-            user_id: r.get("user_id"),
-            exchange: r.get("exchange"),
-            routing_key: r.get("routing_key"),
-            message_id: r.get("message_id"),
-            refusals: r.get("refusals"),
-            last_error: r.get("last_error"),
-            created_at: r.get("created_at"),
-            set_aside_at: r.get("set_aside_at"),
-        })
-        .collect();
+    let rows = penora_store::outbox::set_aside(client).await?;
     if json {
         return output::json(&rows);
     }
@@ -106,14 +71,7 @@ async fn list(client: &Client, json: bool) -> anyhow::Result<()> {
 }
 
 async fn retry(client: &Client, id: Option<i64>) -> anyhow::Result<()> {
-    let n = client
-        .execute(
-            "UPDATE outbox SET set_aside_at = NULL, refusals = 0, retry_at = NULL \
-             WHERE set_aside_at IS NOT NULL AND published_at IS NULL \
-               AND ($1::int8 IS NULL OR id = $1)",
-            &[&id],
-        )
-        .await?;
+    let n = penora_store::outbox::put_back(client, id).await?;
     if let (Some(id), 0) = (id, n) {
         anyhow::bail!("no set-aside outbox row with id {id}");
     }

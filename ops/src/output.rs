@@ -20,18 +20,7 @@ fn unsafe_char(c: char) -> bool {
 
 /// `raw` safe to print: every control or format character as `\u{…}`.
 pub fn text(raw: &str) -> String {
-    if !raw.chars().any(unsafe_char) {
-        return raw.to_owned();
-    }
-    let mut out = String::with_capacity(raw.len() + 8);
-    for c in raw.chars() {
-        if unsafe_char(c) {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    penora_platform::dead_letters::escaped(raw)
 }
 
 /// `json` (as serde_json writes it: control characters below U+0020
@@ -129,6 +118,25 @@ pub fn progress_bar(stage: &str, done: u64, total: u64) {
 /// An optional value as a cell: `-` when missing.
 pub fn cell<T: ToString>(v: Option<T>) -> String {
     v.map_or_else(|| "-".to_owned(), |v| v.to_string())
+}
+
+/// Records a run of `kind` (`ops_runs`, shown on the console's operations
+/// page). A failure to record is said on stderr and changes nothing else:
+/// the check itself ran.
+pub async fn record_run(
+    client: &impl deadpool_postgres::GenericClient,
+    kind: &str,
+    ok: bool,
+    summary: &str,
+    report: &impl Serialize,
+    started: time::OffsetDateTime,
+) {
+    let report = serde_json::to_value(report).unwrap_or(serde_json::Value::Null);
+    if let Err(e) =
+        penora_store::ops_runs::record(client, kind, ok, summary, &report, started).await
+    {
+        eprintln!("note: this run was not recorded for the console ({e})");
+    }
 }
 
 #[cfg(test)]

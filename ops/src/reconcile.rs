@@ -13,9 +13,24 @@ pub async fn run(
     client: &mut deadpool_postgres::Client,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let started = time::OffsetDateTime::now_utc();
     let report =
         reconcile::run_with_progress(client, workspace.storage_quota_bytes, &output::progress_bar)
             .await?;
+    let users = report.users();
+    let summary = if users.is_empty() {
+        format!(
+            "reconcile OK: {} users, {} ledger entries, {} reservations, no violation",
+            report.users_checked, report.entries_checked, report.reservations_checked
+        )
+    } else {
+        format!(
+            "reconcile FAILED: {} violations for {} users: {}",
+            report.violations.len(),
+            users.len(),
+            users.join(", ")
+        )
+    };
     if json {
         output::json(&report)?;
     } else {
@@ -25,21 +40,17 @@ pub async fn run(
                 v.user_id, v.invariant, v.detail
             );
         }
-        let users = report.users();
-        if users.is_empty() {
-            println!(
-                "reconcile OK: {} users, {} ledger entries, {} reservations, no violation",
-                report.users_checked, report.entries_checked, report.reservations_checked
-            );
-        } else {
-            println!(
-                "reconcile FAILED: {} violations for {} users: {}",
-                report.violations.len(),
-                users.len(),
-                users.join(", ")
-            );
-        }
+        println!("{summary}");
     }
+    output::record_run(
+        &*client,
+        penora_store::ops_runs::RECONCILE,
+        report.violations.is_empty(),
+        &summary,
+        &report,
+        started,
+    )
+    .await;
     Ok(if report.violations.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -4,6 +4,7 @@
 //! shutdown helpers.
 
 pub mod broker;
+pub mod dead_letters;
 pub mod http_client;
 pub mod keys;
 pub mod limits;

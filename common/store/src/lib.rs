@@ -12,6 +12,7 @@
 //! `penora-ops migrate` runs as the schema's owner.
 
 pub mod accounts;
+pub mod ops_runs;
 pub mod outbox;
 pub mod webhooks;
 

@@ -229,3 +229,66 @@ pub async fn prune(client: &impl GenericClient, days: i32) -> Result<u64, DbErro
         )
         .await?)
 }
+
+/// An outbox row the broker kept refusing, set aside so that the others
+/// keep flowing (contract §11).
+#[derive(Debug, Clone, Serialize)]
+pub struct SetAside {
+    /// The row.
+    pub id: i64,
+    /// Whose change.
+    pub user_id: String,
+    /// Where it is published.
+    pub exchange: String,
+    /// With which routing key.
+    pub routing_key: String,
+    /// Its message id.
+    pub message_id: String,
+    /// How often the broker refused it.
+    pub refusals: i32,
+    /// The broker's last answer.
+    pub last_error: Option<String>,
+    /// When it was written (RFC 3339, ms).
+    pub created_at: String,
+    /// When it was set aside (RFC 3339, ms).
+    pub set_aside_at: String,
+}
+
+/// The rows set aside and not published, oldest first.
+pub async fn set_aside(client: &impl GenericClient) -> Result<Vec<SetAside>, DbError> {
+    Ok(client
+        .query(
+            "SELECT id, user_id, exchange, routing_key, message_id::text, refusals, last_error, \
+                    to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS created_at, \
+                    to_char(set_aside_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"') AS set_aside_at \
+             FROM outbox WHERE set_aside_at IS NOT NULL AND published_at IS NULL ORDER BY id",
+            &[],
+        )
+        .await?
+        .into_iter()
+        .map(|r| SetAside {
+            id: r.get("id"),
+            user_id: r.get("user_id"),
+            exchange: r.get("exchange"),
+            routing_key: r.get("routing_key"),
+            message_id: r.get("message_id"),
+            refusals: r.get("refusals"),
+            last_error: r.get("last_error"),
+            created_at: r.get("created_at"),
+            set_aside_at: r.get("set_aside_at"),
+        })
+        .collect())
+}
+
+/// Puts set-aside rows back to be published (all, or row `id`): the
+/// services' relays publish them within a second. How many.
+pub async fn put_back(client: &impl GenericClient, id: Option<i64>) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "UPDATE outbox SET set_aside_at = NULL, refusals = 0, retry_at = NULL \
+             WHERE set_aside_at IS NOT NULL AND published_at IS NULL \
+               AND ($1::int8 IS NULL OR id = $1)",
+            &[&id],
+        )
+        .await?)
+}
