@@ -124,7 +124,7 @@ pub fn page(title: &str, bar: Option<&Bar<'_>>, body: &str) -> String {
         out,
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
-         <meta name=\"referrer\" content=\"no-referrer\">\
+         <meta name=\"referrer\" content=\"same-origin\">\
          <title>{} · Penora Credits console</title>\
          <link rel=\"stylesheet\" href=\"/console/assets/console.css\"></head><body>\
          <header class=\"bar\"><strong>Penora Credits</strong>",

@@ -13,7 +13,8 @@
 //! * every page carries a Content-Security-Policy that allows no script,
 //!   no frame (`frame-ancestors 'none'`), no form target but this origin
 //!   and no resource but this origin's, `Cache-Control: no-store`,
-//!   `X-Frame-Options: DENY`, `Referrer-Policy: no-referrer`,
+//!   `X-Frame-Options: DENY`, `Referrer-Policy: same-origin` (no-referrer
+//!   would make browsers send `Origin: null` with the console's own forms),
 //!   `X-Content-Type-Options: nosniff`;
 //! * every POST is refused (403 `forbidden`) unless its `Origin` (when the
 //!   browser sends one) is this host, `Sec-Fetch-Site` (when sent) is
@@ -25,6 +26,7 @@
 //!   the acting key's id on the ledger entry, and show the entry they made.
 
 mod html;
+mod ops;
 mod user;
 
 use axum::{
@@ -69,6 +71,9 @@ pub fn router() -> Router<AppState> {
         .route("/console/users/{user}/grant", post(user::grant))
         .route("/console/users/{user}/void", post(user::void))
         .route("/console/users/{user}/refund", post(user::refund))
+        .route("/console/ops", get(ops::page))
+        .route("/console/ops/dead-letters/replay", post(ops::replay))
+        .route("/console/ops/outbox/retry", post(ops::retry_outbox))
         .layer(middleware::from_fn(secure_headers))
 }
 
@@ -83,7 +88,7 @@ async fn secure_headers(req: Request, next: Next) -> Response {
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     h.insert(
         header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
+        HeaderValue::from_static("same-origin"),
     );
     h.insert(
         header::X_CONTENT_TYPE_OPTIONS,

@@ -28,7 +28,7 @@ const LEDGER_PAGE: i64 = 25;
 pub const REFERENCE_PREFIX: &str = "console-";
 
 /// A page explaining an API error, with its status and code.
-fn api_problem(e: impl Into<ApiError>, session: &Session) -> Response {
+pub(super) fn api_problem(e: impl Into<ApiError>, session: &Session) -> Response {
     let e = e.into();
     let (status, code) = e.status_and_code();
     if status.is_server_error() {
@@ -298,11 +298,12 @@ async fn render_user(
             if admin {
                 row.push(if status == "active" {
                     format!(
-                        "<form method=\"post\" action=\"{path}/void\" class=\"inline\">\
+                        "<details class=\"act\"><summary>Void…</summary>\
+                         <form method=\"post\" action=\"{path}/void\" class=\"inline\">\
                          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
                          <input type=\"hidden\" name=\"lot_id\" value=\"{lot_id}\">\
                          <label for=\"v-reason-{lot_id}\">Reason<input id=\"v-reason-{lot_id}\" name=\"reason\" required maxlength=\"500\"></label>\
-                         <button class=\"danger\" type=\"submit\">Void lot {lot_id}…</button></form>"
+                         <button class=\"danger\" type=\"submit\">Void lot {lot_id}…</button></form></details>"
                     )
                 } else {
                     String::new()
@@ -405,7 +406,8 @@ async fn render_user(
     let reservations = client
         .query(
             "SELECT app_name, project_code, amount, refunded_amount, state, created_at, refundable_until, description \
-             FROM reservations WHERE user_id = $1 ORDER BY created_at DESC, project_code LIMIT 50",
+             FROM reservations WHERE user_id = $1 \
+             ORDER BY state IN ('reserved', 'partially_refunded') DESC, created_at DESC, project_code LIMIT 20",
             &[&u],
         )
         .await?;
@@ -431,14 +433,15 @@ async fn render_user(
                 let open = matches!(state, "reserved" | "partially_refunded") && until > now;
                 row.push(if open {
                     format!(
-                        "<form method=\"post\" action=\"{path}/refund\" class=\"inline\">\
+                        "<details class=\"act\"><summary>Refund…</summary>\
+                         <form method=\"post\" action=\"{path}/refund\" class=\"inline\">\
                          <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
                          <input type=\"hidden\" name=\"nonce\" value=\"{nonce}\">\
                          <input type=\"hidden\" name=\"app_name\" value=\"{app}\">\
                          <input type=\"hidden\" name=\"project_code\" value=\"{code}\">\
                          <label for=\"r-amount-{nonce}\">Amount (empty: all {left})<input id=\"r-amount-{nonce}\" name=\"amount\" type=\"number\" min=\"1\" max=\"{left}\" step=\"1\"></label>\
                          <label for=\"r-reason-{nonce}\">Reason<input id=\"r-reason-{nonce}\" name=\"reason\" required maxlength=\"500\"></label>\
-                         <button type=\"submit\">Refund…</button></form>",
+                         <button type=\"submit\">Refund…</button></form></details>",
                         nonce = Uuid::new_v4(),
                         app = html::esc(app),
                         code = html::esc(code),
@@ -463,9 +466,14 @@ async fn render_user(
     if admin {
         head.push("Action");
     }
+    let note = if rows.len() == 20 {
+        "<p class=\"muted\">The 20 most recent open reservations first, then the most recent closed ones.</p>"
+    } else {
+        ""
+    };
     let _ = write!(
         out,
-        "<section aria-labelledby=\"reservations\"><h2 id=\"reservations\">Reservations</h2>{}\
+        "<section aria-labelledby=\"reservations\"><h2 id=\"reservations\">Reservations</h2>{note}{}\
          <p class=\"cli\">Same as: <code>POST /api/unified/refund-credits</code> with <code>user_id</code>, <code>project_code</code>, <code>amount</code>, <code>reference</code></p></section>",
         html::table(&head, &[2, 3], &rows, "No reservations.")
     );

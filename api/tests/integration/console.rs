@@ -203,7 +203,7 @@ async fn the_user_page_shows_what_the_api_answers() {
     let r = app
         .post(
             "/api/unified/refund-credits",
-            &json!({"user_id": "alice-01", "project_code": "img-03", "amount": 1, "reference": "half", "reason": "blurry"}),
+            &json!({"user_id": "alice-01", "project_code": "img-29", "amount": 1, "reference": "half", "reason": "blurry"}),
         )
         .await;
     assert!(r.status().is_success());
@@ -569,4 +569,92 @@ async fn a_read_key_sees_no_action_and_forms_from_elsewhere_are_refused() {
     let r = admin.post("/console/users/dave/grant", &fields).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(app.balance("dave").await, 15);
+}
+
+#[tokio::test]
+async fn the_operations_page_retries_a_set_aside_row_and_shows_the_last_checks_with_the_broker_down()
+ {
+    // This API's broker is unreachable (the tests' default): the page says
+    // so and shows the rest.
+    let app = spawn_app().await;
+    app.grant("erin", 10).await;
+    let row: i64 = {
+        let c = app.pool.get().await.expect("db");
+        let id: i64 = c
+            .query_one(
+                "UPDATE outbox SET set_aside_at = now(), refusals = 5, last_error = 'NO_ROUTE' \
+                 WHERE id = (SELECT min(id) FROM outbox WHERE user_id = 'erin') RETURNING id",
+                &[],
+            )
+            .await
+            .expect("set aside")
+            .get(0);
+        penora_store::ops_runs::record(
+            &c,
+            penora_store::ops_runs::RECONCILE,
+            true,
+            "reconcile OK: 1 users, 1 ledger entries, 0 reservations, no violation",
+            &json!({"violations": []}),
+            time::OffsetDateTime::now_utc(),
+        )
+        .await
+        .expect("recorded");
+        id
+    };
+    let read = app.key("*", &[Scope::Read]).await;
+    let mut reader = Browser::new(&app);
+    reader.sign_in(&read).await;
+    let page = reader.page("/console/ops").await;
+    assert!(
+        page.contains("RabbitMQ did not answer"),
+        "the broker is down"
+    );
+    assert!(
+        page.contains(&format!("data-label=\"Row\">{row}<")),
+        "the set-aside row"
+    );
+    // (its last error is the relay's latest: the broker is down)
+    assert!(page.contains("reconcile OK: 1 users"), "the last reconcile");
+    assert!(page.contains("never run"), "no audit verify yet");
+    assert!(page.contains("penora-ops outbox retry"));
+    assert!(
+        !page.contains("/console/ops/outbox/retry"),
+        "a read key has no retry"
+    );
+    let csrf = field(&page, "csrf");
+    let id = row.to_string();
+    let r = reader
+        .post("/console/ops/outbox/retry", &[("csrf", &csrf), ("id", &id)])
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+
+    let mut admin = Browser::new(&app);
+    admin.sign_in(BOOT_KEY).await;
+    let page = admin.page("/console/ops").await;
+    let csrf = field(&page, "csrf");
+    assert!(page.contains("/console/ops/outbox/retry"));
+    let r = admin
+        .post("/console/ops/outbox/retry", &[("csrf", &csrf), ("id", &id)])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let body = r.text().await.expect("body");
+    assert!(body.contains(&format!("Outbox row {row} put back")));
+    let still: i64 = app
+        .pool
+        .get()
+        .await
+        .expect("db")
+        .query_one(
+            "SELECT count(*) FROM outbox WHERE set_aside_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("count")
+        .get(0);
+    assert_eq!(still, 0, "put back to be published");
+    // Again: nothing is set aside any more.
+    let r = admin
+        .post("/console/ops/outbox/retry", &[("csrf", &csrf), ("id", &id)])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
