@@ -156,10 +156,16 @@ async function newPage(context = browser) {
 }
 
 async function signIn(page, key) {
+  await page.bringToFront();
   await page.goto(`${base}/console`);
   assert.match(page.url(), /\/console\/sign-in$/);
-  await page.type("#api_key", key);
-  await Promise.all([page.waitForNavigation(), page.click("button[type=submit]")]);
+  // With the keyboard: the key field has the focus (autofocus; in a tab
+  // that never had the focus, the first Tab reaches it), Enter sends it.
+  const focused = () => page.evaluate(() => document.activeElement?.id);
+  if ((await focused()) !== "api_key") await page.keyboard.press("Tab");
+  assert.equal(await focused(), "api_key");
+  await page.keyboard.type(key);
+  await Promise.all([page.waitForNavigation(), page.keyboard.press("Enter")]);
   if (!/\/console\/users$/.test(page.url())) {
     throw new Error(`not signed in: ${page.url()}: ${(await page.content()).slice(0, 2000)}`);
   }
@@ -173,6 +179,9 @@ async function submit(page, selector) {
 async function screenshot(page, name) {
   for (const width of [1280, 390]) {
     await page.setViewport({ width, height: 900 });
+    // Nothing wider than the screen: tables scroll or stack, text wraps.
+    const wide = await page.evaluate(() => document.documentElement.scrollWidth);
+    assert.ok(wide <= width, `${name} is ${wide} px wide at ${width} px`);
     await page.screenshot({ path: `${shots}/${name}-${width}.png`, fullPage: true });
   }
   await page.setViewport({ width: 1280, height: 900 });
