@@ -32,7 +32,7 @@ mod user;
 use axum::{
     Router,
     body::Bytes,
-    extract::{FromRequestParts, Request, State},
+    extract::{FromRequest, FromRequestParts, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header, request::Parts},
     middleware::{self, Next},
     response::{IntoResponse, Redirect, Response},
@@ -41,7 +41,7 @@ use axum::{
 use penora_platform::keys::{self, Principal, Scope};
 use std::collections::HashMap;
 
-use crate::{auth::KeyIdSlot, serve::ClientAddr, state::AppState};
+use crate::{auth::KeyIdSlot, error::ApiError, serve::ClientAddr, state::AppState};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "penora_console";
@@ -140,6 +140,24 @@ pub fn problem(
 /// A refusal's page.
 pub type Refused = Box<Response>;
 
+/// A console answer: the page asked for, or the page saying why not.
+pub type Page = Result<Response, Response>;
+
+/// Turns an error into the page that explains it (`?` in the handlers).
+/// The error side is a whole `Response`, as the handlers' own is: it is
+/// handed to axum at once, so boxing it would only add an allocation.
+#[allow(clippy::result_large_err)]
+pub trait OrPage<T> {
+    /// The value, or the page explaining the error.
+    fn or_page(self, session: &Session) -> Result<T, Response>;
+}
+
+impl<T, E: Into<ApiError>> OrPage<T> for Result<T, E> {
+    fn or_page(self, session: &Session) -> Result<T, Response> {
+        self.map_err(|e| session.problem(e))
+    }
+}
+
 /// A signed-in person.
 pub struct Session {
     /// Whose key.
@@ -178,6 +196,20 @@ impl Session {
                 Some(&self.bar()),
             )))
         }
+    }
+
+    /// A page explaining an error, with its status and code (a server
+    /// error's detail is logged, not shown).
+    pub fn problem(&self, e: impl Into<ApiError>) -> Response {
+        let e = e.into();
+        let (status, code) = e.status_and_code();
+        let message = if status.is_server_error() {
+            tracing::warn!(error = %e, "console: a request failed");
+            "The service could not do this now; try again shortly.".to_owned()
+        } else {
+            e.to_string()
+        };
+        problem(status, code, &message, Some(&self.bar()))
     }
 
     /// Refuses unless the key is an admin key.
@@ -269,6 +301,39 @@ impl FromRequestParts<AppState> for Session {
             csrf: row.get(1),
             key_id,
         })
+    }
+}
+
+/// An admin's action: a POST from a console page (this origin), with the
+/// session's CSRF token, by an admin key; its form.
+pub struct Acting {
+    /// Who acts.
+    pub session: Session,
+    /// What the form sent.
+    pub form: Form,
+}
+
+/// The largest form an action takes.
+const MAX_FORM_BYTES: usize = 16 * 1024;
+
+impl FromRequest<AppState> for Acting {
+    type Rejection = Response;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = req.into_parts();
+        let session = Session::from_request_parts(&mut parts, state).await?;
+        same_origin(&parts.headers).map_err(|r| *r)?;
+        let body = axum::body::to_bytes(body, MAX_FORM_BYTES)
+            .await
+            .map_err(|_| {
+                session.problem(ApiError::PayloadTooLarge(format!(
+                    "a console form is at most {MAX_FORM_BYTES} bytes"
+                )))
+            })?;
+        let form = Form::parse(&body);
+        session.check_csrf(&form).map_err(|r| *r)?;
+        session.require_admin().map_err(|r| *r)?;
+        Ok(Self { session, form })
     }
 }
 

@@ -9,18 +9,13 @@
 
 use std::fmt::Write;
 
-use axum::{
-    body::Bytes,
-    extract::State,
-    http::{HeaderMap, StatusCode},
-    response::Response,
-};
+use axum::{extract::State, http::StatusCode};
 use penora_platform::broker::{self, Publisher, Topology};
 use penora_platform::dead_letters::{self, Looked};
 use penora_store::{ops_runs, outbox};
 use time::OffsetDateTime;
 
-use super::{Form, Refused, Session, html, problem, same_origin};
+use super::{Acting, OrPage, Page, Session, html, problem};
 use crate::{error::ApiError, state::AppState};
 
 /// Dead letters shown per queue.
@@ -61,12 +56,12 @@ async fn broker_view(state: &AppState) -> anyhow::Result<BrokerView> {
 }
 
 /// The operations page.
-pub async fn page(State(state): State<AppState>, session: Session) -> Response {
+pub async fn page(State(state): State<AppState>, session: Session) -> Page {
     let notice = String::new();
     render(&state, &session, &notice).await
 }
 
-async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
+async fn render(state: &AppState, session: &Session, notice: &str) -> Page {
     let now = OffsetDateTime::now_utc();
     let admin = session.is_admin();
     let csrf = html::esc(&session.csrf);
@@ -210,10 +205,7 @@ async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
         }
     }
 
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return super::user::api_problem(e, session),
-    };
+    let client = state.pool.get().await.or_page(session)?;
     // The outbox.
     match outbox::set_aside(&client).await {
         Ok(rows) => {
@@ -258,7 +250,7 @@ async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
                 html::table(&head, &[0, 3], &rows, "No row is set aside.")
             );
         }
-        Err(e) => return super::user::api_problem(e, session),
+        Err(e) => return Err(session.problem(e)),
     }
 
     // Webhooks.
@@ -347,7 +339,7 @@ async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
                 )
             );
         }
-        (Err(e), _) | (_, Err(e)) => return super::user::api_problem(ApiError::from(e), session),
+        (Err(e), _) | (_, Err(e)) => return Err(session.problem(ApiError::from(e))),
     }
 
     // Reconcile and audit verify.
@@ -378,7 +370,7 @@ async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
                 String::new(),
                 String::new(),
             ]),
-            Err(e) => return super::user::api_problem(e, session),
+            Err(e) => return Err(session.problem(e)),
         }
     }
     let _ = write!(
@@ -392,36 +384,21 @@ async fn render(state: &AppState, session: &Session, notice: &str) -> Response {
             ""
         )
     );
-    super::html(
+    Ok(super::html(
         StatusCode::OK,
         html::page("Operations", Some(&session.bar()), &out),
-    )
-}
-
-fn admitted(headers: &HeaderMap, session: &Session, form: &Form) -> Result<(), Refused> {
-    same_origin(headers)?;
-    session.check_csrf(form)?;
-    session.require_admin()
+    ))
 }
 
 /// Replays one dead letter to the queue it was parked from.
-pub async fn replay(
-    State(state): State<AppState>,
-    session: Session,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(r) = admitted(&headers, &session, &form) {
-        return *r;
-    }
+pub async fn replay(State(state): State<AppState>, Acting { session, form }: Acting) -> Page {
     let (Some(queue), Some(id)) = (form.get("queue"), form.get("id")) else {
-        return problem(
+        return Err(problem(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "queue and id are required",
             Some(&session.bar()),
-        );
+        ));
     };
     let settings = &state.settings.broker;
     let topology = Topology::from_settings(settings);
@@ -442,12 +419,12 @@ pub async fn replay(
     .await;
     let notice = match replayed {
         Ok(0) => {
-            return problem(
+            return Err(problem(
                 StatusCode::NOT_FOUND,
                 "not_found",
                 &dead_letters::nothing_parked(Some(id), &topology.dead_queue(queue)),
                 Some(&session.bar()),
-            );
+            ));
         }
         Ok(n) => {
             tracing::info!(key_id = %session.key_id, queue, message_id = %dead_letters::escaped(id), "console: dead letter replayed");
@@ -458,52 +435,39 @@ pub async fn replay(
             )
         }
         Err(e) => {
-            return problem(
+            return Err(problem(
                 StatusCode::CONFLICT,
                 "not_replayed",
                 &format!("Not replayed: {e}"),
                 Some(&session.bar()),
-            );
+            ));
         }
     };
     render(&state, &session, &notice).await
 }
 
 /// Puts a set-aside outbox row back to be published.
-pub async fn retry_outbox(
-    State(state): State<AppState>,
-    session: Session,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(r) = admitted(&headers, &session, &form) {
-        return *r;
-    }
+pub async fn retry_outbox(State(state): State<AppState>, Acting { session, form }: Acting) -> Page {
     let Some(id) = form.get("id").and_then(|i| i.parse::<i64>().ok()) else {
-        return problem(
+        return Err(problem(
             StatusCode::BAD_REQUEST,
             "invalid_request",
             "id: must be an outbox row's id",
             Some(&session.bar()),
-        );
+        ));
     };
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return super::user::api_problem(e, &session),
-    };
-    let n = match outbox::put_back(&client, Some(id)).await {
-        Ok(n) => n,
-        Err(e) => return super::user::api_problem(e, &session),
-    };
+    let client = state.pool.get().await.or_page(&session)?;
+    let n = outbox::put_back(&client, Some(id))
+        .await
+        .or_page(&session)?;
     drop(client);
     if n == 0 {
-        return problem(
+        return Err(problem(
             StatusCode::NOT_FOUND,
             "not_found",
             &format!("No set-aside outbox row {id}"),
             Some(&session.bar()),
-        );
+        ));
     }
     state.jobs_committed();
     tracing::info!(key_id = %session.key_id, row = id, "console: outbox row put back");

@@ -4,9 +4,8 @@
 use std::fmt::Write;
 
 use axum::{
-    body::Bytes,
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode, header},
+    http::{StatusCode, header},
     response::{IntoResponse, Response},
 };
 use deadpool_postgres::GenericClient;
@@ -18,7 +17,7 @@ use serde::Deserialize;
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::{Form, Refused, Session, html, problem, same_origin};
+use super::{Acting, Form, OrPage, Page, Session, html, problem};
 use crate::{error::ApiError, extract, state::AppState};
 
 /// Entries per ledger page.
@@ -26,25 +25,6 @@ const LEDGER_PAGE: i64 = 25;
 /// Where an action's idempotency reference starts: `console-` and the
 /// one-time key its form was drawn with.
 pub const REFERENCE_PREFIX: &str = "console-";
-
-/// A page explaining an API error, with its status and code.
-pub(super) fn api_problem(e: impl Into<ApiError>, session: &Session) -> Response {
-    let e = e.into();
-    let (status, code) = e.status_and_code();
-    if status.is_server_error() {
-        tracing::warn!(error = %e, "console: a request failed");
-    }
-    let message = if status.is_server_error() {
-        "The service could not do this now; try again shortly.".to_owned()
-    } else {
-        e.to_string()
-    };
-    problem(status, code, &message, Some(&session.bar()))
-}
-
-fn db_problem(e: tokio_postgres::Error, session: &Session) -> Response {
-    api_problem(ApiError::from(e), session)
-}
 
 /// Query of the search.
 #[derive(Debug, Deserialize)]
@@ -70,24 +50,18 @@ pub async fn search(
     State(state): State<AppState>,
     session: Session,
     Query(query): Query<SearchQuery>,
-) -> Response {
+) -> Page {
     let q = query.q.unwrap_or_default();
     let q = q.trim();
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    let rows = match client
+    let client = state.pool.get().await.or_page(&session)?;
+    let rows = client
         .query(
             "SELECT user_id, balance, updated_at FROM accounts \
              WHERE user_id LIKE $1 ESCAPE '\\' ORDER BY user_id LIMIT 50",
             &[&prefix_pattern(q)],
         )
         .await
-    {
-        Ok(r) => r,
-        Err(e) => return db_problem(e, &session),
-    };
+        .or_page(&session)?;
     let now = OffsetDateTime::now_utc();
     let rows: Vec<Vec<String>> = rows
         .iter()
@@ -118,10 +92,10 @@ pub async fn search(
             "No user's id starts with this."
         )
     );
-    super::html(
+    Ok(super::html(
         StatusCode::OK,
         html::page("Users", Some(&session.bar()), &body),
-    )
+    ))
 }
 
 /// `s` percent-encoded for a path segment.
@@ -149,37 +123,32 @@ pub async fn page(
     session: Session,
     Path(raw_user): Path<String>,
     Query(query): Query<PageQuery>,
-) -> Response {
-    let user = match extract::user_id(Some(&raw_user)) {
-        Ok(u) => u,
-        Err(e) => return api_problem(e, &session),
-    };
+) -> Page {
+    let user = extract::user_id(Some(&raw_user)).or_page(&session)?;
     let before = match query.before.as_deref().map(str::parse::<i64>) {
         None => None,
         Some(Ok(id)) if id > 0 => Some(id),
         Some(_) => {
-            return api_problem(
-                ApiError::InvalidRequest("before: must be a ledger entry id".into()),
-                &session,
-            );
+            return Err(session.problem(ApiError::InvalidRequest(
+                "before: must be a ledger entry id".into(),
+            )));
         }
     };
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    match render_user(&client, &session, &user, before).await {
-        Ok(Some(body)) => super::html(
+    let client = state.pool.get().await.or_page(&session)?;
+    match render_user(&client, &session, &user, before)
+        .await
+        .or_page(&session)?
+    {
+        Some(body) => Ok(super::html(
             StatusCode::OK,
             html::page(user.as_str(), Some(&session.bar()), &body),
-        ),
-        Ok(None) => problem(
+        )),
+        None => Err(problem(
             StatusCode::NOT_FOUND,
             "user_not_found",
             &format!("No user {}", user.as_str()),
             Some(&session.bar()),
-        ),
-        Err(e) => db_problem(e, &session),
+        )),
     }
 }
 
@@ -637,42 +606,32 @@ pub async fn thumbnail(
     State(state): State<AppState>,
     session: Session,
     Path((raw_user, project)): Path<(String, String)>,
-) -> Response {
-    let user = match extract::user_id(Some(&raw_user)) {
-        Ok(u) => u,
-        Err(e) => return api_problem(e, &session),
-    };
+) -> Page {
+    let user = extract::user_id(Some(&raw_user)).or_page(&session)?;
     let Ok(id) = Uuid::parse_str(&project) else {
-        return api_problem(ApiError::NotFound("no such project".into()), &session);
+        return Err(session.problem(ApiError::NotFound("no such project".into())));
     };
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    match projects::content(&client, &user, id, Rendition::Thumbnail, None).await {
-        Ok(Some(StoredContent::Image {
-            media_type,
-            data: Some(data),
-            ..
-        })) => (
-            [
-                (header::CONTENT_TYPE, media_type),
-                (header::CACHE_CONTROL, "private, no-store".to_owned()),
-            ],
-            data,
-        )
-            .into_response(),
-        Ok(_) => StatusCode::NOT_FOUND.into_response(),
-        Err(e) => api_problem(e, &session),
-    }
-}
-
-/// The checks every action makes before anything else: this origin, this
-/// session's form, an admin key.
-fn admitted(headers: &HeaderMap, session: &Session, form: &Form) -> Result<(), Refused> {
-    same_origin(headers)?;
-    session.check_csrf(form)?;
-    session.require_admin()
+    let client = state.pool.get().await.or_page(&session)?;
+    Ok(
+        match projects::content(&client, &user, id, Rendition::Thumbnail, None)
+            .await
+            .or_page(&session)?
+        {
+            Some(StoredContent::Image {
+                media_type,
+                data: Some(data),
+                ..
+            }) => (
+                [
+                    (header::CONTENT_TYPE, media_type),
+                    (header::CACHE_CONTROL, "private, no-store".to_owned()),
+                ],
+                data,
+            )
+                .into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        },
+    )
 }
 
 /// The one-time key of the form (a UUID).
@@ -730,12 +689,9 @@ async fn done_page(
     replayed: bool,
     entries: &str,
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Response {
-    let client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, session),
-    };
-    let rows = match client
+) -> Page {
+    let client = state.pool.get().await.or_page(session)?;
+    let rows = client
         .query(
             &format!(
                 "SELECT id, kind, amount, balance_after, app_name, description, project_code, reference, \
@@ -744,10 +700,7 @@ async fn done_page(
             params,
         )
         .await
-    {
-        Ok(r) => r,
-        Err(e) => return db_problem(e, session),
-    };
+    .or_page(session)?;
     let now = OffsetDateTime::now_utc();
     let rows: Vec<Vec<String>> = rows.iter().map(|e| entry_row(e, now)).collect();
     let replay = if replayed {
@@ -768,22 +721,18 @@ async fn done_page(
         ),
         html::esc(user)
     );
-    let status = StatusCode::OK;
-    super::html(status, html::page("Done", Some(&session.bar()), &body))
+    Ok(super::html(
+        StatusCode::OK,
+        html::page("Done", Some(&session.bar()), &body),
+    ))
 }
 
 /// Grant: confirm, then grant with the form's one-time key as reference.
 pub async fn grant(
     State(state): State<AppState>,
-    session: Session,
-    headers: HeaderMap,
     Path(raw_user): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(r) = admitted(&headers, &session, &form) {
-        return *r;
-    }
+    Acting { session, form }: Acting,
+) -> Page {
     let parsed = (|| -> Result<_, ApiError> {
         let user = extract::user_id(Some(&raw_user))?;
         let amount = form
@@ -810,10 +759,7 @@ pub async fn grant(
         )?;
         Ok((user, amount, reason, terms, nonce(&form)?))
     })();
-    let (user, amount, reason, terms, nonce) = match parsed {
-        Ok(p) => p,
-        Err(e) => return api_problem(e, &session),
-    };
+    let (user, amount, reason, terms, nonce) = parsed.or_page(&session)?;
     if form.get("confirm") != Some("yes") {
         let expiry = terms.expires_at.map_or("never expire".to_owned(), |t| {
             format!("expire at {}", penora_domain::timefmt::rfc3339_millis(t))
@@ -825,14 +771,14 @@ pub async fn grant(
             html::esc(user.as_str()),
             html::esc(&reason)
         );
-        return confirm_page(
+        return Ok(confirm_page(
             &session,
             "grant",
             &what,
             &form,
             &["nonce", "amount", "category", "expires_at", "reason"],
             user.as_str(),
-        );
+        ));
     }
     let grant = ledger::Grant {
         user_id: user.clone(),
@@ -845,14 +791,10 @@ pub async fn grant(
         expires_at: terms.expires_at,
         acted_by: Some(session.key_id.clone()),
     };
-    let mut client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    let outcome = match ledger::grant(&mut client, &grant, None).await {
-        Ok(o) => o,
-        Err(e) => return api_problem(e, &session),
-    };
+    let mut client = state.pool.get().await.or_page(&session)?;
+    let outcome = ledger::grant(&mut client, &grant, None)
+        .await
+        .or_page(&session)?;
     drop(client);
     if !outcome.replayed {
         state.jobs_committed();
@@ -878,15 +820,9 @@ pub async fn grant(
 /// Void a lot: confirm, then void (idempotent by the lot's state).
 pub async fn void(
     State(state): State<AppState>,
-    session: Session,
-    headers: HeaderMap,
     Path(raw_user): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(r) = admitted(&headers, &session, &form) {
-        return *r;
-    }
+    Acting { session, form }: Acting,
+) -> Page {
     let parsed = (|| -> Result<_, ApiError> {
         let user = extract::user_id(Some(&raw_user))?;
         let lot_id = form
@@ -898,30 +834,24 @@ pub async fn void(
             .ok_or_else(|| ApiError::InvalidRequest("reason: is required".into()))?;
         Ok((user, lot_id, reason))
     })();
-    let (user, lot_id, reason) = match parsed {
-        Ok(p) => p,
-        Err(e) => return api_problem(e, &session),
-    };
+    let (user, lot_id, reason) = parsed.or_page(&session)?;
     if form.get("confirm") != Some("yes") {
         let what = format!(
             "Void lot <strong>{lot_id}</strong> of <code>{}</code>: its remaining credits are taken away. Reason: “{}”.",
             html::esc(user.as_str()),
             html::esc(&reason)
         );
-        return confirm_page(
+        return Ok(confirm_page(
             &session,
             "void",
             &what,
             &form,
             &["lot_id", "reason"],
             user.as_str(),
-        );
+        ));
     }
-    let mut client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    let outcome = match ledger::void_lot_as(
+    let mut client = state.pool.get().await.or_page(&session)?;
+    let outcome = ledger::void_lot_as(
         &mut client,
         &user,
         lot_id,
@@ -930,10 +860,7 @@ pub async fn void(
         Some(&session.key_id),
     )
     .await
-    {
-        Ok(o) => o,
-        Err(e) => return api_problem(e, &session),
-    };
+    .or_page(&session)?;
     drop(client);
     if !outcome.replayed {
         state.jobs_committed();
@@ -958,15 +885,9 @@ pub async fn void(
 /// form's one-time key as reference.
 pub async fn refund(
     State(state): State<AppState>,
-    session: Session,
-    headers: HeaderMap,
     Path(raw_user): Path<String>,
-    body: Bytes,
-) -> Response {
-    let form = Form::parse(&body);
-    if let Err(r) = admitted(&headers, &session, &form) {
-        return *r;
-    }
+    Acting { session, form }: Acting,
+) -> Page {
     let parsed = (|| -> Result<_, ApiError> {
         let user = extract::user_id(Some(&raw_user))?;
         let app = AppName::parse("app_name", form.get("app_name").unwrap_or(""))?;
@@ -988,10 +909,7 @@ pub async fn refund(
             .ok_or_else(|| ApiError::InvalidRequest("reason: is required".into()))?;
         Ok((user, app, code, amount, reason, nonce(&form)?))
     })();
-    let (user, app, code, amount, reason, nonce) = match parsed {
-        Ok(p) => p,
-        Err(e) => return api_problem(e, &session),
-    };
+    let (user, app, code, amount, reason, nonce) = parsed.or_page(&session)?;
     if form.get("confirm") != Some("yes") {
         let how_much = amount.map_or("everything still refundable".to_owned(), |a| {
             html::ku(a, false)
@@ -1003,14 +921,14 @@ pub async fn refund(
             html::esc(user.as_str()),
             html::esc(&reason)
         );
-        return confirm_page(
+        return Ok(confirm_page(
             &session,
             "refund",
             &what,
             &form,
             &["nonce", "app_name", "project_code", "amount", "reason"],
             user.as_str(),
-        );
+        ));
     }
     let reference = format!("{REFERENCE_PREFIX}{nonce}");
     let request = ledger::Refund {
@@ -1022,14 +940,10 @@ pub async fn refund(
         reference: Some(reference.clone()),
         acted_by: Some(session.key_id.clone()),
     };
-    let mut client = match state.pool.get().await {
-        Ok(c) => c,
-        Err(e) => return api_problem(e, &session),
-    };
-    let outcome = match ledger::refund(&mut client, &request, None).await {
-        Ok(o) => o,
-        Err(e) => return api_problem(e, &session),
-    };
+    let mut client = state.pool.get().await.or_page(&session)?;
+    let outcome = ledger::refund(&mut client, &request, None)
+        .await
+        .or_page(&session)?;
     drop(client);
     if !outcome.replayed {
         state.jobs_committed();
