@@ -169,6 +169,11 @@ pub struct Session {
 }
 
 impl Session {
+    /// The key as the API's routes see it (scopes, the app it is bound to).
+    pub fn auth(&self) -> crate::auth::Auth {
+        crate::auth::Auth(self.principal.clone())
+    }
+
     /// Whether the key may act.
     pub fn is_admin(&self) -> bool {
         self.principal.scopes.contains(&Scope::Admin)

@@ -783,7 +783,11 @@ pub async fn grant(
     let grant = ledger::Grant {
         user_id: user.clone(),
         amount,
-        app_name: AppName::penora(),
+        // As `add-credits`: a key bound to an app grants for it.
+        app_name: match session.auth().bound_app() {
+            None => AppName::penora(),
+            Some(own) => AppName::parse("app_name", own).or_page(&session)?,
+        },
         reason,
         reference: format!("{REFERENCE_PREFIX}{nonce}"),
         category: terms.category,
@@ -855,7 +859,8 @@ pub async fn void(
         &mut client,
         &user,
         lot_id,
-        (&reason, None),
+        // A key bound to an app voids only the lots that app granted.
+        (&reason, session.auth().bound_app()),
         None,
         Some(&session.key_id),
     )
@@ -890,7 +895,12 @@ pub async fn refund(
 ) -> Page {
     let parsed = (|| -> Result<_, ApiError> {
         let user = extract::user_id(Some(&raw_user))?;
-        let app = AppName::parse("app_name", form.get("app_name").unwrap_or(""))?;
+        // A key bound to an app refunds only that app's reservations.
+        let app = crate::routes::credits::acting_app(
+            &session.auth(),
+            "app_name",
+            Some(form.get("app_name").unwrap_or("")),
+        )?;
         let code = ProjectCode::parse(form.get("project_code").unwrap_or(""))?;
         let amount = match form.get("amount") {
             None => None,

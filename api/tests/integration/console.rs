@@ -658,3 +658,66 @@ async fn the_operations_page_retries_a_set_aside_row_and_shows_the_last_checks_w
         .await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
 }
+
+#[tokio::test]
+async fn an_admin_key_bound_to_an_app_acts_only_for_that_app_as_in_the_api() {
+    let app = spawn_app().await;
+    // A penora lot and an imagegene reservation.
+    app.grant("fay", 30).await;
+    let (s, _) = app.deduct("fay", 6, "gen-1").await;
+    assert!(s.is_success());
+    let bound = app.key("penora", &[Scope::Admin, Scope::Read]).await;
+    let mut b = Browser::new(&app);
+    b.sign_in(&bound).await;
+    let page = b.page("/console/users/fay").await;
+    let csrf = field(&page, "csrf");
+    // Refunding ImageGene's reservation: refused with the API's code.
+    let nonce = uuid::Uuid::new_v4().to_string();
+    let r = b
+        .post(
+            "/console/users/fay/refund",
+            &[
+                ("csrf", csrf.as_str()),
+                ("nonce", nonce.as_str()),
+                ("app_name", "imagegene"),
+                ("project_code", "gen-1"),
+                ("reason", "x"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert!(r.text().await.expect("body").contains("app_mismatch"));
+    // Its grant is penora's, its acting key recorded.
+    let nonce = uuid::Uuid::new_v4().to_string();
+    let r = b
+        .post(
+            "/console/users/fay/grant",
+            &[
+                ("csrf", csrf.as_str()),
+                ("nonce", nonce.as_str()),
+                ("amount", "4"),
+                ("reason", "sorry"),
+                ("confirm", "yes"),
+            ],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let (app_name, acted): (String, Option<String>) = {
+        let row = app
+            .pool
+            .get()
+            .await
+            .expect("db")
+            .query_one(
+                "SELECT app_name, acted_by FROM ledger_entries WHERE reference = $1",
+                &[&format!("console-{nonce}")],
+            )
+            .await
+            .expect("the grant");
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(app_name, "penora");
+    assert!(acted.is_some_and(|k| k != "bootstrap"));
+    assert_eq!(app.balance("fay").await, 28);
+}
