@@ -11,7 +11,19 @@
 --   SHA-256 of the API key that signed in (looked up again on every request,
 --   so a revoked key's sessions end at once), the CSRF token its forms carry,
 --   and when it ends. The key itself is never stored.
-ALTER TABLE ledger_entries ADD COLUMN acted_by text CHECK (length(acted_by) BETWEEN 1 AND 64);
+--
+-- On Citus ledger_entries is distributed (V8): Citus refuses a CHECK inside
+-- ADD COLUMN and carries DDL to the shards only outside a multi-statement
+-- string (see V13, V14): one block, one statement each. The column is
+-- nullable without a default (no rewrite); its CHECK is NOT VALID, as every
+-- existing row holds NULL: no scan of the ledger under the table's lock.
+DO $v20$
+BEGIN
+    ALTER TABLE ledger_entries ADD COLUMN acted_by text;
+    ALTER TABLE ledger_entries ADD CONSTRAINT ledger_entries_acted_by_length
+        CHECK (length(acted_by) BETWEEN 1 AND 64) NOT VALID;
+END
+$v20$;
 
 CREATE TABLE console_sessions (
     token_digest bytea       PRIMARY KEY CHECK (length(token_digest) = 32),
@@ -35,3 +47,13 @@ CREATE TABLE ops_runs (
     finished_at timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX ops_runs_kind ON ops_runs (kind, id DESC);
+
+-- The services (penora_app) may record a run but not rewrite one: the
+-- console's "audit verify OK" cannot be forged with the application's role.
+DO $v20_rights$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'penora_app') THEN
+        REVOKE UPDATE, DELETE, TRUNCATE ON ops_runs FROM penora_app;
+    END IF;
+END
+$v20_rights$;

@@ -72,6 +72,7 @@ pub fn router() -> Router<AppState> {
         .route("/console/users/{user}/void", post(user::void))
         .route("/console/users/{user}/refund", post(user::refund))
         .route("/console/ops", get(ops::page))
+        .route("/console/ops/dead-letters", post(ops::look))
         .route("/console/ops/dead-letters/replay", post(ops::replay))
         .route("/console/ops/outbox/retry", post(ops::retry_outbox))
         .layer(middleware::from_fn(secure_headers))
@@ -367,7 +368,8 @@ impl Form {
 }
 
 /// Refuses a POST that did not come from a page of this origin: `Origin`
-/// (sent by browsers with every POST) must name this host, and
+/// (sent by browsers with every POST) must name this host (`Host`, or
+/// `X-Forwarded-Host` behind a proxy that rewrites it), and
 /// `Sec-Fetch-Site`, when sent, must be `same-origin`. Another port of the
 /// same host is another origin (and the same site, which `SameSite` does not
 /// stop): refused.
@@ -380,13 +382,21 @@ pub fn same_origin(headers: &HeaderMap) -> Result<(), Refused> {
             None,
         )))
     };
-    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    // The host the browser asked for: `Host`, or the one a proxy in front
+    // names when it rewrites `Host` (a page's form cannot set this header).
+    let hosts = [header::HOST.as_str(), "x-forwarded-host"].map(|name| {
+        headers
+            .get(name)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.split(',').next())
+            .map(str::trim)
+    });
     if let Some(origin) = headers.get(header::ORIGIN) {
         let origin = origin.to_str().unwrap_or("");
         let authority = origin
             .strip_prefix("http://")
             .or_else(|| origin.strip_prefix("https://"));
-        if authority.is_none() || authority != host {
+        if authority.is_none() || !hosts.contains(&authority) {
             return refuse();
         }
     }

@@ -601,22 +601,34 @@ async fn the_operations_page_retries_a_set_aside_row_and_shows_the_last_checks_w
         .expect("recorded");
         id
     };
+    // An endpoint without an app (any app's events) failing its deliveries.
+    {
+        let c = app.pool.get().await.expect("db");
+        c.batch_execute(
+            "INSERT INTO webhook_endpoints (id, url, events, app, secret_nonce, secret_sealed) \
+               VALUES ('we_0123456789abcdef0123456789abcdef', 'https://hooks.example/penora', \
+                       ARRAY['credits.granted'], NULL, '\\x000000000000000000000000', '\\x00'); \
+             INSERT INTO webhook_deliveries (event_id, endpoint_id, user_id, event_type, state, attempts, last_attempt_at) \
+               VALUES ('evt_1', 'we_0123456789abcdef0123456789abcdef', 'erin', 'credits.granted', 'failing', 3, now()); \
+             INSERT INTO webhook_attempts (event_id, endpoint_id, user_id, attempt, status_code, latency_ms) \
+               VALUES ('evt_1', 'we_0123456789abcdef0123456789abcdef', 'erin', 3, 502, 40);",
+        )
+        .await
+        .expect("a failing endpoint");
+    }
     let read = app.key("*", &[Scope::Read]).await;
     let mut reader = Browser::new(&app);
     reader.sign_in(&read).await;
+    // A read key sees the depths and the checks, not the rows or webhooks.
     let page = reader.page("/console/ops").await;
     assert!(
         page.contains("RabbitMQ did not answer"),
         "the broker is down"
     );
-    assert!(
-        page.contains(&format!("data-label=\"Row\">{row}<")),
-        "the set-aside row"
-    );
-    // (its last error is the relay's latest: the broker is down)
     assert!(page.contains("reconcile OK: 1 users"), "the last reconcile");
     assert!(page.contains("never run"), "no audit verify yet");
-    assert!(page.contains("penora-ops outbox retry"));
+    assert!(!page.contains("data-label=\"Row\""), "no outbox rows");
+    assert!(!page.contains("Webhook endpoints"));
     assert!(
         !page.contains("/console/ops/outbox/retry"),
         "a read key has no retry"
@@ -632,7 +644,41 @@ async fn the_operations_page_retries_a_set_aside_row_and_shows_the_last_checks_w
     admin.sign_in(BOOT_KEY).await;
     let page = admin.page("/console/ops").await;
     let csrf = field(&page, "csrf");
+    assert!(
+        page.contains(&format!("data-label=\"Row\">{row}<")),
+        "the set-aside row"
+    );
+    // (its last error is the relay's latest: the broker is down)
+    assert!(page.contains("penora-ops outbox retry"));
     assert!(page.contains("/console/ops/outbox/retry"));
+    assert!(page.contains("Webhook endpoints"));
+    assert!(page.contains("https://hooks.example/penora"));
+    assert!(
+        page.contains("data-label=\"Failing now\">1<"),
+        "its failing delivery counted"
+    );
+    assert!(
+        page.contains("data-label=\"Last answer\">502<"),
+        "the last attempt's answer"
+    );
+    assert!(
+        page.contains("data-label=\"App\">any<"),
+        "an endpoint of no app"
+    );
+    // An admin key bound to an app sees and retries none of it.
+    let bound = app.key("imagegene", &[Scope::Admin, Scope::Read]).await;
+    let mut bound_browser = Browser::new(&app);
+    bound_browser.sign_in(&bound).await;
+    let bound_page = bound_browser.page("/console/ops").await;
+    assert!(!bound_page.contains("data-label=\"Row\""));
+    let bound_csrf = field(&bound_page, "csrf");
+    let r = bound_browser
+        .post(
+            "/console/ops/outbox/retry",
+            &[("csrf", bound_csrf.as_str()), ("id", id.as_str())],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
     let r = admin
         .post("/console/ops/outbox/retry", &[("csrf", &csrf), ("id", &id)])
         .await;
