@@ -160,10 +160,12 @@ async function signIn(page, key) {
   await page.goto(`${base}/console`);
   assert.match(page.url(), /\/console\/sign-in$/);
   // With the keyboard: the key field has the focus (autofocus; in a tab
-  // that never had the focus, the first Tab reaches it), Enter sends it.
+  // that never had the focus, Tab reaches it), Enter sends it.
   const focused = () => page.evaluate(() => document.activeElement?.id);
-  if ((await focused()) !== "api_key") await page.keyboard.press("Tab");
-  assert.equal(await focused(), "api_key");
+  for (let tab = 0; tab < 5 && (await focused()) !== "api_key"; tab++) {
+    await page.keyboard.press("Tab");
+  }
+  assert.equal(await focused(), "api_key", "the key field is reached with the keyboard");
   await page.keyboard.type(key);
   await Promise.all([page.waitForNavigation(), page.keyboard.press("Enter")]);
   if (!/\/console\/users$/.test(page.url())) {
@@ -210,6 +212,11 @@ before(async () => {
   }
   await api("POST", "/api/unified/deduct-credits", { user_id: user, amount: 4, app_name: "imagegene", project_code: "art-1" });
   await api("POST", "/api/unified/refund-credits", { user_id: user, project_code: "img-27", amount: 1, reference: "blurry-27", reason: "blurry" });
+  // A daily spend limit and a monthly allowance that starts later.
+  await api("PUT", "/api/unified/limits", { user_id: user, period: "day", max_credits: 500 });
+  await api("PUT", "/api/unified/allowances", {
+    user_id: user, allowance_id: "monthly-plan", amount: 50, period: "month", starts_at: "2099-01-01T00:00:00Z",
+  });
   const png = photoLikePng(1024);
   const saved = await api("POST", "/api/unified/save-project", {
     user_id: user, app_source: "imagegene", project_type: "ai_artwork", title: "Analytical engine at dusk",
@@ -282,6 +289,13 @@ test("the user's page shows what the API holds", async () => {
   const states = await admin.$$eval("section[aria-labelledby=reservations] td[data-label=State]", (t) => t.map((e) => e.textContent));
   assert.ok(states.includes("partially_refunded"));
   assert.equal(await admin.$$eval("section[aria-labelledby=reservations] td[data-label='Refund deadline'] time", (t) => t.length), states.length);
+  // Limits and allowances, as the API lists them.
+  const limits = (await api("GET", `/api/unified/limits?user_id=${user}`)).limits;
+  const shownLimits = await admin.$$eval("section[aria-labelledby=limits] td[data-label='At most'] [data-exact]", (s) => s.map((e) => Number(e.dataset.exact)));
+  assert.deepEqual(shownLimits, limits.map((l) => l.max_credits));
+  const allowances = (await api("GET", `/api/unified/allowances?user_id=${user}`)).allowances;
+  const shownAllowances = await admin.$$eval("section[aria-labelledby=limits] td[data-label=Allowance] code", (c) => c.map((e) => e.textContent));
+  assert.deepEqual(shownAllowances, allowances.map((a) => a.allowance_id));
   // The ledger: the newest 25 with their running balance, then the rest.
   const entries = await ledger();
   const shown = await admin.$$eval("section[aria-labelledby=ledger] tbody tr", (rows) =>
