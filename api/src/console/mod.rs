@@ -195,13 +195,15 @@ impl Session {
         if keys::digests_equal(&keys::digest(sent), &keys::digest(&self.csrf)) {
             Ok(())
         } else {
-            Err(Box::new(problem(
-                StatusCode::FORBIDDEN,
-                "forbidden",
+            Err(self.forbidden(
                 "This form is out of date or was not sent from the console; reload the page and try again.",
-                Some(&self.bar()),
-            )))
+            ))
         }
+    }
+
+    /// A 403 `forbidden` page saying `why`.
+    fn forbidden(&self, why: &str) -> Refused {
+        Box::new(self.problem(ApiError::Forbidden(why.into())))
     }
 
     /// A page explaining an error, with its status and code (a server
@@ -223,12 +225,24 @@ impl Session {
         if self.is_admin() {
             Ok(())
         } else {
-            Err(Box::new(problem(
-                StatusCode::FORBIDDEN,
-                "forbidden",
-                "This API key has the `read` scope: it may look, not act.",
-                Some(&self.bar()),
-            )))
+            Err(self.forbidden("This API key has the `read` scope: it may look, not act."))
+        }
+    }
+
+    /// Whether the key is an operator's: an admin key bound to no app (it
+    /// may see and act on every app's messages, rows and webhooks).
+    pub fn is_operator(&self) -> bool {
+        self.is_admin() && self.principal.app == keys::KeyApp::Any
+    }
+
+    /// Refuses unless the key is an operator's.
+    pub fn require_operator(&self) -> Result<(), Refused> {
+        if self.is_operator() {
+            Ok(())
+        } else {
+            Err(self.forbidden(
+                "Dead letters and outbox rows are an operator's: sign in with an admin key bound to no app.",
+            ))
         }
     }
 }

@@ -23,7 +23,7 @@ use penora_platform::dead_letters::{self, Looked};
 use penora_store::{ops_runs, outbox};
 use time::OffsetDateTime;
 
-use super::{Acting, OrPage, Page, Refused, Session, html, problem};
+use super::{Acting, OrPage, Page, Session, html, problem};
 use crate::{error::ApiError, state::AppState};
 
 /// Dead letters shown per look.
@@ -36,24 +36,6 @@ struct Shown {
     notice: String,
     /// A dead queue looked at: its work queue and what was parked.
     parked: Option<(String, Looked)>,
-}
-
-/// Whether `session` may see everything and act here.
-fn operator(session: &Session) -> bool {
-    session.is_admin() && session.auth().bound_app().is_none()
-}
-
-fn refuse_unless_operator(session: &Session) -> Result<(), Refused> {
-    if operator(session) {
-        Ok(())
-    } else {
-        Err(Box::new(problem(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "Dead letters and outbox rows are an operator's: sign in with an admin key bound to no app.",
-            Some(&session.bar()),
-        )))
-    }
 }
 
 /// Depth and consumers of every queue (passive declares: nothing changes).
@@ -125,7 +107,7 @@ pub async fn page(State(state): State<AppState>, session: Session) -> Page {
 
 async fn render(state: &AppState, session: &Session, shown: Shown) -> Page {
     let now = OffsetDateTime::now_utc();
-    let operator = operator(session);
+    let operator = session.is_operator();
     let csrf = html::esc(&session.csrf);
     let mut out = format!("<h1>Operations</h1>{}", shown.notice);
     if !operator {
@@ -499,7 +481,7 @@ fn work_queue(form: &super::Form) -> Result<&'static str, ApiError> {
 
 /// Looks at the first [`SHOWN`] dead letters of a queue.
 pub async fn look(State(state): State<AppState>, Acting { session, form }: Acting) -> Page {
-    refuse_unless_operator(&session).map_err(|r| *r)?;
+    session.require_operator().map_err(|r| *r)?;
     let work = work_queue(&form).or_page(&session)?;
     let looked = match on_the_broker(&state, Job::Look(work)).await {
         Ok(Done::Looked(looked)) => Ok(looked),
@@ -521,7 +503,7 @@ pub async fn look(State(state): State<AppState>, Acting { session, form }: Actin
 
 /// Replays one dead letter to the queue it was parked from.
 pub async fn replay(State(state): State<AppState>, Acting { session, form }: Acting) -> Page {
-    refuse_unless_operator(&session).map_err(|r| *r)?;
+    session.require_operator().map_err(|r| *r)?;
     let work = work_queue(&form).or_page(&session)?;
     let Some(id) = form.get("id").map(str::to_owned) else {
         return Err(session.problem(ApiError::InvalidRequest("id: is required".into())));
@@ -570,7 +552,7 @@ fn topology_of(state: &AppState) -> Topology {
 
 /// Puts a set-aside outbox row back to be published.
 pub async fn retry_outbox(State(state): State<AppState>, Acting { session, form }: Acting) -> Page {
-    refuse_unless_operator(&session).map_err(|r| *r)?;
+    session.require_operator().map_err(|r| *r)?;
     let Some(id) = form.get("id").and_then(|i| i.parse::<i64>().ok()) else {
         return Err(session.problem(ApiError::InvalidRequest(
             "id: must be an outbox row's id".into(),
